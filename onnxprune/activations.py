@@ -1,0 +1,106 @@
+"""Running models in ONNX Runtime: probe sessions that expose inner tensors, batched passes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calib import Calibration, model_inputs
+
+log = logging.getLogger(__name__)
+DEFAULT_BATCH = 32
+
+
+def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+    """A CPU ORT session for ``model`` with all graph optimisations."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def probe_model(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are ``outputs``, without nodes they do not need."""
+    names = list(dict.fromkeys(outputs))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    needed, stack = set(), list(names)
+    live = set()
+    while stack:
+        t = stack.pop()
+        if t in needed:
+            continue
+        needed.add(t)
+        node = producer.get(t)
+        if node is not None and id(node) not in live:
+            live.add(id(node))
+            stack.extend(i for i in node.input if i)
+            for a in node.attribute:  # subgraph inputs captured from the outer scope
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    stack.extend(i for n in sub.node for i in n.input if i)
+    nodes = [n for n in graph.node if id(n) in live]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    declared = {o.name: o for o in model.graph.output}
+    del graph.output[:]
+    for name in names:
+        vi = onnx.ValueInfoProto()
+        if name in declared:
+            vi.CopyFrom(declared[name])
+        else:
+            vi.name = name
+        graph.output.append(vi)
+    used = {i for n in graph.node for i in n.input} | set(names)
+    inits = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    return probe
+
+
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The model's fixed batch size, or None when the batch dim is dynamic."""
+    static = [inp.shape[0] for inp in model_inputs(model) if inp.shape and inp.shape[0] is not None]
+    return static[0] if static else None
+
+
+def batch_size_for(model: onnx.ModelProto, wanted: int = DEFAULT_BATCH) -> int:
+    """The batch size a model accepts: its static batch dim, or ``wanted`` when dynamic."""
+    return static_batch(model) or wanted
+
+
+def run_batches(model: onnx.ModelProto, outputs: Sequence[str], calib: Calibration,
+                indices: Sequence[int], batch: int | None = None
+                ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Run ``model`` over ``calib[indices]`` in batches, yielding (sample indices, {output: array})."""
+    probe = probe_model(model, outputs)
+    del probe.graph.value_info[:]  # shapes may be stale while pruning is under way
+    sess = session(probe)
+    names = list(dict.fromkeys(outputs))
+    static = static_batch(model)
+    bs = static or batch or DEFAULT_BATCH
+    indices = np.asarray(indices)
+    for start in range(0, len(indices), bs):
+        idx = indices[start:start + bs]
+        feed = calib.take(idx)
+        if static and len(idx) != bs:  # static batch: pad the last batch
+            feed = {k: np.concatenate([v, np.repeat(v[-1:], bs - len(idx), axis=0)]) for k, v in feed.items()}
+        values = sess.run(names, feed)
+        yield idx, {n: v[:len(idx)] for n, v in zip(names, values)}
+
+
+def tensor_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple[int, ...]]:
+    """Shapes of every tensor for one calibration sample (batch dim as run), found by running it."""
+    names = [o for n in model.graph.node for o in n.output if o]
+    inputs = {i.name for i in model_inputs(model)}
+    _, values = next(run_batches(model, names, calib, [0], 1))
+    shapes = {n: tuple(int(d) for d in v.shape) for n, v in values.items()}
+    feed = calib.take([0])
+    shapes.update({n: tuple(v.shape) for n, v in feed.items() if n in inputs})
+    return shapes

@@ -1,0 +1,297 @@
+"""Calibration sources: .npy/.npz files, folders of them or of images, CalibrationDataReaders.
+
+Everything becomes a :class:`Calibration`: a fixed number of samples that can be read back in
+batches by index, checked against the model's inputs before any work starts.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import CalibrationError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+_ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+                  onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
+                  onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8,
+                  onnx.TensorProto.INT8: np.int8, onnx.TensorProto.BOOL: np.bool_}
+
+
+class Layout(str, enum.Enum):
+    NCHW = "nchw"
+    NHWC = "nhwc"
+
+
+class Color(str, enum.Enum):
+    RGB = "rgb"
+    BGR = "bgr"
+    GRAY = "gray"
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How a folder of images becomes model input: resize, [0,1] scale, mean/std, layout."""
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    layout: Layout | None = None
+    color: Color | None = None
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    name: str
+    dtype: type
+    shape: tuple[int | None, ...]  # None for symbolic dims
+
+
+def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
+    """The graph inputs that are not initializers."""
+    inits = {t.name for t in model.graph.initializer}
+    result = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                     for d in tt.shape.dim)
+        result.append(ModelInput(vi.name, _ONNX_TO_NUMPY.get(tt.elem_type, np.float32), dims))
+    return result
+
+
+class Calibration:
+    """A fixed set of calibration samples, readable in batches by sample index."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.count = len(next(iter(arrays.values()))) if arrays else 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def take(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """The feed dict for the samples at ``indices`` (in that order)."""
+        idx = np.asarray(indices)
+        return {k: np.ascontiguousarray(v[idx]) for k, v in self.arrays.items()}
+
+    def batches(self, indices: Sequence[int], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(indices), batch_size):
+            yield self.take(indices[start:start + batch_size])
+
+
+class _LazyImages:
+    """An array-like over image files: decoded and normalised only when indexed."""
+
+    def __init__(self, paths: list[Path], opts: ImageOptions, dtype):
+        self.paths, self.opts, self.dtype = paths, opts, dtype
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return np.stack([self._load(self.paths[i]) for i in np.atleast_1d(idx)])
+
+    def _load(self, path: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        o = self.opts
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if o.color is Color.GRAY else "RGB")
+                im = im.resize((o.size[1], o.size[0]), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError) as exc:
+            raise CalibrationError(f"cannot read image '{path}' ({exc}); remove it from the folder") from None
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if o.color is Color.BGR:
+            arr = arr[:, :, ::-1]
+        arr = (arr - np.asarray(o.mean, np.float32)) / np.asarray(o.std, np.float32)
+        if o.layout is Layout.NCHW:
+            arr = arr.transpose(2, 0, 1)
+        return arr.astype(self.dtype)
+
+
+def _image_options(inp: ModelInput, opts: ImageOptions) -> ImageOptions:
+    """Fill unset image options from the model input's shape."""
+    shape = inp.shape
+    if len(shape) != 4:
+        raise CalibrationError(f"input '{inp.name}' has rank {len(shape)}; image folders need a 4-D input")
+    layout = opts.layout
+    if layout is None:
+        layout = Layout.NHWC if shape[3] in (1, 3) and shape[1] not in (1, 3) else Layout.NCHW
+    chans = shape[1] if layout is Layout.NCHW else shape[3]
+    hw = (shape[2], shape[3]) if layout is Layout.NCHW else (shape[1], shape[2])
+    size = opts.size or (hw if None not in hw else None)
+    if size is None:
+        raise CalibrationError(f"input '{inp.name}' has dynamic height/width; pass --size H W for the images")
+    color = opts.color or (Color.GRAY if chans == 1 else Color.RGB)
+    return ImageOptions(size=tuple(size), mean=opts.mean, std=opts.std, layout=layout, color=color)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise CalibrationError(f"cannot read '{path}' as a .npy array ({exc}); save plain numeric arrays") from None
+    except OSError as exc:
+        raise CalibrationError(f"cannot read '{path}': {exc}") from None
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError) as exc:
+        raise CalibrationError(f"cannot read '{path}' as a .npz archive ({exc}); save plain numeric arrays") from None
+
+
+def _arrays_from_path(path: Path, inputs: list[ModelInput], opts: ImageOptions) -> dict[str, object]:
+    if not path.exists():
+        raise CalibrationError(f"calibration path '{path}' does not exist")
+    if path.is_file():
+        if path.suffix == ".npy":
+            return _single(inputs, _load_npy(path), path)
+        if path.suffix == ".npz":
+            return _match_npz(_load_npz(path), inputs, path)
+        raise CalibrationError(f"'{path}' is not a .npy or .npz file or a folder of images")
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    npys = [p for p in files if p.suffix in (".npy", ".npz")]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if npys:
+        parts = [_arrays_from_path(p, inputs, opts) for p in npys]
+        merged = {}
+        for name in parts[0]:
+            chunks = [np.asarray(part[name]) for part in parts]
+            if any(c.shape[1:] != chunks[0].shape[1:] for c in chunks):
+                raise CalibrationError(f"files in '{path}' hold arrays of different shapes; make them equal")
+            merged[name] = np.concatenate(chunks)
+        return merged
+    if images:
+        if len(inputs) != 1:
+            raise CalibrationError("an image folder can only feed a single-input model; use .npz with one array per input")
+        filled = _image_options(inputs[0], opts)
+        return {inputs[0].name: _LazyImages(images, filled, inputs[0].dtype)}
+    raise CalibrationError(f"calibration folder '{path}' holds no .npy/.npz files or images")
+
+
+def _single(inputs: list[ModelInput], arr: np.ndarray, path: Path) -> dict[str, np.ndarray]:
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise CalibrationError(f"the model has {len(inputs)} inputs ({names}); give a .npz with one array per input name")
+    inp = inputs[0]
+    if arr.ndim == len(inp.shape) - 1:  # one sample without its batch axis
+        arr = arr[None]
+    return {inp.name: arr}
+
+
+def _match_npz(data: dict[str, np.ndarray], inputs: list[ModelInput], path: Path) -> dict[str, np.ndarray]:
+    names = [i.name for i in inputs]
+    if all(n in data for n in names):
+        return {n: (data[n][None] if data[n].ndim == len(i.shape) - 1 else data[n]) for n, i in zip(names, inputs)}
+    if len(inputs) == 1 and len(data) == 1:
+        return _single(inputs, next(iter(data.values())), path)
+    if len(inputs) == 1 and "x" in data:
+        return _single(inputs, data["x"], path)
+    missing = [n for n in names if n not in data]
+    raise CalibrationError(f"'{path}' has arrays {sorted(data)} but the model needs {missing}; name them after the inputs")
+
+
+def _from_reader(reader, inputs: list[ModelInput]) -> dict[str, np.ndarray]:
+    """Drain an ORT ``CalibrationDataReader`` (``get_next()``) or an iterable of feed dicts."""
+    if hasattr(reader, "get_next"):
+        def items():
+            while (item := reader.get_next()) is not None:
+                yield item
+        it: Iterable = items()
+    elif isinstance(reader, Iterable):
+        it = reader
+    else:
+        raise CalibrationError(f"calibration object {type(reader).__name__} has no get_next() and is not iterable")
+    chunks: dict[str, list[np.ndarray]] = {i.name: [] for i in inputs}
+    for item in it:
+        if not isinstance(item, dict):
+            raise CalibrationError(f"the calibration reader returned {type(item).__name__}; it must return a dict of input name to array")
+        for inp in inputs:
+            if inp.name not in item:
+                raise CalibrationError(f"the calibration reader gave no array for input '{inp.name}' (got {sorted(item)})")
+            arr = np.asarray(item[inp.name])
+            chunks[inp.name].append(arr[None] if arr.ndim == len(inp.shape) - 1 else arr)
+    if not chunks or not next(iter(chunks.values())):
+        raise CalibrationError("the calibration reader returned no data")
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def _validate(arrays: dict[str, object], inputs: list[ModelInput]) -> dict[str, object]:
+    counts = {len(a) for a in arrays.values()}
+    if len(counts) != 1:
+        raise CalibrationError(f"calibration arrays have different sample counts {sorted(counts)}; make them equal")
+    if counts.pop() == 0:
+        raise CalibrationError("the calibration data holds no samples")
+    out = {}
+    for inp in inputs:
+        arr = arrays[inp.name]
+        if isinstance(arr, _LazyImages):
+            out[inp.name] = arr
+            continue
+        arr = np.asarray(arr) if not isinstance(arr, np.memmap) else arr
+        if arr.ndim != len(inp.shape):
+            raise CalibrationError(f"calibration data for '{inp.name}' has shape {tuple(arr.shape)} (rank {arr.ndim}); "
+                                   f"the model expects rank {len(inp.shape)} like {_fmt(inp.shape)}")
+        for axis, (have, want) in enumerate(zip(arr.shape[1:], inp.shape[1:]), start=1):
+            if want is not None and have != want:
+                raise CalibrationError(f"calibration data for '{inp.name}' has shape {tuple(arr.shape)}; "
+                                       f"the model expects {_fmt(inp.shape)} (axis {axis} differs)")
+        if arr.dtype != inp.dtype:
+            both_float = np.issubdtype(arr.dtype, np.floating) and np.issubdtype(inp.dtype, np.floating)
+            if not both_float:
+                raise CalibrationError(f"calibration data for '{inp.name}' is {arr.dtype} but the model expects "
+                                       f"{np.dtype(inp.dtype).name}; convert and normalise it first")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise CalibrationError(f"calibration data for '{inp.name}' contains NaN or Inf values; clean it first")
+        out[inp.name] = arr
+    return out
+
+
+def _fmt(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+class _Cast:
+    """Array-like that casts rows of a float array to the model's float type when read."""
+
+    def __init__(self, arr, dtype):
+        self.arr, self.dtype = arr, dtype
+
+    def __len__(self):
+        return len(self.arr)
+
+    def __getitem__(self, idx):
+        return np.asarray(self.arr[idx]).astype(self.dtype)
+
+
+def load_calibration(source, model: onnx.ModelProto, image_options: ImageOptions | None = None) -> Calibration:
+    """Build a :class:`Calibration` for ``model`` from a path, a dict of arrays, an array, or a reader."""
+    inputs = model_inputs(model)
+    opts = image_options or ImageOptions()
+    if isinstance(source, Calibration):
+        return source
+    if isinstance(source, (str, Path)):
+        arrays = _arrays_from_path(Path(source), inputs, opts)
+    elif isinstance(source, np.ndarray):
+        arrays = _single(inputs, source, Path("<array>"))
+    elif isinstance(source, dict) and all(isinstance(v, np.ndarray) for v in source.values()):
+        arrays = _match_npz(source, inputs, Path("<dict>"))
+    else:
+        arrays = _from_reader(source, inputs)
+    arrays = _validate(arrays, inputs)
+    arrays = {k: (_Cast(v, i.dtype) if not isinstance(v, _LazyImages) and v.dtype != i.dtype else v)
+              for (k, v), i in zip(arrays.items(), inputs)}
+    return Calibration(arrays)

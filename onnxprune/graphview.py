@@ -1,0 +1,133 @@
+"""A small index over an ONNX graph: producers, consumers, constants, static shapes.
+
+Every pass reads the graph through this view; parameter edits go through
+:meth:`GraphView.set_const`, which writes a fresh initializer so shared weights are never
+changed behind another node's back.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+class GraphView:
+    """Index of one ``onnx.ModelProto`` graph (the model is edited in place)."""
+
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None):
+        self.model = model
+        self.graph = model.graph
+        self.shapes: dict[str, tuple[int, ...]] = dict(shapes or {})
+        self._arrays: dict[str, np.ndarray] = {}
+        self._counter = 0
+        self.reindex()
+
+    # ------------------------------------------------------------------ indexing
+    def reindex(self) -> None:
+        """Rebuild producer/consumer maps after nodes were added or removed."""
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+        self.graph_inputs = {i.name for i in self.graph.input} - set(self.initializers)
+        self.graph_outputs = {o.name for o in self.graph.output}
+
+    def is_const(self, name: str) -> bool:
+        return name in self.initializers
+
+    def const(self, name: str) -> np.ndarray:
+        """The value of an initializer, as a read-only NumPy array."""
+        if name not in self._arrays:
+            arr = numpy_helper.to_array(self.initializers[name])
+            arr.setflags(write=False)
+            self._arrays[name] = arr
+        return self._arrays[name]
+
+    def input_const(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
+        """The constant value of ``node.input[index]``, or None if absent or not constant."""
+        if index < len(node.input) and node.input[index] and self.is_const(node.input[index]):
+            return self.const(node.input[index])
+        return None
+
+    def set_const(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
+        """Give ``node.input[index]`` a new constant value (a fresh initializer, never shared)."""
+        old = node.input[index] if index < len(node.input) else ""
+        dtype = self.const(old).dtype if old and self.is_const(old) else value.dtype
+        self._counter += 1
+        base = old or f"{node.name or node.op_type}_in{index}"
+        name = f"{base}__op{self._counter}"
+        while name in self.initializers or name in self.producer:
+            self._counter += 1
+            name = f"{base}__op{self._counter}"
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype, copy=False)), name)
+        self.graph.initializer.append(tensor)
+        self.initializers[name] = tensor
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+        self.consumers[name].append(node)
+        if old:
+            self.consumers[old] = [n for n in self.consumers[old] if n is not node]
+
+    def drop_unused_initializers(self) -> None:
+        """Remove initializers that no node reads any more."""
+        used = {i for n in self.graph.node for i in n.input} | self.graph_outputs
+        keep = [t for t in self.graph.initializer if t.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+        inputs = [i for i in self.graph.input if i.name in used or i.name not in self.initializers]
+        del self.graph.input[:]
+        self.graph.input.extend(inputs)
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self._arrays = {k: v for k, v in self._arrays.items() if k in self.initializers}
+
+    # ------------------------------------------------------------------ shapes
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if name in self.shapes:
+            return self.shapes[name]
+        if self.is_const(name):
+            return tuple(self.initializers[name].dims)
+        return None
+
+    def channels(self, name: str) -> int | None:
+        """Size of axis 1 (the channel axis) of a tensor, when known."""
+        shape = self.shape(name)
+        return shape[1] if shape is not None and len(shape) >= 2 else None
+
+    def activation_inputs(self, node: onnx.NodeProto) -> list[str]:
+        """Inputs of ``node`` that are not constants."""
+        return [i for i in node.input if i and not self.is_const(i)]
+
+    def topo_index(self) -> dict[str, int]:
+        """Position of each node (by its first output) in the graph's order."""
+        return {node.output[0]: i for i, node in enumerate(self.graph.node) if node.output}
+
+    def nodes_by_type(self, *op_types: str) -> Iterable[onnx.NodeProto]:
+        return (n for n in self.graph.node if n.op_type in op_types)
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """An attribute of ``node`` as a Python value, or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    """Set (or add) an attribute of ``node``."""
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))

@@ -1,0 +1,138 @@
+"""The handler interface and the op-type registry.
+
+A handler tells, for one ONNX op type, how channel axes pass through a node (its
+:class:`ChannelRule`) and how to slice the node's parameters when channels are removed.
+An op type without a handler is a *barrier*: channels are never pruned through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..graphview import GraphView
+
+_REGISTRY: dict[str, "Handler"] = {}
+
+
+@dataclass
+class ChannelRule:
+    """How the channel axes (axis 1) of a node's tensors relate.
+
+    ties: pairs of tensors whose channel axes are the same channels, index for index.
+    produces: outputs whose channels this node creates (their count is set by its weights).
+    consumes: inputs whose channels this node reduces over with its weights.
+    blocks: tensors where one channel spans several consecutive entries of axis 1
+        (a flattened ``C×H×W`` tensor has ``H·W`` per channel).
+    scales: tensors whose channel fraction scales this node's MACs (default: consumes + produces).
+    reason: why the rule is partial, when it leaves some activation tensors out.
+    """
+
+    ties: list[tuple[str, str]] = field(default_factory=list)
+    produces: list[str] = field(default_factory=list)
+    consumes: list[str] = field(default_factory=list)
+    blocks: dict[str, int] = field(default_factory=dict)
+    scales: list[str] | None = None
+    reason: str = ""
+
+    def cost_tensors(self) -> list[str]:
+        return self.scales if self.scales is not None else self.consumes + self.produces
+
+
+class Handler:
+    """Base handler: a barrier (no rule). Subclasses describe how channels pass through."""
+
+    op_type = ""
+
+    def rule(self, node: onnx.NodeProto, g: GraphView) -> ChannelRule | None:
+        """The node's channel rule, or None when the node must be a barrier."""
+        return None
+
+    def prune_output(self, node: onnx.NodeProto, keep: np.ndarray, g: GraphView) -> None:
+        """Remove output channels not in ``keep`` (the node is a producer)."""
+        raise NotImplementedError(f"{node.op_type} does not produce channels")
+
+    def prune_input(self, node: onnx.NodeProto, keep: np.ndarray, block: int, g: GraphView) -> None:
+        """Remove input channels not in ``keep`` (the node is a consumer)."""
+        raise NotImplementedError(f"{node.op_type} does not consume channels")
+
+    def prune_through(self, node: onnx.NodeProto, keep: np.ndarray, g: GraphView) -> None:
+        """Slice the node's per-channel parameters (the node passes channels through)."""
+
+    def macs(self, node: onnx.NodeProto, g: GraphView) -> int:
+        """Multiply-accumulates of one sample through this node at the known shapes."""
+        return 0
+
+
+class LinearHandler(Handler):
+    """A handler for a layer that is a linear map of input patches: Conv, Gemm, MatMul.
+
+    Such a layer can be *reconstructed*: its output at one position is ``W @ patch + b`` with
+    ``W`` of shape ``[Cout, Cin·k]`` (channel-major columns) and ``patch`` the ``Cin·k`` input
+    values it reads there.
+    """
+
+    has_bias = True
+
+    def weight_matrix(self, node: onnx.NodeProto, g: GraphView) -> np.ndarray:
+        """The layer's weight as ``[Cout, Cin·k]`` (channel-major columns)."""
+        raise NotImplementedError
+
+    def bias(self, node: onnx.NodeProto, g: GraphView) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def set_linear(self, node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None,
+                   g: GraphView) -> None:
+        """Write a new ``[Cout, Cin·k]`` weight (and bias) back in the op's own layout."""
+        raise NotImplementedError
+
+    def reconstructable(self, node: onnx.NodeProto, g: GraphView) -> bool:
+        """Whether patches can be sampled for this node (its shapes are known and supported)."""
+        return True
+
+    def positions(self, node: onnx.NodeProto, g: GraphView) -> int:
+        """Output positions per sample (H·W of the output, or 1)."""
+        raise NotImplementedError
+
+    def sample_patches(self, node: onnx.NodeProto, g: GraphView, x: np.ndarray,
+                       pos: np.ndarray) -> np.ndarray:
+        """Input patches ``[B·P, Cin·k]`` read by the outputs at flat positions ``pos [B, P]``."""
+        raise NotImplementedError
+
+
+def sample_outputs(y: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Values ``[B·P, C]`` of an NC… tensor at flat spatial positions ``pos [B, P]``."""
+    flat = y.reshape(y.shape[0], y.shape[1], -1)
+    picked = np.take_along_axis(flat, pos[:, None, :], axis=2)  # [B, C, P]
+    return picked.transpose(0, 2, 1).reshape(-1, y.shape[1])
+
+
+def register(*op_types: str):
+    """Class decorator registering a handler for op types; a second registration is an error."""
+
+    def wrap(cls):
+        for op in op_types:
+            if op in _REGISTRY:
+                raise RuntimeError(f"a handler for {op} is already registered")
+            inst = cls()
+            inst.op_type = op
+            _REGISTRY[op] = inst
+        return cls
+
+    return wrap
+
+
+_BARRIER = Handler()
+
+
+def handler_for(node: onnx.NodeProto) -> Handler:
+    """The handler for a node's op type; the barrier handler for unknown ops and other domains."""
+    if node.domain not in ("", "ai.onnx"):
+        return _BARRIER
+    return _REGISTRY.get(node.op_type, _BARRIER)
+
+
+def registered_ops() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,130 @@
+"""Conv: a producer and consumer of channels (group 1), or a channel-wise op (depthwise)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+from ..graphview import GraphView, attr, set_attr
+from .base import ChannelRule, LinearHandler, register
+
+
+def conv_pads(node: onnx.NodeProto, in_hw: tuple[int, ...], kernel: tuple[int, ...]) -> list[int]:
+    """Begin and end pads (ONNX order) for a conv, resolving ``auto_pad``."""
+    n = len(kernel)
+    strides = attr(node, "strides", [1] * n)
+    dil = attr(node, "dilations", [1] * n)
+    auto = attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for size, k, s, d in zip(in_hw, kernel, strides, dil):
+            out = math.ceil(size / s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+            small, big = total // 2, total - total // 2
+            begins.append(small if auto == "SAME_UPPER" else big)
+            ends.append(big if auto == "SAME_UPPER" else small)
+        return begins + ends
+    if auto == "VALID":
+        return [0] * (2 * n)
+    return list(attr(node, "pads", [0] * (2 * n)))
+
+
+@register("Conv")
+class Conv(LinearHandler):
+    """Group-1 conv: consumes its input channels, produces its output channels.
+
+    Depthwise conv (one filter per channel) ties input and output channels. Other grouped
+    convs are barriers.
+    """
+
+    def _weight(self, node, g):
+        return g.input_const(node, 1)
+
+    def is_depthwise(self, node, g) -> bool:
+        w = self._weight(node, g)
+        group = attr(node, "group", 1)
+        return w is not None and group > 1 and w.shape[1] == 1 and w.shape[0] == group
+
+    def rule(self, node, g):
+        w = self._weight(node, g)
+        if w is None:
+            return None
+        group = attr(node, "group", 1)
+        if group == 1:
+            return ChannelRule(produces=[node.output[0]], consumes=[node.input[0]])
+        if self.is_depthwise(node, g):
+            return ChannelRule(ties=[(node.input[0], node.output[0])], scales=[node.output[0]])
+        return None
+
+    def prune_output(self, node, keep, g):
+        g.set_const(node, 1, g.input_const(node, 1)[keep])
+        bias = g.input_const(node, 2)
+        if bias is not None:
+            g.set_const(node, 2, bias[keep])
+
+    def prune_input(self, node, keep, block, g):
+        g.set_const(node, 1, g.input_const(node, 1)[:, keep])
+
+    def prune_through(self, node, keep, g):
+        self.prune_output(node, keep, g)
+        set_attr(node, "group", int(len(keep)))
+
+    def macs(self, node, g):
+        w = self._weight(node, g)
+        out = g.shape(node.output[0])
+        if w is None or out is None:
+            return 0
+        return int(np.prod(w.shape)) * int(np.prod(out[2:]))
+
+    # ---- linear-layer view (group 1 only) ----
+    def reconstructable(self, node, g):
+        return (attr(node, "group", 1) == 1 and g.shape(node.input[0]) is not None
+                and g.shape(node.output[0]) is not None and len(g.shape(node.input[0])) in (3, 4))
+
+    def weight_matrix(self, node, g):
+        w = self._weight(node, g)
+        return w.reshape(w.shape[0], -1).astype(np.float64)
+
+    def bias(self, node, g):
+        return g.input_const(node, 2)
+
+    def set_linear(self, node, weight, bias, g):
+        w = self._weight(node, g)
+        cin = weight.shape[1] // int(np.prod(w.shape[2:]))
+        g.set_const(node, 1, weight.reshape(w.shape[0], cin, *w.shape[2:]).astype(w.dtype))
+        if bias is not None:
+            g.set_const(node, 2, bias.astype(w.dtype))
+
+    def positions(self, node, g):
+        return int(np.prod(g.shape(node.output[0])[2:]))
+
+    def sample_patches(self, node, g, x, pos):
+        w = self._weight(node, g)
+        if x.ndim == 3:  # 1-D conv: treat as H = 1
+            x = x[:, :, None, :]
+            kernel = (1, w.shape[2])
+            pads1 = conv_pads(node, (x.shape[3],), (w.shape[2],))
+            pads = [0, pads1[0], 0, pads1[1]]
+            strides = [1] + list(attr(node, "strides", [1]))
+            dil = [1] + list(attr(node, "dilations", [1]))
+            out_w = g.shape(node.output[0])[2]
+        else:
+            kernel = tuple(w.shape[2:])
+            pads = conv_pads(node, x.shape[2:], kernel)
+            strides = list(attr(node, "strides", [1, 1]))
+            dil = list(attr(node, "dilations", [1, 1]))
+            out_w = g.shape(node.output[0])[3]
+        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        xp = xp.transpose(0, 2, 3, 1)  # B, H, W, C
+        oy, ox = pos // out_w, pos % out_w
+        ky = np.arange(kernel[0]) * dil[0]
+        kx = np.arange(kernel[1]) * dil[1]
+        iy = (oy * strides[0])[:, :, None, None] + ky[None, None, :, None]
+        ix = (ox * strides[1])[:, :, None, None] + kx[None, None, None, :]
+        b = np.arange(x.shape[0])[:, None, None, None]
+        patches = xp[b, iy, ix]  # B, P, kh, kw, C
+        patches = patches.transpose(0, 1, 4, 2, 3)
+        return patches.reshape(pos.shape[0] * pos.shape[1], -1)

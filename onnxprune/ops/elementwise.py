@@ -1,0 +1,128 @@
+"""Channel-wise ops: activations, normalisation, and binary ops with a constant or a twin branch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graphview import attr
+from .base import ChannelRule, Handler, register
+
+
+@register("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
+          "Celu", "Softplus", "Softsign", "Mish", "Gelu", "Dropout", "Identity", "Cast", "Neg",
+          "Abs", "Sqrt", "Exp", "Log", "Erf", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
+          "ThresholdedRelu", "Shrink", "Sin", "Cos")
+class Unary(Handler):
+    """One activation in, the same channels out; extra inputs (Clip bounds, …) are scalars."""
+
+    def rule(self, node, g):
+        if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
+            return None  # the mask output would need slicing too
+        return ChannelRule(ties=[(node.input[0], node.output[0])])
+
+
+@register("Clip")
+class ClipHandler(Unary):
+    """Clip: min and max must be scalars (they are, in every exporter seen)."""
+
+    def rule(self, node, g):
+        for i in (1, 2):
+            if i < len(node.input) and node.input[i]:
+                value = g.input_const(node, i)
+                if value is None or value.size != 1:
+                    return None
+        return super().rule(node, g)
+
+
+def _channel_axis_of_const(const_shape: tuple[int, ...], out_rank: int) -> int | None:
+    """Axis of a broadcast constant that lines up with the output's channel axis, if it varies."""
+    axis = len(const_shape) - (out_rank - 1)
+    if 0 <= axis < len(const_shape) and const_shape[axis] > 1:
+        return axis
+    return None
+
+
+def _slice_channel_const(node, index: int, keep: np.ndarray, g) -> None:
+    value = g.input_const(node, index)
+    rank = len(g.shape(node.output[0]) or ()) or 4
+    if value is None:
+        return
+    axis = _channel_axis_of_const(value.shape, rank)
+    if axis is not None:
+        g.set_const(node, index, np.take(value, keep, axis=axis))
+
+
+@register("Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow")
+class Binary(Handler):
+    """Element-wise n-ary op.
+
+    Activation inputs with the output's channel count are tied to the output (two branches
+    joined by Add are coupled); constants are sliced along the axis that lines up with the
+    channels; an activation broadcast over channels (size 1 there) is left out of the tie.
+    """
+
+    def rule(self, node, g):
+        out_shape = g.shape(node.output[0])
+        if out_shape is None or len(out_shape) < 2:
+            return None
+        ties = []
+        for i, name in enumerate(node.input):
+            if not name:
+                continue
+            shape = g.shape(name)
+            if shape is None:
+                return None
+            if g.is_const(name):
+                axis = _channel_axis_of_const(shape, len(out_shape))
+                if axis is not None and shape[axis] != out_shape[1]:
+                    return None
+                continue
+            if len(shape) != len(out_shape):
+                return None
+            if shape[1] == out_shape[1]:
+                ties.append((name, node.output[0]))
+            elif shape[1] != 1:
+                return None
+        if not ties:
+            return None
+        return ChannelRule(ties=ties)
+
+    def prune_through(self, node, keep, g):
+        for i, name in enumerate(node.input):
+            if name and g.is_const(name):
+                _slice_channel_const(node, i, keep, g)
+
+
+@register("PRelu")
+class PRelu(Binary):
+    """PRelu: the slope is a constant broadcast like a binary op's."""
+
+
+@register("BatchNormalization")
+class BatchNorm(Handler):
+    """Channel-wise; scale, B, mean and var are sliced with the channels that pass through."""
+
+    def rule(self, node, g):
+        if len([o for o in node.output if o]) > 1 or attr(node, "training_mode", 0):
+            return None
+        if any(g.input_const(node, i) is None for i in range(1, 5)):
+            return None
+        return ChannelRule(ties=[(node.input[0], node.output[0])])
+
+    def prune_through(self, node, keep, g):
+        for i in range(1, 5):
+            g.set_const(node, i, g.input_const(node, i)[keep])
+
+
+@register("InstanceNormalization")
+class InstanceNorm(Handler):
+    """Channel-wise normalisation; scale and B are sliced."""
+
+    def rule(self, node, g):
+        if g.input_const(node, 1) is None or g.input_const(node, 2) is None:
+            return None
+        return ChannelRule(ties=[(node.input[0], node.output[0])])
+
+    def prune_through(self, node, keep, g):
+        for i in (1, 2):
+            g.set_const(node, i, g.input_const(node, i)[keep])

@@ -1,0 +1,110 @@
+"""Gemm and MatMul with a constant weight: fully-connected layers on ``[N, K]`` inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graphview import attr, set_attr
+from .base import ChannelRule, LinearHandler, register
+
+
+def _expand(keep: np.ndarray, block: int) -> np.ndarray:
+    """Column indices of the channels in ``keep`` when each channel spans ``block`` columns."""
+    return (keep[:, None] * block + np.arange(block)[None, :]).ravel()
+
+
+class _FullyConnected(LinearHandler):
+    """Shared logic: weight stored ``[K, N]`` (or ``[N, K]`` when transposed)."""
+
+    def _transposed(self, node) -> bool:
+        return False
+
+    def _activation_ok(self, node, g) -> bool:
+        shape = g.shape(node.input[0])
+        return shape is None or len(shape) == 2
+
+    def rule(self, node, g):
+        if g.input_const(node, 1) is None or g.is_const(node.input[0]) or not self._activation_ok(node, g):
+            return None
+        return ChannelRule(produces=[node.output[0]], consumes=[node.input[0]])
+
+    def _w_kn(self, node, g) -> np.ndarray:
+        w = g.input_const(node, 1)
+        return w.T if self._transposed(node) else w
+
+    def _store_kn(self, node, w_kn, g) -> None:
+        g.set_const(node, 1, w_kn.T if self._transposed(node) else w_kn)
+
+    def prune_output(self, node, keep, g):
+        self._store_kn(node, self._w_kn(node, g)[:, keep], g)
+
+    def prune_input(self, node, keep, block, g):
+        self._store_kn(node, self._w_kn(node, g)[_expand(keep, block)], g)
+
+    def macs(self, node, g):
+        w = g.input_const(node, 1)
+        return int(np.prod(w.shape)) if w is not None else 0
+
+    def reconstructable(self, node, g):
+        return g.shape(node.input[0]) is not None
+
+    def weight_matrix(self, node, g):
+        return self._w_kn(node, g).T.astype(np.float64)
+
+    def positions(self, node, g):
+        return 1
+
+    def sample_patches(self, node, g, x, pos):
+        return x.reshape(x.shape[0], -1)
+
+
+@register("MatMul")
+class MatMul(_FullyConnected):
+    """``[N, K] @ W[K, M]``; it has no bias of its own (a following Add holds it)."""
+
+    has_bias = False
+
+    def bias(self, node, g):
+        return None
+
+    def set_linear(self, node, weight, bias, g):
+        self._store_kn(node, weight.T.astype(g.input_const(node, 1).dtype), g)
+
+
+@register("Gemm")
+class Gemm(_FullyConnected):
+    """``alpha · A @ B + beta · C``, with ``transB`` honoured (``transA`` makes it a barrier)."""
+
+    def _transposed(self, node) -> bool:
+        return bool(attr(node, "transB", 0))
+
+    def rule(self, node, g):
+        return None if attr(node, "transA", 0) else super().rule(node, g)
+
+    def _bias_vector(self, node, g) -> np.ndarray | None:
+        c = g.input_const(node, 2)
+        if c is None:
+            return None
+        n = self._w_kn(node, g).shape[1]
+        return np.broadcast_to(c.reshape(-1) if c.size > 1 else c.reshape(1), (n,)).copy()
+
+    def prune_output(self, node, keep, g):
+        super().prune_output(node, keep, g)
+        c = g.input_const(node, 2)
+        if c is not None and c.size > 1:
+            g.set_const(node, 2, c.reshape(-1)[keep].reshape((1, -1) if c.ndim == 2 else (-1,)))
+
+    def weight_matrix(self, node, g):
+        return super().weight_matrix(node, g) * float(attr(node, "alpha", 1.0))
+
+    def bias(self, node, g):
+        c = self._bias_vector(node, g)
+        return None if c is None else c.astype(np.float64) * float(attr(node, "beta", 1.0))
+
+    def set_linear(self, node, weight, bias, g):
+        dtype = g.input_const(node, 1).dtype
+        self._store_kn(node, weight.T.astype(dtype), g)
+        set_attr(node, "alpha", 1.0)
+        if bias is not None:
+            g.set_const(node, 2, bias.astype(dtype))
+            set_attr(node, "beta", 1.0)

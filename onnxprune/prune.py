@@ -1,0 +1,285 @@
+"""The pruning pipeline: analyse, budget, then select + rewrite + refit group by group, verify."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .activations import batch_size_for, tensor_shapes
+from .budget import build_cost_model, count_params, uniform_widths
+from .calib import Calibration, ImageOptions, load_calibration
+from .errors import ModelError, OptionError
+from .fold import constants_to_initializers, fold_batchnorm
+from .graph import ChannelGroup, find_groups
+from .graphview import GraphView
+from .io import check_opset, load_model
+from .ops import LinearHandler, handler_for
+from .reconstruct import refit
+from .report import GroupResult, LayerRow, Report, Totals
+from .rewrite import finalize, prune_group
+from .sampling import Sampler
+from .select import Method, contribution_problem, l1_select, lasso_select, random_select
+from .verify import compare, latency_ms
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """The pruned model and the report of how it was made."""
+
+    model: onnx.ModelProto
+    report: Report
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Every setting of a pruning run, validated together (the CLI maps flags onto these)."""
+
+    speedup: float = 2.0
+    method: Method = Method.LASSO
+    reconstruct: bool = True
+    holdout: float = 0.2
+    samples_per_image: int = 10
+    seed: int = 0
+    round_to: int = 1
+    prune_coupled: bool = False
+    residual_target: bool = True
+    batch_size: int = 32
+    measure_latency: bool = True
+    progress: bool | None = None  # None: only when stderr is a terminal
+
+    def validate(self) -> "PruneOptions":
+        method = self.method
+        if not isinstance(method, Method):
+            try:
+                method = Method(method)
+            except ValueError:
+                raise OptionError(f"unknown method '{self.method}'; choose one of "
+                                  f"{', '.join(m.value for m in Method)}") from None
+        checks = [
+            (self.speedup >= 1.0, f"--speedup must be >= 1 (got {self.speedup})"),
+            (0.0 <= self.holdout < 1.0, f"--holdout must be in [0, 1) (got {self.holdout})"),
+            (self.samples_per_image >= 1, f"--samples-per-image must be >= 1 (got {self.samples_per_image})"),
+            (self.round_to >= 1, f"--round-to must be >= 1 (got {self.round_to})"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise OptionError(msg)
+        return PruneOptions(**{**self.__dict__, "method": method})
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method.needs_data or self.reconstruct
+
+
+def _split(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(count)
+    n_hold = int(round(count * holdout)) if count > 1 else 0
+    n_hold = min(n_hold, count - 1)
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+def _synthetic_calibration(model: onnx.ModelProto) -> Calibration:
+    """One all-zeros sample, for data-free runs on models with static input shapes."""
+    from .calib import model_inputs
+
+    arrays = {}
+    for inp in model_inputs(model):
+        if any(d is None for d in inp.shape[1:]):
+            raise OptionError(f"input '{inp.name}' has dynamic dims; pass --calib so shapes can be measured")
+        arrays[inp.name] = np.zeros((1, *[d for d in inp.shape[1:]]), dtype=inp.dtype)
+    return Calibration(arrays)
+
+
+def _candidates(groups: list[ChannelGroup], g: GraphView, opts: PruneOptions
+                ) -> tuple[list[ChannelGroup], list[tuple[str, str]]]:
+    chosen, skipped = [], []
+    for grp in groups:
+        reason = grp.reason
+        if not reason and grp.coupled and not opts.prune_coupled:
+            reason = "channels coupled across branches (residual join); block outputs keep their width"
+        if not reason and opts.needs_data:
+            for c in grp.consumers:
+                h = handler_for(c.node)
+                if not isinstance(h, LinearHandler) or not h.reconstructable(c.node, g):
+                    reason = f"consumer {c.node.op_type} '{c.node.name}' cannot be sampled"
+                    break
+        if reason:
+            if grp.channels > 1 and (grp.producers or grp.consumers):
+                skipped.append((grp.name, reason))
+        else:
+            chosen.append(grp)
+    return chosen, skipped
+
+
+def _filter_norms(grp: ChannelGroup, g: GraphView) -> np.ndarray:
+    norms = np.zeros(grp.channels)
+    for node in grp.producers:
+        w = handler_for(node).weight_matrix(node, g)  # type: ignore[attr-defined]
+        norms += np.abs(w).sum(axis=1)
+    return norms
+
+
+def _expand(keep: np.ndarray, k: int) -> np.ndarray:
+    return (keep[:, None] * k + np.arange(k)[None, :]).ravel()
+
+
+def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, stats, rng) -> np.ndarray:
+    if opts.method is Method.RANDOM:
+        return random_select(grp.channels, keep_n, rng)
+    if opts.method is Method.L1:
+        return l1_select(_filter_norms(grp, g), keep_n)
+    gram = corr = 0.0
+    for c, st in zip(grp.consumers, stats):
+        h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
+        w = h.weight_matrix(c.node, g)
+        b = h.bias(c.node, g)
+        b = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
+        xtx, xty, yy, n = st.total()
+        d = st.dim
+        xt_target = xty[:d] - np.outer(xtx[:d, d], b)
+        energy = max(yy.sum() - 2 * b @ xty[d] + n * b @ b, 1e-30)
+        gr, co = contribution_problem(xtx[:d, :d], xt_target, w, grp.channels)
+        gram, corr = gram + gr / energy, corr + co / energy
+    return lasso_select(gram, corr, keep_n)
+
+
+def _progress(items, enabled: bool | None, desc: str):
+    show = sys.stderr.isatty() if enabled is None else enabled
+    if not show:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="group", file=sys.stderr, leave=False)
+
+
+def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_options: ImageOptions | None = None,
+          **options) -> PruneResult:
+    """Prune ``model`` so its MACs drop by ``speedup``, keeping its outputs by reconstruction.
+
+    ``calib`` is a path (.npy, .npz, a folder of them or of images), an array, a dict of arrays,
+    an ONNX Runtime ``CalibrationDataReader`` or an iterable of feed dicts. ``options`` are the
+    fields of :class:`PruneOptions` (``speedup``, ``method``, ``reconstruct``, ``seed`` …).
+    """
+    start = time.perf_counter()
+    try:
+        opts = PruneOptions(**options).validate()
+    except TypeError as exc:
+        raise OptionError(f"unknown option: {exc}") from None
+    original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+    check_opset(original)
+    work = copy.deepcopy(original)
+    constants_to_initializers(work)
+    folded = fold_batchnorm(work)
+    if calib is None:
+        if opts.needs_data:
+            raise OptionError(f"method '{opts.method.value}'{' with reconstruction' if opts.reconstruct else ''} "
+                              "needs calibration data: pass --calib, or use --method l1 --no-reconstruct")
+        cal = _synthetic_calibration(original)
+        fit_idx, hold_idx = np.arange(1), np.arange(0)
+    else:
+        cal = load_calibration(calib, original, image_options)
+        fit_idx, hold_idx = _split(len(cal), opts.holdout if opts.needs_data else min(opts.holdout, 0.99), opts.seed)
+        if opts.needs_data and len(fit_idx) < 2:
+            raise OptionError(f"only {len(fit_idx)} calibration sample(s) left after the hold-out; give more data")
+    reference = copy.deepcopy(work)  # original weights (BN folded): the source of targets
+    shapes = tensor_shapes(work, cal)
+    g = GraphView(work, shapes)
+    groups = find_groups(g)
+    if not any(n.op_type in ("Conv", "Gemm", "MatMul") for n in work.graph.node):
+        raise ModelError("the model has no Conv, Gemm or MatMul layer: nothing to prune")
+    candidates, skipped = _candidates(groups, g, opts)
+    cost = build_cost_model(g, groups)
+    widths = uniform_widths(cost, candidates, opts.speedup, opts.round_to)
+    topo = {id(n): i for i, n in enumerate(work.graph.node)}
+    todo = sorted((grp for grp in candidates if widths[grp.index] < grp.channels),
+                  key=lambda grp: min(topo[id(c.node)] for c in grp.consumers))
+    sampler = None
+    if opts.needs_data and todo:
+        consumers = [c for grp in todo for c in grp.consumers]
+        sampler = Sampler(reference, g, cal, fit_idx, consumers, opts.samples_per_image, opts.seed,
+                          residual=opts.residual_target, batch=opts.batch_size)
+    rng = np.random.default_rng(opts.seed)
+    results = []
+    kept_outputs: dict[str, np.ndarray] = {}  # consumer output -> original channels still there
+    group_of_tensor = {t: grp for grp in groups for t in grp.tensors}
+    for grp in _progress(todo, opts.progress, "pruning"):
+        keep_n = widths[grp.index]
+        stats = sampler.stats(g, grp.consumers, kept_outputs) if sampler else None
+        keep = _select(grp, keep_n, opts, g, stats, rng)
+        k_of = [handler_for(c.node).weight_matrix(c.node, g).shape[1] // grp.channels  # type: ignore[attr-defined]
+                if opts.reconstruct else 1 for c in grp.consumers]
+        prune_group(g, grp, keep)
+        for node in grp.producers:
+            kept_outputs[node.output[0]] = keep
+        res = GroupResult(grp.name, grp.channels, len(keep), [c.node.name or c.node.output[0] for c in grp.consumers])
+        if opts.reconstruct and stats:
+            befores, afters = [], []
+            for c, st, k in zip(grp.consumers, stats, k_of):
+                h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
+                fit = refit(st, _expand(keep, k), h.weight_matrix(c.node, g), h.bias(c.node, g), h.has_bias)
+                if fit.ridge is None:
+                    res.refit_skipped.append(c.node.name or c.node.output[0])
+                else:
+                    h.set_linear(c.node, fit.weight, fit.bias, g)
+                befores.append(fit.error_before)
+                afters.append(fit.error_after)
+                res.samples_per_unknown = min(res.samples_per_unknown or np.inf, st.n.sum() / (len(keep) * k + 1))
+                res.residual_target |= bool(sampler.targets[c.node.output[0]].residual_other)
+            res.error_before_refit, res.error_after_refit = float(np.mean(befores)), float(np.mean(afters))
+        g.drop_unused_initializers()
+        results.append(res)
+        log.info("%s: %d -> %d channels", grp.name, grp.channels, len(keep))
+    del group_of_tensor
+    pruned = finalize(work)
+    try:
+        onnx.checker.check_model(pruned, full_check=True)
+    except onnx.checker.ValidationError as exc:  # a bug, never the user's fault
+        raise RuntimeError(f"the pruned model fails the ONNX checker: {exc}") from exc
+    report = _report(original, reference, pruned, cal, fit_idx, hold_idx, opts, results, skipped, folded)
+    report.seconds = time.perf_counter() - start
+    return PruneResult(pruned, report)
+
+
+def _layer_rows(before: onnx.ModelProto, after: onnx.ModelProto, cal: Calibration) -> list[LayerRow]:
+    gb = GraphView(before, tensor_shapes(before, cal))
+    ga = GraphView(after, tensor_shapes(after, cal))
+    after_nodes = {n.output[0]: n for n in after.graph.node if n.output}
+    rows = []
+    for node in before.graph.node:
+        macs = handler_for(node).macs(node, gb)
+        other = after_nodes.get(node.output[0]) if node.output else None
+        if not macs or other is None:
+            continue
+        rows.append(LayerRow(node.name or node.output[0], node.op_type,
+                             (gb.channels(node.input[0]) or 0, ga.channels(other.input[0]) or 0),
+                             (gb.channels(node.output[0]) or 0, ga.channels(other.output[0]) or 0),
+                             (macs, handler_for(other).macs(other, ga))))
+    return rows
+
+
+def _report(original, reference, pruned, cal, fit_idx, hold_idx, opts, results, skipped, folded) -> Report:
+    check_idx = hold_idx if len(hold_idx) else fit_idx
+    fidelity = compare(original, pruned, cal, check_idx)
+    rows = _layer_rows(reference, pruned, cal)
+    lat = None
+    if opts.measure_latency:
+        feed = cal.take([0] * batch_size_for(original, 1))
+        lat = tuple(latency_ms([original, pruned], feed))
+    totals = Totals(macs=(sum(r.macs[0] for r in rows), sum(r.macs[1] for r in rows)),
+                    params=(count_params(GraphView(original)), count_params(GraphView(pruned))),
+                    size_bytes=(original.ByteSize(), pruned.ByteSize()), latency_ms=lat)
+    return Report(method=opts.method.value, reconstruct=opts.reconstruct, target_speedup=opts.speedup,
+                  totals=totals, groups=results, layers=rows, skipped=skipped, fidelity=fidelity,
+                  calibration={"fit": int(len(fit_idx)), "holdout": int(len(hold_idx)),
+                               "samples_per_image": opts.samples_per_image},
+                  bn_folded=folded)

@@ -1,0 +1,113 @@
+"""What a pruning run did: per-group and per-layer tables, totals, JSON for CI gates."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .verify import OutputFidelity
+
+
+@dataclass
+class GroupResult:
+    """One pruned channel group."""
+
+    name: str
+    channels_before: int
+    channels_after: int
+    consumers: list[str]
+    error_before_refit: float | None = None  # relative error of the consumers, sliced weights
+    error_after_refit: float | None = None
+    samples_per_unknown: float | None = None
+    residual_target: bool = False
+    refit_skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LayerRow:
+    """One MAC-bearing node, before and after."""
+
+    node: str
+    op_type: str
+    in_channels: tuple[int, int]
+    out_channels: tuple[int, int]
+    macs: tuple[int, int]
+
+
+@dataclass
+class Totals:
+    macs: tuple[int, int]
+    params: tuple[int, int]
+    size_bytes: tuple[int, int]
+    latency_ms: tuple[float, float] | None = None
+
+    @property
+    def macs_speedup(self) -> float:
+        return self.macs[0] / max(self.macs[1], 1)
+
+    @property
+    def latency_speedup(self) -> float | None:
+        return self.latency_ms[0] / self.latency_ms[1] if self.latency_ms else None
+
+
+@dataclass
+class Report:
+    """The full account of a run; :meth:`to_json` is stable for CI gates."""
+
+    method: str
+    reconstruct: bool
+    target_speedup: float
+    totals: Totals
+    groups: list[GroupResult]
+    layers: list[LayerRow]
+    skipped: list[tuple[str, str]]  # (group, reason)
+    fidelity: list[OutputFidelity]
+    calibration: dict[str, int]
+    bn_folded: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["totals"]["macs_speedup"] = self.totals.macs_speedup
+        d["totals"]["latency_speedup"] = self.totals.latency_speedup
+        d["skipped"] = [{"group": g, "reason": r} for g, r in self.skipped]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self, max_rows: int = 60) -> str:
+        """Human-readable summary: per-layer table, then totals and fidelity."""
+        lines = [f"{'layer':<36} {'op':<8} {'in ch':>11} {'out ch':>11} {'MACs':>19}"]
+        rows = [r for r in self.layers if r.macs[0] != r.macs[1]] or self.layers
+        for r in rows[:max_rows]:
+            lines.append(f"{r.node[:36]:<36} {r.op_type:<8} {_arrow(r.in_channels):>11} "
+                         f"{_arrow(r.out_channels):>11} {_arrow(tuple(_si(m) for m in r.macs)):>19}")
+        if len(rows) > max_rows:
+            lines.append(f"... {len(rows) - max_rows} more layers (see --report JSON)")
+        t = self.totals
+        lines.append("")
+        lines.append(f"MACs    {_si(t.macs[0]):>9} -> {_si(t.macs[1]):>9}   ({t.macs_speedup:.2f}x fewer)")
+        lines.append(f"params  {_si(t.params[0]):>9} -> {_si(t.params[1]):>9}   ({t.params[1] / max(t.params[0], 1):.1%})")
+        lines.append(f"size    {t.size_bytes[0] / 1e6:>8.2f}M -> {t.size_bytes[1] / 1e6:>8.2f}M")
+        if t.latency_ms:
+            lines.append(f"latency {t.latency_ms[0]:>8.2f}ms -> {t.latency_ms[1]:>7.2f}ms  "
+                         f"({t.latency_speedup:.2f}x measured, ORT CPU, batch 1)")
+        for f in self.fidelity:
+            agree = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
+            lines.append(f"output '{f.name}': relative error {f.relative_error:.4f}{agree} "
+                         f"({self.calibration.get('holdout', 0)} held-out samples)")
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} channel groups left unpruned (reasons in the JSON report)")
+        return "\n".join(lines)
+
+
+def _arrow(pair: tuple) -> str:
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}->{pair[1]}"
+
+
+def _si(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"

@@ -1,0 +1,33 @@
+"""The only module that edits the graph: removing a group's channels and finalising the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .graph import ChannelGroup
+from .graphview import GraphView
+from .ops import handler_for
+
+
+def prune_group(g: GraphView, group: ChannelGroup, keep: np.ndarray) -> None:
+    """Remove every channel of ``group`` not in ``keep`` from all its producers, throughs, consumers."""
+    keep = np.asarray(keep, dtype=np.int64)
+    for node in group.producers:
+        handler_for(node).prune_output(node, keep, g)
+    for node in group.throughs:
+        handler_for(node).prune_through(node, keep, g)
+    for c in group.consumers:
+        handler_for(c.node).prune_input(c.node, keep, c.block, g)
+    for t in group.tensors:
+        shape = g.shapes.get(t)
+        if shape is not None and len(shape) >= 2:
+            per_channel = shape[1] // group.channels if group.channels else 1
+            g.shapes[t] = (shape[0], len(keep) * per_channel, *shape[2:])
+
+
+def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop unused weights and stale shape annotations, re-infer shapes."""
+    GraphView(model).drop_unused_initializers()
+    del model.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(model)

@@ -1,0 +1,118 @@
+"""Seeded sampling of layer inputs and targets: the regression problems of one channel group.
+
+Targets come from the original model (cached once, at fixed positions per image); inputs come
+from the model pruned so far. Memory is bounded by the samples kept (images × positions ×
+channels per layer), never by whole activation maps.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .activations import run_batches
+from .calib import Calibration
+from .graph import ChannelGroup, Consumer
+from .graphview import GraphView
+from .ops import LinearHandler, handler_for, sample_outputs
+from .stats import LayerStats
+
+
+@dataclass
+class Target:
+    """Where a consumer's target comes from.
+
+    ``residual_other``: when the consumer's output goes straight into an Add with another branch,
+    its target is the original Add output minus the *pruned* model's other branch
+    (He et al.'s ``Y2 + Y1 − Y1'``), so the layer also absorbs the error on the skip path.
+    """
+
+    node: onnx.NodeProto
+    source: str  # tensor of the original model giving the target
+    residual_other: str | None
+
+
+def _residual_partner(g: GraphView, node: onnx.NodeProto) -> tuple[str, str] | None:
+    out = node.output[0]
+    users = g.consumers.get(out, [])
+    if out in g.graph_outputs or len(users) != 1 or users[0].op_type not in ("Add", "Sum"):
+        return None
+    join = users[0]
+    others = [i for i in join.input if i and i != out]
+    if len(join.input) != 2 or len(others) != 1 or g.is_const(others[0]):
+        return None
+    if g.shape(others[0]) != g.shape(out) or join.output[0] in g.graph_outputs:
+        return None
+    return join.output[0], others[0]
+
+
+class Sampler:
+    """Caches original-model targets for a set of consumers and builds their :class:`LayerStats`."""
+
+    def __init__(self, original: onnx.ModelProto, g: GraphView, calib: Calibration,
+                 indices: Sequence[int], consumers: list[Consumer], samples_per_image: int,
+                 seed: int, residual: bool = True, batch: int | None = None):
+        self.calib, self.indices, self.batch = calib, np.asarray(indices), batch
+        self.row = np.full(len(calib), -1)
+        self.row[self.indices] = np.arange(len(self.indices))
+        self.targets: dict[str, Target] = {}
+        self.positions: dict[str, np.ndarray] = {}
+        for c in consumers:
+            name = c.node.output[0]
+            if name in self.targets:
+                continue
+            partner = _residual_partner(g, c.node) if residual else None
+            self.targets[name] = Target(c.node, partner[0] if partner else name,
+                                        partner[1] if partner else None)
+            handler = handler_for(c.node)
+            per_image = handler.positions(c.node, g)
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            count = min(samples_per_image, per_image) if per_image > 1 else 1
+            self.positions[name] = (np.tile(np.arange(per_image), (len(calib), 1)) if per_image <= count
+                                    else rng.integers(0, per_image, size=(len(calib), count)))
+        self.cache = self._cache_targets(original)
+
+    def _cache_targets(self, original: onnx.ModelProto) -> dict[str, np.ndarray]:
+        sources = {t.source for t in self.targets.values()}
+        cache: dict[str, np.ndarray] = {}
+        for idx, values in run_batches(original, sorted(sources), self.calib, self.indices, self.batch):
+            for name, t in self.targets.items():
+                pos = self.positions[name][idx]
+                y = sample_outputs(values[t.source], pos).reshape(len(idx), pos.shape[1], -1)
+                if name not in cache:
+                    cache[name] = np.empty((len(self.indices), pos.shape[1], y.shape[2]), np.float32)
+                cache[name][self.row[idx]] = y
+        return cache
+
+    def stats(self, pruned: GraphView, consumers: list[Consumer],
+              target_columns: dict[str, np.ndarray] | None = None) -> list[LayerStats]:
+        """Sufficient statistics of each consumer's regression problem on the pruned model.
+
+        ``target_columns`` restricts a consumer's targets to the output channels it still has.
+        """
+        needed = [c.tensor for c in consumers]
+        needed += [self.targets[c.node.output[0]].residual_other for c in consumers
+                   if self.targets[c.node.output[0]].residual_other]
+        result: list[LayerStats | None] = [None] * len(consumers)
+        for idx, values in run_batches(pruned.model, needed, self.calib, self.indices, self.batch):
+            for i, c in enumerate(consumers):
+                name = c.node.output[0]
+                handler: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
+                pos = self.positions[name][idx]
+                x = handler.sample_patches(c.node, pruned, values[c.tensor], pos)
+                y = self.cache[name][self.row[idx]].reshape(-1, self.cache[name].shape[2])
+                cols = (target_columns or {}).get(name)
+                if cols is not None:
+                    y = y[:, cols]
+                other = self.targets[name].residual_other
+                if other:
+                    y = y - sample_outputs(values[other], pos)
+                if result[i] is None:
+                    result[i] = LayerStats(x.shape[1], y.shape[1])
+                fold = np.repeat(idx % 2, pos.shape[1])
+                result[i].add(x.astype(np.float64), y, fold)
+        return result  # type: ignore[return-value]

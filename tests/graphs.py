@@ -1,0 +1,90 @@
+"""Tiny ONNX graphs built in code for the tests (random weights, seeded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class Builder:
+    """A minimal graph builder: adds nodes and random initializers, returns a ModelProto."""
+
+    def __init__(self, in_shape=("N", 3, 8, 8), seed: int = 0, opset: int = 13, name: str = "input"):
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.input = helper.make_tensor_value_info(name, TensorProto.FLOAT, list(in_shape))
+        self.opset = opset
+        self.count = 0
+
+    def _name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def const(self, value: np.ndarray, prefix: str = "c") -> str:
+        name = self._name(prefix)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, **attrs) -> str | list[str]:
+        name = self._name(op.lower())
+        outs = [f"{name}_out{i}" if i else f"{name}_out" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1, group: int = 1,
+             bias: bool = True, pad: int | None = None) -> str:
+        w = self.rng.normal(0, (2.0 / (cin // group * k * k)) ** 0.5, (cout, cin // group, k, k)).astype(np.float32)
+        ins = [x, self.const(w, "w")]
+        if bias:
+            ins.append(self.const(self.rng.normal(0, 0.1, cout).astype(np.float32), "b"))
+        p = k // 2 if pad is None else pad
+        return self.node("Conv", ins, kernel_shape=[k, k], pads=[p] * 4, strides=[stride] * 2, group=group)
+
+    def bn(self, x: str, c: int) -> str:
+        r = self.rng
+        params = [r.uniform(0.5, 1.5, c), r.normal(0, 0.1, c), r.normal(0, 0.1, c), r.uniform(0.5, 1.5, c)]
+        return self.node("BatchNormalization", [x] + [self.const(p.astype(np.float32), "bn") for p in params])
+
+    def gemm(self, x: str, k: int, n: int) -> str:
+        w = self.rng.normal(0, (1.0 / k) ** 0.5, (n, k)).astype(np.float32)
+        b = self.rng.normal(0, 0.1, n).astype(np.float32)
+        return self.node("Gemm", [x, self.const(w, "fc"), self.const(b, "fcb")], transB=1)
+
+    def build(self, *outputs: str) -> onnx.ModelProto:
+        outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+        graph = helper.make_graph(self.nodes, "test", [self.input], outs, self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        model = onnx.shape_inference.infer_shapes(model)
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def tiny_vgg(seed: int = 0) -> onnx.ModelProto:
+    """conv-relu-conv-BN-relu-pool-conv-relu-flatten-gemm, on 3×8×8 inputs."""
+    b = Builder(seed=seed)
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    x = b.node("Relu", [b.bn(b.conv(x, 8, 16, bias=False), 16)])
+    x = b.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    x = b.node("Relu", [b.conv(x, 16, 16)])
+    x = b.node("Flatten", [x], axis=1)
+    return b.build(b.gemm(x, 16 * 16, 10))
+
+
+def tiny_resnet(seed: int = 0) -> onnx.ModelProto:
+    """Stem conv, two basic blocks (the second with stride 2 and a 1×1 projection), GAP, Gemm."""
+    b = Builder(seed=seed)
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    for cin, cout, stride in ((8, 8, 1), (8, 16, 2)):
+        y = b.node("Relu", [b.conv(x, cin, 12, stride=stride)])
+        y = b.conv(y, 12, cout)
+        skip = x if stride == 1 and cin == cout else b.conv(x, cin, cout, k=1, stride=stride, pad=0)
+        x = b.node("Relu", [b.node("Add", [y, skip])])
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    return b.build(b.gemm(x, 16, 10))
+
+
+def calib_for(model: onnx.ModelProto, n: int = 64, seed: int = 1) -> np.ndarray:
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
+    return np.random.default_rng(seed).normal(0, 1, (n, *dims)).astype(np.float32)
