@@ -182,20 +182,24 @@ def _arrays_from_path(path: Path, inputs: list[ModelInput], opts: ImageOptions) 
     raise CalibrationError(f"calibration folder '{path}' holds no .npy/.npz files or images")
 
 
+def _maybe_batch(arr: np.ndarray, inp: ModelInput) -> np.ndarray:
+    """Add the batch axis to one sample stored without it (only when its shape fits exactly)."""
+    if arr.ndim == len(inp.shape) - 1 and all(w is None or h == w for h, w in zip(arr.shape, inp.shape[1:])):
+        return arr[None]
+    return arr
+
+
 def _single(inputs: list[ModelInput], arr: np.ndarray, path: Path) -> dict[str, np.ndarray]:
     if len(inputs) != 1:
         names = ", ".join(i.name for i in inputs)
         raise CalibrationError(f"the model has {len(inputs)} inputs ({names}); give a .npz with one array per input name")
-    inp = inputs[0]
-    if arr.ndim == len(inp.shape) - 1:  # one sample without its batch axis
-        arr = arr[None]
-    return {inp.name: arr}
+    return {inputs[0].name: _maybe_batch(arr, inputs[0])}
 
 
 def _match_npz(data: dict[str, np.ndarray], inputs: list[ModelInput], path: Path) -> dict[str, np.ndarray]:
     names = [i.name for i in inputs]
     if all(n in data for n in names):
-        return {n: (data[n][None] if data[n].ndim == len(i.shape) - 1 else data[n]) for n, i in zip(names, inputs)}
+        return {n: _maybe_batch(data[n], i) for n, i in zip(names, inputs)}
     if len(inputs) == 1 and len(data) == 1:
         return _single(inputs, next(iter(data.values())), path)
     if len(inputs) == 1 and "x" in data:
@@ -223,7 +227,7 @@ def _from_reader(reader, inputs: list[ModelInput]) -> dict[str, np.ndarray]:
             if inp.name not in item:
                 raise CalibrationError(f"the calibration reader gave no array for input '{inp.name}' (got {sorted(item)})")
             arr = np.asarray(item[inp.name])
-            chunks[inp.name].append(arr[None] if arr.ndim == len(inp.shape) - 1 else arr)
+            chunks[inp.name].append(_maybe_batch(arr, inp))
     if not chunks or not next(iter(chunks.values())):
         raise CalibrationError("the calibration reader returned no data")
     return {k: np.concatenate(v) for k, v in chunks.items()}

@@ -1,0 +1,32 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+def check_pruned(pruned: onnx.ModelProto, original: onnx.ModelProto, x: np.ndarray, max_rel_err: float) -> float:
+    """Full checker, ORT run, same output shapes, relative output error below ``max_rel_err``."""
+    onnx.checker.check_model(pruned, full_check=True)
+    ref, out = run(original, x), run(pruned, x)
+    assert [r.shape for r in ref] == [o.shape for o in out]
+    err = max(float(np.linalg.norm(o - r) / np.linalg.norm(r)) for r, o in zip(ref, out))
+    assert err <= max_rel_err, err
+    return err
+
+
+@pytest.fixture
+def models_dir() -> Path:
+    return MODELS

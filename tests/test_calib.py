@@ -1,0 +1,82 @@
+"""Calibration sources and their validation: every bad input is a one-line CalibrationError."""
+
+import numpy as np
+import pytest
+from graphs import calib_for, tiny_vgg
+
+from onnxprune.calib import ImageOptions, load_calibration
+from onnxprune.errors import CalibrationError
+
+MODEL = tiny_vgg()
+
+
+def test_npy_npz_and_folder_of_npy(tmp_path):
+    x = calib_for(MODEL, 10)
+    np.save(tmp_path / "a.npy", x)
+    np.savez(tmp_path / "b.npz", input=x)
+    assert len(load_calibration(tmp_path / "a.npy", MODEL)) == 10
+    assert len(load_calibration(tmp_path / "b.npz", MODEL)) == 10
+    assert len(load_calibration(tmp_path, MODEL)) == 20  # the folder: both files
+
+
+def test_single_sample_files_get_a_batch_axis(tmp_path):
+    for i in range(3):
+        np.save(tmp_path / f"{i}.npy", calib_for(MODEL, 1)[0])
+    assert len(load_calibration(tmp_path, MODEL)) == 3
+
+
+def test_calibration_data_reader_protocol_and_iterables():
+    x = calib_for(MODEL, 6)
+
+    class Reader:
+        def __init__(self):
+            self.items = iter([{"input": x[i:i + 2]} for i in range(0, 6, 2)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    assert len(load_calibration(Reader(), MODEL)) == 6
+    assert len(load_calibration(({"input": x[i]} for i in range(6)), MODEL)) == 6
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    cal = load_calibration(tmp_path, MODEL, ImageOptions(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    batch = cal.take([0, 1])["input"]
+    assert batch.shape == (2, 3, 8, 8) and batch.dtype == np.float32
+    assert -2.01 <= batch.min() and batch.max() <= 2.01
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda p: np.save(p / "x.npy", np.zeros((4, 3, 9, 8), np.float32)), "axis 2 differs"),
+    (lambda p: np.save(p / "x.npy", np.zeros((4, 8, 8), np.float32)), "rank"),
+    (lambda p: np.save(p / "x.npy", np.zeros((4, 3, 8, 8), np.uint8)), "uint8"),
+    (lambda p: np.save(p / "x.npy", np.full((4, 3, 8, 8), np.nan, np.float32)), "NaN"),
+    (lambda p: np.save(p / "x.npy", np.zeros((0, 3, 8, 8), np.float32)), "no samples"),
+    (lambda p: np.save(p / "x.npy", np.array([{"a": 1}], dtype=object)), "cannot read"),
+    (lambda p: (p / "x.npy").write_bytes(b"not a numpy file"), "cannot read"),
+    (lambda p: np.savez(p / "x.npz", other=np.zeros((4, 3, 8, 8), np.float32), more=np.zeros(3)), "name them"),
+    (lambda p: (p / "x.txt").write_text("hello"), "not a .npy"),
+])
+def test_bad_calibration_files(tmp_path, make, msg):
+    make(tmp_path)
+    target = next(tmp_path.iterdir())
+    with pytest.raises(CalibrationError, match=msg) as info:
+        load_calibration(target, MODEL)
+    assert "\n" not in str(info.value)
+
+
+def test_empty_and_missing_folders(tmp_path):
+    with pytest.raises(CalibrationError, match="holds no"):
+        load_calibration(tmp_path, MODEL)
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_calibration(tmp_path / "nope", MODEL)
+
+
+def test_float64_is_accepted_and_cast():
+    cal = load_calibration(calib_for(MODEL, 4).astype(np.float64), MODEL)
+    assert cal.take([0])["input"].dtype == np.float32

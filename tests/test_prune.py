@@ -1,0 +1,107 @@
+"""The pipeline end to end on tiny graphs: validity, exactness, the target, reconstruction."""
+
+import numpy as np
+import pytest
+from conftest import check_pruned, run
+from graphs import Builder, calib_for, tiny_resnet, tiny_vgg
+
+import onnxprune
+from onnxprune.errors import OptionError, TargetNotMetError
+
+
+@pytest.mark.parametrize("build", [tiny_vgg, tiny_resnet])
+def test_keeping_every_channel_reproduces_outputs(build):
+    model = build()
+    x = calib_for(model, 40)
+    result = onnxprune.prune(model, x, speedup=1.0, measure_latency=False)
+    check_pruned(result.model, model, x, max_rel_err=1e-5)
+    assert np.abs(run(result.model, x)[0] - run(model, x)[0]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("build", [tiny_vgg, tiny_resnet])
+@pytest.mark.parametrize("speedup", [1.5, 2.0, 3.0])
+def test_speedup_target_is_met_and_model_is_valid(build, speedup):
+    model = build()
+    x = calib_for(model, 120)
+    result = onnxprune.prune(model, x, speedup=speedup, measure_latency=False)
+    achieved = result.report.totals.macs_speedup
+    assert speedup <= achieved <= speedup * 1.3
+    check_pruned(result.model, model, x, max_rel_err=0.6)
+
+
+@pytest.mark.parametrize("build", [tiny_vgg, tiny_resnet])
+def test_reconstruction_beats_plain_slicing(build):
+    model = build()
+    x = calib_for(model, 800)
+    held = calib_for(model, 100, seed=7)
+    errs = {}
+    for rec in (True, False):
+        result = onnxprune.prune(model, x, speedup=2.0, method="l1", reconstruct=rec, measure_latency=False)
+        errs[rec] = check_pruned(result.model, model, held, max_rel_err=10)
+    assert errs[True] < 0.8 * errs[False]
+
+
+def test_reconstruction_lowers_each_layer_error():
+    model = tiny_vgg()
+    result = onnxprune.prune(model, calib_for(model, 200), speedup=2.0, measure_latency=False)
+    for grp in result.report.groups:
+        assert grp.error_after_refit <= grp.error_before_refit + 1e-9
+
+
+def test_residual_target_is_used_for_branch_final_convs():
+    model = tiny_resnet()
+    result = onnxprune.prune(model, calib_for(model, 100), speedup=2.0, measure_latency=False)
+    assert result.report.groups and all(grp.residual_target for grp in result.report.groups)
+
+
+def test_same_seed_same_bytes():
+    model = tiny_resnet()
+    x = calib_for(model, 80)
+    a = onnxprune.prune(model, x, speedup=2.0, seed=3, measure_latency=False).model.SerializeToString()
+    b = onnxprune.prune(model, x, speedup=2.0, seed=3, measure_latency=False).model.SerializeToString()
+    assert a == b
+
+
+def test_dynamic_batch_and_spatial_dims_stay_dynamic():
+    b = Builder(in_shape=("N", 3, "H", "W"))
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    x = b.node("Relu", [b.conv(x, 8, 8)])
+    model = b.build(b.conv(x, 8, 4))
+    xs = calib_for(onnxprune_static(model), 60)
+    result = onnxprune.prune(model, xs, speedup=1.5, measure_latency=False)
+    dims = result.model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["N", "", "H", "W"]
+    big = np.random.default_rng(0).normal(size=(2, 3, 13, 17)).astype(np.float32)
+    assert run(result.model, big)[0].shape == (2, 4, 13, 17)
+
+
+def onnxprune_static(model):
+    m = type(model)()
+    m.CopyFrom(model)
+    for d, v in zip(m.graph.input[0].type.tensor_type.shape.dim[2:], (8, 8)):
+        d.dim_value = v
+    return m
+
+
+def test_unreachable_speedup_is_a_target_error():
+    model = tiny_resnet()
+    with pytest.raises(TargetNotMetError, match="cannot be reached"):
+        onnxprune.prune(model, calib_for(model, 40), speedup=50.0, measure_latency=False)
+
+
+def test_data_free_l1_runs_without_calibration():
+    model = tiny_vgg()
+    result = onnxprune.prune(model, None, speedup=2.0, method="l1", reconstruct=False, measure_latency=False)
+    check_pruned(result.model, model, calib_for(model, 8), max_rel_err=10)
+
+
+@pytest.mark.parametrize("opts,msg", [({"method": "magic"}, "unknown method"), ({"speedup": 0.5}, "speedup"),
+                                      ({"holdout": 1.0}, "holdout"), ({"bogus": 1}, "unknown option")])
+def test_bad_options_are_rejected_up_front(opts, msg):
+    with pytest.raises(OptionError, match=msg):
+        onnxprune.prune(tiny_vgg(), calib_for(tiny_vgg(), 8), **opts)
+
+
+def test_reconstruction_needs_data():
+    with pytest.raises(OptionError, match="calibration data"):
+        onnxprune.prune(tiny_vgg(), None, speedup=2.0)
