@@ -15,6 +15,7 @@ import scipy.linalg
 from .stats import LayerStats
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+WELL_DETERMINED = 20  # samples per unknown above which the smallest ridge is used without cross-validation
 
 
 @dataclass
@@ -28,24 +29,38 @@ class Refit:
     error_after: float
 
 
-def _solve(xtx: np.ndarray, xty: np.ndarray, ridge: float, n_x: int) -> np.ndarray:
-    a = xtx.copy()
+def _ridge_scale(a: np.ndarray, n_x: int) -> float:
     diag = np.diag(a)[:n_x]
-    lam = ridge * (diag.mean() if diag.size and diag.mean() > 0 else 1.0)
-    a[np.arange(n_x), np.arange(n_x)] += lam
+    return float(diag.mean()) if diag.size and diag.mean() > 0 else 1.0
+
+
+def _solve(a: np.ndarray, b: np.ndarray, ridge: float, n_x: int) -> np.ndarray:
+    a = a.copy()
+    a[np.arange(n_x), np.arange(n_x)] += ridge * _ridge_scale(a, n_x)
     try:
-        return scipy.linalg.solve(a, xty, assume_a="pos")
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning, ValueError):
-        return np.linalg.lstsq(a, xty, rcond=None)[0]
+        return scipy.linalg.solve(a, b, assume_a="pos", check_finite=False)
+    except (np.linalg.LinAlgError, ValueError):
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def _ridge_path(a: np.ndarray, b: np.ndarray, ridges: tuple[float, ...], n_x: int) -> list[np.ndarray]:
+    """Ridge solutions for several strengths from one eigendecomposition (ridge on every unknown)."""
+    lam, vec = np.linalg.eigh(a)
+    vb = vec.T @ b
+    scale = _ridge_scale(a, n_x)
+    return [vec @ (vb / (lam + r * scale)[:, None]) for r in ridges]
 
 
 def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
           fit_bias: bool) -> Refit:
-    """Refit ``Y ≈ X[:, cols] Wᵀ + b`` given the sliced current ``weight [Cout, len(cols)]``."""
+    """Refit ``Y ≈ X[:, cols] Wᵀ + b`` given the sliced current ``weight [Cout, len(cols)]``.
+
+    With many samples per unknown the smallest ridge is used; otherwise the ridge (or keeping
+    the sliced weights) is chosen by two-fold cross-validation over images.
+    """
     d = stats.dim
     idx = np.concatenate([cols, [d]]) if fit_bias else np.asarray(cols)
     n_x = len(cols)
-    sub = lambda m: m[np.ix_(idx, idx)]  # noqa: E731
     b0 = np.zeros(weight.shape[0]) if bias is None else bias
     start = np.vstack([weight.T, b0[None, :]]) if fit_bias else weight.T
 
@@ -57,20 +72,25 @@ def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndar
         return w
 
     energy = max(stats.energy(), 1e-30)
+    xtx, xty, _, n = stats.total()
     before = stats.error(full(start)) / energy
-    best_err, best_ridge = sum(stats.error(full(start), f) for f in (0, 1)), None
-    if stats.n.min() > 0:
-        for ridge in RIDGES:
-            err = 0.0
+    if n >= WELL_DETERMINED * len(idx):
+        best_ridge = RIDGES[0]
+    else:
+        best_err, best_ridge = sum(stats.error(full(start), f) for f in (0, 1)), None
+        if stats.n.min() > 0:
+            errs = np.zeros(len(RIDGES))
             for f in (0, 1):
-                w = _solve(sub(stats.xtx[1 - f]), stats.xty[1 - f][idx], ridge, n_x)
-                err += stats.error(full(w), f)
-            if err < best_err:
-                best_err, best_ridge = err, ridge
-    if best_ridge is None:
-        return Refit(weight, bias, None, before, before)
-    xtx, xty, _, _ = stats.total()
-    w = _solve(sub(xtx), xty[idx], best_ridge, n_x)
+                a, b = stats.xtx[1 - f][np.ix_(idx, idx)], stats.xty[1 - f][idx]
+                for i, w in enumerate(_ridge_path(a, b, RIDGES, n_x)):
+                    errs[i] += stats.error(full(w), f)
+            if errs.min() < best_err:
+                best_ridge = RIDGES[int(errs.argmin())]
+        if best_ridge is None:
+            return Refit(weight, bias, None, before, before)
+    w = _solve(xtx[np.ix_(idx, idx)], xty[idx], best_ridge, n_x)
     after = stats.error(full(w)) / energy
+    if after > before:  # numerical trouble: never make a layer worse in-sample
+        return Refit(weight, bias, None, before, before)
     new_bias = w[n_x] if fit_bias else bias
     return Refit(w[:n_x].T, new_bias, best_ridge, before, after)

@@ -21,6 +21,8 @@ from .graphview import GraphView
 from .ops import LinearHandler, handler_for, sample_outputs
 from .stats import LayerStats
 
+MIN_SAMPLES_PER_UNKNOWN = 3  # spatial positions per image are raised (where there are enough) to reach this
+
 
 @dataclass
 class Target:
@@ -71,7 +73,10 @@ class Sampler:
             handler = handler_for(c.node)
             per_image = handler.positions(c.node, g)
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-            count = min(samples_per_image, per_image) if per_image > 1 else 1
+            # enough positions for a well-posed refit where the feature map has them
+            unknowns = handler.weight_matrix(c.node, g).shape[1] + 1  # type: ignore[attr-defined]
+            wanted = max(samples_per_image, -(-MIN_SAMPLES_PER_UNKNOWN * unknowns // max(len(self.indices), 1)))
+            count = min(wanted, per_image) if per_image > 1 else 1
             self.positions[name] = (np.tile(np.arange(per_image), (len(calib), 1)) if per_image <= count
                                     else rng.integers(0, per_image, size=(len(calib), count)))
         self.cache = self._cache_targets(original)

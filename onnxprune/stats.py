@@ -33,10 +33,11 @@ class LayerStats:
 
     def add(self, x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> None:
         """Accumulate rows ``x [n, D]``, ``y [n, Cout]``, each row in fold 0 or 1."""
-        xa = np.empty((x.shape[0], self.dim + 1))
+        # products of one batch in float32 (fast BLAS), accumulated across batches in float64
+        xa = np.empty((x.shape[0], self.dim + 1), np.float32)
         xa[:, :-1] = x
         xa[:, -1] = 1.0
-        y = y.astype(np.float64)
+        y = y.astype(np.float32)
         for f in (0, 1):
             rows = fold == f
             if not rows.any():
@@ -44,7 +45,7 @@ class LayerStats:
             xf, yf = xa[rows], y[rows]
             self.xtx[f] += xf.T @ xf
             self.xty[f] += xf.T @ yf
-            self.yy[f] += np.einsum("ij,ij->j", yf, yf)
+            self.yy[f] += np.einsum("ij,ij->j", yf, yf, dtype=np.float64)
             self.n[f] += rows.sum()
 
     def total(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

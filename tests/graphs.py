@@ -88,3 +88,30 @@ def tiny_resnet(seed: int = 0) -> onnx.ModelProto:
 def calib_for(model: onnx.ModelProto, n: int = 64, seed: int = 1) -> np.ndarray:
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
     return np.random.default_rng(seed).normal(0, 1, (n, *dims)).astype(np.float32)
+
+
+def resnet50(size: int = 224, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+    """A ResNet-50-shaped graph (bottlenecks [3, 4, 6, 3], BN kept separate), random weights."""
+    b = Builder(in_shape=("N", 3, size, size), seed=seed)
+
+    def conv_bn(x, cin, cout, k, stride=1, gamma=1.0):
+        y = b.bn(b.conv(x, cin, cout, k=k, stride=stride, bias=False), cout)
+        bn = b.nodes[-1]
+        scale = next(t for t in b.inits if t.name == bn.input[1])
+        scale.CopyFrom(numpy_helper.from_array(np.full(cout, gamma, np.float32), scale.name))
+        return y
+
+    x = b.node("Relu", [conv_bn("input", 3, 64, 7, 2)])
+    x = b.node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin = 64
+    for stage, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+        for i in range(blocks):
+            stride = 2 if i == 0 and stage > 0 else 1
+            y = b.node("Relu", [conv_bn(x, cin, width, 1)])
+            y = b.node("Relu", [conv_bn(y, width, width, 3, stride)])
+            y = conv_bn(y, width, width * 4, 1, gamma=0.2)
+            skip = conv_bn(x, cin, width * 4, 1, stride) if i == 0 else x
+            x = b.node("Relu", [b.node("Add", [y, skip])])
+            cin = width * 4
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    return b.build(b.gemm(x, cin, classes))

@@ -1,0 +1,81 @@
+"""The CLI end to end on the shipped Fashion-MNIST models: target, validity, accuracy kept."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from conftest import MODELS, check_pruned, run
+
+from onnxprune.cli import main
+
+CALIB = MODELS / "fmnist_calib.npy"
+
+
+def accuracy(model, test) -> float:
+    return 100.0 * float((run(model, test["x"])[0].argmax(1) == test["y"]).mean())
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    z = np.load(MODELS / "fmnist_test.npz")
+    return {"x": z["x"], "y": z["y"]}
+
+
+@pytest.mark.parametrize("name", ["vgg_fmnist", "resnet_fmnist"])
+def test_cli_prunes_shipped_model_keeping_accuracy(tmp_path, name, test_set):
+    out, report = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    src = MODELS / f"{name}.onnx"
+    before = src.read_bytes()
+    code = main([str(src), "--speedup", "2", "--calib", str(CALIB), "-o", str(out), "--report", str(report),
+                 "-q", "--no-latency"])
+    assert code == 0
+    assert src.read_bytes() == before  # the input is untouched
+    data = json.loads(report.read_text())
+    assert 2.0 <= data["totals"]["macs_speedup"] <= 2.3
+    original, pruned = onnx.load(src), onnx.load(out)
+    check_pruned(pruned, original, test_set["x"][:200], max_rel_err=0.5)
+    drop = accuracy(original, test_set) - accuracy(pruned, test_set)
+    assert drop <= 1.5, drop
+    assert data["fidelity"][0]["top1_agreement"] >= 0.9
+
+
+def test_magnitude_pruning_without_reconstruction_is_clearly_worse(tmp_path, test_set):
+    src = MODELS / "vgg_fmnist.onnx"
+    accs = {}
+    for flags in (["--method", "lasso"], ["--method", "l1", "--no-reconstruct"]):
+        out = tmp_path / f"{flags[1]}.onnx"
+        assert main([str(src), "--speedup", "2", "--calib", str(CALIB), "-o", str(out), "-q", "--no-latency",
+                     *flags]) == 0
+        accs[flags[1]] = accuracy(onnx.load(out), test_set)
+    assert accs["lasso"] >= accs["l1"] + 5
+
+
+@pytest.mark.parametrize("setup,args,msg", [
+    (lambda p: None, ["--calib", "{tmp}/missing.npy"], "does not exist"),
+    (lambda p: np.save(p / "bad.npy", np.zeros((4, 1, 32, 32), np.float32)), ["--calib", "{tmp}/bad.npy"], "axis 2"),
+    (lambda p: np.save(p / "bad.npy", np.zeros((4, 1, 28, 28), np.int64)), ["--calib", "{tmp}/bad.npy"], "int64"),
+    (lambda p: np.save(p / "bad.npy", np.full((4, 1, 28, 28), np.inf, np.float32)), ["--calib", "{tmp}/bad.npy"], "NaN"),
+    (lambda p: (p / "empty").mkdir(), ["--calib", "{tmp}/empty"], "holds no"),
+    (lambda p: None, ["--calib", str(CALIB), "--speedup", "0.3"], "speedup"),
+    (lambda p: None, [], "calibration data"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, setup, args, msg):
+    setup(tmp_path)
+    out = tmp_path / "out.onnx"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "onnxprune", str(MODELS / "vgg_fmnist.onnx"), "-o", str(out), *args],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and msg in lines[0] and lines[0].startswith("onnxprune: error:")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_cli_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"precious")
+    code = main([str(MODELS / "vgg_fmnist.onnx"), "--calib", str(CALIB), "-o", str(out), "-q"])
+    assert code == 2 and out.read_bytes() == b"precious"

@@ -1,0 +1,80 @@
+"""Accuracy of the shipped Fashion-MNIST models after pruning, per method and speedup (no fine-tuning).
+
+    python tools/bench_fmnist.py [--speedups 1.5 2 3] [--models vgg_fmnist resnet_fmnist]
+
+Evaluates on the full 10k Fashion-MNIST test set when Debian's dataset-fashion-mnist is
+installed, otherwise on the 2000 test images shipped in models/fmnist_test.npz. Prints a
+markdown table (accuracy, achieved MACs speedup, measured CPU latency speedup, pruning time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import onnxprune
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path("/usr/share/datasets/fashion-mnist")
+MEAN, STD = 0.2860, 0.3530
+CONFIGS = [("lasso", True), ("l1", True), ("l1", False), ("random", False)]
+
+
+def test_set() -> tuple[np.ndarray, np.ndarray, str]:
+    images, labels = DATA / "t10k-images-idx3-ubyte.gz", DATA / "t10k-labels-idx1-ubyte.gz"
+    if images.exists() and labels.exists():
+        with gzip.open(images) as f:
+            x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+        with gzip.open(labels) as f:
+            y = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+        return ((x.astype(np.float32) / 255.0 - MEAN) / STD).astype(np.float32), y, "Fashion-MNIST test set (10000)"
+    z = np.load(ROOT / "models" / "fmnist_test.npz")
+    return z["x"], z["y"], f"models/fmnist_test.npz ({len(z['y'])})"
+
+
+def accuracy(model_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    hits = 0
+    for i in range(0, len(x), 500):
+        hits += int((sess.run(None, {name: x[i:i + 500]})[0].argmax(1) == y[i:i + 500]).sum())
+    return 100.0 * hits / len(x)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["vgg_fmnist", "resnet_fmnist"])
+    ap.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0, 3.0])
+    ap.add_argument("--calib", default=str(ROOT / "models" / "fmnist_calib.npy"))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    x, y, source = test_set()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; onnxruntime {ort.__version__}; "
+          f"evaluated on {source}; calibration {args.calib}\n")
+    print("| model | method | reconstruct | target | MACs speedup | latency speedup | top-1 % | drop | time s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        path = ROOT / "models" / f"{name}.onnx"
+        base = accuracy(path.read_bytes(), x, y)
+        print(f"| {name} | original | | | 1.00 | 1.00 | {base:.2f} | | |")
+        for speedup in args.speedups:
+            for method, rec in CONFIGS:
+                start = time.perf_counter()
+                result = onnxprune.prune(str(path), args.calib, speedup=speedup, method=method,
+                                         reconstruct=rec, seed=args.seed, progress=False)
+                took = time.perf_counter() - start
+                acc = accuracy(result.model.SerializeToString(), x, y)
+                t = result.report.totals
+                print(f"| {name} | {method} | {'yes' if rec else 'no'} | {speedup:g}x | {t.macs_speedup:.2f} | "
+                      f"{t.latency_speedup:.2f} | {acc:.2f} | {acc - base:+.2f} | {took:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
