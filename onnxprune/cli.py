@@ -7,10 +7,12 @@ Exit codes: 0 success, 1 a target or gate was not met, 2 bad input or options,
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
+from .arch import architecture
 from .calib import Color, ImageOptions, Layout
 from .errors import PruneError
 from .io import save_model_atomic, write_text_atomic
@@ -43,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     p.add_argument("--round-to", type=int, default=1, help="round kept channels to a multiple of N (default 1)")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size for ONNX Runtime")
+    p.add_argument("--slim-fallback", choices=["error", "l1"], default="error",
+                   help="--method slim on a group without BatchNorm: stop with an error, or use l1")
     p.add_argument("--report", type=Path, help="write the run's report as JSON here")
+    p.add_argument("--export-arch", type=Path, metavar="JSON",
+                   help="write the pruned per-layer widths (to train the architecture from scratch)")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency measurement")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     img = p.add_argument_group("image folders")
@@ -71,11 +77,13 @@ def _run(args: argparse.Namespace) -> int:
                    speedup=args.speedup, method=args.method, reconstruct=args.reconstruct,
                    residual_target=args.residual_target, holdout=args.holdout,
                    samples_per_image=args.samples_per_image, seed=args.seed, round_to=args.round_to,
-                   batch_size=args.batch_size, measure_latency=args.latency,
+                   batch_size=args.batch_size, measure_latency=args.latency, slim_fallback=args.slim_fallback,
                    progress=None if not args.quiet else False)
     save_model_atomic(result.model, output, force=args.force, protected=(args.model,))
     if args.report:
         write_text_atomic(result.report.to_json(), args.report)
+    if args.export_arch:
+        write_text_atomic(json.dumps(architecture(result.report), indent=2), args.export_arch)
     if not args.quiet:
         print(result.report.table())
         print(f"wrote {output} in {result.report.seconds:.1f}s")

@@ -42,10 +42,11 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def fold_batchnorm(model: onnx.ModelProto) -> int:
+def fold_batchnorm(model: onnx.ModelProto, scales: dict[str, np.ndarray] | None = None) -> int:
     """Fold every inference-mode BatchNormalization that directly follows a Conv into it.
 
-    Returns how many were folded. The Conv gains a bias if it had none.
+    Returns how many were folded. The Conv gains a bias if it had none. When ``scales`` is
+    given, each folded BN's γ is recorded there under the Conv's new output name.
     """
     g = GraphView(model)
     folded, drop = 0, set()
@@ -65,6 +66,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         g.set_const(conv, 1, (w.astype(np.float64) * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype))
         g.set_const(conv, 2, ((bias - mean) * scale + beta).astype(w.dtype))
         conv.output[0] = bn.output[0]
+        if scales is not None:
+            scales[bn.output[0]] = params[0].astype(np.float64)
         drop.add(id(bn))
         folded += 1
     if folded:

@@ -25,7 +25,8 @@ from .reconstruct import refit
 from .report import GroupResult, LayerRow, Report, Totals
 from .rewrite import finalize, prune_group
 from .sampling import Sampler
-from .select import Method, contribution_problem, l1_select, lasso_select, random_select
+from .select import (Method, contribution_problem, l1_select, lasso_select, random_select, slim_select,
+                     thinet_select)
 from .verify import compare, latency_ms
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class PruneOptions:
     prune_coupled: bool = False
     residual_target: bool = True
     batch_size: int = 32
+    slim_fallback: str = "error"  # what --method slim does when a group has no BatchNorm: error | l1
     measure_latency: bool = True
     progress: bool | None = None  # None: only when stderr is a terminal
 
@@ -70,6 +72,7 @@ class PruneOptions:
             (self.samples_per_image >= 1, f"--samples-per-image must be >= 1 (got {self.samples_per_image})"),
             (self.round_to >= 1, f"--round-to must be >= 1 (got {self.round_to})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
+            (self.slim_fallback in ("error", "l1"), f"--slim-fallback must be error or l1 (got {self.slim_fallback})"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -133,11 +136,23 @@ def _expand(keep: np.ndarray, k: int) -> np.ndarray:
     return (keep[:, None] * k + np.arange(k)[None, :]).ravel()
 
 
-def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, stats, rng) -> np.ndarray:
-    if opts.method is Method.RANDOM:
-        return random_select(grp.channels, keep_n, rng)
-    if opts.method is Method.L1:
-        return l1_select(_filter_norms(grp, g), keep_n)
+def _bn_scales(grp: ChannelGroup, g: GraphView, folded: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Summed |γ| of the BatchNorms on the group's channels (folded or still in the graph)."""
+    total, found = np.zeros(grp.channels), False
+    for node in grp.producers:
+        if node.output[0] in folded:
+            total += np.abs(folded[node.output[0]])
+            found = True
+    for node in grp.throughs:
+        if node.op_type == "BatchNormalization":
+            total += np.abs(g.input_const(node, 1))
+            found = True
+    return total if found else None
+
+
+def _contribution_problem(grp: ChannelGroup, g: GraphView, stats) -> tuple[np.ndarray, np.ndarray]:
+    """Gram matrix and correlations of the channels' contributions, summed over the consumers
+    (each consumer normalised by its target energy so all weigh alike)."""
     gram = corr = 0.0
     for c, st in zip(grp.consumers, stats):
         h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
@@ -150,6 +165,27 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, st
         energy = max(yy.sum() - 2 * b @ xty[d] + n * b @ b, 1e-30)
         gr, co = contribution_problem(xtx[:d, :d], xt_target, w, grp.channels)
         gram, corr = gram + gr / energy, corr + co / energy
+    return gram, corr  # type: ignore[return-value]
+
+
+def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, stats, rng,
+            bn_scales: dict[str, np.ndarray]) -> np.ndarray:
+    method = opts.method
+    if method is Method.SLIM:
+        scales = _bn_scales(grp, g, bn_scales)
+        if scales is not None:
+            return slim_select(scales, keep_n)
+        if opts.slim_fallback == "error":
+            raise OptionError(f"--method slim needs BatchNorm γ, but group '{grp.name}' has no BatchNorm "
+                              "(folded away by the exporter?); pass --slim-fallback l1 or use --method l1")
+        method = Method.L1
+    if method is Method.RANDOM:
+        return random_select(grp.channels, keep_n, rng)
+    if method is Method.L1:
+        return l1_select(_filter_norms(grp, g), keep_n)
+    gram, corr = _contribution_problem(grp, g, stats)
+    if method is Method.THINET:
+        return thinet_select(gram, keep_n)
     return lasso_select(gram, corr, keep_n)
 
 
@@ -179,7 +215,8 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
     check_opset(original)
     work = copy.deepcopy(original)
     constants_to_initializers(work)
-    folded = fold_batchnorm(work)
+    bn_scales: dict[str, np.ndarray] = {}
+    folded = fold_batchnorm(work, bn_scales)
     if calib is None:
         if opts.needs_data:
             raise OptionError(f"method '{opts.method.value}'{' with reconstruction' if opts.reconstruct else ''} "
@@ -215,7 +252,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
     for grp in _progress(todo, opts.progress, "pruning"):
         keep_n = widths[grp.index]
         stats = sampler.stats(g, grp.consumers, kept_outputs) if sampler else None
-        keep = _select(grp, keep_n, opts, g, stats, rng)
+        keep = _select(grp, keep_n, opts, g, stats, rng, bn_scales)
         k_of = [handler_for(c.node).weight_matrix(c.node, g).shape[1] // grp.channels  # type: ignore[attr-defined]
                 if opts.reconstruct else 1 for c in grp.consumers]
         prune_group(g, grp, keep)

@@ -1,0 +1,68 @@
+"""ThiNet, Network Slimming, and the architecture export."""
+
+import numpy as np
+import pytest
+from conftest import check_pruned
+from graphs import Builder, calib_for, tiny_resnet, tiny_vgg
+
+import onnxprune
+from onnxprune.arch import architecture, exporter_name
+from onnxprune.errors import OptionError
+from onnxprune.select import contribution_problem, thinet_select
+from onnxprune.stats import LayerStats
+
+
+def test_thinet_removes_the_least_contributing_channels():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 8))
+    w = rng.normal(size=(5, 8))
+    w[:, 2] = 0.0           # channel 2 contributes nothing
+    w[:, 6] *= 0.01         # channel 6 contributes almost nothing
+    w[:, 4] *= 0.1          # channel 4 little
+    st = LayerStats(8, 5)
+    st.add(x, x @ w.T, np.arange(3000) % 2)
+    xtx, xty, _, _ = st.total()
+    gram, _ = contribution_problem(xtx[:-1, :-1], xty[:-1], w, 8)
+    assert set(thinet_select(gram, 5)) == {0, 1, 3, 5, 7}
+
+
+@pytest.mark.parametrize("method", ["thinet", "slim", "lasso", "l1", "random"])
+@pytest.mark.parametrize("build", [tiny_vgg, tiny_resnet])
+def test_every_method_gives_a_valid_model(method, build):
+    model = build()
+    x = calib_for(model, 100)
+    kwargs = {"slim_fallback": "l1"} if method == "slim" else {}
+    result = onnxprune.prune(model, x, speedup=1.8, method=method, measure_latency=False, **kwargs)
+    assert result.report.totals.macs_speedup >= 1.8
+    check_pruned(result.model, model, x[:20], max_rel_err=2.0)
+
+
+def test_slim_uses_bn_gamma_and_refuses_without_bn():
+    b = Builder()
+    x = b.node("Relu", [b.bn(b.conv("input", 3, 6, bias=False), 6)])
+    model = b.build(b.conv(x, 6, 4))
+    gamma = next(t for t in model.graph.initializer if t.name == model.graph.node[1].input[1])
+    gamma.CopyFrom(onnxprune_tensor(np.array([0.1, 5, 0.2, 4, 3, 0.3], np.float32), gamma.name))
+    result = onnxprune.prune(model, calib_for(model, 40), speedup=1.9, method="slim", reconstruct=False,
+                             measure_latency=False)
+    assert result.report.groups[0].channels_after == 3
+    w = [t for t in result.model.graph.initializer if len(t.dims) == 4]
+    assert sorted(int(t.dims[0]) for t in w) == [3, 4]
+    with pytest.raises(OptionError, match="slim-fallback"):
+        onnxprune.prune(tiny_vgg(), calib_for(tiny_vgg(), 40), speedup=1.5, method="slim", measure_latency=False)
+
+
+def onnxprune_tensor(arr, name):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(arr, name)
+
+
+def test_architecture_export_lists_pruned_widths():
+    model = tiny_vgg()
+    result = onnxprune.prune(model, calib_for(model, 80), speedup=2.0, measure_latency=False)
+    arch = architecture(result.report)
+    convs = [layer for layer in arch["layers"] if layer["op_type"] == "Conv"]
+    assert any(layer["out_channels"] < layer["original_out_channels"] for layer in convs)
+    assert exporter_name("/layer1/layer1.0/conv1/Conv") == "conv1"
+    assert exporter_name("features_0") == "features_0"
