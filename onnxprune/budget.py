@@ -29,17 +29,23 @@ class CostModel:
 
     entries: list[CostEntry]
     channels: dict[int, int]
+    composition: dict[int, list[tuple[int, int]]]  # group -> (owner group, channels of it held)
 
     @property
     def total(self) -> int:
         return sum(e.macs for e in self.entries)
+
+    def fraction(self, group: int, widths: dict[int, int]) -> float:
+        """Share of ``group``'s channels left when each owner keeps ``widths[owner]``."""
+        kept = sum(n * widths.get(o, self.channels[o]) / self.channels[o] for o, n in self.composition[group])
+        return kept / self.channels[group]
 
     def macs(self, widths: dict[int, int]) -> float:
         total = 0.0
         for e in self.entries:
             f = 1.0
             for gi in e.groups:
-                f *= widths.get(gi, self.channels[gi]) / self.channels[gi]
+                f *= self.fraction(gi, widths)
             total += e.macs * f
         return total
 
@@ -57,7 +63,14 @@ def build_cost_model(g: GraphView, groups: list[ChannelGroup]) -> CostModel:
         tensors = rule.cost_tensors() if rule else []
         gis = tuple(dict.fromkeys(where[t] for t in tensors if t in where))
         entries.append(CostEntry(node.name or node.output[0], node.op_type, macs, gis))
-    return CostModel(entries, {grp.index: max(grp.channels, 1) for grp in groups})
+    owner_of = {int(a): grp.index for grp in groups if grp.owner for a in grp.atoms}
+    composition = {}
+    for grp in groups:
+        counts: dict[int, int] = {}
+        for a in grp.atoms:
+            counts[owner_of[int(a)]] = counts.get(owner_of[int(a)], 0) + 1
+        composition[grp.index] = list(counts.items()) or [(grp.index, max(grp.channels, 1))]
+    return CostModel(entries, {grp.index: max(grp.channels, 1) for grp in groups}, composition)
 
 
 def count_params(g: GraphView) -> int:

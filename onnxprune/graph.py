@@ -1,9 +1,12 @@
 """Channel-dependency analysis: which tensors' channel axes are coupled, and through which ops.
 
-The graph is split into *channel groups*. A group is one set of channels shared by several
+The graph is split into *channel groups*. A group is one list of channels shared by several
 tensors: the outputs of its producers (Conv, Gemm), everything the channels flow through
 (BN, activations, pooling, residual Add, Flatten…) and the inputs its consumers reduce over.
-Pruning a channel of a group removes it from every member at once.
+
+Every channel is an *atom* owned by the group whose layers produce it. A group made by a Concat
+holds the atoms of its parts; a Split output holds a range of its input's atoms. Pruning an
+owner's atoms removes them from every group that holds them (its *sites*).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from .graphview import GraphView
@@ -30,7 +34,7 @@ class Consumer:
 
 @dataclass
 class ChannelGroup:
-    """One set of coupled channels and every node that must change when it is pruned."""
+    """One list of coupled channels and every node that must change when one is pruned."""
 
     index: int
     channels: int
@@ -39,6 +43,10 @@ class ChannelGroup:
     consumers: list[Consumer] = field(default_factory=list)
     throughs: list[onnx.NodeProto] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
+    atoms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    owner: bool = False  # its atoms are its own (it has producers), not another group's
+    derived_from: str = ""  # 'Concat …' / 'Split …' when its atoms come from other groups
+    sites: list["ChannelGroup"] = field(default_factory=list)  # groups holding its atoms (owners)
 
     @property
     def name(self) -> str:
@@ -51,17 +59,26 @@ class ChannelGroup:
         return len(self.producers) > 1
 
     @property
+    def all_consumers(self) -> list[Consumer]:
+        return [c for site in (self.sites or [self]) for c in site.consumers]
+
+    @property
     def prunable(self) -> bool:
         return not self.reason
 
     @property
     def reason(self) -> str:
-        """Why the group cannot be pruned ('' when it can)."""
-        if self.blocked:
-            return "; ".join(sorted(set(self.blocked))[:3])
+        """Why the group's own channels cannot be pruned ('' when they can)."""
+        if not self.owner:
+            return f"channels come from other groups ({self.derived_from})" if self.derived_from else \
+                "no layer produces these channels"
+        for site in self.sites or [self]:
+            if site.blocked:
+                where = "" if site is self else f" (where they flow into '{site.tensors[0]}')"
+                return "; ".join(sorted(set(site.blocked))[:3]) + where
         if not self.producers:
             return "no layer produces these channels"
-        if not self.consumers:
+        if not self.all_consumers:
             return "no layer consumes these channels"
         if self.channels < 2:
             return "a single channel"
@@ -101,11 +118,10 @@ def _rule(node: onnx.NodeProto, g: GraphView) -> ChannelRule | None:
         return None
 
 
-def find_groups(g: GraphView) -> list[ChannelGroup]:
-    """Split the graph's channel axes into groups, in graph order of their first tensor."""
-    spaces = _Spaces()
+def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[str]]]:
+    """Apply every node's rule: tie tensors, and record barriers."""
     blocked: dict[str, list[str]] = {}
-    rules: list[tuple[onnx.NodeProto, ChannelRule | None]] = []
+    rules = []
 
     def block(t: str, why: str) -> None:
         spaces.add(t)
@@ -126,6 +142,10 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
             spaces.block[b] = spaces.block.get(a, 1) * rule.blocks.get(b, 1)
             spaces.union(a, b)
             covered |= {a, b}
+        for ins, out in rule.joins:
+            covered |= set(ins) | {out}
+        for inp, outs in rule.slices:
+            covered |= {inp} | set(outs)
         for t in covered:
             spaces.add(t)
         for t in acts:
@@ -135,15 +155,19 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
         block(t, "model input")
     for t in g.graph_outputs:
         block(t, "model output")
+    return rules, blocked
 
+
+def find_groups(g: GraphView) -> list[ChannelGroup]:
+    """Split the graph's channel axes into groups, in graph order of their first tensor."""
+    spaces = _Spaces()
+    rules, blocked = _link_spaces(g, spaces)
     groups: dict[str, ChannelGroup] = {}
-    order: list[str] = []
 
     def group_of(t: str) -> ChannelGroup:
         root = spaces.find(t)
         if root not in groups:
-            groups[root] = ChannelGroup(index=len(order), channels=0, tensors=[])
-            order.append(root)
+            groups[root] = ChannelGroup(index=len(groups), channels=0, tensors=[])
         return groups[root]
 
     for t in spaces.parent:
@@ -155,6 +179,7 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
             if grp.channels and grp.channels != ch:
                 grp.blocked.append(f"channel counts disagree at '{t}'")
             grp.channels = ch
+    derived: dict[int, tuple[str, list[tuple[ChannelGroup, int, int]]]] = {}
     for node, rule in rules:
         if rule is None:
             continue
@@ -171,14 +196,69 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
             if id(grp) not in seen:
                 grp.throughs.append(node)
                 seen.add(id(grp))
-    result = [groups[r] for r in order]
-    for i, grp in enumerate(result):
-        grp.index = i
+        label = f"{node.op_type} '{node.name or node.output[0]}'"
+        for ins, out in rule.joins:
+            parts = [(group_of(i), 0, g.channels(i) or 0) for i in ins]
+            _define(derived, group_of(out), label, parts, spaces, ins + [out])
+        for inp, outs in rule.slices:
+            group_of(inp).throughs.append(node)
+            offset = 0
+            for o in outs:
+                size = g.channels(o) or 0
+                _define(derived, group_of(o), label, [(group_of(inp), offset, size)], spaces, [inp, o])
+                offset += size
+    result = sorted(groups.values(), key=lambda grp: grp.index)
+    _assign_atoms(result, derived)
+    for grp in result:
         if grp.channels == 0 and not grp.blocked:
             grp.blocked.append("channel count unknown")
     return result
 
 
-def cost_spaces(g: GraphView, groups: list[ChannelGroup]) -> dict[str, int]:
-    """Map each tensor name to the index of its group."""
-    return {t: grp.index for grp in groups for t in grp.tensors}
+def _define(derived, grp: ChannelGroup, label: str, parts, spaces: _Spaces, tensors: list[str]) -> None:
+    """Record that ``grp``'s channels are ``parts`` (group, offset, length) of other groups."""
+    if any(spaces.block.get(t, 1) != 1 for t in tensors):
+        grp.blocked.append(f"{label} joins flattened tensors")
+    if grp.index in derived:
+        grp.blocked.append(f"{label} redefines channels already defined by {derived[grp.index][0]}")
+        return
+    derived[grp.index] = (label, parts)
+
+
+def _assign_atoms(groups: list[ChannelGroup], derived) -> None:
+    """Give each group its atoms: fresh ones for owners, the parts' for Concat/Split outputs."""
+    counter = [0]
+    done: dict[int, np.ndarray] = {}
+
+    def atoms(grp: ChannelGroup, depth: int = 0) -> np.ndarray:
+        if grp.index in done:
+            return done[grp.index]
+        if grp.index in derived and depth < 10_000:
+            label, parts = derived[grp.index]
+            grp.derived_from = label
+            pieces = []
+            for part, offset, length in parts:
+                a = atoms(part, depth + 1)
+                pieces.append(a[offset:offset + length] if part is not grp else a)
+            result = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+            if len(result) != grp.channels:
+                grp.blocked.append(f"{label}: channel counts do not add up")
+            if grp.producers:
+                grp.blocked.append(f"{label} output is also produced by a layer")
+        else:
+            result = np.arange(counter[0], counter[0] + grp.channels, dtype=np.int64)
+            counter[0] += grp.channels
+            grp.owner = True
+        done[grp.index] = result
+        grp.atoms = result
+        return result
+
+    for grp in groups:
+        atoms(grp)
+    owner_of = np.empty(counter[0], dtype=np.int64)
+    for grp in groups:
+        if grp.owner:
+            owner_of[grp.atoms] = grp.index
+    for grp in groups:
+        for owner in dict.fromkeys(owner_of[grp.atoms].tolist()):
+            groups[owner].sites.append(grp)

@@ -111,13 +111,13 @@ def _candidates(groups: list[ChannelGroup], g: GraphView, opts: PruneOptions
         if not reason and grp.coupled and not opts.prune_coupled:
             reason = "channels coupled across branches (residual join); block outputs keep their width"
         if not reason and opts.needs_data:
-            for c in grp.consumers:
+            for c in grp.all_consumers:
                 h = handler_for(c.node)
                 if not isinstance(h, LinearHandler) or not h.reconstructable(c.node, g):
                     reason = f"consumer {c.node.op_type} '{c.node.name}' cannot be sampled"
                     break
         if reason:
-            if grp.channels > 1 and (grp.producers or grp.consumers):
+            if grp.owner and grp.channels > 1 and grp.producers:
                 skipped.append((grp.name, reason))
         else:
             chosen.append(grp)
@@ -150,25 +150,34 @@ def _bn_scales(grp: ChannelGroup, g: GraphView, folded: dict[str, np.ndarray]) -
     return total if found else None
 
 
-def _contribution_problem(grp: ChannelGroup, g: GraphView, stats) -> tuple[np.ndarray, np.ndarray]:
-    """Gram matrix and correlations of the channels' contributions, summed over the consumers
-    (each consumer normalised by its target energy so all weigh alike)."""
-    gram = corr = 0.0
-    for c, st in zip(grp.consumers, stats):
-        h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-        w = h.weight_matrix(c.node, g)
-        b = h.bias(c.node, g)
-        b = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
-        xtx, xty, yy, n = st.total()
-        d = st.dim
-        xt_target = xty[:d] - np.outer(xtx[:d, d], b)
-        energy = max(yy.sum() - 2 * b @ xty[d] + n * b @ b, 1e-30)
-        gr, co = contribution_problem(xtx[:d, :d], xt_target, w, grp.channels)
-        gram, corr = gram + gr / energy, corr + co / energy
-    return gram, corr  # type: ignore[return-value]
+def _contribution_problem(sites: list["_Site"], g: GraphView, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gram matrix and correlations of the unit's channel contributions, summed over every
+    consumer of every site (each normalised by its target energy so all weigh alike).
+
+    Where a consumer also reads other groups' channels (after a Concat), those stay fixed: the
+    target of the unit's channels is the output minus the others' contributions.
+    """
+    gram, corr = np.zeros((channels, channels)), np.zeros(channels)
+    for site in sites:
+        at = site.unit_channels
+        for c, st in zip(site.group.consumers, site.stats):
+            h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
+            w = h.weight_matrix(c.node, g)
+            b = h.bias(c.node, g)
+            b = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
+            xtx, xty, yy, n = st.total()
+            d = st.dim
+            xt_target = xty[:d] - np.outer(xtx[:d, d], b)
+            energy = max(yy.sum() - 2 * b @ xty[d] + n * b @ b, 1e-30)
+            gr, co = contribution_problem(xtx[:d, :d], xt_target, w, site.width)
+            mine, other = site.unit_positions, site.other_positions
+            co = co[mine] - gr[np.ix_(mine, other)].sum(axis=1)
+            gram[np.ix_(at, at)] += gr[np.ix_(mine, mine)] / energy
+            corr[at] += co / energy
+    return gram, corr
 
 
-def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, stats, rng,
+def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, sites: list["_Site"], rng,
             bn_scales: dict[str, np.ndarray]) -> np.ndarray:
     method = opts.method
     if method is Method.SLIM:
@@ -183,7 +192,7 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, st
         return random_select(grp.channels, keep_n, rng)
     if method is Method.L1:
         return l1_select(_filter_norms(grp, g), keep_n)
-    gram, corr = _contribution_problem(grp, g, stats)
+    gram, corr = _contribution_problem(sites, g, grp.channels)
     if method is Method.THINET:
         return thinet_select(gram, keep_n)
     return lasso_select(gram, corr, keep_n)
@@ -239,44 +248,14 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
     widths = uniform_widths(cost, candidates, opts.speedup, opts.round_to)
     topo = {id(n): i for i, n in enumerate(work.graph.node)}
     todo = sorted((grp for grp in candidates if widths[grp.index] < grp.channels),
-                  key=lambda grp: min(topo[id(c.node)] for c in grp.consumers))
+                  key=lambda grp: min(topo[id(c.node)] for c in grp.all_consumers))
     sampler = None
     if opts.needs_data and todo:
-        consumers = [c for grp in todo for c in grp.consumers]
+        consumers = [c for grp in todo for c in grp.all_consumers]
         sampler = Sampler(reference, g, cal, fit_idx, consumers, opts.samples_per_image, opts.seed,
                           residual=opts.residual_target, batch=opts.batch_size)
-    rng = np.random.default_rng(opts.seed)
-    results = []
-    kept_outputs: dict[str, np.ndarray] = {}  # consumer output -> original channels still there
-    group_of_tensor = {t: grp for grp in groups for t in grp.tensors}
-    for grp in _progress(todo, opts.progress, "pruning"):
-        keep_n = widths[grp.index]
-        stats = sampler.stats(g, grp.consumers, kept_outputs) if sampler else None
-        keep = _select(grp, keep_n, opts, g, stats, rng, bn_scales)
-        k_of = [handler_for(c.node).weight_matrix(c.node, g).shape[1] // grp.channels  # type: ignore[attr-defined]
-                if opts.reconstruct else 1 for c in grp.consumers]
-        prune_group(g, grp, keep)
-        for node in grp.producers:
-            kept_outputs[node.output[0]] = keep
-        res = GroupResult(grp.name, grp.channels, len(keep), [c.node.name or c.node.output[0] for c in grp.consumers])
-        if opts.reconstruct and stats:
-            befores, afters = [], []
-            for c, st, k in zip(grp.consumers, stats, k_of):
-                h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-                fit = refit(st, _expand(keep, k), h.weight_matrix(c.node, g), h.bias(c.node, g), h.has_bias)
-                if fit.ridge is None:
-                    res.refit_skipped.append(c.node.name or c.node.output[0])
-                else:
-                    h.set_linear(c.node, fit.weight, fit.bias, g)
-                befores.append(fit.error_before)
-                afters.append(fit.error_after)
-                res.samples_per_unknown = min(res.samples_per_unknown or np.inf, st.n.sum() / (len(keep) * k + 1))
-                res.residual_target |= bool(sampler.targets[c.node.output[0]].residual_other)
-            res.error_before_refit, res.error_after_refit = float(np.mean(befores)), float(np.mean(afters))
-        g.drop_unused_initializers()
-        results.append(res)
-        log.info("%s: %d -> %d channels", grp.name, grp.channels, len(keep))
-    del group_of_tensor
+    pruner = _Pruner(g, groups, opts, sampler, bn_scales)
+    results = [pruner.prune_unit(grp, widths[grp.index]) for grp in _progress(todo, opts.progress, "pruning")]
     pruned = finalize(work)
     try:
         onnx.checker.check_model(pruned, full_check=True)
@@ -285,6 +264,81 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
     report = _report(original, reference, pruned, cal, fit_idx, hold_idx, opts, results, skipped, folded)
     report.seconds = time.perf_counter() - start
     return PruneResult(pruned, report)
+
+
+@dataclass
+class _Site:
+    """One group holding a unit's channels, as it is just before the unit is pruned."""
+
+    group: ChannelGroup
+    width: int  # channels the group has now
+    unit_positions: np.ndarray  # where the unit's channels sit among them
+    unit_channels: np.ndarray  # which of the unit's channels sit there
+    other_positions: np.ndarray
+    stats: list | None = None
+
+
+class _Pruner:
+    """Prunes units (groups owning channels) one at a time: select, rewrite, refit."""
+
+    def __init__(self, g: GraphView, groups: list[ChannelGroup], opts: PruneOptions, sampler: Sampler | None,
+                 bn_scales: dict[str, np.ndarray]):
+        self.g, self.opts, self.sampler, self.bn_scales = g, opts, sampler, bn_scales
+        self.rng = np.random.default_rng(opts.seed)
+        self.current = {grp.index: grp.atoms.copy() for grp in groups}  # atoms each group holds now
+        self.kept_outputs: dict[str, np.ndarray] = {}  # producer output -> original channels still there
+
+    def _sites(self, unit: ChannelGroup) -> list[_Site]:
+        sites = []
+        for grp in unit.sites:
+            now = self.current[grp.index]
+            mine = np.isin(now, unit.atoms)
+            channel_of = {int(a): i for i, a in enumerate(unit.atoms)}
+            unit_channels = np.array([channel_of[int(a)] for a in now[mine]], dtype=np.int64)
+            sites.append(_Site(grp, len(now), np.flatnonzero(mine), unit_channels, np.flatnonzero(~mine)))
+        return sites
+
+    def prune_unit(self, unit: ChannelGroup, keep_n: int) -> GroupResult:
+        g, opts = self.g, self.opts
+        sites = self._sites(unit)
+        if self.sampler:
+            for site in sites:
+                site.stats = self.sampler.stats(g, site.group.consumers, self.kept_outputs) \
+                    if site.group.consumers else []
+        keep = _select(unit, keep_n, opts, g, sites, self.rng, self.bn_scales)
+        removed = np.setdiff1d(unit.atoms, unit.atoms[keep])
+        res = GroupResult(unit.name, unit.channels, len(keep),
+                          [c.node.name or c.node.output[0] for c in unit.all_consumers])
+        befores, afters = [], []
+        for site in sites:
+            now = self.current[site.group.index]
+            site_keep = np.flatnonzero(~np.isin(now, removed))
+            ks = [handler_for(c.node).weight_matrix(c.node, g).shape[1] // site.width  # type: ignore[attr-defined]
+                  for c in site.group.consumers] if opts.reconstruct and site.stats else []
+            prune_group(g, site.group, site_keep, site.width)
+            self.current[site.group.index] = now[site_keep]
+            for c, st, k in zip(site.group.consumers, site.stats or [], ks):
+                fit = self._refit(c, st, _expand(site_keep, k), res)
+                befores.append(fit.error_before)
+                afters.append(fit.error_after)
+        for node in unit.producers:
+            self.kept_outputs[node.output[0]] = keep
+        if befores:
+            res.error_before_refit, res.error_after_refit = float(np.mean(befores)), float(np.mean(afters))
+        g.drop_unused_initializers()
+        log.info("%s: %d -> %d channels", unit.name, unit.channels, len(keep))
+        return res
+
+    def _refit(self, c, st, cols: np.ndarray, res: GroupResult):
+        h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
+        fit = refit(st, cols, h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias)
+        if fit.ridge is None:
+            res.refit_skipped.append(c.node.name or c.node.output[0])
+        else:
+            h.set_linear(c.node, fit.weight, fit.bias, self.g)
+        res.samples_per_unknown = min(res.samples_per_unknown or np.inf, st.n.sum() / (len(cols) + 1))
+        res.residual_target |= bool(self.sampler.targets[c.node.output[0]].residual_other)
+        return fit
 
 
 def _layer_rows(before: onnx.ModelProto, after: onnx.ModelProto, cal: Calibration) -> list[LayerRow]:

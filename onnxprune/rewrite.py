@@ -10,8 +10,9 @@ from .graphview import GraphView
 from .ops import handler_for
 
 
-def prune_group(g: GraphView, group: ChannelGroup, keep: np.ndarray) -> None:
-    """Remove every channel of ``group`` not in ``keep`` from all its producers, throughs, consumers."""
+def prune_group(g: GraphView, group: ChannelGroup, keep: np.ndarray, width: int) -> None:
+    """Keep only channels ``keep`` (of the ``width`` the group has now) in all its producers,
+    throughs and consumers."""
     keep = np.asarray(keep, dtype=np.int64)
     for node in group.producers:
         handler_for(node).prune_output(node, keep, g)
@@ -22,7 +23,7 @@ def prune_group(g: GraphView, group: ChannelGroup, keep: np.ndarray) -> None:
     for t in group.tensors:
         shape = g.shapes.get(t)
         if shape is not None and len(shape) >= 2:
-            per_channel = shape[1] // group.channels if group.channels else 1
+            per_channel = shape[1] // width if width else 1
             g.shapes[t] = (shape[0], len(keep) * per_channel, *shape[2:])
 
 

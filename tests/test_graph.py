@@ -116,3 +116,42 @@ def test_registry_covers_the_issue_ops():
     assert {"Conv", "Gemm", "MatMul", "BatchNormalization", "Relu", "Clip", "HardSwish", "Add", "Mul",
             "MaxPool", "GlobalAveragePool", "Flatten", "Resize", "Pad", "ReduceMean"} <= ops
     assert "Transpose" not in ops and "Reshape" not in ops
+
+
+def concat_split_model():
+    """conv a, conv b -> Concat -> conv c ; conv d -> Split(4, 4) -> two convs -> Add."""
+    b = Builder()
+    xa = b.node("Relu", [b.conv("input", 3, 6)])
+    xb = b.node("Relu", [b.conv("input", 3, 4)])
+    cat = b.node("Concat", [xa, xb], axis=1)
+    xc = b.node("Relu", [b.conv(cat, 10, 8)])
+    s0, s1 = b.node("Split", [xc, b.const(np.array([5, 3], np.int64))], n_out=2, axis=1)
+    y0 = b.conv(s0, 5, 4)
+    y1 = b.conv(s1, 3, 4)
+    return b.build(b.node("Add", [y0, y1]))
+
+
+def test_concat_parts_are_pruned_through_the_concat():
+    g, groups = analyse(concat_split_model())
+    owners = [grp for grp in groups if grp.owner and grp.prunable]
+    assert sorted(grp.channels for grp in owners) == [4, 6, 8]
+    six = next(grp for grp in owners if grp.channels == 6)
+    assert len(six.sites) == 2  # its own tensors and the Concat output
+    cat = next(s for s in six.sites if s is not six)
+    assert cat.derived_from.startswith("Concat") and len(cat.atoms) == 10
+    eight = next(grp for grp in owners if grp.channels == 8)
+    assert len(eight.sites) == 3  # conv output and both Split outputs
+
+
+def test_concat_split_prune_to_valid_models():
+    import onnxprune
+    from conftest import check_pruned
+    from graphs import calib_for
+
+    model = concat_split_model()
+    x = calib_for(model, 150)
+    for method in ("lasso", "l1"):
+        result = onnxprune.prune(model, x, speedup=1.6, method=method, measure_latency=False)
+        assert result.report.totals.macs_speedup >= 1.6
+        assert len(result.report.groups) == 3
+        check_pruned(result.model, model, x[:30], max_rel_err=1.0)

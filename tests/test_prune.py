@@ -105,3 +105,12 @@ def test_bad_options_are_rejected_up_front(opts, msg):
 def test_reconstruction_needs_data():
     with pytest.raises(OptionError, match="calibration data"):
         onnxprune.prune(tiny_vgg(), None, speedup=2.0)
+
+
+def test_coupled_residual_channels_can_be_pruned_together():
+    model = tiny_resnet()
+    x = calib_for(model, 200)
+    result = onnxprune.prune(model, x, speedup=2.0, prune_coupled=True, measure_latency=False)
+    coupled = [grp for grp in result.report.groups if "+" in grp.name]
+    assert coupled and all(grp.channels_after < grp.channels_before for grp in coupled)
+    check_pruned(result.model, model, calib_for(model, 40, seed=5), max_rel_err=0.5)

@@ -27,7 +27,10 @@ class ChannelRule:
     blocks: tensors where one channel spans several consecutive entries of axis 1
         (a flattened ``C×H×W`` tensor has ``H·W`` per channel).
     scales: tensors whose channel fraction scales this node's MACs (default: consumes + produces).
-    reason: why the rule is partial, when it leaves some activation tensors out.
+    joins: (inputs, output) pairs where the output's channels are the inputs' channels in order
+        (Concat on the channel axis).
+    slices: (input, outputs) pairs where the outputs are consecutive ranges of the input's
+        channels (Split on the channel axis).
     """
 
     ties: list[tuple[str, str]] = field(default_factory=list)
@@ -35,7 +38,8 @@ class ChannelRule:
     consumes: list[str] = field(default_factory=list)
     blocks: dict[str, int] = field(default_factory=dict)
     scales: list[str] | None = None
-    reason: str = ""
+    joins: list[tuple[list[str], str]] = field(default_factory=list)
+    slices: list[tuple[str, list[str]]] = field(default_factory=list)
 
     def cost_tensors(self) -> list[str]:
         return self.scales if self.scales is not None else self.consumes + self.produces

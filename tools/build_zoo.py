@@ -1,0 +1,730 @@
+"""Export a zoo of CNN architectures (random weights) to ONNX for testing the pruner's graph analysis.
+
+    python tools/build_zoo.py --out /tmp/zoo
+    python tools/build_zoo.py --out /tmp/zoo --only resnet18 yolov8n --opsets 17
+
+Writes ``OUT/<name>_op<opset>.onnx`` for every selected model and opset, then for each file
+runs ``onnx.checker.check_model(full_check=True)``, one onnxruntime inference and a comparison
+with the PyTorch output, and prints a table: name, opset, parameters, file size, node count,
+export time, max |onnx - torch| and the set of ONNX op types in the graph.
+
+The architectures are written here in plain PyTorch (no torchvision), one small ``nn.Module``
+per block type, and listed in ``ZOO`` (name -> spec):
+
+    resnet18, resnet50      torchvision layouts and widths (BasicBlock / Bottleneck, 1000 classes)
+    vgg16_bn                true widths, 4096-wide classifier (~138 M parameters, ~530 MB file)
+    mobilenet_v2            inverted residuals, depthwise convs, ReLU6 (-> Clip)
+    mobilenet_v3_small      SE blocks (GAP -> Conv -> ReLU -> Conv -> HardSigmoid -> Mul), hard-swish
+    efficientnet_b0         MBConv with SE (SiLU / Sigmoid gate), depthwise convs
+    densenet_small          pre-activation dense blocks (BN-ReLU-Conv), chained channel Concats,
+                            transitions (BN-ReLU-1x1 conv-AvgPool); growth 16, blocks (4, 6, 8)
+    unet_small              encoder double-convs + MaxPool, ConvTranspose upsampling, Concat skips,
+                            one output channel per class; base width 16
+    yolov8n                 Conv(Conv2d+BN+SiLU), C2f (chunk -> bottlenecks -> Concat), SPPF,
+                            nearest-Upsample + Concat neck, 3-scale head with separate box / class
+                            branches, six raw outputs (box_p3, cls_p3, box_p4, cls_p4, box_p5, cls_p5);
+                            C2f halves with chunk (-> Shape/Gather/Div/Slice in ONNX)
+    yolov8n_split           the same net, C2f halves with split((c, c), 1) (-> one Split node)
+
+Export: legacy TorchScript exporter (``dynamo=False``), eval mode, constant folding on (so a
+BatchNorm that directly follows a Conv is folded into it; pre-activation BNs, as in DenseNet,
+stay as BatchNormalization nodes), input named ``input``, dynamic batch axis, and dynamic
+height / width for the fully convolutional nets (unet_small, yolov8n).
+
+Weights are random but deterministic (seed 0). BatchNorm affine parameters are randomised and the
+running statistics are set by one training-mode forward pass on random data, so that the folded
+weights are non-trivial and activations stay at a sane scale in deep nets.
+
+Verification runs onnxruntime on a batch of 2 (the export traces batch 1), and for the fully
+convolutional nets on a non-square input, so that the dynamic axes are exercised too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SEED = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Shared blocks
+# --------------------------------------------------------------------------------------------
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round channels to a multiple of ``divisor`` (the MobileNet / EfficientNet rule)."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+class ConvBNAct(nn.Module):
+    """Conv2d -> BatchNorm2d -> optional activation; 'same' padding for odd kernels."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1,
+                 act: Callable[[], nn.Module] | None = nn.ReLU, bias: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=bias)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = act() if act is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+# --------------------------------------------------------------------------------------------
+# ResNet
+# --------------------------------------------------------------------------------------------
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: 3x3 -> 3x3, identity or 1x1-strided projection shortcut."""
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int = 1):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = ConvBNAct(cin, width, 3, stride)
+        self.conv2 = ConvBNAct(width, cout, 3, 1, act=None)
+        self.downsample = (ConvBNAct(cin, cout, 1, stride, act=None)
+                           if stride != 1 or cin != cout else nn.Identity())
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.conv1(x)) + self.downsample(x))
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck: 1x1 -> 3x3 (strided) -> 1x1 (x4), projection shortcut when needed."""
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int = 1):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = ConvBNAct(cin, width, 1)
+        self.conv2 = ConvBNAct(width, width, 3, stride)
+        self.conv3 = ConvBNAct(width, cout, 1, act=None)
+        self.downsample = (ConvBNAct(cin, cout, 1, stride, act=None)
+                           if stride != 1 or cin != cout else nn.Identity())
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv3(self.conv2(self.conv1(x))) + self.downsample(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, block: type, layers: list[int], num_classes: int = 1000):
+        super().__init__()
+        self.stem = ConvBNAct(3, 64, 7, 2)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages, cin = [], 64
+        for i, (width, n) in enumerate(zip((64, 128, 256, 512), layers)):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, width, 2 if (j == 0 and i > 0) else 1))
+                cin = width * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layers = nn.Sequential(*stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.maxpool(self.stem(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18() -> nn.Module:
+    return ResNet(BasicBlock, [2, 2, 2, 2])
+
+
+def resnet50() -> nn.Module:
+    return ResNet(Bottleneck, [3, 4, 6, 3])
+
+
+# --------------------------------------------------------------------------------------------
+# VGG
+# --------------------------------------------------------------------------------------------
+
+class VGG(nn.Module):
+    """VGG with BatchNorm (convs keep their bias, as in torchvision); 'M' is a 2x2 max-pool."""
+
+    def __init__(self, cfg: list, num_classes: int = 1000):
+        super().__init__()
+        layers, cin = [], 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers.append(ConvBNAct(cin, v, 3, bias=True))
+                cin = v
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(7)
+        self.classifier = nn.Sequential(
+            nn.Linear(cin * 7 * 7, 4096), nn.ReLU(), nn.Dropout(),
+            nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(),
+            nn.Linear(4096, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def vgg16_bn() -> nn.Module:
+    return VGG([64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+                512, 512, 512, "M", 512, 512, 512, "M"])
+
+
+# --------------------------------------------------------------------------------------------
+# MobileNetV2
+# --------------------------------------------------------------------------------------------
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand (ReLU6) -> 3x3 depthwise (ReLU6) -> 1x1 linear projection."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers = [] if expand == 1 else [ConvBNAct(cin, hidden, 1, act=nn.ReLU6)]
+        layers += [ConvBNAct(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6),
+                   ConvBNAct(hidden, cout, 1, act=None)]
+        self.block = nn.Sequential(*layers)
+        self.use_res = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = self.block(x)
+        return x + y if self.use_res else y
+
+
+class MobileNetV2(nn.Module):
+    CFG = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+           (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]  # (expand t, channels c, repeats n, stride s)
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        layers, cin = [ConvBNAct(3, 32, 3, 2, act=nn.ReLU6)], 32
+        for t, c, n, s in self.CFG:
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        layers.append(ConvBNAct(cin, 1280, 1, act=nn.ReLU6))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+# --------------------------------------------------------------------------------------------
+# MobileNetV3-small
+# --------------------------------------------------------------------------------------------
+
+class SqueezeExcite(nn.Module):
+    """GAP -> 1x1 conv -> act -> 1x1 conv -> gate -> channel-wise Mul with the input."""
+
+    def __init__(self, channels: int, squeeze: int, act: Callable[[], nn.Module] = nn.ReLU,
+                 gate: Callable[[], nn.Module] = nn.Hardsigmoid):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.act = act()
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.gate = gate()
+
+    def forward(self, x):
+        return x * self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
+
+
+class MobileNetV3Block(nn.Module):
+    """Optional 1x1 expand -> kxk depthwise -> optional SE -> 1x1 linear projection (+ residual)."""
+
+    def __init__(self, cin: int, k: int, hidden: int, cout: int, use_se: bool, act: str, stride: int):
+        super().__init__()
+        act_layer = nn.Hardswish if act == "HS" else nn.ReLU
+        layers = [] if hidden == cin else [ConvBNAct(cin, hidden, 1, act=act_layer)]
+        layers.append(ConvBNAct(hidden, hidden, k, stride, groups=hidden, act=act_layer))
+        if use_se:
+            layers.append(SqueezeExcite(hidden, make_divisible(hidden // 4)))
+        layers.append(ConvBNAct(hidden, cout, 1, act=None))
+        self.block = nn.Sequential(*layers)
+        self.use_res = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = self.block(x)
+        return x + y if self.use_res else y
+
+
+class MobileNetV3Small(nn.Module):
+    CFG = [  # (in, kernel, expanded, out, SE, activation, stride) as in torchvision
+        (16, 3, 16, 16, True, "RE", 2), (16, 3, 72, 24, False, "RE", 2),
+        (24, 3, 88, 24, False, "RE", 1), (24, 5, 96, 40, True, "HS", 2),
+        (40, 5, 240, 40, True, "HS", 1), (40, 5, 240, 40, True, "HS", 1),
+        (40, 5, 120, 48, True, "HS", 1), (48, 5, 144, 48, True, "HS", 1),
+        (48, 5, 288, 96, True, "HS", 2), (96, 5, 576, 96, True, "HS", 1),
+        (96, 5, 576, 96, True, "HS", 1)]
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        layers = [ConvBNAct(3, 16, 3, 2, act=nn.Hardswish)]
+        layers += [MobileNetV3Block(*cfg) for cfg in self.CFG]
+        layers.append(ConvBNAct(96, 576, 1, act=nn.Hardswish))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(576, 1024), nn.Hardswish(), nn.Dropout(0.2),
+                                        nn.Linear(1024, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+# --------------------------------------------------------------------------------------------
+# EfficientNet-B0
+# --------------------------------------------------------------------------------------------
+
+class MBConv(nn.Module):
+    """EfficientNet MBConv: 1x1 expand (SiLU) -> kxk depthwise (SiLU) -> SE (SiLU / Sigmoid)
+    -> 1x1 linear projection (+ residual; stochastic depth is a no-op in eval)."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers = [] if expand == 1 else [ConvBNAct(cin, hidden, 1, act=nn.SiLU)]
+        layers += [ConvBNAct(hidden, hidden, k, stride, groups=hidden, act=nn.SiLU),
+                   SqueezeExcite(hidden, max(1, cin // 4), act=nn.SiLU, gate=nn.Sigmoid),
+                   ConvBNAct(hidden, cout, 1, act=None)]
+        self.block = nn.Sequential(*layers)
+        self.use_res = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = self.block(x)
+        return x + y if self.use_res else y
+
+
+class EfficientNetB0(nn.Module):
+    CFG = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+           (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]  # (expand, k, stride, out, repeats)
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        layers, cin = [ConvBNAct(3, 32, 3, 2, act=nn.SiLU)], 32
+        for e, k, s, c, n in self.CFG:
+            for i in range(n):
+                layers.append(MBConv(cin, c, k, s if i == 0 else 1, e))
+                cin = c
+        layers.append(ConvBNAct(cin, 1280, 1, act=nn.SiLU))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+# --------------------------------------------------------------------------------------------
+# DenseNet (small)
+# --------------------------------------------------------------------------------------------
+
+class DenseLayer(nn.Module):
+    """Pre-activation bottleneck: BN-ReLU-1x1 conv (bn_size*growth) -> BN-ReLU-3x3 conv (growth)."""
+
+    def __init__(self, cin: int, growth: int, bn_size: int = 4):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, bn_size * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth)
+        self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        x = self.conv1(F.relu(self.norm1(x)))
+        return self.conv2(F.relu(self.norm2(x)))
+
+
+class DenseBlock(nn.Module):
+    """Each layer sees everything so far; its output is appended with a channel Concat (a chain)."""
+
+    def __init__(self, cin: int, n: int, growth: int):
+        super().__init__()
+        self.layers = nn.ModuleList(DenseLayer(cin + i * growth, growth) for i in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], 1)
+        return x
+
+
+class Transition(nn.Module):
+    """BN-ReLU-1x1 conv (compression) -> 2x2 average pool."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+        self.pool = nn.AvgPool2d(2, 2)
+
+    def forward(self, x):
+        return self.pool(self.conv(F.relu(self.norm(x))))
+
+
+class DenseNet(nn.Module):
+    def __init__(self, blocks=(4, 6, 8), growth: int = 16, init: int = 32, num_classes: int = 1000):
+        super().__init__()
+        layers, c = [ConvBNAct(3, init, 7, 2), nn.MaxPool2d(3, 2, 1)], init
+        for i, n in enumerate(blocks):
+            layers.append(DenseBlock(c, n, growth))
+            c += n * growth
+            if i != len(blocks) - 1:
+                layers.append(Transition(c, c // 2))
+                c //= 2
+        layers += [nn.BatchNorm2d(c), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+# --------------------------------------------------------------------------------------------
+# U-Net (small)
+# --------------------------------------------------------------------------------------------
+
+class DoubleConv(nn.Module):
+    """(3x3 conv -> BN -> ReLU) x 2."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.block = nn.Sequential(ConvBNAct(cin, cout, 3), ConvBNAct(cout, cout, 3))
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class UpBlock(nn.Module):
+    """2x2 stride-2 ConvTranspose (halves channels) -> Concat with the skip -> DoubleConv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cin // 2, 2, 2)
+        self.conv = DoubleConv(cin // 2 + cout, cout)
+
+    def forward(self, x, skip):
+        return self.conv(torch.cat([skip, self.up(x)], 1))
+
+
+class UNet(nn.Module):
+    def __init__(self, base: int = 16, depth: int = 4, num_classes: int = 3):
+        super().__init__()
+        widths = [base * 2 ** i for i in range(depth + 1)]
+        self.inc = DoubleConv(3, widths[0])
+        self.down = nn.ModuleList(DoubleConv(widths[i], widths[i + 1]) for i in range(depth))
+        self.pool = nn.MaxPool2d(2, 2)
+        self.up = nn.ModuleList(UpBlock(widths[i + 1], widths[i]) for i in reversed(range(depth)))
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward(self, x):
+        skips = [self.inc(x)]
+        for down in self.down:
+            skips.append(down(self.pool(skips[-1])))
+        x = skips.pop()
+        for up in self.up:
+            x = up(x, skips.pop())
+        return self.head(x)
+
+
+# --------------------------------------------------------------------------------------------
+# YOLOv8n (ultralytics layout, n scale: depth 0.33, width 0.25)
+# --------------------------------------------------------------------------------------------
+
+class YoloConv(nn.Module):
+    """Ultralytics ``Conv``: Conv2d (no bias) -> BN -> SiLU."""
+
+    def __init__(self, cin: int, cout: int, k: int = 1, s: int = 1):
+        super().__init__()
+        self.block = ConvBNAct(cin, cout, k, s, act=nn.SiLU)
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class YoloBottleneck(nn.Module):
+    """3x3 Conv -> 3x3 Conv, optional residual add."""
+
+    def __init__(self, c: int, shortcut: bool):
+        super().__init__()
+        self.cv1 = YoloConv(c, c, 3)
+        self.cv2 = YoloConv(c, c, 3)
+        self.add = shortcut
+
+    def forward(self, x):
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C2f(nn.Module):
+    """1x1 Conv -> two halves -> each bottleneck appends to the list -> Concat -> 1x1 Conv.
+
+    ``split=False`` halves with ``chunk(2, 1)`` as ultralytics' ``forward`` does; the legacy exporter
+    turns that into Shape -> Gather -> Add -> Div -> Mul -> Slice (x2), even for static channels.
+    ``split=True`` uses ``split((c, c), 1)`` (ultralytics' ``forward_split``) -> a single Split node.
+    """
+
+    def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = False, split: bool = False):
+        super().__init__()
+        self.c = cout // 2
+        self.split = split
+        self.cv1 = YoloConv(cin, 2 * self.c, 1)
+        self.cv2 = YoloConv((2 + n) * self.c, cout, 1)
+        self.m = nn.ModuleList(YoloBottleneck(self.c, shortcut) for _ in range(n))
+
+    def forward(self, x):
+        y = self.cv1(x)
+        y = list(y.split((self.c, self.c), 1) if self.split else y.chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class SPPF(nn.Module):
+    """1x1 Conv -> three chained 5x5 stride-1 MaxPools -> Concat of all four -> 1x1 Conv."""
+
+    def __init__(self, cin: int, cout: int, k: int = 5):
+        super().__init__()
+        c = cin // 2
+        self.cv1 = YoloConv(cin, c, 1)
+        self.cv2 = YoloConv(4 * c, cout, 1)
+        self.m = nn.MaxPool2d(k, 1, k // 2)
+
+    def forward(self, x):
+        y = [self.cv1(x)]
+        y.extend(self.m(y[-1]) for _ in range(3))
+        return self.cv2(torch.cat(y, 1))
+
+
+class DetectHead(nn.Module):
+    """Per scale: box branch (Conv, Conv, 1x1 Conv2d -> 4*reg_max) and class branch
+    (Conv, Conv, 1x1 Conv2d -> nc). Returns the raw maps (box_p3, cls_p3, box_p4, ...)."""
+
+    def __init__(self, chs: tuple[int, ...], nc: int = 80, reg_max: int = 16):
+        super().__init__()
+        c2 = max(16, chs[0] // 4, reg_max * 4)
+        c3 = max(chs[0], min(nc, 100))
+        self.box = nn.ModuleList(nn.Sequential(YoloConv(c, c2, 3), YoloConv(c2, c2, 3),
+                                               nn.Conv2d(c2, 4 * reg_max, 1)) for c in chs)
+        self.cls = nn.ModuleList(nn.Sequential(YoloConv(c, c3, 3), YoloConv(c3, c3, 3),
+                                               nn.Conv2d(c3, nc, 1)) for c in chs)
+
+    def forward(self, feats):
+        out = []
+        for f, box, cls in zip(feats, self.box, self.cls):
+            out += [box(f), cls(f)]
+        return tuple(out)
+
+
+class YOLOv8(nn.Module):
+    def __init__(self, nc: int = 80, split: bool = False):
+        super().__init__()
+        c2f = functools.partial(C2f, split=split)
+        # backbone
+        self.b0 = YoloConv(3, 16, 3, 2)          # P1/2
+        self.b1 = YoloConv(16, 32, 3, 2)         # P2/4
+        self.b2 = c2f(32, 32, 1, True)
+        self.b3 = YoloConv(32, 64, 3, 2)         # P3/8
+        self.b4 = c2f(64, 64, 2, True)
+        self.b5 = YoloConv(64, 128, 3, 2)        # P4/16
+        self.b6 = c2f(128, 128, 2, True)
+        self.b7 = YoloConv(128, 256, 3, 2)       # P5/32
+        self.b8 = c2f(256, 256, 1, True)
+        self.b9 = SPPF(256, 256, 5)
+        # neck
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.n12 = c2f(256 + 128, 128, 1)
+        self.n15 = c2f(128 + 64, 64, 1)          # P3 out
+        self.n16 = YoloConv(64, 64, 3, 2)
+        self.n18 = c2f(64 + 128, 128, 1)         # P4 out
+        self.n19 = YoloConv(128, 128, 3, 2)
+        self.n21 = c2f(128 + 256, 256, 1)        # P5 out
+        self.detect = DetectHead((64, 128, 256), nc)
+
+    def forward(self, x):
+        p3 = self.b4(self.b3(self.b2(self.b1(self.b0(x)))))
+        p4 = self.b6(self.b5(p3))
+        p5 = self.b9(self.b8(self.b7(p4)))
+        h4 = self.n12(torch.cat([self.up(p5), p4], 1))
+        o3 = self.n15(torch.cat([self.up(h4), p3], 1))
+        o4 = self.n18(torch.cat([self.n16(o3), h4], 1))
+        o5 = self.n21(torch.cat([self.n19(o4), p5], 1))
+        return self.detect((o3, o4, o5))
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Spec:
+    build: Callable[[], nn.Module]
+    size: int                        # export input height = width
+    fully_conv: bool = False         # dynamic H/W as well as batch
+    outputs: tuple[str, ...] = ("output",)
+    verify_hw: tuple[int, int] | None = field(default=None)  # ORT check size (default: size x size)
+
+
+YOLO_OUTPUTS = ("box_p3", "cls_p3", "box_p4", "cls_p4", "box_p5", "cls_p5")
+
+ZOO: dict[str, Spec] = {
+    "resnet18": Spec(resnet18, 224),
+    "resnet50": Spec(resnet50, 224),
+    "vgg16_bn": Spec(vgg16_bn, 224),
+    "mobilenet_v2": Spec(MobileNetV2, 224),
+    "mobilenet_v3_small": Spec(MobileNetV3Small, 224),
+    "efficientnet_b0": Spec(EfficientNetB0, 224),
+    "densenet_small": Spec(DenseNet, 224),
+    "unet_small": Spec(UNet, 256, True, verify_hw=(192, 320)),
+    "yolov8n": Spec(YOLOv8, 320, True, YOLO_OUTPUTS, verify_hw=(256, 384)),
+    "yolov8n_split": Spec(functools.partial(YOLOv8, split=True), 320, True, YOLO_OUTPUTS,
+                          verify_hw=(256, 384)),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Build, export, verify
+# --------------------------------------------------------------------------------------------
+
+def build(name: str) -> nn.Module:
+    """Construct ``name`` with deterministic random weights and calibrated BN statistics, in eval mode."""
+    spec = ZOO[name]
+    torch.manual_seed(SEED)
+    model = spec.build()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.normal_(m.bias, 0.0, 0.05)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 1.0 / math.sqrt(m.in_features))
+                nn.init.normal_(m.bias, 0.0, 0.05)
+        for m in bns:
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0.0, 0.1)
+            m.reset_running_stats()
+            m.momentum = None                  # cumulative average: one pass sets batch stats
+        if bns:                                # calibrate running statistics on random data
+            model.train()
+            model(torch.randn(2, 3, spec.size, spec.size))
+    return model.eval()
+
+
+def export(model: nn.Module, name: str, opset: int, path: Path) -> None:
+    spec = ZOO[name]
+    x = torch.randn(1, 3, spec.size, spec.size)
+    axes = {0: "batch", 2: "height", 3: "width"} if spec.fully_conv else {0: "batch"}
+    dynamic = {"input": axes}
+    for o in spec.outputs:
+        dynamic[o] = ({0: "batch", 2: f"{o}_height", 3: f"{o}_width"} if spec.fully_conv
+                      else {0: "batch"})
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset,
+                      input_names=["input"], output_names=list(spec.outputs),
+                      dynamic_axes=dynamic, do_constant_folding=True)
+
+
+def verify(model: nn.Module, name: str, path: Path) -> tuple[float, float]:
+    """check_model(full_check) + one ORT run on a batch of 2; returns (max abs diff, max |ref|)."""
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path), full_check=True)
+    spec = ZOO[name]
+    h, w = spec.verify_hw or (spec.size, spec.size)
+    x = np.random.default_rng(SEED + 1).standard_normal((2, 3, h, w)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))
+    ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x})
+    assert len(got) == len(ref), (len(got), len(ref))
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape, (g.shape, r.shape)
+    diff = max(float(np.abs(g - r).max()) for g, r in zip(got, ref))
+    scale = max(float(np.abs(r).max()) for r in ref)
+    return diff, scale
+
+
+def op_types(path: Path) -> Counter:
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    return Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+                   for n in g.node)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path, help="output directory")
+    ap.add_argument("--only", nargs="+", choices=list(ZOO), metavar="NAME",
+                    help=f"subset of: {', '.join(ZOO)}")
+    ap.add_argument("--opsets", nargs="+", type=int, default=[11, 17])
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    t_total = time.perf_counter()
+    rows, failures, seen_warnings = [], [], {}
+    for name in args.only or list(ZOO):
+        model = build(name)
+        params = sum(p.numel() for p in model.parameters())
+        for opset in args.opsets:
+            path = args.out / f"{name}_op{opset}.onnx"
+            t0 = time.perf_counter()
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    export(model, name, opset, path)
+                t_exp = time.perf_counter() - t0
+                diff, scale = verify(model, name, path)
+            except Exception as e:  # keep going; report at the end
+                failures.append((name, opset, f"{type(e).__name__}: {e}"))
+                print(f"FAILED {name} opset {opset}: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            for w in caught:
+                seen_warnings.setdefault(str(w.message).splitlines()[0], []).append(f"{name}_op{opset}")
+            ops = op_types(path)
+            rows.append((name, opset, params, path.stat().st_size / 2**20, sum(ops.values()),
+                         t_exp, diff, scale, ops))
+            print(f"  done {name} op{opset} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
+                  flush=True)
+
+    head = (f"{'name':<19} {'opset':>5} {'params':>12} {'MB':>8} {'nodes':>6} {'export s':>8} "
+            f"{'max diff':>9} {'max |ref|':>9}  op types")
+    print(head)
+    print("-" * len(head))
+    for name, opset, params, mb, nodes, t_exp, diff, scale, ops in rows:
+        print(f"{name:<19} {opset:>5} {params:>12,} {mb:>8.1f} {nodes:>6} {t_exp:>8.1f} "
+              f"{diff:>9.2e} {scale:>9.2e}  {', '.join(sorted(ops))}")
+    print(f"\ntotal {time.perf_counter() - t_total:.1f} s, {len(rows)} models written to {args.out}")
+    for msg, where in seen_warnings.items():
+        print(f"export warning ({len(where)}x: {where[0]}{', ...' if len(where) > 1 else ''}): {msg}")
+    for name, opset, err in failures:
+        print(f"FAILED {name} opset {opset}: {err}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
