@@ -115,3 +115,47 @@ def resnet50(size: int = 224, classes: int = 1000, seed: int = 0) -> onnx.ModelP
             cin = width * 4
     x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
     return b.build(b.gemm(x, cin, classes))
+
+
+BLOCKS = ("conv", "conv_bn", "residual", "concat", "split", "depthwise", "pool", "se", "hardswish")
+
+
+def random_cnn(blocks: list[str], widths: list[int], head: str = "gap", seed: int = 0) -> onnx.ModelProto:
+    """A CNN stacked from ``blocks`` (names from BLOCKS) with the given widths, on 3×16×16 input."""
+    b = Builder(in_shape=("N", 3, 16, 16), seed=seed)
+    x, c, size = b.node("Relu", [b.conv("input", 3, 8)]), 8, 16
+    for kind, w in zip(blocks, widths):
+        if kind == "conv":
+            x, c = b.node("Relu", [b.conv(x, c, w)]), w
+        elif kind == "conv_bn":
+            x, c = b.node("Relu", [b.bn(b.conv(x, c, w, bias=False), w)]), w
+        elif kind == "residual":
+            y = b.node("Relu", [b.conv(x, c, w)])
+            x = b.node("Relu", [b.node("Add", [b.conv(y, w, c), x])])
+        elif kind == "concat":
+            y = b.node("Relu", [b.conv(x, c, w)])
+            x, c = b.node("Concat", [x, y], axis=1), c + w
+        elif kind == "split" and c >= 2:
+            first = c // 2
+            s0, s1 = b.node("Split", [x, b.const(np.array([first, c - first], np.int64))], n_out=2, axis=1)
+            y = b.node("Relu", [b.conv(s1, c - first, w)])
+            x, c = b.node("Concat", [s0, y], axis=1), first + w
+        elif kind == "depthwise":
+            x = b.node("Relu", [b.conv(b.node("Relu", [b.conv(x, c, w, k=1, pad=0)]), w, w, group=w)])
+            c = w
+        elif kind == "pool" and size >= 4:
+            x, size = b.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2]), size // 2
+        elif kind == "se":
+            s = b.node("GlobalAveragePool", [x])
+            s = b.node("Sigmoid", [b.conv(b.node("Relu", [b.conv(s, c, max(c // 4, 1), k=1, pad=0)]),
+                                          max(c // 4, 1), c, k=1, pad=0)])
+            x = b.node("Mul", [x, s])
+        elif kind == "hardswish":
+            x = b.node("HardSwish", [b.conv(x, c, w)]) if b.opset >= 14 else b.node("Relu", [b.conv(x, c, w)])
+            c = w
+    if head == "gap":
+        x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+        return b.build(b.gemm(x, c, 5))
+    if head == "flatten":
+        return b.build(b.gemm(b.node("Flatten", [x], axis=1), c * size * size, 5))
+    return b.build(b.conv(x, c, 2, k=1, pad=0))  # a dense-prediction head
