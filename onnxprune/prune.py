@@ -17,7 +17,7 @@ from .budget import build_cost_model, count_params, uniform_widths
 from .calib import Calibration, ImageOptions, load_calibration
 from .errors import ModelError, OptionError
 from .fold import constants_to_initializers, fold_batchnorm
-from .graph import ChannelGroup, find_groups
+from .graph import ChannelGroup, Consumer, find_groups
 from .graphview import GraphView
 from .io import check_opset, load_model
 from .ops import LinearHandler, handler_for
@@ -110,12 +110,8 @@ def _candidates(groups: list[ChannelGroup], g: GraphView, opts: PruneOptions
         reason = grp.reason
         if not reason and grp.coupled and not opts.prune_coupled:
             reason = "channels coupled across branches (residual join); block outputs keep their width"
-        if not reason and opts.needs_data:
-            for c in grp.all_consumers:
-                h = handler_for(c.node)
-                if not isinstance(h, LinearHandler) or not h.reconstructable(c.node, g):
-                    reason = f"consumer {c.node.op_type} '{c.node.name}' cannot be sampled"
-                    break
+        if not reason and opts.needs_data and not any(_sampleable(c, g) for c in grp.all_consumers):
+            reason = "none of its consumers can be sampled (e.g. only ConvTranspose)"
         if reason:
             if grp.owner and grp.channels > 1 and grp.producers:
                 skipped.append((grp.name, reason))
@@ -124,12 +120,14 @@ def _candidates(groups: list[ChannelGroup], g: GraphView, opts: PruneOptions
     return chosen, skipped
 
 
+def _sampleable(c: Consumer, g: GraphView) -> bool:
+    """Whether a consumer's regression problem can be sampled (and so it can be refit)."""
+    h = handler_for(c.node)
+    return isinstance(h, LinearHandler) and h.reconstructable(c.node, g)
+
+
 def _filter_norms(grp: ChannelGroup, g: GraphView) -> np.ndarray:
-    norms = np.zeros(grp.channels)
-    for node in grp.producers:
-        w = handler_for(node).weight_matrix(node, g)  # type: ignore[attr-defined]
-        norms += np.abs(w).sum(axis=1)
-    return norms
+    return sum(handler_for(node).filter_norms(node, g) for node in grp.producers)
 
 
 def _expand(keep: np.ndarray, k: int) -> np.ndarray:
@@ -160,7 +158,7 @@ def _contribution_problem(sites: list["_Site"], g: GraphView, channels: int) -> 
     gram, corr = np.zeros((channels, channels)), np.zeros(channels)
     for site in sites:
         at = site.unit_channels
-        for c, st in zip(site.group.consumers, site.stats):
+        for c, st in zip(site.sampled, site.stats):
             h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
             w = h.weight_matrix(c.node, g)
             b = h.bias(c.node, g)
@@ -251,7 +249,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
                   key=lambda grp: min(topo[id(c.node)] for c in grp.all_consumers))
     sampler = None
     if opts.needs_data and todo:
-        consumers = [c for grp in todo for c in grp.all_consumers]
+        consumers = [c for grp in todo for c in grp.all_consumers if _sampleable(c, g)]
         sampler = Sampler(reference, g, cal, fit_idx, consumers, opts.samples_per_image, opts.seed,
                           residual=opts.residual_target, batch=opts.batch_size)
     pruner = _Pruner(g, groups, opts, sampler, bn_scales)
@@ -275,6 +273,7 @@ class _Site:
     unit_positions: np.ndarray  # where the unit's channels sit among them
     unit_channels: np.ndarray  # which of the unit's channels sit there
     other_positions: np.ndarray
+    sampled: list[Consumer]  # consumers whose regression problems are sampled and refit
     stats: list | None = None
 
 
@@ -295,7 +294,8 @@ class _Pruner:
             mine = np.isin(now, unit.atoms)
             channel_of = {int(a): i for i, a in enumerate(unit.atoms)}
             unit_channels = np.array([channel_of[int(a)] for a in now[mine]], dtype=np.int64)
-            sites.append(_Site(grp, len(now), np.flatnonzero(mine), unit_channels, np.flatnonzero(~mine)))
+            sites.append(_Site(grp, len(now), np.flatnonzero(mine), unit_channels, np.flatnonzero(~mine),
+                               [c for c in grp.consumers if _sampleable(c, self.g)]))
         return sites
 
     def prune_unit(self, unit: ChannelGroup, keep_n: int) -> GroupResult:
@@ -303,8 +303,7 @@ class _Pruner:
         sites = self._sites(unit)
         if self.sampler:
             for site in sites:
-                site.stats = self.sampler.stats(g, site.group.consumers, self.kept_outputs) \
-                    if site.group.consumers else []
+                site.stats = self.sampler.stats(g, site.sampled, self.kept_outputs) if site.sampled else []
         keep = _select(unit, keep_n, opts, g, sites, self.rng, self.bn_scales)
         removed = np.setdiff1d(unit.atoms, unit.atoms[keep])
         res = GroupResult(unit.name, unit.channels, len(keep),
@@ -314,10 +313,10 @@ class _Pruner:
             now = self.current[site.group.index]
             site_keep = np.flatnonzero(~np.isin(now, removed))
             ks = [handler_for(c.node).weight_matrix(c.node, g).shape[1] // site.width  # type: ignore[attr-defined]
-                  for c in site.group.consumers] if opts.reconstruct and site.stats else []
+                  for c in site.sampled] if opts.reconstruct and site.stats else []
             prune_group(g, site.group, site_keep, site.width)
             self.current[site.group.index] = now[site_keep]
-            for c, st, k in zip(site.group.consumers, site.stats or [], ks):
+            for c, st, k in zip(site.sampled, site.stats or [], ks):
                 fit = self._refit(c, st, _expand(site_keep, k), res)
                 befores.append(fit.error_before)
                 afters.append(fit.error_after)

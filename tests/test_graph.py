@@ -155,3 +155,21 @@ def test_concat_split_prune_to_valid_models():
         assert result.report.totals.macs_speedup >= 1.6
         assert len(result.report.groups) == 3
         check_pruned(result.model, model, x[:30], max_rel_err=1.0)
+
+
+def test_conv_transpose_is_pruned_as_producer_and_consumer():
+    import onnxprune
+    from conftest import check_pruned
+    from graphs import calib_for
+
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8, stride=2)])
+    w = b.const(b.rng.normal(0, 0.3, (8, 6, 2, 2)).astype(np.float32))
+    up = b.node("Relu", [b.node("ConvTranspose", [x, w, b.const(np.zeros(6, np.float32))],
+                                 kernel_shape=[2, 2], strides=[2, 2])])
+    model = b.build(b.conv(b.node("Concat", [up, "input"], axis=1), 9, 2))
+    g, groups = analyse(model)
+    assert sorted(grp.channels for grp in groups if grp.owner and grp.prunable) == [6, 8]
+    x = calib_for(model, 60)
+    result = onnxprune.prune(model, x, speedup=1.5, measure_latency=False)
+    check_pruned(result.model, model, x[:10], max_rel_err=1.0)

@@ -69,6 +69,10 @@ class Handler:
         """Multiply-accumulates of one sample through this node at the known shapes."""
         return 0
 
+    def filter_norms(self, node: onnx.NodeProto, g: GraphView) -> np.ndarray:
+        """L1 norm of the weights producing each output channel (producers only)."""
+        raise NotImplementedError(f"{node.op_type} does not produce channels")
+
 
 class LinearHandler(Handler):
     """A handler for a layer that is a linear map of input patches: Conv, Gemm, MatMul.
@@ -91,6 +95,9 @@ class LinearHandler(Handler):
                    g: GraphView) -> None:
         """Write a new ``[Cout, Cin·k]`` weight (and bias) back in the op's own layout."""
         raise NotImplementedError
+
+    def filter_norms(self, node, g):
+        return np.abs(self.weight_matrix(node, g)).sum(axis=1)
 
     def reconstructable(self, node: onnx.NodeProto, g: GraphView) -> bool:
         """Whether patches can be sampled for this node (its shapes are known and supported)."""

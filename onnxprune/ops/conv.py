@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from ..graphview import GraphView, attr, set_attr
-from .base import ChannelRule, LinearHandler, register
+from .base import ChannelRule, Handler, LinearHandler, register
 
 
 def conv_pads(node: onnx.NodeProto, in_hw: tuple[int, ...], kernel: tuple[int, ...]) -> list[int]:
@@ -128,3 +128,38 @@ class Conv(LinearHandler):
         patches = xp[b, iy, ix]  # B, P, kh, kw, C
         patches = patches.transpose(0, 1, 4, 2, 3)
         return patches.reshape(pos.shape[0] * pos.shape[1], -1)
+
+
+@register("ConvTranspose")
+class ConvTranspose(Handler):
+    """Transposed conv (group 1): weight is ``[Cin, Cout, k…]``; consumes and produces channels.
+
+    It is not reconstructed (its inputs are not patches of its outputs); its weights are sliced.
+    """
+
+    def rule(self, node, g):
+        if g.input_const(node, 1) is None or attr(node, "group", 1) != 1:
+            return None
+        if attr(node, "output_shape") is not None and len(attr(node, "output_shape")) > 2:
+            return None  # an explicit output_shape may spell out the channels
+        return ChannelRule(produces=[node.output[0]], consumes=[node.input[0]])
+
+    def prune_output(self, node, keep, g):
+        g.set_const(node, 1, g.input_const(node, 1)[:, keep])
+        bias = g.input_const(node, 2)
+        if bias is not None:
+            g.set_const(node, 2, bias[keep])
+
+    def prune_input(self, node, keep, block, g):
+        g.set_const(node, 1, g.input_const(node, 1)[keep])
+
+    def filter_norms(self, node, g):
+        w = g.input_const(node, 1)
+        return np.abs(w).sum(axis=tuple(i for i in range(w.ndim) if i != 1))
+
+    def macs(self, node, g):
+        w = g.input_const(node, 1)
+        inp = g.shape(node.input[0])
+        if w is None or inp is None:
+            return 0
+        return int(np.prod(w.shape)) * int(np.prod(inp[2:]))
