@@ -24,7 +24,7 @@ import onnxprune
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = 0.2860, 0.3530
-CONFIGS = [("lasso", True), ("l1", True), ("l1", False), ("random", False)]
+CONFIGS = [("lasso", True), ("thinet", True), ("l1", True), ("l1", False), ("random", False)]
 
 
 def test_set() -> tuple[np.ndarray, np.ndarray, str]:
