@@ -55,8 +55,14 @@ class ChannelGroup:
 
     @property
     def coupled(self) -> bool:
-        """True when several producers feed the same channels (e.g. a residual join)."""
-        return len(self.producers) > 1
+        """True when branches from several producers are summed (a residual join).
+
+        A gate multiplied onto its trunk (squeeze-excite) also ties producers together but is
+        not a residual join: such groups are pruned by default.
+        """
+        return len(self.producers) > 1 and any(
+            n.op_type in ("Add", "Sum", "Sub", "Mean", "Max", "Min") and len([i for i in n.input if i]) > 1
+            and sum(1 for i in n.input if i in self.tensors) > 1 for n in self.throughs)
 
     @property
     def all_consumers(self) -> list[Consumer]:

@@ -54,6 +54,7 @@ class PruneOptions:
     prune_coupled: bool = False
     residual_target: bool = True
     batch_size: int = 32
+    refit_downstream: bool = True  # also refit unpruned layers whose inputs changed
     slim_fallback: str = "error"  # what --method slim does when a group has no BatchNorm: error | l1
     measure_latency: bool = True
     progress: bool | None = None  # None: only when stderr is a terminal
@@ -124,6 +125,22 @@ def _sampleable(c: Consumer, g: GraphView) -> bool:
     """Whether a consumer's regression problem can be sampled (and so it can be refit)."""
     h = handler_for(c.node)
     return isinstance(h, LinearHandler) and h.reconstructable(c.node, g)
+
+
+def _downstream_layers(g: GraphView, todo: list[ChannelGroup], topo: dict[int, int]) -> list[Consumer]:
+    """Sampleable layers after the first pruned channels that no pruned group refits: their
+    inputs drift as the network is pruned, so they are refit to their original outputs too
+    (the producers' kept filters, projection shortcuts, the classifier)."""
+    refit_anyway = {id(c.node) for grp in todo for c in grp.all_consumers}
+    first = min(topo[id(p)] for grp in todo for p in grp.producers)
+    layers = []
+    for node in g.graph.node:
+        if topo[id(node)] <= first or id(node) in refit_anyway or not node.input:
+            continue
+        c = Consumer(node, node.input[0], 1)
+        if _sampleable(c, g) and handler_for(node).rule(node, g) is not None:
+            layers.append(c)
+    return layers
 
 
 def _filter_norms(grp: ChannelGroup, g: GraphView) -> np.ndarray:
@@ -245,15 +262,23 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
     cost = build_cost_model(g, groups)
     widths = uniform_widths(cost, candidates, opts.speedup, opts.round_to)
     topo = {id(n): i for i, n in enumerate(work.graph.node)}
-    todo = sorted((grp for grp in candidates if widths[grp.index] < grp.channels),
-                  key=lambda grp: min(topo[id(c.node)] for c in grp.all_consumers))
+    todo = [grp for grp in candidates if widths[grp.index] < grp.channels]
+    steps = [(min(topo[id(c.node)] for c in grp.all_consumers), grp) for grp in todo]
+    refits = _downstream_layers(g, todo, topo) if opts.reconstruct and opts.refit_downstream and todo else []
+    steps += [(topo[id(c.node)], c) for c in refits]
+    steps.sort(key=lambda step: step[0])
     sampler = None
     if opts.needs_data and todo:
-        consumers = [c for grp in todo for c in grp.all_consumers if _sampleable(c, g)]
+        consumers = [c for grp in todo for c in grp.all_consumers if _sampleable(c, g)] + refits
         sampler = Sampler(reference, g, cal, fit_idx, consumers, opts.samples_per_image, opts.seed,
                           residual=opts.residual_target, batch=opts.batch_size)
     pruner = _Pruner(g, groups, opts, sampler, bn_scales)
-    results = [pruner.prune_unit(grp, widths[grp.index]) for grp in _progress(todo, opts.progress, "pruning")]
+    results, refitted = [], []
+    for _, step in _progress(steps, opts.progress, "pruning"):
+        if isinstance(step, ChannelGroup):
+            results.append(pruner.prune_unit(step, widths[step.index]))
+        else:
+            refitted.append(pruner.refit_layer(step))
     pruned = finalize(work)
     try:
         onnx.checker.check_model(pruned, full_check=True)
@@ -327,6 +352,16 @@ class _Pruner:
         g.drop_unused_initializers()
         log.info("%s: %d -> %d channels", unit.name, unit.channels, len(keep))
         return res
+
+    def refit_layer(self, c: Consumer) -> float:
+        """Refit a layer whose input channels were not pruned but whose inputs drifted."""
+        st = self.sampler.stats(self.g, [c], self.kept_outputs)[0]
+        h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
+        fit = refit(st, np.arange(st.dim), h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias)
+        if fit.ridge is not None:
+            h.set_linear(c.node, fit.weight, fit.bias, self.g)
+        self.g.drop_unused_initializers()
+        return fit.error_after
 
     def _refit(self, c, st, cols: np.ndarray, res: GroupResult):
         h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]

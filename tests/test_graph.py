@@ -173,3 +173,18 @@ def test_conv_transpose_is_pruned_as_producer_and_consumer():
     x = calib_for(model, 60)
     result = onnxprune.prune(model, x, speedup=1.5, measure_latency=False)
     check_pruned(result.model, model, x[:10], max_rel_err=1.0)
+
+
+def test_squeeze_excite_gate_shares_the_trunk_channels_and_is_pruned_by_default():
+    import onnxprune
+    from conftest import check_pruned
+    from graphs import calib_for, random_cnn
+
+    model = random_cnn(["depthwise", "se", "conv"], [8, 8, 6], head="gap")
+    g, groups = analyse(model)
+    trunk = next(grp for grp in groups if any(n.op_type == "Mul" for n in grp.throughs))
+    assert len(trunk.producers) == 2 and not trunk.coupled and trunk.prunable
+    x = calib_for(model, 80)
+    result = onnxprune.prune(model, x, speedup=1.5, measure_latency=False)
+    assert any(grp.name == trunk.name for grp in result.report.groups)
+    check_pruned(result.model, model, x[:10], max_rel_err=1.0)

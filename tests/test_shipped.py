@@ -24,8 +24,10 @@ def test_set():
     return {"x": z["x"], "y": z["y"]}
 
 
-@pytest.mark.parametrize("name", ["vgg_fmnist", "resnet_fmnist"])
-def test_cli_prunes_shipped_model_keeping_accuracy(tmp_path, name, test_set):
+# Measured drops on the 10k test set at 2x: VGG 0.77, ResNet 1.78 points (README); the bounds
+# below are for the 2000 shipped test images.
+@pytest.mark.parametrize("name,max_drop", [("vgg_fmnist", 1.5), ("resnet_fmnist", 2.0)])
+def test_cli_prunes_shipped_model_keeping_accuracy(tmp_path, name, max_drop, test_set):
     out, report = tmp_path / "pruned.onnx", tmp_path / "report.json"
     src = MODELS / f"{name}.onnx"
     before = src.read_bytes()
@@ -38,7 +40,7 @@ def test_cli_prunes_shipped_model_keeping_accuracy(tmp_path, name, test_set):
     original, pruned = onnx.load(src), onnx.load(out)
     check_pruned(pruned, original, test_set["x"][:200], max_rel_err=0.5)
     drop = accuracy(original, test_set) - accuracy(pruned, test_set)
-    assert drop <= 1.5, drop
+    assert drop <= max_drop, drop
     assert data["fidelity"][0]["top1_agreement"] >= 0.9
 
 
