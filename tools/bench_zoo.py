@@ -56,6 +56,22 @@ def check(path: Path, speedup: float, images: int, method: str) -> str:
             f"{len(result.report.skipped)} | {err:.3f} | {'x'.join(map(str, sizes))} | {took:.0f} |")
 
 
+def identity(args) -> None:
+    """Keeping every channel must reproduce the outputs (BN folding is the only change)."""
+    print("| model | max abs diff | max |output| |")
+    print("|---|---|---|")
+    for path in sorted(args.zoo.glob("*.onnx")):
+        if args.only and not any(o in path.name for o in args.only):
+            continue
+        model = onnx.load(path)
+        size = 256 if "unet" in path.name else 320 if "yolo" in path.name else 224
+        x = _input(model, 2, size, 0)
+        result = onnxprune.prune(model, x, speedup=1.0, measure_latency=False, progress=False, holdout=0.0)
+        ref, out = _run(model, x), _run(result.model, x)
+        diff = max(float(np.abs(r - o).max()) for r, o in zip(ref, out))
+        print(f"| {path.stem} | {diff:.2e} | {max(float(np.abs(r).max()) for r in ref):.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("zoo", type=Path)
@@ -63,7 +79,12 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--method", default="lasso")
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--identity", action="store_true",
+                    help="instead: prune with every channel kept and report the max output difference")
     args = ap.parse_args()
+    if args.identity:
+        identity(args)
+        return
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.images} random calibration images\n")
     print("| model | target | MACs speedup | pruned groups | groups left | rel. output error | sizes run | time s |")
     print("|---|---|---|---|---|---|---|---|")
