@@ -74,6 +74,13 @@ def check_opset(model: onnx.ModelProto) -> int:
     return version
 
 
+def _default_mode() -> int:
+    """File mode a plain ``open()`` would give (mkstemp makes files private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False,
                       protected: tuple[str | os.PathLike, ...] = ()) -> Path:
     """Write ``model`` to ``path`` via a temporary file in the same folder, then rename.
@@ -113,6 +120,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, force:
                 fh.write(model.SerializeToString())
                 fh.flush()
                 os.fsync(fh.fileno())
+        os.chmod(tmp_name, _default_mode())
         os.replace(tmp_name, path)
     except BaseException:
         for leftover in (Path(tmp_name), tmp_data):
@@ -132,6 +140,7 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
