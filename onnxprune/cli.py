@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-residual", dest="prune_coupled", action=argparse.BooleanOptionalAction, default=False,
                    help="also prune channels coupled across branches (residual joins), with one selection "
                         "over all their consumers (default off: block outputs keep their width)")
+    p.add_argument("--allocation", choices=["uniform", "sensitivity"], default="uniform",
+                   help="per-group widths: one keep ratio for all, or from measured error curves")
     p.add_argument("--refit-downstream", action=argparse.BooleanOptionalAction, default=True,
                    help="also refit unpruned layers whose inputs changed (producers' kept filters, "
                         "shortcuts, classifier) to their original outputs (default on)")
@@ -82,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     result = prune(str(args.model), str(args.calib) if args.calib else None, image_options=images,
                    speedup=args.speedup, method=args.method, reconstruct=args.reconstruct,
                    residual_target=args.residual_target, prune_coupled=args.prune_coupled,
-                   refit_downstream=args.refit_downstream, holdout=args.holdout,
+                   refit_downstream=args.refit_downstream, allocation=args.allocation, holdout=args.holdout,
                    samples_per_image=args.samples_per_image, seed=args.seed, round_to=args.round_to,
                    batch_size=args.batch_size, measure_latency=args.latency, slim_fallback=args.slim_fallback,
                    progress=None if not args.quiet else False)

@@ -25,6 +25,7 @@ from .reconstruct import refit
 from .report import GroupResult, LayerRow, Report, Totals
 from .rewrite import finalize, prune_group
 from .sampling import Sampler
+from .sensitivity import allocate, measure_curves
 from .select import (Method, contribution_problem, l1_select, lasso_select, random_select, slim_select,
                      thinet_select)
 from .verify import compare, latency_ms
@@ -54,6 +55,7 @@ class PruneOptions:
     prune_coupled: bool = False
     residual_target: bool = True
     batch_size: int = 32
+    allocation: str = "uniform"  # uniform | sensitivity
     refit_downstream: bool = True  # also refit unpruned layers whose inputs changed
     slim_fallback: str = "error"  # what --method slim does when a group has no BatchNorm: error | l1
     measure_latency: bool = True
@@ -73,6 +75,8 @@ class PruneOptions:
             (self.samples_per_image >= 1, f"--samples-per-image must be >= 1 (got {self.samples_per_image})"),
             (self.round_to >= 1, f"--round-to must be >= 1 (got {self.round_to})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
+            (self.allocation in ("uniform", "sensitivity"),
+             f"--allocation must be uniform or sensitivity (got {self.allocation})"),
             (self.slim_fallback in ("error", "l1"), f"--slim-fallback must be error or l1 (got {self.slim_fallback})"),
         ]
         for ok, msg in checks:
@@ -260,18 +264,24 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
         raise ModelError("the model has no Conv, Gemm or MatMul layer: nothing to prune")
     candidates, skipped = _candidates(groups, g, opts)
     cost = build_cost_model(g, groups)
-    widths = uniform_widths(cost, candidates, opts.speedup, opts.round_to)
     topo = {id(n): i for i, n in enumerate(work.graph.node)}
+    sensitivity = opts.allocation == "sensitivity" and opts.needs_data
+    widths = None if sensitivity else uniform_widths(cost, candidates, opts.speedup, opts.round_to)
+    pending = candidates if widths is None else [grp for grp in candidates if widths[grp.index] < grp.channels]
+    sampler = None
+    if opts.needs_data and pending:
+        consumers = [c for grp in pending for c in grp.all_consumers if _sampleable(c, g)]
+        consumers += _downstream_layers(g, pending, topo) if opts.reconstruct and opts.refit_downstream else []
+        sampler = Sampler(reference, g, cal, fit_idx, consumers, opts.samples_per_image, opts.seed,
+                          residual=opts.residual_target, batch=opts.batch_size)
+    if widths is None:
+        curves = measure_curves(candidates, sampler, g, _sampleable) if sampler else {}
+        widths = allocate(cost, candidates, curves, opts.speedup, opts.round_to)
     todo = [grp for grp in candidates if widths[grp.index] < grp.channels]
     steps = [(min(topo[id(c.node)] for c in grp.all_consumers), grp) for grp in todo]
     refits = _downstream_layers(g, todo, topo) if opts.reconstruct and opts.refit_downstream and todo else []
     steps += [(topo[id(c.node)], c) for c in refits]
     steps.sort(key=lambda step: step[0])
-    sampler = None
-    if opts.needs_data and todo:
-        consumers = [c for grp in todo for c in grp.all_consumers if _sampleable(c, g)] + refits
-        sampler = Sampler(reference, g, cal, fit_idx, consumers, opts.samples_per_image, opts.seed,
-                          residual=opts.residual_target, batch=opts.batch_size)
     pruner = _Pruner(g, groups, opts, sampler, bn_scales)
     results, refitted = [], []
     for _, step in _progress(steps, opts.progress, "pruning"):

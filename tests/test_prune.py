@@ -114,3 +114,26 @@ def test_coupled_residual_channels_can_be_pruned_together():
     coupled = [grp for grp in result.report.groups if "+" in grp.name]
     assert coupled and all(grp.channels_after < grp.channels_before for grp in coupled)
     check_pruned(result.model, model, calib_for(model, 40, seed=5), max_rel_err=0.5)
+
+
+@pytest.mark.parametrize("build", [tiny_vgg, tiny_resnet])
+def test_sensitivity_allocation_meets_the_target(build):
+    model = build()
+    x = calib_for(model, 150)
+    result = onnxprune.prune(model, x, speedup=1.8, allocation="sensitivity", measure_latency=False)
+    assert result.report.totals.macs_speedup >= 1.8
+    check_pruned(result.model, model, x[:20], max_rel_err=1.0)
+
+
+def test_allocate_prefers_the_group_that_loses_least():
+    from onnxprune.budget import CostModel, CostEntry
+    from onnxprune.graph import ChannelGroup
+    from onnxprune.sensitivity import GRID, allocate
+
+    cost = CostModel([CostEntry("a", "Conv", 100, (0,)), CostEntry("b", "Conv", 100, (1,))],
+                     {0: 10, 1: 10}, {0: [(0, 10)], 1: [(1, 10)]})
+    units = [ChannelGroup(0, 10, ["a"]), ChannelGroup(1, 10, ["b"])]
+    curves = {0: [1.0 - r for r in GRID], 1: [10 * (1.0 - r) for r in GRID]}  # b is 10x more sensitive
+    widths = allocate(cost, units, curves, speedup=1.5)
+    assert widths[0] < widths[1]
+    assert 200 / cost.macs(widths) >= 1.5

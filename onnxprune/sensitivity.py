@@ -1,0 +1,105 @@
+"""Per-layer widths from measured sensitivity: how much each group's consumers lose, after the
+least-squares refit, when it keeps fewer channels — then a greedy allocation over those curves."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .budget import CostModel, round_width
+from .errors import TargetNotMetError
+from .graph import ChannelGroup
+from .reconstruct import refit
+from .select import contribution_problem, lasso_select
+
+GRID = tuple(i / 10 for i in range(1, 11))
+
+
+def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels: int,
+                ratios=GRID) -> list[float]:
+    """Mean relative refit error of the unit's consumers when keeping each ratio of channels
+    (LASSO selection, then least squares), measured on the original model's statistics."""
+    gram, corr = np.zeros((channels, channels)), np.zeros(channels)
+    for st, w, b in zip(stats, weights, biases):
+        xtx, xty, yy, n = st.total()
+        d = st.dim
+        b = np.zeros(w.shape[0]) if b is None else b
+        energy = max(yy.sum() - 2 * b @ xty[d] + n * b @ b, 1e-30)
+        gr, co = contribution_problem(xtx[:d, :d], xty[:d] - np.outer(xtx[:d, d], b), w, channels)
+        gram, corr = gram + gr / energy, corr + co / energy
+    curve = []
+    for r in ratios:
+        keep = lasso_select(gram, corr, max(1, int(round(r * channels))))
+        errs = []
+        for st, w, b in zip(stats, weights, biases):
+            k = w.shape[1] // channels
+            cols = (keep[:, None] * k + np.arange(k)[None, :]).ravel()
+            errs.append(refit(st, cols, w[:, cols], b, b is not None).error_after)
+        curve.append(float(np.mean(errs)))
+    return curve
+
+
+def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[float]], speedup: float,
+             round_to: int = 1, ratios=GRID) -> dict[int, int]:
+    """Widths meeting ``speedup`` with the least summed error: from full width, repeatedly take
+    the grid step down that costs the least error per MAC saved."""
+    level = {u.index: len(ratios) - 1 for u in units}
+
+    def widths() -> dict[int, int]:
+        return {u.index: round_width(u.channels, ratios[level[u.index]], round_to) for u in units}
+
+    total = cost.total
+    current = cost.macs(widths())
+    while total / max(current, 1e-9) < speedup:
+        best, best_score, best_macs = None, np.inf, current
+        for u in units:
+            i = level[u.index]
+            if i == 0:
+                continue
+            level[u.index] = i - 1
+            macs = cost.macs(widths())
+            level[u.index] = i
+            saved = current - macs
+            if saved <= 0:
+                continue
+            curve = curves.get(u.index)
+            score = (curve[i - 1] - curve[i]) / saved if curve else saved ** -1
+            if score < best_score:
+                best, best_score, best_macs = u, score, macs
+        if best is None:
+            raise TargetNotMetError(f"--speedup {speedup:g} cannot be reached with per-layer widths "
+                                    f"(reached {total / current:.2f}x); lower the target")
+        level[best.index] -= 1
+        current = best_macs
+    # the last step may overshoot: widen the cheapest-to-widen units while the target still holds
+    for u in sorted(units, key=lambda u: -(curves.get(u.index) or [0.0] * len(ratios))[level[u.index]]):
+        while level[u.index] < len(ratios) - 1:
+            level[u.index] += 1
+            if total / max(cost.macs(widths()), 1e-9) < speedup:
+                level[u.index] -= 1
+                break
+    return widths()
+
+
+def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int = 8) -> dict[int, list[float]]:
+    """Error curves of every unit, from the model before any pruning (``chunk`` consumers per pass)."""
+    from .ops import handler_for
+
+    jobs = [(u, [c for c in u.consumers if sampleable(c, g)]) for u in units]
+    flat = [c for _, cs in jobs for c in cs]
+    stats = {}
+    for start in range(0, len(flat), chunk):
+        part = flat[start:start + chunk]
+        for c, st in zip(part, sampler.stats(g, part)):
+            stats[id(c)] = st
+    curves = {}
+    for u, cs in jobs:
+        if not cs:
+            continue
+        hs = [handler_for(c.node) for c in cs]
+        curves[u.index] = error_curve(u, cs, [stats[id(c)] for c in cs], [h.weight_matrix(c.node, g) for h, c in zip(hs, cs)],
+                                      [h.bias(c.node, g) for h, c in zip(hs, cs)], u.channels)
+    if curves:
+        neutral = list(np.mean([v for v in curves.values()], axis=0))
+        for u in units:
+            curves.setdefault(u.index, neutral)
+    return curves
