@@ -26,8 +26,8 @@ from .report import GroupResult, LayerRow, Report, Totals
 from .rewrite import finalize, prune_group
 from .sampling import Sampler
 from .sensitivity import allocate, measure_curves
-from .select import (Method, contribution_problem, l1_select, lasso_select, random_select, slim_select,
-                     thinet_select)
+from .select import (Method, expand_channels, l1_select, lasso_select, normalized_contribution, random_select,
+                     slim_select, thinet_select)
 from .verify import compare, latency_ms
 
 log = logging.getLogger(__name__)
@@ -151,10 +151,6 @@ def _filter_norms(grp: ChannelGroup, g: GraphView) -> np.ndarray:
     return sum(handler_for(node).filter_norms(node, g) for node in grp.producers)
 
 
-def _expand(keep: np.ndarray, k: int) -> np.ndarray:
-    return (keep[:, None] * k + np.arange(k)[None, :]).ravel()
-
-
 def _bn_scales(grp: ChannelGroup, g: GraphView, folded: dict[str, np.ndarray]) -> np.ndarray | None:
     """Summed |γ| of the BatchNorms on the group's channels (folded or still in the graph)."""
     total, found = np.zeros(grp.channels), False
@@ -181,18 +177,10 @@ def _contribution_problem(sites: list["_Site"], g: GraphView, channels: int) -> 
         at = site.unit_channels
         for c, st in zip(site.sampled, site.stats):
             h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-            w = h.weight_matrix(c.node, g)
-            b = h.bias(c.node, g)
-            b = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
-            xtx, xty, yy, n = st.total()
-            d = st.dim
-            xt_target = xty[:d] - np.outer(xtx[:d, d], b)
-            energy = max(yy.sum() - 2 * b @ xty[d] + n * b @ b, 1e-30)
-            gr, co = contribution_problem(xtx[:d, :d], xt_target, w, site.width)
+            gr, co = normalized_contribution(st, h.weight_matrix(c.node, g), h.bias(c.node, g), site.width)
             mine, other = site.unit_positions, site.other_positions
-            co = co[mine] - gr[np.ix_(mine, other)].sum(axis=1)
-            gram[np.ix_(at, at)] += gr[np.ix_(mine, mine)] / energy
-            corr[at] += co / energy
+            gram[np.ix_(at, at)] += gr[np.ix_(mine, mine)]
+            corr[at] += co[mine] - gr[np.ix_(mine, other)].sum(axis=1)
     return gram, corr
 
 
@@ -283,12 +271,12 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
     steps += [(topo[id(c.node)], c) for c in refits]
     steps.sort(key=lambda step: step[0])
     pruner = _Pruner(g, groups, opts, sampler, bn_scales)
-    results, refitted = [], []
+    results = []
     for _, step in _progress(steps, opts.progress, "pruning"):
         if isinstance(step, ChannelGroup):
             results.append(pruner.prune_unit(step, widths[step.index]))
         else:
-            refitted.append(pruner.refit_layer(step))
+            pruner.refit_layer(step)
     pruned = finalize(work)
     try:
         onnx.checker.check_model(pruned, full_check=True)
@@ -352,7 +340,7 @@ class _Pruner:
             prune_group(g, site.group, site_keep, site.width)
             self.current[site.group.index] = now[site_keep]
             for c, st, k in zip(site.sampled, site.stats or [], ks):
-                fit = self._refit(c, st, _expand(site_keep, k), res)
+                fit = self._refit(c, st, expand_channels(site_keep, k), res)
                 befores.append(fit.error_before)
                 afters.append(fit.error_after)
         for node in unit.producers:

@@ -25,6 +25,23 @@ class Method(str, enum.Enum):
         return self in (Method.LASSO, Method.THINET)
 
 
+def expand_channels(keep: np.ndarray, block: int) -> np.ndarray:
+    """Column indices of channels ``keep`` when each channel spans ``block`` consecutive columns."""
+    return (np.asarray(keep)[:, None] * block + np.arange(block)[None, :]).ravel()
+
+
+def normalized_contribution(stats, weight: np.ndarray, bias: np.ndarray | None,
+                            channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`contribution_problem` of one consumer from its statistics, with the target being
+    its output minus bias, divided by the target's energy so several consumers weigh alike."""
+    xtx, xty, yy, n = stats.total()
+    d = stats.dim
+    b = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+    energy = max(yy.sum() - 2 * b @ xty[d] + n * b @ b, 1e-30)
+    gram, corr = contribution_problem(xtx[:d, :d], xty[:d] - np.outer(xtx[:d, d], b), weight, channels)
+    return gram / energy, corr / energy
+
+
 def contribution_problem(xtx: np.ndarray, xt_target: np.ndarray, weight: np.ndarray,
                          channels: int) -> tuple[np.ndarray, np.ndarray]:
     """Gram matrix and correlations of the per-channel contributions ``Z_c = X_c W_cᵀ``.

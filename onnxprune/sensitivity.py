@@ -9,7 +9,7 @@ from .budget import CostModel, round_width
 from .errors import TargetNotMetError
 from .graph import ChannelGroup
 from .reconstruct import refit
-from .select import contribution_problem, lasso_select
+from .select import expand_channels, lasso_select, normalized_contribution
 
 GRID = tuple(i / 10 for i in range(1, 11))
 
@@ -20,19 +20,15 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
     (LASSO selection, then least squares), measured on the original model's statistics."""
     gram, corr = np.zeros((channels, channels)), np.zeros(channels)
     for st, w, b in zip(stats, weights, biases):
-        xtx, xty, yy, n = st.total()
-        d = st.dim
-        b = np.zeros(w.shape[0]) if b is None else b
-        energy = max(yy.sum() - 2 * b @ xty[d] + n * b @ b, 1e-30)
-        gr, co = contribution_problem(xtx[:d, :d], xty[:d] - np.outer(xtx[:d, d], b), w, channels)
-        gram, corr = gram + gr / energy, corr + co / energy
+        gr, co = normalized_contribution(st, w, b, channels)
+        gram, corr = gram + gr, corr + co
     curve = []
     for r in ratios:
         keep = lasso_select(gram, corr, max(1, int(round(r * channels))))
         errs = []
         for st, w, b in zip(stats, weights, biases):
             k = w.shape[1] // channels
-            cols = (keep[:, None] * k + np.arange(k)[None, :]).ravel()
+            cols = expand_channels(keep, k)
             errs.append(refit(st, cols, w[:, cols], b, b is not None).error_after)
         curve.append(float(np.mean(errs)))
     return curve

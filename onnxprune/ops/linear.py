@@ -5,12 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..graphview import attr, set_attr
+from ..select import expand_channels
 from .base import ChannelRule, LinearHandler, register
-
-
-def _expand(keep: np.ndarray, block: int) -> np.ndarray:
-    """Column indices of the channels in ``keep`` when each channel spans ``block`` columns."""
-    return (keep[:, None] * block + np.arange(block)[None, :]).ravel()
 
 
 class _FullyConnected(LinearHandler):
@@ -39,7 +35,7 @@ class _FullyConnected(LinearHandler):
         self._store_kn(node, self._w_kn(node, g)[:, keep], g)
 
     def prune_input(self, node, keep, block, g):
-        self._store_kn(node, self._w_kn(node, g)[_expand(keep, block)], g)
+        self._store_kn(node, self._w_kn(node, g)[expand_channels(keep, block)], g)
 
     def macs(self, node, g):
         w = g.input_const(node, 1)
