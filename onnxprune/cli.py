@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .arch import architecture
 from .calib import Color, ImageOptions, Layout
-from .errors import PruneError
+from .errors import NothingToPrune, PruneError
 from .io import save_model_atomic, write_text_atomic
 from .select import Method
 
@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
+    except NothingToPrune as exc:
+        if not args.quiet:
+            print(f"onnxprune: {exc}", file=sys.stderr)
+        return EXIT_OK
     except PruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return exc.exit_code

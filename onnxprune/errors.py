@@ -29,3 +29,9 @@ class TargetNotMetError(PruneError):
     """The requested target (speedup, size, accuracy gate) could not be reached."""
 
     exit_code = 1
+
+
+class NothingToPrune(PruneError):
+    """The model has no layer onnxprune can prune: not a failure, nothing is written."""
+
+    exit_code = 0

@@ -53,12 +53,25 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     _check_external_paths(model, path.parent)
     onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     check_opset(model)
+    check_not_quantized(model)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelError(f"'{path}' fails the ONNX checker: {first}") from None
     return model
+
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                 "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul"}
+
+
+def check_not_quantized(model: onnx.ModelProto) -> None:
+    """Refuse quantized graphs: their weights cannot be refit in float."""
+    found = sorted({n.op_type for n in model.graph.node} & QUANTIZED_OPS)
+    if found:
+        raise ModelError(f"the model is quantized ({', '.join(found)}); prune the float model first, "
+                         "then quantize the pruned model")
 
 
 def check_opset(model: onnx.ModelProto) -> int:

@@ -15,11 +15,11 @@ import onnx
 from .activations import batch_size_for, tensor_shapes
 from .budget import build_cost_model, count_params, uniform_widths
 from .calib import Calibration, ImageOptions, load_calibration
-from .errors import ModelError, OptionError
+from .errors import NothingToPrune, OptionError
 from .fold import constants_to_initializers, fold_batchnorm
 from .graph import ChannelGroup, Consumer, find_groups
 from .graphview import GraphView
-from .io import check_opset, load_model
+from .io import check_not_quantized, check_opset, load_model
 from .ops import LinearHandler, handler_for
 from .reconstruct import refit
 from .report import GroupResult, LayerRow, Report, Totals
@@ -229,6 +229,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
         raise OptionError(f"unknown option: {exc}") from None
     original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
     check_opset(original)
+    check_not_quantized(original)
     work = copy.deepcopy(original)
     constants_to_initializers(work)
     bn_scales: dict[str, np.ndarray] = {}
@@ -248,8 +249,8 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
     shapes = tensor_shapes(work, cal)
     g = GraphView(work, shapes)
     groups = find_groups(g)
-    if not any(n.op_type in ("Conv", "Gemm", "MatMul") for n in work.graph.node):
-        raise ModelError("the model has no Conv, Gemm or MatMul layer: nothing to prune")
+    if not any(n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") for n in work.graph.node):
+        raise NothingToPrune("the model has no Conv, Gemm or MatMul layer: nothing to prune, nothing written")
     candidates, skipped = _candidates(groups, g, opts)
     cost = build_cost_model(g, groups)
     topo = {id(n): i for i, n in enumerate(work.graph.node)}

@@ -81,3 +81,35 @@ def test_cli_refuses_to_overwrite(tmp_path):
     out.write_bytes(b"precious")
     code = main([str(MODELS / "vgg_fmnist.onnx"), "--calib", str(CALIB), "-o", str(out), "-q"])
     assert code == 2 and out.read_bytes() == b"precious"
+
+
+def _save(tmp_path, model, name="m.onnx"):
+    path = tmp_path / name
+    onnx.save(model, path)
+    return path
+
+
+def test_no_prunable_layer_exits_0_and_writes_nothing(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])])
+    src = _save(tmp_path, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    out = tmp_path / "out.onnx"
+    assert main([str(src), "-o", str(out), "--method", "l1", "--no-reconstruct", "-q"]) == 0
+    assert not out.exists()
+
+
+def test_quantized_model_is_refused_with_advice(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], inits)
+    src = _save(tmp_path, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    proc = subprocess.run([sys.executable, "-m", "onnxprune", str(src), "--calib", str(CALIB)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "prune the float model first" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
