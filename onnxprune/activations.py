@@ -95,6 +95,15 @@ def run_batches(model: onnx.ModelProto, outputs: Sequence[str], calib: Calibrati
         yield idx, {n: v[:len(idx)] for n, v in zip(names, values)}
 
 
+ACTIVATION_BUDGET = 1 << 30  # bytes of activations one ORT batch may hold
+
+
+def fitting_batch(shapes: dict[str, tuple[int, ...]], wanted: int) -> int:
+    """The largest batch (≤ ``wanted``) whose activations, summed over every tensor, fit the budget."""
+    per_sample = sum(4 * int(np.prod(s[1:])) for s in shapes.values() if len(s) > 1)
+    return max(1, min(wanted, ACTIVATION_BUDGET // max(per_sample, 1)))
+
+
 def tensor_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple[int, ...]]:
     """Shapes of every tensor for one calibration sample (batch dim as run), found by running it."""
     names = [o for n in model.graph.node for o in n.output if o]

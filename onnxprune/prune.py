@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .activations import batch_size_for, tensor_shapes
+from .activations import batch_size_for, fitting_batch, tensor_shapes
 from .budget import build_cost_model, count_params, uniform_widths
 from .calib import Calibration, ImageOptions, load_calibration
 from .errors import NothingToPrune, OptionError
@@ -262,7 +262,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
         consumers = [c for grp in pending for c in grp.all_consumers if _sampleable(c, g)]
         consumers += _downstream_layers(g, pending, topo) if opts.reconstruct and opts.refit_downstream else []
         sampler = Sampler(reference, g, cal, fit_idx, consumers, opts.samples_per_image, opts.seed,
-                          residual=opts.residual_target, batch=opts.batch_size)
+                          residual=opts.residual_target, batch=fitting_batch(shapes, opts.batch_size))
     if widths is None:
         curves = measure_curves(candidates, sampler, g, _sampleable) if sampler else {}
         widths = allocate(cost, candidates, curves, opts.speedup, opts.round_to)
@@ -374,7 +374,9 @@ class _Pruner:
         return fit
 
 
-def _layer_rows(before: onnx.ModelProto, after: onnx.ModelProto, cal: Calibration) -> list[LayerRow]:
+def _layer_rows(before: onnx.ModelProto, after: onnx.ModelProto, cal: Calibration
+                ) -> tuple[list[LayerRow], dict[str, tuple[int, ...]]]:
+    """Per-layer channels and MACs before/after, and the tensor shapes of ``before``."""
     gb = GraphView(before, tensor_shapes(before, cal))
     ga = GraphView(after, tensor_shapes(after, cal))
     after_nodes = {n.output[0]: n for n in after.graph.node if n.output}
@@ -388,13 +390,13 @@ def _layer_rows(before: onnx.ModelProto, after: onnx.ModelProto, cal: Calibratio
                              (gb.channels(node.input[0]) or 0, ga.channels(other.input[0]) or 0),
                              (gb.channels(node.output[0]) or 0, ga.channels(other.output[0]) or 0),
                              (macs, handler_for(other).macs(other, ga))))
-    return rows
+    return rows, gb.shapes
 
 
 def _report(original, reference, pruned, cal, fit_idx, hold_idx, opts, results, skipped, folded) -> Report:
     check_idx = hold_idx if len(hold_idx) else fit_idx
-    fidelity = compare(original, pruned, cal, check_idx)
-    rows = _layer_rows(reference, pruned, cal)
+    rows, shapes = _layer_rows(reference, pruned, cal)
+    fidelity = compare(original, pruned, cal, check_idx, fitting_batch(shapes, opts.batch_size))
     lat = None
     if opts.measure_latency:
         feed = cal.take([0] * batch_size_for(original, 1))
