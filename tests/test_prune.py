@@ -137,3 +137,14 @@ def test_allocate_prefers_the_group_that_loses_least():
     widths = allocate(cost, units, curves, speedup=1.5)
     assert widths[0] < widths[1]
     assert 200 / cost.macs(widths) >= 1.5
+
+
+def test_round_to_keeps_multiples():
+    from graphs import random_cnn
+
+    model = random_cnn(["conv", "conv"], [32, 32, 2, 2, 2], head="gap")
+    x = calib_for(model, 60)
+    result = onnxprune.prune(model, x, speedup=1.5, round_to=8, measure_latency=False)
+    assert result.report.groups
+    assert all(grp.channels_after % 8 == 0 for grp in result.report.groups if grp.channels_before > 8)
+    check_pruned(result.model, model, x[:10], max_rel_err=1.0)

@@ -113,3 +113,20 @@ def test_quantized_model_is_refused_with_advice(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "onnxprune", str(src), "--calib", str(CALIB)], capture_output=True, text=True)
     assert proc.returncode == 2 and "prune the float model first" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_export_arch_and_image_folder(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    x = np.load(CALIB)[:40, 0]
+    for i, img in enumerate(x):
+        Image.fromarray(((img * 0.353 + 0.286).clip(0, 1) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    out, arch = tmp_path / "p.onnx", tmp_path / "arch.json"
+    code = main([str(MODELS / "vgg_fmnist.onnx"), "--calib", str(images), "--mean", "0.286", "--std", "0.353",
+                 "--speedup", "1.5", "-o", str(out), "--export-arch", str(arch), "-q", "--no-latency"])
+    assert code == 0
+    layers = json.loads(arch.read_text())["layers"]
+    assert any(layer["out_channels"] < layer["original_out_channels"] for layer in layers)
+    check_pruned(onnx.load(out), onnx.load(MODELS / "vgg_fmnist.onnx"), np.load(CALIB)[:50], max_rel_err=0.5)
