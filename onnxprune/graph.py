@@ -61,8 +61,8 @@ class ChannelGroup:
         not a residual join: such groups are pruned by default.
         """
         return len(self.producers) > 1 and any(
-            n.op_type in ("Add", "Sum", "Sub", "Mean", "Max", "Min") and len([i for i in n.input if i]) > 1
-            and sum(1 for i in n.input if i in self.tensors) > 1 for n in self.throughs)
+            handler_for(n).joins_branches and sum(1 for i in n.input if i in self.tensors) > 1
+            for n in self.throughs)
 
     @property
     def all_consumers(self) -> list[Consumer]:

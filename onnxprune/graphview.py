@@ -104,14 +104,6 @@ class GraphView:
         shape = self.shape(name)
         return shape[1] if shape is not None and len(shape) >= 2 else None
 
-    def activation_inputs(self, node: onnx.NodeProto) -> list[str]:
-        """Inputs of ``node`` that are not constants."""
-        return [i for i in node.input if i and not self.is_const(i)]
-
-    def topo_index(self) -> dict[str, int]:
-        """Position of each node (by its first output) in the graph's order."""
-        return {node.output[0]: i for i, node in enumerate(self.graph.node) if node.output}
-
     def nodes_by_type(self, *op_types: str) -> Iterable[onnx.NodeProto]:
         return (n for n in self.graph.node if n.op_type in op_types)
 

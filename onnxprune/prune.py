@@ -159,8 +159,9 @@ def _bn_scales(grp: ChannelGroup, g: GraphView, folded: dict[str, np.ndarray]) -
             total += np.abs(folded[node.output[0]])
             found = True
     for node in grp.throughs:
-        if node.op_type == "BatchNormalization":
-            total += np.abs(g.input_const(node, 1))
+        scales = handler_for(node).channel_scales(node, g)
+        if scales is not None:
+            total += np.abs(scales)
             found = True
     return total if found else None
 
@@ -249,8 +250,9 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
     shapes = tensor_shapes(work, cal)
     g = GraphView(work, shapes)
     groups = find_groups(g)
-    if not any(n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") for n in work.graph.node):
-        raise NothingToPrune("the model has no Conv, Gemm or MatMul layer: nothing to prune, nothing written")
+    if not any(grp.producers for grp in groups):
+        raise NothingToPrune("the model has no layer whose channels can be pruned (Conv, Gemm, MatMul…): "
+                             "nothing to prune, nothing written")
     candidates, skipped = _candidates(groups, g, opts)
     cost = build_cost_model(g, groups)
     topo = {id(n): i for i, n in enumerate(work.graph.node)}

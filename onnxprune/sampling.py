@@ -33,7 +33,6 @@ class Target:
     (He et al.'s ``Y2 + Y1 − Y1'``), so the layer also absorbs the error on the skip path.
     """
 
-    node: onnx.NodeProto
     source: str  # tensor of the original model giving the target
     residual_other: str | None
 
@@ -41,7 +40,7 @@ class Target:
 def _residual_partner(g: GraphView, node: onnx.NodeProto) -> tuple[str, str] | None:
     out = node.output[0]
     users = g.consumers.get(out, [])
-    if out in g.graph_outputs or len(users) != 1 or users[0].op_type not in ("Add", "Sum"):
+    if out in g.graph_outputs or len(users) != 1 or not handler_for(users[0]).sums_branches:
         return None
     join = users[0]
     others = [i for i in join.input if i and i != out]
@@ -68,7 +67,7 @@ class Sampler:
             if name in self.targets:
                 continue
             partner = _residual_partner(g, c.node) if residual else None
-            self.targets[name] = Target(c.node, partner[0] if partner else name,
+            self.targets[name] = Target(partner[0] if partner else name,
                                         partner[1] if partner else None)
             handler = handler_for(c.node)
             per_image = handler.positions(c.node, g)

@@ -49,6 +49,8 @@ class Handler:
     """Base handler: a barrier (no rule). Subclasses describe how channels pass through."""
 
     op_type = ""
+    joins_branches = False  # an element-wise join of several branches (residual Add, Max, ...)
+    sums_branches = False  # ... whose output is the sum of its inputs (Add, Sum)
 
     def rule(self, node: onnx.NodeProto, g: GraphView) -> ChannelRule | None:
         """The node's channel rule, or None when the node must be a barrier."""
@@ -68,6 +70,10 @@ class Handler:
     def macs(self, node: onnx.NodeProto, g: GraphView) -> int:
         """Multiply-accumulates of one sample through this node at the known shapes."""
         return 0
+
+    def channel_scales(self, node: onnx.NodeProto, g: GraphView) -> np.ndarray | None:
+        """Per-channel scale factors (BatchNorm γ) of a node the channels pass through, if any."""
+        return None
 
     def filter_norms(self, node: onnx.NodeProto, g: GraphView) -> np.ndarray:
         """L1 norm of the weights producing each output channel (producers only)."""

@@ -87,6 +87,14 @@ class Binary(Handler):
             return None
         return ChannelRule(ties=ties)
 
+    @property
+    def joins_branches(self) -> bool:
+        return self.op_type in ("Add", "Sum", "Sub", "Mean", "Max", "Min")
+
+    @property
+    def sums_branches(self) -> bool:
+        return self.op_type in ("Add", "Sum")
+
     def prune_through(self, node, keep, g):
         for i, name in enumerate(node.input):
             if name and g.is_const(name):
@@ -96,6 +104,9 @@ class Binary(Handler):
 @register("PRelu")
 class PRelu(Binary):
     """PRelu: the slope is a constant broadcast like a binary op's."""
+
+    joins_branches = False
+    sums_branches = False
 
 
 @register("BatchNormalization")
@@ -108,6 +119,9 @@ class BatchNorm(Handler):
         if any(g.input_const(node, i) is None for i in range(1, 5)):
             return None
         return ChannelRule(ties=[(node.input[0], node.output[0])])
+
+    def channel_scales(self, node, g):
+        return g.input_const(node, 1)
 
     def prune_through(self, node, keep, g):
         for i in range(1, 5):
