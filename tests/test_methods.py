@@ -48,6 +48,7 @@ def test_slim_uses_bn_gamma_and_refuses_without_bn():
     assert result.report.groups[0].channels_after == 3
     w = [t for t in result.model.graph.initializer if len(t.dims) == 4]
     assert sorted(int(t.dims[0]) for t in w) == [3, 4]
+    check_pruned(result.model, model, calib_for(model, 10), max_rel_err=2.0)
     with pytest.raises(OptionError, match="slim-fallback"):
         onnxprune.prune(tiny_vgg(), calib_for(tiny_vgg(), 40), speedup=1.5, method="slim", measure_latency=False)
 
