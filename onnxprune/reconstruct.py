@@ -1,8 +1,10 @@
 """Least-squares refit of a layer's weights from its kept input channels.
 
-The ridge strength is chosen by two-fold cross-validation on the sampled statistics, with the
-unchanged (sliced) weights as a candidate too, so an under-determined refit (few samples, many
-unknowns) can never make a layer worse on held-out samples than not refitting it.
+The ridge pulls the solution towards the layer's current (sliced) weights rather than towards
+zero: with few samples per unknown the refit then moves only as far from the trained weights as
+the data supports. Its strength is chosen by two-fold cross-validation on the sampled statistics,
+with the unchanged weights as a candidate too, so an under-determined refit can never make a layer
+worse on held-out samples than not refitting it.
 """
 
 from __future__ import annotations
@@ -34,21 +36,24 @@ def _ridge_scale(a: np.ndarray, n_x: int) -> float:
     return float(diag.mean()) if diag.size and diag.mean() > 0 else 1.0
 
 
-def _solve(a: np.ndarray, b: np.ndarray, ridge: float, n_x: int) -> np.ndarray:
-    a = a.copy()
-    a[np.arange(n_x), np.arange(n_x)] += ridge * _ridge_scale(a, n_x)
+def _solve(a: np.ndarray, b: np.ndarray, ridge: float, n_x: int, prior: np.ndarray) -> np.ndarray:
+    """``argmin ‖Y − XW‖² + r‖W − prior‖²`` over the first ``n_x`` unknowns (not the bias)."""
+    a, b = a.copy(), b.copy()
+    r = ridge * _ridge_scale(a, n_x)
+    a[np.arange(n_x), np.arange(n_x)] += r
+    b[:n_x] += r * prior[:n_x]
     try:
         return scipy.linalg.solve(a, b, assume_a="pos", check_finite=False)
     except (np.linalg.LinAlgError, ValueError):
         return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
-def _ridge_path(a: np.ndarray, b: np.ndarray, ridges: tuple[float, ...], n_x: int) -> list[np.ndarray]:
-    """Ridge solutions for several strengths from one eigendecomposition (ridge on every unknown)."""
+def _ridge_path(a: np.ndarray, b: np.ndarray, ridges: tuple[float, ...], n_x: int,
+                prior: np.ndarray) -> list[np.ndarray]:
+    """Solutions for several ridge strengths from one eigendecomposition (ridge on every unknown)."""
     lam, vec = np.linalg.eigh(a)
-    vb = vec.T @ b
     scale = _ridge_scale(a, n_x)
-    return [vec @ (vb / (lam + r * scale)[:, None]) for r in ridges]
+    return [vec @ ((vec.T @ (b + r * scale * prior)) / (lam + r * scale)[:, None]) for r in ridges]
 
 
 def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
@@ -82,13 +87,13 @@ def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndar
             errs = np.zeros(len(RIDGES))
             for f in (0, 1):
                 a, b = stats.xtx[1 - f][np.ix_(idx, idx)], stats.xty[1 - f][idx]
-                for i, w in enumerate(_ridge_path(a, b, RIDGES, n_x)):
+                for i, w in enumerate(_ridge_path(a, b, RIDGES, n_x, start)):
                     errs[i] += stats.error(full(w), f)
             if errs.min() < best_err:
                 best_ridge = RIDGES[int(errs.argmin())]
         if best_ridge is None:
             return Refit(weight, bias, None, before, before)
-    w = _solve(xtx[np.ix_(idx, idx)], xty[idx], best_ridge, n_x)
+    w = _solve(xtx[np.ix_(idx, idx)], xty[idx], best_ridge, n_x, start)
     after = stats.error(full(w)) / energy
     if after > before:  # numerical trouble: never make a layer worse in-sample
         return Refit(weight, bias, None, before, before)

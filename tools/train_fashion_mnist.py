@@ -10,6 +10,8 @@ This script produces the reference models used by onnxprune's examples and tests
   ``BatchNormalization`` nodes kept as separate nodes.
 * ``fmnist_calib.npy``   - 512 normalised training images (seeded random choice),
   float32 ``[512, 1, 28, 28]``, for calibration / activation statistics.
+* ``fmnist_calib_2k.npz`` - 2048 normalised training images (another seeded choice),
+  float32 ``input [2048, 1, 28, 28]``, compressed: reconstruction is data-limited at 512 images.
 * ``fmnist_test.npz``    - the first 2000 test images (``x``: float32 normalised
   ``[2000, 1, 28, 28]``, ``y``: int64 labels) for accuracy checks.
 
@@ -361,7 +363,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-subset", type=int, default=None,
                    help="use only the first N training images (for quick smoke runs)")
     p.add_argument("--no-data-files", action="store_true",
-                   help="do not (re)write fmnist_calib.npy / fmnist_test.npz")
+                   help="do not (re)write fmnist_calib.npy / fmnist_calib_2k.npz / fmnist_test.npz")
+    p.add_argument("--data-only", action="store_true", help="only (re)write the data files, train nothing")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -377,9 +380,13 @@ def main(argv=None) -> int:
         calib_rng = np.random.default_rng(12345)
         calib_idx = np.sort(calib_rng.choice(len(xtr), size=512, replace=False))
         np.save(os.path.join(args.out_dir, "fmnist_calib.npy"), xtr[calib_idx].astype(np.float32))
+        calib_2k = np.sort(np.random.default_rng(54321).choice(len(xtr), size=2048, replace=False))
+        np.savez_compressed(os.path.join(args.out_dir, "fmnist_calib_2k.npz"), input=xtr[calib_2k].astype(np.float32))
         np.savez_compressed(os.path.join(args.out_dir, "fmnist_test.npz"),
                             x=xte[:2000].astype(np.float32), y=yte[:2000].astype(np.int64))
-        print("wrote fmnist_calib.npy and fmnist_test.npz", flush=True)
+        print("wrote fmnist_calib.npy, fmnist_calib_2k.npz and fmnist_test.npz", flush=True)
+    if args.data_only:
+        return 0
 
     if args.train_subset:
         xtr, ytr = xtr[:args.train_subset], ytr[:args.train_subset]
