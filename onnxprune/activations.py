@@ -10,6 +10,9 @@ import onnx
 import onnxruntime as ort
 
 from .calib import Calibration, model_inputs
+from .errors import ModelError
+from .graphview import inputs_of
+from .io import inference_session
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH = 32
@@ -21,7 +24,13 @@ def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return inference_session(model, opts, ["CPUExecutionProvider"])
+
+
+# What ONNX Runtime raises when it cannot load or run a model (none derives from a common base).
+ORT_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name in (
+    "Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException", "InvalidProtobuf",
+    "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail"))
 
 
 def probe_model(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
@@ -41,10 +50,7 @@ def probe_model(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelPro
         node = producer.get(t)
         if node is not None and id(node) not in live:
             live.add(id(node))
-            stack.extend(i for i in node.input if i)
-            for a in node.attribute:  # subgraph inputs captured from the outer scope
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    stack.extend(i for n in sub.node for i in n.input if i)
+            stack.extend(inputs_of(node))  # with the outer-scope tensors its subgraphs capture
     nodes = [n for n in graph.node if id(n) in live]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -57,7 +63,7 @@ def probe_model(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelPro
         else:
             vi.name = name
         graph.output.append(vi)
-    used = {i for n in graph.node for i in n.input} | set(names)
+    used = {i for n in graph.node for i in inputs_of(n)} | set(names)
     inits = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(inits)
@@ -92,7 +98,7 @@ def run_batches(model: onnx.ModelProto, outputs: Sequence[str], calib: Calibrati
         if static and len(idx) != bs:  # static batch: pad the last batch
             feed = {k: np.concatenate([v, np.repeat(v[-1:], bs - len(idx), axis=0)]) for k, v in feed.items()}
         values = sess.run(names, feed)
-        yield idx, {n: v[:len(idx)] for n, v in zip(names, values)}
+        yield idx, {n: v[:len(idx)] if v.ndim else v for n, v in zip(names, values)}  # scalars: as they are
 
 
 ACTIVATION_BUDGET = 1 << 30  # bytes of activations one ORT batch may hold
@@ -108,7 +114,13 @@ def tensor_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple
     """Shapes of every tensor for one calibration sample (batch dim as run), found by running it."""
     names = [o for n in model.graph.node for o in n.output if o]
     inputs = {i.name for i in model_inputs(model)}
-    _, values = next(run_batches(model, names, calib, [0], 1))
+    try:  # the first run of the user's model on the user's data: its failures are theirs
+        _, values = next(run_batches(model, names, calib, [0], 1))
+    except ORT_ERRORS as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ModelError(f"ONNX Runtime cannot run the model on the calibration data ({reason}); check that the "
+                         "model runs in ONNX Runtime (custom ops, training-mode nodes) and the data fits its inputs"
+                         ) from None
     shapes = {n: tuple(int(d) for d in v.shape) for n, v in values.items()}
     feed = calib.take([0])
     shapes.update({n: tuple(v.shape) for n, v in feed.items() if n in inputs})

@@ -16,6 +16,8 @@ import onnx
 
 from .errors import CalibrationError
 
+# Larger calibration values overflow float32 activations and the statistics built from them.
+MAX_ABS_VALUE = 1e6
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 _ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                   onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
@@ -260,6 +262,10 @@ def _validate(arrays: dict[str, object], inputs: list[ModelInput]) -> dict[str, 
                                        f"{np.dtype(inp.dtype).name}; convert and normalise it first")
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             raise CalibrationError(f"calibration data for '{inp.name}' contains NaN or Inf values; clean it first")
+        peak = float(np.abs(arr).max()) if arr.size and np.issubdtype(arr.dtype, np.number) else 0.0
+        if peak > MAX_ABS_VALUE:
+            raise CalibrationError(f"calibration data for '{inp.name}' has values up to {peak:.3g}; normalise it "
+                                   f"the way the model expects (|values| <= {MAX_ABS_VALUE:g})")
         out[inp.name] = arr
     return out
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from .arch import architecture
 from .calib import Color, ImageOptions, Layout
 from .errors import NothingToPrune, PruneError
-from .io import save_model_atomic, write_text_atomic
+from .io import check_folder, check_output, save_model_atomic, write_text_atomic
 from .select import Method
 
 EXIT_OK, EXIT_TARGET, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -76,8 +76,10 @@ def _run(args: argparse.Namespace) -> int:
     from .prune import prune
 
     output = args.output or args.model.with_name(args.model.stem + ".pruned.onnx")
-    if output.exists() and not args.force:
-        raise PruneError(f"output '{output}' already exists; pass --force to overwrite it")
+    check_output(output, force=args.force, protected=(args.model,))  # before any work is done
+    for extra in (args.report, args.export_arch):
+        if extra:
+            check_folder(extra)
     images = ImageOptions(size=tuple(args.size) if args.size else None, mean=tuple(args.mean), std=tuple(args.std),
                           layout=Layout(args.layout) if args.layout else None,
                           color=Color(args.color) if args.color else None)

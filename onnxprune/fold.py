@@ -54,8 +54,8 @@ def fold_batchnorm(model: onnx.ModelProto, scales: dict[str, np.ndarray] | None 
         conv = g.producer.get(bn.input[0])
         if conv is None or conv.op_type != "Conv" or len(g.consumers[bn.input[0]]) != 1:
             continue
-        if bn.input[0] in g.graph_outputs or len([o for o in bn.output if o]) != 1:
-            continue
+        if bn.input[0] in g.graph_outputs or len([o for o in bn.output if o]) != 1 or attr(bn, "training_mode", 0):
+            continue  # training mode normalises with batch statistics: nothing to fold
         params = [g.input_const(bn, i) for i in range(1, 5)]
         w, b = g.input_const(conv, 1), g.input_const(conv, 2)
         if w is None or any(p is None for p in params) or (len(conv.input) > 2 and conv.input[2] and b is None):

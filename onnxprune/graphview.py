@@ -36,9 +36,8 @@ class GraphView:
             for out in node.output:
                 if out:
                     self.producer[out] = node
-            for inp in node.input:
-                if inp:
-                    self.consumers[inp].append(node)
+            for inp in inputs_of(node):
+                self.consumers[inp].append(node)
         self.graph_inputs = {i.name for i in self.graph.input} - set(self.initializers)
         self.graph_outputs = {o.name for o in self.graph.output}
 
@@ -81,7 +80,7 @@ class GraphView:
 
     def drop_unused_initializers(self) -> None:
         """Remove initializers that no node reads any more."""
-        used = {i for n in self.graph.node for i in n.input} | self.graph_outputs
+        used = {i for n in self.graph.node for i in inputs_of(n)} | self.graph_outputs
         keep = [t for t in self.graph.initializer if t.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
@@ -106,6 +105,22 @@ class GraphView:
 
     def nodes_by_type(self, *op_types: str) -> Iterable[onnx.NodeProto]:
         return (n for n in self.graph.node if n.op_type in op_types)
+
+
+def subgraph_reads(node: onnx.NodeProto) -> list[str]:
+    """Names read by the nodes of ``node``'s subgraphs (If/Loop/Scan bodies), at any depth:
+    outer-scope tensors a body captures are inputs of the node too."""
+    names = []
+    for a in node.attribute:
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for inner in sub.node:
+                names += [i for i in inner.input if i] + subgraph_reads(inner)
+    return names
+
+
+def inputs_of(node: onnx.NodeProto) -> list[str]:
+    """A node's inputs, then the outer-scope tensors its subgraphs read (no empty names, no repeats)."""
+    return list(dict.fromkeys(i for i in [*node.input, *subgraph_reads(node)] if i))
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):

@@ -4,27 +4,42 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from math import prod
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import ModelError, OutputError
 
 MIN_OPSET = 11
 # A model whose protobuf is larger than this must keep its weights in an external file.
 PROTOBUF_LIMIT = 2**31 - 1
+# Refuse inputs whose declared static dims make one sample larger than this.
+MAX_SAMPLE_BYTES = 1 << 32
+
+
+def _location(tensor: onnx.TensorProto) -> dict[str, str]:
+    """The external-data entries of a tensor (location, offset, length …) as a dict."""
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    return (t for t in onnx.external_data_helper._get_all_tensors(model)
+            if t.data_location == onnx.TensorProto.EXTERNAL)
 
 
 def _check_external_paths(model: onnx.ModelProto, base_dir: Path) -> None:
-    """Refuse external-data locations that escape the model's folder."""
+    """Refuse external-data locations that escape the model's folder (``..``, absolute paths,
+    symlinks leading out), that are missing, or whose byte range runs past the file's end."""
     base = base_dir.resolve()
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    for tensor in _external_tensors(model):
+        entries = _location(tensor)
+        location = entries.get("location", "")
         target = (base / location).resolve()
-        if os.path.isabs(location) or base not in target.parents:
+        if not location or os.path.isabs(location) or base not in target.parents:
             raise ModelError(
                 f"tensor '{tensor.name}' stores its data at '{location}', outside the model's "
                 "folder; move the data file next to the model"
@@ -34,10 +49,63 @@ def _check_external_paths(model: onnx.ModelProto, base_dir: Path) -> None:
                 f"external data file '{location}' of tensor '{tensor.name}' is missing; "
                 "keep it next to the model"
             )
+        try:
+            offset, length = int(entries.get("offset", 0)), int(entries.get("length", -1))
+        except ValueError:
+            raise ModelError(f"tensor '{tensor.name}' has a malformed external-data offset/length; "
+                             "re-export the model") from None
+        size = target.stat().st_size
+        if offset < 0 or offset > size or offset + max(length, 0) > size:
+            raise ModelError(
+                f"tensor '{tensor.name}' reads bytes {offset}..{offset + max(length, 0)} of '{location}', "
+                f"which has only {size}; the data file is truncated or belongs to another model"
+            )
+
+
+def _stored_elements(tensor: onnx.TensorProto) -> int | None:
+    """How many elements a tensor's data holds (None: strings or an unknown type)."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data) // itemsize if len(tensor.raw_data) % itemsize == 0 else -1
+    field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+    per_element = 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
+    return len(getattr(tensor, field)) // per_element
+
+
+def check_tensor_data(model: onnx.ModelProto) -> None:
+    """Refuse tensors whose data does not match their declared dims and type (the checker
+    refuses too little data, not too much)."""
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        stored = _stored_elements(tensor)
+        if stored is not None and stored != prod(tensor.dims):
+            raise ModelError(f"tensor '{tensor.name}' declares dims {list(tensor.dims)} ({prod(tensor.dims)} "
+                             f"elements) but holds data for {stored}; the file is corrupt, re-export the model")
+
+
+def check_input_sizes(model: onnx.ModelProto) -> None:
+    """Refuse graph inputs whose static dims describe an absurdly large sample."""
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits or not vi.type.HasField("tensor_type"):
+            continue
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim[1:] if d.HasField("dim_value")]
+        if any(d < 0 for d in dims) or 4 * prod(dims) > MAX_SAMPLE_BYTES:
+            raise ModelError(
+                f"input '{vi.name}' declares a sample of shape {dims} (over {MAX_SAMPLE_BYTES >> 30} GiB); "
+                "fix the input's dims or export it with dynamic dims"
+            )
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX model (with its external data) and check that onnxprune can work on it."""
+    """Load an ONNX model (with its external data) and check that onnxprune can work on it.
+
+    Every check that needs no tensor data runs before any tensor data is read.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file '{path}' does not exist")
@@ -50,15 +118,17 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
                          "re-export it or check the download is complete") from None
     if not model.graph.node:
         raise ModelError(f"'{path}' holds no graph nodes; is it an ONNX model?")
-    _check_external_paths(model, path.parent)
-    onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     check_opset(model)
     check_not_quantized(model)
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
+    check_input_sizes(model)
+    _check_external_paths(model, path.parent)
+    try:  # by path: works for models over 2 GB, and reads no tensor data
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelError(f"'{path}' fails the ONNX checker: {first}") from None
+    onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    check_tensor_data(model)
     return model
 
 
@@ -94,51 +164,137 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False,
-                      protected: tuple[str | os.PathLike, ...] = ()) -> Path:
-    """Write ``model`` to ``path`` via a temporary file in the same folder, then rename.
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The model's serialized size; over 2 GB (where ``ByteSize`` fails) the tensor data plus the rest."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return sum(len(t.raw_data) for t in onnx.external_data_helper._get_all_tensors(model)) + (1 << 20)
 
-    Refuses to overwrite any path in ``protected`` (the input model) and, unless ``force``,
-    any existing file. Models too large for one protobuf get an external data file beside them.
-    """
+
+def too_large(model: onnx.ModelProto) -> bool:
+    """Whether the model exceeds protobuf's 2 GB limit and needs external data."""
+    return model_bytes(model) > PROTOBUF_LIMIT
+
+
+def _data_name(path: Path) -> str:
+    """Name of the external data file written beside a large output model."""
+    return f"{path.name}.data"
+
+
+def _files_of(model_path: Path) -> set[Path]:
+    """A model file and the external data files it refers to (resolved)."""
+    files = {model_path.resolve()}
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # not readable as a model: only the file itself is protected
+        return files
+    return files | {(model_path.parent / _location(t).get("location", "")).resolve()
+                    for t in _external_tensors(model)}
+
+
+def check_output(path: str | os.PathLike, *, force: bool = False,
+                 protected: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse an output path that would overwrite an input (a model in ``protected`` or its
+    external data), an existing file without ``force``, a folder, or that lies in a missing folder."""
     path = Path(path)
+    mine = {path.resolve(), (path.parent / _data_name(path)).resolve()}
     for other in protected:
-        if path.exists() and Path(other).exists() and path.resolve() == Path(other).resolve():
-            raise OutputError(f"refusing to overwrite the input model '{path}'; choose another -o path")
+        if Path(other).is_file() and mine & _files_of(Path(other)):
+            raise OutputError(f"refusing to overwrite the input model '{other}' or its data; choose another -o path")
+    if path.is_dir():
+        raise OutputError(f"output '{path}' is a folder; pass a file path to -o")
     if path.exists() and not force:
         raise OutputError(f"output '{path}' already exists; pass --force to overwrite it")
-    folder = path.parent if str(path.parent) else Path(".")
+    check_folder(path)
+    return path
+
+
+def check_folder(path: str | os.PathLike) -> Path:
+    """The folder ``path`` is to be written in, refusing one that does not exist; returns it."""
+    folder = Path(path).parent if str(Path(path).parent) else Path(".")
     if not folder.is_dir():
-        raise OutputError(f"output folder '{folder}' does not exist; create it first")
-    large = model.ByteSize() > PROTOBUF_LIMIT
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        raise OutputError(f"folder '{folder}' for '{Path(path).name}' does not exist; create it first")
+    return folder
+
+
+def _tmp_file(folder: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     os.close(fd)
-    data_name = f"{path.name}.data"
-    tmp_data = folder / f".{data_name}.tmp"
+    return Path(tmp)
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+@contextmanager
+def external_data(model: onnx.ModelProto, data_path: Path, location: str,
+                  threshold: int = 1024) -> Iterator[onnx.ModelProto]:
+    """Move the raw data of every tensor over ``threshold`` bytes to ``data_path`` (referred to
+    as ``location``) for the duration of the block, so the proto stays under 2 GB; the tensors
+    get their data back afterwards. Nothing is copied as a whole: one tensor at a time."""
+    moved: list[tuple[onnx.TensorProto, int, int]] = []
     try:
+        with open(data_path, "wb") as fh:
+            for tensor in onnx.external_data_helper._get_all_tensors(model):
+                if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) <= threshold:
+                    continue
+                offset = -fh.tell() % 4096 + fh.tell()  # page-aligned, so runtimes can map it
+                fh.seek(offset)
+                raw = tensor.raw_data
+                fh.write(raw)
+                moved.append((tensor, offset, len(raw)))
+                onnx.external_data_helper.set_external_data(tensor, location, offset, len(raw))
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                tensor.ClearField("raw_data")
+                del raw
+            fh.flush()
+            os.fsync(fh.fileno())
+        yield model
+    finally:
+        if moved:
+            with open(data_path, "rb") as fh:
+                for tensor, offset, length in moved:
+                    fh.seek(offset)
+                    del tensor.external_data[:]
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    tensor.raw_data = fh.read(length)
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False,
+                      protected: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Write ``model`` to ``path`` via temporary files in the same folder, then rename.
+
+    The rules of :func:`check_output` apply. Models too large for one protobuf get an external
+    data file ``<name>.data`` beside them. On any failure or interrupt no new file is left.
+    """
+    path = check_output(path, force=force, protected=protected)
+    folder = check_folder(path)
+    data_path = folder / _data_name(path)
+    large = too_large(model)
+    if large and data_path.exists() and not force:
+        raise OutputError(f"output data file '{data_path}' already exists; pass --force to overwrite it")
+    made: list[Path] = []
+    try:
+        made.append(_tmp_file(folder, path.name))
         if large:
-            onnx.save_model(model, tmp_name, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            # the .onnx refers to the data file by name: rewrite the location before renaming.
-            saved = onnx.load(tmp_name, load_external_data=False)
-            for tensor in onnx.external_data_helper._get_all_tensors(saved):
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            with open(tmp_name, "wb") as fh:
-                fh.write(saved.SerializeToString())
-            os.replace(tmp_data, folder / data_name)
+            made.append(_tmp_file(folder, data_path.name))
+            with external_data(model, made[1], data_path.name) as small:
+                _fsync_write(made[0], small.SerializeToString())
+            os.chmod(made[1], _default_mode())
         else:
-            with open(tmp_name, "wb") as fh:
-                fh.write(model.SerializeToString())
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.chmod(tmp_name, _default_mode())
-        os.replace(tmp_name, path)
+            _fsync_write(made[0], model.SerializeToString())
+        os.chmod(made[0], _default_mode())
+        if large:
+            os.replace(made.pop(), data_path)
+        os.replace(made[0], path)
     except BaseException:
-        for leftover in (Path(tmp_name), tmp_data):
-            if leftover.exists():
-                leftover.unlink()
+        for leftover in made:
+            leftover.unlink(missing_ok=True)
         raise
     return path
 
@@ -146,9 +302,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, force:
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write a text file via a temporary file in the same folder, then rename."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"folder '{folder}' for '{path.name}' does not exist; create it first")
+    folder = check_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -160,3 +314,17 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def inference_session(model: onnx.ModelProto, options, providers: list[str]):
+    """An ONNX Runtime session for ``model`` of any size: from memory, or over 2 GB from a
+    temporary copy with external data (the model itself is left as it was)."""
+    import onnxruntime as ort
+
+    if not too_large(model):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
+        onnx_path, data_path = Path(tmp) / "model.onnx", Path(tmp) / "model.onnx.data"
+        with external_data(model, data_path, data_path.name) as small:
+            onnx_path.write_bytes(small.SerializeToString())
+        return ort.InferenceSession(str(onnx_path), options, providers=providers)

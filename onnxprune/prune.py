@@ -19,7 +19,7 @@ from .errors import NothingToPrune, OptionError
 from .fold import constants_to_initializers, fold_batchnorm
 from .graph import ChannelGroup, Consumer, find_groups
 from .graphview import GraphView
-from .io import check_not_quantized, check_opset, load_model
+from .io import check_not_quantized, check_opset, load_model, model_bytes
 from .ops import LinearHandler, handler_for
 from .reconstruct import refit
 from .report import GroupResult, LayerRow, Report, Totals
@@ -405,7 +405,7 @@ def _report(original, reference, pruned, cal, fit_idx, hold_idx, opts, results, 
         lat = tuple(latency_ms([original, pruned], feed))
     totals = Totals(macs=(sum(r.macs[0] for r in rows), sum(r.macs[1] for r in rows)),
                     params=(count_params(GraphView(original)), count_params(GraphView(pruned))),
-                    size_bytes=(original.ByteSize(), pruned.ByteSize()), latency_ms=lat)
+                    size_bytes=(model_bytes(original), model_bytes(pruned)), latency_ms=lat)
     return Report(method=opts.method.value, reconstruct=opts.reconstruct, target_speedup=opts.speedup,
                   totals=totals, groups=results, layers=rows, skipped=skipped, fidelity=fidelity,
                   calibration={"fit": int(len(fit_idx)), "holdout": int(len(hold_idx)),
