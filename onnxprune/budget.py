@@ -78,11 +78,15 @@ def count_params(g: GraphView) -> int:
     return int(sum(np.prod(t.dims) for t in g.graph.initializer if t.data_type in (1, 10, 11, 16)))
 
 
-def round_width(channels: int, ratio: float, multiple: int) -> int:
-    """Kept channels for ``ratio``, rounded to a multiple of ``multiple`` (never 0, never > C)."""
+def round_width(channels: int, ratio: float, multiple: int, segments: int = 1) -> int:
+    """Kept channels for ``ratio``, rounded up to a multiple of ``multiple`` and of ``segments``
+    (the groups of a grouped conv, which keep equally many each); never 0, never > C."""
     kept = max(1, int(round(channels * ratio)))
-    if multiple > 1 and channels > multiple:
-        kept = max(multiple, int(math.ceil(kept / multiple) * multiple))
+    step = math.lcm(multiple, segments)
+    if step > 1 and channels > step:
+        kept = max(step, int(math.ceil(kept / step) * step))
+    elif segments > 1:
+        kept = max(segments, int(math.ceil(kept / segments) * segments))
     return min(kept, channels)
 
 
@@ -92,7 +96,7 @@ def uniform_widths(cost: CostModel, candidates: list[ChannelGroup], speedup: flo
     total = cost.total
 
     def widths(r: float) -> dict[int, int]:
-        return {grp.index: round_width(grp.channels, r, round_to) for grp in candidates}
+        return {grp.index: round_width(grp.channels, r, round_to, grp.segments) for grp in candidates}
 
     def reached(r: float) -> float:
         return total / max(cost.macs(widths(r)), 1e-9)

@@ -5,13 +5,15 @@ tensors: the outputs of its producers (Conv, Gemm), everything the channels flow
 (BN, activations, pooling, residual Add, Flatten…) and the inputs its consumers reduce over.
 
 Every channel is an *atom* owned by the group whose layers produce it. A group made by a Concat
-holds the atoms of its parts; a Split output holds a range of its input's atoms. Pruning an
-owner's atoms removes them from every group that holds them (its *sites*).
+holds the atoms of its parts; a Split or Slice output holds a range of its input's atoms. Pruning
+an owner's atoms removes them from every group that holds them (its *sites*). A group read or
+produced by a grouped Conv is cut into ``segments`` equal runs that keep equally many channels.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +49,7 @@ class ChannelGroup:
     owner: bool = False  # its atoms are its own (it has producers), not another group's
     derived_from: str = ""  # 'Concat …' / 'Split …' when its atoms come from other groups
     sites: list["ChannelGroup"] = field(default_factory=list)  # groups holding its atoms (owners)
+    segments: int = 1  # equal runs of channels that must keep equally many each (grouped Conv)
 
     @property
     def name(self) -> str:
@@ -82,8 +85,13 @@ class ChannelGroup:
             if site.blocked:
                 where = "" if site is self else f" (where they flow into '{site.tensors[0]}')"
                 return "; ".join(sorted(set(site.blocked))[:3]) + where
+        for site in self.sites:
+            if site.segments > 1 and site is not self:
+                return f"a grouped Conv reads them after {site.derived_from}"
         if not self.producers:
             return "no layer produces these channels"
+        if self.segments > 1 and self.channels < 2 * self.segments:
+            return f"a grouped Conv has one channel per group here ({self.segments} groups)"
         if not self.all_consumers:
             return "no layer consumes these channels"
         if self.channels < 2:
@@ -142,7 +150,7 @@ def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[st
             for t in acts:
                 block(t, f"{label} is a barrier")
             continue
-        covered = set(rule.produces) | set(rule.consumes)
+        covered = set(rule.produces) | set(rule.consumes) | set(rule.shape_only)
         for a, b in rule.ties:
             spaces.add(a)
             spaces.block[b] = spaces.block.get(a, 1) * rule.blocks.get(b, 1)
@@ -150,7 +158,7 @@ def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[st
             covered |= {a, b}
         for ins, out in rule.joins:
             covered |= set(ins) | {out}
-        for inp, outs in rule.slices:
+        for inp, outs, _ in rule.slices:
             covered |= {inp} | set(outs)
         for t in covered:
             spaces.add(t)
@@ -206,9 +214,12 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
         for ins, out in rule.joins:
             parts = [(group_of(i), 0, g.channels(i) or 0) for i in ins]
             _define(derived, group_of(out), label, parts, spaces, ins + [out])
-        for inp, outs in rule.slices:
+        for t, count in rule.segments.items():
+            grp = group_of(t)
+            grp.segments = math.lcm(grp.segments, count)
+        for inp, outs, start in rule.slices:
             group_of(inp).throughs.append(node)
-            offset = 0
+            offset = start
             for o in outs:
                 size = g.channels(o) or 0
                 _define(derived, group_of(o), label, [(group_of(inp), offset, size)], spaces, [inp, o])
@@ -218,6 +229,8 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
     for grp in result:
         if grp.channels == 0 and not grp.blocked:
             grp.blocked.append("channel count unknown")
+        elif grp.channels % grp.segments:
+            grp.blocked.append(f"{grp.channels} channels do not split into {grp.segments} conv groups")
     return result
 
 

@@ -26,8 +26,8 @@ from .report import GroupResult, LayerRow, Report, Totals
 from .rewrite import finalize, prune_group
 from .sampling import Sampler
 from .sensitivity import allocate, measure_curves
-from .select import (Method, expand_channels, l1_select, lasso_select, normalized_contribution, random_select,
-                     slim_select, thinet_select)
+from .select import (Method, expand_channels, l1_select, lasso_select, normalized_contribution, per_segment,
+                     random_select, slim_select, thinet_select)
 from .verify import compare, latency_ms
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def _candidates(groups: list[ChannelGroup], g: GraphView, opts: PruneOptions
         if not reason and grp.coupled and not opts.prune_coupled:
             reason = "channels coupled across branches (residual join); block outputs keep their width"
         if not reason and opts.needs_data and not any(_sampleable(c, g) for c in grp.all_consumers):
-            reason = "none of its consumers can be sampled (e.g. only ConvTranspose)"
+            reason = "none of its consumers can be sampled (e.g. only ConvTranspose or a grouped Conv)"
         if reason:
             if grp.owner and grp.channels > 1 and grp.producers:
                 skipped.append((grp.name, reason))
@@ -188,22 +188,26 @@ def _contribution_problem(sites: list["_Site"], g: GraphView, channels: int) -> 
 def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, sites: list["_Site"], rng,
             bn_scales: dict[str, np.ndarray]) -> np.ndarray:
     method = opts.method
-    if method is Method.SLIM:
-        scales = _bn_scales(grp, g, bn_scales)
-        if scales is not None:
-            return slim_select(scales, keep_n)
+    scales = _bn_scales(grp, g, bn_scales) if method is Method.SLIM else None
+    if method is Method.SLIM and scales is None:
         if opts.slim_fallback == "error":
             raise OptionError(f"--method slim needs BatchNorm γ, but group '{grp.name}' has no BatchNorm "
                               "(folded away by the exporter?); pass --slim-fallback l1 or use --method l1")
         method = Method.L1
-    if method is Method.RANDOM:
-        return random_select(grp.channels, keep_n, rng)
-    if method is Method.L1:
-        return l1_select(_filter_norms(grp, g), keep_n)
-    gram, corr = _contribution_problem(sites, g, grp.channels)
-    if method is Method.THINET:
-        return thinet_select(gram, keep_n)
-    return lasso_select(gram, corr, keep_n)
+    if method is Method.SLIM:
+        choose = lambda run, n: slim_select(scales[run], n)  # noqa: E731
+    elif method is Method.RANDOM:
+        choose = lambda run, n: random_select(len(run), n, rng)  # noqa: E731
+    elif method is Method.L1:
+        norms = _filter_norms(grp, g)
+        choose = lambda run, n: l1_select(norms[run], n)  # noqa: E731
+    else:
+        gram, corr = _contribution_problem(sites, g, grp.channels)
+        if method is Method.THINET:
+            choose = lambda run, n: thinet_select(gram[np.ix_(run, run)], n)  # noqa: E731
+        else:
+            choose = lambda run, n: lasso_select(gram[np.ix_(run, run)], corr[run], n)  # noqa: E731
+    return per_segment(choose, grp.channels, grp.segments, keep_n)  # equal per group of a grouped Conv
 
 
 def _progress(items, enabled: bool | None, desc: str):

@@ -27,8 +27,33 @@ def prune_group(g: GraphView, group: ChannelGroup, keep: np.ndarray, width: int)
             g.shapes[t] = (shape[0], len(keep) * per_channel, *shape[2:])
 
 
+def drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """Remove nodes none of whose outputs is used (e.g. the Shape arithmetic of a Slice whose
+    bounds were rewritten as constants)."""
+    graph = model.graph
+    while True:
+        used = _names_read(graph) | {o.name for o in graph.output}
+        live = [n for n in graph.node if any(o in used for o in n.output if o)]
+        if len(live) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(live)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node of ``graph`` or of its subgraphs (If/Loop bodies)."""
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for a in node.attribute:
+            for sub in [a.g] * a.HasField("g") + list(a.graphs):
+                names |= _names_read(sub)
+    return names
+
+
 def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop unused weights and stale shape annotations, re-infer shapes."""
+    """Drop dead nodes, unused weights and stale shape annotations, re-infer shapes."""
+    drop_dead_nodes(model)
     GraphView(model).drop_unused_initializers()
     del model.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(model)

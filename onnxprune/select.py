@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
@@ -55,6 +56,17 @@ def contribution_problem(xtx: np.ndarray, xt_target: np.ndarray, weight: np.ndar
     gram = (xtx * m).reshape(channels, k, channels, k).sum(axis=(1, 3))
     corr = (weight.T * xt_target).reshape(channels, k, -1).sum(axis=(1, 2))
     return gram, corr
+
+
+def per_segment(select: Callable[[np.ndarray, int], np.ndarray], channels: int, segments: int,
+                keep: int) -> np.ndarray:
+    """Keep ``keep`` channels, equally many in each of ``segments`` equal runs (the groups of a
+    grouped conv). ``select(run, n)`` returns the positions within ``run`` of the ``n`` it keeps."""
+    if segments <= 1:
+        return np.sort(select(np.arange(channels), keep))
+    per_run = max(1, int(round(keep / segments)))
+    runs = np.arange(channels).reshape(segments, channels // segments)
+    return np.sort(np.concatenate([run[select(run, per_run)] for run in runs]))
 
 
 def lasso_select(gram: np.ndarray, corr: np.ndarray, keep: int) -> np.ndarray:

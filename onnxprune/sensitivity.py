@@ -41,7 +41,7 @@ def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[
     level = {u.index: len(ratios) - 1 for u in units}
 
     def widths() -> dict[int, int]:
-        return {u.index: round_width(u.channels, ratios[level[u.index]], round_to) for u in units}
+        return {u.index: round_width(u.channels, ratios[level[u.index]], round_to, u.segments) for u in units}
 
     total = cost.total
     current = cost.macs(widths())

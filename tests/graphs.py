@@ -52,11 +52,15 @@ class Builder:
         b = self.rng.normal(0, 0.1, n).astype(np.float32)
         return self.node("Gemm", [x, self.const(w, "fc"), self.const(b, "fcb")], transB=1)
 
-    def build(self, *outputs: str) -> onnx.ModelProto:
-        outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+    def build(self, *outputs: str, out_shape: list | None = None) -> onnx.ModelProto:
+        """The model; ``out_shape`` declares the outputs' shape where inference cannot find it."""
+        outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, out_shape) for o in outputs]
         graph = helper.make_graph(self.nodes, "test", [self.input], outs, self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         model = onnx.shape_inference.infer_shapes(model)
+        known = [v for v in model.graph.value_info if v.type.tensor_type.HasField("shape")]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(known)  # computed Split sizes leave the rank unknown
         onnx.checker.check_model(model, full_check=True)
         return model
 
@@ -117,7 +121,27 @@ def resnet50(size: int = 224, classes: int = 1000, seed: int = 0) -> onnx.ModelP
     return b.build(b.gemm(x, cin, classes))
 
 
-BLOCKS = ("conv", "conv_bn", "residual", "concat", "split", "depthwise", "pool", "se", "hardswish")
+def resnext_block(b: Builder, x: str, c: int, mid: int, groups: int) -> str:
+    """1×1 conv → grouped 3×3 conv → 1×1 conv (ReLUs between), added to the input (ResNeXt)."""
+    y = b.node("Relu", [b.conv(x, c, mid, k=1, pad=0)])
+    y = b.node("Relu", [b.conv(y, mid, mid, group=groups)])
+    return b.node("Relu", [b.node("Add", [b.conv(y, mid, c, k=1, pad=0), x])])
+
+
+def chunk2(b: Builder, x: str) -> tuple[str, str]:
+    """``torch.chunk(x, 2, 1)`` as the legacy exporter writes it: Slices whose bounds come from
+    ``Shape → Gather(1) → Add(1) → Div(2) → Mul``."""
+    c = b.node("Gather", [b.node("Shape", [x]), b.const(np.array([1], np.int64))], axis=0)
+    half = b.node("Div", [b.node("Add", [c, b.const(np.array([1], np.int64))]), b.const(np.array([2], np.int64))])
+    end0 = b.node("Mul", [half, b.const(np.array([1], np.int64))])
+    end1 = b.node("Mul", [half, b.const(np.array([2], np.int64))])
+    axes = b.const(np.array([1], np.int64))
+    return (b.node("Slice", [x, b.const(np.array([0], np.int64)), end0, axes]),
+            b.node("Slice", [x, end0, end1, axes]))
+
+
+BLOCKS = ("conv", "conv_bn", "residual", "concat", "split", "depthwise", "pool", "se", "hardswish", "grouped",
+          "chunk")
 
 
 def random_cnn(blocks: list[str], widths: list[int], head: str = "gap", seed: int = 0) -> onnx.ModelProto:
@@ -150,6 +174,12 @@ def random_cnn(blocks: list[str], widths: list[int], head: str = "gap", seed: in
             s = b.node("Sigmoid", [b.conv(b.node("Relu", [b.conv(s, c, max(c // 4, 1), k=1, pad=0)]),
                                           max(c // 4, 1), c, k=1, pad=0)])
             x = b.node("Mul", [x, s])
+        elif kind == "grouped":
+            x = resnext_block(b, x, c, 2 * w, 2)
+        elif kind == "chunk" and c >= 2:
+            s0, s1 = chunk2(b, x)
+            y = b.node("Relu", [b.conv(s1, c // 2, w)])
+            x, c = b.node("Concat", [s0, s1, y], axis=1), c + w
         elif kind == "hardswish":
             x = b.node("HardSwish", [b.conv(x, c, w)]) if b.opset >= 14 else b.node("Relu", [b.conv(x, c, w)])
             c = w

@@ -81,14 +81,6 @@ def test_custom_domain_op_is_a_barrier():
     assert y
 
 
-def test_grouped_conv_is_a_barrier_for_now():
-    b = Builder()
-    x = b.node("Relu", [b.conv("input", 3, 8)])
-    model = b.build(b.conv(x, 8, 8, group=2))
-    g, groups = analyse(model)
-    assert not any(grp.prunable for grp in groups)
-
-
 def test_binary_with_channel_constant_ties_and_slices():
     b = Builder()
     x = b.conv("input", 3, 8)

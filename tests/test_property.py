@@ -32,7 +32,7 @@ def test_random_graphs_prune_to_valid_models(blocks, widths, head, speedup, seed
     ref, out = run(model, x), run(result.model, x)
     assert [r.shape for r in ref] == [o.shape for o in out]
     assert all(np.isfinite(o).all() for o in out)
-    # a Split's parts are costed as if each kept the unit's share of channels; the choice of
-    # channels can shift a little work between them, so there the target is met within 10 %
-    slack = 0.9 if "split" in blocks else 1.0
+    # a Split's (or chunk's Slices') parts are costed as if each kept the unit's share of channels;
+    # the choice of channels can shift a little work between them, so there the target is met within 10 %
+    slack = 0.9 if {"split", "chunk"} & set(blocks) else 1.0
     assert result.report.totals.macs_speedup >= slack * speedup - 1e-9

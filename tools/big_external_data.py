@@ -141,7 +141,7 @@ def main() -> None:
     print(f"pruned model: full checker ok, kept filters byte-identical, ORT vs NumPy relative error {err:.2e}")
     assert err < 1e-4
     del ws
-    print(f"round trip through io.save_model_atomic (over 2 GB: external data): ok in {check_round_trip(path, args.out):.0f}s")
+    print(f"round trip through io.load_model + io.save_model_atomic: ok in {check_round_trip(path, args.out):.0f}s")
 
 
 if __name__ == "__main__":

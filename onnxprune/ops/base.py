@@ -29,8 +29,11 @@ class ChannelRule:
     scales: tensors whose channel fraction scales this node's MACs (default: consumes + produces).
     joins: (inputs, output) pairs where the output's channels are the inputs' channels in order
         (Concat on the channel axis).
-    slices: (input, outputs) pairs where the outputs are consecutive ranges of the input's
-        channels (Split on the channel axis).
+    slices: (input, outputs, start) triples where the outputs are consecutive ranges of the
+        input's channels, the first beginning at channel ``start`` (Split, Slice on the channel axis).
+    segments: tensors whose channels fall into this many equal consecutive runs that must keep
+        equally many channels each (the groups of a grouped Conv).
+    shape_only: inputs of which the node reads only the shape (Shape); they are not barriers.
     """
 
     ties: list[tuple[str, str]] = field(default_factory=list)
@@ -39,7 +42,9 @@ class ChannelRule:
     blocks: dict[str, int] = field(default_factory=dict)
     scales: list[str] | None = None
     joins: list[tuple[list[str], str]] = field(default_factory=list)
-    slices: list[tuple[str, list[str]]] = field(default_factory=list)
+    slices: list[tuple[str, list[str], int]] = field(default_factory=list)
+    segments: dict[str, int] = field(default_factory=dict)
+    shape_only: list[str] = field(default_factory=list)
 
     def cost_tensors(self) -> list[str]:
         return self.scales if self.scales is not None else self.consumes + self.produces
@@ -55,6 +60,11 @@ class Handler:
     def rule(self, node: onnx.NodeProto, g: GraphView) -> ChannelRule | None:
         """The node's channel rule, or None when the node must be a barrier."""
         return None
+
+    def folds_bound(self, node: onnx.NodeProto, name: str, g: GraphView) -> bool:
+        """Whether the node reads ``name`` only as channel bounds or sizes that it folds to
+        constants and rewrites when channels go (so a Shape feeding it is no barrier)."""
+        return False
 
     def prune_output(self, node: onnx.NodeProto, keep: np.ndarray, g: GraphView) -> None:
         """Remove output channels not in ``keep`` (the node is a producer)."""

@@ -1,4 +1,8 @@
-"""Concat and Split on the channel axis: channels are joined or cut into consecutive ranges."""
+"""Concat, Split and Slice on the channel axis: channels are joined or cut into consecutive ranges.
+
+Split sizes and Slice bounds may be constants or computed from the channel count (``Shape``
+arithmetic, see :mod:`.shapes`); either way they are rewritten as constants when channels go.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import numpy as np
 
 from ..graphview import attr, set_attr
 from .base import ChannelRule, Handler, register
+from .shapes import fold_channel_ints
 
 
 def _is_channel_axis(axis: int, rank: int) -> bool:
@@ -31,7 +36,7 @@ class Split(Handler):
 
     def _sizes(self, node, g) -> np.ndarray | None:
         if len(node.input) > 1 and node.input[1]:
-            return g.input_const(node, 1)
+            return fold_channel_ints(g, node.input[1])
         sizes = attr(node, "split")
         if sizes is not None:
             return np.asarray(sizes, dtype=np.int64)
@@ -44,7 +49,10 @@ class Split(Handler):
         sizes = self._sizes(node, g)
         if sizes is None or any(g.channels(o) is None for o in node.output):
             return None
-        return ChannelRule(slices=[(node.input[0], list(node.output))])
+        return ChannelRule(slices=[(node.input[0], list(node.output), 0)])
+
+    def folds_bound(self, node, name, g):
+        return name == node.input[1] and name != node.input[0] and self.rule(node, g) is not None
 
     def prune_through(self, node, keep, g):
         sizes = self._sizes(node, g)
@@ -59,6 +67,69 @@ class Split(Handler):
             set_attr(node, "split", [int(v) for v in new])
         if attr(node, "num_outputs") is not None:
             node.attribute.remove(next(a for a in node.attribute if a.name == "num_outputs"))
+
+
+@register("Slice")
+class Slice(Handler):
+    """Slice (opset 10+ inputs): on the channel axis, with step 1 and bounds that are constant
+    (or folded from the channel count), the output is one consecutive range of the input's
+    channels and the bounds are rewritten when channels go; on other axes channels pass through.
+    Anything else on the channel axis is a barrier."""
+
+    def _axes(self, node, g) -> list[int] | None:
+        rank = len(g.shape(node.input[0]) or ())
+        if rank < 2 or len(node.input) < 3:
+            return None
+        if len(node.input) > 3 and node.input[3]:
+            axes = g.input_const(node, 3)
+        else:
+            bounds = g.shape(node.input[1])
+            axes = np.arange(bounds[0]) if bounds is not None and len(bounds) == 1 else None
+        return None if axes is None else [int(a) % rank for a in np.atleast_1d(axes)]
+
+    def _channel_range(self, node, g, axes: list[int]) -> tuple[int, int] | None:
+        """``[start, end)`` of the channels kept, or None unless step 1 and folded bounds."""
+        i = axes.index(1)
+        if len(node.input) > 4 and node.input[4]:
+            steps = g.input_const(node, 4)
+            if steps is None or int(np.atleast_1d(steps)[i]) != 1:
+                return None
+        starts, ends = fold_channel_ints(g, node.input[1]), fold_channel_ints(g, node.input[2])
+        channels = g.channels(node.input[0])
+        if starts is None or ends is None or channels is None:
+            return None
+
+        def clamp(v: int) -> int:
+            return min(max(v + channels if v < 0 else v, 0), channels)
+
+        start, end = clamp(int(np.atleast_1d(starts)[i])), clamp(int(np.atleast_1d(ends)[i]))
+        return start, max(start, end)
+
+    def rule(self, node, g):
+        axes = self._axes(node, g)
+        if axes is None:
+            return None
+        if 1 not in axes:
+            return ChannelRule(ties=[(node.input[0], node.output[0])])
+        span = self._channel_range(node, g, axes)
+        return None if span is None else ChannelRule(slices=[(node.input[0], [node.output[0]], span[0])])
+
+    def folds_bound(self, node, name, g):
+        axes = self._axes(node, g)
+        return (axes == [1] and name in node.input[1:3] and name not in (node.input[0], *node.input[3:])
+                and self._channel_range(node, g, axes) is not None)
+
+    def prune_through(self, node, keep, g):
+        axes = self._axes(node, g)
+        if axes is None or 1 not in axes:
+            return
+        start, end = self._channel_range(node, g, axes)
+        new_start = int((keep < start).sum())
+        new_end = new_start + int(((keep >= start) & (keep < end)).sum())
+        for index, value in ((1, new_start), (2, new_end)):
+            bounds = np.array(np.atleast_1d(fold_channel_ints(g, node.input[index])))
+            bounds[axes.index(1)] = value
+            g.set_const(node, index, bounds)
 
 
 def _opset(g) -> int:

@@ -1,4 +1,4 @@
-"""Conv: a producer and consumer of channels (group 1), or a channel-wise op (depthwise)."""
+"""Conv: a producer and consumer of channels (group 1 or grouped), or a channel-wise op (depthwise)."""
 
 from __future__ import annotations
 
@@ -34,10 +34,12 @@ def conv_pads(node: onnx.NodeProto, in_hw: tuple[int, ...], kernel: tuple[int, .
 
 @register("Conv")
 class Conv(LinearHandler):
-    """Group-1 conv: consumes its input channels, produces its output channels.
+    """Conv: consumes its input channels, produces its output channels.
 
     Depthwise conv (one filter per channel) ties input and output channels. Other grouped
-    convs are barriers.
+    convs keep their groups equal: input and output channels are cut into ``group`` runs that
+    lose equally many channels each (``segments``), so ``group`` stays valid. Their weight is
+    block-diagonal, so they are sliced, never sampled or refit.
     """
 
     def _weight(self, node, g):
@@ -57,19 +59,32 @@ class Conv(LinearHandler):
             return ChannelRule(produces=[node.output[0]], consumes=[node.input[0]])
         if self.is_depthwise(node, g):
             return ChannelRule(ties=[(node.input[0], node.output[0])], scales=[node.output[0]])
-        return None
+        return ChannelRule(produces=[node.output[0]], consumes=[node.input[0]],
+                           segments={node.input[0]: group, node.output[0]: group})
 
-    def prune_output(self, node, keep, g):
+    def _keep_filters(self, node, keep, g) -> None:
         g.set_const(node, 1, g.input_const(node, 1)[keep])
         bias = g.input_const(node, 2)
         if bias is not None:
             g.set_const(node, 2, bias[keep])
 
+    def prune_output(self, node, keep, g):
+        _check_equal_groups(keep, g.input_const(node, 1).shape[0], attr(node, "group", 1))
+        self._keep_filters(node, keep, g)
+
     def prune_input(self, node, keep, block, g):
-        g.set_const(node, 1, g.input_const(node, 1)[:, keep])
+        w = g.input_const(node, 1)
+        group = attr(node, "group", 1)
+        if group == 1:
+            g.set_const(node, 1, w[:, keep])
+            return
+        per_in, per_out = w.shape[1], w.shape[0] // group
+        local = _check_equal_groups(keep, per_in * group, group)  # [group, kept per group]
+        g.set_const(node, 1, np.concatenate(
+            [w[i * per_out:(i + 1) * per_out][:, local[i] - i * per_in] for i in range(group)]))
 
     def prune_through(self, node, keep, g):
-        self.prune_output(node, keep, g)
+        self._keep_filters(node, keep, g)
         set_attr(node, "group", int(len(keep)))
 
     def macs(self, node, g):
@@ -128,6 +143,15 @@ class Conv(LinearHandler):
         patches = xp[b, iy, ix]  # B, P, kh, kw, C
         patches = patches.transpose(0, 1, 4, 2, 3)
         return patches.reshape(pos.shape[0] * pos.shape[1], -1)
+
+
+def _check_equal_groups(keep: np.ndarray, channels: int, group: int) -> np.ndarray:
+    """``keep`` as ``[group, kept per group]``; an error unless every group keeps equally many."""
+    keep = np.asarray(keep)
+    per_group = np.bincount(keep // (channels // group), minlength=group)
+    if len(per_group) != group or (per_group != per_group[0]).any():
+        raise ValueError(f"a grouped conv must keep equally many channels per group (got {per_group.tolist()})")
+    return keep.reshape(group, -1)
 
 
 @register("ConvTranspose")

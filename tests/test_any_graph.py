@@ -1,0 +1,286 @@
+"""Issue 3 "any CNN graph": grouped convs, Slice on channels, the torch.chunk export, and the ops
+that must stay barriers (Reshape, Transpose, custom domains)."""
+
+import numpy as np
+import onnx
+import pytest
+from conftest import check_pruned, run
+from graphs import Builder, calib_for, chunk2, resnext_block
+from onnx import TensorProto, helper
+from test_graph import analyse
+
+import onnxprune
+from onnxprune.activations import tensor_shapes
+from onnxprune.calib import load_calibration
+from onnxprune.graph import find_groups
+from onnxprune.graphview import GraphView
+from onnxprune.ops.shapes import fold_channel_ints
+from onnxprune.rewrite import prune_group
+
+
+def analyse_at(model: onnx.ModelProto, shape=(1, 3, 8, 8)):
+    """:func:`analyse` for models with dynamic spatial dims."""
+    g = GraphView(model, tensor_shapes(model, load_calibration(np.zeros(shape, np.float32), model)))
+    return g, find_groups(g)
+
+
+def head(b: Builder, x: str, c: int) -> onnx.ModelProto:
+    return b.build(b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1), c, 5))
+
+
+def resnext(groups: int = 4) -> onnx.ModelProto:
+    """Stem, two ResNeXt blocks (16 wide, ``groups`` conv groups), GAP, Gemm."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    x = resnext_block(b, resnext_block(b, x, 8, 16, groups), 8, 16, groups)
+    return head(b, x, 8)
+
+
+def grouped_conv_groups(groups):
+    return [grp for grp in groups if grp.segments > 1 and grp.owner]
+
+
+def assert_equal_groups(model: onnx.ModelProto) -> None:
+    """Every grouped conv's channels still split evenly into its groups."""
+    g = GraphView(model)
+    for node in g.nodes_by_type("Conv"):
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        w = g.const(node.input[1])
+        assert w.shape[0] % group == 0
+
+
+# ---------------------------------------------------------------- grouped conv
+def test_grouped_conv_groups_are_cut_into_equal_segments():
+    g, groups = analyse(resnext())
+    segmented = grouped_conv_groups(groups)
+    assert len(segmented) == 4 and all(grp.segments == 4 and grp.channels == 16 for grp in segmented)
+    assert all(grp.prunable for grp in segmented)
+    into = [grp for grp in segmented if any(c.node.op_type == "Conv" and c.node.attribute for c in grp.consumers
+                                             if any(a.name == "group" and a.i == 4 for a in c.node.attribute))]
+    assert len(into) == 2  # the 1×1 convs' outputs, read by the grouped convs
+    out = [grp for grp in segmented if grp not in into]
+    assert all(any(a.name == "group" and a.i == 4 for a in grp.producers[0].attribute) for grp in out)
+
+
+@pytest.mark.parametrize("method,reconstruct", [("l1", False), ("random", False), ("lasso", True), ("thinet", True)])
+def test_resnext_prunes_keeping_groups_equal(method, reconstruct):
+    model = resnext()
+    x = calib_for(model, 80)
+    result = onnxprune.prune(model, x, speedup=1.5, method=method, reconstruct=reconstruct, measure_latency=False)
+    assert result.report.totals.macs_speedup >= 1.5
+    for res in result.report.groups:
+        assert res.channels_after % 4 == 0, (res.name, res.channels_after)
+    assert_equal_groups(result.model)
+    check_pruned(result.model, model, x[:10], max_rel_err=1.0 if reconstruct else 10.0)
+    if method == "lasso":  # the 1×1 convs feeding a grouped conv have no sampleable consumer
+        assert any("sampled" in why for _, why in result.report.skipped)
+
+
+def test_grouped_conv_keeps_the_channels_of_each_group():
+    model = resnext()
+    g, groups = analyse(model)
+    grp = grouped_conv_groups(groups)[0]  # first 1×1 conv's output, into the grouped conv
+    conv = next(c.node for c in grp.consumers)
+    before = g.const(conv.input[1]).copy()  # [16, 4, 3, 3]
+    keep = np.array([0, 3, 5, 6, 8, 9, 13, 15])  # two of each four
+    prune_group(g, grp, keep, grp.channels)
+    after = g.const(conv.input[1])
+    assert after.shape == (16, 2, 3, 3)
+    np.testing.assert_array_equal(after[:4], before[:4][:, [0, 3]])
+    np.testing.assert_array_equal(after[12:], before[12:][:, [1, 3]])
+    with pytest.raises(ValueError, match="equally many"):
+        prune_group(g, grp, np.array([0, 1, 2, 3, 4, 5]), 8)  # four from the first group, two from the second
+
+
+def test_uneven_selection_is_balanced_per_group():
+    from onnxprune.select import per_segment
+
+    scores = np.array([9, 8, 7, 6, 1, 2, 3, 4], float)
+    keep = per_segment(lambda run, n: np.argsort(-scores[run])[:n], 8, 2, 4)
+    assert keep.tolist() == [0, 1, 6, 7]
+
+
+def test_channel_multiplier_conv_input_is_not_prunable_but_output_is():
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 4)])
+    y = b.node("Relu", [b.conv(x, 4, 8, group=4)])  # two filters per input channel
+    model = b.build(b.conv(y, 8, 2, k=1, pad=0))
+    g, groups = analyse(model)
+    four = next(grp for grp in groups if grp.owner and grp.channels == 4)
+    assert "one channel per group" in four.reason
+    eight = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert eight.prunable and eight.segments == 4
+
+
+def test_grouped_conv_after_concat_blocks_the_parts():
+    b = Builder()
+    xa = b.conv("input", 3, 4)
+    xb = b.conv("input", 3, 4)
+    y = b.conv(b.node("Concat", [xa, xb], axis=1), 8, 8, group=2)
+    model = b.build(b.conv(y, 8, 2, k=1, pad=0))
+    g, groups = analyse(model)
+    parts = [grp for grp in groups if grp.owner and grp.channels == 4]
+    assert len(parts) == 2 and all("grouped Conv reads them after Concat" in grp.reason for grp in parts)
+
+
+# ---------------------------------------------------------------- Slice
+def slice_model(start: int, end: int, axis: int = 1, step: int | None = None) -> onnx.ModelProto:
+    """conv 3→8, Slice, conv on the slice (+ a conv on the whole tensor, so both are consumed)."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    ins = [x, b.const(np.array([start], np.int64)), b.const(np.array([end], np.int64)),
+           b.const(np.array([axis], np.int64))]
+    if step is not None:
+        ins.append(b.const(np.array([step], np.int64)))
+    s = b.node("Slice", ins)
+    cin = len(range(8)[start:end:step or 1]) if axis == 1 else 8
+    return b.build(b.node("Add", [b.conv(s, cin, 4, k=1, pad=0), b.conv(x, 8, 4, k=1, pad=0)]) if axis == 1
+                   else b.conv(s, 8, 4, k=1, pad=0))
+
+
+@pytest.mark.parametrize("start,end", [(2, 7), (3, 2 ** 62), (-5, -1), (0, 8)])
+def test_channel_slice_is_a_range_of_its_input(start, end):
+    model = slice_model(start, end)
+    g, groups = analyse(model)
+    owner = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert owner.prunable and len(owner.sites) == 2
+    part = next(s for s in owner.sites if s is not owner)
+    lo = start % 8 if start < 0 else start
+    assert part.derived_from.startswith("Slice") and part.atoms.tolist() == owner.atoms[lo:lo + part.channels].tolist()
+    x = calib_for(model, 60)
+    for method in ("lasso", "l1"):
+        result = onnxprune.prune(model, x, speedup=1.4, method=method, measure_latency=False)
+        assert [r.name for r in result.report.groups] == [owner.name]
+        check_pruned(result.model, model, x[:10], max_rel_err=1.0)
+
+
+def test_slice_bounds_are_rewritten_for_the_kept_channels():
+    model = slice_model(2, 7)
+    g, groups = analyse(model)
+    owner = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    prune_group(g, owner, np.array([0, 1, 3, 4, 7]), 8)
+    node = next(g.nodes_by_type("Slice"))
+    assert (g.input_const(node, 1).tolist(), g.input_const(node, 2).tolist()) == ([2], [4])  # old 3 and 4
+
+
+def test_slice_on_a_spatial_axis_passes_channels():
+    g, groups = analyse(slice_model(1, 6, axis=2))
+    grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert grp.prunable and any(n.op_type == "Slice" for n in grp.throughs)
+
+
+def test_stepped_channel_slice_is_a_barrier():
+    g, groups = analyse(slice_model(0, 8, step=2))
+    grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert not grp.prunable and "Slice" in grp.reason
+
+
+def test_channel_slice_with_spatial_bounds_is_a_barrier():
+    """Bounds read from a spatial dim are dynamic: never folded, the Slice stays a barrier."""
+    b = Builder(in_shape=("N", 3, "H", "W"))
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    h = b.node("Gather", [b.node("Shape", [x]), b.const(np.array([2], np.int64))], axis=0)
+    s = b.node("Slice", [x, b.const(np.array([0], np.int64)), h, b.const(np.array([1], np.int64))])
+    model = b.build(b.node("ReduceMean", [s], axes=[1]))
+    g, groups = analyse_at(model)
+    assert fold_channel_ints(g, h) is None
+    grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert not grp.prunable
+
+
+# ---------------------------------------------------------------- torch.chunk export
+def chunk_model(opset: int = 13) -> onnx.ModelProto:
+    """YOLOv8 C2f: conv → chunk(2) → conv on the second half → Concat(both halves, conv) → conv."""
+    b = Builder(in_shape=("N", 3, "H", "W"), opset=opset)
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    s0, s1 = chunk2(b, x)
+    y = b.node("Relu", [b.conv(s1, 4, 4)])
+    return b.build(b.conv(b.node("Concat", [s0, s1, y], axis=1), 12, 3, k=1, pad=0))
+
+
+def test_chunk_bounds_fold_to_constants_from_the_channel_count():
+    model = chunk_model()
+    g, groups = analyse_at(model)
+    slices = list(g.nodes_by_type("Slice"))
+    assert [fold_channel_ints(g, n.input[2]).tolist() for n in slices] == [[4], [8]]
+    owner = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert owner.prunable, owner.reason
+    assert sorted(s.derived_from.split()[0] for s in owner.sites if s is not owner) == ["Concat", "Slice", "Slice"]
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_chunk_prunes_and_keeps_dynamic_spatial_dims(opset):
+    model = chunk_model(opset)
+    x = np.random.default_rng(0).normal(0, 1, (60, 3, 8, 8)).astype(np.float32)
+    result = onnxprune.prune(model, x, speedup=1.5, measure_latency=False)
+    assert any(r.channels_before == 8 for r in result.report.groups)
+    assert not any(n.op_type == "Shape" for n in result.model.graph.node)  # dead Shape arithmetic dropped
+    check_pruned(result.model, model, x[:10], max_rel_err=1.0)
+    other = np.random.default_rng(1).normal(0, 1, (2, 3, 12, 10)).astype(np.float32)
+    assert run(result.model, other)[0].shape == run(model, other)[0].shape == (2, 3, 12, 10)
+
+
+def test_split_with_sizes_computed_from_shape_is_folded():
+    b = Builder(in_shape=("N", 3, "H", "W"))
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    c = b.node("Gather", [b.node("Shape", [x]), b.const(np.array([1], np.int64))], axis=0)
+    half = b.node("Div", [c, b.const(np.array([2], np.int64))])
+    s0, s1 = b.node("Split", [x, b.node("Concat", [half, half], axis=0)], n_out=2, axis=1)
+    model = b.build(b.node("Add", [b.conv(s0, 4, 4), b.conv(s1, 4, 4)]), out_shape=["N", 4, "H", "W"])
+    g, groups = analyse_at(model)
+    owner = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert owner.prunable, owner.reason
+    x = np.random.default_rng(0).normal(0, 1, (60, 3, 8, 8)).astype(np.float32)
+    result = onnxprune.prune(model, x, speedup=1.3, measure_latency=False)
+    assert result.report.groups
+    check_pruned(result.model, model, x[:10], max_rel_err=1.0)
+
+
+def test_shape_feeding_a_reshape_is_a_barrier():
+    """``x.view(N, C, -1)``: the Shape's value reaches a Reshape, not a foldable bound."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    shape = b.node("Shape", [x])
+    dims = [b.node("Gather", [shape, b.const(np.array([i], np.int64))], axis=0) for i in (0, 1)]
+    target = b.node("Concat", dims + [b.const(np.array([-1], np.int64))], axis=0)
+    model = b.build(b.node("Reshape", [x, target]), out_shape=["N", 8, 64])
+    g, groups = analyse(model)
+    grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert not grp.prunable and "Shape" in grp.reason
+
+
+# ---------------------------------------------------------------- barriers
+@pytest.mark.parametrize("target", [[0, 4, 2, 64], [0, 16, 32], [0, 8, 64]])
+def test_reshape_that_is_not_a_flatten_is_a_barrier(target):
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    y = b.node("Reshape", [x, b.const(np.array(target, np.int64))])
+    model = b.build(b.node("Relu", [y]), b.conv(x, 8, 2, k=1, pad=0))
+    g, groups = analyse(model)
+    grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert not grp.prunable and "Reshape" in grp.reason and "barrier" in grp.reason
+
+
+def test_transpose_is_a_barrier_even_with_another_consumer():
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    model = b.build(b.node("Transpose", [x], perm=[0, 2, 3, 1]), b.conv(x, 8, 2, k=1, pad=0))
+    g, groups = analyse(model)
+    grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert not grp.prunable and "Transpose" in grp.reason
+
+
+def test_custom_domain_op_blocks_its_channels():
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    y = b.node("Relu", [x])
+    b.nodes[-1].domain = "com.example"
+    out = b.conv(y, 8, 2, k=1, pad=0)
+    graph = helper.make_graph(b.nodes, "custom", [b.input], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                              b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.example", 1)])
+    shapes = {t: (1, 8, 8, 8) for n in b.nodes for t in n.output}
+    shapes.update({"input": (1, 3, 8, 8), out: (1, 2, 8, 8)})
+    groups = find_groups(GraphView(model, shapes))
+    grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert not grp.prunable and "barrier" in grp.reason
