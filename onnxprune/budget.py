@@ -1,4 +1,4 @@
-"""Cost model (MACs, params) and the choice of how many channels each group keeps."""
+"""Cost model (MACs, params, bytes), the targets on it, and uniform per-group widths."""
 
 from __future__ import annotations
 
@@ -6,34 +6,51 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from .errors import TargetNotMetError
 from .graph import ChannelGroup
 from .graphview import GraphView
+from .io import model_bytes
 from .ops import handler_for
 
 
 @dataclass
 class CostEntry:
-    """One MAC-bearing node: its MACs at full width and the groups whose widths scale them."""
+    """One MAC-bearing node: its MACs and weights at full width and the groups scaling them."""
 
     node: str
     op_type: str
     macs: int
     groups: tuple[int, ...]
+    params: int = 0  # float parameters of the node's weight and bias
+    bytes: int = 0
 
 
 @dataclass
 class CostModel:
-    """MACs of the graph as a function of the kept width of each group."""
+    """MACs, params and bytes of the graph as a function of the kept width of each group.
+
+    MACs and a layer's weights scale with the product of its groups' kept fractions; parameters
+    outside MAC-bearing layers (un-folded BatchNorm, PRelu slopes …) are counted as fixed, so the
+    params and bytes figures are estimates for choosing widths (the report measures the result).
+    """
 
     entries: list[CostEntry]
     channels: dict[int, int]
     composition: dict[int, list[tuple[int, int]]]  # group -> (owner group, channels of it held)
+    total_params: int = 0
+    total_bytes: int = 0
 
     @property
     def total(self) -> int:
         return sum(e.macs for e in self.entries)
+
+    def _factor(self, e: CostEntry, widths: dict[int, int]) -> float:
+        f = 1.0
+        for gi in e.groups:
+            f *= self.fraction(gi, widths)
+        return f
 
     def fraction(self, group: int, widths: dict[int, int]) -> float:
         """Share of ``group``'s channels left when each owner keeps ``widths[owner]``."""
@@ -41,18 +58,70 @@ class CostModel:
         return kept / self.channels[group]
 
     def macs(self, widths: dict[int, int]) -> float:
-        total = 0.0
-        for e in self.entries:
-            f = 1.0
-            for gi in e.groups:
-                f *= self.fraction(gi, widths)
-            total += e.macs * f
-        return total
+        return sum(e.macs * self._factor(e, widths) for e in self.entries)
+
+    def params(self, widths: dict[int, int]) -> float:
+        return self.total_params - sum(e.params * (1 - self._factor(e, widths)) for e in self.entries)
+
+    def bytes(self, widths: dict[int, int]) -> float:
+        return self.total_bytes - sum(e.bytes * (1 - self._factor(e, widths)) for e in self.entries)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the user asked for; every given target must hold."""
+
+    speedup: float = 1.0  # original MACs / pruned MACs at least this
+    params: float | None = None  # pruned params / original params at most this
+    size_mb: float | None = None  # pruned file size at most this (10^6 bytes)
+
+    def shortfall(self, cost: CostModel, widths: dict[int, int]) -> float:
+        """0 when every target holds; otherwise the summed relative excess over the limits."""
+        excess = cost.macs(widths) * self.speedup / max(cost.total, 1) - 1
+        total = max(excess, 0.0)
+        if self.params is not None:
+            total += max(cost.params(widths) / max(self.params * cost.total_params, 1e-9) - 1, 0.0)
+        if self.size_mb is not None:
+            total += max(cost.bytes(widths) / (self.size_mb * 1e6) - 1, 0.0)
+        return total if total > 1e-12 else 0.0
+
+    def describe(self, cost: CostModel, widths: dict[int, int]) -> str:
+        """The reached figures for the given targets, e.g. for a "cannot be reached" message."""
+        parts = [f"MACs {cost.total / max(cost.macs(widths), 1e-9):.2f}x fewer"]
+        if self.params is not None:
+            parts.append(f"params {cost.params(widths) / max(cost.total_params, 1):.1%} kept")
+        if self.size_mb is not None:
+            parts.append(f"size {cost.bytes(widths) / 1e6:.2f} MB")
+        return ", ".join(parts)
+
+    def asked(self) -> str:
+        parts = [f"--speedup {self.speedup:g}"] if self.speedup > 1 else []
+        if self.params is not None:
+            parts.append(f"--params {self.params:g}")
+        if self.size_mb is not None:
+            parts.append(f"--size-mb {self.size_mb:g}")
+        return " ".join(parts) or "no target"
+
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
+               onnx.TensorProto.BFLOAT16: 2}
+
+
+def _weights(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[int, int]:
+    """Float parameters and bytes held by the initializers a node reads."""
+    count = nbytes = 0
+    for name in node.input:
+        t = inits.get(name)
+        if t is not None and t.data_type in FLOAT_TYPES:
+            n = int(np.prod(t.dims))
+            count, nbytes = count + n, nbytes + n * FLOAT_TYPES[t.data_type]
+    return count, nbytes
 
 
 def build_cost_model(g: GraphView, groups: list[ChannelGroup]) -> CostModel:
-    """MACs per node (one sample, at the calibration input shape) and the groups scaling each."""
+    """MACs and weights per node (one sample, at the calibration input shape), the groups scaling each."""
     where = {t: grp.index for grp in groups for t in grp.tensors}
+    inits = {t.name: t for t in g.graph.initializer}
     entries = []
     for node in g.graph.node:
         handler = handler_for(node)
@@ -62,7 +131,7 @@ def build_cost_model(g: GraphView, groups: list[ChannelGroup]) -> CostModel:
         rule = handler.rule(node, g)
         tensors = rule.cost_tensors() if rule else []
         gis = tuple(dict.fromkeys(where[t] for t in tensors if t in where))
-        entries.append(CostEntry(node.name or node.output[0], node.op_type, macs, gis))
+        entries.append(CostEntry(node.name or node.output[0], node.op_type, macs, gis, *_weights(node, inits)))
     owner_of = {int(a): grp.index for grp in groups if grp.owner for a in grp.atoms}
     composition = {}
     for grp in groups:
@@ -70,12 +139,13 @@ def build_cost_model(g: GraphView, groups: list[ChannelGroup]) -> CostModel:
         for a in grp.atoms:
             counts[owner_of[int(a)]] = counts.get(owner_of[int(a)], 0) + 1
         composition[grp.index] = list(counts.items()) or [(grp.index, max(grp.channels, 1))]
-    return CostModel(entries, {grp.index: max(grp.channels, 1) for grp in groups}, composition)
+    return CostModel(entries, {grp.index: max(grp.channels, 1) for grp in groups}, composition,
+                     count_params(g), model_bytes(g.model))
 
 
 def count_params(g: GraphView) -> int:
     """Number of float parameters held in initializers."""
-    return int(sum(np.prod(t.dims) for t in g.graph.initializer if t.data_type in (1, 10, 11, 16)))
+    return int(sum(np.prod(t.dims) for t in g.graph.initializer if t.data_type in FLOAT_TYPES))
 
 
 def round_width(channels: int, ratio: float, multiple: int, segments: int = 1) -> int:
@@ -90,29 +160,24 @@ def round_width(channels: int, ratio: float, multiple: int, segments: int = 1) -
     return min(kept, channels)
 
 
-def uniform_widths(cost: CostModel, candidates: list[ChannelGroup], speedup: float,
+def uniform_widths(cost: CostModel, candidates: list[ChannelGroup], targets: Targets,
                    round_to: int = 1) -> dict[int, int]:
-    """One keep ratio for every candidate group: the largest whose MACs speedup is ≥ ``speedup``."""
-    total = cost.total
+    """One keep ratio for every candidate group: the largest that meets every target."""
 
     def widths(r: float) -> dict[int, int]:
         return {grp.index: round_width(grp.channels, r, round_to, grp.segments) for grp in candidates}
 
-    def reached(r: float) -> float:
-        return total / max(cost.macs(widths(r)), 1e-9)
-
-    if speedup <= 1.0:
+    if not targets.shortfall(cost, widths(1.0)):
         return widths(1.0)
-    lowest = reached(0.0)
-    if lowest < speedup:
+    if targets.shortfall(cost, widths(0.0)):
         raise TargetNotMetError(
-            f"--speedup {speedup:g} cannot be reached: pruning every prunable group to the minimum "
-            f"gives {lowest:.2f}x; lower the target or allow more groups to be pruned")
+            f"{targets.asked()} cannot be reached: pruning every prunable group to the minimum gives "
+            f"{targets.describe(cost, widths(0.0))}; lower the target or allow more groups to be pruned")
     lo, hi = 0.0, 1.0
     for _ in range(50):
         mid = (lo + hi) / 2
-        if reached(mid) >= speedup:
-            lo = mid
-        else:
+        if targets.shortfall(cost, widths(mid)):
             hi = mid
+        else:
+            lo = mid
     return widths(lo)

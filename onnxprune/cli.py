@@ -16,6 +16,7 @@ from .arch import architecture
 from .calib import Color, ImageOptions, Layout
 from .errors import NothingToPrune, PruneError
 from .io import check_folder, check_output, save_model_atomic, write_text_atomic
+from .latency import PROVIDERS
 from .select import Method
 
 EXIT_OK, EXIT_TARGET, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -29,11 +30,22 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxprune", description="Prune the channels of a trained ONNX CNN, "
                 "reconstructing each layer from calibration data (no fine-tuning).",
-                epilog="exit codes: 0 ok, 1 target not met, 2 bad input/options, 3 internal error")
+                epilog="other commands: onnxprune inspect|gate|bench MODEL … (see onnxprune <command> -h). "
+                       "exit codes: 0 ok, 1 target not met, 2 bad input/options, 3 internal error")
     p.add_argument("model", type=Path, help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", type=Path, help="pruned model path (default: <model>.pruned.onnx)")
     p.add_argument("--calib", type=Path, help=".npy/.npz file, a folder of them, or a folder of images")
-    p.add_argument("--speedup", type=float, default=2.0, help="MACs reduction to reach, original/pruned (default 2)")
+    tg = p.add_argument_group("targets (every one given must hold; default --speedup 2)")
+    tg.add_argument("--speedup", type=float, help="MACs reduction to reach, original/pruned")
+    tg.add_argument("--params", type=float, metavar="R", help="keep at most this fraction of the parameters")
+    tg.add_argument("--size-mb", type=float, metavar="M", help="pruned model file at most M megabytes (10^6 B)")
+    tg.add_argument("--latency", type=float, metavar="S", help="measured latency speedup to reach on --provider")
+    tg.add_argument("--provider", choices=list(PROVIDERS), default="cpu",
+                    help="ONNX Runtime execution provider for latency (default cpu)")
+    tg.add_argument("--latency-batch", type=int, default=1, help="batch size of latency measurements (default 1)")
+    tg.add_argument("--max-drop", type=float, metavar="D",
+                    help="accuracy guard on held-out data: top-1 disagreement (class scores) or relative "
+                         "output error at most D; width is given back until it holds")
     p.add_argument("--method", choices=[m.value for m in Method], default=Method.LASSO.value,
                    help="channel selection (default lasso)")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True,
@@ -51,25 +63,165 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of calibration data held out for verification")
     p.add_argument("--samples-per-image", type=int, default=10, help="spatial positions sampled per image (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
-    p.add_argument("--round-to", type=int, default=1, help="round kept channels to a multiple of N (default 1)")
+    p.add_argument("--round-to", type=int, help="round kept channels to a multiple of N "
+                   "(default 8 for --provider cuda/tensorrt, 1 for cpu)")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size for ONNX Runtime")
     p.add_argument("--slim-fallback", choices=["error", "l1"], default="error",
                    help="--method slim on a group without BatchNorm: stop with an error, or use l1")
     p.add_argument("--report", type=Path, help="write the run's report as JSON here")
     p.add_argument("--export-arch", type=Path, metavar="JSON",
                    help="write the pruned per-layer widths (to train the architecture from scratch)")
-    p.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency measurement")
+    p.add_argument("--no-latency", dest="measure_latency", action="store_false",
+                   help="skip the latency measurement in the report")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    _add_image_options(p)
+    _add_verbosity(p)
+    return p
+
+
+def _add_image_options(p: argparse.ArgumentParser) -> None:
     img = p.add_argument_group("image folders")
     img.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize images to H W")
     img.add_argument("--mean", type=float, nargs="+", default=[0.0], help="per-channel mean on the [0,1] scale")
     img.add_argument("--std", type=float, nargs="+", default=[1.0], help="per-channel std on the [0,1] scale")
     img.add_argument("--layout", choices=[v.value for v in Layout], help="input layout (default: from the model)")
     img.add_argument("--color", choices=[v.value for v in Color], help="channel order (default: from the model)")
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
     out = p.add_mutually_exclusive_group()
     out.add_argument("-v", "--verbose", action="store_true", help="log each step")
     out.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+
+
+def _image_options(args: argparse.Namespace) -> ImageOptions:
+    return ImageOptions(size=tuple(args.size) if args.size else None, mean=tuple(args.mean), std=tuple(args.std),
+                        layout=Layout(args.layout) if args.layout else None,
+                        color=Color(args.color) if args.color else None)
+
+
+def build_inspect_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune inspect", description="Print a model's MACs, params, size, prunable channel "
+                "groups and barrier ops.")
+    p.add_argument("model", type=Path)
+    p.add_argument("--calib", type=Path, help="calibration data fixing dynamic input dims (else zeros at the "
+                   "model's static shape)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_image_options(p)
+    _add_verbosity(p)
     return p
+
+
+def build_gate_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune gate", description="Check a (pruned) model against CI limits; exit 0 when "
+                "every limit holds, 1 with a one-line reason otherwise.",
+                epilog="exit codes: 0 every limit holds, 1 a limit failed, 2 bad input/options")
+    p.add_argument("model", type=Path)
+    p.add_argument("--reference", type=Path, help="the original model, for --min-agreement / --max-error / "
+                   "--min-speedup")
+    p.add_argument("--calib", type=Path, help="data to run both models on")
+    p.add_argument("--max-size-mb", type=float, metavar="M")
+    p.add_argument("--max-macs", type=float, metavar="G", help="at most G·10^9 MACs per sample")
+    p.add_argument("--max-params", type=float, metavar="M", help="at most M·10^6 parameters")
+    p.add_argument("--min-agreement", type=float, metavar="A", help="top-1 agreement with --reference at least A "
+                   "(fraction) on every class-score output")
+    p.add_argument("--max-error", type=float, metavar="E", help="relative output error vs --reference at most E")
+    p.add_argument("--min-speedup", type=float, metavar="S", help="measured latency speedup vs --reference")
+    p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
+    _add_image_options(p)
+    _add_verbosity(p)
+    return p
+
+
+def build_bench_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune bench", description="Latency (median, p90) and throughput of one or more "
+                "models, runs interleaved, at several batch sizes.")
+    p.add_argument("models", type=Path, nargs="+", help="the first one is the baseline")
+    p.add_argument("--calib", type=Path, help="inputs to feed (else zeros at the model's static shape)")
+    p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default 1 16)")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per model and batch (default 30)")
+    _add_image_options(p)
+    _add_verbosity(p)
+    return p
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .summary import calibration_or_zeros, load_checked, summarize
+
+    model = load_checked(args.model)
+    summary = summarize(model, calibration_or_zeros(model, args.calib, _image_options(args)))
+    print(json.dumps(summary.__dict__, indent=2) if args.json else summary.text())
+    return EXIT_OK
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from .latency import latency_ms
+    from .summary import calibration_or_zeros, fidelity, load_checked, model_macs
+
+    needs_ref = [f for f in ("min_agreement", "max_error", "min_speedup") if getattr(args, f) is not None]
+    if needs_ref and args.reference is None:
+        raise PruneError(f"--{needs_ref[0].replace('_', '-')} needs --reference (the original model)")
+    if not needs_ref and all(getattr(args, f) is None for f in ("max_size_mb", "max_macs", "max_params")):
+        raise PruneError("no limit given; pass --max-size-mb, --max-macs, --max-params, --min-agreement, "
+                         "--max-error or --min-speedup")
+    model = load_checked(args.model)
+    cal = calibration_or_zeros(model, args.calib, _image_options(args))
+    from .budget import count_params
+    from .graphview import GraphView
+
+    checks: list[tuple[str, float, float, bool]] = []  # (what, value, limit, ok)
+    if args.max_size_mb is not None:
+        size = args.model.stat().st_size / 1e6
+        checks.append(("size MB", size, args.max_size_mb, size <= args.max_size_mb))
+    if args.max_macs is not None:
+        macs = model_macs(model, cal) / 1e9
+        checks.append(("GMACs", macs, args.max_macs, macs <= args.max_macs))
+    if args.max_params is not None:
+        params = count_params(GraphView(model)) / 1e6
+        checks.append(("M params", params, args.max_params, params <= args.max_params))
+    if needs_ref:
+        reference = load_checked(args.reference)
+        if args.min_agreement is not None or args.max_error is not None:
+            if args.calib is None:
+                raise PruneError("--min-agreement / --max-error need --calib (data to compare the models on)")
+            fid = fidelity(reference, model, cal)
+            if args.min_agreement is not None:
+                agree = min((f.top1_agreement for f in fid if f.top1_agreement is not None), default=None)
+                if agree is None:
+                    raise PruneError("--min-agreement needs a class-score output ([N, K]); use --max-error")
+                checks.append(("top-1 agreement", agree, args.min_agreement, agree >= args.min_agreement))
+            if args.max_error is not None:
+                err = max(f.relative_error for f in fid)
+                checks.append(("relative error", err, args.max_error, err <= args.max_error))
+        if args.min_speedup is not None:
+            before, after = latency_ms([reference, model], cal.take([0]), args.provider)
+            checks.append((f"latency speedup ({args.provider})", before / after, args.min_speedup,
+                           before / after >= args.min_speedup))
+    failed = [c for c in checks if not c[3]]
+    if not args.quiet:
+        for what, value, limit, ok in checks:
+            print(f"{'PASS' if ok else 'FAIL'} {what}: {value:.4g} (limit {limit:g})")
+    if failed:
+        print("onnxprune: gate failed: " + "; ".join(f"{w} {v:.4g} vs limit {lim:g}" for w, v, lim, _ in failed),
+              file=sys.stderr)
+        return EXIT_TARGET
+    return EXIT_OK
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .summary import bench, calibration_or_zeros, load_checked
+
+    models = [load_checked(m) for m in args.models]
+    cal = calibration_or_zeros(models[0], args.calib, _image_options(args))
+    if any(b < 1 for b in args.batch) or args.repeats < 1:
+        raise PruneError("--batch sizes and --repeats must be >= 1")
+    print(f"{'model':<40} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'samples/s':>10} {'speedup':>8}")
+    for batch, results in bench(models, cal, args.provider, args.batch, args.repeats).items():
+        for path, lat in zip(args.models, results):
+            print(f"{str(path)[-40:]:<40} {batch:>5} {lat.median_ms:>10.3f} {lat.p90_ms:>9.3f} "
+                  f"{1e3 * batch / lat.median_ms:>10.1f} {results[0].median_ms / lat.median_ms:>7.2f}x")
+    return EXIT_OK
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -80,15 +232,15 @@ def _run(args: argparse.Namespace) -> int:
     for extra in (args.report, args.export_arch):
         if extra:
             check_folder(extra)
-    images = ImageOptions(size=tuple(args.size) if args.size else None, mean=tuple(args.mean), std=tuple(args.std),
-                          layout=Layout(args.layout) if args.layout else None,
-                          color=Color(args.color) if args.color else None)
+    images = _image_options(args)
+    round_to = args.round_to if args.round_to is not None else (1 if args.provider == "cpu" else 8)
     result = prune(str(args.model), str(args.calib) if args.calib else None, image_options=images,
-                   speedup=args.speedup, method=args.method, reconstruct=args.reconstruct,
+                   speedup=args.speedup, params=args.params, size_mb=args.size_mb, latency=args.latency,
+                   provider=args.provider, latency_batch=args.latency_batch, max_drop=args.max_drop, method=args.method, reconstruct=args.reconstruct,
                    residual_target=args.residual_target, prune_coupled=args.prune_coupled,
                    refit_downstream=args.refit_downstream, allocation=args.allocation, holdout=args.holdout,
-                   samples_per_image=args.samples_per_image, seed=args.seed, round_to=args.round_to,
-                   batch_size=args.batch_size, measure_latency=args.latency, slim_fallback=args.slim_fallback,
+                   samples_per_image=args.samples_per_image, seed=args.seed, round_to=round_to,
+                   batch_size=args.batch_size, measure_latency=args.measure_latency, slim_fallback=args.slim_fallback,
                    progress=None if not args.quiet else False)
     save_model_atomic(result.model, output, force=args.force, protected=(args.model,))
     if args.report:
@@ -98,15 +250,30 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(result.report.table())
         print(f"wrote {output} in {result.report.seconds:.1f}s")
+    if not result.report.targets_met:
+        t = result.report.totals
+        print(f"onnxprune: targets not met under --max-drop {args.max_drop:g}: the written model is the most "
+              f"pruned one that holds it ({t.macs_speedup:.2f}x fewer MACs, "
+              f"{t.params[1] / max(t.params[0], 1):.1%} params, {t.size_bytes[1] / 1e6:.2f} MB)", file=sys.stderr)
+        return EXIT_TARGET
     return EXIT_OK
 
 
+COMMANDS = {"prune": (build_parser, _run), "inspect": (build_inspect_parser, _inspect),
+            "gate": (build_gate_parser, _gate), "bench": (build_bench_parser, _bench)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else "prune"
+    if argv and argv[0] == command:
+        argv = argv[1:]
+    make_parser, run = COMMANDS[command]
+    args = make_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _run(args)
+        return run(args)
     except NothingToPrune as exc:
         if not args.quiet:
             print(f"onnxprune: {exc}", file=sys.stderr)
@@ -114,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     except PruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # output piped into e.g. `head`: not an error
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print("onnxprune: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 
 from .activations import batch_size_for, fitting_batch, tensor_shapes
-from .budget import build_cost_model, count_params, uniform_widths
+from .budget import CostModel, Targets, build_cost_model, count_params, uniform_widths
 from .calib import Calibration, ImageOptions, load_calibration
-from .errors import NothingToPrune, OptionError
+from .errors import NothingToPrune, OptionError, TargetNotMetError
 from .fold import constants_to_initializers, fold_batchnorm
 from .graph import ChannelGroup, Consumer, find_groups
 from .graphview import GraphView
@@ -25,10 +25,12 @@ from .reconstruct import refit
 from .report import GroupResult, LayerRow, Report, Totals
 from .rewrite import finalize, prune_group
 from .sampling import Sampler
-from .sensitivity import allocate, measure_curves
+from .sensitivity import GRID, allocate, measure_curves
+from .summary import model_macs
 from .select import (Method, expand_channels, l1_select, lasso_select, normalized_contribution, per_segment,
                      random_select, slim_select, thinet_select)
-from .verify import compare, latency_ms
+from .latency import PROVIDERS, latency_ms
+from .verify import OutputFidelity, compare
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,13 @@ class PruneResult:
 class PruneOptions:
     """Every setting of a pruning run, validated together (the CLI maps flags onto these)."""
 
-    speedup: float = 2.0
+    speedup: float | None = None  # MACs ratio; 2 when no target at all is given
+    params: float | None = None  # fraction of parameters kept at most
+    size_mb: float | None = None  # pruned model size at most (10^6 bytes)
+    latency: float | None = None  # measured latency speedup at least, on ``provider``
+    provider: str = "cpu"
+    latency_batch: int = 1  # batch size of latency measurements
+    max_drop: float | None = None  # accuracy guard on held-out data (see :func:`_guard_loss`)
     method: Method = Method.LASSO
     reconstruct: bool = True
     holdout: float = 0.2
@@ -69,8 +77,17 @@ class PruneOptions:
             except ValueError:
                 raise OptionError(f"unknown method '{self.method}'; choose one of "
                                   f"{', '.join(m.value for m in Method)}") from None
+        speedup = self.speedup
+        if speedup is None:
+            speedup = 1.0 if any(t is not None for t in (self.params, self.size_mb, self.latency)) else 2.0
         checks = [
-            (self.speedup >= 1.0, f"--speedup must be >= 1 (got {self.speedup})"),
+            (speedup >= 1.0, f"--speedup must be >= 1 (got {speedup})"),
+            (self.params is None or 0.0 < self.params <= 1.0, f"--params must be in (0, 1] (got {self.params})"),
+            (self.size_mb is None or self.size_mb > 0, f"--size-mb must be > 0 (got {self.size_mb})"),
+            (self.latency is None or self.latency >= 1.0, f"--latency must be >= 1 (got {self.latency})"),
+            (self.provider in PROVIDERS, f"--provider must be one of {', '.join(PROVIDERS)} (got {self.provider})"),
+            (self.latency_batch >= 1, f"--latency-batch must be >= 1 (got {self.latency_batch})"),
+            (self.max_drop is None or 0.0 <= self.max_drop < 1.0, f"--max-drop must be in [0, 1) (got {self.max_drop})"),
             (0.0 <= self.holdout < 1.0, f"--holdout must be in [0, 1) (got {self.holdout})"),
             (self.samples_per_image >= 1, f"--samples-per-image must be >= 1 (got {self.samples_per_image})"),
             (self.round_to >= 1, f"--round-to must be >= 1 (got {self.round_to})"),
@@ -82,7 +99,11 @@ class PruneOptions:
         for ok, msg in checks:
             if not ok:
                 raise OptionError(msg)
-        return PruneOptions(**{**self.__dict__, "method": method})
+        return PruneOptions(**{**self.__dict__, "method": method, "speedup": speedup})
+
+    @property
+    def targets(self) -> Targets:
+        return Targets(self.speedup or 1.0, self.params, self.size_mb)
 
     @property
     def needs_data(self) -> bool:
@@ -221,11 +242,12 @@ def _progress(items, enabled: bool | None, desc: str):
 
 def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_options: ImageOptions | None = None,
           **options) -> PruneResult:
-    """Prune ``model`` so its MACs drop by ``speedup``, keeping its outputs by reconstruction.
+    """Prune ``model`` to meet its targets (default: 2× fewer MACs), keeping its outputs by reconstruction.
 
     ``calib`` is a path (.npy, .npz, a folder of them or of images), an array, a dict of arrays,
     an ONNX Runtime ``CalibrationDataReader`` or an iterable of feed dicts. ``options`` are the
-    fields of :class:`PruneOptions` (``speedup``, ``method``, ``reconstruct``, ``seed`` …).
+    fields of :class:`PruneOptions` (``speedup``, ``params``, ``size_mb``, ``latency``, ``method``,
+    ``reconstruct``, ``max_drop``, ``seed`` …).
     """
     start = time.perf_counter()
     try:
@@ -240,7 +262,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
     bn_scales: dict[str, np.ndarray] = {}
     folded = fold_batchnorm(work, bn_scales)
     if calib is None:
-        if opts.needs_data:
+        if opts.needs_data or opts.max_drop is not None:
             raise OptionError(f"method '{opts.method.value}'{' with reconstruction' if opts.reconstruct else ''} "
                               "needs calibration data: pass --calib, or use --method l1 --no-reconstruct")
         cal = _synthetic_calibration(original)
@@ -250,48 +272,199 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
         fit_idx, hold_idx = _split(len(cal), opts.holdout if opts.needs_data else min(opts.holdout, 0.99), opts.seed)
         if opts.needs_data and len(fit_idx) < 2:
             raise OptionError(f"only {len(fit_idx)} calibration sample(s) left after the hold-out; give more data")
-    reference = copy.deepcopy(work)  # original weights (BN folded): the source of targets
     shapes = tensor_shapes(work, cal)
-    g = GraphView(work, shapes)
-    groups = find_groups(g)
-    if not any(grp.producers for grp in groups):
-        raise NothingToPrune("the model has no layer whose channels can be pruned (Conv, Gemm, MatMul…): "
-                             "nothing to prune, nothing written")
-    candidates, skipped = _candidates(groups, g, opts)
-    cost = build_cost_model(g, groups)
-    topo = {id(n): i for i, n in enumerate(work.graph.node)}
-    sensitivity = opts.allocation == "sensitivity" and opts.needs_data
-    widths = None if sensitivity else uniform_widths(cost, candidates, opts.speedup, opts.round_to)
-    pending = candidates if widths is None else [grp for grp in candidates if widths[grp.index] < grp.channels]
-    sampler = None
-    if opts.needs_data and pending:
-        consumers = [c for grp in pending for c in grp.all_consumers if _sampleable(c, g)]
-        consumers += _downstream_layers(g, pending, topo) if opts.reconstruct and opts.refit_downstream else []
-        sampler = Sampler(reference, g, cal, fit_idx, consumers, opts.samples_per_image, opts.seed,
-                          residual=opts.residual_target, batch=fitting_batch(shapes, opts.batch_size))
-    if widths is None:
-        curves = measure_curves(candidates, sampler, g, _sampleable) if sampler else {}
-        widths = allocate(cost, candidates, curves, opts.speedup, opts.round_to)
-    todo = [grp for grp in candidates if widths[grp.index] < grp.channels]
-    steps = [(min(topo[id(c.node)] for c in grp.all_consumers), grp) for grp in todo]
-    refits = _downstream_layers(g, todo, topo) if opts.reconstruct and opts.refit_downstream and todo else []
-    steps += [(topo[id(c.node)], c) for c in refits]
-    steps.sort(key=lambda step: step[0])
-    pruner = _Pruner(g, groups, opts, sampler, bn_scales)
-    results = []
-    for _, step in _progress(steps, opts.progress, "pruning"):
-        if isinstance(step, ChannelGroup):
-            results.append(pruner.prune_unit(step, widths[step.index]))
-        else:
-            pruner.refit_layer(step)
-    pruned = finalize(work)
-    try:
-        onnx.checker.check_model(pruned, full_check=True)
-    except onnx.checker.ValidationError as exc:  # a bug, never the user's fault
-        raise RuntimeError(f"the pruned model fails the ONNX checker: {exc}") from exc
-    report = _report(original, reference, pruned, cal, fit_idx, hold_idx, opts, results, skipped, folded)
+    run = _Run(original, work, shapes, cal, fit_idx, hold_idx, opts, bn_scales)
+    widths = run.widths(opts.targets)
+    if opts.latency is not None:
+        widths = run.meet_latency(widths)
+    pruned, results, fidelity, reached = run.guarded(widths)
+    report = _report(original, work, pruned, cal, fit_idx, opts, results, run.skipped, folded, fidelity)
+    report.targets_met = reached
     report.seconds = time.perf_counter() - start
     return PruneResult(pruned, report)
+
+
+def _guard_loss(fidelity: list[OutputFidelity]) -> float:
+    """What ``--max-drop`` bounds: the worst output's top-1 disagreement for class scores,
+    otherwise its relative error."""
+    return max((1 - f.top1_agreement if f.top1_agreement is not None else f.relative_error) for f in fidelity)
+
+
+def _relaxed(targets: Targets, cost: CostModel, t: float) -> Targets:
+    """``targets`` moved a fraction ``1 - t`` of the way back towards no pruning at all."""
+    size = None if targets.size_mb is None else cost.total_bytes / 1e6 + t * (targets.size_mb - cost.total_bytes / 1e6)
+    return Targets(1 + t * (targets.speedup - 1), None if targets.params is None else 1 - t * (1 - targets.params),
+                   size)
+
+
+class _Run:
+    """One pruning run: the analysed graph, its cost model and sampler, and ways to prune it to
+    given widths (as often as the latency search and the accuracy guard need)."""
+
+    def __init__(self, original, work, shapes, cal, fit_idx, hold_idx, opts: PruneOptions, bn_scales):
+        self.original, self.work, self.shapes, self.cal = original, work, shapes, cal
+        self.fit_idx, self.hold_idx, self.opts, self.bn_scales = fit_idx, hold_idx, opts, bn_scales
+        g, groups, self.candidates, self.skipped = self._analyse(work)
+        if not any(grp.producers for grp in groups):
+            raise NothingToPrune("the model has no layer whose channels can be pruned (Conv, Gemm, MatMul…): "
+                                 "nothing to prune, nothing written")
+        self.cost = build_cost_model(g, groups)
+        self.sampler = None
+        if opts.needs_data and self.candidates:
+            topo = {id(n): i for i, n in enumerate(work.graph.node)}
+            consumers = [c for grp in self.candidates for c in grp.all_consumers if _sampleable(c, g)]
+            if opts.reconstruct and opts.refit_downstream:
+                consumers += _downstream_layers(g, self.candidates, topo)
+            self.sampler = Sampler(work, g, cal, fit_idx, consumers, opts.samples_per_image, opts.seed,
+                                   residual=opts.residual_target, batch=fitting_batch(shapes, opts.batch_size))
+        self.curves = None
+        if opts.allocation == "sensitivity" and self.sampler:
+            self.curves = self._output_scaled(measure_curves(self.candidates, self.sampler, g, _sampleable))
+
+    def _output_scaled(self, curves: dict[int, list[float]], probe: float = 0.5, images: int = 64
+                       ) -> dict[int, list[float]]:
+        """Layer error curves put on one scale: each unit's curve is scaled so that, at ``probe``
+        of its width, it equals the relative error of the *model output* measured with that unit
+        alone pruned (on fit images). A layer error deep in the net and one near the input then
+        weigh by what they do to the output."""
+        full = {grp.index: grp.channels for grp in self.candidates}
+        solo = PruneOptions(**{**self.opts.__dict__, "refit_downstream": False, "progress": False})
+        at = GRID.index(probe) if probe in GRID else len(GRID) // 2
+        idx = self.fit_idx[:images]
+        scaled = {}
+        for grp in self.candidates:
+            curve = curves.get(grp.index)
+            width = max(1, int(round(GRID[at] * grp.channels)))
+            if not curve or width >= grp.channels or curve[at] <= 0:
+                scaled[grp.index] = curve
+                continue
+            model, _ = self.prune_to({**full, grp.index: width}, solo)
+            fid = compare(self.original, model, self.cal, idx, fitting_batch(self.shapes, self.opts.batch_size))
+            factor = max(f.relative_error for f in fid) / curve[at]
+            scaled[grp.index] = [v * factor for v in curve]
+        return scaled
+
+    def _analyse(self, model: onnx.ModelProto):
+        g = GraphView(model, self.shapes)
+        groups = find_groups(g)
+        candidates, skipped = _candidates(groups, g, self.opts)
+        return g, groups, candidates, skipped
+
+    def widths(self, targets: Targets) -> dict[int, int]:
+        if self.curves is not None:
+            return allocate(self.cost, self.candidates, self.curves, targets, self.opts.round_to)
+        return uniform_widths(self.cost, self.candidates, targets, self.opts.round_to)
+
+    def prune_to(self, widths: dict[int, int], opts: PruneOptions | None = None
+                 ) -> tuple[onnx.ModelProto, list[GroupResult]]:
+        """A pruned copy of the model: each candidate group cut to ``widths``, front to back."""
+        opts = opts or self.opts
+        work = copy.deepcopy(self.work)
+        g, groups, candidates, _ = self._analyse(work)
+        topo = {id(n): i for i, n in enumerate(work.graph.node)}
+        todo = [grp for grp in candidates if widths[grp.index] < grp.channels]
+        steps = [(min(topo[id(c.node)] for c in grp.all_consumers), grp) for grp in todo]
+        if todo and opts.reconstruct and opts.refit_downstream and opts.needs_data:
+            steps += [(topo[id(c.node)], c) for c in _downstream_layers(g, todo, topo)]
+        steps.sort(key=lambda step: step[0])
+        pruner = _Pruner(g, groups, opts, self.sampler if opts.needs_data else None, self.bn_scales)
+        results = []
+        for _, step in _progress(steps, opts.progress, "pruning"):
+            if isinstance(step, ChannelGroup):
+                results.append(pruner.prune_unit(step, widths[step.index]))
+            else:
+                pruner.refit_layer(step)
+        pruned = finalize(work)
+        try:
+            onnx.checker.check_model(pruned, full_check=True)
+        except onnx.checker.ValidationError as exc:  # a bug, never the user's fault
+            raise RuntimeError(f"the pruned model fails the ONNX checker: {exc}") from exc
+        return pruned, results
+
+    def prune_to_targets(self, widths: dict[int, int], tries: int = 3) -> tuple[onnx.ModelProto, list[GroupResult]]:
+        """:meth:`prune_to`, then check the MACs reached on the pruned model itself: where a
+        Split's parts kept unequal shares of a unit's channels, the estimate can miss, and the
+        MACs target is raised by the miss and the model pruned again."""
+        targets = self.opts.targets
+        for attempt in range(tries):
+            pruned, results = self.prune_to(widths)
+            reached = self.cost.total / max(model_macs(pruned, self.cal), 1)
+            if reached >= targets.speedup * (1 - 1e-9) or attempt == tries - 1:
+                break
+            log.info("MACs reached %.3fx < %.3fx: raising the target", reached, targets.speedup)
+            targets = Targets(targets.speedup ** 2 / reached, targets.params, targets.size_mb)
+            widths = self.widths(targets)
+        return pruned, results
+
+    def _latency_feed(self) -> dict[str, np.ndarray]:
+        return self.cal.take([0] * batch_size_for(self.original, self.opts.latency_batch))
+
+    def measured_speedup(self, widths: dict[int, int]) -> float:
+        """Measured latency speedup of the architecture ``widths`` describes (weights do not matter)."""
+        shape_only = PruneOptions(**{**self.opts.__dict__, "method": Method.L1, "reconstruct": False,
+                                     "progress": False})
+        arch, _ = self.prune_to(widths, shape_only)
+        before, after = latency_ms([self.original, arch], self._latency_feed(), self.opts.provider)
+        return before / after
+
+    def meet_latency(self, widths: dict[int, int], tries: int = 8) -> dict[int, int]:
+        """The least-pruned widths whose measured latency speedup reaches ``--latency``: raise the
+        MACs target until it holds, then bisect between the last miss and the first hit."""
+        goal, base = self.opts.latency, self.opts.targets
+        miss, hit, measured = base.speedup, None, 0.0
+        speedup = max(base.speedup, goal)
+        for _ in range(tries):
+            try:
+                trial_widths = self.widths(Targets(speedup, base.params, base.size_mb))
+            except TargetNotMetError:
+                break
+            measured = self.measured_speedup(trial_widths)
+            log.info("MACs target %.2fx: measured latency speedup %.2fx", speedup, measured)
+            if measured >= goal:
+                hit = (speedup, trial_widths)
+            else:
+                miss = speedup
+            if hit is None:
+                speedup *= max(goal / max(measured, 1e-3), 1.1)
+            elif hit[0] / miss < 1.05:
+                break
+            else:
+                speedup = (miss + hit[0]) / 2
+        if hit is None:
+            raise TargetNotMetError(f"--latency {goal:g} on {self.opts.provider} cannot be reached: the last "
+                                    f"architecture tried ({speedup:.2f}x fewer MACs) measured {measured:.2f}x at "
+                                    f"batch {self.opts.latency_batch}; small models are dominated by per-run "
+                                    "overhead, try a larger --latency-batch")
+        return hit[1]
+
+    def fidelity(self, pruned: onnx.ModelProto) -> list[OutputFidelity]:
+        check_idx = self.hold_idx if len(self.hold_idx) else self.fit_idx
+        return compare(self.original, pruned, self.cal, check_idx, fitting_batch(self.shapes, self.opts.batch_size))
+
+    def guarded(self, widths: dict[int, int], tries: int = 4):
+        """Prune to ``widths``; under ``--max-drop``, give width back (all targets relaxed
+        together, by bisection) until the held-out loss holds. Returns the model, its group
+        results, its fidelity and whether the targets were met."""
+        pruned, results = self.prune_to_targets(widths)
+        fidelity = self.fidelity(pruned)
+        limit = self.opts.max_drop
+        if limit is None or _guard_loss(fidelity) <= limit:
+            return pruned, results, fidelity, True
+        log.warning("held-out loss %.4f exceeds --max-drop %g: giving width back", _guard_loss(fidelity), limit)
+        best, lo, hi = None, 0.0, 1.0
+        for _ in range(tries):
+            t = (lo + hi) / 2
+            trial = self.prune_to(self.widths(_relaxed(self.opts.targets, self.cost, t)))
+            fid = self.fidelity(trial[0])
+            if _guard_loss(fid) <= limit:
+                best, lo = (*trial, fid), t
+            else:
+                hi = t
+        if best is None:
+            raise TargetNotMetError(f"--max-drop {limit:g} cannot be met even with mild pruning (held-out loss "
+                                    f"{_guard_loss(fid):.4f} at {_relaxed(self.opts.targets, self.cost, hi).speedup:.2f}x "
+                                    "fewer MACs); raise --max-drop or give more calibration data")
+        return (*best, False)
 
 
 @dataclass
@@ -399,19 +572,19 @@ def _layer_rows(before: onnx.ModelProto, after: onnx.ModelProto, cal: Calibratio
     return rows, gb.shapes
 
 
-def _report(original, reference, pruned, cal, fit_idx, hold_idx, opts, results, skipped, folded) -> Report:
-    check_idx = hold_idx if len(hold_idx) else fit_idx
-    rows, shapes = _layer_rows(reference, pruned, cal)
-    fidelity = compare(original, pruned, cal, check_idx, fitting_batch(shapes, opts.batch_size))
+def _report(original, reference, pruned, cal, fit_idx, opts, results, skipped, folded, fidelity) -> Report:
+    rows, _ = _layer_rows(reference, pruned, cal)
     lat = None
     if opts.measure_latency:
-        feed = cal.take([0] * batch_size_for(original, 1))
-        lat = tuple(latency_ms([original, pruned], feed))
+        feed = cal.take([0] * batch_size_for(original, opts.latency_batch))
+        lat = tuple(latency_ms([original, pruned], feed, opts.provider))
     totals = Totals(macs=(sum(r.macs[0] for r in rows), sum(r.macs[1] for r in rows)),
                     params=(count_params(GraphView(original)), count_params(GraphView(pruned))),
                     size_bytes=(model_bytes(original), model_bytes(pruned)), latency_ms=lat)
-    return Report(method=opts.method.value, reconstruct=opts.reconstruct, target_speedup=opts.speedup,
+    return Report(method=opts.method.value, reconstruct=opts.reconstruct, target_speedup=opts.speedup or 1.0,
                   totals=totals, groups=results, layers=rows, skipped=skipped, fidelity=fidelity,
-                  calibration={"fit": int(len(fit_idx)), "holdout": int(len(hold_idx)),
+                  calibration={"fit": int(len(fit_idx)), "holdout": int(len(cal)) - int(len(fit_idx)),
                                "samples_per_image": opts.samples_per_image},
-                  bn_folded=folded)
+                  bn_folded=folded, targets={k: v for k, v in opts.targets.__dict__.items() if v is not None}
+                  | ({"latency": opts.latency} if opts.latency is not None else {}),
+                  provider=opts.provider, latency_batch=opts.latency_batch)

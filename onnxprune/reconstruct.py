@@ -57,7 +57,7 @@ def _ridge_path(a: np.ndarray, b: np.ndarray, ridges: tuple[float, ...], n_x: in
 
 
 def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-          fit_bias: bool) -> Refit:
+          fit_bias: bool, cross_validate: bool = True) -> Refit:
     """Refit ``Y ≈ X[:, cols] Wᵀ + b`` given the sliced current ``weight [Cout, len(cols)]``.
 
     With many samples per unknown the smallest ridge is used; otherwise the ridge (or keeping
@@ -79,7 +79,7 @@ def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndar
     energy = max(stats.energy(), 1e-30)
     xtx, xty, _, n = stats.total()
     before = stats.error(full(start)) / energy
-    if n >= WELL_DETERMINED * len(idx):
+    if n >= WELL_DETERMINED * len(idx) or not cross_validate:
         best_ridge = RIDGES[0]
     else:
         best_err, best_ridge = sum(stats.error(full(start), f) for f in (0, 1)), None

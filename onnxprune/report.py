@@ -65,6 +65,10 @@ class Report:
     calibration: dict[str, int]
     bn_folded: int = 0
     seconds: float = 0.0
+    targets: dict = field(default_factory=dict)  # what was asked: speedup, params, size_mb, latency
+    targets_met: bool = True  # False when --max-drop made the run give width back
+    provider: str = "cpu"
+    latency_batch: int = 1
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -92,7 +96,7 @@ class Report:
         lines.append(f"size    {t.size_bytes[0] / 1e6:>8.2f}M -> {t.size_bytes[1] / 1e6:>8.2f}M")
         if t.latency_ms:
             lines.append(f"latency {t.latency_ms[0]:>8.2f}ms -> {t.latency_ms[1]:>7.2f}ms  "
-                         f"({t.latency_speedup:.2f}x measured, ORT CPU, batch 1)")
+                         f"({t.latency_speedup:.2f}x measured, ORT {self.provider}, batch {self.latency_batch})")
         for f in self.fidelity:
             agree = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
             lines.append(f"output '{f.name}': relative error {f.relative_error:.4f}{agree} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .budget import CostModel, round_width
+from .budget import CostModel, Targets, round_width
 from .errors import TargetNotMetError
 from .graph import ChannelGroup
 from .reconstruct import refit
@@ -17,7 +17,9 @@ GRID = tuple(i / 10 for i in range(1, 11))
 def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels: int,
                 ratios=GRID) -> list[float]:
     """Mean relative refit error of the unit's consumers when keeping each ratio of channels
-    (LASSO selection, then least squares), measured on the original model's statistics."""
+    (LASSO selection, then least squares with the smallest ridge: in-sample, so optimistic where
+    samples are few — :meth:`_Run._output_scaled` puts the curves on the output's scale), measured
+    on the original model's statistics."""
     gram, corr = np.zeros((channels, channels)), np.zeros(channels)
     for st, w, b in zip(stats, weights, biases):
         gr, co = normalized_contribution(st, w, b, channels)
@@ -29,48 +31,47 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
         for st, w, b in zip(stats, weights, biases):
             k = w.shape[1] // channels
             cols = expand_channels(keep, k)
-            errs.append(refit(st, cols, w[:, cols], b, b is not None).error_after)
+            errs.append(refit(st, cols, w[:, cols], b, b is not None, cross_validate=False).error_after)
         curve.append(float(np.mean(errs)))
     return curve
 
 
-def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[float]], speedup: float,
+def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[float]], targets: Targets,
              round_to: int = 1, ratios=GRID) -> dict[int, int]:
-    """Widths meeting ``speedup`` with the least summed error: from full width, repeatedly take
-    the grid step down that costs the least error per MAC saved."""
+    """Widths meeting ``targets`` with the least summed error: from full width, repeatedly take
+    the grid step down that costs the least error per unit of shortfall removed."""
     level = {u.index: len(ratios) - 1 for u in units}
 
     def widths() -> dict[int, int]:
         return {u.index: round_width(u.channels, ratios[level[u.index]], round_to, u.segments) for u in units}
 
-    total = cost.total
-    current = cost.macs(widths())
-    while total / max(current, 1e-9) < speedup:
-        best, best_score, best_macs = None, np.inf, current
+    current = targets.shortfall(cost, widths())
+    while current > 0:
+        best, best_score, best_short = None, np.inf, current
         for u in units:
             i = level[u.index]
             if i == 0:
                 continue
             level[u.index] = i - 1
-            macs = cost.macs(widths())
+            short = targets.shortfall(cost, widths())
             level[u.index] = i
-            saved = current - macs
-            if saved <= 0:
+            gained = current - short
+            if gained <= 0:
                 continue
             curve = curves.get(u.index)
-            score = (curve[i - 1] - curve[i]) / saved if curve else saved ** -1
+            score = (curve[i - 1] - curve[i]) / gained if curve else gained ** -1
             if score < best_score:
-                best, best_score, best_macs = u, score, macs
+                best, best_score, best_short = u, score, short
         if best is None:
-            raise TargetNotMetError(f"--speedup {speedup:g} cannot be reached with per-layer widths "
-                                    f"(reached {total / current:.2f}x); lower the target")
+            raise TargetNotMetError(f"{targets.asked()} cannot be reached with per-layer widths "
+                                    f"(reached {targets.describe(cost, widths())}); lower the target")
         level[best.index] -= 1
-        current = best_macs
-    # the last step may overshoot: widen the cheapest-to-widen units while the target still holds
+        current = best_short
+    # the last step may overshoot: widen the cheapest-to-widen units while the targets still hold
     for u in sorted(units, key=lambda u: -(curves.get(u.index) or [0.0] * len(ratios))[level[u.index]]):
         while level[u.index] < len(ratios) - 1:
             level[u.index] += 1
-            if total / max(cost.macs(widths()), 1e-9) < speedup:
+            if targets.shortfall(cost, widths()):
                 level[u.index] -= 1
                 break
     return widths()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from .activations import run_batches, session
+from .activations import run_batches
 from .calib import Calibration
 
 
@@ -41,19 +40,3 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
                 s[4] += a.shape[0]
     return [OutputFidelity(n, (s[0] / s[1]) ** 0.5 if s[1] > 0 else float(s[0] > 0), s[2],
                            s[3] / s[4] if s[4] else None) for n, s in acc.items()]
-
-
-def latency_ms(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], repeats: int = 30,
-               warmup: int = 5, threads: int = 0) -> list[float]:
-    """Median ORT CPU latency (ms) of each model on ``feed``, runs interleaved across models."""
-    sessions = [session(m, threads) for m in models]
-    for s in sessions:
-        for _ in range(warmup):
-            s.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(repeats):
-        for s, t in zip(sessions, times):
-            start = time.perf_counter()
-            s.run(None, feed)
-            t.append((time.perf_counter() - start) * 1e3)
-    return [float(np.median(t)) for t in times]

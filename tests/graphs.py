@@ -10,8 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 class Builder:
     """A minimal graph builder: adds nodes and random initializers, returns a ModelProto."""
 
-    def __init__(self, in_shape=("N", 3, 8, 8), seed: int = 0, opset: int = 13, name: str = "input"):
+    def __init__(self, in_shape=("N", 3, 8, 8), seed: int = 0, opset: int = 13, name: str = "input",
+                 random: bool = True):
         self.rng = np.random.default_rng(seed)
+        self.random = random  # False: zero weights (big graphs whose costs alone are tested)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.input = helper.make_tensor_value_info(name, TensorProto.FLOAT, list(in_shape))
@@ -35,12 +37,17 @@ class Builder:
 
     def conv(self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1, group: int = 1,
              bias: bool = True, pad: int | None = None) -> str:
-        w = self.rng.normal(0, (2.0 / (cin // group * k * k)) ** 0.5, (cout, cin // group, k, k)).astype(np.float32)
+        w = self._weights((2.0 / (cin // group * k * k)) ** 0.5, (cout, cin // group, k, k))
         ins = [x, self.const(w, "w")]
         if bias:
-            ins.append(self.const(self.rng.normal(0, 0.1, cout).astype(np.float32), "b"))
+            ins.append(self.const(self._weights(0.1, (cout,)), "b"))
         p = k // 2 if pad is None else pad
         return self.node("Conv", ins, kernel_shape=[k, k], pads=[p] * 4, strides=[stride] * 2, group=group)
+
+    def _weights(self, std: float, shape: tuple[int, ...]) -> np.ndarray:
+        if not self.random:
+            return np.zeros(shape, np.float32)
+        return self.rng.normal(0, std, shape).astype(np.float32)
 
     def bn(self, x: str, c: int) -> str:
         r = self.rng
@@ -48,8 +55,8 @@ class Builder:
         return self.node("BatchNormalization", [x] + [self.const(p.astype(np.float32), "bn") for p in params])
 
     def gemm(self, x: str, k: int, n: int) -> str:
-        w = self.rng.normal(0, (1.0 / k) ** 0.5, (n, k)).astype(np.float32)
-        b = self.rng.normal(0, 0.1, n).astype(np.float32)
+        w = self._weights((1.0 / k) ** 0.5, (n, k))
+        b = self._weights(0.1, (n,))
         return self.node("Gemm", [x, self.const(w, "fc"), self.const(b, "fcb")], transB=1)
 
     def build(self, *outputs: str, out_shape: list | None = None) -> onnx.ModelProto:
@@ -189,3 +196,40 @@ def random_cnn(blocks: list[str], widths: list[int], head: str = "gap", seed: in
     if head == "flatten":
         return b.build(b.gemm(b.node("Flatten", [x], axis=1), c * size * size, 5))
     return b.build(b.conv(x, c, 2, k=1, pad=0))  # a dense-prediction head
+
+
+def vgg16(size: int = 224, classes: int = 1000) -> onnx.ModelProto:
+    """VGG-16 (configuration D) with zero weights: for cost-model checks only."""
+    b = Builder(in_shape=("N", 3, size, size), random=False)
+    x, cin = "input", 3
+    for width, convs in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
+        for _ in range(convs):
+            x, cin = b.node("Relu", [b.conv(x, cin, width)]), width
+        x = b.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+        size //= 2
+    x = b.node("Flatten", [x], axis=1)
+    x = b.node("Relu", [b.gemm(x, cin * size * size, 4096)])
+    x = b.node("Relu", [b.gemm(x, 4096, 4096)])
+    return b.build(b.gemm(x, 4096, classes))
+
+
+def mobilenet_v2(size: int = 224, classes: int = 1000) -> onnx.ModelProto:
+    """MobileNetV2 (width 1.0): inverted residuals with depthwise convs and Clip(0, 6), BN folded."""
+    b = Builder(in_shape=("N", 3, size, size), random=False)
+    lo, hi = b.const(np.array(0.0, np.float32)), b.const(np.array(6.0, np.float32))
+
+    def relu6(x):
+        return b.node("Clip", [x, lo, hi])
+
+    x, cin = relu6(b.conv("input", 3, 32, stride=2)), 32
+    for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                       (6, 160, 3, 2), (6, 320, 1, 1)):
+        for i in range(n):
+            stride, hidden = (s if i == 0 else 1), cin * t
+            y = relu6(b.conv(x, cin, hidden, k=1)) if t != 1 else x
+            y = relu6(b.conv(y, hidden, hidden, stride=stride, group=hidden))
+            y = b.conv(y, hidden, c, k=1)
+            x, cin = (b.node("Add", [y, x]) if stride == 1 and cin == c else y), c
+    x = relu6(b.conv(x, cin, 1280, k=1))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    return b.build(b.gemm(x, 1280, classes))

@@ -126,7 +126,7 @@ def test_sensitivity_allocation_meets_the_target(build):
 
 
 def test_allocate_prefers_the_group_that_loses_least():
-    from onnxprune.budget import CostModel, CostEntry
+    from onnxprune.budget import CostEntry, CostModel, Targets
     from onnxprune.graph import ChannelGroup
     from onnxprune.sensitivity import GRID, allocate
 
@@ -134,7 +134,7 @@ def test_allocate_prefers_the_group_that_loses_least():
                      {0: 10, 1: 10}, {0: [(0, 10)], 1: [(1, 10)]})
     units = [ChannelGroup(0, 10, ["a"]), ChannelGroup(1, 10, ["b"])]
     curves = {0: [1.0 - r for r in GRID], 1: [10 * (1.0 - r) for r in GRID]}  # b is 10x more sensitive
-    widths = allocate(cost, units, curves, speedup=1.5)
+    widths = allocate(cost, units, curves, Targets(speedup=1.5))
     assert widths[0] < widths[1]
     assert 200 / cost.macs(widths) >= 1.5
 
