@@ -273,6 +273,10 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
         if opts.needs_data and len(fit_idx) < 2:
             raise OptionError(f"only {len(fit_idx)} calibration sample(s) left after the hold-out; give more data")
     shapes = tensor_shapes(work, cal)
+    if opts.method is Method.STRIPE:  # kernel positions of filters, not channels: its own pipeline
+        from .stripe import prune_stripes
+
+        return prune_stripes(original, work, shapes, cal, fit_idx, hold_idx, opts, folded, start)
     run = _Run(original, work, shapes, cal, fit_idx, hold_idx, opts, bn_scales)
     widths = run.widths(opts.targets)
     if opts.latency is not None:

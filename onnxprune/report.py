@@ -69,6 +69,7 @@ class Report:
     targets_met: bool = True  # False when --max-drop made the run give width back
     provider: str = "cpu"
     latency_batch: int = 1
+    stripe: dict | None = None  # --method stripe: keep fraction, stripe MACs, per-layer form (see stripe.py)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -97,6 +98,13 @@ class Report:
         if t.latency_ms:
             lines.append(f"latency {t.latency_ms[0]:>8.2f}ms -> {t.latency_ms[1]:>7.2f}ms  "
                          f"({t.latency_speedup:.2f}x measured, ORT {self.provider}, batch {self.latency_batch})")
+        if self.stripe:
+            s = self.stripe
+            lines.append(f"stripes kept {s['keep_fraction']:.1%} per K×K conv: stripe MACs "
+                         f"{_si(s['stripe_macs'])} ({s['stripe_macs_speedup']:.2f}x fewer); the MACs above are "
+                         "the written graph's")
+            for k in s["kept_dense"]:
+                lines.append(f"  kept dense (dropped stripes zeroed): {k['node'][:40]}: {k['reason']}")
         for f in self.fidelity:
             agree = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
             lines.append(f"output '{f.name}': relative error {f.relative_error:.4f}{agree} "

@@ -20,10 +20,11 @@ class Method(str, enum.Enum):
     L1 = "l1"
     SLIM = "slim"
     RANDOM = "random"
+    STRIPE = "stripe"  # stripe-wise (Meng et al. 2020): kernel positions of each filter, see stripe.py
 
     @property
     def needs_data(self) -> bool:
-        return self in (Method.LASSO, Method.THINET)
+        return self in (Method.LASSO, Method.THINET, Method.STRIPE)
 
 
 def expand_channels(keep: np.ndarray, block: int) -> np.ndarray:
