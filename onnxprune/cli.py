@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-residual", dest="prune_coupled", action=argparse.BooleanOptionalAction, default=False,
                    help="also prune channels coupled across branches (residual joins), with one selection "
                         "over all their consumers (default off: block outputs keep their width)")
-    p.add_argument("--allocation", choices=["uniform", "sensitivity"], default="uniform",
-                   help="per-group widths: one keep ratio for all, or from measured error curves")
+    p.add_argument("--allocation", choices=["uniform", "sensitivity"], default="sensitivity",
+                   help="per-group widths: from measured error curves (default; data-driven methods), "
+                        "or one keep ratio for all")
     p.add_argument("--refit-downstream", action=argparse.BooleanOptionalAction, default=True,
                    help="also refit unpruned layers whose inputs changed (producers' kept filters, "
                         "shortcuts, classifier) to their original outputs (default on)")

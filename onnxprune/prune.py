@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .activations import batch_size_for, fitting_batch, tensor_shapes
+from .activations import batch_size_for, fitting_batch, run_batches, tensor_shapes
 from .budget import CostModel, Targets, build_cost_model, count_params, uniform_widths
 from .calib import Calibration, ImageOptions, load_calibration
 from .errors import NothingToPrune, OptionError, TargetNotMetError
@@ -63,7 +63,7 @@ class PruneOptions:
     prune_coupled: bool = False
     residual_target: bool = True
     batch_size: int = 32
-    allocation: str = "uniform"  # uniform | sensitivity
+    allocation: str = "sensitivity"  # uniform | sensitivity (needs calibration data; else uniform)
     refit_downstream: bool = True  # also refit unpruned layers whose inputs changed
     slim_fallback: str = "error"  # what --method slim does when a group has no BatchNorm: error | l1
     measure_latency: bool = True
@@ -329,12 +329,17 @@ class _Run:
                        ) -> dict[int, list[float]]:
         """Layer error curves put on one scale: each unit's curve is scaled so that, at ``probe``
         of its width, it equals the relative error of the *model output* measured with that unit
-        alone pruned (on fit images). A layer error deep in the net and one near the input then
-        weigh by what they do to the output."""
+        alone pruned (on a few fit images). A layer error deep in the net and one near the input
+        then weigh by what they do to the output."""
         full = {grp.index: grp.channels for grp in self.candidates}
         solo = PruneOptions(**{**self.opts.__dict__, "refit_downstream": False, "progress": False})
-        at = GRID.index(probe) if probe in GRID else len(GRID) // 2
+        at = min(range(len(GRID)), key=lambda i: abs(GRID[i] - probe))
         idx = self.fit_idx[:images]
+        names = [o.name for o in self.original.graph.output]
+        batch = fitting_batch(self.shapes, self.opts.batch_size)
+        outputs = lambda m: [np.concatenate(parts) for parts in  # noqa: E731
+                             zip(*[[out[n] for n in names] for _, out in run_batches(m, names, self.cal, idx, batch)])]
+        reference = outputs(self.original)
         scaled = {}
         for grp in self.candidates:
             curve = curves.get(grp.index)
@@ -343,9 +348,9 @@ class _Run:
                 scaled[grp.index] = curve
                 continue
             model, _ = self.prune_to({**full, grp.index: width}, solo)
-            fid = compare(self.original, model, self.cal, idx, fitting_batch(self.shapes, self.opts.batch_size))
-            factor = max(f.relative_error for f in fid) / curve[at]
-            scaled[grp.index] = [v * factor for v in curve]
+            err = max(float(np.linalg.norm(p - r) / max(np.linalg.norm(r), 1e-30))
+                      for p, r in zip(outputs(model), reference))
+            scaled[grp.index] = [v * err / curve[at] for v in curve]
         return scaled
 
     def _analyse(self, model: onnx.ModelProto):

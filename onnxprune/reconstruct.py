@@ -56,16 +56,10 @@ def _ridge_path(a: np.ndarray, b: np.ndarray, ridges: tuple[float, ...], n_x: in
     return [vec @ ((vec.T @ (b + r * scale * prior)) / (lam + r * scale)[:, None]) for r in ridges]
 
 
-def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-          fit_bias: bool, cross_validate: bool = True) -> Refit:
-    """Refit ``Y ≈ X[:, cols] Wᵀ + b`` given the sliced current ``weight [Cout, len(cols)]``.
-
-    With many samples per unknown the smallest ridge is used; otherwise the ridge (or keeping
-    the sliced weights) is chosen by two-fold cross-validation over images.
-    """
-    d = stats.dim
+def _layout(d: int, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, fit_bias: bool):
+    """The unknowns' rows in ``[X 1]`` (``idx``), their start values, and ``full`` mapping a
+    solution on them to the ``[D+1, Cout]`` weights of the whole layer."""
     idx = np.concatenate([cols, [d]]) if fit_bias else np.asarray(cols)
-    n_x = len(cols)
     b0 = np.zeros(weight.shape[0]) if bias is None else bias
     start = np.vstack([weight.T, b0[None, :]]) if fit_bias else weight.T
 
@@ -76,10 +70,35 @@ def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndar
             w[d] = bias
         return w
 
+    return idx, start, full
+
+
+def held_out_error(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+                   fit_bias: bool, ridge: float = 1e-3) -> float:
+    """Relative error of the refit on images it was not fit on (two folds, one ridge strength):
+    an honest figure even where samples per unknown are few, for one solve per fold."""
+    idx, start, full = _layout(stats.dim, cols, weight, bias, fit_bias)
+    if stats.n.min() == 0:
+        return stats.error(full(start)) / max(stats.energy(), 1e-30)
+    err = sum(stats.error(full(_solve(stats.xtx[1 - f][np.ix_(idx, idx)], stats.xty[1 - f][idx], ridge,
+                                      len(cols), start)), f) for f in (0, 1))
+    return err / max(stats.energy(), 1e-30)
+
+
+def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+          fit_bias: bool) -> Refit:
+    """Refit ``Y ≈ X[:, cols] Wᵀ + b`` given the sliced current ``weight [Cout, len(cols)]``.
+
+    With many samples per unknown the smallest ridge is used; otherwise the ridge (or keeping
+    the sliced weights) is chosen by two-fold cross-validation over images.
+    """
+    d = stats.dim
+    idx, start, full = _layout(d, cols, weight, bias, fit_bias)
+    n_x = len(cols)
     energy = max(stats.energy(), 1e-30)
     xtx, xty, _, n = stats.total()
     before = stats.error(full(start)) / energy
-    if n >= WELL_DETERMINED * len(idx) or not cross_validate:
+    if n >= WELL_DETERMINED * len(idx):
         best_ridge = RIDGES[0]
     else:
         best_err, best_ridge = sum(stats.error(full(start), f) for f in (0, 1)), None

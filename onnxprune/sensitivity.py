@@ -8,7 +8,7 @@ import numpy as np
 from .budget import CostModel, Targets, round_width
 from .errors import TargetNotMetError
 from .graph import ChannelGroup
-from .reconstruct import refit
+from .reconstruct import held_out_error
 from .select import expand_channels, lasso_select, normalized_contribution
 
 GRID = tuple(i / 10 for i in range(1, 11))
@@ -16,10 +16,9 @@ GRID = tuple(i / 10 for i in range(1, 11))
 
 def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels: int,
                 ratios=GRID) -> list[float]:
-    """Mean relative refit error of the unit's consumers when keeping each ratio of channels
-    (LASSO selection, then least squares with the smallest ridge: in-sample, so optimistic where
-    samples are few — :meth:`_Run._output_scaled` puts the curves on the output's scale), measured
-    on the original model's statistics."""
+    """Mean relative error of the unit's consumers when keeping each ratio of channels (LASSO
+    selection, then least squares), on images the refit did not see, from the original model's
+    statistics."""
     gram, corr = np.zeros((channels, channels)), np.zeros(channels)
     for st, w, b in zip(stats, weights, biases):
         gr, co = normalized_contribution(st, w, b, channels)
@@ -31,7 +30,7 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
         for st, w, b in zip(stats, weights, biases):
             k = w.shape[1] // channels
             cols = expand_channels(keep, k)
-            errs.append(refit(st, cols, w[:, cols], b, b is not None, cross_validate=False).error_after)
+            errs.append(held_out_error(st, cols, w[:, cols], b, b is not None))
         curve.append(float(np.mean(errs)))
     return curve
 
@@ -45,27 +44,33 @@ def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[
     def widths() -> dict[int, int]:
         return {u.index: round_width(u.channels, ratios[level[u.index]], round_to, u.segments) for u in units}
 
+    def next_level(u: ChannelGroup) -> int | None:
+        """The next grid level down that really removes channels (rounding can merge levels)."""
+        now = round_width(u.channels, ratios[level[u.index]], round_to, u.segments)
+        return next((j for j in range(level[u.index] - 1, -1, -1)
+                     if round_width(u.channels, ratios[j], round_to, u.segments) < now), None)
+
     current = targets.shortfall(cost, widths())
     while current > 0:
-        best, best_score, best_short = None, np.inf, current
+        best, best_score, best_short, best_level = None, np.inf, current, 0
         for u in units:
-            i = level[u.index]
-            if i == 0:
+            i, j = level[u.index], next_level(u)
+            if j is None:
                 continue
-            level[u.index] = i - 1
+            level[u.index] = j
             short = targets.shortfall(cost, widths())
             level[u.index] = i
             gained = current - short
             if gained <= 0:
                 continue
             curve = curves.get(u.index)
-            score = (curve[i - 1] - curve[i]) / gained if curve else gained ** -1
+            score = (curve[j] - curve[i]) / gained if curve else gained ** -1
             if score < best_score:
-                best, best_score, best_short = u, score, short
+                best, best_score, best_short, best_level = u, score, short, j
         if best is None:
             raise TargetNotMetError(f"{targets.asked()} cannot be reached with per-layer widths "
                                     f"(reached {targets.describe(cost, widths())}); lower the target")
-        level[best.index] -= 1
+        level[best.index] = best_level
         current = best_short
     # the last step may overshoot: widen the cheapest-to-widen units while the targets still hold
     for u in sorted(units, key=lambda u: -(curves.get(u.index) or [0.0] * len(ratios))[level[u.index]]):

@@ -8,16 +8,12 @@ Prints a markdown table (accuracy on the Fashion-MNIST test set, MACs reached, p
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import onnxruntime as ort
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fmnist import ROOT, accuracy, test_set  # noqa: E402
+from bench_fmnist import ROOT, accuracy, print_header, test_set  # noqa: E402
 
 import onnxprune  # noqa: E402
 
@@ -29,10 +25,8 @@ def main() -> None:
     ap.add_argument("--calib", default=str(ROOT / "models" / "fmnist_calib.npy"))
     args = ap.parse_args()
     x, y, source = test_set()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; onnxruntime {ort.__version__}; "
-          f"evaluated on {source}; calibration {args.calib}\n")
-    print("| model | target | allocation | MACs speedup | top-1 % | drop | time s |")
-    print("|---|---|---|---|---|---|---|")
+    print_header(source, f"calibration {args.calib}",
+                 ["model", "target", "allocation", "MACs speedup", "top-1 %", "drop", "time s"])
     for name in args.models:
         path = ROOT / "models" / f"{name}.onnx"
         base = accuracy(path.read_bytes(), x, y)

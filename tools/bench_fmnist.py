@@ -48,18 +48,27 @@ def accuracy(model_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
     return 100.0 * hits / len(x)
 
 
+def print_header(source: str, details: str, columns: list[str]) -> None:
+    """The machine and data a benchmark ran on, then a markdown table header."""
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; onnxruntime {ort.__version__}; "
+          f"evaluated on {source}; {details}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["vgg_fmnist", "resnet_fmnist"])
     ap.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0, 3.0])
     ap.add_argument("--calib", default=str(ROOT / "models" / "fmnist_calib.npy"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--allocation", choices=["uniform", "sensitivity"], default="uniform",
+                    help="per-layer widths (tools/bench_allocation.py compares the two)")
     args = ap.parse_args()
     x, y, source = test_set()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; onnxruntime {ort.__version__}; "
-          f"evaluated on {source}; calibration {args.calib}\n")
-    print("| model | method | reconstruct | target | MACs speedup | latency speedup | top-1 % | drop | time s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print_header(source, f"calibration {args.calib}; allocation {args.allocation}",
+                 ["model", "method", "reconstruct", "target", "MACs speedup", "latency speedup", "top-1 %", "drop",
+                  "time s"])
     for name in args.models:
         path = ROOT / "models" / f"{name}.onnx"
         base = accuracy(path.read_bytes(), x, y)
@@ -68,7 +77,8 @@ def main() -> None:
             for method, rec in CONFIGS:
                 start = time.perf_counter()
                 result = onnxprune.prune(str(path), args.calib, speedup=speedup, method=method,
-                                         reconstruct=rec, seed=args.seed, progress=False)
+                                         reconstruct=rec, seed=args.seed, allocation=args.allocation,
+                                         progress=False)
                 took = time.perf_counter() - start
                 acc = accuracy(result.model.SerializeToString(), x, y)
                 t = result.report.totals
