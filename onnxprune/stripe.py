@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from threadpoolctl import threadpool_limits
 
 from .activations import batch_size_for, fitting_batch
 from .budget import count_params
@@ -326,7 +327,6 @@ def _sampleable(node: onnx.NodeProto, g: GraphView) -> bool:
 def _check_options(opts) -> None:
     unsupported = [(opts.params is not None, "--params"), (opts.size_mb is not None, "--size-mb"),
                    (opts.latency is not None, "--latency"), (opts.max_drop is not None, "--max-drop"),
-                   (opts.allocation != "uniform", "--allocation sensitivity"),
                    (opts.prune_coupled, "--prune-residual")]
     for bad, flag in unsupported:
         if bad:
@@ -386,10 +386,12 @@ def prune_stripes(original: onnx.ModelProto, work: onnx.ModelProto, shapes, cal,
         xtx, xty, _, _ = st.total()
         d = st.dim
         b = np.zeros(cout) if bias is None else bias.astype(np.float64)
-        gram, corr = stripe_problem(xtx[:d, :d], xty[:d] - np.outer(xtx[:d, d], b), weight)
         keep = int(np.floor(frac * cout * kh * kw + 1e-9))
-        kept = select_stripes(gram, corr, keep)
-        new_w, new_b, before, after = refit_stripes(st, weight, bias, kept, opts.reconstruct)
+        # many small solves: one BLAS thread each is far faster than threads fighting over cores
+        with threadpool_limits(limits=1, user_api="blas"):
+            gram, corr = stripe_problem(xtx[:d, :d], xty[:d] - np.outer(xtx[:d, d], b), weight)
+            kept = select_stripes(gram, corr, keep)
+            new_w, new_b, before, after = refit_stripes(st, weight, bias, kept, opts.reconstruct)
         g.set_const(node, 1, new_w.astype(weight.dtype))
         if new_b is not None:
             g.set_const(node, 2, new_b.astype(weight.dtype))
@@ -446,7 +448,7 @@ def _report(original, work, pruned, cal, fit_idx, hold_idx, opts, results: list[
         r = by_name.get(node.name or node.output[0])
         after = macs if r is None else (r.macs_stripes if r.emitted else r.macs_dense)
         ch_in, ch_out = gw.channels(node.input[0]) or 0, gw.channels(node.output[0]) or 0
-        rows.append(LayerRow(node.name or node.output[0], "Conv" if r is None else
+        rows.append(LayerRow(node.name or node.output[0], node.op_type if r is None else
                              ("Conv/stripes" if r.emitted else "Conv/dense"), (ch_in, ch_in), (ch_out, ch_out),
                              (macs, after)))
     lat = None
