@@ -64,7 +64,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--allocation", choices=["uniform", "sensitivity"], default="uniform",
                     help="per-layer widths (tools/bench_allocation.py compares the two)")
+    ap.add_argument("--plot", help="also write accuracy vs MACs speedup as a PNG here (needs matplotlib)")
     args = ap.parse_args()
+    points: list[tuple[str, str, float, float]] = []  # (model, method label, MACs speedup, top-1)
     x, y, source = test_set()
     print_header(source, f"calibration {args.calib}; allocation {args.allocation}",
                  ["model", "method", "reconstruct", "target", "MACs speedup", "latency speedup", "top-1 %", "drop",
@@ -73,6 +75,7 @@ def main() -> None:
         path = ROOT / "models" / f"{name}.onnx"
         base = accuracy(path.read_bytes(), x, y)
         print(f"| {name} | original | | | 1.00 | 1.00 | {base:.2f} | | |")
+        points += [(name, f"{m}{'' if r else ' (no refit)'}", 1.0, base) for m, r in CONFIGS]
         for speedup in args.speedups:
             for method, rec in CONFIGS:
                 start = time.perf_counter()
@@ -84,6 +87,30 @@ def main() -> None:
                 t = result.report.totals
                 print(f"| {name} | {method} | {'yes' if rec else 'no'} | {speedup:g}x | {t.macs_speedup:.2f} | "
                       f"{t.latency_speedup:.2f} | {acc:.2f} | {acc - base:+.2f} | {took:.1f} |", flush=True)
+                points.append((name, f"{method}{'' if rec else ' (no refit)'}", t.macs_speedup, acc))
+    if args.plot:
+        plot(points, args.plot)
+
+
+def plot(points: list[tuple[str, str, float, float]], path: str) -> None:
+    """One panel per model: top-1 accuracy against MACs speedup, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(p[0] for p in points))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for label in dict.fromkeys(p[1] for p in points if p[0] == model):
+            xs, ys = zip(*sorted((p[2], p[3]) for p in points if p[0] == model and p[1] == label))
+            ax.plot(xs, ys, marker="o", label=label, linestyle="--" if "no refit" in label else "-")
+        ax.set(title=f"{model} (no fine-tuning)", xlabel="MACs speedup", ylabel="Fashion-MNIST top-1 %")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
