@@ -33,13 +33,24 @@ ORT_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name i
     "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail"))
 
 
+def _copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
+    """Copy the set fields of protobuf message ``src`` into ``dst``, except those in ``skip``."""
+    for desc, value in src.ListFields():
+        if desc.name in skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(dst, desc.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # a message
+            getattr(dst, desc.name).CopyFrom(value)
+        else:
+            setattr(dst, desc.name, value)
+
+
 def probe_model(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose outputs are ``outputs``, without nodes they do not need."""
+    """A model whose outputs are ``outputs``, holding only the nodes and initializers they need
+    (copied part by part: a big model is never copied whole), without stale value_info."""
     names = list(dict.fromkeys(outputs))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    graph = probe.graph
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
     needed, stack = set(), list(names)
     live = set()
     while stack:
@@ -51,11 +62,13 @@ def probe_model(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelPro
         if node is not None and id(node) not in live:
             live.add(id(node))
             stack.extend(inputs_of(node))  # with the outer-scope tensors its subgraphs capture
-    nodes = [n for n in graph.node if id(n) in live]
-    del graph.node[:]
+    probe = onnx.ModelProto()
+    _copy_fields(model, probe, skip=("graph",))
+    graph = probe.graph
+    _copy_fields(model.graph, graph, skip=("node", "initializer", "output", "value_info"))
+    nodes = [n for n in model.graph.node if id(n) in live]
     graph.node.extend(nodes)
     declared = {o.name: o for o in model.graph.output}
-    del graph.output[:]
     for name in names:
         vi = onnx.ValueInfoProto()
         if name in declared:
@@ -63,10 +76,8 @@ def probe_model(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelPro
         else:
             vi.name = name
         graph.output.append(vi)
-    used = {i for n in graph.node for i in inputs_of(n)} | set(names)
-    inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    used = {i for n in nodes for i in inputs_of(n)} | set(names)
+    graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
     return probe
 
 
@@ -85,8 +96,7 @@ def run_batches(model: onnx.ModelProto, outputs: Sequence[str], calib: Calibrati
                 indices: Sequence[int], batch: int | None = None
                 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Run ``model`` over ``calib[indices]`` in batches, yielding (sample indices, {output: array})."""
-    probe = probe_model(model, outputs)
-    del probe.graph.value_info[:]  # shapes may be stale while pruning is under way
+    probe = probe_model(model, outputs)  # no value_info: shapes may be stale while pruning is under way
     sess = session(probe)
     names = list(dict.fromkeys(outputs))
     static = static_batch(model)
