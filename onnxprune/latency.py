@@ -43,14 +43,28 @@ def provider_session(model: onnx.ModelProto, provider: str = "cpu", threads: int
     return inference_session(model, opts, chain)  # any size, over 2 GB too
 
 
+MIN_TIMED_SECONDS = 1.0  # per model: sub-millisecond models get more repeats, or the median is noise
+WARMUP_SECONDS = 0.3
+
+
 def measure(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], provider: str = "cpu",
             repeats: int = 30, warmup: int = 5, threads: int = 0) -> list[Latency]:
     """Latency of each model on ``feed``; the runs of all models are interleaved so that load on
-    the machine affects them alike."""
+    the machine affects them alike. Fast models are repeated until each is timed for at least
+    ``MIN_TIMED_SECONDS`` (at most 2000 runs)."""
     sessions = [provider_session(m, provider, threads) for m in models]
+    # warm up for a while, not only a few runs: caches, allocators, and BLAS threads still
+    # spinning from the work just before (pruning) settle first
     for s in sessions:
         for _ in range(warmup):
             s.run(None, feed)
+    start = time.perf_counter()
+    sessions[0].run(None, feed)
+    once = max(time.perf_counter() - start, 1e-6)
+    for _ in range(int(min(2000, WARMUP_SECONDS / once))):
+        for s in sessions:
+            s.run(None, feed)
+    repeats = max(repeats, min(2000, int(MIN_TIMED_SECONDS / once)))
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(repeats):
         for s, t in zip(sessions, times):
