@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of calibration data held out for verification")
     p.add_argument("--samples-per-image", type=int, default=10, help="spatial positions sampled per image (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
-    p.add_argument("--round-to", type=int, help="round kept channels to a multiple of N "
-                   "(default 8 for --provider cuda/tensorrt, 1 for cpu)")
+    p.add_argument("--round-to", type=int, default=8, help="round kept channels up to a multiple of N "
+                   "(default 8: ORT's CPU kernels and GPU Tensor Cores work in blocks of 8/16 channels; "
+                   "1 for exact widths)")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size for ONNX Runtime")
     p.add_argument("--slim-fallback", choices=["error", "l1"], default="error",
                    help="--method slim on a group without BatchNorm: stop with an error, or use l1")
@@ -234,13 +235,12 @@ def _run(args: argparse.Namespace) -> int:
         if extra:
             check_folder(extra)
     images = _image_options(args)
-    round_to = args.round_to if args.round_to is not None else (1 if args.provider == "cpu" else 8)
     result = prune(str(args.model), str(args.calib) if args.calib else None, image_options=images,
                    speedup=args.speedup, params=args.params, size_mb=args.size_mb, latency=args.latency,
                    provider=args.provider, latency_batch=args.latency_batch, max_drop=args.max_drop, method=args.method, reconstruct=args.reconstruct,
                    residual_target=args.residual_target, prune_coupled=args.prune_coupled,
                    refit_downstream=args.refit_downstream, allocation=args.allocation, holdout=args.holdout,
-                   samples_per_image=args.samples_per_image, seed=args.seed, round_to=round_to,
+                   samples_per_image=args.samples_per_image, seed=args.seed, round_to=args.round_to,
                    batch_size=args.batch_size, measure_latency=args.measure_latency, slim_fallback=args.slim_fallback,
                    progress=None if not args.quiet else False)
     save_model_atomic(result.model, output, force=args.force, protected=(args.model,))

@@ -59,7 +59,7 @@ class PruneOptions:
     holdout: float = 0.2
     samples_per_image: int = 10
     seed: int = 0
-    round_to: int = 1
+    round_to: int = 1  # the CLI defaults to 8 (see its --round-to)
     prune_coupled: bool = False
     residual_target: bool = True
     batch_size: int = 32

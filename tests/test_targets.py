@@ -94,7 +94,7 @@ def files(tmp_path):
     onnx.save(model, tmp_path / "m.onnx")
     np.save(tmp_path / "x.npy", x)
     assert main([str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"), "-o", str(tmp_path / "p.onnx"),
-                 "--speedup", "1.5", "--no-latency", "-q"]) == 0
+                 "--speedup", "1.5", "--round-to", "1", "--no-latency", "-q"]) == 0
     return tmp_path
 
 
