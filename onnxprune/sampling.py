@@ -16,7 +16,7 @@ import onnx
 
 from .activations import run_batches
 from .calib import Calibration
-from .graph import ChannelGroup, Consumer
+from .graph import Consumer
 from .graphview import GraphView
 from .ops import LinearHandler, handler_for, sample_outputs
 from .stats import LayerStats

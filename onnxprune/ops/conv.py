@@ -7,7 +7,7 @@ import math
 import numpy as np
 import onnx
 
-from ..graphview import GraphView, attr, set_attr
+from ..graphview import attr, set_attr
 from .base import ChannelRule, Handler, LinearHandler, register
 
 
