@@ -159,6 +159,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _gate(args: argparse.Namespace) -> int:
     from .latency import latency_ms
+    from .budget import count_params
+    from .graphview import GraphView
     from .summary import calibration_or_zeros, fidelity, load_checked, model_macs
 
     needs_ref = [f for f in ("min_agreement", "max_error", "min_speedup") if getattr(args, f) is not None]
@@ -169,9 +171,6 @@ def _gate(args: argparse.Namespace) -> int:
                          "--max-error or --min-speedup")
     model = load_checked(args.model)
     cal = calibration_or_zeros(model, args.calib, _image_options(args))
-    from .budget import count_params
-    from .graphview import GraphView
-
     checks: list[tuple[str, float, float, bool]] = []  # (what, value, limit, ok)
     if args.max_size_mb is not None:
         size = args.model.stat().st_size / 1e6

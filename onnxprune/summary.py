@@ -62,7 +62,7 @@ def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
     fold_batchnorm(work, {})
     g = GraphView(work, tensor_shapes(work, cal))
     groups = find_groups(g)
-    macs = sum(handler_for(n).macs(n, g) for n in work.graph.node)
+    macs = _macs(g)
     candidates, skipped = _candidates(groups, g, PruneOptions(reconstruct=False, method="l1").validate())
     rows = [(grp.name, grp.channels, "") for grp in candidates if grp.producers and grp.owner]
     rows += [(name, next(x.channels for x in groups if x.name == name), reason) for name, reason in skipped]
@@ -71,9 +71,13 @@ def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
     return ModelSummary(macs, count_params(GraphView(model)), model_bytes(model), rows, dict(barriers))
 
 
+def _macs(g: GraphView) -> int:
+    return sum(handler_for(n).macs(n, g) for n in g.graph.node)
+
+
 def model_macs(model: onnx.ModelProto, cal: Calibration) -> int:
-    g = GraphView(model, tensor_shapes(model, cal))
-    return sum(handler_for(n).macs(n, g) for n in model.graph.node)
+    """MACs of one sample through ``model`` at the calibration input shape."""
+    return _macs(GraphView(model, tensor_shapes(model, cal)))
 
 
 def fidelity(reference: onnx.ModelProto, model: onnx.ModelProto, cal: Calibration) -> list[OutputFidelity]:

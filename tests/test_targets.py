@@ -95,6 +95,7 @@ def files(tmp_path):
     np.save(tmp_path / "x.npy", x)
     assert main([str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"), "-o", str(tmp_path / "p.onnx"),
                  "--speedup", "1.5", "--round-to", "1", "--no-latency", "-q"]) == 0
+    check_pruned(onnx.load(tmp_path / "p.onnx"), model, x[:16], max_rel_err=1.0)
     return tmp_path
 
 
