@@ -1,8 +1,10 @@
-"""Measured latency on an ONNX Runtime execution provider: warm-up, then interleaved repeats."""
+"""Measured latency on an ONNX Runtime execution provider: warm-up, then repeats in alternating blocks."""
 
 from __future__ import annotations
 
+import os
 import time
+from functools import cache
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,21 +39,44 @@ def provider_session(model: onnx.ModelProto, provider: str = "cpu", threads: int
                           "install onnxprune[gpu] on a machine with a GPU, or use --provider cpu")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
+    # an explicit thread count, as ORT's default picks (one per physical core): with the default
+    # (0), ORT pins the workers of each session to cores, and two sessions in one process then
+    # land in one of two timing regimes at random (on a 2-core VM: 1.35x or 1.67x for one pair)
+    opts.intra_op_num_threads = threads or physical_cores()
     chain = [name] if provider == "cpu" else [name, "CPUExecutionProvider"]
     return inference_session(model, opts, chain)  # any size, over 2 GB too
 
 
+@cache
+def physical_cores() -> int:
+    """Physical CPU cores usable by this process (hyper-threads counted once)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(base + "physical_package_id") as pkg, open(base + "core_id") as core:
+                cores.add((pkg.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
 MIN_TIMED_SECONDS = 1.0  # per model: sub-millisecond models get more repeats, or the median is noise
 WARMUP_SECONDS = 0.3
+BLOCK_SECONDS = 0.05  # runs of one model are timed in blocks about this long, the models taking turns
 
 
 def measure(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], provider: str = "cpu",
             repeats: int = 30, warmup: int = 5, threads: int = 0) -> list[Latency]:
-    """Latency of each model on ``feed``; the runs of all models are interleaved so that load on
-    the machine affects them alike. Fast models are repeated until each is timed for at least
-    ``MIN_TIMED_SECONDS`` (at most 2000 runs)."""
+    """Latency of each model on ``feed``. The models take turns in short blocks of runs so that
+    load on the machine affects them alike; fast models are repeated until each is timed for at
+    least ``MIN_TIMED_SECONDS`` (at most 2000 runs).
+
+    Blocks rather than alternating single runs: ORT's intra-op threads spin for a while after a
+    run, and a run of the other session that starts meanwhile competes with them for the cores
+    (on a 2-core machine that hid a 1.7x speedup as 1.2x). The first run of each block of a
+    fast model is not timed, for the same reason."""
     sessions = [provider_session(m, provider, threads) for m in models]
     # warm up for a while, not only a few runs: caches, allocators, and BLAS threads still
     # spinning from the work just before (pruning) settle first
@@ -61,16 +86,20 @@ def measure(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], prov
     start = time.perf_counter()
     sessions[0].run(None, feed)
     once = max(time.perf_counter() - start, 1e-6)
-    for _ in range(int(min(2000, WARMUP_SECONDS / once))):
-        for s in sessions:
+    for s in sessions:
+        for _ in range(int(min(1000, WARMUP_SECONDS / once))):
             s.run(None, feed)
     repeats = max(repeats, min(2000, int(MIN_TIMED_SECONDS / once)))
+    block = max(1, min(repeats, int(BLOCK_SECONDS / once)))
+    untimed = 1 if block > 1 else 0
     times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(repeats):
+    while len(times[0]) < repeats:
         for s, t in zip(sessions, times):
-            start = time.perf_counter()
-            s.run(None, feed)
-            t.append((time.perf_counter() - start) * 1e3)
+            for i in range(untimed + block):
+                start = time.perf_counter()
+                s.run(None, feed)
+                if i >= untimed:
+                    t.append((time.perf_counter() - start) * 1e3)
     return [Latency(float(np.median(t)), float(np.percentile(t, 90)), len(t)) for t in times]
 
 

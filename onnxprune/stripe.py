@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -83,27 +82,40 @@ def stripe_problem(xtx: np.ndarray, xt_target: np.ndarray, weight: np.ndarray) -
     return gram, corr
 
 
+LAMBDA_STEPS = 40  # λ grid of the batched LASSO path, geometric over four decades
+CD_SWEEPS = 8  # coordinate-descent sweeps per λ (warm-started; P = K·K unknowns per filter)
+
+
 def entry_strengths(gram: np.ndarray, corr: np.ndarray) -> np.ndarray:
     """``[Cout, P]``: the λ at which each stripe enters its filter's LASSO path
-    (``min ‖T_o − Σ_p β_p z_{o,p}‖² + λ‖β‖₁``), −1 where it never does. One scale for the whole
-    layer, so the values compare across filters (a shared λ)."""
-    from sklearn.linear_model import lars_path_gram
+    (``min ½βᵀGβ − bᵀβ + λ‖β‖₁``, G and b of :func:`stripe_problem`), −1 where it never does.
+    One scale for the whole layer, so the values compare across filters (a shared λ).
 
+    All filters are solved at once: coordinate descent, vectorised over the filters, down a
+    geometric λ grid with warm starts. A stripe entering between two grid points gets a value
+    between them, higher the larger its contribution there, so ties are rare."""
     cout, p = corr.shape
     scale = float(np.einsum("opp->", gram)) / max(cout * p, 1) or 1.0
+    g, b = gram / scale, corr / scale
+    diag = np.maximum(np.einsum("opp->op", g), 1e-12)
+    top = float(np.abs(b).max()) if b.size else 0.0
     entry = np.full((cout, p), -1.0)
-    for o in range(cout):
-        g, b = gram[o] / scale, corr[o] / scale
-        if not np.any(np.abs(b) > 0):
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            alphas, _, coefs = lars_path_gram(Xy=b, Gram=g + 1e-12 * np.eye(p), n_samples=1, method="lasso",
-                                              max_iter=4 * p + 10, eps=1e-12)
-        for q in range(p):
-            nz = np.flatnonzero(coefs[q] != 0)
-            if len(nz):
-                entry[o, q] = alphas[max(nz[0] - 1, 0)]
+    if top <= 0:
+        return entry
+    lambdas = top * np.geomspace(1.0, 1e-4, LAMBDA_STEPS)
+    beta = np.zeros((cout, p))
+    previous = top * 1.0001
+    for lam in lambdas:
+        for _ in range(CD_SWEEPS):
+            for q in range(p):
+                r = b[:, q] - np.einsum("op,op->o", g[:, q, :], beta) + diag[:, q] * beta[:, q]
+                beta[:, q] = np.sign(r) * np.maximum(np.abs(r) - lam, 0.0) / diag[:, q]
+        size = np.abs(beta) * np.sqrt(diag)
+        new = (beta != 0) & (entry < 0)
+        if new.any():
+            share = size[new] / (size[new].max() * 1.0001)
+            entry[new] = lam + (previous - lam) * share
+        previous = lam
     return entry
 
 
@@ -131,21 +143,31 @@ def _output_stats(st: LayerStats, outs: np.ndarray) -> LayerStats:
     return sub
 
 
+EXACT_REFIT_FLOPS = 2e10  # above this (Σ over kept-position patterns of unknowns³), refit by batched CG
+CG_RIDGE = 1e-3  # relative to the mean diagonal of XᵀX, towards the sliced weights
+CG_ITERATIONS = 60
+
+
 def refit_stripes(st: LayerStats, weight: np.ndarray, bias: np.ndarray | None, kept: np.ndarray,
                   reconstruct: bool = True) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Least-squares refit of each filter on the columns of its kept positions (ridge chosen as
-    in :func:`onnxprune.reconstruct.refit`), batched over filters with the same kept positions.
+    """Least-squares refit of each filter on the columns of its kept positions.
+
+    Small layers: exactly, with the ridge chosen as in :func:`onnxprune.reconstruct.refit`, one
+    solve per set of kept positions shared by some filters. Large layers (hundreds of patterns of
+    thousands of unknowns would take hours): :func:`refit_stripes_cg`, all filters at once.
 
     Returns the new weight ``[Cout, Cin, kh, kw]`` (dropped stripes zero), bias, and the layer's
     relative error before (kept stripes as they were) and after the refit.
     """
     cout, cin = weight.shape[:2]
     p = kept.shape[1]
+    patterns, inverse = np.unique(kept, axis=0, return_inverse=True)
+    if reconstruct and float(((patterns.sum(1) * cin + 1.0) ** 3).sum()) > EXACT_REFIT_FLOPS:
+        return refit_stripes_cg(st, weight, bias, kept)
     w2 = weight.reshape(cout, cin * p).astype(np.float64)
     b = np.zeros(cout) if bias is None else bias.astype(np.float64)
     new_w, new_b = np.zeros_like(w2), b.copy()
     err_before = err_after = 0.0
-    patterns, inverse = np.unique(kept, axis=0, return_inverse=True)
     for i, pattern in enumerate(patterns):
         outs = np.flatnonzero(inverse.ravel() == i)
         cols = (np.arange(cin)[:, None] * p + np.flatnonzero(pattern)[None, :]).ravel()
@@ -162,6 +184,57 @@ def refit_stripes(st: LayerStats, weight: np.ndarray, bias: np.ndarray | None, k
     total = max(st.energy(), 1e-30)
     out_b = new_b if (bias is not None or reconstruct) else None
     return new_w.reshape(weight.shape), out_b, err_before / total, err_after / total
+
+
+def refit_stripes_cg(st: LayerStats, weight: np.ndarray, bias: np.ndarray | None,
+                     kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """:func:`refit_stripes` for large layers: every filter's masked ridge problem
+    ``min ‖T_o − [X 1] w‖² + r‖w − w_sliced‖²`` (w zero off the kept stripes, bias free) solved
+    together by Jacobi-preconditioned conjugate gradients, one ``XᵀX · W`` product per step.
+    A filter whose in-sample error would grow keeps its sliced weights."""
+    cout, cin = weight.shape[:2]
+    p = kept.shape[1]
+    d = cin * p
+    xtx, xty, yy, _ = st.total()
+    mask = np.zeros((d + 1, cout), dtype=bool)
+    mask[:d] = np.repeat(kept.T[None, :, :], cin, axis=0).reshape(d, cout)  # column c·P + q
+    mask[d] = True
+    start = np.zeros((d + 1, cout))
+    start[:d] = weight.reshape(cout, d).T
+    start[d] = 0.0 if bias is None else bias
+    start *= mask
+    r = CG_RIDGE * float(np.mean(np.diag(xtx)[:d]) or 1.0)
+    ridge = np.full((d + 1, 1), r)
+    ridge[d] = 0.0
+    rhs = (xty + ridge * start) * mask
+
+    def apply(w: np.ndarray) -> np.ndarray:
+        return (xtx @ w + ridge * w) * mask
+
+    def errors(w: np.ndarray) -> np.ndarray:
+        return np.einsum("io,io->o", w, xtx @ w) - 2 * np.einsum("io,io->o", w, xty) + yy
+
+    precond = np.where(mask, 1.0 / np.maximum(np.diag(xtx)[:, None] + ridge, 1e-12), 0.0)
+    w = start.copy()
+    res = rhs - apply(w)
+    z = precond * res
+    direction = z.copy()
+    rz = np.einsum("io,io->o", res, z)
+    for _ in range(CG_ITERATIONS):
+        a_dir = apply(direction)
+        step = rz / np.maximum(np.einsum("io,io->o", direction, a_dir), 1e-300)
+        w += step * direction
+        res -= step * a_dir
+        z = precond * res
+        rz_new = np.einsum("io,io->o", res, z)
+        direction = z + (rz_new / np.maximum(rz, 1e-300)) * direction
+        rz = rz_new
+    before, after = errors(start), errors(w)
+    worse = after > before
+    w[:, worse] = start[:, worse]
+    after = np.minimum(after, before)
+    total = max(st.energy(), 1e-30)
+    return (w[:d].T.reshape(weight.shape), w[d], float(before.sum() / total), float(after.sum() / total))
 
 
 # ---------------------------------------------------------------------------------------------
