@@ -12,6 +12,7 @@ from .errors import TargetNotMetError
 from .graph import ChannelGroup
 from .graphview import GraphView
 from .io import model_bytes
+from .latency_cost import LatencyCost
 from .ops import handler_for
 
 
@@ -41,10 +42,16 @@ class CostModel:
     composition: dict[int, list[tuple[int, int]]]  # group -> (owner group, channels of it held)
     total_params: int = 0
     total_bytes: int = 0
+    latency: LatencyCost | None = None  # per-layer measured latency, for --latency
+
 
     @property
     def total(self) -> int:
         return sum(e.macs for e in self.entries)
+
+    def factor(self, entry: int, widths: dict[int, int]) -> float:
+        """Kept fraction of the MACs (and weights) of ``entries[entry]``."""
+        return self._factor(self.entries[entry], widths)
 
     def _factor(self, e: CostEntry, widths: dict[int, int]) -> float:
         f = 1.0
@@ -66,6 +73,12 @@ class CostModel:
     def bytes(self, widths: dict[int, int]) -> float:
         return self.total_bytes - sum(e.bytes * (1 - self._factor(e, widths)) for e in self.entries)
 
+    def latency_ms(self, widths: dict[int, int]) -> float:
+        """Predicted latency from the per-layer timings (:mod:`onnxprune.latency_cost`)."""
+        if self.latency is None:
+            raise ValueError("no per-layer latency measured for this cost model")
+        return self.latency.predict(self.factor, widths)
+
 
 @dataclass(frozen=True)
 class Targets:
@@ -74,6 +87,7 @@ class Targets:
     speedup: float = 1.0  # original MACs / pruned MACs at least this
     params: float | None = None  # pruned params / original params at most this
     size_mb: float | None = None  # pruned file size at most this (10^6 bytes)
+    latency: float | None = None  # predicted latency speedup at least this (needs cost.latency)
 
     def shortfall(self, cost: CostModel, widths: dict[int, int]) -> float:
         """0 when every target holds; otherwise the summed relative excess over the limits."""
@@ -83,6 +97,9 @@ class Targets:
             total += max(cost.params(widths) / max(self.params * cost.total_params, 1e-9) - 1, 0.0)
         if self.size_mb is not None:
             total += max(cost.bytes(widths) / (self.size_mb * 1e6) - 1, 0.0)
+        if self.latency is not None:
+            full = cost.latency_ms({})
+            total += max(cost.latency_ms(widths) * self.latency / max(full, 1e-12) - 1, 0.0)
         return total if total > 1e-12 else 0.0
 
     def describe(self, cost: CostModel, widths: dict[int, int]) -> str:
@@ -92,6 +109,8 @@ class Targets:
             parts.append(f"params {cost.params(widths) / max(cost.total_params, 1):.1%} kept")
         if self.size_mb is not None:
             parts.append(f"size {cost.bytes(widths) / 1e6:.2f} MB")
+        if self.latency is not None:
+            parts.append(f"predicted latency {cost.latency_ms({}) / max(cost.latency_ms(widths), 1e-12):.2f}x lower")
         return ", ".join(parts)
 
     def asked(self) -> str:
@@ -100,6 +119,8 @@ class Targets:
             parts.append(f"--params {self.params:g}")
         if self.size_mb is not None:
             parts.append(f"--size-mb {self.size_mb:g}")
+        if self.latency is not None:
+            parts.append(f"predicted latency {self.latency:.2f}x lower")
         return " ".join(parts) or "no target"
 
 

@@ -68,10 +68,11 @@ BLOCK_SECONDS = 0.05  # runs of one model are timed in blocks about this long, t
 
 
 def measure(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], provider: str = "cpu",
-            repeats: int = 30, warmup: int = 5, threads: int = 0) -> list[Latency]:
+            repeats: int = 30, warmup: int = 5, threads: int = 0,
+            seconds: float = MIN_TIMED_SECONDS) -> list[Latency]:
     """Latency of each model on ``feed``. The models take turns in short blocks of runs so that
     load on the machine affects them alike; fast models are repeated until each is timed for at
-    least ``MIN_TIMED_SECONDS`` (at most 2000 runs).
+    least ``seconds`` (at most 2000 runs).
 
     Blocks rather than alternating single runs: ORT's intra-op threads spin for a while after a
     run, and a run of the other session that starts meanwhile competes with them for the cores
@@ -87,9 +88,9 @@ def measure(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], prov
     sessions[0].run(None, feed)
     once = max(time.perf_counter() - start, 1e-6)
     for s in sessions:
-        for _ in range(int(min(1000, WARMUP_SECONDS / once))):
+        for _ in range(int(min(1000, min(WARMUP_SECONDS, seconds) / once))):
             s.run(None, feed)
-    repeats = max(repeats, min(2000, int(MIN_TIMED_SECONDS / once)))
+    repeats = max(repeats, min(2000, int(seconds / once)))
     block = max(1, min(repeats, int(BLOCK_SECONDS / once)))
     untimed = 1 if block > 1 else 0
     times: list[list[float]] = [[] for _ in sessions]

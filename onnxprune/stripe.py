@@ -144,8 +144,8 @@ def _output_stats(st: LayerStats, outs: np.ndarray) -> LayerStats:
 
 
 EXACT_REFIT_FLOPS = 2e10  # above this (Σ over kept-position patterns of unknowns³), refit by batched CG
-CG_RIDGE = 1e-3  # relative to the mean diagonal of XᵀX, towards the sliced weights
-CG_ITERATIONS = 60
+CG_RIDGES = (1e-2, 1e-1)  # relative to the mean diagonal of XᵀX, towards the sliced weights
+CG_ITERATIONS = 30
 
 
 def refit_stripes(st: LayerStats, weight: np.ndarray, bias: np.ndarray | None, kept: np.ndarray,
@@ -186,33 +186,14 @@ def refit_stripes(st: LayerStats, weight: np.ndarray, bias: np.ndarray | None, k
     return new_w.reshape(weight.shape), out_b, err_before / total, err_after / total
 
 
-def refit_stripes_cg(st: LayerStats, weight: np.ndarray, bias: np.ndarray | None,
-                     kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """:func:`refit_stripes` for large layers: every filter's masked ridge problem
-    ``min ‖T_o − [X 1] w‖² + r‖w − w_sliced‖²`` (w zero off the kept stripes, bias free) solved
-    together by Jacobi-preconditioned conjugate gradients, one ``XᵀX · W`` product per step.
-    A filter whose in-sample error would grow keeps its sliced weights."""
-    cout, cin = weight.shape[:2]
-    p = kept.shape[1]
-    d = cin * p
-    xtx, xty, yy, _ = st.total()
-    mask = np.zeros((d + 1, cout), dtype=bool)
-    mask[:d] = np.repeat(kept.T[None, :, :], cin, axis=0).reshape(d, cout)  # column c·P + q
-    mask[d] = True
-    start = np.zeros((d + 1, cout))
-    start[:d] = weight.reshape(cout, d).T
-    start[d] = 0.0 if bias is None else bias
-    start *= mask
-    r = CG_RIDGE * float(np.mean(np.diag(xtx)[:d]) or 1.0)
-    ridge = np.full((d + 1, 1), r)
-    ridge[d] = 0.0
+def _masked_cg(xtx: np.ndarray, xty: np.ndarray, mask: np.ndarray, start: np.ndarray, ridge: np.ndarray
+               ) -> np.ndarray:
+    """Every column's ``argmin ‖T − [X 1] w‖² + Σ ridge·(w − start)²`` with w zero off ``mask``,
+    by Jacobi-preconditioned conjugate gradients from ``start``, one ``XᵀX · W`` product per step."""
     rhs = (xty + ridge * start) * mask
 
     def apply(w: np.ndarray) -> np.ndarray:
         return (xtx @ w + ridge * w) * mask
-
-    def errors(w: np.ndarray) -> np.ndarray:
-        return np.einsum("io,io->o", w, xtx @ w) - 2 * np.einsum("io,io->o", w, xty) + yy
 
     precond = np.where(mask, 1.0 / np.maximum(np.diag(xtx)[:, None] + ridge, 1e-12), 0.0)
     w = start.copy()
@@ -229,6 +210,49 @@ def refit_stripes_cg(st: LayerStats, weight: np.ndarray, bias: np.ndarray | None
         rz_new = np.einsum("io,io->o", res, z)
         direction = z + (rz_new / np.maximum(rz, 1e-300)) * direction
         rz = rz_new
+    return w
+
+
+def refit_stripes_cg(st: LayerStats, weight: np.ndarray, bias: np.ndarray | None,
+                     kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """:func:`refit_stripes` for large layers: every filter's masked ridge problem (towards the
+    sliced weights, bias free) solved for all filters at once by :func:`_masked_cg`. Each filter
+    takes the ridge strength — or keeps its sliced weights — that two-fold cross-validation over
+    images prefers: these layers have thousands of unknowns per filter and often fewer samples."""
+    cout, cin = weight.shape[:2]
+    p = kept.shape[1]
+    d = cin * p
+    mask = np.zeros((d + 1, cout), dtype=bool)
+    mask[:d] = np.repeat(kept.T[None, :, :], cin, axis=0).reshape(d, cout)  # column c·P + q
+    mask[d] = True
+    start = np.zeros((d + 1, cout))
+    start[:d] = weight.reshape(cout, d).T
+    start[d] = 0.0 if bias is None else bias
+    start *= mask
+    xtx, xty, yy, _ = st.total()
+    scale = float(np.mean(np.diag(xtx)[:d]) or 1.0)
+
+    def ridge(r: float) -> np.ndarray:
+        out = np.full((d + 1, 1), r * scale)
+        out[d] = 0.0
+        return out
+
+    def errors(w: np.ndarray, fold: int | None = None) -> np.ndarray:
+        a, b, t = (xtx, xty, yy) if fold is None else (st.xtx[fold], st.xty[fold], st.yy[fold])
+        return np.einsum("io,io->o", w, a @ w) - 2 * np.einsum("io,io->o", w, b) + t
+
+    if st.n.min() > 0:
+        held_out = np.stack([sum(errors(start, f) for f in (0, 1))] +
+                            [sum(errors(_masked_cg(st.xtx[1 - f], st.xty[1 - f], mask, start, ridge(r)), f)
+                                 for f in (0, 1)) for r in CG_RIDGES])
+        choice = held_out.argmin(0)  # 0: keep the sliced weights, i: CG_RIDGES[i - 1]
+    else:
+        choice = np.full(cout, len(CG_RIDGES))
+    w = start.copy()
+    for i, r in enumerate(CG_RIDGES, start=1):
+        if (choice == i).any():
+            cols = choice == i
+            w[:, cols] = _masked_cg(xtx, xty[:, cols], mask[:, cols], start[:, cols], ridge(r))
     before, after = errors(start), errors(w)
     worse = after > before
     w[:, worse] = start[:, worse]

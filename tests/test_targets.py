@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from conftest import check_pruned
 from graphs import calib_for, mobilenet_v2, resnet50, tiny_resnet, tiny_vgg, vgg16
@@ -61,6 +62,54 @@ def test_unreachable_targets_say_how_close_they_got(vgg):
         onnxprune.prune(model, x, params=0.001, measure_latency=False)
     with pytest.raises(TargetNotMetError, match="--latency 1000 on cpu cannot be reached"):
         onnxprune.prune(model, x, latency=1000, measure_latency=False)
+
+
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "gemm"])
+def test_single_layer_models_for_latency_timing_run(kind):
+    """The one-node models timed for --latency compute the layer at the narrowed widths."""
+    from onnx import helper
+
+    from onnxprune.latency_cost import _single_layer
+    if kind == "gemm":
+        node, weight, shape = helper.make_node("Gemm", ["a", "b"], ["c"], transB=1), np.zeros((10, 32)), (1, 32)
+    else:
+        group = 16 if kind == "depthwise" else 1
+        node = helper.make_node("Conv", ["a", "b"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2],
+                                group=group)
+        weight, shape = np.zeros((16, 16 // group, 3, 3)), (1, 16, 12, 12)
+    model, x = _single_layer(node, weight, shape, 8, 8 if kind != "gemm" else 10)
+    onnx.checker.check_model(model, full_check=True)
+    out = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert out.shape == ((1, 10) if kind == "gemm" else (1, 8, 6, 6))
+
+
+def test_latency_cost_interpolates_layer_timings():
+    from onnxprune.latency_cost import LatencyCost, LayerLatency
+    cost = LatencyCost([LayerLatency(0, np.array([0.25, 0.5, 1.0]), np.array([1.0, 1.5, 3.0])),
+                        LayerLatency(1, np.array([0.5, 1.0]), np.array([2.0, 2.0]))], rest_ms=0.5, measured_ms=5.5)
+    factors = {0: 0.75, 1: 0.5}
+    assert cost.predict(lambda e, w: factors[e], {}) == pytest.approx(0.5 + 2.25 + 2.0)
+
+
+def test_latency_search_runs_on_per_layer_timings(vgg, monkeypatch):
+    """--latency times each prunable layer alone and searches on the latency those timings
+    predict. (The whole-model measurement is replaced by the prediction here, so that the test
+    does not depend on the machine's timing noise.)"""
+    import importlib
+    run_class = importlib.import_module("onnxprune.prune")._Run
+    predicted = []
+
+    def measured(self, widths):
+        assert self.cost.latency is not None and len(self.cost.latency.layers) >= 3
+        predicted.append(self.cost.latency_ms({}) / self.cost.latency_ms(widths))
+        return predicted[-1]
+
+    monkeypatch.setattr(run_class, "measured_speedup", measured)
+    model, x = vgg
+    result = onnxprune.prune(model, x, latency=1.3, latency_batch=32, allocation="uniform", measure_latency=False)
+    assert predicted and max(predicted) >= 1.3 * 1.05
+    assert result.report.totals.macs_speedup > 1.0
+    check_pruned(result.model, model, x[:16], max_rel_err=1.0)
 
 
 def test_missing_provider_is_a_clear_option_error(vgg):
