@@ -30,6 +30,7 @@ from .summary import model_macs
 from .select import (Method, expand_channels, l1_select, lasso_select, normalized_contribution, per_segment,
                      random_select, slim_select, thinet_select)
 from .latency import PROVIDERS, latency_ms
+from .latency_cost import layer_latency
 from .verify import OutputFidelity, compare
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,14 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, si
     return per_segment(choose, grp.channels, grp.segments, keep_n)  # equal per group of a grouped Conv
 
 
+def _given_keep(grp: ChannelGroup, keep_n: int, channels) -> np.ndarray:
+    """Channels a caller chose to keep for ``grp`` (see :meth:`_Run.prune_to`), sorted and checked."""
+    keep = np.unique(np.asarray(channels, dtype=np.int64))
+    if len(keep) != len(channels) or len(keep) != keep_n or keep[0] < 0 or keep[-1] >= grp.channels:
+        raise ValueError(f"{grp.name}: keep needs {keep_n} distinct channels of {grp.channels}, got {list(channels)}")
+    return keep
+
+
 def _progress(items, enabled: bool | None, desc: str):
     show = sys.stderr.isatty() if enabled is None else enabled
     if not show:
@@ -324,6 +333,8 @@ class _Run:
                 consumers += _downstream_layers(g, self.candidates, topo)
             self.sampler = Sampler(work, g, cal, fit_idx, consumers, opts.samples_per_image, opts.seed,
                                    residual=opts.residual_target, batch=fitting_batch(shapes, opts.batch_size))
+        if opts.latency is not None:
+            self.measure_layer_latency(g)
         self.curves = None
         if opts.allocation == "sensitivity" and self.sampler:
             self.curves = self._output_scaled(measure_curves(self.candidates, self.sampler, g, _sampleable))
@@ -367,9 +378,13 @@ class _Run:
             return allocate(self.cost, self.candidates, self.curves, targets, self.opts.round_to)
         return uniform_widths(self.cost, self.candidates, targets, self.opts.round_to)
 
-    def prune_to(self, widths: dict[int, int], opts: PruneOptions | None = None
-                 ) -> tuple[onnx.ModelProto, list[GroupResult]]:
-        """A pruned copy of the model: each candidate group cut to ``widths``, front to back."""
+    def prune_to(self, widths: dict[int, int], opts: PruneOptions | None = None,
+                 keep: dict[int, np.ndarray] | None = None) -> tuple[onnx.ModelProto, list[GroupResult]]:
+        """A pruned copy of the model: each candidate group cut to ``widths``, front to back.
+
+        ``keep`` gives, for some groups (by index), the channels to keep instead of those the
+        method selects (for experiments comparing selection criteria, e.g. tools/bench_single_layer.py).
+        """
         opts = opts or self.opts
         work = copy.deepcopy(self.work)
         g, groups, candidates, _ = self._analyse(work)
@@ -379,7 +394,7 @@ class _Run:
         if todo and opts.reconstruct and opts.refit_downstream and opts.needs_data:
             steps += [(topo[id(c.node)], c) for c in _downstream_layers(g, todo, topo)]
         steps.sort(key=lambda step: step[0])
-        pruner = _Pruner(g, groups, opts, self.sampler if opts.needs_data else None, self.bn_scales)
+        pruner = _Pruner(g, groups, opts, self.sampler if opts.needs_data else None, self.bn_scales, keep)
         results = []
         for _, step in _progress(steps, opts.progress, "pruning"):
             if isinstance(step, ChannelGroup):
@@ -419,35 +434,58 @@ class _Run:
         before, after = latency_ms([self.original, arch], self._latency_feed(), self.opts.provider)
         return before / after
 
+    def _latency_targets(self, knob: float) -> Targets:
+        """The targets for one step of the latency search: the user's, plus ``knob`` as a
+        predicted-latency speedup (per-layer timings) or, without those, as a MACs speedup."""
+        base = self.opts.targets
+        if self.cost.latency is not None:
+            return Targets(base.speedup, base.params, base.size_mb, latency=knob)
+        return Targets(max(base.speedup, knob), base.params, base.size_mb)
+
     def meet_latency(self, widths: dict[int, int], tries: int = 8) -> dict[int, int]:
         """The least-pruned widths whose measured latency speedup reaches ``--latency``: raise the
-        MACs target until it holds, then bisect between the last miss and the first hit."""
-        goal, base = self.opts.latency, self.opts.targets
-        miss, hit, measured = base.speedup, None, 0.0
-        speedup = max(base.speedup, goal)
+        predicted target until the measurement holds, then bisect between the last miss and the first hit."""
+        goal = self.opts.latency
+        miss, hit, measured, trial_widths = 1.0, None, 0.0, widths
+        knob = goal
         for _ in range(tries):
             try:
-                trial_widths = self.widths(Targets(speedup, base.params, base.size_mb))
+                trial_widths = self.widths(self._latency_targets(knob))
             except TargetNotMetError:
-                break
+                if hit is not None or self.cost.latency is None:
+                    break
+                log.info("the per-layer timings predict less than %.2fx: searching on MACs instead", knob)
+                self.cost.latency, knob = None, goal
+                continue
             measured = self.measured_speedup(trial_widths)
-            log.info("MACs target %.2fx: measured latency speedup %.2fx", speedup, measured)
+            log.info("target %.2fx (MACs %.2fx fewer): measured latency speedup %.2fx", knob,
+                     self.cost.total / max(self.cost.macs(trial_widths), 1e-9), measured)
             if measured >= goal * LATENCY_MARGIN:
-                hit = (speedup, trial_widths)
+                hit = (knob, trial_widths)
             else:
-                miss = speedup
+                miss = knob
             if hit is None:
-                speedup *= max(goal / max(measured, 1e-3), 1.1)
+                knob *= max(goal / max(measured, 1e-3), 1.1)
             elif hit[0] / miss < 1.05:
                 break
             else:
-                speedup = (miss + hit[0]) / 2
+                knob = (miss + hit[0]) / 2
         if hit is None:
             raise TargetNotMetError(f"--latency {goal:g} on {self.opts.provider} cannot be reached: the last "
-                                    f"architecture tried ({speedup:.2f}x fewer MACs) measured {measured:.2f}x at "
-                                    f"batch {self.opts.latency_batch}; small models are dominated by per-run "
-                                    "overhead, try a larger --latency-batch")
+                                    f"architecture tried ({self.cost.total / max(self.cost.macs(trial_widths), 1e-9):.2f}x "
+                                    f"fewer MACs) measured {measured:.2f}x at batch {self.opts.latency_batch}; small "
+                                    "models are dominated by per-run overhead, try a larger --latency-batch")
         return hit[1]
+
+    def measure_layer_latency(self, g: GraphView) -> None:
+        """Time every prunable layer alone (:mod:`onnxprune.latency_cost`) for the latency search."""
+        tensors = {t for grp in self.candidates for t in grp.tensors}
+        prunable = {n.name or n.output[0]: (n.input[0] in tensors, n.output[0] in tensors)
+                    for n in g.graph.node if n.input}
+        feed = self._latency_feed()
+        whole = latency_ms([self.original], feed, self.opts.provider)[0]
+        self.cost.latency = layer_latency(g, self.cost, prunable, next(iter(feed.values())).shape[0],
+                                          self.opts.provider, whole)
 
     def fidelity(self, pruned: onnx.ModelProto) -> list[OutputFidelity]:
         check_idx = self.hold_idx if len(self.hold_idx) else self.fit_idx
@@ -496,8 +534,9 @@ class _Pruner:
     """Prunes units (groups owning channels) one at a time: select, rewrite, refit."""
 
     def __init__(self, g: GraphView, groups: list[ChannelGroup], opts: PruneOptions, sampler: Sampler | None,
-                 bn_scales: dict[str, np.ndarray]):
+                 bn_scales: dict[str, np.ndarray], keep: dict[int, np.ndarray] | None = None):
         self.g, self.opts, self.sampler, self.bn_scales = g, opts, sampler, bn_scales
+        self.keep = keep or {}  # unit index -> channels to keep, overriding the selection method
         self.rng = np.random.default_rng(opts.seed)
         self.current = {grp.index: grp.atoms.copy() for grp in groups}  # atoms each group holds now
         self.kept_outputs: dict[str, np.ndarray] = {}  # producer output -> original channels still there
@@ -519,7 +558,10 @@ class _Pruner:
         if self.sampler:
             for site in sites:
                 site.stats = self.sampler.stats(g, site.sampled, self.kept_outputs) if site.sampled else []
-        keep = _select(unit, keep_n, opts, g, sites, self.rng, self.bn_scales)
+        if unit.index in self.keep:
+            keep = _given_keep(unit, keep_n, self.keep[unit.index])
+        else:
+            keep = _select(unit, keep_n, opts, g, sites, self.rng, self.bn_scales)
         removed = np.setdiff1d(unit.atoms, unit.atoms[keep])
         res = GroupResult(unit.name, unit.channels, len(keep),
                           [c.node.name or c.node.output[0] for c in unit.all_consumers])

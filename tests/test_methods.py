@@ -67,3 +67,42 @@ def test_architecture_export_lists_pruned_widths():
     assert any(layer["out_channels"] < layer["original_out_channels"] for layer in convs)
     assert exporter_name("/layer1/layer1.0/conv1/Conv") == "conv1"
     assert exporter_name("features_0") == "features_0"
+
+
+def _run_for(model, x, **options):
+    """onnxprune's internal pruning run, set up the way prune() sets it up (for the ``keep`` hook)."""
+    import copy
+
+    from onnxprune.activations import tensor_shapes
+    from onnxprune.calib import load_calibration
+    from onnxprune.fold import constants_to_initializers, fold_batchnorm
+    from onnxprune.prune import PruneOptions, _Run, _split
+
+    opts = PruneOptions(measure_latency=False, allocation="uniform", **options).validate()
+    work = copy.deepcopy(model)
+    constants_to_initializers(work)
+    bn_scales = {}
+    fold_batchnorm(work, bn_scales)
+    cal = load_calibration(x, model)
+    fit_idx, hold_idx = _split(len(cal), opts.holdout, opts.seed)
+    return _Run(model, work, tensor_shapes(work, cal), cal, fit_idx, hold_idx, opts, bn_scales)
+
+
+@pytest.mark.parametrize("reconstruct", [False, True])
+def test_prune_to_keeps_the_channels_it_is_given(reconstruct):
+    from onnx import numpy_helper
+
+    model = tiny_vgg()
+    run = _run_for(model, calib_for(model, 60), method="l1", reconstruct=reconstruct)
+    first = run.candidates[0]
+    assert first.producers[0].op_type == "Conv" and first.channels == 8
+    widths = {g.index: g.channels for g in run.candidates} | {first.index: 4}
+    pruned, results = run.prune_to(widths, keep={first.index: np.array([6, 1, 5, 3])})
+    assert results[0].channels_after == 4
+    w = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    before = {t.name: numpy_helper.to_array(t) for t in run.work.graph.initializer}
+    conv = next(n for n in pruned.graph.node if n.output[0] == first.producers[0].output[0])
+    np.testing.assert_array_equal(w[conv.input[1]], before[first.producers[0].input[1]][[1, 3, 5, 6]])
+    check_pruned(pruned, model, calib_for(model, 10), max_rel_err=2.0)
+    with pytest.raises(ValueError, match="4 distinct channels"):
+        run.prune_to(widths, keep={first.index: np.array([1, 1, 2, 3])})
