@@ -3,10 +3,12 @@
     python tools/bench_all.py [--out docs/bench.md] [--models ...] [--speedups ...] [--scale]
 
 Runs, one after the other (they time themselves, so never in parallel): tools/bench_fmnist.py
-(methods × speedups), tools/bench_allocation.py (uniform vs sensitivity widths),
-tools/bench_peers.py (against Torch-Pruning, needs the ``bench`` extra; writes its plot next to
---out, as <out>_peers.png) and, with --scale, tools/bench_scale.py (ResNet-50 at 224², ~6 min and ~7 GB on 2 cores,
-so off by default). Each script's markdown output goes into its own section with the exact
+(methods × speedups 1.5–4×, 2048 calibration images), tools/bench_allocation.py (uniform vs
+sensitivity widths), tools/bench_peers.py (against Torch-Pruning, needs the ``bench`` extra),
+tools/bench_latency.py (measured latency at batch 1 and 32), tools/bench_single_layer.py (He et
+al.'s single-layer experiment) and, with --scale, tools/bench_scale.py (ResNet-50 at 224², ~6 min
+and ~7 GB on 2 cores, so off by default). Plots go next to --out (docs/*.png by default: the
+files README.md shows). Each script's markdown output goes into its own section with the exact
 command and its wall time; a failing script is recorded with its stderr tail and the others still
 run (exit code 1 at the end).
 """
@@ -77,14 +79,23 @@ def git_commit() -> str:
 
 
 def steps(args: argparse.Namespace) -> list[Step]:
-    """The scripts to run, with the shared --models/--speedups passed on where given."""
-    shared = (["--models", *args.models] if args.models else []) + \
-             (["--speedups", *map(str, args.speedups)] if args.speedups else [])
-    out = Path(args.out).resolve()
-    plot = os.path.relpath(out.with_name(f"{out.stem}_peers.png"), ROOT)  # not docs/peers.png, which README shows
-    chosen = [Step("Methods and speedups (tools/bench_fmnist.py)", "bench_fmnist.py", shared),
+    """The scripts to run, with the shared --models/--speedups passed on where given; plots are
+    written next to --out (docs/*.png for the default, the files README.md shows)."""
+    models = ["--models", *args.models] if args.models else []
+    speedups = ["--speedups", *map(str, args.speedups or [1.5, 2.0, 3.0, 4.0])]
+    shared = models + (["--speedups", *map(str, args.speedups)] if args.speedups else [])
+    docs = Path(args.out).resolve().parent
+
+    def plot(name: str) -> str:
+        return os.path.relpath(docs / name, ROOT)
+
+    chosen = [Step("Methods and speedups (tools/bench_fmnist.py)", "bench_fmnist.py",
+                   [*models, *speedups, "--calib", "models/fmnist_calib_2k.npz", "--plot", plot("methods.png")]),
               Step("Width allocation (tools/bench_allocation.py)", "bench_allocation.py", shared),
-              Step("Against Torch-Pruning (tools/bench_peers.py)", "bench_peers.py", [*shared, "--plot", plot])]
+              Step("Against Torch-Pruning (tools/bench_peers.py)", "bench_peers.py", [*shared, "--plot", plot("peers.png")]),
+              Step("Measured latency (tools/bench_latency.py)", "bench_latency.py", shared),
+              Step("Single-layer experiment of He et al. (tools/bench_single_layer.py)", "bench_single_layer.py",
+                   ["--plot", plot("single_layer.png")])]
     if args.scale:
         chosen.append(Step("ResNet-50-sized graph (tools/bench_scale.py)", "bench_scale.py",
                            ["--images", str(args.scale_images)]))
@@ -106,7 +117,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench.md"))
     ap.add_argument("--models", nargs="+", default=None, help="passed on to each script (default: theirs)")
     ap.add_argument("--speedups", nargs="+", type=float, default=None, help="passed on (default: each script's own)")
-    ap.add_argument("--only", nargs="+", choices=["bench_fmnist", "bench_allocation", "bench_peers", "bench_scale"],
+    ap.add_argument("--only", nargs="+", choices=["bench_fmnist", "bench_allocation", "bench_peers", "bench_latency",
+                                                   "bench_single_layer", "bench_scale"],
                     help="run only these scripts")
     ap.add_argument("--scale", action="store_true", help="also run tools/bench_scale.py (slow, ~7 GB)")
     ap.add_argument("--scale-images", type=int, default=256)
