@@ -373,10 +373,23 @@ class _Run:
         candidates, skipped = _candidates(groups, g, self.opts)
         return g, groups, candidates, skipped
 
-    def widths(self, targets: Targets) -> dict[int, int]:
-        if self.curves is not None:
-            return allocate(self.cost, self.candidates, self.curves, targets, self.opts.round_to)
-        return uniform_widths(self.cost, self.candidates, targets, self.opts.round_to)
+    def widths(self, targets: Targets, round_to: int | None = None) -> dict[int, int]:
+        """Per-group widths meeting ``targets``; when rounding to ``--round-to`` is what makes
+        them unreachable, the error says so."""
+        round_to = self.opts.round_to if round_to is None else round_to
+        try:
+            if self.curves is not None:
+                return allocate(self.cost, self.candidates, self.curves, targets, round_to)
+            return uniform_widths(self.cost, self.candidates, targets, round_to)
+        except TargetNotMetError as exc:
+            if round_to > 1:
+                try:
+                    self.widths(targets, 1)
+                except TargetNotMetError:
+                    raise exc from None
+                raise TargetNotMetError(f"{exc}; without rounding kept channels to multiples of {round_to} it "
+                                        "can be reached: try --round-to 1 (or a smaller multiple)") from None
+            raise
 
     def prune_to(self, widths: dict[int, int], opts: PruneOptions | None = None,
                  keep: dict[int, np.ndarray] | None = None) -> tuple[onnx.ModelProto, list[GroupResult]]:

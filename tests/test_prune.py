@@ -148,3 +148,14 @@ def test_round_to_keeps_multiples():
     assert result.report.groups
     assert all(grp.channels_after % 8 == 0 for grp in result.report.groups if grp.channels_before > 8)
     check_pruned(result.model, model, x[:10], max_rel_err=1.0)
+
+
+def test_target_lost_to_rounding_says_so():
+    """A target only rounding to --round-to makes unreachable names the rounding as the cause."""
+    model = tiny_vgg()
+    x = calib_for(model, 64)
+    with pytest.raises(TargetNotMetError, match="without rounding .* multiples of 8 it can be reached"):
+        onnxprune.prune(model, x, speedup=8, round_to=8, allocation="uniform", measure_latency=False)
+    result = onnxprune.prune(model, x, speedup=8, round_to=1, allocation="uniform", measure_latency=False)
+    assert result.report.totals.macs_speedup >= 8
+    check_pruned(result.model, model, x[:10], max_rel_err=2.0)
