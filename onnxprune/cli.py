@@ -137,7 +137,7 @@ def build_gate_parser() -> argparse.ArgumentParser:
 
 def build_bench_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxprune bench", description="Latency (median, p90) and throughput of one or more "
-                "models, runs interleaved, at several batch sizes.")
+                "models, runs in alternating blocks, at several batch sizes.")
     p.add_argument("models", type=Path, nargs="+", help="the first one is the baseline")
     p.add_argument("--calib", type=Path, help="inputs to feed (else zeros at the model's static shape)")
     p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")

@@ -106,5 +106,5 @@ def measure(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], prov
 
 def latency_ms(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], provider: str = "cpu",
                repeats: int = 30, warmup: int = 5) -> list[float]:
-    """Median latency (ms) of each model on ``feed``, runs interleaved across models."""
+    """Median latency (ms) of each model on ``feed``, runs alternating across models in blocks."""
     return [m.median_ms for m in measure(models, feed, provider, repeats, warmup)]

@@ -88,7 +88,7 @@ def fidelity(reference: onnx.ModelProto, model: onnx.ModelProto, cal: Calibratio
 
 def bench(models: list[onnx.ModelProto], cal: Calibration, provider: str, batches: list[int],
           repeats: int) -> dict[int, list[Latency]]:
-    """Latency of each model at each batch size (runs interleaved across models)."""
+    """Latency of each model at each batch size (runs alternating across models in blocks)."""
     return {b: measure(models, cal.take([i % len(cal) for i in range(batch_size_for(models[0], b))]),
                        provider, repeats) for b in batches}
 

@@ -198,7 +198,7 @@ def macs(model_bytes: bytes, sample: np.ndarray) -> int:
 
 
 def latency_speedup(original: bytes, pruned: bytes, sample: np.ndarray, repeats: int) -> float:
-    """Original / pruned median ORT CPU latency at batch 1, runs interleaved."""
+    """Original / pruned median ORT CPU latency at batch 1, runs alternating in blocks."""
     before, after = measure([onnx.load_from_string(original), onnx.load_from_string(pruned)],
                             {"input": sample[:1]}, "cpu", repeats=repeats, warmup=10)
     return before.median_ms / after.median_ms
