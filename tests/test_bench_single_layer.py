@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import bench_single_layer  # noqa: E402
 
 
 def test_quick_run_prints_every_criterion_and_refit_beats_first_k(tmp_path, capsys):
+    plotting = importlib.util.find_spec("matplotlib") is not None  # the bench extra, not the test one
     plot = tmp_path / "single_layer.png"
-    results = bench_single_layer.main(["--quick", "--plot", str(plot)])
+    results = bench_single_layer.main(["--quick", "--plot", str(plot) if plotting else ""])
     out = capsys.readouterr().out
     labels = [c.label for c in bench_single_layer.CRITERIA]
     assert {"first-k", "max-response", "random", "l1", "thinet", "lasso", "thinet+rec", "lasso+rec"} == set(labels)
@@ -25,4 +27,4 @@ def test_quick_run_prints_every_criterion_and_refit_beats_first_k(tmp_path, caps
     assert {s for _, s in cells} == {2.0, 4.0}
     assert cells["lasso+rec", 4.0][0] <= cells["first-k", 4.0][0]  # increase of test error, points
     assert cells["lasso+rec", 4.0][1] < cells["lasso", 4.0][1]  # the refit lowers the layer's output error
-    assert plot.stat().st_size > 0
+    assert plot.stat().st_size > 0 if plotting else not plot.exists()
