@@ -260,14 +260,30 @@ def _validate(arrays: dict[str, object], inputs: list[ModelInput]) -> dict[str, 
             if not both_float:
                 raise CalibrationError(f"calibration data for '{inp.name}' is {arr.dtype} but the model expects "
                                        f"{np.dtype(inp.dtype).name}; convert and normalise it first")
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        finite, peak = _scan(arr)
+        if not finite:
             raise CalibrationError(f"calibration data for '{inp.name}' contains NaN or Inf values; clean it first")
-        peak = float(np.abs(arr).max()) if arr.size and np.issubdtype(arr.dtype, np.number) else 0.0
         if peak > MAX_ABS_VALUE:
             raise CalibrationError(f"calibration data for '{inp.name}' has values up to {peak:.3g}; normalise it "
                                    f"the way the model expects (|values| <= {MAX_ABS_VALUE:g})")
         out[inp.name] = arr
     return out
+
+
+def _scan(arr: np.ndarray, chunk_bytes: int = 1 << 26) -> tuple[bool, float]:
+    """Whether a float array is free of NaN/Inf, and its largest |value| (0 for non-numbers),
+    read in chunks of samples: no full-size temporary beside the data (nor a memmap read whole)."""
+    if not arr.size or not np.issubdtype(arr.dtype, np.number):
+        return True, 0.0
+    floating = np.issubdtype(arr.dtype, np.floating)
+    step = max(1, chunk_bytes // max(1, arr[:1].nbytes))
+    peak = 0.0
+    for start in range(0, len(arr), step):
+        part = np.asarray(arr[start:start + step])
+        if floating and not np.isfinite(part).all():
+            return False, peak
+        peak = max(peak, float(np.abs(part).max()) if part.size else 0.0)
+    return True, peak
 
 
 def _fmt(shape: tuple[int | None, ...]) -> str:

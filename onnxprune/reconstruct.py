@@ -9,6 +9,7 @@ worse on held-out samples than not refitting it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,39 +50,108 @@ def _solve(a: np.ndarray, b: np.ndarray, ridge: float, n_x: int, prior: np.ndarr
 
 
 def _ridge_path(a: np.ndarray, b: np.ndarray, ridges: tuple[float, ...], n_x: int,
-                prior: np.ndarray) -> list[np.ndarray]:
-    """Solutions for several ridge strengths from one eigendecomposition (ridge on every unknown)."""
+                prior: np.ndarray) -> Iterator[np.ndarray]:
+    """Solutions for several ridge strengths from one eigendecomposition (ridge on every unknown),
+    one at a time."""
     lam, vec = np.linalg.eigh(a)
     scale = _ridge_scale(a, n_x)
-    return [vec @ ((vec.T @ (b + r * scale * prior)) / (lam + r * scale)[:, None]) for r in ridges]
+    return (vec @ ((vec.T @ (b + r * scale * prior)) / (lam + r * scale)[:, None]) for r in ridges)
+
+
+# Sample space: with fewer samples (n) than unknowns (p) the same solutions come from the n×n
+# kernel ``X Xᵀ`` instead of the p×p ``XᵀX`` (``(XᵀX + rI)⁻¹Xᵀ = Xᵀ(XXᵀ + rI)⁻¹``); an unpenalised
+# bias is solved for by centring. Where p ≤ n the p×p system is formed from the samples.
+
+def _sample_scale(x: np.ndarray, n_x: int) -> float:
+    """:func:`_ridge_scale` of ``xᵀx`` without forming it."""
+    diag = np.einsum("ij,ij->j", x[:, :n_x], x[:, :n_x])
+    return float(diag.mean()) if diag.size and diag.mean() > 0 else 1.0
+
+
+def _kernel_solve(k: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    try:
+        return scipy.linalg.solve(k, rhs, assume_a="pos", check_finite=False)
+    except (np.linalg.LinAlgError, ValueError):
+        return np.linalg.lstsq(k, rhs, rcond=None)[0]
+
+
+def _solve_samples(x: np.ndarray, y: np.ndarray, ridge: float, n_x: int, prior: np.ndarray) -> np.ndarray:
+    """:func:`_solve` from the samples ``x [n, p]`` (the unknowns' columns of ``[X 1]``), ``y [n, Cout]``."""
+    n, p = x.shape
+    if p <= n:
+        return _solve(x.T @ x, x.T @ y, ridge, n_x, prior)
+    r = ridge * _sample_scale(x, n_x)
+    resid = y - x @ prior
+    xs, rs = x[:, :n_x], resid
+    if p > n_x:  # the last column is the constant 1 of the unpenalised bias: centre
+        x_mean, r_mean = xs.mean(0), resid.mean(0)
+        xs, rs = xs - x_mean, resid - r_mean
+    k = xs @ xs.T
+    k[np.arange(n), np.arange(n)] += r
+    delta = xs.T @ _kernel_solve(k, rs)
+    w = prior.astype(np.float64, copy=True)
+    w[:n_x] += delta
+    if p > n_x:
+        w[n_x] += r_mean - x_mean @ delta
+    return w
+
+
+def _ridge_path_samples(x: np.ndarray, y: np.ndarray, ridges: tuple[float, ...], n_x: int,
+                        prior: np.ndarray) -> Iterator[np.ndarray]:
+    """:func:`_ridge_path` from the samples (one eigendecomposition of the smaller of ``xᵀx``, ``xxᵀ``)."""
+    n, p = x.shape
+    if p <= n:
+        return _ridge_path(x.T @ x, x.T @ y, ridges, n_x, prior)
+    scale = _sample_scale(x, n_x)
+    lam, vec = np.linalg.eigh(x @ x.T)
+    proj = vec.T @ (y - x @ prior)
+    xv = x.T @ vec
+    return (prior + xv @ (proj / (lam + r * scale)[:, None]) for r in ridges)
+
+
+def _fit(stats: LayerStats, idx: np.ndarray, fold: int | None, ridge: float, n_x: int,
+         prior: np.ndarray) -> np.ndarray:
+    """The ridge solution on the unknowns ``idx``, fit on ``fold`` (None: both folds)."""
+    if stats.samples_kept:
+        return _solve_samples(*stats.samples(idx, fold), ridge, n_x, prior)
+    if fold is None:
+        xtx, xty = stats.xtx[0][np.ix_(idx, idx)] + stats.xtx[1][np.ix_(idx, idx)], stats.xty[0][idx] + stats.xty[1][idx]
+    else:
+        xtx, xty = stats.xtx[fold][np.ix_(idx, idx)], stats.xty[fold][idx]
+    return _solve(xtx, xty, ridge, n_x, prior)
+
+
+def _fit_path(stats: LayerStats, idx: np.ndarray, fold: int, ridges: tuple[float, ...], n_x: int,
+              prior: np.ndarray) -> Iterator[np.ndarray]:
+    if stats.samples_kept:
+        return _ridge_path_samples(*stats.samples(idx, fold), ridges, n_x, prior)
+    return _ridge_path(stats.xtx[fold][np.ix_(idx, idx)], stats.xty[fold][idx], ridges, n_x, prior)
 
 
 def _layout(d: int, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, fit_bias: bool):
-    """The unknowns' rows in ``[X 1]`` (``idx``), their start values, and ``full`` mapping a
-    solution on them to the ``[D+1, Cout]`` weights of the whole layer."""
+    """The unknowns' rows in ``[X 1]`` (``idx``), their start values, and ``rows_of`` mapping a
+    solution on them to the rows of ``[X 1]`` it weighs and their weights (the layer's fixed bias
+    included where it is not refit)."""
     idx = np.concatenate([cols, [d]]) if fit_bias else np.asarray(cols)
     b0 = np.zeros(weight.shape[0]) if bias is None else bias
     start = np.vstack([weight.T, b0[None, :]]) if fit_bias else weight.T
 
-    def full(w_sub: np.ndarray) -> np.ndarray:
-        w = np.zeros((d + 1, weight.shape[0]))
-        w[idx] = w_sub
+    def rows_of(w_sub: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not fit_bias and bias is not None:
-            w[d] = bias
-        return w
+            return np.concatenate([idx, [d]]), np.vstack([w_sub, bias[None, :]])
+        return idx, w_sub
 
-    return idx, start, full
+    return idx, start, rows_of
 
 
 def held_out_error(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
                    fit_bias: bool, ridge: float = 1e-3) -> float:
     """Relative error of the refit on images it was not fit on (two folds, one ridge strength):
     an honest figure even where samples per unknown are few, for one solve per fold."""
-    idx, start, full = _layout(stats.dim, cols, weight, bias, fit_bias)
+    idx, start, rows_of = _layout(stats.dim, cols, weight, bias, fit_bias)
     if stats.n.min() == 0:
-        return stats.error(full(start)) / max(stats.energy(), 1e-30)
-    err = sum(stats.error(full(_solve(stats.xtx[1 - f][np.ix_(idx, idx)], stats.xty[1 - f][idx], ridge,
-                                      len(cols), start)), f) for f in (0, 1))
+        return stats.error_of(*rows_of(start)) / max(stats.energy(), 1e-30)
+    err = sum(stats.error_of(*rows_of(_fit(stats, idx, 1 - f, ridge, len(cols), start)), f) for f in (0, 1))
     return err / max(stats.energy(), 1e-30)
 
 
@@ -92,28 +162,26 @@ def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndar
     With many samples per unknown the smallest ridge is used; otherwise the ridge (or keeping
     the sliced weights) is chosen by two-fold cross-validation over images.
     """
-    d = stats.dim
-    idx, start, full = _layout(d, cols, weight, bias, fit_bias)
+    idx, start, rows_of = _layout(stats.dim, cols, weight, bias, fit_bias)
     n_x = len(cols)
     energy = max(stats.energy(), 1e-30)
-    xtx, xty, _, n = stats.total()
-    before = stats.error(full(start)) / energy
+    n = int(stats.n.sum())
+    before = stats.error_of(*rows_of(start)) / energy
     if n >= WELL_DETERMINED * len(idx):
         best_ridge = RIDGES[0]
     else:
-        best_err, best_ridge = sum(stats.error(full(start), f) for f in (0, 1)), None
+        best_err, best_ridge = sum(stats.error_of(*rows_of(start), f) for f in (0, 1)), None
         if stats.n.min() > 0:
             errs = np.zeros(len(RIDGES))
             for f in (0, 1):
-                a, b = stats.xtx[1 - f][np.ix_(idx, idx)], stats.xty[1 - f][idx]
-                for i, w in enumerate(_ridge_path(a, b, RIDGES, n_x, start)):
-                    errs[i] += stats.error(full(w), f)
+                for i, w in enumerate(_fit_path(stats, idx, 1 - f, RIDGES, n_x, start)):
+                    errs[i] += stats.error_of(*rows_of(w), f)
             if errs.min() < best_err:
                 best_ridge = RIDGES[int(errs.argmin())]
         if best_ridge is None:
             return Refit(weight, bias, None, before, before)
-    w = _solve(xtx[np.ix_(idx, idx)], xty[idx], best_ridge, n_x, start)
-    after = stats.error(full(w)) / energy
+    w = _fit(stats, idx, None, best_ridge, n_x, start)
+    after = stats.error_of(*rows_of(w)) / energy
     if after > before:  # numerical trouble: never make a layer worse in-sample
         return Refit(weight, bias, None, before, before)
     new_bias = w[n_x] if fit_bias else bias

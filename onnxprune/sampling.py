@@ -56,8 +56,9 @@ class Sampler:
 
     def __init__(self, original: onnx.ModelProto, g: GraphView, calib: Calibration,
                  indices: Sequence[int], consumers: list[Consumer], samples_per_image: int,
-                 seed: int, residual: bool = True, batch: int | None = None):
+                 seed: int, residual: bool = True, batch: int | None = None, keep_samples: bool = True):
         self.calib, self.indices, self.batch = calib, np.asarray(indices), batch
+        self.keep_samples = keep_samples  # False: always XᵀX (callers that read it directly)
         self.row = np.full(len(calib), -1)
         self.row[self.indices] = np.arange(len(self.indices))
         self.targets: dict[str, Target] = {}
@@ -116,7 +117,8 @@ class Sampler:
                 if other:
                     y = y - sample_outputs(values[other], pos)
                 if result[i] is None:
-                    result[i] = LayerStats(x.shape[1], y.shape[1])
+                    rows = len(self.indices) * self.positions[name].shape[1]
+                    result[i] = LayerStats(x.shape[1], y.shape[1], rows if self.keep_samples else None)
                 fold = np.repeat(idx % 2, pos.shape[1])
-                result[i].add(x.astype(np.float64), y, fold)
+                result[i].add(x, y, fold)
         return result  # type: ignore[return-value]

@@ -36,12 +36,41 @@ def normalized_contribution(stats, weight: np.ndarray, bias: np.ndarray | None,
                             channels: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`contribution_problem` of one consumer from its statistics, with the target being
     its output minus bias, divided by the target's energy so several consumers weigh alike."""
-    xtx, xty, yy, n = stats.total()
     d = stats.dim
     b = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+    k = weight.shape[1] // channels
+    if stats.samples_kept and k > 1 and 3 * 8 * d * d > GRAM_BUDGET:  # XᵀX too big to form: from the samples
+        n = int(stats.n.sum())
+        energy = max(stats.yy.sum() - 2 * b @ stats.y_sum() + n * b @ b, 1e-30)
+        gram, corr = sampled_contribution_problem(stats, weight, b, channels)
+        return gram / energy, corr / energy
+    xtx, xty, yy, n = stats.total()
     energy = max(yy.sum() - 2 * b @ xty[d] + n * b @ b, 1e-30)
     gram, corr = contribution_problem(xtx[:d, :d], xty[:d] - np.outer(xtx[:d, d], b), weight, channels)
     return gram / energy, corr / energy
+
+
+GRAM_BUDGET = 1 << 30  # bytes: above this, per-channel contributions are summed from the kept samples
+
+
+def sampled_contribution_problem(stats, weight: np.ndarray, bias: np.ndarray, channels: int,
+                                 budget: int = 1 << 28) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`contribution_problem` from kept samples: the contributions ``Z_c`` are formed for
+    a few samples at a time (``budget`` bytes), never ``XᵀX [D, D]`` (5 GB for VGG-16's first
+    classifier layer, D = 512·7·7). Products in float32, sums over chunks in float64."""
+    cout = weight.shape[0]
+    k = weight.shape[1] // channels
+    w = np.ascontiguousarray(weight.reshape(cout, channels, k).transpose(1, 2, 0), dtype=np.float32)  # [C, k, Cout]
+    gram, corr = np.zeros((channels, channels)), np.zeros(channels)
+    step = max(1, budget // (4 * channels * cout))
+    for start in range(0, stats.filled, step):
+        x = stats.x[start:start + step, :-1].reshape(-1, channels, k).transpose(1, 0, 2)  # [C, r, k]
+        t = (stats.y[start:start + step] - bias).astype(np.float32)  # [r, Cout]
+        z = np.matmul(x, w)  # [C, r, Cout]
+        flat = z.reshape(channels, -1)
+        gram += flat @ flat.T
+        corr += flat @ t.reshape(-1)
+    return gram, corr
 
 
 def contribution_problem(xtx: np.ndarray, xt_target: np.ndarray, weight: np.ndarray,

@@ -82,24 +82,53 @@ def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[
     return widths()
 
 
+STATS_BUDGET = 1 << 30  # bytes of statistics one pass of measure_curves may gather
+
+
+def _stats_bytes(c, sampler, g) -> int:
+    """What :meth:`Sampler.stats` will hold for consumer ``c``: ``XᵀX`` and ``XᵀY`` of two
+    folds, or the samples where fewer than the unknowns are drawn."""
+    from .ops import handler_for
+
+    d, cout = handler_for(c.node).weight_matrix(c.node, g).shape[::-1]
+    rows = len(sampler.indices) * sampler.positions[c.node.output[0]].shape[1]
+    if rows <= d + 1 and sampler.keep_samples:
+        return 4 * rows * (d + 1 + cout)
+    return 16 * (d + 1) * (d + 1 + cout)
+
+
 def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int = 8) -> dict[int, list[float]]:
-    """Error curves of every unit, from the model before any pruning (``chunk`` consumers per pass)."""
+    """Error curves of every unit, from the model before any pruning: one pass over the data per
+    ``chunk`` consumers (fewer where their statistics would exceed :data:`STATS_BUDGET`); each
+    unit's curve is computed as soon as its consumers' statistics are in, which are then dropped."""
     from .ops import handler_for
 
     jobs = [(u, [c for c in u.consumers if sampleable(c, g)]) for u in units]
     flat = [c for _, cs in jobs for c in cs]
-    stats = {}
-    for start in range(0, len(flat), chunk):
-        part = flat[start:start + chunk]
+    parts, part, held = [], [], 0
+    for c in flat:
+        size = _stats_bytes(c, sampler, g)
+        if part and (len(part) == chunk or held + size > STATS_BUDGET):
+            parts.append(part)
+            part, held = [], 0
+        part.append(c)
+        held += size
+    parts += [part] if part else []
+    stats, curves, waiting = {}, {}, [(u, cs) for u, cs in jobs if cs]
+    for part in parts:
         for c, st in zip(part, sampler.stats(g, part)):
             stats[id(c)] = st
-    curves = {}
-    for u, cs in jobs:
-        if not cs:
-            continue
-        hs = [handler_for(c.node) for c in cs]
-        curves[u.index] = error_curve(u, cs, [stats[id(c)] for c in cs], [h.weight_matrix(c.node, g) for h, c in zip(hs, cs)],
-                                      [h.bias(c.node, g) for h, c in zip(hs, cs)], u.channels)
+        done = [all(id(c) in stats for c in cs) for _, cs in waiting]
+        ready = [job for job, ok in zip(waiting, done) if ok]
+        waiting = [job for job, ok in zip(waiting, done) if not ok]
+        for u, cs in ready:
+            hs = [handler_for(c.node) for c in cs]
+            curves[u.index] = error_curve(u, cs, [stats[id(c)] for c in cs],
+                                          [h.weight_matrix(c.node, g) for h, c in zip(hs, cs)],
+                                          [h.bias(c.node, g) for h, c in zip(hs, cs)], u.channels)
+        needed = {id(c) for _, cs in waiting for c in cs}
+        stats = {k: v for k, v in stats.items() if k in needed}
+    curves = {u.index: curves[u.index] for u, cs in jobs if cs}  # in the units' order
     if curves:
         neutral = list(np.mean([v for v in curves.values()], axis=0))
         for u in units:

@@ -4,6 +4,11 @@ For a linear layer with sampled input patches ``X [n, D]`` and targets ``Y [n, C
 ``XᵀX``, ``XᵀY`` and ``ΣY²`` (with a constant column for the bias), in two folds split by
 image, so memory is bounded by ``D² + D·Cout`` however many images are used, and ridge
 strength can be chosen on held-out samples.
+
+Where fewer samples than unknowns are drawn (``rows ≤ D + 1``: a ``Gemm`` after ``Flatten``
+gets one sample per image, a wide 3×3 conv on a small feature map few), the samples themselves
+are kept instead (``n·(D+1)`` floats rather than ``2·(D+1)²``): the refits then solve in sample
+space (see :mod:`onnxprune.reconstruct`), so neither memory nor time grows with ``D²``/``D³``.
 """
 
 from __future__ import annotations
@@ -15,24 +20,45 @@ import numpy as np
 
 @dataclass
 class LayerStats:
-    """``XᵀX``, ``XᵀY``, ``ΣY²`` and counts for fold 0 and fold 1 (last row/col: the constant 1)."""
+    """``XᵀX``, ``XᵀY``, ``ΣY²`` and counts for fold 0 and fold 1 (last row/col: the constant 1).
+
+    With ``rows`` (the number of samples that will be added) at most ``dim + 1``, the samples are
+    kept instead of ``XᵀX``/``XᵀY`` (``x``, ``y``, ``fold``; ``xtx`` and ``xty`` stay None).
+    """
 
     dim: int
     outputs: int
-    xtx: np.ndarray = field(init=False)
-    xty: np.ndarray = field(init=False)
+    rows: int | None = None
+    xtx: np.ndarray | None = field(init=False, default=None)
+    xty: np.ndarray | None = field(init=False, default=None)
     yy: np.ndarray = field(init=False)
     n: np.ndarray = field(init=False)
+    x: np.ndarray | None = field(init=False, default=None)  # [rows, D+1] float32, last column 1
+    y: np.ndarray | None = field(init=False, default=None)  # [rows, Cout] float32
+    fold: np.ndarray | None = field(init=False, default=None)  # [rows] 0 or 1
+    filled: int = field(init=False, default=0)
 
     def __post_init__(self):
         d = self.dim + 1
-        self.xtx = np.zeros((2, d, d))
-        self.xty = np.zeros((2, d, self.outputs))
+        if self.rows is not None and self.rows <= d:
+            self.x = np.empty((self.rows, d), np.float32)
+            self.y = np.empty((self.rows, self.outputs), np.float32)
+            self.fold = np.empty(self.rows, np.int8)
+        else:
+            self.xtx = np.zeros((2, d, d))
+            self.xty = np.zeros((2, d, self.outputs))
         self.yy = np.zeros((2, self.outputs))
         self.n = np.zeros(2, dtype=np.int64)
 
+    @property
+    def samples_kept(self) -> bool:
+        return self.x is not None
+
     def add(self, x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> None:
         """Accumulate rows ``x [n, D]``, ``y [n, Cout]``, each row in fold 0 or 1."""
+        if self.samples_kept:
+            self._keep(x, y, fold)
+            return
         # products of one batch in float32 (fast BLAS), accumulated across batches in float64
         xa = np.empty((x.shape[0], self.dim + 1), np.float32)
         xa[:, :-1] = x
@@ -48,14 +74,60 @@ class LayerStats:
             self.yy[f] += np.einsum("ij,ij->j", yf, yf, dtype=np.float64)
             self.n[f] += rows.sum()
 
+    def _keep(self, x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> None:
+        start, stop = self.filled, self.filled + x.shape[0]
+        if stop > len(self.x):
+            raise ValueError(f"more samples ({stop}) than the {len(self.x)} announced")
+        self.x[start:stop, :-1] = x
+        self.x[start:stop, -1] = 1.0
+        self.y[start:stop] = y
+        self.fold[start:stop] = fold
+        self.filled = stop
+        yf = self.y[start:stop]
+        for f in (0, 1):
+            rows = fold == f
+            if rows.any():
+                self.yy[f] += np.einsum("ij,ij->j", yf[rows], yf[rows], dtype=np.float64)
+                self.n[f] += rows.sum()
+
+    def samples(self, cols: np.ndarray | None = None, fold: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The kept samples (float64) of ``fold`` (None: both): ``[X 1][:, cols]`` and ``Y``."""
+        rows = np.arange(self.filled) if fold is None else np.flatnonzero(self.fold[:self.filled] == fold)
+        x = self.x[rows] if cols is None else self.x[np.ix_(rows, np.asarray(cols))]
+        return x.astype(np.float64), self.y[rows].astype(np.float64)
+
     def total(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """(XᵀX, XᵀY, ΣY², n) over both folds."""
+        """(XᵀX, XᵀY, ΣY², n) over both folds (formed from the samples where they are kept)."""
+        if self.samples_kept:
+            x, y = self.samples()
+            return x.T @ x, x.T @ y, self.yy.sum(0), int(self.n.sum())
         return self.xtx.sum(0), self.xty.sum(0), self.yy.sum(0), int(self.n.sum())
+
+    def y_sum(self) -> np.ndarray:
+        """``ΣY`` over both folds (the constant column's row of ``XᵀY``)."""
+        if self.samples_kept:
+            return self.y[:self.filled].sum(0, dtype=np.float64)
+        return self.xty[0][self.dim] + self.xty[1][self.dim]
 
     def error(self, w_aug: np.ndarray, fold: int | None = None) -> float:
         """Sum of squared residuals of ``Y ≈ [X 1] w_aug`` (w_aug ``[D+1, Cout]``)."""
+        if self.samples_kept:
+            rows = np.flatnonzero(np.any(w_aug != 0, axis=1))
+            return self.error_of(rows, w_aug[rows], fold)
         xtx, xty, yy, _ = self.total() if fold is None else (self.xtx[fold], self.xty[fold], self.yy[fold], 0)
         return float(np.einsum("ij,ij->", w_aug, xtx @ w_aug) - 2 * np.einsum("ij,ij->", w_aug, xty) + yy.sum())
+
+    def error_of(self, rows: np.ndarray, w: np.ndarray, fold: int | None = None) -> float:
+        """:meth:`error` of the weights ``w [len(rows), Cout]`` on the rows ``rows`` of ``[X 1]`` (zero elsewhere)."""
+        if self.samples_kept:
+            x, y = self.samples(rows, fold)
+            return float(np.square(y - x @ w).sum())
+        sub = np.ix_(rows, rows)  # only the rows weighed: (D/len(rows))² less work than the whole XᵀX
+        if fold is None:
+            xtx, xty, yy = self.xtx[0][sub] + self.xtx[1][sub], self.xty[0][rows] + self.xty[1][rows], self.yy.sum(0)
+        else:
+            xtx, xty, yy = self.xtx[fold][sub], self.xty[fold][rows], self.yy[fold]
+        return float(np.einsum("ij,ij->", w, xtx @ w) - 2 * np.einsum("ij,ij->", w, xty) + yy.sum())
 
     def energy(self, fold: int | None = None) -> float:
         """Sum of squared targets (the error of predicting zero)."""

@@ -466,7 +466,8 @@ def prune_stripes(original: onnx.ModelProto, work: onnx.ModelProto, shapes, cal,
     steps = [n for n in work.graph.node if id(n) in layer_ids or (
         opts.reconstruct and opts.refit_downstream and topo[id(n)] > first and _sampleable(n, g))]
     sampler = Sampler(work, g, cal, fit_idx, [Consumer(n, n.input[0], 1) for n in steps], opts.samples_per_image,
-                      opts.seed, residual=opts.residual_target, batch=fitting_batch(shapes, opts.batch_size))
+                      opts.seed, residual=opts.residual_target, batch=fitting_batch(shapes, opts.batch_size),
+                      keep_samples=False)
     geometry = {n.output[0]: _geometry(n, g) for n in layers}  # before any weight changes
     results: list[StripeLayer] = []
     masks: dict[str, np.ndarray] = {}

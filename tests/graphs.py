@@ -101,8 +101,10 @@ def calib_for(model: onnx.ModelProto, n: int = 64, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 1, (n, *dims)).astype(np.float32)
 
 
-def resnet50(size: int = 224, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
-    """A ResNet-50-shaped graph (bottlenecks [3, 4, 6, 3], BN kept separate), random weights."""
+def resnet50(size: int = 224, classes: int = 1000, seed: int = 0,
+             blocks: tuple[int, ...] = (3, 4, 6, 3)) -> onnx.ModelProto:
+    """A ResNet-50-shaped graph (bottlenecks [3, 4, 6, 3], BN kept separate), random weights;
+    other ``blocks`` per stage give other depths (ResNet-101: [3, 4, 23, 3])."""
     b = Builder(in_shape=("N", 3, size, size), seed=seed)
 
     def conv_bn(x, cin, cout, k, stride=1, gamma=1.0):
@@ -115,8 +117,8 @@ def resnet50(size: int = 224, classes: int = 1000, seed: int = 0) -> onnx.ModelP
     x = b.node("Relu", [conv_bn("input", 3, 64, 7, 2)])
     x = b.node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     cin = 64
-    for stage, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
-        for i in range(blocks):
+    for stage, (width, count) in enumerate(zip((64, 128, 256, 512), blocks)):
+        for i in range(count):
             stride = 2 if i == 0 and stage > 0 else 1
             y = b.node("Relu", [conv_bn(x, cin, width, 1)])
             y = b.node("Relu", [conv_bn(y, width, width, 3, stride)])
@@ -198,9 +200,10 @@ def random_cnn(blocks: list[str], widths: list[int], head: str = "gap", seed: in
     return b.build(b.conv(x, c, 2, k=1, pad=0))  # a dense-prediction head
 
 
-def vgg16(size: int = 224, classes: int = 1000) -> onnx.ModelProto:
-    """VGG-16 (configuration D) with zero weights: for cost-model checks only."""
-    b = Builder(in_shape=("N", 3, size, size), random=False)
+def vgg16(size: int = 224, classes: int = 1000, random: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """VGG-16 (configuration D, no BN): zero weights for cost-model checks, or seeded random
+    weights with ``random`` (tools/bench_scale.py)."""
+    b = Builder(in_shape=("N", 3, size, size), random=random, seed=seed)
     x, cin = "input", 3
     for width, convs in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
         for _ in range(convs):

@@ -1,0 +1,78 @@
+"""Kept samples (fewer samples than unknowns) give the same statistics, refits and channel
+contributions as XᵀX, without forming it."""
+
+import numpy as np
+import pytest
+
+from onnxprune.reconstruct import held_out_error, refit
+from onnxprune.select import normalized_contribution, sampled_contribution_problem
+from onnxprune.sensitivity import error_curve
+from onnxprune.stats import LayerStats
+
+
+def _both(n=60, channels=10, k=9, cout=7, seed=0):
+    rng = np.random.default_rng(seed)
+    d = channels * k
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    w = rng.normal(size=(cout, d)).astype(np.float32)
+    y = (x @ w.T + rng.normal(scale=0.3, size=(n, cout)) + 0.5).astype(np.float32)
+    fold = rng.integers(0, 2, n)
+    gram, kept = LayerStats(d, cout), LayerStats(d, cout, rows=n)
+    for part in np.array_split(np.arange(n), 3):  # in batches, as the sampler adds them
+        gram.add(x[part], y[part], fold[part])
+        kept.add(x[part], y[part], fold[part])
+    return gram, kept, w
+
+
+def test_samples_are_kept_only_when_fewer_than_the_unknowns():
+    assert LayerStats(90, 3, rows=91).samples_kept
+    assert not LayerStats(90, 3, rows=92).samples_kept
+    assert not LayerStats(90, 3).samples_kept
+    with pytest.raises(ValueError, match="announced"):
+        LayerStats(4, 1, rows=2).add(np.zeros((3, 4)), np.zeros((3, 1)), np.zeros(3))
+
+
+def test_kept_samples_give_the_same_totals_and_errors():
+    gram, kept, w = _both()
+    for a, b in zip(gram.total(), kept.total()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    w_aug = np.vstack([w.T, np.full((1, w.shape[0]), 0.5)]).astype(np.float64)
+    for fold in (None, 0, 1):
+        assert kept.error(w_aug, fold) == pytest.approx(gram.error(w_aug, fold), rel=1e-4)
+    np.testing.assert_allclose(kept.y_sum(), gram.total()[1][-1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("fit_bias", [True, False])
+@pytest.mark.parametrize("keep", [3, 10])  # 27 + 1 unknowns (fewer than samples), 90 + 1 (more)
+def test_sample_space_refit_matches_the_gram_refit(fit_bias, keep):
+    gram, kept, w = _both()
+    cols = np.arange(keep * 9)
+    bias = np.full(w.shape[0], 0.2)
+    a, b = refit(gram, cols, w[:, cols], bias, fit_bias), refit(kept, cols, w[:, cols], bias, fit_bias)
+    assert a.ridge == b.ridge
+    assert b.error_before == pytest.approx(a.error_before, rel=1e-4)
+    assert b.error_after == pytest.approx(a.error_after, rel=1e-3)
+    np.testing.assert_allclose(b.weight, a.weight, rtol=1e-3, atol=1e-3 * np.abs(a.weight).max())
+    assert held_out_error(kept, cols, w[:, cols], bias, fit_bias) == pytest.approx(
+        held_out_error(gram, cols, w[:, cols], bias, fit_bias), rel=1e-3)
+
+
+def test_sampled_contributions_match_the_gram_form():
+    gram, kept, w = _both(n=40, channels=6, k=49, cout=5)
+    bias = np.linspace(-0.5, 0.5, 5)
+    g1, c1 = normalized_contribution(gram, w, bias, 6)
+    d = kept.dim
+    n = int(kept.n.sum())
+    energy = kept.yy.sum() - 2 * bias @ kept.y_sum() + n * bias @ bias
+    g2, c2 = sampled_contribution_problem(kept, w, bias, 6, budget=6 * 5 * 4 * 7)  # 7 samples at a time
+    np.testing.assert_allclose(g2 / energy, g1, rtol=1e-4, atol=1e-6 * np.abs(g1).max())
+    np.testing.assert_allclose(c2 / energy, c1, rtol=1e-4, atol=1e-6 * np.abs(c1).max())
+    assert d == 6 * 49
+
+
+def test_error_curves_agree():
+    gram, kept, w = _both(n=50, channels=8, k=9, cout=6, seed=3)
+    bias = np.zeros(6)
+    a = error_curve(None, [None], [gram], [w], [bias], 8)
+    b = error_curve(None, [None], [kept], [w], [bias], 8)
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6)
