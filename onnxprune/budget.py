@@ -171,8 +171,12 @@ def count_params(g: GraphView) -> int:
 
 def round_width(channels: int, ratio: float, multiple: int, segments: int = 1) -> int:
     """Kept channels for ``ratio``, rounded up to a multiple of ``multiple`` and of ``segments``
-    (the groups of a grouped conv, which keep equally many each); never 0, never > C."""
+    (the groups of a grouped conv, which keep equally many each); never 0, never > C. A group
+    no wider than ``multiple`` is rounded to the largest halving of it below its width (16
+    channels under ``--round-to 16``: 8 or 16, not 6)."""
     kept = max(1, int(round(channels * ratio)))
+    while multiple > 1 and channels <= multiple:
+        multiple //= 2
     step = math.lcm(multiple, segments)
     if step > 1 and channels > step:
         kept = max(step, int(math.ceil(kept / step) * step))

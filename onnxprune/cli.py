@@ -16,7 +16,7 @@ from .arch import architecture
 from .calib import Color, ImageOptions, Layout
 from .errors import NothingToPrune, PruneError
 from .io import check_folder, check_output, save_model_atomic, write_text_atomic
-from .latency import PROVIDERS
+from .latency import PROVIDERS, default_round_to
 from .select import Method
 
 EXIT_OK, EXIT_TARGET, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", choices=["uniform", "sensitivity"], default="sensitivity",
                    help="per-group widths: from measured error curves (default; data-driven methods), "
                         "or one keep ratio for all")
+    p.add_argument("--sensitivity-images", type=int, default=256, metavar="N",
+                   help="calibration images (a random subset) the sensitivity curves are measured on "
+                        "(default 256); the reconstruction uses all of them")
     p.add_argument("--refit-downstream", action=argparse.BooleanOptionalAction, default=True,
                    help="also refit unpruned layers whose inputs changed (producers' kept filters, "
                         "shortcuts, classifier) to their original outputs (default on)")
@@ -64,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of calibration data held out for verification")
     p.add_argument("--samples-per-image", type=int, default=10, help="spatial positions sampled per image (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
-    p.add_argument("--round-to", type=int, default=8, help="round kept channels up to a multiple of N "
-                   "(default 8: ORT's CPU kernels and GPU Tensor Cores work in blocks of 8/16 channels; "
-                   "1 for exact widths)")
+    p.add_argument("--round-to", type=int, default=None, help="round kept channels up to a multiple of N "
+                   "(default 16 for --provider cpu: ORT's NCHWc CPU kernels work in blocks of 16 channels on "
+                   "AVX-512, 8 on AVX2; 8 for cuda/tensorrt: Tensor Cores; 1 for exact widths)")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size for ONNX Runtime")
     p.add_argument("--slim-fallback", choices=["error", "l1"], default="error",
                    help="--method slim on a group without BatchNorm: stop with an error, or use l1")
@@ -238,8 +241,10 @@ def _run(args: argparse.Namespace) -> int:
                    speedup=args.speedup, params=args.params, size_mb=args.size_mb, latency=args.latency,
                    provider=args.provider, latency_batch=args.latency_batch, max_drop=args.max_drop, method=args.method, reconstruct=args.reconstruct,
                    residual_target=args.residual_target, prune_coupled=args.prune_coupled,
-                   refit_downstream=args.refit_downstream, allocation=args.allocation, holdout=args.holdout,
-                   samples_per_image=args.samples_per_image, seed=args.seed, round_to=args.round_to,
+                   refit_downstream=args.refit_downstream, allocation=args.allocation,
+                   sensitivity_images=args.sensitivity_images, holdout=args.holdout,
+                   samples_per_image=args.samples_per_image, seed=args.seed,
+                   round_to=args.round_to if args.round_to is not None else default_round_to(args.provider),
                    batch_size=args.batch_size, measure_latency=args.measure_latency, slim_fallback=args.slim_fallback,
                    progress=None if not args.quiet else False)
     save_model_atomic(result.model, output, force=args.force, protected=(args.model,))

@@ -19,6 +19,14 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 
 
+def default_round_to(provider: str) -> int:
+    """The channel multiple pruned widths are rounded to unless the user says otherwise: 16 on
+    CPU (ORT's NCHWc kernels block channels by 16 on AVX-512 and 8 on AVX2; other counts get
+    layout reorders around the conv; measured on ResNet-50: 21 reorder nodes at exact widths,
+    3 at multiples of 8, 1 at 16), 8 on GPUs (Tensor Core tiles)."""
+    return 16 if provider == "cpu" else 8
+
+
 @dataclass
 class Latency:
     """Per-run latency of one model (milliseconds)."""

@@ -150,6 +150,18 @@ def test_round_to_keeps_multiples():
     check_pruned(result.model, model, x[:10], max_rel_err=1.0)
 
 
+def test_round_width_halves_the_multiple_for_narrow_groups():
+    from onnxprune.budget import round_width
+    from onnxprune.latency import default_round_to
+
+    assert default_round_to("cpu") == 16 and default_round_to("cuda") == default_round_to("tensorrt") == 8
+    assert round_width(64, 0.3, 16) == 32  # 19 rounded up to 32
+    assert round_width(16, 0.4, 16) == 8  # a 16-wide group keeps 8 or 16, never 6
+    assert round_width(12, 0.4, 16) == 8
+    assert round_width(48, 0.5, 16, segments=3) == 24  # lcm(16, 3) = 48 is the whole group: segments only
+    assert round_width(5, 0.4, 16) == 4  # multiple 16 -> 8 -> 4
+
+
 def test_target_lost_to_rounding_says_so():
     """A target only rounding to --round-to makes unreachable names the rounding as the cause."""
     model = tiny_vgg()

@@ -172,3 +172,27 @@ def test_bench_reports_every_model_and_batch(files, capsys):
     assert main(["bench", str(files / "m.onnx"), str(files / "p.onnx"), "--batch", "1", "4", "--repeats", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 + 2 * 2 and lines[0].split()[:2] == ["model", "batch"]
+
+
+def test_sensitivity_curves_use_a_bounded_random_subset(monkeypatch):
+    """Curves and probe prunings run on --sensitivity-images fit images; the refits on all."""
+    import sys
+
+    prune_module = sys.modules["onnxprune.prune"]  # the package's ``prune`` names the function
+    seen = []
+
+    class Recording(prune_module.Sampler):
+        def __init__(self, *args, indices, **kwargs):
+            seen.append(np.asarray(indices))
+            super().__init__(*args, indices=indices, **kwargs)
+
+    monkeypatch.setattr(prune_module, "Sampler", Recording)
+    model = tiny_vgg()
+    x = calib_for(model, 60)
+    result = onnxprune.prune(model, x, speedup=1.5, sensitivity_images=20, measure_latency=False)
+    check_pruned(result.model, model, x[:10], max_rel_err=1.0)
+    assert [len(i) for i in seen] == [48, 20]  # 60 images, 12 held out
+    assert set(seen[1]) <= set(seen[0]) and list(seen[1]) == sorted(seen[1])
+    assert list(seen[1]) != list(seen[0][:20])  # random, not the first ones (data sorted by class)
+    with pytest.raises(OptionError, match="--sensitivity-images must be >= 2"):
+        onnxprune.prune(model, x, sensitivity_images=1, measure_latency=False)
