@@ -34,8 +34,8 @@ def test_samples_are_kept_only_when_fewer_than_the_unknowns():
 
 def test_kept_samples_give_the_same_totals_and_errors():
     gram, kept, w = _both()
-    for a, b in zip(gram.total(), kept.total()):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gram.total(), kept.total()):  # float32 sums in another order: error ∝ largest term
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())
     w_aug = np.vstack([w.T, np.full((1, w.shape[0]), 0.5)]).astype(np.float64)
     for fold in (None, 0, 1):
         assert kept.error(w_aug, fold) == pytest.approx(gram.error(w_aug, fold), rel=1e-4)

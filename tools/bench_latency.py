@@ -21,7 +21,7 @@ import onnx
 
 import onnxprune
 from onnxprune.calib import model_inputs
-from onnxprune.latency import measure, physical_cores
+from onnxprune.latency import default_round_to, measure, physical_cores
 
 from bench_fmnist import ROOT, print_header
 
@@ -44,10 +44,12 @@ def main() -> None:
                     help="shipped model names or paths to .onnx files")
     ap.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0, 3.0])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
-    ap.add_argument("--round-to", type=int, default=8, help="as the CLI's default")
+    ap.add_argument("--round-to", type=int, default=None,
+                    help="channel multiple (default: the CLI's for --provider, 16 on cpu)")
     ap.add_argument("--images", type=int, default=512, help="calibration images")
     ap.add_argument("--provider", default="cpu")
     args = ap.parse_args()
+    args.round_to = args.round_to or default_round_to(args.provider)
     columns = ["model", "target", "MACs speedup"]
     for b in args.batches:
         columns += [f"batch {b}: ms before → after", f"batch {b}: measured speedup"]
