@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     p.add_argument("--round-to", type=int, default=None, help="round kept channels up to a multiple of N "
                    "(default 16 for --provider cpu: ORT's NCHWc CPU kernels work in blocks of 16 channels on "
-                   "AVX-512, 8 on AVX2; 8 for cuda/tensorrt: Tensor Cores; 1 for exact widths)")
+                   "AVX-512, 8 on AVX2; 8 for cuda/tensorrt: Tensor Cores; 1 for exact widths; where a target "
+                   "cannot be met at the default, 8 and then 1 are tried, with a warning)")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size for ONNX Runtime")
     p.add_argument("--slim-fallback", choices=["error", "l1"], default="error",
                    help="--method slim on a group without BatchNorm: stop with an error, or use l1")
@@ -245,6 +246,7 @@ def _run(args: argparse.Namespace) -> int:
                    sensitivity_images=args.sensitivity_images, holdout=args.holdout,
                    samples_per_image=args.samples_per_image, seed=args.seed,
                    round_to=args.round_to if args.round_to is not None else default_round_to(args.provider),
+                   relax_round_to=args.round_to is None,
                    batch_size=args.batch_size, measure_latency=args.measure_latency, slim_fallback=args.slim_fallback,
                    progress=None if not args.quiet else False)
     save_model_atomic(result.model, output, force=args.force, protected=(args.model,))

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -61,7 +61,8 @@ class PruneOptions:
     holdout: float = 0.2
     samples_per_image: int = 10
     seed: int = 0
-    round_to: int = 1  # the CLI defaults to 8 (see its --round-to)
+    round_to: int = 1  # the CLI defaults to its provider's block: 16 on cpu, 8 on GPUs (see --round-to)
+    relax_round_to: bool = False  # round_to is a default, not the user's: finer multiples where a target needs them
     prune_coupled: bool = False
     residual_target: bool = True
     batch_size: int = 32
@@ -298,9 +299,9 @@ def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_optio
 
         return prune_stripes(original, work, shapes, cal, fit_idx, hold_idx, opts, folded, start)
     run = _Run(original, work, shapes, cal, fit_idx, hold_idx, opts, bn_scales)
-    widths = run.widths(opts.targets)
+    widths = run.widths(opts.targets, relax=opts.relax_round_to)
     if opts.latency is not None:
-        widths = run.meet_latency(widths)
+        widths = run.meet_latency_rounding(widths)
     pruned, results, fidelity, reached = run.guarded(widths)
     report = _report(original, work, pruned, cal, fit_idx, opts, results, run.skipped, folded, fidelity)
     report.targets_met = reached
@@ -321,6 +322,7 @@ def _relaxed(targets: Targets, cost: CostModel, t: float) -> Targets:
                    size)
 
 
+FINER_ROUNDINGS = (8, 1)  # what a default --round-to gives way to, in order, when a target needs it
 LATENCY_MARGIN = 1.05  # the search asks a little more than --latency: timings of one run vary
 
 
@@ -390,23 +392,34 @@ class _Run:
         candidates, skipped = _candidates(groups, g, self.opts)
         return g, groups, candidates, skipped
 
-    def widths(self, targets: Targets, round_to: int | None = None) -> dict[int, int]:
-        """Per-group widths meeting ``targets``; when rounding to ``--round-to`` is what makes
-        them unreachable, the error says so."""
+    def widths(self, targets: Targets, round_to: int | None = None, relax: bool = False) -> dict[int, int]:
+        """Per-group widths meeting ``targets`` at ``round_to`` (default: ``--round-to``). Where
+        the rounding is what puts them out of reach, ``relax`` takes the first finer multiple
+        that reaches them (and keeps it for the rest of the run), with a warning; otherwise the
+        error says which multiple would do."""
         round_to = self.opts.round_to if round_to is None else round_to
         try:
-            if self.curves is not None:
-                return allocate(self.cost, self.candidates, self.curves, targets, round_to)
-            return uniform_widths(self.cost, self.candidates, targets, round_to)
+            return self._allocate(targets, round_to)
         except TargetNotMetError as exc:
-            if round_to > 1:
+            for finer in (r for r in FINER_ROUNDINGS if r < round_to):
                 try:
-                    self.widths(targets, 1)
+                    widths = self._allocate(targets, finer)
                 except TargetNotMetError:
-                    raise exc from None
-                raise TargetNotMetError(f"{exc}; without rounding kept channels to multiples of {round_to} it "
-                                        "can be reached: try --round-to 1 (or a smaller multiple)") from None
+                    continue
+                if not relax:
+                    how = f"rounded to multiples of {finer}" if finer > 1 else "not rounded"
+                    raise TargetNotMetError(f"{exc}; with kept channels {how} it can be reached: "
+                                            f"try --round-to {finer}") from None
+                log.warning("%s cannot be reached with kept channels rounded to multiples of %d: rounding to "
+                            "multiples of %d instead", targets.asked(), round_to, finer)
+                self.opts = replace(self.opts, round_to=finer)
+                return widths
             raise
+
+    def _allocate(self, targets: Targets, round_to: int) -> dict[int, int]:
+        if self.curves is not None:
+            return allocate(self.cost, self.candidates, self.curves, targets, round_to)
+        return uniform_widths(self.cost, self.candidates, targets, round_to)
 
     def prune_to(self, widths: dict[int, int], opts: PruneOptions | None = None,
                  keep: dict[int, np.ndarray] | None = None, sampler: Sampler | None = None
@@ -523,6 +536,20 @@ class _Run:
                                     + (f" (or a smaller --round-to than {self.opts.round_to}, which limits how far "
                                        "narrow layers can be cut)" if self.opts.round_to > 1 else ""))
         return hit[1]
+
+    def meet_latency_rounding(self, widths: dict[int, int]) -> dict[int, int]:
+        """:meth:`meet_latency`; where the rounding is the CLI's default rather than the user's
+        (``relax_round_to``), finer multiples (8, then none) are tried before giving up: on small
+        models at batch 1, 16-wide layers cannot be cut far enough under multiples of 16."""
+        finer = [r for r in FINER_ROUNDINGS if r < self.opts.round_to] if self.opts.relax_round_to else []
+        for round_to in finer:
+            try:
+                return self.meet_latency(widths)
+            except TargetNotMetError as exc:
+                log.warning("%s; trying kept channels rounded to multiples of %d", exc, round_to)
+            self.opts = replace(self.opts, round_to=round_to)
+            widths = self.widths(self.opts.targets)
+        return self.meet_latency(widths)
 
     def measure_layer_latency(self, g: GraphView) -> None:
         """Time every prunable layer alone (:mod:`onnxprune.latency_cost`) for the latency search."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -99,50 +99,79 @@ def per_segment(select: Callable[[np.ndarray, int], np.ndarray], channels: int, 
     return np.sort(np.concatenate([run[select(run, per_run)] for run in runs]))
 
 
+LARS_MAX_CHANNELS = 1024
+"""Wider groups (VGG-16's 4096-wide classifier) are chosen by :func:`thinet_order` on the same
+contribution Gram: sklearn's LARS costs O(C³) with a Python step per variable (about 5 minutes
+for one path at C = 4096, and more where variables drop out), the greedy removal O(C²)."""
+
+
 def lasso_select(gram: np.ndarray, corr: np.ndarray, keep: int) -> np.ndarray:
     """Channels kept by LASSO: ``min ‖T − Σ β_c Z_c‖² + λ‖β‖₁`` with λ raised until ``keep`` remain.
 
     The whole λ path is followed exactly (LARS-lasso on the Gram matrix, warm by construction);
     the first point with at least ``keep`` non-zero β gives the selection, topped up or cut by |β|.
     """
+    return lasso_selections(gram, corr, [keep])[0]
+
+
+def lasso_selections(gram: np.ndarray, corr: np.ndarray, keeps: Sequence[int]) -> list[np.ndarray]:
+    """:func:`lasso_select` for several ``keeps`` from one LARS path: the path is the same for
+    every ``keep``, and each selection reads the prefix a path of its own length would have had.
+    Groups wider than :data:`LARS_MAX_CHANNELS` use the greedy removal order instead."""
     from sklearn.linear_model import lars_path_gram
 
     c = len(corr)
-    if keep >= c:
-        return np.arange(c)
+    if c > LARS_MAX_CHANNELS:
+        order = thinet_order(gram)
+        return [np.arange(c) if k >= c else np.sort(order[c - k:]) for k in keeps]
+    iters = {k: max(k * 4, 50) for k in keeps if k < c}
+    if not iters:
+        return [np.arange(c) for _ in keeps]
     scale = np.trace(gram) / c or 1.0
     g = gram / scale
     b = corr / scale
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, _, coefs = lars_path_gram(Xy=b, Gram=g, n_samples=1, method="lasso",
-                                     max_iter=max(keep * 4, 50), eps=1e-12)
+                                     max_iter=max(iters.values()), eps=1e-12)
     nnz = (np.abs(coefs) > 0).sum(axis=0)
-    hit = np.flatnonzero(nnz >= keep)
-    beta = coefs[:, hit[0]] if len(hit) else coefs[:, -1]
-    # rank by |β|, breaking ties (zeros) by each channel's own contribution energy
-    order = np.lexsort((-np.diag(g), -np.abs(beta)))
-    return np.sort(order[:keep])
+    chosen = []
+    for keep in keeps:
+        if keep >= c:
+            chosen.append(np.arange(c))
+            continue
+        own = nnz[:iters[keep] + 1]  # the columns a path stopped at max_iter = iters[keep] has
+        hit = np.flatnonzero(own >= keep)
+        beta = coefs[:, hit[0]] if len(hit) else coefs[:, len(own) - 1]
+        # rank by |β|, breaking ties (zeros) by each channel's own contribution energy
+        order = np.lexsort((-np.diag(g), -np.abs(beta)))
+        chosen.append(np.sort(order[:keep]))
+    return chosen
 
 
-def thinet_select(gram: np.ndarray, keep: int) -> np.ndarray:
-    """ThiNet (Luo et al. 2017): greedily remove the channels whose summed contribution to the
-    next layer's output stays smallest.
-
-    With ``G`` the Gram matrix of per-channel contributions, the removed set ``R`` costs
-    ``‖Σ_{c∈R} Z_c‖² = 1ᵀ G_RR 1``; adding ``c`` raises it by ``G_cc + 2 Σ_{d∈R} G_cd``, kept
-    up to date incrementally (O(C²) in all).
-    """
+def thinet_order(gram: np.ndarray) -> np.ndarray:
+    """ThiNet's greedy removal order (Luo et al. 2017): position i holds the channel removed
+    i-th, each time the one whose removal keeps the summed contribution of the removed channels
+    smallest. With ``G`` the Gram matrix of per-channel contributions, the removed set ``R``
+    costs ``‖Σ_{c∈R} Z_c‖² = 1ᵀ G_RR 1``; adding ``c`` raises it by ``G_cc + 2 Σ_{d∈R} G_cd``,
+    kept up to date incrementally (O(C²) in all)."""
     c = len(gram)
     removed = np.zeros(c, dtype=bool)
     cross = np.zeros(c)  # Σ_{d∈R} G[:, d]
     diag = np.diag(gram)
-    for _ in range(c - keep):
+    order = np.empty(c, dtype=int)
+    for i in range(c):
         cost = np.where(removed, np.inf, diag + 2 * cross)
         pick = int(np.argmin(cost))
         removed[pick] = True
-        cross += gram[:, pick]
-    return np.flatnonzero(~removed)
+        order[i] = pick
+        cross += gram[pick]  # a row: the Gram matrix is symmetric, rows are contiguous
+    return order
+
+
+def thinet_select(gram: np.ndarray, keep: int) -> np.ndarray:
+    """ThiNet: the ``keep`` channels removed last by :func:`thinet_order`."""
+    return np.sort(thinet_order(gram)[len(gram) - keep:])
 
 
 def l1_select(filter_norms: np.ndarray, keep: int) -> np.ndarray:

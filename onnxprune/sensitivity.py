@@ -9,7 +9,7 @@ from .budget import CostModel, Targets, round_width
 from .errors import TargetNotMetError
 from .graph import ChannelGroup
 from .reconstruct import held_out_error
-from .select import expand_channels, lasso_select, normalized_contribution
+from .select import expand_channels, lasso_selections, normalized_contribution
 
 GRID = tuple(i / 10 for i in range(1, 11))
 
@@ -24,8 +24,7 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
         gr, co = normalized_contribution(st, w, b, channels)
         gram, corr = gram + gr, corr + co
     curve = []
-    for r in ratios:
-        keep = lasso_select(gram, corr, max(1, int(round(r * channels))))
+    for keep in lasso_selections(gram, corr, [max(1, int(round(r * channels))) for r in ratios]):
         errs = []
         for st, w, b in zip(stats, weights, biases):
             k = w.shape[1] // channels

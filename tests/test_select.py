@@ -3,7 +3,9 @@
 import numpy as np
 
 from onnxprune.reconstruct import refit
-from onnxprune.select import contribution_problem, l1_select, lasso_select, random_select
+from onnxprune import select
+from onnxprune.select import (contribution_problem, l1_select, lasso_select, lasso_selections, random_select,
+                              thinet_select)
 from onnxprune.stats import LayerStats
 
 
@@ -34,6 +36,29 @@ def test_lasso_keeps_exactly_the_requested_count():
     gram, corr = contribution_problem(xtx[:-1, :-1], xty[:-1], w, 12)
     for keep in range(1, 13):
         assert len(lasso_select(gram, corr, keep)) == keep
+
+
+def _random_problem(c=40, seed=3):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(3 * c, c)) * rng.uniform(0.1, 3, c)
+    t = z @ (rng.normal(size=c) * (rng.random(c) < 0.6)) + rng.normal(size=3 * c)
+    return z.T @ z, z.T @ t
+
+
+def test_one_lasso_path_gives_what_a_path_per_keep_gives():
+    gram, corr = _random_problem()
+    keeps = [1, 4, 10, 20, 33, 39, 40]
+    for keep, kept in zip(keeps, lasso_selections(gram, corr, keeps)):
+        np.testing.assert_array_equal(kept, lasso_selections(gram, corr, [keep])[0])
+        assert len(kept) == keep
+
+
+def test_groups_wider_than_lars_allows_take_the_greedy_order(monkeypatch):
+    gram, corr = _random_problem()
+    monkeypatch.setattr(select, "LARS_MAX_CHANNELS", 16)
+    keeps = [5, 20, 40]
+    for keep, kept in zip(keeps, lasso_selections(gram, corr, keeps)):
+        np.testing.assert_array_equal(kept, thinet_select(gram, keep))
 
 
 def test_lasso_drops_redundant_and_useless_channels():

@@ -112,6 +112,39 @@ def test_latency_search_runs_on_per_layer_timings(vgg, monkeypatch):
     check_pruned(result.model, model, x[:16], max_rel_err=1.0)
 
 
+def test_a_default_rounding_gives_way_to_a_target_that_needs_finer_widths(vgg):
+    model, x = vgg  # 8- and 16-wide groups: multiples of 16 (or 8) keep at least 4 and 8 of them
+    with pytest.raises(TargetNotMetError, match="try --round-to 1"):
+        onnxprune.prune(model, x, speedup=6, round_to=16, measure_latency=False)
+    result = onnxprune.prune(model, x, speedup=6, round_to=16, relax_round_to=True, measure_latency=False)
+    assert result.report.totals.macs_speedup >= 6
+    check_pruned(result.model, model, x[:16], max_rel_err=1.0)
+
+
+def test_latency_search_falls_back_to_finer_rounding_only_when_rounding_is_a_default(vgg, monkeypatch):
+    """A default --round-to that keeps the goal out of reach gives way to finer multiples; one the
+    user chose does not. (Measurements are replaced: the goal is only "measured" without rounding.)"""
+    import importlib
+    run_class = importlib.import_module("onnxprune.prune")._Run
+    roundings = []
+
+    def measured(self, widths):
+        roundings.append(self.opts.round_to)
+        return self.cost.total / self.cost.macs(widths) if self.opts.round_to == 1 else 1.0
+
+    monkeypatch.setattr(run_class, "measured_speedup", measured)
+    model, x = vgg
+    result = onnxprune.prune(model, x, latency=1.3, round_to=16, relax_round_to=True, allocation="uniform",
+                             measure_latency=False)
+    assert roundings[0] == 16 and 8 in roundings and roundings[-1] == 1
+    assert result.report.totals.macs_speedup >= 1.3
+    check_pruned(result.model, model, x[:16], max_rel_err=1.0)
+    roundings.clear()
+    with pytest.raises(TargetNotMetError, match="smaller --round-to than 16"):
+        onnxprune.prune(model, x, latency=1.3, round_to=16, allocation="uniform", measure_latency=False)
+    assert set(roundings) == {16}
+
+
 def test_missing_provider_is_a_clear_option_error(vgg):
     model, x = vgg
     with pytest.raises(OptionError, match="not available"):

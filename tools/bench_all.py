@@ -6,8 +6,8 @@ Runs, one after the other (they time themselves, so never in parallel): tools/be
 (methods × speedups 1.5–4×, 2048 calibration images), tools/bench_allocation.py (uniform vs
 sensitivity widths), tools/bench_peers.py (against Torch-Pruning, needs the ``bench`` extra),
 tools/bench_latency.py (measured latency at batch 1 and 32), tools/bench_single_layer.py (He et
-al.'s single-layer experiment) and, with --scale, tools/bench_scale.py (ResNet-50 at 224², ~6 min
-and ~7 GB on 2 cores, so off by default). Plots go next to --out (docs/*.png by default: the
+al.'s single-layer experiment) and, with --scale, tools/bench_scale.py (ResNet-50 at 224² and 256
+images, ~14 min and ~2.9 GB peak on 2 cores, so off by default). Plots go next to --out (docs/*.png by default: the
 files README.md shows). Each script's markdown output goes into its own section with the exact
 command and its wall time; a failing script is recorded with its stderr tail and the others still
 run (exit code 1 at the end).
@@ -120,7 +120,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", choices=["bench_fmnist", "bench_allocation", "bench_peers", "bench_latency",
                                                    "bench_single_layer", "bench_scale"],
                     help="run only these scripts")
-    ap.add_argument("--scale", action="store_true", help="also run tools/bench_scale.py (slow, ~7 GB)")
+    ap.add_argument("--scale", action="store_true", help="also run tools/bench_scale.py (slow: ~14 min, ~2.9 GB)")
     ap.add_argument("--scale-images", type=int, default=256)
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args()

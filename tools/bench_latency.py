@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512, help="calibration images")
     ap.add_argument("--provider", default="cpu")
     args = ap.parse_args()
+    relax = args.round_to is None  # as the CLI: a default rounding gives way where a target needs it
     args.round_to = args.round_to or default_round_to(args.provider)
     columns = ["model", "target", "MACs speedup"]
     for b in args.batches:
@@ -62,7 +63,8 @@ def main() -> None:
         name = model_inputs(model)[0].name
         for speedup in args.speedups:
             start = time.perf_counter()
-            result = onnxprune.prune(model, x, speedup=speedup, round_to=args.round_to, measure_latency=False,
+            result = onnxprune.prune(model, x, speedup=speedup, round_to=args.round_to, relax_round_to=relax,
+                                     measure_latency=False,
                                      progress=False)
             took = time.perf_counter() - start
             cells = [path.stem, f"{speedup:g}x", f"{result.report.totals.macs_speedup:.2f}"]

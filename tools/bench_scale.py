@@ -100,7 +100,7 @@ LEAVES = [  # (module, attribute path, phase): each phase counts its own time, m
     ("onnxprune.sampling", "Sampler.stats", "patch sampling"),
     ("onnxprune.stats", "LayerStats.add", "XᵀX accumulation"),
     ("onnxprune.prune", "_select", "channel selection (Gram + LARS)"),
-    ("onnxprune.sensitivity", "lasso_select", "channel selection (Gram + LARS)"),
+    ("onnxprune.sensitivity", "lasso_selections", "channel selection (Gram + LARS)"),
     ("onnxprune.sensitivity", "normalized_contribution", "channel selection (Gram + LARS)"),
     ("onnxprune.prune", "refit", "least-squares refits"),
     ("onnxprune.sensitivity", "held_out_error", "least-squares refits"),
