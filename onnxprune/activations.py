@@ -37,7 +37,7 @@ ORT_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name i
     "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail"))
 
 
-def _copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
+def copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
     """Copy the set fields of protobuf message ``src`` into ``dst``, except those in ``skip``."""
     for desc, value in src.ListFields():
         if desc.name in skip:
@@ -67,9 +67,9 @@ def probe_model(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelPro
             live.add(id(node))
             stack.extend(inputs_of(node))  # with the outer-scope tensors its subgraphs capture
     probe = onnx.ModelProto()
-    _copy_fields(model, probe, skip=("graph",))
+    copy_fields(model, probe, skip=("graph",))
     graph = probe.graph
-    _copy_fields(model.graph, graph, skip=("node", "initializer", "output", "value_info"))
+    copy_fields(model.graph, graph, skip=("node", "initializer", "output", "value_info"))
     nodes = [n for n in model.graph.node if id(n) in live]
     graph.node.extend(nodes)
     declared = {o.name: o for o in model.graph.output}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -13,19 +14,20 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from .activations import batch_size_for, fitting_batch, run_batches, tensor_shapes
+from .activations import DEFAULT_BATCH, batch_size_for, fitting_batch, run_batches, tensor_shapes
 from .budget import CostModel, Targets, build_cost_model, count_params, uniform_widths
 from .calib import Calibration, ImageOptions, load_calibration
 from .errors import NothingToPrune, OptionError, TargetNotMetError
 from .fold import constants_to_initializers, fold_batchnorm
 from .graph import ChannelGroup, Consumer, find_groups
+from .frontier import Frontier
 from .graphview import GraphView
 from .io import check_not_quantized, check_opset, load_model, model_bytes
 from .ops import LinearHandler, handler_for
 from .reconstruct import refit
 from .report import GroupResult, LayerRow, Report, Totals
 from .rewrite import finalize, prune_group
-from .sampling import Sampler
+from .sampling import Runs, Sampler
 from .sensitivity import GRID, allocate, measure_curves
 from .summary import model_macs
 from .select import (Method, expand_channels, l1_select, lasso_select, normalized_contribution, per_segment,
@@ -179,6 +181,16 @@ def _downstream_layers(g: GraphView, todo: list[ChannelGroup], topo: dict[int, i
         if _sampleable(c, g) and handler_for(node).rule(node, g) is not None:
             layers.append(c)
     return layers
+
+
+def _first_edited(step: "ChannelGroup | Consumer", g: GraphView, topo: dict[int, int]) -> int:
+    """Position of the first node a pruning step edits: for a unit, any node that produces or
+    reads a tensor of a group holding its channels; for a refit, the layer itself."""
+    if isinstance(step, Consumer):
+        return topo[id(step.node)]
+    nodes = [n for grp in (step.sites or [step]) for t in grp.tensors
+             for n in [g.producer.get(t), *g.consumers.get(t, [])] if n is not None]
+    return min(topo[id(n)] for n in nodes)
 
 
 def _filter_norms(grp: ChannelGroup, g: GraphView) -> np.ndarray:
@@ -438,13 +450,20 @@ class _Run:
         if todo and opts.reconstruct and opts.refit_downstream and opts.needs_data:
             steps += [(topo[id(c.node)], c) for c in _downstream_layers(g, todo, topo)]
         steps.sort(key=lambda step: step[0])
-        pruner = _Pruner(g, groups, opts, (sampler or self.sampler) if opts.needs_data else None, self.bn_scales, keep)
+        sampler = (sampler or self.sampler) if opts.needs_data else None
+        pruner = _Pruner(g, groups, opts, sampler, self.bn_scales, keep)
+        # the frontier's cut may move up to the first node that this or a later step edits
+        limits = list(np.minimum.accumulate([_first_edited(step, g, topo) for _, step in steps][::-1])[::-1])
         results = []
-        for _, step in _progress(steps, opts.progress, "pruning"):
-            if isinstance(step, ChannelGroup):
-                results.append(pruner.prune_unit(step, widths[step.index]))
-            else:
-                pruner.refit_layer(step)
+        with contextlib.ExitStack() as stack:
+            frontier = stack.enter_context(Frontier(work, self.cal, sampler.indices, sampler.batch or DEFAULT_BATCH)
+                                           ) if sampler else None
+            for (_, step), limit in zip(_progress(steps, opts.progress, "pruning"), limits):
+                runs = functools.partial(frontier.run, advance_to=int(limit)) if frontier else None
+                if isinstance(step, ChannelGroup):
+                    results.append(pruner.prune_unit(step, widths[step.index], runs))
+                else:
+                    pruner.refit_layer(step, runs)
         pruned = finalize(work)
         try:
             onnx.checker.check_model(pruned, full_check=True)
@@ -626,12 +645,12 @@ class _Pruner:
                                [c for c in grp.consumers if _sampleable(c, self.g)]))
         return sites
 
-    def prune_unit(self, unit: ChannelGroup, keep_n: int) -> GroupResult:
+    def prune_unit(self, unit: ChannelGroup, keep_n: int, runs: Runs | None = None) -> GroupResult:
         g, opts = self.g, self.opts
         sites = self._sites(unit)
         if self.sampler:
             for site in sites:
-                site.stats = self.sampler.stats(g, site.sampled, self.kept_outputs) if site.sampled else []
+                site.stats = self.sampler.stats(g, site.sampled, self.kept_outputs, runs) if site.sampled else []
         if unit.index in self.keep:
             keep = _given_keep(unit, keep_n, self.keep[unit.index])
         else:
@@ -659,9 +678,9 @@ class _Pruner:
         log.info("%s: %d -> %d channels", unit.name, unit.channels, len(keep))
         return res
 
-    def refit_layer(self, c: Consumer) -> float:
+    def refit_layer(self, c: Consumer, runs: Runs | None = None) -> float:
         """Refit a layer whose input channels were not pruned but whose inputs drifted."""
-        st = self.sampler.stats(self.g, [c], self.kept_outputs)[0]
+        st = self.sampler.stats(self.g, [c], self.kept_outputs, runs)[0]
         h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
         fit = refit(st, np.arange(st.dim), h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias)
         if fit.ridge is not None:

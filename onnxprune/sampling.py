@@ -8,7 +8,7 @@ channels per layer), never by whole activation maps.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,9 @@ from .graph import Consumer
 from .graphview import GraphView
 from .ops import LinearHandler, handler_for, sample_outputs
 from .stats import LayerStats
+
+# computes tensors over the sampler's images, in batches: (sample indices, {name: array})
+Runs = Callable[[list[str]], Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]]
 
 MIN_SAMPLES_PER_UNKNOWN = 3  # spatial positions per image are raised (where there are enough) to reach this
 
@@ -94,16 +97,20 @@ class Sampler:
         return cache
 
     def stats(self, pruned: GraphView, consumers: list[Consumer],
-              target_columns: dict[str, np.ndarray] | None = None) -> list[LayerStats]:
+              target_columns: dict[str, np.ndarray] | None = None, runs: Runs | None = None) -> list[LayerStats]:
         """Sufficient statistics of each consumer's regression problem on the pruned model.
 
         ``target_columns`` restricts a consumer's targets to the output channels it still has.
+        ``runs`` computes the tensors asked for over this sampler's images (by default a run of
+        the pruned model from its inputs; a :class:`~onnxprune.frontier.Frontier` runs only the
+        segment from its cut).
         """
         needed = [c.tensor for c in consumers]
         needed += [self.targets[c.node.output[0]].residual_other for c in consumers
                    if self.targets[c.node.output[0]].residual_other]
         result: list[LayerStats | None] = [None] * len(consumers)
-        for idx, values in run_batches(pruned.model, needed, self.calib, self.indices, self.batch):
+        batches = runs(needed) if runs else run_batches(pruned.model, needed, self.calib, self.indices, self.batch)
+        for idx, values in batches:
             for i, c in enumerate(consumers):
                 name = c.node.output[0]
                 handler: LinearHandler = handler_for(c.node)  # type: ignore[assignment]

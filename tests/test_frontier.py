@@ -1,0 +1,91 @@
+"""Carried activations: segment runs give what full runs give, in memory or on disk, and the
+temporary folder never outlives the run."""
+
+import tempfile
+
+import numpy as np
+import pytest
+from conftest import check_pruned
+from graphs import calib_for, tiny_resnet, tiny_vgg
+from onnx import numpy_helper
+
+import onnxprune
+from onnxprune import frontier as frontier_module
+from onnxprune.activations import run_batches
+from onnxprune.calib import Calibration
+from onnxprune.frontier import Frontier, cut_tensors
+
+
+def _weights(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("budget", [1 << 40, 0])
+def test_segment_runs_match_runs_from_the_inputs(budget, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = tiny_resnet()
+    cal = Calibration({model.graph.input[0].name: calib_for(model, 10)})
+    names = [o for n in model.graph.node for o in n.output]
+    full = {}
+    for idx, values in run_batches(model, names, cal, np.arange(10), 4):
+        for k, v in values.items():
+            full.setdefault(k, []).append(v)
+    with Frontier(model, cal, np.arange(10), 4, budget=budget) as front:
+        for position in range(0, len(model.graph.node), 3):
+            wanted = names[position:position + 4]
+            got = {}
+            for idx, values in front.run(wanted, advance_to=position):
+                for k, v in values.items():
+                    got.setdefault(k, []).append(v)
+            assert front.position == position
+            assert set(front.dtypes) == cut_tensors(model, position) - {model.graph.input[0].name}
+            for k in wanted:
+                np.testing.assert_allclose(np.concatenate(got[k]), np.concatenate(full[k]), rtol=1e-5, atol=1e-5)
+            if budget == 0 and front.dtypes:
+                assert front.on_disk and any(tmp_path.iterdir())
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_tensor_behind_the_cut_is_computed_from_the_inputs():
+    model = tiny_vgg()
+    cal = Calibration({model.graph.input[0].name: calib_for(model, 6)})
+    first = model.graph.node[0].output[0]
+    with Frontier(model, cal, np.arange(6), 4) as front:
+        list(front.run([model.graph.output[0].name], advance_to=len(model.graph.node)))
+        (got,) = [v[first] for _, v in front.run([first])][:1]
+    (want,) = [v[first] for _, v in run_batches(model, [first], cal, np.arange(6), 4)][:1]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("build", [tiny_vgg, tiny_resnet])
+def test_pruning_from_disk_gives_the_same_model(build, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = build()
+    x = calib_for(model, 80)
+    in_memory = onnxprune.prune(model, x, speedup=2.0, allocation="uniform", measure_latency=False)
+    monkeypatch.setattr(frontier_module, "FRONTIER_BUDGET", 0)
+    monkeypatch.setattr(Frontier.__init__, "__defaults__", (0,))
+    saved = []
+    save = Frontier._save
+    monkeypatch.setattr(Frontier, "_save", lambda self, v: saved.append(1) or save(self, v))
+    on_disk = onnxprune.prune(model, x, speedup=2.0, allocation="uniform", measure_latency=False)
+    a, b = _weights(in_memory.model), _weights(on_disk.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    check_pruned(on_disk.model, model, x, max_rel_err=0.6)
+    assert saved
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_interrupted_run_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = tiny_resnet()
+    cal = Calibration({model.graph.input[0].name: calib_for(model, 12)})
+    with pytest.raises(KeyboardInterrupt):
+        with Frontier(model, cal, np.arange(12), 4, budget=0) as front:
+            list(front.run([model.graph.node[3].output[0]], advance_to=3))
+            assert any(tmp_path.iterdir())
+            for _ in front.run([model.graph.node[6].output[0]], advance_to=6):
+                raise KeyboardInterrupt
+    assert not any(tmp_path.iterdir())
