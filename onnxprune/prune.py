@@ -26,7 +26,7 @@ from .io import check_not_quantized, check_opset, load_model, model_bytes
 from .ops import LinearHandler, handler_for
 from .reconstruct import refit
 from .report import GroupResult, LayerRow, Report, Totals
-from .rewrite import finalize, prune_group
+from .rewrite import finalize, prune_group, trial_edit
 from .sampling import Runs, Sampler
 from .sensitivity import GRID, allocate, measure_curves
 from .summary import model_macs
@@ -346,6 +346,7 @@ class _Run:
         self.original, self.work, self.shapes, self.cal = original, work, shapes, cal
         self.fit_idx, self.hold_idx, self.opts, self.bn_scales = fit_idx, hold_idx, opts, bn_scales
         g, groups, self.candidates, self.skipped = self._analyse(work)
+        self.g, self.groups = g, groups
         if not any(grp.producers for grp in groups):
             raise NothingToPrune("the model has no layer whose channels can be pruned (Conv, Gemm, MatMul…): "
                                  "nothing to prune, nothing written")
@@ -368,35 +369,43 @@ class _Run:
             # per group) would otherwise grow with groups x images
             subset = _subset(fit_idx, opts.sensitivity_images, opts.seed)
             probe = self.sampler if len(subset) == len(fit_idx) else sampler(indices=subset)
-            self.curves = self._output_scaled(measure_curves(self.candidates, probe, g, _sampleable), probe)
+            self.curves = self._sensitivity(probe)
 
-    def _output_scaled(self, curves: dict[int, list[float]], sampler: Sampler, probe: float = 0.5,
-                       images: int = 64) -> dict[int, list[float]]:
+    def _sensitivity(self, sampler: Sampler, probe: float = 0.5, images: int = 64) -> dict[int, list[float]]:
         """Layer error curves put on one scale: each unit's curve is scaled so that, at ``probe``
         of its width, it equals the relative error of the *model output* measured with that unit
         alone pruned (on a few fit images). A layer error deep in the net and one near the input
-        then weigh by what they do to the output."""
-        full = {grp.index: grp.channels for grp in self.candidates}
-        solo = PruneOptions(**{**self.opts.__dict__, "refit_downstream": False, "progress": False})
+        then weigh by what they do to the output.
+
+        Each probe reuses the statistics its curve was measured from, edits the model in place
+        (undone at once) and runs only the part of the model after the unit (carried activations),
+        so a probe costs a fraction of one forward pass over ``images`` images."""
+        g, opts = self.g, self.opts
+        solo = replace(opts, refit_downstream=False, progress=False)
         at = min(range(len(GRID)), key=lambda i: abs(GRID[i] - probe))
-        idx = _subset(sampler.indices, images, self.opts.seed)
         names = [o.name for o in self.original.graph.output]
-        batch = fitting_batch(self.shapes, self.opts.batch_size)
-        outputs = lambda m: [np.concatenate(parts) for parts in  # noqa: E731
-                             zip(*[[out[n] for n in names] for _, out in run_batches(m, names, self.cal, idx, batch)])]
-        reference = outputs(self.original)
-        scaled = {}
-        for grp in self.candidates:
-            curve = curves.get(grp.index)
-            width = max(1, int(round(GRID[at] * grp.channels)))
-            if not curve or width >= grp.channels or curve[at] <= 0:
-                scaled[grp.index] = curve
-                continue
-            model, _ = self.prune_to({**full, grp.index: width}, solo, sampler=sampler)
-            err = max(float(np.linalg.norm(p - r) / max(np.linalg.norm(r), 1e-30))
-                      for p, r in zip(outputs(model), reference))
-            scaled[grp.index] = [v * err / curve[at] for v in curve]
-        return scaled
+        batch = fitting_batch(self.shapes, opts.batch_size)
+        topo = {id(n): i for i, n in enumerate(self.work.graph.node)}
+        units = sorted(self.candidates, key=lambda u: _first_edited(u, g, topo))
+        factors: dict[int, float] = {}
+        with Frontier(self.work, self.cal, sampler.indices, batch) as data, \
+                Frontier(self.work, self.cal, _subset(sampler.indices, images, opts.seed), batch) as outs:
+            reference = _concat(outs.run(names), names)
+
+            def scale(unit: ChannelGroup, consumers: list[Consumer], stats: list, curve: list[float]) -> None:
+                width = max(1, int(round(GRID[at] * unit.channels)))
+                if width >= unit.channels or curve[at] <= 0:
+                    return
+                list(outs.run([], advance_to=_first_edited(unit, g, topo)))
+                known = _KnownStats(sampler, {id(c.node): st for c, st in zip(consumers, stats)})
+                with trial_edit(g):
+                    _Pruner(g, self.groups, solo, known, self.bn_scales).prune_unit(unit, width, tidy=False)
+                    pruned = _concat(outs.run(names), names)
+                err = max(float(np.linalg.norm(p - r) / max(np.linalg.norm(r), 1e-30)) for p, r in zip(pruned, reference))
+                factors[unit.index] = err / curve[at]
+
+            curves = measure_curves(units, sampler, g, _sampleable, frontier=data, on_curve=scale)
+        return {i: curve if i not in factors else [v * factors[i] for v in curve] for i, curve in curves.items()}
 
     def _analyse(self, model: onnx.ModelProto):
         g = GraphView(model, self.shapes)
@@ -610,6 +619,27 @@ class _Run:
         return (*best, False)
 
 
+def _concat(batches, names: list[str]) -> list[np.ndarray]:
+    """The arrays ``names`` of batched runs, each joined over the batches."""
+    return [np.concatenate(parts) for parts in zip(*[[out[n] for n in names] for _, out in batches])]
+
+
+class _KnownStats:
+    """A sampler whose statistics for some consumers (by node) were measured already, on the
+    model as it is now; any other request goes to ``sampler``."""
+
+    def __init__(self, sampler: Sampler, known: dict[int, object]):
+        self.sampler, self.known = sampler, known
+
+    def stats(self, g: GraphView, consumers: list[Consumer], target_columns=None, runs: Runs | None = None) -> list:
+        if all(id(c.node) in self.known for c in consumers):
+            return [self.known[id(c.node)] for c in consumers]
+        return self.sampler.stats(g, consumers, target_columns)
+
+    def __getattr__(self, name: str):
+        return getattr(self.sampler, name)
+
+
 @dataclass
 class _Site:
     """One group holding a unit's channels, as it is just before the unit is pruned."""
@@ -645,7 +675,7 @@ class _Pruner:
                                [c for c in grp.consumers if _sampleable(c, self.g)]))
         return sites
 
-    def prune_unit(self, unit: ChannelGroup, keep_n: int, runs: Runs | None = None) -> GroupResult:
+    def prune_unit(self, unit: ChannelGroup, keep_n: int, runs: Runs | None = None, tidy: bool = True) -> GroupResult:
         g, opts = self.g, self.opts
         sites = self._sites(unit)
         if self.sampler:
@@ -674,7 +704,8 @@ class _Pruner:
             self.kept_outputs[node.output[0]] = keep
         if befores:
             res.error_before_refit, res.error_after_refit = float(np.mean(befores)), float(np.mean(afters))
-        g.drop_unused_initializers()
+        if tidy:
+            g.drop_unused_initializers()
         log.info("%s: %d -> %d channels", unit.name, unit.channels, len(keep))
         return res
 

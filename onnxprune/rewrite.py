@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
 
@@ -25,6 +28,31 @@ def prune_group(g: GraphView, group: ChannelGroup, keep: np.ndarray, width: int)
         if shape is not None and len(shape) >= 2:
             per_channel = shape[1] // width if width else 1
             g.shapes[t] = (shape[0], len(keep) * per_channel, *shape[2:])
+
+
+@contextlib.contextmanager
+def trial_edit(g: GraphView) -> Iterator[None]:
+    """Edits made to ``g`` inside the block are undone when it ends: nodes (restored in place, so
+    groups that refer to them stay valid), graph outputs, initializers and shapes. Edits must not
+    add or remove nodes, nor drop initializers."""
+    graph = g.graph
+    nodes = [n.SerializeToString() for n in graph.node]
+    outputs = [o.SerializeToString() for o in graph.output]
+    initializers = {t.name for t in graph.initializer}
+    shapes = dict(g.shapes)
+    try:
+        yield
+    finally:
+        if len(graph.node) != len(nodes):
+            raise RuntimeError("a trial edit added or removed nodes")
+        for proto, saved in [*zip(graph.node, nodes), *zip(graph.output, outputs)]:
+            if proto.SerializeToString() != saved:
+                proto.ParseFromString(saved)
+        for t in [t for t in graph.initializer if t.name not in initializers]:
+            graph.initializer.remove(t)
+        g.shapes.clear()
+        g.shapes.update(shapes)
+        g.reindex()
 
 
 def drop_dead_nodes(model: onnx.ModelProto) -> None:

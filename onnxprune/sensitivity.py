@@ -3,13 +3,20 @@ least-squares refit, when it keeps fewer channels — then a greedy allocation o
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 
 from .budget import CostModel, Targets, round_width
 from .errors import TargetNotMetError
+from .frontier import Frontier
 from .graph import ChannelGroup
 from .reconstruct import held_out_error
 from .select import expand_channels, lasso_selections, normalized_contribution
+
+# called with (unit, its sampled consumers, their statistics, its curve) once a curve is known
+OnCurve = Callable[[ChannelGroup, list, list, list[float]], None]
 
 GRID = tuple(i / 10 for i in range(1, 11))
 
@@ -96,10 +103,15 @@ def _stats_bytes(c, sampler, g) -> int:
     return 16 * (d + 1) * (d + 1 + cout)
 
 
-def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int = 8) -> dict[int, list[float]]:
+def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int = 8,
+                   frontier: Frontier | None = None, on_curve: OnCurve | None = None) -> dict[int, list[float]]:
     """Error curves of every unit, from the model before any pruning: one pass over the data per
     ``chunk`` consumers (fewer where their statistics would exceed :data:`STATS_BUDGET`); each
-    unit's curve is computed as soon as its consumers' statistics are in, which are then dropped."""
+    unit's curve is computed as soon as its consumers' statistics are in, which are then dropped.
+
+    With ``frontier`` (over the sampler's images, on ``g``'s model) each pass runs only the
+    segment from the previous one; ``on_curve(unit, consumers, stats, curve)`` is called while a
+    unit's statistics are still held (the model must be as it was when it returns)."""
     from .ops import handler_for
 
     jobs = [(u, [c for c in u.consumers if sampleable(c, g)]) for u in units]
@@ -114,8 +126,13 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
         held += size
     parts += [part] if part else []
     stats, curves, waiting = {}, {}, [(u, cs) for u, cs in jobs if cs]
-    for part in parts:
-        for c, st in zip(part, sampler.stats(g, part)):
+    topo = {id(n): i for i, n in enumerate(g.graph.node)}
+    # a pass may move the cut up to the first consumer a later pass reads for
+    starts = [min(topo[id(c.node)] for c in part) for part in parts]
+    limits = list(np.minimum.accumulate(starts[::-1])[::-1][1:]) + [len(topo)]
+    for part, limit in zip(parts, limits):
+        runs = functools.partial(frontier.run, advance_to=int(limit)) if frontier else None
+        for c, st in zip(part, sampler.stats(g, part, runs=runs)):
             stats[id(c)] = st
         done = [all(id(c) in stats for c in cs) for _, cs in waiting]
         ready = [job for job, ok in zip(waiting, done) if ok]
@@ -125,6 +142,8 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
             curves[u.index] = error_curve(u, cs, [stats[id(c)] for c in cs],
                                           [h.weight_matrix(c.node, g) for h, c in zip(hs, cs)],
                                           [h.bias(c.node, g) for h, c in zip(hs, cs)], u.channels)
+            if on_curve:
+                on_curve(u, cs, [stats[id(c)] for c in cs], curves[u.index])
         needed = {id(c) for _, cs in waiting for c in cs}
         stats = {k: v for k, v in stats.items() if k in needed}
     curves = {u.index: curves[u.index] for u, cs in jobs if cs}  # in the units' order

@@ -89,3 +89,18 @@ def test_an_interrupted_run_leaves_no_folder(tmp_path, monkeypatch):
             for _ in front.run([model.graph.node[6].output[0]], advance_to=6):
                 raise KeyboardInterrupt
     assert not any(tmp_path.iterdir())
+
+
+def test_a_trial_edit_is_undone():
+    from onnxprune.graph import find_groups
+    from onnxprune.graphview import GraphView
+    from onnxprune.rewrite import prune_group, trial_edit
+
+    model = tiny_resnet()
+    before = model.SerializeToString()
+    g = GraphView(model)
+    group = next(grp for grp in find_groups(g) if grp.prunable and grp.channels > 2)
+    with trial_edit(g):
+        prune_group(g, group, np.arange(2), group.channels)
+        assert model.SerializeToString() != before
+    assert model.SerializeToString() == before
