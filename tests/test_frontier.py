@@ -98,7 +98,9 @@ def test_a_trial_edit_is_undone():
 
     model = tiny_resnet()
     before = model.SerializeToString()
-    g = GraphView(model)
+    from onnxprune.activations import tensor_shapes
+
+    g = GraphView(model, tensor_shapes(model, Calibration({model.graph.input[0].name: calib_for(model, 2)})))
     group = next(grp for grp in find_groups(g) if grp.prunable and grp.channels > 2)
     with trial_edit(g):
         prune_group(g, group, np.arange(2), group.channels)
