@@ -206,3 +206,15 @@ def uniform_widths(cost: CostModel, candidates: list[ChannelGroup], targets: Tar
         else:
             lo = mid
     return widths(lo)
+
+
+def relaxed_targets(targets: Targets, cost: CostModel, t: float) -> Targets:
+    """``targets`` moved a fraction ``1 - t`` of the way back towards no pruning at all."""
+    size = None if targets.size_mb is None else cost.total_bytes / 1e6 + t * (targets.size_mb - cost.total_bytes / 1e6)
+    return Targets(1 + t * (targets.speedup - 1), None if targets.params is None else 1 - t * (1 - targets.params),
+                   size)
+
+
+def graph_macs(g: GraphView) -> int:
+    """MACs of one sample through the graph (the shapes ``g`` holds): the package's one MACs count."""
+    return sum(handler_for(n).macs(n, g) for n in g.graph.node)

@@ -321,3 +321,29 @@ def load_calibration(source, model: onnx.ModelProto, image_options: ImageOptions
     arrays = {k: (_Cast(v, i.dtype) if not isinstance(v, _LazyImages) and v.dtype != i.dtype else v)
               for (k, v), i in zip(arrays.items(), inputs)}
     return Calibration(arrays)
+
+
+def split_calibration(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample indices for fitting and for the held-out check, drawn at random (seeded)."""
+    perm = np.random.default_rng(seed).permutation(count)
+    n_hold = int(round(count * holdout)) if count > 1 else 0
+    n_hold = min(n_hold, count - 1)
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+def random_subset(indices: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """At most ``count`` of ``indices``, drawn at random (data sorted by class must not bias
+    them), in increasing order."""
+    if len(indices) <= count:
+        return indices
+    return np.sort(np.random.default_rng(seed + 1).choice(indices, count, replace=False))
+
+
+def synthetic_calibration(model: onnx.ModelProto) -> Calibration:
+    """One all-zeros sample, for data-free runs on models with static input shapes."""
+    arrays = {}
+    for inp in model_inputs(model):
+        if any(d is None for d in inp.shape[1:]):
+            raise CalibrationError(f"input '{inp.name}' has dynamic dims; pass --calib so shapes can be measured")
+        arrays[inp.name] = np.zeros((1, *[d for d in inp.shape[1:]]), dtype=inp.dtype)
+    return Calibration(arrays)

@@ -230,7 +230,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .prune import prune
+    from .pipeline import prune
 
     output = args.output or args.model.with_name(args.model.stem + ".pruned.onnx")
     check_output(output, force=args.force, protected=(args.model,))  # before any work is done

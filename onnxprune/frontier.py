@@ -63,8 +63,7 @@ def segment_model(model: onnx.ModelProto, start: int, available: dict[str, np.dt
             if i not in live:
                 live.add(i)
                 stack.extend(inputs_of(nodes[i]))
-        else:
-            return None  # neither computed nor given: let the caller fall back
+        # else: a name produced inside a subgraph (If/Loop bodies read their own tensors too)
     seg = onnx.ModelProto()
     copy_fields(model, seg, skip=("graph",))
     graph = seg.graph

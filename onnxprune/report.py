@@ -69,6 +69,7 @@ class Report:
     targets_met: bool = True  # False when --max-drop made the run give width back
     provider: str = "cpu"
     latency_batch: int = 1
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per pipeline stage
     stripe: dict | None = None  # --method stripe: keep fraction, stripe MACs, per-layer form (see stripe.py)
 
     def to_dict(self) -> dict:

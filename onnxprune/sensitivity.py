@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
 from .budget import CostModel, Targets, round_width
+from .activations import fitting_batch
+from .calib import random_subset
+from .candidates import Analysis, first_edited, positions, sampleable
 from .errors import TargetNotMetError
 from .frontier import Frontier
+from .group_pruner import GroupPruner, KnownStats
+from .options import PruneOptions
+from .progress import QUIET, Progress
+from .rewrite import trial_edit
+from .sampling import Sampler
 from .graph import ChannelGroup
 from .reconstruct import held_out_error
 from .select import expand_channels, lasso_selections, normalized_contribution
@@ -152,3 +161,53 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
         for u in units:
             curves.setdefault(u.index, neutral)
     return curves
+
+
+def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str, tuple[int, ...]],
+                         opts: PruneOptions, bn_scales: dict[str, np.ndarray], progress: Progress = QUIET,
+                         probe: float = 0.5, images: int = 64) -> dict[int, list[float]]:
+    """Error curves of the candidate groups put on one scale: each unit's curve is scaled so
+    that, at ``probe`` of its width, it equals the relative error of the *model output* measured
+    with that unit alone pruned (on ``images`` of the sampler's images). A layer error deep in
+    the net and one near the input then weigh by what they do to the output.
+
+    Each probe reuses the statistics its curve was measured from, edits the model in place
+    (undone at once) and runs only the part of the model after the unit on carried activations,
+    so a probe costs a fraction of one forward pass over ``images`` images."""
+    g = analysis.g
+    model = g.model
+    solo = replace(opts, refit_downstream=False, progress=False)
+    at = min(range(len(GRID)), key=lambda i: abs(GRID[i] - probe))
+    names = [o.name for o in model.graph.output]
+    batch = fitting_batch(shapes, opts.batch_size)
+    topo = positions(model)
+    units = sorted(analysis.candidates, key=lambda u: first_edited(u, g, topo))
+    factors: dict[int, float] = {}
+    bar = progress.bar(iter(units), "sensitivity", total=len(units)) if progress.show else None
+    with Frontier(model, sampler.calib, sampler.indices, batch) as data, \
+            Frontier(model, sampler.calib, random_subset(sampler.indices, images, opts.seed), batch) as outs:
+        reference = _joined(outs.run(names), names)
+
+        def scale(unit: ChannelGroup, consumers: list, stats: list, curve: list[float]) -> None:
+            if bar is not None:
+                bar.update()
+            width = max(1, int(round(GRID[at] * unit.channels)))
+            if width >= unit.channels or curve[at] <= 0:
+                return
+            list(outs.run([], advance_to=first_edited(unit, g, topo)))
+            known = KnownStats(sampler, {id(c.node): st for c, st in zip(consumers, stats)})
+            with trial_edit(g):
+                GroupPruner(g, analysis.groups, solo, known, bn_scales).prune_unit(unit, width, tidy=False)
+                pruned = _joined(outs.run(names), names)
+            err = max(float(np.linalg.norm(p - r) / max(np.linalg.norm(r), 1e-30)) for p, r in zip(pruned, reference))
+            factors[unit.index] = err / curve[at]
+
+        curves = measure_curves(units, sampler, g, sampleable, frontier=data, on_curve=scale)
+    if bar is not None:
+        bar.close()
+    return {i: curve if i not in factors else [v * factors[i] for v in curve] for i, curve in curves.items()}
+
+
+def _joined(batches, names: list[str]) -> list[np.ndarray]:
+    """The arrays ``names`` of batched runs, each joined over the batches."""
+    return [np.concatenate(parts) for parts in zip(*[[out[n] for n in names] for _, out in batches])]

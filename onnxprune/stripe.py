@@ -41,7 +41,7 @@ from onnx import helper, numpy_helper
 from threadpoolctl import threadpool_limits
 
 from .activations import batch_size_for, fitting_batch
-from .budget import count_params
+from .budget import count_params, graph_macs
 from .errors import NothingToPrune, OptionError, TargetNotMetError
 from .graph import Consumer
 from .graphview import GraphView, attr
@@ -50,6 +50,7 @@ from .latency import measure
 from .ops import LinearHandler, handler_for
 from .ops.conv import conv_pads
 from .reconstruct import refit
+from .options import PruneResult
 from .report import GroupResult, LayerRow, Report, Totals
 from .rewrite import finalize
 from .sampling import Sampler
@@ -449,15 +450,13 @@ def prune_stripes(original: onnx.ModelProto, work: onnx.ModelProto, shapes, cal,
     when ``opts.measure_latency``), "stripes" (always, where possible; the default otherwise),
     "dense" (never: dense convs with the dropped stripes zeroed).
     """
-    from .prune import PruneResult
-
     _check_options(opts)
     emit_mode = emit_mode or ("auto" if opts.measure_latency else "stripes")
     g = GraphView(work, shapes)
     layers = [n for n in work.graph.node if eligible(n, g)]
     if not layers:
         raise NothingToPrune("the model has no K×K Conv (group 1) whose stripes can be pruned: nothing written")
-    total = sum(handler_for(n).macs(n, g) for n in work.graph.node)
+    total = graph_macs(g)
     stripe_total = sum(handler_for(n).macs(n, g) for n in layers)
     frac = keep_fraction(total, stripe_total, opts.speedup)
     topo = {id(n): i for i, n in enumerate(work.graph.node)}

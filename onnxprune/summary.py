@@ -10,14 +10,16 @@ import numpy as np
 import onnx
 
 from .activations import batch_size_for, fitting_batch, tensor_shapes
-from .budget import count_params
-from .calib import Calibration, ImageOptions, load_calibration
+from .budget import count_params, graph_macs
+from .calib import Calibration, ImageOptions, load_calibration, synthetic_calibration
+from .candidates import choose_candidates
 from .fold import constants_to_initializers, fold_batchnorm
 from .graph import find_groups
 from .graphview import GraphView
 from .io import check_opset, load_model, model_bytes
-from .latency import Latency, measure
+from .latency import Latency, latency_ms, measure
 from .ops import handler_for
+from .report import LayerRow, Totals
 from .verify import OutputFidelity, compare
 
 
@@ -48,22 +50,18 @@ class ModelSummary:
 
 def calibration_or_zeros(model: onnx.ModelProto, calib, image_options: ImageOptions | None) -> Calibration:
     """The user's calibration data, or one all-zeros sample when the input shape is static."""
-    from .prune import _synthetic_calibration
-
-    return load_calibration(calib, model, image_options) if calib is not None else _synthetic_calibration(model)
+    return load_calibration(calib, model, image_options) if calib is not None else synthetic_calibration(model)
 
 
 def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
     """MACs, params, size and channel groups of ``model`` (BN folded for the analysis, as pruning does)."""
-    from .prune import PruneOptions, _candidates
-
     work = copy.deepcopy(model)
     constants_to_initializers(work)
     fold_batchnorm(work, {})
     g = GraphView(work, tensor_shapes(work, cal))
     groups = find_groups(g)
-    macs = _macs(g)
-    candidates, skipped = _candidates(groups, g, PruneOptions(reconstruct=False, method="l1").validate())
+    macs = graph_macs(g)
+    candidates, skipped = choose_candidates(groups, g, prune_coupled=False, needs_data=False)
     rows = [(grp.name, grp.channels, "") for grp in candidates if grp.producers and grp.owner]
     rows += [(name, next(x.channels for x in groups if x.name == name), reason) for name, reason in skipped]
     barriers = Counter(n.op_type for n in work.graph.node if n.input and handler_for(n).rule(n, g) is None
@@ -71,13 +69,33 @@ def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
     return ModelSummary(macs, count_params(GraphView(model)), model_bytes(model), rows, dict(barriers))
 
 
-def _macs(g: GraphView) -> int:
-    return sum(handler_for(n).macs(n, g) for n in g.graph.node)
-
-
 def model_macs(model: onnx.ModelProto, cal: Calibration) -> int:
     """MACs of one sample through ``model`` at the calibration input shape."""
-    return _macs(GraphView(model, tensor_shapes(model, cal)))
+    return graph_macs(GraphView(model, tensor_shapes(model, cal)))
+
+
+def cost_table(original: onnx.ModelProto, reference: onnx.ModelProto, pruned: onnx.ModelProto, cal: Calibration,
+               latency_feed: dict[str, np.ndarray] | None, provider: str) -> tuple[list[LayerRow], Totals]:
+    """Per-layer channels and MACs of ``reference`` (the original, BN folded) and ``pruned``, and
+    the totals: MACs, params, size, and — given a feed — measured latency of original vs pruned."""
+    gb = GraphView(reference, tensor_shapes(reference, cal))
+    ga = GraphView(pruned, tensor_shapes(pruned, cal))
+    after_nodes = {n.output[0]: n for n in pruned.graph.node if n.output}
+    rows = []
+    for node in reference.graph.node:
+        macs = handler_for(node).macs(node, gb)
+        other = after_nodes.get(node.output[0]) if node.output else None
+        if not macs or other is None:
+            continue
+        rows.append(LayerRow(node.name or node.output[0], node.op_type,
+                             (gb.channels(node.input[0]) or 0, ga.channels(other.input[0]) or 0),
+                             (gb.channels(node.output[0]) or 0, ga.channels(other.output[0]) or 0),
+                             (macs, handler_for(other).macs(other, ga))))
+    latency = tuple(latency_ms([original, pruned], latency_feed, provider)) if latency_feed is not None else None
+    totals = Totals(macs=(sum(r.macs[0] for r in rows), sum(r.macs[1] for r in rows)),
+                    params=(count_params(GraphView(original)), count_params(GraphView(pruned))),
+                    size_bytes=(model_bytes(original), model_bytes(pruned)), latency_ms=latency)
+    return rows, totals
 
 
 def fidelity(reference: onnx.ModelProto, model: onnx.ModelProto, cal: Calibration) -> list[OutputFidelity]:

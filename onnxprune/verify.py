@@ -40,3 +40,9 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
                 s[4] += a.shape[0]
     return [OutputFidelity(n, (s[0] / s[1]) ** 0.5 if s[1] > 0 else float(s[0] > 0), s[2],
                            s[3] / s[4] if s[4] else None) for n, s in acc.items()]
+
+
+def guard_loss(fidelity: list[OutputFidelity]) -> float:
+    """What ``--max-drop`` bounds: the worst output's top-1 disagreement for class scores,
+    otherwise its relative error."""
+    return max((1 - f.top1_agreement if f.top1_agreement is not None else f.relative_error) for f in fidelity)

@@ -6,6 +6,7 @@ from conftest import check_pruned
 from graphs import Builder, calib_for, tiny_resnet, tiny_vgg
 
 import onnxprune
+from onnxprune.allocation import Plan
 from onnxprune.arch import architecture, exporter_name
 from onnxprune.errors import OptionError
 from onnxprune.select import contribution_problem, thinet_select
@@ -71,21 +72,10 @@ def test_architecture_export_lists_pruned_widths():
 
 def _run_for(model, x, **options):
     """onnxprune's internal pruning run, set up the way prune() sets it up (for the ``keep`` hook)."""
-    import copy
 
-    from onnxprune.activations import tensor_shapes
-    from onnxprune.calib import load_calibration
-    from onnxprune.fold import constants_to_initializers, fold_batchnorm
-    from onnxprune.prune import PruneOptions, _Run, _split
+    from onnxprune import PruneOptions, Pruner
 
-    opts = PruneOptions(measure_latency=False, allocation="uniform", **options).validate()
-    work = copy.deepcopy(model)
-    constants_to_initializers(work)
-    bn_scales = {}
-    fold_batchnorm(work, bn_scales)
-    cal = load_calibration(x, model)
-    fit_idx, hold_idx = _split(len(cal), opts.holdout, opts.seed)
-    return _Run(model, work, tensor_shapes(work, cal), cal, fit_idx, hold_idx, opts, bn_scales)
+    return Pruner(model, x, PruneOptions(measure_latency=False, allocation="uniform", **options))
 
 
 @pytest.mark.parametrize("reconstruct", [False, True])
@@ -97,7 +87,8 @@ def test_prune_to_keeps_the_channels_it_is_given(reconstruct):
     first = run.candidates[0]
     assert first.producers[0].op_type == "Conv" and first.channels == 8
     widths = {g.index: g.channels for g in run.candidates} | {first.index: 4}
-    pruned, results = run.prune_to(widths, keep={first.index: np.array([6, 1, 5, 3])})
+    result = run.prune(Plan(widths, 1), keep={first.index: np.array([6, 1, 5, 3])})
+    pruned, results = result.model, result.groups
     assert results[0].channels_after == 4
     w = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
     before = {t.name: numpy_helper.to_array(t) for t in run.work.graph.initializer}
@@ -105,4 +96,4 @@ def test_prune_to_keeps_the_channels_it_is_given(reconstruct):
     np.testing.assert_array_equal(w[conv.input[1]], before[first.producers[0].input[1]][[1, 3, 5, 6]])
     check_pruned(pruned, model, calib_for(model, 10), max_rel_err=2.0)
     with pytest.raises(ValueError, match="4 distinct channels"):
-        run.prune_to(widths, keep={first.index: np.array([1, 1, 2, 3])})
+        run.prune(Plan(widths, 1), keep={first.index: np.array([1, 1, 2, 3])})

@@ -11,6 +11,7 @@ from graphs import calib_for, mobilenet_v2, resnet50, tiny_resnet, tiny_vgg, vgg
 
 import onnxprune
 from onnxprune.budget import count_params
+from onnxprune.latency_search import LatencySearch
 from onnxprune.cli import main
 from onnxprune.errors import OptionError, TargetNotMetError
 from onnxprune.graphview import GraphView
@@ -95,16 +96,14 @@ def test_latency_search_runs_on_per_layer_timings(vgg, monkeypatch):
     """--latency times each prunable layer alone and searches on the latency those timings
     predict. (The whole-model measurement is replaced by the prediction here, so that the test
     does not depend on the machine's timing noise.)"""
-    import importlib
-    run_class = importlib.import_module("onnxprune.prune")._Run
     predicted = []
 
-    def measured(self, widths):
+    def measured(self, plan):
         assert self.cost.latency is not None and len(self.cost.latency.layers) >= 3
-        predicted.append(self.cost.latency_ms({}) / self.cost.latency_ms(widths))
+        predicted.append(self.cost.latency_ms({}) / self.cost.latency_ms(plan.widths))
         return predicted[-1]
 
-    monkeypatch.setattr(run_class, "measured_speedup", measured)
+    monkeypatch.setattr(LatencySearch, "measured_speedup", measured)
     model, x = vgg
     result = onnxprune.prune(model, x, latency=1.3, latency_batch=32, allocation="uniform", measure_latency=False)
     assert predicted and max(predicted) >= 1.3 * 1.05
@@ -124,15 +123,13 @@ def test_a_default_rounding_gives_way_to_a_target_that_needs_finer_widths(vgg):
 def test_latency_search_falls_back_to_finer_rounding_only_when_rounding_is_a_default(vgg, monkeypatch):
     """A default --round-to that keeps the goal out of reach gives way to finer multiples; one the
     user chose does not. (Measurements are replaced: the goal is only "measured" without rounding.)"""
-    import importlib
-    run_class = importlib.import_module("onnxprune.prune")._Run
     roundings = []
 
-    def measured(self, widths):
-        roundings.append(self.opts.round_to)
-        return self.cost.total / self.cost.macs(widths) if self.opts.round_to == 1 else 1.0
+    def measured(self, plan):
+        roundings.append(plan.round_to)
+        return self.cost.total / self.cost.macs(plan.widths) if plan.round_to == 1 else 1.0
 
-    monkeypatch.setattr(run_class, "measured_speedup", measured)
+    monkeypatch.setattr(LatencySearch, "measured_speedup", measured)
     model, x = vgg
     result = onnxprune.prune(model, x, latency=1.3, round_to=16, relax_round_to=True, allocation="uniform",
                              measure_latency=False)
@@ -209,17 +206,16 @@ def test_bench_reports_every_model_and_batch(files, capsys):
 
 def test_sensitivity_curves_use_a_bounded_random_subset(monkeypatch):
     """Curves and probe prunings run on --sensitivity-images fit images; the refits on all."""
-    import sys
+    from onnxprune import pipeline
 
-    prune_module = sys.modules["onnxprune.prune"]  # the package's ``prune`` names the function
     seen = []
 
-    class Recording(prune_module.Sampler):
+    class Recording(pipeline.Sampler):
         def __init__(self, *args, indices, **kwargs):
             seen.append(np.asarray(indices))
             super().__init__(*args, indices=indices, **kwargs)
 
-    monkeypatch.setattr(prune_module, "Sampler", Recording)
+    monkeypatch.setattr(pipeline, "Sampler", Recording)
     model = tiny_vgg()
     x = calib_for(model, 60)
     result = onnxprune.prune(model, x, speedup=1.5, sensitivity_images=20, measure_latency=False)

@@ -109,7 +109,7 @@ LEAVES = [  # (module, attribute path, phase): each phase counts its own time, m
 ]
 STAGES = [  # inclusive
     ("onnxprune.prune", "measure_curves", "sensitivity curves"),
-    ("onnxprune.prune", "_Run._output_scaled", "curves put on the output scale"),
+    ("onnxprune.prune", "_Run._sensitivity", "sensitivity curves + output-scale probes"),
     ("onnxprune.prune", "_Run.prune_to_targets", "final pruning"),
     ("onnxprune.prune", "_Run.fidelity", "verification + report"),
     ("onnxprune.prune", "_report", "verification + report"),

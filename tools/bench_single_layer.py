@@ -11,7 +11,7 @@ refit, nothing is fine-tuned. Criteria: first-k, max-response (largest mean |act
 input channel on calibration data), random, l1 (filter norms of the layer before, Li et al.),
 thinet and lasso (selection only), thinet+rec and lasso+rec (selection, then the least-squares
 refit of the layer). The kept channels of first-k and max-response reach onnxprune through the
-``keep`` argument of its internal ``_Run.prune_to``; everything else is onnxprune's own code path.
+``keep`` argument of ``Pruner.prune``; everything else is onnxprune's own code path.
 
 Prints, per layer, the increase of top-1 test error (points) over the unpruned model and the
 layer's relative output error ‖ΔY‖²/‖Y‖² on held-out calibration images, then what the paper
@@ -21,7 +21,6 @@ reported; writes a plot like the paper's Fig. 3. --quick: one layer, two speedup
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import sys
 import time
@@ -38,12 +37,11 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from bench_all import machine  # noqa: E402
 from bench_fmnist import ROOT, accuracy, test_set  # noqa: E402
 
-from onnxprune.activations import run_batches, tensor_shapes  # noqa: E402
-from onnxprune.calib import Calibration, load_calibration  # noqa: E402
-from onnxprune.fold import constants_to_initializers, fold_batchnorm  # noqa: E402
+from onnxprune import PruneOptions, Pruner  # noqa: E402
+from onnxprune.activations import run_batches  # noqa: E402
+from onnxprune.allocation import Plan  # noqa: E402
+from onnxprune.calib import Calibration  # noqa: E402
 from onnxprune.graph import ChannelGroup  # noqa: E402
-from onnxprune.io import load_model  # noqa: E402
-from onnxprune.prune import PruneOptions, _Run, _split  # noqa: E402
 from onnxprune.select import Method  # noqa: E402
 
 
@@ -98,7 +96,7 @@ class FrozenStats:
     def __init__(self, sampler):
         self.sampler, self.memo = sampler, {}
 
-    def stats(self, pruned, consumers, target_columns=None):
+    def stats(self, pruned, consumers, target_columns=None, runs=None):
         assert not target_columns, "only the first pruned group's statistics can be shared"
         key = tuple(c.node.output[0] for c in consumers)
         if key not in self.memo:
@@ -109,30 +107,23 @@ class FrozenStats:
         return getattr(self.sampler, name)
 
 
-def make_run(model_path: Path, calib: str, seed: int) -> _Run:
+def make_run(model_path: Path, calib: str, seed: int) -> Pruner:
     """onnxprune's pruning run as :func:`onnxprune.prune` sets it up (BN folded, calibration split),
     with the reconstruction's sampler, uniform allocation and no downstream refit."""
     opts = PruneOptions(method=Method.LASSO, reconstruct=True, allocation="uniform", refit_downstream=False,
                         measure_latency=False, progress=False, seed=seed).validate()
-    original = load_model(model_path)
-    work = copy.deepcopy(original)
-    constants_to_initializers(work)
-    bn_scales: dict[str, np.ndarray] = {}
-    fold_batchnorm(work, bn_scales)
-    cal = load_calibration(calib, original)
-    fit_idx, hold_idx = _split(len(cal), opts.holdout, opts.seed)
-    run = _Run(original, work, tensor_shapes(work, cal), cal, fit_idx, hold_idx, opts, bn_scales)
+    run = Pruner(model_path, calib, opts)
     run.sampler = FrozenStats(run.sampler)
     return run
 
 
-def conv_layers(run: _Run) -> list[ChannelGroup]:
+def conv_layers(run: Pruner) -> list[ChannelGroup]:
     """Groups whose channels feed exactly one Conv and come from one Conv: a conv layer's input channels."""
     return [grp for grp in run.candidates if len(grp.producers) == 1 and grp.producers[0].op_type == "Conv"
             and len(grp.all_consumers) == 1 and grp.all_consumers[0].node.op_type == "Conv"]
 
 
-def layer_name(run: _Run, grp: ChannelGroup) -> str:
+def layer_name(run: Pruner, grp: ChannelGroup) -> str:
     """``convN`` (N counting the model's Conv nodes from 1), its node name and its input channels."""
     node = grp.all_consumers[0].node
     convs = [n.output[0] for n in run.work.graph.node if n.op_type == "Conv"]
@@ -140,7 +131,7 @@ def layer_name(run: _Run, grp: ChannelGroup) -> str:
     return f"conv{n} ({node.name or node.output[0]}, {grp.channels} input channels)"
 
 
-def response(run: _Run, grp: ChannelGroup) -> np.ndarray:
+def response(run: Pruner, grp: ChannelGroup) -> np.ndarray:
     """Mean |activation| of each input channel of the layer on the calibration images it is fit on."""
     tensor = grp.all_consumers[0].tensor
     total = np.zeros(grp.channels)
@@ -164,7 +155,7 @@ class Suffix:
     producer's input): the part before it runs once, on the test set and on the held-out
     calibration images; models with identical bytes are scored once."""
 
-    def __init__(self, run: _Run, grp: ChannelGroup, x: np.ndarray, y: np.ndarray):
+    def __init__(self, run: Pruner, grp: ChannelGroup, x: np.ndarray, y: np.ndarray):
         self.tensor = grp.producers[0].input[0]
         self.logits, self.layer = run.work.graph.output[0].name, grp.all_consumers[0].node.output[0]
         self.y, self.cache = y, {}
@@ -173,7 +164,7 @@ class Suffix:
         self.x_hold = self._at_tensor(run, run.cal, hold)
         self.reference = self._run(run.work, self.layer, self.x_hold).astype(np.float64)
 
-    def _at_tensor(self, run: _Run, cal: Calibration, idx: np.ndarray) -> np.ndarray:
+    def _at_tensor(self, run: Pruner, cal: Calibration, idx: np.ndarray) -> np.ndarray:
         if self.tensor in {i.name for i in run.work.graph.input}:
             return cal.take(idx)[self.tensor]
         return np.concatenate([out[self.tensor] for _, out in run_batches(run.work, [self.tensor], cal, idx, 500)])
@@ -197,7 +188,7 @@ class Suffix:
         return self.cache[key]
 
 
-def bench_layer(run: _Run, grp: ChannelGroup, speedups: list[float], x: np.ndarray, y: np.ndarray,
+def bench_layer(run: Pruner, grp: ChannelGroup, speedups: list[float], x: np.ndarray, y: np.ndarray,
                 base_error: float) -> dict[tuple[str, float], tuple[float, float]]:
     """(criterion, speedup) -> (test-error increase in points, layer relative output error)."""
     suffix = Suffix(run, grp, x, y)
@@ -209,7 +200,7 @@ def bench_layer(run: _Run, grp: ChannelGroup, speedups: list[float], x: np.ndarr
         for crit in CRITERIA:
             opts = PruneOptions(**{**run.opts.__dict__, "method": crit.method, "reconstruct": crit.reconstruct})
             keep = own_keep(crit, keep_n, scores)
-            model, _ = run.prune_to({**full, grp.index: keep_n}, opts, None if keep is None else {grp.index: keep})
+            model = run.prune(Plan({**full, grp.index: keep_n}, 1), opts, None if keep is None else {grp.index: keep}).model
             top1, err = suffix.score(model)
             cells[crit.label, s] = (100.0 - top1 - base_error, err)
     return cells

@@ -1,0 +1,59 @@
+"""Per-group widths that meet the targets: one keep ratio for all groups, or widths from
+measured sensitivity curves, rounded to a channel multiple."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .budget import CostModel, Targets, uniform_widths
+from .errors import TargetNotMetError
+from .graph import ChannelGroup
+from .sensitivity import allocate
+
+log = logging.getLogger(__name__)
+
+FINER_ROUNDINGS = (8, 1)  # what a default --round-to gives way to, in order, when a target needs it
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Kept channels per candidate group (by group index), rounded to multiples of ``round_to``."""
+
+    widths: dict[int, int]
+    round_to: int
+
+
+class Allocator:
+    """Widths for targets over the candidate groups: from ``curves`` (sensitivity) where given,
+    otherwise one keep ratio for all."""
+
+    def __init__(self, cost: CostModel, candidates: list[ChannelGroup], curves: dict[int, list[float]] | None):
+        self.cost, self.candidates, self.curves = cost, candidates, curves
+
+    def widths(self, targets: Targets, round_to: int) -> dict[int, int]:
+        """Widths meeting ``targets`` at ``round_to``, or :class:`TargetNotMetError`."""
+        if self.curves is not None:
+            return allocate(self.cost, self.candidates, self.curves, targets, round_to)
+        return uniform_widths(self.cost, self.candidates, targets, round_to)
+
+    def plan(self, targets: Targets, round_to: int, relax: bool = False) -> Plan:
+        """A plan meeting ``targets`` at ``round_to``. Where the rounding is what puts them out of
+        reach, ``relax`` takes the first finer multiple that reaches them, with a warning;
+        otherwise the error says which multiple would do."""
+        try:
+            return Plan(self.widths(targets, round_to), round_to)
+        except TargetNotMetError as exc:
+            for finer in (r for r in FINER_ROUNDINGS if r < round_to):
+                try:
+                    widths = self.widths(targets, finer)
+                except TargetNotMetError:
+                    continue
+                if not relax:
+                    how = f"rounded to multiples of {finer}" if finer > 1 else "not rounded"
+                    raise TargetNotMetError(f"{exc}; with kept channels {how} it can be reached: "
+                                            f"try --round-to {finer}") from None
+                log.warning("%s cannot be reached with kept channels rounded to multiples of %d: rounding to "
+                            "multiples of %d instead", targets.asked(), round_to, finer)
+                return Plan(widths, finer)
+            raise

@@ -1,0 +1,247 @@
+"""Pruning groups one at a time, front to back: sample, select, rewrite, refit.
+
+:func:`prune_to` cuts a copy of the analysed model to given widths. Each step's regression
+problems are sampled on the model pruned so far, from carried activations
+(:class:`~onnxprune.frontier.Frontier`), so the whole pruning costs about one forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .activations import DEFAULT_BATCH
+from .candidates import analyse, first_edited, positions, pruning_steps, sampleable
+from .errors import OptionError
+from .frontier import Frontier
+from .graph import ChannelGroup, Consumer
+from .graphview import GraphView
+from .ops import LinearHandler, handler_for
+from .options import PruneOptions
+from .progress import QUIET, Progress
+from .reconstruct import refit
+from .report import GroupResult
+from .rewrite import finalize, prune_group
+from .sampling import Runs, Sampler
+from .select import (Method, expand_channels, l1_select, lasso_select, normalized_contribution, per_segment,
+                     random_select, slim_select, thinet_select)
+
+log = logging.getLogger(__name__)
+
+
+def _filter_norms(grp: ChannelGroup, g: GraphView) -> np.ndarray:
+    return sum(handler_for(node).filter_norms(node, g) for node in grp.producers)
+
+
+def _bn_scales(grp: ChannelGroup, g: GraphView, folded: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Summed |γ| of the BatchNorms on the group's channels (folded or still in the graph)."""
+    total, found = np.zeros(grp.channels), False
+    for node in grp.producers:
+        if node.output[0] in folded:
+            total += np.abs(folded[node.output[0]])
+            found = True
+    for node in grp.throughs:
+        scales = handler_for(node).channel_scales(node, g)
+        if scales is not None:
+            total += np.abs(scales)
+            found = True
+    return total if found else None
+
+
+def _contribution_problem(sites: list["Site"], g: GraphView, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gram matrix and correlations of the unit's channel contributions, summed over every
+    consumer of every site (each normalised by its target energy so all weigh alike).
+
+    Where a consumer also reads other groups' channels (after a Concat), those stay fixed: the
+    target of the unit's channels is the output minus the others' contributions.
+    """
+    gram, corr = np.zeros((channels, channels)), np.zeros(channels)
+    for site in sites:
+        at = site.unit_channels
+        for c, st in zip(site.sampled, site.stats):
+            h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
+            gr, co = normalized_contribution(st, h.weight_matrix(c.node, g), h.bias(c.node, g), site.width)
+            mine, other = site.unit_positions, site.other_positions
+            gram[np.ix_(at, at)] += gr[np.ix_(mine, mine)]
+            corr[at] += co[mine] - gr[np.ix_(mine, other)].sum(axis=1)
+    return gram, corr
+
+
+def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, sites: list["Site"], rng,
+            bn_scales: dict[str, np.ndarray]) -> np.ndarray:
+    method = opts.method
+    scales = _bn_scales(grp, g, bn_scales) if method is Method.SLIM else None
+    if method is Method.SLIM and scales is None:
+        if opts.slim_fallback == "error":
+            raise OptionError(f"--method slim needs BatchNorm γ, but group '{grp.name}' has no BatchNorm "
+                              "(folded away by the exporter?); pass --slim-fallback l1 or use --method l1")
+        method = Method.L1
+    if method is Method.SLIM:
+        choose = lambda run, n: slim_select(scales[run], n)  # noqa: E731
+    elif method is Method.RANDOM:
+        choose = lambda run, n: random_select(len(run), n, rng)  # noqa: E731
+    elif method is Method.L1:
+        norms = _filter_norms(grp, g)
+        choose = lambda run, n: l1_select(norms[run], n)  # noqa: E731
+    else:
+        gram, corr = _contribution_problem(sites, g, grp.channels)
+        if method is Method.THINET:
+            choose = lambda run, n: thinet_select(gram[np.ix_(run, run)], n)  # noqa: E731
+        else:
+            choose = lambda run, n: lasso_select(gram[np.ix_(run, run)], corr[run], n)  # noqa: E731
+    return per_segment(choose, grp.channels, grp.segments, keep_n)  # equal per group of a grouped Conv
+
+
+def _given_keep(grp: ChannelGroup, keep_n: int, channels) -> np.ndarray:
+    """Channels a caller chose to keep for ``grp`` (see :func:`prune_to`), sorted and checked."""
+    keep = np.unique(np.asarray(channels, dtype=np.int64))
+    if len(keep) != len(channels) or len(keep) != keep_n or keep[0] < 0 or keep[-1] >= grp.channels:
+        raise ValueError(f"{grp.name}: keep needs {keep_n} distinct channels of {grp.channels}, got {list(channels)}")
+    return keep
+
+
+class KnownStats:
+    """A sampler whose statistics for some consumers (by node) were measured already, on the
+    model as it is now; any other request goes to ``sampler``."""
+
+    def __init__(self, sampler: Sampler, known: dict[int, object]):
+        self.sampler, self.known = sampler, known
+
+    def stats(self, g: GraphView, consumers: list[Consumer], target_columns=None, runs: Runs | None = None) -> list:
+        if all(id(c.node) in self.known for c in consumers):
+            return [self.known[id(c.node)] for c in consumers]
+        return self.sampler.stats(g, consumers, target_columns)
+
+    def __getattr__(self, name: str):
+        return getattr(self.sampler, name)
+
+
+@dataclass
+class Site:
+    """One group holding a unit's channels, as it is just before the unit is pruned."""
+
+    group: ChannelGroup
+    width: int  # channels the group has now
+    unit_positions: np.ndarray  # where the unit's channels sit among them
+    unit_channels: np.ndarray  # which of the unit's channels sit there
+    other_positions: np.ndarray
+    sampled: list[Consumer]  # consumers whose regression problems are sampled and refit
+    stats: list | None = None
+
+
+class GroupPruner:
+    """Prunes units (groups owning channels) one at a time: select, rewrite, refit."""
+
+    def __init__(self, g: GraphView, groups: list[ChannelGroup], opts: PruneOptions, sampler: Sampler | None,
+                 bn_scales: dict[str, np.ndarray], keep: dict[int, np.ndarray] | None = None):
+        self.g, self.opts, self.sampler, self.bn_scales = g, opts, sampler, bn_scales
+        self.keep = keep or {}  # unit index -> channels to keep, overriding the selection method
+        self.rng = np.random.default_rng(opts.seed)
+        self.current = {grp.index: grp.atoms.copy() for grp in groups}  # atoms each group holds now
+        self.kept_outputs: dict[str, np.ndarray] = {}  # producer output -> original channels still there
+
+    def _sites(self, unit: ChannelGroup) -> list[Site]:
+        sites = []
+        for grp in unit.sites:
+            now = self.current[grp.index]
+            mine = np.isin(now, unit.atoms)
+            channel_of = {int(a): i for i, a in enumerate(unit.atoms)}
+            unit_channels = np.array([channel_of[int(a)] for a in now[mine]], dtype=np.int64)
+            sites.append(Site(grp, len(now), np.flatnonzero(mine), unit_channels, np.flatnonzero(~mine),
+                               [c for c in grp.consumers if sampleable(c, self.g)]))
+        return sites
+
+    def prune_unit(self, unit: ChannelGroup, keep_n: int, runs: Runs | None = None, tidy: bool = True) -> GroupResult:
+        g, opts = self.g, self.opts
+        sites = self._sites(unit)
+        if self.sampler:
+            for site in sites:
+                site.stats = self.sampler.stats(g, site.sampled, self.kept_outputs, runs) if site.sampled else []
+        if unit.index in self.keep:
+            keep = _given_keep(unit, keep_n, self.keep[unit.index])
+        else:
+            keep = _select(unit, keep_n, opts, g, sites, self.rng, self.bn_scales)
+        removed = np.setdiff1d(unit.atoms, unit.atoms[keep])
+        res = GroupResult(unit.name, unit.channels, len(keep),
+                          [c.node.name or c.node.output[0] for c in unit.all_consumers])
+        befores, afters = [], []
+        for site in sites:
+            now = self.current[site.group.index]
+            site_keep = np.flatnonzero(~np.isin(now, removed))
+            ks = [handler_for(c.node).weight_matrix(c.node, g).shape[1] // site.width  # type: ignore[attr-defined]
+                  for c in site.sampled] if opts.reconstruct and site.stats else []
+            prune_group(g, site.group, site_keep, site.width)
+            self.current[site.group.index] = now[site_keep]
+            for c, st, k in zip(site.sampled, site.stats or [], ks):
+                fit = self._refit(c, st, expand_channels(site_keep, k), res)
+                befores.append(fit.error_before)
+                afters.append(fit.error_after)
+        for node in unit.producers:
+            self.kept_outputs[node.output[0]] = keep
+        if befores:
+            res.error_before_refit, res.error_after_refit = float(np.mean(befores)), float(np.mean(afters))
+        if tidy:
+            g.drop_unused_initializers()
+        log.info("%s: %d -> %d channels", unit.name, unit.channels, len(keep))
+        return res
+
+    def refit_layer(self, c: Consumer, runs: Runs | None = None) -> float:
+        """Refit a layer whose input channels were not pruned but whose inputs drifted."""
+        st = self.sampler.stats(self.g, [c], self.kept_outputs, runs)[0]
+        h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
+        fit = refit(st, np.arange(st.dim), h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias)
+        if fit.ridge is not None:
+            h.set_linear(c.node, fit.weight, fit.bias, self.g)
+        self.g.drop_unused_initializers()
+        return fit.error_after
+
+    def _refit(self, c, st, cols: np.ndarray, res: GroupResult):
+        h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
+        fit = refit(st, cols, h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias)
+        if fit.ridge is None:
+            res.refit_skipped.append(c.node.name or c.node.output[0])
+        else:
+            h.set_linear(c.node, fit.weight, fit.bias, self.g)
+        res.samples_per_unknown = min(res.samples_per_unknown or np.inf, st.n.sum() / (len(cols) + 1))
+        res.residual_target |= bool(self.sampler.targets[c.node.output[0]].residual_other)
+        return fit
+
+
+def prune_to(work: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], widths: dict[int, int], opts: PruneOptions,
+             sampler: Sampler | None, bn_scales: dict[str, np.ndarray], keep: dict[int, np.ndarray] | None = None,
+             progress: Progress = QUIET) -> tuple[onnx.ModelProto, list[GroupResult]]:
+    """A pruned copy of ``work``: each candidate group cut to ``widths``, front to back, and the
+    layers after it refit (with ``opts.refit_downstream``). ``sampler`` gives the regression
+    problems (None: no data, no refit). ``keep`` gives, for some groups (by index), the channels
+    to keep instead of those the method selects (for experiments comparing selection criteria,
+    e.g. tools/bench_single_layer.py)."""
+    model = copy.deepcopy(work)
+    analysis = analyse(model, shapes, opts.prune_coupled, opts.needs_data)
+    g, topo = analysis.g, positions(model)
+    sampler = sampler if opts.needs_data else None
+    steps = pruning_steps(analysis, widths, topo, opts.reconstruct and opts.refit_downstream and sampler is not None)
+    pruner = GroupPruner(g, analysis.groups, opts, sampler, bn_scales, keep)
+    # the frontier's cut may move up to the first node that this or a later step edits
+    limits = np.minimum.accumulate([first_edited(step, g, topo) for step in steps][::-1])[::-1]
+    results = []
+    with contextlib.ExitStack() as stack:
+        frontier = stack.enter_context(Frontier(model, sampler.calib, sampler.indices, sampler.batch or DEFAULT_BATCH)
+                                       ) if sampler else None
+        for step, limit in zip(progress.bar(steps, "pruning", "step"), limits):
+            runs = functools.partial(frontier.run, advance_to=int(limit)) if frontier else None
+            if isinstance(step, ChannelGroup):
+                results.append(pruner.prune_unit(step, widths[step.index], runs))
+            else:
+                pruner.refit_layer(step, runs)
+    pruned = finalize(model)
+    try:
+        onnx.checker.check_model(pruned, full_check=True)
+    except onnx.checker.ValidationError as exc:  # a bug, never the user's fault
+        raise RuntimeError(f"the pruned model fails the ONNX checker: {exc}") from exc
+    return pruned, results

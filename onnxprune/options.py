@@ -1,0 +1,91 @@
+"""Every setting of a pruning run, validated together, and what a run returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from .budget import Targets
+from .errors import OptionError
+from .latency import PROVIDERS
+from .report import Report
+from .select import Method
+
+
+@dataclass
+class PruneResult:
+    """The pruned model and the report of how it was made."""
+
+    model: onnx.ModelProto
+    report: Report
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Every setting of a pruning run, validated together (the CLI maps flags onto these)."""
+
+    speedup: float | None = None  # MACs ratio; 2 when no target at all is given
+    params: float | None = None  # fraction of parameters kept at most
+    size_mb: float | None = None  # pruned model size at most (10^6 bytes)
+    latency: float | None = None  # measured latency speedup at least, on ``provider``
+    provider: str = "cpu"
+    latency_batch: int = 1  # batch size of latency measurements
+    max_drop: float | None = None  # accuracy guard on held-out data (see :func:`onnxprune.verify.guard_loss`)
+    method: Method = Method.LASSO
+    reconstruct: bool = True
+    holdout: float = 0.2
+    samples_per_image: int = 10
+    seed: int = 0
+    round_to: int = 1  # the CLI defaults to its provider's block: 16 on cpu, 8 on GPUs (see --round-to)
+    relax_round_to: bool = False  # round_to is a default, not the user's: finer multiples where a target needs them
+    prune_coupled: bool = False
+    residual_target: bool = True
+    batch_size: int = 32
+    allocation: str = "sensitivity"  # uniform | sensitivity (needs calibration data; else uniform)
+    sensitivity_images: int = 256  # fit images the sensitivity curves are measured on (a random subset)
+    refit_downstream: bool = True  # also refit unpruned layers whose inputs changed
+    slim_fallback: str = "error"  # what --method slim does when a group has no BatchNorm: error | l1
+    measure_latency: bool = True
+    progress: bool | None = None  # None: only when stderr is a terminal
+
+    def validate(self) -> "PruneOptions":
+        method = self.method
+        if not isinstance(method, Method):
+            try:
+                method = Method(method)
+            except ValueError:
+                raise OptionError(f"unknown method '{self.method}'; choose one of "
+                                  f"{', '.join(m.value for m in Method)}") from None
+        speedup = self.speedup
+        if speedup is None:
+            speedup = 1.0 if any(t is not None for t in (self.params, self.size_mb, self.latency)) else 2.0
+        checks = [
+            (speedup >= 1.0, f"--speedup must be >= 1 (got {speedup})"),
+            (self.params is None or 0.0 < self.params <= 1.0, f"--params must be in (0, 1] (got {self.params})"),
+            (self.size_mb is None or self.size_mb > 0, f"--size-mb must be > 0 (got {self.size_mb})"),
+            (self.latency is None or self.latency >= 1.0, f"--latency must be >= 1 (got {self.latency})"),
+            (self.provider in PROVIDERS, f"--provider must be one of {', '.join(PROVIDERS)} (got {self.provider})"),
+            (self.latency_batch >= 1, f"--latency-batch must be >= 1 (got {self.latency_batch})"),
+            (self.max_drop is None or 0.0 <= self.max_drop < 1.0, f"--max-drop must be in [0, 1) (got {self.max_drop})"),
+            (0.0 <= self.holdout < 1.0, f"--holdout must be in [0, 1) (got {self.holdout})"),
+            (self.samples_per_image >= 1, f"--samples-per-image must be >= 1 (got {self.samples_per_image})"),
+            (self.round_to >= 1, f"--round-to must be >= 1 (got {self.round_to})"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
+            (self.sensitivity_images >= 2, f"--sensitivity-images must be >= 2 (got {self.sensitivity_images})"),
+            (self.allocation in ("uniform", "sensitivity"),
+             f"--allocation must be uniform or sensitivity (got {self.allocation})"),
+            (self.slim_fallback in ("error", "l1"), f"--slim-fallback must be error or l1 (got {self.slim_fallback})"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise OptionError(msg)
+        return PruneOptions(**{**self.__dict__, "method": method, "speedup": speedup})
+
+    @property
+    def targets(self) -> Targets:
+        return Targets(self.speedup or 1.0, self.params, self.size_mb)
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method.needs_data or self.reconstruct

@@ -1,0 +1,234 @@
+"""The pruning pipeline, stage by stage.
+
+    pruner = Pruner(model, calib, options)   # load + fold, calibration split, shapes, groups, targets
+    plan   = pruner.allocate()               # widths per group: sensitivity curves, --latency search
+    pruned = pruner.prune(plan)              # group by group, front to back (carried activations)
+    check  = pruner.verify(pruned.model)     # held-out fidelity (and --max-drop: give width back)
+    report = pruner.report(...)              # per-layer table, totals, measured latency, phases
+
+:meth:`Pruner.run` is that list; :func:`prune` is the one-call API. Each stage's wall time is
+in the report (``phases``); stages longer than a moment show a progress bar on a terminal.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+
+from .activations import batch_size_for, fitting_batch, tensor_shapes
+from .allocation import Allocator, Plan
+from .budget import build_cost_model, relaxed_targets
+from .calib import ImageOptions, load_calibration, random_subset, split_calibration, synthetic_calibration
+from .candidates import analyse, downstream_layers, positions, sampleable
+from .errors import NothingToPrune, OptionError, TargetNotMetError
+from .fold import constants_to_initializers, fold_batchnorm
+from .group_pruner import prune_to
+from .io import check_not_quantized, check_opset, load_model
+from .latency_search import LatencySearch
+from .options import PruneOptions, PruneResult
+from .progress import Progress
+from .report import GroupResult, Report
+from .sampling import Sampler
+from .select import Method
+from .sensitivity import output_scaled_curves
+from .summary import cost_table, model_macs
+from .verify import OutputFidelity, compare, guard_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pruned:
+    """A pruned model and what each of its groups went through."""
+
+    model: onnx.ModelProto
+    groups: list[GroupResult]
+
+
+class Pruner:
+    """One pruning session over a model and its calibration data; each stage is a method."""
+
+    def __init__(self, model: onnx.ModelProto | str | os.PathLike, calib=None, options: PruneOptions | None = None,
+                 image_options: ImageOptions | None = None):
+        self.start = time.perf_counter()
+        self.opts = opts = (options or PruneOptions()).validate()
+        self.progress = Progress(opts.progress)
+        with self.progress.phase("load"):
+            self.original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+            check_opset(self.original)
+            check_not_quantized(self.original)
+            self.work = copy.deepcopy(self.original)
+            constants_to_initializers(self.work)
+            self.bn_scales: dict[str, np.ndarray] = {}
+            self.folded = fold_batchnorm(self.work, self.bn_scales)
+            self.cal, self.fit_idx, self.hold_idx = self._calibration(calib, image_options)
+            self.shapes = tensor_shapes(self.work, self.cal)
+        if opts.method is Method.STRIPE:  # kernel positions of filters, not channels: its own pipeline
+            return
+        with self.progress.phase("analyse"):
+            self.analysis = analyse(self.work, self.shapes, opts.prune_coupled, opts.needs_data)
+            if not any(grp.producers for grp in self.analysis.groups):
+                raise NothingToPrune("the model has no layer whose channels can be pruned (Conv, Gemm, MatMul…): "
+                                     "nothing to prune, nothing written")
+            self.candidates = self.analysis.candidates
+            self.cost = build_cost_model(self.analysis.g, self.analysis.groups)
+        with self.progress.phase("targets"):
+            self.sampler = self._sampler(self.fit_idx) if opts.needs_data and self.candidates else None
+
+    def run(self) -> PruneResult:
+        """Every stage, in order."""
+        if self.opts.method is Method.STRIPE:
+            from .stripe import prune_stripes
+
+            return prune_stripes(self.original, self.work, self.shapes, self.cal, self.fit_idx, self.hold_idx,
+                                 self.opts, self.folded, self.start)
+        plan = self.allocate()
+        pruned, fidelity, reached = self.prune_verified(plan)
+        return PruneResult(pruned.model, self.report(pruned, fidelity, reached))
+
+    # ------------------------------------------------------------------ stages
+    def _calibration(self, calib, image_options):
+        opts = self.opts
+        if calib is None:
+            if opts.needs_data or opts.max_drop is not None:
+                raise OptionError(f"method '{opts.method.value}'{' with reconstruction' if opts.reconstruct else ''} "
+                                  "needs calibration data: pass --calib, or use --method l1 --no-reconstruct")
+            return synthetic_calibration(self.original), np.arange(1), np.arange(0)
+        cal = load_calibration(calib, self.original, image_options)
+        fit_idx, hold_idx = split_calibration(len(cal), opts.holdout if opts.needs_data else min(opts.holdout, 0.99),
+                                              opts.seed)
+        if opts.needs_data and len(fit_idx) < 2:
+            raise OptionError(f"only {len(fit_idx)} calibration sample(s) left after the hold-out; give more data")
+        return cal, fit_idx, hold_idx
+
+    def _sampler(self, indices: np.ndarray) -> Sampler:
+        """Original-model targets of every layer the run may refit, on ``indices``."""
+        g, opts = self.analysis.g, self.opts
+        consumers = [c for grp in self.candidates for c in grp.all_consumers if sampleable(c, g)]
+        if opts.reconstruct and opts.refit_downstream:
+            consumers += downstream_layers(g, self.candidates, positions(self.work))
+        return Sampler(self.work, g, self.cal, indices=indices, consumers=consumers,
+                       samples_per_image=opts.samples_per_image, seed=opts.seed, residual=opts.residual_target,
+                       batch=fitting_batch(self.shapes, opts.batch_size))
+
+    def allocate(self) -> Plan:
+        """Widths per group meeting the targets (and, with ``--latency``, the measured goal)."""
+        opts, curves = self.opts, None
+        if opts.allocation == "sensitivity" and self.sampler:
+            with self.progress.phase("sensitivity"):
+                # a bounded random subset: the curves rank layers, their cost grows with images
+                subset = random_subset(self.fit_idx, opts.sensitivity_images, opts.seed)
+                sampler = self.sampler if len(subset) == len(self.fit_idx) else self._sampler(subset)
+                curves = output_scaled_curves(self.analysis, sampler, self.shapes, opts, self.bn_scales,
+                                              self.progress)
+        self.allocator = Allocator(self.cost, self.candidates, curves)
+        plan = self.allocator.plan(opts.targets, opts.round_to, relax=opts.relax_round_to)
+        if opts.latency is not None:
+            with self.progress.phase("latency search"):
+                search = LatencySearch(self.original, self.cal, opts, self.cost, self.allocator, self.architecture,
+                                       self.progress)
+                search.time_layers(self.analysis)
+                plan = search.meet_with_rounding(plan)
+        return plan
+
+    def prune(self, plan: Plan, options: PruneOptions | None = None, keep: dict[int, np.ndarray] | None = None
+              ) -> Pruned:
+        """A pruned copy of the model at ``plan``'s widths (``keep``: channels imposed on some groups)."""
+        opts = options or self.opts
+        model, groups = prune_to(self.work, self.shapes, plan.widths, opts, self.sampler, self.bn_scales, keep,
+                                 self.progress if options is None else Progress(False))
+        return Pruned(model, groups)
+
+    def architecture(self, plan: Plan) -> onnx.ModelProto:
+        """The pruned architecture ``plan`` describes, without data (weights do not matter)."""
+        return self.prune(plan, replace(self.opts, method=Method.L1, reconstruct=False, progress=False)).model
+
+    def prune_to_targets(self, plan: Plan, tries: int = 3) -> Pruned:
+        """:meth:`prune`, then check the MACs reached on the pruned model itself: where a Split's
+        parts kept unequal shares of a unit's channels the estimate can miss, and the MACs target
+        is raised by the miss and the model pruned again."""
+        targets = self.opts.targets
+        for attempt in range(tries):
+            with self.progress.phase("pruning"):
+                pruned = self.prune(plan)
+            reached = self.cost.total / max(model_macs(pruned.model, self.cal), 1)
+            if reached >= targets.speedup * (1 - 1e-9) or attempt == tries - 1:
+                break
+            log.info("MACs reached %.3fx < %.3fx: raising the target", reached, targets.speedup)
+            targets = replace(targets, speedup=targets.speedup ** 2 / reached)
+            plan = Plan(self.allocator.widths(targets, plan.round_to), plan.round_to)
+        return pruned
+
+    def verify(self, model: onnx.ModelProto) -> list[OutputFidelity]:
+        """Fidelity of ``model`` to the original on the held-out samples (the fit ones if none)."""
+        with self.progress.phase("verify"):
+            check_idx = self.hold_idx if len(self.hold_idx) else self.fit_idx
+            return compare(self.original, model, self.cal, check_idx, fitting_batch(self.shapes, self.opts.batch_size))
+
+    def prune_verified(self, plan: Plan, tries: int = 4) -> tuple[Pruned, list[OutputFidelity], bool]:
+        """Prune to ``plan``; under ``--max-drop``, give width back (all targets relaxed together,
+        by bisection) until the held-out loss holds. Returns the model, its fidelity and whether
+        the targets were met."""
+        pruned = self.prune_to_targets(plan)
+        fidelity = self.verify(pruned.model)
+        limit = self.opts.max_drop
+        if limit is None or guard_loss(fidelity) <= limit:
+            return pruned, fidelity, True
+        log.warning("held-out loss %.4f exceeds --max-drop %g: giving width back", guard_loss(fidelity), limit)
+        best, lo, hi = None, 0.0, 1.0
+        for _ in range(tries):
+            t = (lo + hi) / 2
+            targets = relaxed_targets(self.opts.targets, self.cost, t)
+            with self.progress.phase("pruning"):
+                trial = self.prune(Plan(self.allocator.widths(targets, plan.round_to), plan.round_to))
+            fid = self.verify(trial.model)
+            if guard_loss(fid) <= limit:
+                best, lo = (trial, fid), t
+            else:
+                hi = t
+        if best is None:
+            raise TargetNotMetError(f"--max-drop {limit:g} cannot be met even with mild pruning (held-out loss "
+                                    f"{guard_loss(fid):.4f} at {relaxed_targets(self.opts.targets, self.cost, hi).speedup:.2f}x "
+                                    "fewer MACs); raise --max-drop or give more calibration data")
+        return (*best, False)
+
+    def report(self, pruned: Pruned, fidelity: list[OutputFidelity], reached: bool) -> Report:
+        """The run's report: per-layer table, totals, measured latency, fidelity, phase times."""
+        opts = self.opts
+        with self.progress.phase("report"):
+            feed = self.cal.take([0] * batch_size_for(self.original, opts.latency_batch)) \
+                if opts.measure_latency else None
+            layers, totals = cost_table(self.original, self.work, pruned.model, self.cal, feed, opts.provider)
+        report = Report(
+            method=opts.method.value, reconstruct=opts.reconstruct, target_speedup=opts.speedup or 1.0, totals=totals,
+            groups=pruned.groups, layers=layers, skipped=self.analysis.skipped, fidelity=fidelity,
+            calibration={"fit": int(len(self.fit_idx)), "holdout": int(len(self.cal)) - int(len(self.fit_idx)),
+                         "samples_per_image": opts.samples_per_image},
+            bn_folded=self.folded, targets_met=reached, provider=opts.provider, latency_batch=opts.latency_batch,
+            targets={k: v for k, v in opts.targets.__dict__.items() if v is not None}
+            | ({"latency": opts.latency} if opts.latency is not None else {}),
+            phases=dict(self.progress.seconds))
+        report.seconds = time.perf_counter() - self.start
+        return report
+
+
+def prune(model: onnx.ModelProto | str | os.PathLike, calib=None, *, image_options: ImageOptions | None = None,
+          **options) -> PruneResult:
+    """Prune ``model`` to meet its targets (default: 2× fewer MACs), keeping its outputs by reconstruction.
+
+    ``calib`` is a path (.npy, .npz, a folder of them or of images), an array, a dict of arrays,
+    an ONNX Runtime ``CalibrationDataReader`` or an iterable of feed dicts. ``options`` are the
+    fields of :class:`PruneOptions` (``speedup``, ``params``, ``size_mb``, ``latency``, ``method``,
+    ``reconstruct``, ``max_drop``, ``seed`` …).
+    """
+    try:
+        opts = PruneOptions(**options)
+    except TypeError as exc:
+        raise OptionError(f"unknown option: {exc}") from None
+    return Pruner(model, calib, opts, image_options).run()
