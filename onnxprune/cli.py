@@ -257,6 +257,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(result.report.table())
         print(f"wrote {output} in {result.report.seconds:.1f}s")
+        print(f"onnxprune: {result.report.phases_line()}", file=sys.stderr)
     goal, measured = result.report.targets.get("latency"), result.report.totals.latency_speedup
     if goal is not None and measured is not None and measured < goal:
         print(f"onnxprune: warning: the written model measured {measured:.2f}x in the final check, below --latency "

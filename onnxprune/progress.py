@@ -36,9 +36,5 @@ class Progress:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def summary(self) -> str:
-        """One line: each phase's time, in the order the phases first ran."""
-        return "time: " + ", ".join(f"{name} {sec:.1f}s" for name, sec in self.seconds.items())
-
 
 QUIET = Progress(False)

@@ -82,6 +82,11 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    def phases_line(self) -> str:
+        """Where the time went, on one line (stages in the order they ran)."""
+        parts = ", ".join(f"{name} {sec:.1f}s" for name, sec in self.phases.items())
+        return f"time {self.seconds:.1f}s: {parts}" if parts else f"time {self.seconds:.1f}s"
+
     def table(self, max_rows: int = 60) -> str:
         """Human-readable summary: per-layer table, then totals and fidelity."""
         lines = [f"{'layer':<36} {'op':<8} {'in ch':>11} {'out ch':>11} {'MACs':>19}"]

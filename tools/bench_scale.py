@@ -15,13 +15,12 @@ Models: ``resnet50`` (``tests/graphs.py``: bottlenecks [3, 4, 6, 3], BN kept sep
 or, with ``--zoo DIR``, the torch exports of ``tools/build_zoo.py`` (``DIR/resnet50_op17.onnx``,
 ``DIR/vgg16_bn_op17.onnx``). Calibration images are N(0, 1) noise.
 
-The phase breakdown wraps a few functions of onnxprune and onnxruntime from this script (no
-timers live in the package): ORT ``run`` calls, session set-up, patch sampling, the ``XᵀX``
-accumulation, channel selection, the least-squares refits, model copies and checks; "other" is
-the rest (graph analysis, rewriting, Python overhead). Each phase counts its own time only
-(a refit's time is not counted again in the stage that called it). The stages (sensitivity
-curves, their output scaling, the final pruning, verification) are inclusive. Peak RSS per stage
-comes from a thread reading /proc/self/statm every 0.2 s.
+The stages (load, analyse, targets, sensitivity, pruning, verify, report) are the report's own
+``phases``. The finer breakdown wraps a few public functions of onnxprune and onnxruntime from this
+script: ORT ``run`` calls, session set-up, patch sampling, the ``XᵀX`` accumulation, channel
+selection, the least-squares refits, activations written to disk, the checker; "other" is the
+rest (graph analysis, rewriting, Python overhead). Each phase counts its own time only (a
+refit's time is not counted again in the function that called it).
 """
 
 from __future__ import annotations
@@ -95,39 +94,30 @@ def peak_mib() -> float:
 LEAVES = [  # (module, attribute path, phase): each phase counts its own time, minus the phases it calls
     ("onnxruntime", "InferenceSession.run", "ORT forward passes"),
     ("onnxprune.io", "inference_session", "ORT session set-up"),
-    ("onnxprune.activations", "probe_model", "probe-model copies"),
-    ("onnxprune.sampling", "Sampler._cache_targets", "target caching (original model)"),
     ("onnxprune.sampling", "Sampler.stats", "patch sampling"),
     ("onnxprune.stats", "LayerStats.add", "XᵀX accumulation"),
-    ("onnxprune.prune", "_select", "channel selection (Gram + LARS)"),
-    ("onnxprune.sensitivity", "lasso_selections", "channel selection (Gram + LARS)"),
-    ("onnxprune.sensitivity", "normalized_contribution", "channel selection (Gram + LARS)"),
-    ("onnxprune.prune", "refit", "least-squares refits"),
-    ("onnxprune.sensitivity", "held_out_error", "least-squares refits"),
-    ("copy", "deepcopy", "model deep copies"),
+    ("onnxprune.select", "lasso_selections", "channel selection (Gram + LARS)"),
+    ("onnxprune.select", "lasso_select", "channel selection (Gram + LARS)"),
+    ("onnxprune.select", "normalized_contribution", "channel selection (Gram + LARS)"),
+    ("onnxprune.reconstruct", "refit", "least-squares refits"),
+    ("onnxprune.reconstruct", "held_out_error", "least-squares refits"),
+    ("onnxprune.frontier", "Frontier._save", "carried activations written to disk"),
     ("onnx.checker", "check_model", "ONNX checker"),
-]
-STAGES = [  # inclusive
-    ("onnxprune.prune", "measure_curves", "sensitivity curves"),
-    ("onnxprune.prune", "_Run._sensitivity", "sensitivity curves + output-scale probes"),
-    ("onnxprune.prune", "_Run.prune_to_targets", "final pruning"),
-    ("onnxprune.prune", "_Run.fidelity", "verification + report"),
-    ("onnxprune.prune", "_report", "verification + report"),
 ]
 
 
 class Phases:
-    """Exclusive time per phase (a stack of running wrapped calls), inclusive time and peak RSS per stage."""
+    """Exclusive time per phase (a stack of running wrapped public functions) and peak RSS."""
 
     def __init__(self):
         self.own: dict[str, float] = {}
-        self.stage_time: dict[str, float] = {}
-        self.stage_peak: dict[str, float] = {}
         self.stack: list[list] = []  # [phase, start, time in callees]
-        self.stage: str | None = None
         self._stop = threading.Event()
+        self.peak_seen = 0.0
 
-    def _leaf(self, fn, phase):
+    def _leaf(self, owner, attr, phase):
+        fn = getattr(owner, attr)
+
         @functools.wraps(fn)
         def wrapped(*a, **k):
             frame = [phase, time.perf_counter(), 0.0]
@@ -140,35 +130,24 @@ class Phases:
                 self.own[phase] = self.own.get(phase, 0.0) + took - frame[2]
                 if self.stack:
                     self.stack[-1][2] += took
-        return wrapped
-
-    def _stage(self, fn, stage):
-        @functools.wraps(fn)
-        def wrapped(*a, **k):
-            outer, self.stage = self.stage, stage
-            start = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                if outer is None:
-                    self.stage_time[stage] = self.stage_time.get(stage, 0.0) + time.perf_counter() - start
-                self.stage = outer
-        return wrapped
+        setattr(owner, attr, wrapped)
+        # modules that imported the function by name call their own reference: patch those too
+        for mod in list(sys.modules.values()):
+            if getattr(mod, "__name__", "").startswith("onnxprune") and getattr(mod, attr, None) is fn:
+                setattr(mod, attr, wrapped)
 
     def install(self):
-        for table, wrap in ((LEAVES, self._leaf), (STAGES, self._stage)):
-            for module, path, label in table:
-                owner = importlib.import_module(module)
-                *parents, attr = path.split(".")
-                for p in parents:
-                    owner = getattr(owner, p)
-                setattr(owner, attr, wrap(getattr(owner, attr), label))
+        for module, path, label in LEAVES:
+            owner = importlib.import_module(module)
+            *parents, attr = path.split(".")
+            for p in parents:
+                owner = getattr(owner, p)
+            self._leaf(owner, attr, label)
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _watch(self):
         while not self._stop.wait(0.2):
-            key = self.stage or "set-up (shapes, analysis, target cache)"
-            self.stage_peak[key] = max(self.stage_peak.get(key, 0.0), rss_mib())
+            self.peak_seen = max(self.peak_seen, rss_mib())
 
     def stop(self):
         self._stop.set()
@@ -181,6 +160,7 @@ def one(args) -> None:
     import platform
 
     import onnxprune
+    import onnxprune.pipeline  # noqa: F401  (every module loaded before the timers go in)
 
     phases = Phases()
     if args.phases:
@@ -206,7 +186,7 @@ def one(args) -> None:
         "wall_s": wall, "peak_mib": peak, "data_mib": rss0, "fit": rep.calibration["fit"],
         "rel_err": fid.relative_error if fid else None, "python": platform.python_version(),
         "load": [load0, os.getloadavg()[0]],
-        "phases": phases.own, "stages": phases.stage_time, "stage_peak_mib": phases.stage_peak}))
+        "phases": phases.own, "stages": rep.phases}))
 
 
 # ---------------------------------------------------------------------------------------------- the study
@@ -295,15 +275,9 @@ def summary(runs: list[dict]) -> str:
         out.append("| other (analysis, rewriting, Python) | " + " | ".join(
             f"{r['wall_s'] - sum(r['phases'].values()):.0f}" for r in runs) + " |")
         stages = list(dict.fromkeys(k for r in runs for k in r["stages"]))
-        out += ["", "Stages (seconds, inclusive / peak RSS in GiB while in the stage):", "", head,
-                "|---|" + "---|" * len(runs)]
-        for s in stages:
-            out.append(f"| {s} | " + " | ".join(
-                f"{r['stages'].get(s, 0.0):.0f} / {r['stage_peak_mib'].get(s, 0.0) / 1024:.2f}" for r in runs) + " |")
-        rest = "set-up (shapes, analysis, target cache)"
-        out.append(f"| {rest} | " + " | ".join(
-            f"{r['wall_s'] - sum(r['stages'].values()):.0f} / {r['stage_peak_mib'].get(rest, 0.0) / 1024:.2f}"
-            for r in runs) + " |")
+        out += ["", "Stages (seconds, from the report's phases):", "", head, "|---|" + "---|" * len(runs)]
+        for st in stages:
+            out.append(f"| {st} | " + " | ".join(f"{r['stages'].get(st, 0.0):.0f}" for r in runs) + " |")
     return "\n".join(out)
 
 
