@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from .calib import Calibration, model_inputs
-from .errors import ModelError
+from .errors import ModelError, OptionError
 from .graphview import inputs_of
 from .io import inference_session
 
@@ -18,17 +18,27 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 32
 
 
-def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
-    """A CPU ORT session for ``model`` with all graph optimisations. Its threads do not spin
-    between runs: numpy's BLAS works on the activations in between, and spinning ORT threads
-    took the cores from it (pruning resnet_fmnist on 2 shared cores: 71–110 s wall, 37–58 s CPU
-    without spinning; 133–204 s, 71–113 s with)."""
+def session(model: onnx.ModelProto, threads: int = 0, provider: str = "cpu") -> ort.InferenceSession:
+    """An ORT session for ``model`` with all graph optimisations, on the CPU or (``provider``
+    "cuda" or "tensorrt") on CUDA with the CPU as fallback: calibration passes run one segment
+    once, where building a TensorRT engine per segment would cost more than it saves.
+
+    Its threads do not spin between runs: numpy's BLAS works on the activations in between, and
+    spinning ORT threads took the cores from it (pruning resnet_fmnist on 2 shared cores: 71–110 s
+    wall, 37–58 s CPU without spinning; 133–204 s, 71–113 s with)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
-    return inference_session(model, opts, ["CPUExecutionProvider"])
+    chain = ["CPUExecutionProvider"]
+    if provider != "cpu":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise OptionError(f"--provider {provider} runs calibration passes on CUDA, which this onnxruntime build "
+                              f"lacks (available: {', '.join(ort.get_available_providers())}); install "
+                              "onnxprune[gpu] on a machine with a GPU, or use --provider cpu")
+        chain = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return inference_session(model, opts, chain)
 
 
 # What ONNX Runtime raises when it cannot load or run a model (none derives from a common base).
@@ -97,12 +107,12 @@ def batch_size_for(model: onnx.ModelProto, wanted: int = DEFAULT_BATCH) -> int:
 
 
 def run_batches(model: onnx.ModelProto, outputs: Sequence[str], calib: Calibration,
-                indices: Sequence[int], batch: int | None = None
+                indices: Sequence[int], batch: int | None = None, provider: str = "cpu"
                 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Run ``model`` over ``calib[indices]`` in batches, yielding (sample indices, {output: array})."""
     # no value_info: shapes may be stale while pruning is under way; the probe is dropped once
     # ORT holds its own copy of it (no third copy of the weights while the batches run)
-    sess = session(probe_model(model, outputs))
+    sess = session(probe_model(model, outputs), provider=provider)
     names = list(dict.fromkeys(outputs))
     static = static_batch(model)
     bs = static or batch or DEFAULT_BATCH

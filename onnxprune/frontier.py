@@ -89,8 +89,8 @@ class Frontier:
     """
 
     def __init__(self, model: onnx.ModelProto, calib: Calibration, indices: Sequence[int], batch: int,
-                 budget: int = FRONTIER_BUDGET):
-        self.model, self.calib, self.budget = model, calib, budget
+                 budget: int = FRONTIER_BUDGET, provider: str = "cpu"):
+        self.model, self.calib, self.budget, self.provider = model, calib, budget, provider
         self.indices = np.asarray(indices)
         self.static = static_batch(model)
         self.batch = self.static or batch
@@ -160,7 +160,7 @@ class Frontier:
         if computed and seg is None:  # the cut cannot give them: from the graph inputs
             start, available = 0, {k: v for k, v in available.items() if k in graph_inputs}
             seg = segment_model(self.model, 0, available, computed)
-        sess = session(seg) if seg is not None else None
+        sess = session(seg, provider=self.provider) if seg is not None else None
         names = [i.name for i in seg.graph.input] if seg is not None else []
         new_store: list[dict[str, np.ndarray | str]] = []
         spill, new_dtypes = False, {}

@@ -231,8 +231,8 @@ def prune_to(work: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], widths: 
     limits = np.minimum.accumulate([first_edited(step, g, topo) for step in steps][::-1])[::-1]
     results = []
     with contextlib.ExitStack() as stack:
-        frontier = stack.enter_context(Frontier(model, sampler.calib, sampler.indices, sampler.batch or DEFAULT_BATCH)
-                                       ) if sampler else None
+        frontier = stack.enter_context(Frontier(model, sampler.calib, sampler.indices, sampler.batch or DEFAULT_BATCH,
+                                                provider=sampler.provider)) if sampler else None
         for step, limit in zip(progress.bar(steps, "pruning", "step"), limits):
             runs = functools.partial(frontier.run, advance_to=int(limit)) if frontier else None
             if isinstance(step, ChannelGroup):

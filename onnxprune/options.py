@@ -87,5 +87,10 @@ class PruneOptions:
         return Targets(self.speedup or 1.0, self.params, self.size_mb)
 
     @property
+    def calibration_provider(self) -> str:
+        """Where calibration passes run: CUDA for ``--provider cuda|tensorrt``, else the CPU."""
+        return "cpu" if self.provider == "cpu" else "cuda"
+
+    @property
     def needs_data(self) -> bool:
         return self.method.needs_data or self.reconstruct

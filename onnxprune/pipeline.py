@@ -115,7 +115,7 @@ class Pruner:
             consumers += downstream_layers(g, self.candidates, positions(self.work))
         return Sampler(self.work, g, self.cal, indices=indices, consumers=consumers,
                        samples_per_image=opts.samples_per_image, seed=opts.seed, residual=opts.residual_target,
-                       batch=fitting_batch(self.shapes, opts.batch_size))
+                       batch=fitting_batch(self.shapes, opts.batch_size), provider=opts.calibration_provider)
 
     def allocate(self) -> Plan:
         """Widths per group meeting the targets (and, with ``--latency``, the measured goal)."""
@@ -169,7 +169,8 @@ class Pruner:
         """Fidelity of ``model`` to the original on the held-out samples (the fit ones if none)."""
         with self.progress.phase("verify"):
             check_idx = self.hold_idx if len(self.hold_idx) else self.fit_idx
-            return compare(self.original, model, self.cal, check_idx, fitting_batch(self.shapes, self.opts.batch_size))
+            return compare(self.original, model, self.cal, check_idx, fitting_batch(self.shapes, self.opts.batch_size),
+                           self.opts.calibration_provider)
 
     def prune_verified(self, plan: Plan, tries: int = 4) -> tuple[Pruned, list[OutputFidelity], bool]:
         """Prune to ``plan``; under ``--max-drop``, give width back (all targets relaxed together,

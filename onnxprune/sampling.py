@@ -59,8 +59,9 @@ class Sampler:
 
     def __init__(self, original: onnx.ModelProto, g: GraphView, calib: Calibration,
                  indices: Sequence[int], consumers: list[Consumer], samples_per_image: int,
-                 seed: int, residual: bool = True, batch: int | None = None, keep_samples: bool = True):
-        self.calib, self.indices, self.batch = calib, np.asarray(indices), batch
+                 seed: int, residual: bool = True, batch: int | None = None, keep_samples: bool = True,
+                 provider: str = "cpu"):
+        self.calib, self.indices, self.batch, self.provider = calib, np.asarray(indices), batch, provider
         self.keep_samples = keep_samples  # False: always XᵀX (callers that read it directly)
         self.row = np.full(len(calib), -1)
         self.row[self.indices] = np.arange(len(self.indices))
@@ -87,7 +88,7 @@ class Sampler:
     def _cache_targets(self, original: onnx.ModelProto) -> dict[str, np.ndarray]:
         sources = {t.source for t in self.targets.values()}
         cache: dict[str, np.ndarray] = {}
-        for idx, values in run_batches(original, sorted(sources), self.calib, self.indices, self.batch):
+        for idx, values in run_batches(original, sorted(sources), self.calib, self.indices, self.batch, self.provider):
             for name, t in self.targets.items():
                 pos = self.positions[name][idx]
                 y = sample_outputs(values[t.source], pos).reshape(len(idx), pos.shape[1], -1)
@@ -109,7 +110,8 @@ class Sampler:
         needed += [self.targets[c.node.output[0]].residual_other for c in consumers
                    if self.targets[c.node.output[0]].residual_other]
         result: list[LayerStats | None] = [None] * len(consumers)
-        batches = runs(needed) if runs else run_batches(pruned.model, needed, self.calib, self.indices, self.batch)
+        batches = runs(needed) if runs else run_batches(pruned.model, needed, self.calib, self.indices, self.batch,
+                                                        self.provider)
         for idx, values in batches:
             for i, c in enumerate(consumers):
                 name = c.node.output[0]

@@ -184,8 +184,9 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
     units = sorted(analysis.candidates, key=lambda u: first_edited(u, g, topo))
     factors: dict[int, float] = {}
     bar = progress.bar(iter(units), "sensitivity", total=len(units)) if progress.show else None
-    with Frontier(model, sampler.calib, sampler.indices, batch) as data, \
-            Frontier(model, sampler.calib, random_subset(sampler.indices, images, opts.seed), batch) as outs:
+    probe_idx = random_subset(sampler.indices, images, opts.seed)
+    with Frontier(model, sampler.calib, sampler.indices, batch, provider=sampler.provider) as data, \
+            Frontier(model, sampler.calib, probe_idx, batch, provider=sampler.provider) as outs:
         reference = _joined(outs.run(names), names)
 
         def scale(unit: ChannelGroup, consumers: list, stats: list, curve: list[float]) -> None:

@@ -23,11 +23,12 @@ class OutputFidelity:
 
 
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibration,
-            indices: Sequence[int], batch: int | None = None) -> list[OutputFidelity]:
+            indices: Sequence[int], batch: int | None = None, provider: str = "cpu") -> list[OutputFidelity]:
     """Run both models on ``calib[indices]`` and compare every graph output."""
     names = [o.name for o in original.graph.output]
     acc = {n: [0.0, 0.0, 0.0, 0, 0] for n in names}  # err², ref², maxdiff, agree, count
-    runs = zip(run_batches(original, names, calib, indices, batch), run_batches(pruned, names, calib, indices, batch))
+    runs = zip(run_batches(original, names, calib, indices, batch, provider),
+               run_batches(pruned, names, calib, indices, batch, provider))
     for (_, ref), (_, out) in runs:
         for n in names:
             a, b = ref[n].astype(np.float64), out[n].astype(np.float64)

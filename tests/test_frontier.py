@@ -106,3 +106,20 @@ def test_a_trial_edit_is_undone():
         prune_group(g, group, np.arange(2), group.channels)
         assert model.SerializeToString() != before
     assert model.SerializeToString() == before
+
+
+def test_calibration_passes_on_cuda_need_cuda():
+    """--provider cuda runs the calibration passes on CUDA; without it, a one-line error."""
+    import onnxruntime as ort
+
+    from onnxprune.errors import OptionError
+
+    model = tiny_vgg()
+    x = calib_for(model, 30)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        result = onnxprune.prune(model, x, speedup=1.5, provider="cuda", measure_latency=False)
+        check_pruned(result.model, model, x, max_rel_err=0.6)
+        return
+    with pytest.raises(OptionError, match="CUDA") as err:
+        onnxprune.prune(model, x, speedup=1.5, provider="cuda", measure_latency=False)
+    assert "\n" not in str(err.value)
