@@ -89,8 +89,9 @@ class Frontier:
     """
 
     def __init__(self, model: onnx.ModelProto, calib: Calibration, indices: Sequence[int], batch: int,
-                 budget: int = FRONTIER_BUDGET, provider: str = "cpu"):
-        self.model, self.calib, self.budget, self.provider = model, calib, budget, provider
+                 budget: int | None = None, provider: str = "cpu"):
+        self.model, self.calib, self.provider = model, calib, provider
+        self.budget = FRONTIER_BUDGET if budget is None else budget
         self.indices = np.asarray(indices)
         self.static = static_batch(model)
         self.batch = self.static or batch
