@@ -10,9 +10,10 @@ import onnx
 import onnxruntime as ort
 
 from .calib import Calibration, model_inputs
-from .errors import ModelError, OptionError
+from .errors import ModelError
 from .graphview import inputs_of
 from .io import inference_session
+from .latency import require_provider
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH = 32
@@ -31,13 +32,7 @@ def session(model: onnx.ModelProto, threads: int = 0, provider: str = "cpu") -> 
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
-    chain = ["CPUExecutionProvider"]
-    if provider != "cpu":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise OptionError(f"--provider {provider} runs calibration passes on CUDA, which this onnxruntime build "
-                              f"lacks (available: {', '.join(ort.get_available_providers())}); install "
-                              "onnxprune[gpu] on a machine with a GPU, or use --provider cpu")
-        chain = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    chain = ["CPUExecutionProvider"] if provider == "cpu" else [require_provider("cuda"), "CPUExecutionProvider"]
     return inference_session(model, opts, chain)
 
 

@@ -36,8 +36,8 @@ class Latency:
     runs: int
 
 
-def provider_session(model: onnx.ModelProto, provider: str = "cpu", threads: int = 0) -> ort.InferenceSession:
-    """An ORT session on ``provider`` (cpu, cuda or tensorrt), or a one-line error if unavailable."""
+def require_provider(provider: str) -> str:
+    """ONNX Runtime's name for ``provider``, or a one-line error where this build lacks it."""
     if provider not in PROVIDERS:
         raise OptionError(f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}")
     name = PROVIDERS[provider]
@@ -45,6 +45,12 @@ def provider_session(model: onnx.ModelProto, provider: str = "cpu", threads: int
         raise OptionError(f"execution provider '{provider}' ({name}) is not available in this onnxruntime "
                           f"build (available: {', '.join(ort.get_available_providers())}); "
                           "install onnxprune[gpu] on a machine with a GPU, or use --provider cpu")
+    return name
+
+
+def provider_session(model: onnx.ModelProto, provider: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+    """An ORT session on ``provider`` (cpu, cuda or tensorrt), or a one-line error if unavailable."""
+    name = require_provider(provider)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # an explicit thread count, as ORT's default picks (one per physical core): with the default

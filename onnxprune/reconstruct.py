@@ -38,8 +38,9 @@ def _ridge_scale(a: np.ndarray, n_x: int) -> float:
 
 
 def _solve(a: np.ndarray, b: np.ndarray, ridge: float, n_x: int, prior: np.ndarray) -> np.ndarray:
-    """``argmin ‖Y − XW‖² + r‖W − prior‖²`` over the first ``n_x`` unknowns (not the bias)."""
-    a, b = a.copy(), b.copy()
+    """``argmin ‖Y − XW‖² + r‖W − prior‖²`` over the first ``n_x`` unknowns (not the bias).
+    ``a`` and ``b`` are overwritten (callers pass arrays made for the call: a Gram matrix of
+    VGG-16's classifier is 5 GB)."""
     r = ridge * _ridge_scale(a, n_x)
     a[np.arange(n_x), np.arange(n_x)] += r
     b[:n_x] += r * prior[:n_x]
@@ -89,7 +90,7 @@ def _solve_samples(x: np.ndarray, y: np.ndarray, ridge: float, n_x: int, prior: 
     k = xs @ xs.T
     k[np.arange(n), np.arange(n)] += r
     delta = xs.T @ _kernel_solve(k, rs)
-    w = prior.astype(np.float64, copy=True)
+    w = prior.astype(np.float32 if x.dtype == np.float32 else np.float64, copy=True)
     w[:n_x] += delta
     if p > n_x:
         w[n_x] += r_mean - x_mean @ delta
@@ -110,15 +111,16 @@ def _ridge_path_samples(x: np.ndarray, y: np.ndarray, ridges: tuple[float, ...],
 
 
 def _fit(stats: LayerStats, idx: np.ndarray, fold: int | None, ridge: float, n_x: int,
-         prior: np.ndarray) -> np.ndarray:
-    """The ridge solution on the unknowns ``idx``, fit on ``fold`` (None: both folds)."""
+         prior: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """The ridge solution on the unknowns ``idx``, fit on ``fold`` (None: both folds), in ``dtype``."""
     if stats.samples_kept:
-        return _solve_samples(*stats.samples(idx, fold), ridge, n_x, prior)
+        return _solve_samples(*stats.samples(idx, fold, dtype), ridge, n_x, prior.astype(dtype, copy=False))
     if fold is None:
-        xtx, xty = stats.xtx[0][np.ix_(idx, idx)] + stats.xtx[1][np.ix_(idx, idx)], stats.xty[0][idx] + stats.xty[1][idx]
+        xtx, xty = stats.xtx[0][np.ix_(idx, idx)], stats.xty[0][idx] + stats.xty[1][idx]
+        xtx += stats.xtx[1][np.ix_(idx, idx)]
     else:
-        xtx, xty = stats.xtx[fold][np.ix_(idx, idx)], stats.xty[fold][idx]
-    return _solve(xtx, xty, ridge, n_x, prior)
+        xtx, xty = stats.gram(fold, dtype)[np.ix_(idx, idx)], stats.xty[fold][idx].astype(dtype)
+    return _solve(xtx, xty, ridge, n_x, prior.astype(dtype, copy=False))
 
 
 def _fit_path(stats: LayerStats, idx: np.ndarray, fold: int, ridges: tuple[float, ...], n_x: int,
@@ -151,7 +153,10 @@ def held_out_error(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias
     idx, start, rows_of = _layout(stats.dim, cols, weight, bias, fit_bias)
     if stats.n.min() == 0:
         return stats.error_of(*rows_of(start)) / max(stats.energy(), 1e-30)
-    err = sum(stats.error_of(*rows_of(_fit(stats, idx, 1 - f, ridge, len(cols), start)), f) for f in (0, 1))
+    # in float32: a ranking figure for the sensitivity curves, ten widths per layer (the refits
+    # that write weights stay in float64)
+    err = sum(stats.error_of(*rows_of(_fit(stats, idx, 1 - f, ridge, len(cols), start, np.float32)), f, np.float32)
+              for f in (0, 1))
     return err / max(stats.energy(), 1e-30)
 
 
