@@ -321,8 +321,13 @@ def inference_session(model: onnx.ModelProto, options, providers: list[str]):
     temporary copy with external data (the model itself is left as it was)."""
     import onnxruntime as ort
 
-    if not too_large(model):
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    try:  # one serialisation: a size check first would cost as much again, per session
+        data = model.SerializeToString()
+    except (EncodeError, ValueError):  # over protobuf's 2 GB
+        data = None
+    if data is not None and len(data) <= PROTOBUF_LIMIT:
+        return ort.InferenceSession(data, options, providers=providers)
+    del data
     with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
         onnx_path, data_path = Path(tmp) / "model.onnx", Path(tmp) / "model.onnx.data"
         with external_data(model, data_path, data_path.name) as small:
