@@ -120,7 +120,7 @@ class Frontier:
     def on_disk(self) -> bool:
         return any(isinstance(v, str) for part in self.store for v in part.values())
 
-    def _save(self, value: np.ndarray) -> str:
+    def spill(self, value: np.ndarray) -> str:
         if self._dir is None:
             self._dir = tempfile.mkdtemp(prefix="onnxprune-frontier-")
         self._files += 1
@@ -181,7 +181,7 @@ class Frontier:
                     held = sum(v.nbytes for v in part.values() if isinstance(v, np.ndarray))
                     spill = held * len(self.batches) > self.budget
                 if spill:
-                    part = {t: v if isinstance(v, str) else self._save(v) for t, v in part.items()}
+                    part = {t: v if isinstance(v, str) else self.spill(v) for t, v in part.items()}
                 new_store.append(part)
                 if b == 0:
                     new_dtypes = {t: values[t].dtype if t in values else self.dtypes[t] for t in new_cut}

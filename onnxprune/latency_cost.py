@@ -53,7 +53,7 @@ class LatencyCost:
         return self.rest_ms + sum(layer.at(factor_of(layer.entry, widths)) for layer in self.layers)
 
 
-def _single_layer(node: onnx.NodeProto, weight: np.ndarray, in_shape: tuple[int, ...], cin: int, cout: int
+def single_layer_model(node: onnx.NodeProto, weight: np.ndarray, in_shape: tuple[int, ...], cin: int, cout: int
                   ) -> tuple[onnx.ModelProto, np.ndarray] | None:
     """A one-node model computing ``node`` with ``cin`` input and ``cout`` output channels."""
     shape = list(in_shape)
@@ -123,7 +123,7 @@ def layer_latency(g: GraphView, cost, prunable: dict[str, tuple[bool, bool]], ba
         for r in FRACTIONS:
             ci = max(1, round(cin * r)) if shrink_in else cin
             co = max(1, round(cout * r)) if shrink_out else cout
-            built = _single_layer(node, weight, in_shape, ci, co)
+            built = single_layer_model(node, weight, in_shape, ci, co)
             if built is None or (r < 1 and ci == cin and co == cout):
                 break
             factors.append(ci * co / (cin * cout))

@@ -113,14 +113,25 @@ def _ridge_path_samples(x: np.ndarray, y: np.ndarray, ridges: tuple[float, ...],
 def _fit(stats: LayerStats, idx: np.ndarray, fold: int | None, ridge: float, n_x: int,
          prior: np.ndarray, dtype=np.float64) -> np.ndarray:
     """The ridge solution on the unknowns ``idx``, fit on ``fold`` (None: both folds), in ``dtype``."""
-    if stats.samples_kept:
-        return _solve_samples(*stats.samples(idx, fold, dtype), ridge, n_x, prior.astype(dtype, copy=False))
+    if stats.samples_kept:  # the smaller of the two systems already: double precision
+        return _solve_samples(*stats.samples(idx, fold), ridge, n_x, prior)
     if fold is None:
         xtx, xty = stats.xtx[0][np.ix_(idx, idx)], stats.xty[0][idx] + stats.xty[1][idx]
         xtx += stats.xtx[1][np.ix_(idx, idx)]
     else:
-        xtx, xty = stats.gram(fold, dtype)[np.ix_(idx, idx)], stats.xty[fold][idx].astype(dtype)
-    return _solve(xtx, xty, ridge, n_x, prior.astype(dtype, copy=False))
+        xtx, xty = stats.xtx[fold][np.ix_(idx, idx)], stats.xty[fold][idx]
+    if dtype == np.float64 or len(idx) == n_x:
+        return _solve(xtx.astype(dtype, copy=False), xty.astype(dtype, copy=False), ridge, n_x,
+                      prior.astype(dtype, copy=False))
+    # single precision with an unpenalised bias: centre first (in double), or the constant
+    # column's near-collinearity with positive activations leaves the system singular in float32
+    n = xtx[n_x, n_x]
+    mean, y_mean = xtx[:n_x, n_x] / max(n, 1e-30), xty[n_x] / max(n, 1e-30)
+    a = xtx[:n_x, :n_x] - n * np.outer(mean, mean)
+    b = xty[:n_x] - n * np.outer(mean, y_mean)
+    ridge *= _ridge_scale(xtx, n_x) / _ridge_scale(a, n_x)  # the same ridge as on the raw system
+    w = _solve(a.astype(dtype), b.astype(dtype), ridge, n_x, prior[:n_x].astype(dtype, copy=False))
+    return np.vstack([w, (y_mean - mean @ w)[None, :].astype(dtype)])
 
 
 def _fit_path(stats: LayerStats, idx: np.ndarray, fold: int, ridges: tuple[float, ...], n_x: int,

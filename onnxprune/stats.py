@@ -37,7 +37,6 @@ class LayerStats:
     y: np.ndarray | None = field(init=False, default=None)  # [rows, Cout] float32
     fold: np.ndarray | None = field(init=False, default=None)  # [rows] 0 or 1
     filled: int = field(init=False, default=0)
-    _gram32: np.ndarray | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self):
         d = self.dim + 1
@@ -98,15 +97,6 @@ class LayerStats:
         x = self.x[rows] if cols is None else self.x[np.ix_(rows, np.asarray(cols))]
         return x.astype(dtype, copy=False), self.y[rows].astype(dtype, copy=False)
 
-    def gram(self, fold: int, dtype=np.float64) -> np.ndarray:
-        """``XᵀX`` of one fold in ``dtype`` (a float32 copy is made once and kept: the error
-        curves read it at ten widths)."""
-        if dtype == np.float64:
-            return self.xtx[fold]
-        if self._gram32 is None:
-            self._gram32 = self.xtx.astype(np.float32)
-        return self._gram32[fold]
-
     def total(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """(XᵀX, XᵀY, ΣY², n) over both folds (formed from the samples where they are kept:
         products in float32, as the samples are)."""
@@ -140,7 +130,7 @@ class LayerStats:
         if fold is None:
             xtx, xty, yy = self.xtx[0][sub] + self.xtx[1][sub], self.xty[0][rows] + self.xty[1][rows], self.yy.sum(0)
         else:
-            xtx, xty, yy = self.gram(fold, dtype)[sub], self.xty[fold][rows], self.yy[fold]
+            xtx, xty, yy = self.xtx[fold][sub].astype(dtype, copy=False), self.xty[fold][rows], self.yy[fold]
         return float(np.einsum("ij,ij->", w, xtx @ w, dtype=np.float64) - 2 * np.einsum("ij,ij->", w, xty) + yy.sum())
 
     def energy(self, fold: int | None = None) -> float:

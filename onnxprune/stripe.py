@@ -353,7 +353,7 @@ def emit(model: onnx.ModelProto, node_output: str, kept: np.ndarray, geo: _ConvG
     model.graph.initializer.extend(inits)
 
 
-def _layer_model(x_shape: tuple[int, ...], nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
+def layer_model(x_shape: tuple[int, ...], nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
                  x: str, out: str, opset: int) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, list(x_shape))],
                               [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [None] * len(x_shape))], inits)
@@ -372,9 +372,9 @@ def layer_latency(node: onnx.NodeProto, g: GraphView, kept: np.ndarray, geo: _Co
     dense_node.input.extend(["x", "w"] + (["b"] if bias is not None else []))
     del dense_node.output[:]
     dense_node.output.append("y")
-    dense = _layer_model(shape, [dense_node], inits, "x", "y", opset)
+    dense = layer_model(shape, [dense_node], inits, "x", "y", opset)
     nodes, s_inits = stripe_nodes("x", "y", weight, bias, kept, geo, "s")
-    sparse = _layer_model(shape, nodes, s_inits, "x", "y", opset)
+    sparse = layer_model(shape, nodes, s_inits, "x", "y", opset)
     feed = {"x": np.random.default_rng(0).normal(size=shape).astype(np.float32)}
     lat = measure([dense, sparse], feed, provider, repeats=30, warmup=5)
     return lat[0].median_ms, lat[1].median_ms

@@ -65,8 +65,8 @@ def test_pruning_from_disk_gives_the_same_model(build, tmp_path, monkeypatch):
     in_memory = onnxprune.prune(model, x, speedup=2.0, allocation="uniform", measure_latency=False)
     monkeypatch.setattr(frontier_module, "FRONTIER_BUDGET", 0)
     saved = []
-    save = Frontier._save
-    monkeypatch.setattr(Frontier, "_save", lambda self, v: saved.append(1) or save(self, v))
+    save = Frontier.spill
+    monkeypatch.setattr(Frontier, "spill", lambda self, v: saved.append(1) or save(self, v))
     on_disk = onnxprune.prune(model, x, speedup=2.0, allocation="uniform", measure_latency=False)
     a, b = _weights(in_memory.model), _weights(on_disk.model)
     assert a.keys() == b.keys()

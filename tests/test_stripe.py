@@ -76,11 +76,11 @@ def test_stripe_form_equals_the_dense_conv(geometry):
     b = rng.normal(size=6).astype(np.float32)
     geo = stripe._ConvGeometry(kernel, pads, list(strides), list(dil))
     nodes, inits = stripe.stripe_nodes("x", "y", w, b, kept, geo, "s")
-    sparse = stripe._layer_model((2, 4, *hw), nodes, inits, "x", "y", 13)
+    sparse = stripe.layer_model((2, 4, *hw), nodes, inits, "x", "y", 13)
     onnx.checker.check_model(sparse, full_check=True)
     conv = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=list(kernel), strides=list(strides),
                             dilations=list(dil), pads=pads)
-    dense = stripe._layer_model((2, 4, *hw), [conv], [numpy_helper.from_array(w, "w"),
+    dense = stripe.layer_model((2, 4, *hw), [conv], [numpy_helper.from_array(w, "w"),
                                                       numpy_helper.from_array(b, "b")], "x", "y", 13)
     x = rng.normal(size=(2, 4, *hw)).astype(np.float32)
     np.testing.assert_allclose(run(sparse, x)[0], run(dense, x)[0], atol=1e-5)

@@ -70,7 +70,7 @@ def test_single_layer_models_for_latency_timing_run(kind):
     """The one-node models timed for --latency compute the layer at the narrowed widths."""
     from onnx import helper
 
-    from onnxprune.latency_cost import _single_layer
+    from onnxprune.latency_cost import single_layer_model
     if kind == "gemm":
         node, weight, shape = helper.make_node("Gemm", ["a", "b"], ["c"], transB=1), np.zeros((10, 32)), (1, 32)
     else:
@@ -78,7 +78,7 @@ def test_single_layer_models_for_latency_timing_run(kind):
         node = helper.make_node("Conv", ["a", "b"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2],
                                 group=group)
         weight, shape = np.zeros((16, 16 // group, 3, 3)), (1, 16, 12, 12)
-    model, x = _single_layer(node, weight, shape, 8, 8 if kind != "gemm" else 10)
+    model, x = single_layer_model(node, weight, shape, 8, 8 if kind != "gemm" else 10)
     onnx.checker.check_model(model, full_check=True)
     out = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert out.shape == ((1, 10) if kind == "gemm" else (1, 8, 6, 6))

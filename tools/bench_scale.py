@@ -101,7 +101,7 @@ LEAVES = [  # (module, attribute path, phase): each phase counts its own time, m
     ("onnxprune.select", "normalized_contribution", "channel selection (Gram + LARS)"),
     ("onnxprune.reconstruct", "refit", "least-squares refits"),
     ("onnxprune.reconstruct", "held_out_error", "least-squares refits"),
-    ("onnxprune.frontier", "Frontier._save", "carried activations written to disk"),
+    ("onnxprune.frontier", "Frontier.spill", "carried activations written to disk"),
     ("onnx.checker", "check_model", "ONNX checker"),
 ]
 
