@@ -7,13 +7,15 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .calib import Calibration, model_inputs
 from .errors import ModelError
 from .graphview import inputs_of
 from .io import inference_session
 from .latency import require_provider
+from .runtime import import_ort
+
+ort = import_ort()
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH = 32

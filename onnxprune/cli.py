@@ -12,11 +12,12 @@ import logging
 import sys
 from pathlib import Path
 
-from .arch import architecture
+# Only modules that load without ONNX Runtime here (the others are imported by the commands), so
+# that `onnxprune` can say in one line that none is installed.
 from .calib import Color, ImageOptions, Layout
 from .errors import NothingToPrune, PruneError
 from .io import check_folder, check_output, save_model_atomic, write_text_atomic
-from .latency import PROVIDERS, default_round_to
+from .runtime import PROVIDERS, MissingRuntimeError, default_round_to, import_ort
 from .select import Method
 
 EXIT_OK, EXIT_TARGET, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -230,6 +231,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .arch import architecture
     from .pipeline import prune
 
     output = args.output or args.model.with_name(args.model.stem + ".pruned.onnx")
@@ -276,15 +278,36 @@ COMMANDS = {"prune": (build_parser, _run), "inspect": (build_inspect_parser, _in
             "gate": (build_gate_parser, _gate), "bench": (build_bench_parser, _bench)}
 
 
+def configure_logging(level: int) -> logging.Logger:
+    """Send the records of onnxprune's loggers at ``level`` or above to the current stderr, in
+    one line each. Only the ``onnxprune`` logger is set up (and it stops propagating): the root
+    logger belongs to whatever program runs onnxprune, and is left alone. Repeated calls (several
+    ``main`` runs in one process) replace the handler rather than add another."""
+    logger = logging.getLogger("onnxprune")
+    for old in [h for h in logger.handlers if getattr(h, "onnxprune_cli", False)]:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.onnxprune_cli = True
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return logger
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # every command runs models: without ONNX Runtime, say so first (--help included), in one line
+        import_ort()
+    except MissingRuntimeError as exc:
+        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     command = argv[0] if argv and argv[0] in COMMANDS else "prune"
     if argv and argv[0] == command:
         argv = argv[1:]
     make_parser, run = COMMANDS[command]
     args = make_parser().parse_args(argv)
-    level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING)
     try:
         return run(args)
     except NothingToPrune as exc:

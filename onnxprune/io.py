@@ -319,8 +319,9 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
 def inference_session(model: onnx.ModelProto, options, providers: list[str]):
     """An ONNX Runtime session for ``model`` of any size: from memory, or over 2 GB from a
     temporary copy with external data (the model itself is left as it was)."""
-    import onnxruntime as ort
+    from .runtime import import_ort
 
+    ort = import_ort()
     try:  # one serialisation: a size check first would cost as much again, per session
         data = model.SerializeToString()
     except (EncodeError, ValueError):  # over protobuf's 2 GB

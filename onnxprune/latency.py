@@ -10,21 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .errors import OptionError
 from .io import inference_session
+from .runtime import PROVIDERS, default_round_to, import_ort  # noqa: F401  (default_round_to: re-exported)
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-             "tensorrt": "TensorrtExecutionProvider"}
-
-
-def default_round_to(provider: str) -> int:
-    """The channel multiple pruned widths are rounded to unless the user says otherwise: 16 on
-    CPU (ORT's NCHWc kernels block channels by 16 on AVX-512 and 8 on AVX2; other counts get
-    layout reorders around the conv; measured on ResNet-50: 21 reorder nodes at exact widths,
-    3 at multiples of 8, 1 at 16), 8 on GPUs (Tensor Core tiles)."""
-    return 16 if provider == "cpu" else 8
+ort = import_ort()
 
 
 @dataclass
@@ -44,7 +35,8 @@ def require_provider(provider: str) -> str:
     if name not in ort.get_available_providers():
         raise OptionError(f"execution provider '{provider}' ({name}) is not available in this onnxruntime "
                           f"build (available: {', '.join(ort.get_available_providers())}); "
-                          "install onnxprune[gpu] on a machine with a GPU, or use --provider cpu")
+                          'on a machine with a GPU, replace onnxruntime by onnxruntime-gpu (pip uninstall '
+                          'onnxruntime, then pip install "onnxprune[gpu]"), or use --provider cpu')
     return name
 
 

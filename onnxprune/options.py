@@ -8,7 +8,7 @@ import onnx
 
 from .budget import Targets
 from .errors import OptionError
-from .latency import PROVIDERS
+from .runtime import PROVIDERS
 from .report import Report
 from .select import Method
 

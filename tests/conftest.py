@@ -1,3 +1,4 @@
+import logging
 import sys
 from pathlib import Path
 
@@ -25,6 +26,16 @@ def check_pruned(pruned: onnx.ModelProto, original: onnx.ModelProto, x: np.ndarr
     err = max(float(np.linalg.norm(o - r) / np.linalg.norm(r)) for r, o in zip(ref, out))
     assert err <= max_rel_err, err
     return err
+
+
+@pytest.fixture(autouse=True)
+def _cli_logging_restored():
+    """``cli.main`` sets up the ``onnxprune`` logger (its handler, level, propagation): undo it
+    after each test, so that one test's CLI run leaves no trace in the next."""
+    logger = logging.getLogger("onnxprune")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture

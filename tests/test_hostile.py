@@ -8,7 +8,6 @@ Each case builds its files in a fresh folder and returns the CLI arguments (the 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import signal
 import subprocess
@@ -275,16 +274,6 @@ def _snapshot(folder: Path) -> dict[str, str]:
         else:
             out[rel] = "dir"
     return out
-
-
-@pytest.fixture(autouse=True)
-def _fresh_logging():
-    """cli.main configures logging once per process: let it bind to this test's stderr."""
-    root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers.clear()
-    yield
-    root.handlers[:] = saved
 
 
 def run_cli(argv: list[str], tmp: Path, capfd) -> tuple[int, list[str]]:
