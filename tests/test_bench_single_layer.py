@@ -6,12 +6,15 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
 import bench_single_layer  # noqa: E402
 
 
+@pytest.mark.slow  # benchmark-like; runs by default (`-m "not slow"` leaves it out)
 def test_quick_run_prints_every_criterion_and_refit_beats_first_k(tmp_path, capsys):
     plotting = importlib.util.find_spec("matplotlib") is not None  # the bench extra, not the test one
     plot = tmp_path / "single_layer.png"

@@ -20,10 +20,14 @@ ERROR = "onnxprune: error: "
 INSTALLS = ('pip install "onnxprune[cpu]"', 'pip install "onnxprune[gpu]"')
 
 
-def _project() -> dict:
+def _pyproject() -> dict:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     with open(ROOT / "pyproject.toml", "rb") as fh:
-        return tomllib.load(fh)["project"]
+        return tomllib.load(fh)
+
+
+def _project() -> dict:
+    return _pyproject()["project"]
 
 
 def _name(requirement: str) -> str:
@@ -74,6 +78,15 @@ def test_ci_runs_readme_test_command():
     assert install.replace("pip install -e", "pip install -q -e") in (ROOT / ".ci" / "run").read_text()
     first = next(line for line in readme if "pip install" in line)  # install and prune an example
     assert 'pip install -e ".[cpu]" && onnxprune ' in first
+
+
+def test_slow_marker_is_registered_and_runs_by_default():
+    ini = _pyproject()["tool"]["pytest"]["ini_options"]
+    assert any(m.startswith("slow:") for m in ini["markers"]) and "slow" not in ini.get("addopts", "")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "--strict-markers", "-m", "slow",
+                           "-p", "no:cacheprovider", "tests/test_bench_single_layer.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "test_bench_single_layer.py::test_quick_run" in proc.stdout, proc.stdout
 
 
 WITHOUT_ORT = "import sys; sys.modules['onnxruntime'] = None; "  # `import onnxruntime` now raises ImportError
