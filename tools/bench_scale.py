@@ -26,6 +26,7 @@ refit's time is not counted again in the function that called it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import importlib
@@ -113,7 +114,8 @@ class Phases:
         self.own: dict[str, float] = {}
         self.stack: list[list] = []  # [phase, start, time in callees]
         self._stop = threading.Event()
-        self.peak_seen = 0.0
+        self.stage: str | None = None
+        self.stage_peak: dict[str, float] = {}  # MiB, sampled every 0.2 s
 
     def _leaf(self, owner, attr, phase):
         fn = getattr(owner, attr)
@@ -137,6 +139,19 @@ class Phases:
                 setattr(mod, attr, wrapped)
 
     def install(self):
+        from onnxprune.progress import Progress
+
+        phase, watcher = Progress.phase, self
+
+        @contextlib.contextmanager
+        def tracked(progress, name):  # which stage the memory watcher is in
+            outer, watcher.stage = watcher.stage, name
+            try:
+                with phase(progress, name):
+                    yield
+            finally:
+                watcher.stage = outer
+        Progress.phase = tracked
         for module, path, label in LEAVES:
             owner = importlib.import_module(module)
             *parents, attr = path.split(".")
@@ -147,7 +162,8 @@ class Phases:
 
     def _watch(self):
         while not self._stop.wait(0.2):
-            self.peak_seen = max(self.peak_seen, rss_mib())
+            key = self.stage or "other"
+            self.stage_peak[key] = max(self.stage_peak.get(key, 0.0), rss_mib())
 
     def stop(self):
         self._stop.set()
@@ -186,7 +202,7 @@ def one(args) -> None:
         "wall_s": wall, "peak_mib": peak, "data_mib": rss0, "fit": rep.calibration["fit"],
         "rel_err": fid.relative_error if fid else None, "python": platform.python_version(),
         "load": [load0, os.getloadavg()[0]],
-        "phases": phases.own, "stages": rep.phases}))
+        "phases": phases.own, "stages": rep.phases, "stage_peak_mib": phases.stage_peak}))
 
 
 # ---------------------------------------------------------------------------------------------- the study
@@ -275,9 +291,12 @@ def summary(runs: list[dict]) -> str:
         out.append("| other (analysis, rewriting, Python) | " + " | ".join(
             f"{r['wall_s'] - sum(r['phases'].values()):.0f}" for r in runs) + " |")
         stages = list(dict.fromkeys(k for r in runs for k in r["stages"]))
-        out += ["", "Stages (seconds, from the report's phases):", "", head, "|---|" + "---|" * len(runs)]
+        out += ["", "Stages (seconds from the report's phases / peak RSS in GiB seen in the stage):", "", head,
+                "|---|" + "---|" * len(runs)]
         for st in stages:
-            out.append(f"| {st} | " + " | ".join(f"{r['stages'].get(st, 0.0):.0f}" for r in runs) + " |")
+            out.append(f"| {st} | " + " | ".join(
+                f"{r['stages'].get(st, 0.0):.0f} / {r.get('stage_peak_mib', {}).get(st, 0.0) / 1024:.2f}"
+                for r in runs) + " |")
     return "\n".join(out)
 
 
