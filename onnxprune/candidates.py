@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import onnx
 
+from .errors import OptionError
 from .graph import ChannelGroup, Consumer, find_groups
 from .graphview import GraphView
 from .ops import LinearHandler, handler_for
@@ -22,20 +26,30 @@ class Analysis:
 
 
 def analyse(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], prune_coupled: bool,
-            needs_data: bool) -> Analysis:
+            needs_data: bool, exclude: tuple[str, ...] = ()) -> Analysis:
     """Channel groups of ``model`` (edited in place by later stages) and the prunable ones."""
     g = GraphView(model, shapes)
     groups = find_groups(g)
-    candidates, skipped = choose_candidates(groups, g, prune_coupled, needs_data)
+    candidates, skipped = choose_candidates(groups, g, prune_coupled, needs_data, exclude=exclude)
     return Analysis(g, groups, candidates, skipped)
 
 
-def choose_candidates(groups: list[ChannelGroup], g: GraphView, prune_coupled: bool, needs_data: bool
-                      ) -> tuple[list[ChannelGroup], list[tuple[str, str]]]:
-    """The groups to prune, and (name, reason) of the groups with producers that are kept."""
+def choose_candidates(groups: list[ChannelGroup], g: GraphView, prune_coupled: bool, needs_data: bool, *,
+                      exclude: tuple[str, ...] = ()) -> tuple[list[ChannelGroup], list[tuple[str, str]]]:
+    """The groups to prune, and (name, reason) of the groups with producers that are kept.
+
+    ``exclude``: fnmatch patterns (case-sensitive) of node, tensor or weight names; a group
+    touching a match (its producers, the nodes its channels flow through, its consumers, its
+    tensors, or theirs where its channels flow into a Concat or Split) keeps its full width.
+    A pattern that matches no name in the graph is an :class:`OptionError`."""
+    check_exclude(exclude, g)
     chosen, skipped = [], []
     for grp in groups:
         reason = grp.reason
+        if not reason and exclude:
+            pattern = excluded_by(grp, g, exclude)
+            if pattern is not None:
+                reason = f"excluded by --exclude {pattern}"
         if not reason and grp.coupled and not prune_coupled:
             reason = "channels coupled across branches (residual join); block outputs keep their width"
         if not reason and needs_data and not any(sampleable(c, g) for c in grp.all_consumers):
@@ -46,6 +60,49 @@ def choose_candidates(groups: list[ChannelGroup], g: GraphView, prune_coupled: b
         else:
             chosen.append(grp)
     return chosen, skipped
+
+
+def _weight_names(name: str) -> tuple[str, ...]:
+    """A weight's name, and the model's own where onnxprune renamed it (BatchNorm folding gives
+    a Conv's weights fresh ``…__opN`` names)."""
+    base = re.sub(r"(__op\d+)+$", "", name)
+    return (name, base) if base and base != name else (name,)
+
+
+def graph_names(g: GraphView) -> set[str]:
+    """Every node, tensor and weight name of the (main) graph."""
+    graph = g.graph
+    names = {n.name for n in graph.node} | {t for n in graph.node for t in (*n.input, *n.output)}
+    names |= {v.name for v in (*graph.input, *graph.output)}
+    names |= {w for t in graph.initializer for w in _weight_names(t.name)}
+    names.discard("")
+    return names
+
+
+def check_exclude(patterns: Sequence[str], g: GraphView) -> None:
+    """One-line :class:`OptionError` for the first pattern that matches no name in the graph."""
+    names = graph_names(g) if patterns else set()
+    for pattern in patterns:
+        if not any(fnmatchcase(name, pattern) for name in names):
+            raise OptionError(f"--exclude '{pattern}' matches no node or tensor name in the model (a "
+                              "BatchNormalization folded into its Conv goes by the Conv's name)")
+
+
+def _touched_names(grp: ChannelGroup, g: GraphView) -> Iterable[str]:
+    """The names a group touches: its tensors, and the names and weights of its nodes, over
+    every group that holds its channels."""
+    for site in grp.sites or [grp]:
+        yield from site.tensors
+        for node in [*site.producers, *site.throughs, *(c.node for c in site.consumers)]:
+            if node.name:
+                yield node.name
+            yield from (w for t in node.input if t in g.initializers for w in _weight_names(t))
+
+
+def excluded_by(grp: ChannelGroup, g: GraphView, patterns: Sequence[str]) -> str | None:
+    """The first of ``patterns`` matching a name the group touches, if any."""
+    names = set(_touched_names(grp, g))
+    return next((p for p in patterns if any(fnmatchcase(name, p) for name in names)), None)
 
 
 def sampleable(c: Consumer, g: GraphView) -> bool:
@@ -88,8 +145,9 @@ def first_edited(step: ChannelGroup | Consumer, g: GraphView, topo: dict[int, in
 def pruning_steps(analysis: Analysis, widths: dict[int, int], topo: dict[int, int], refit_downstream: bool
                   ) -> list[ChannelGroup | Consumer]:
     """The groups to cut (narrower than they are) and the layers to refit, front to back (by
-    their first consumer)."""
-    todo = [grp for grp in analysis.candidates if widths[grp.index] < grp.channels]
+    their first consumer). A candidate without a width in ``widths`` keeps its own (an analysis
+    made without the run's ``exclude`` lists the excluded groups among its candidates)."""
+    todo = [grp for grp in analysis.candidates if widths.get(grp.index, grp.channels) < grp.channels]
     steps: list[tuple[int, ChannelGroup | Consumer]] = [
         (min(topo[id(c.node)] for c in grp.all_consumers), grp) for grp in todo]
     if todo and refit_downstream:

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity-images", type=int, default=256, metavar="N",
                    help="calibration images (a random subset) the sensitivity curves are measured on "
                         "(default 256); the reconstruction uses all of them")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="keep at full width every channel group touching a node, tensor or weight whose name "
+                        "matches this glob (fnmatch, case-sensitive; repeatable), e.g. --exclude 'head.*'; "
+                        "listed with the skipped groups in the report")
     p.add_argument("--refit-downstream", action=argparse.BooleanOptionalAction, default=True,
                    help="also refit unpruned layers whose inputs changed (producers' kept filters, "
                         "shortcuts, classifier) to their original outputs (default on)")
@@ -250,7 +254,7 @@ def _run(args: argparse.Namespace) -> int:
                    round_to=args.round_to if args.round_to is not None else default_round_to(args.provider),
                    relax_round_to=args.round_to is None,
                    batch_size=args.batch_size, measure_latency=args.measure_latency, slim_fallback=args.slim_fallback,
-                   progress=None if not args.quiet else False)
+                   exclude=tuple(args.exclude or ()), progress=None if not args.quiet else False)
     save_model_atomic(result.model, output, force=args.force, protected=(args.model,))
     if args.report:
         write_text_atomic(result.report.to_json(), args.report)

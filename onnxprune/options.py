@@ -48,6 +48,7 @@ class PruneOptions:
     slim_fallback: str = "error"  # what --method slim does when a group has no BatchNorm: error | l1
     measure_latency: bool = True
     progress: bool | None = None  # None: only when stderr is a terminal
+    exclude: tuple[str, ...] = ()  # fnmatch patterns of node/tensor/weight names whose groups keep their width
 
     def validate(self) -> "PruneOptions":
         method = self.method
@@ -57,6 +58,12 @@ class PruneOptions:
             except ValueError:
                 raise OptionError(f"unknown method '{self.method}'; choose one of "
                                   f"{', '.join(m.value for m in Method)}") from None
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude or ())
+        for pattern in exclude:
+            if not isinstance(pattern, str) or not pattern:
+                raise OptionError(f"--exclude needs a name pattern (got {pattern!r})")
+        if exclude and method is Method.STRIPE:
+            raise OptionError("--exclude applies to channel pruning, not to --method stripe")
         speedup = self.speedup
         if speedup is None:
             speedup = 1.0 if any(t is not None for t in (self.params, self.size_mb, self.latency)) else 2.0
@@ -80,7 +87,7 @@ class PruneOptions:
         for ok, msg in checks:
             if not ok:
                 raise OptionError(msg)
-        return PruneOptions(**{**self.__dict__, "method": method, "speedup": speedup})
+        return PruneOptions(**{**self.__dict__, "method": method, "speedup": speedup, "exclude": exclude})
 
     @property
     def targets(self) -> Targets:

@@ -72,7 +72,7 @@ class Pruner:
         if opts.method is Method.STRIPE:  # kernel positions of filters, not channels: its own pipeline
             return
         with self.progress.phase("analyse"):
-            self.analysis = analyse(self.work, self.shapes, opts.prune_coupled, opts.needs_data)
+            self.analysis = analyse(self.work, self.shapes, opts.prune_coupled, opts.needs_data, exclude=opts.exclude)
             if not any(grp.producers for grp in self.analysis.groups):
                 raise NothingToPrune("the model has no layer whose channels can be pruned (Conv, Gemm, MatMul…): "
                                      "nothing to prune, nothing written")
