@@ -111,20 +111,26 @@ def sampleable(c: Consumer, g: GraphView) -> bool:
     return isinstance(h, LinearHandler) and h.reconstructable(c.node, g)
 
 
-def positions(model: onnx.ModelProto) -> dict[int, int]:
-    """Each node's place in the (topologically sorted) node list, by node identity."""
-    return {id(n): i for i, n in enumerate(model.graph.node)}
+def node_key(node: onnx.NodeProto) -> str:
+    """A node's first output name: unique in a graph, and stable where Python's identity of a
+    protobuf message is not (a node's wrapper object can change once nothing holds it)."""
+    return next((o for o in node.output if o), node.name)
 
 
-def downstream_layers(g: GraphView, todo: list[ChannelGroup], topo: dict[int, int]) -> list[Consumer]:
+def positions(model: onnx.ModelProto) -> dict[str, int]:
+    """Each node's place in the (topologically sorted) node list, by :func:`node_key`."""
+    return {node_key(n): i for i, n in enumerate(model.graph.node)}
+
+
+def downstream_layers(g: GraphView, todo: list[ChannelGroup], topo: dict[str, int]) -> list[Consumer]:
     """Sampleable layers after the first pruned channels that no pruned group refits: their
     inputs drift as the network is pruned, so they are refit to their original outputs too
     (the producers' kept filters, projection shortcuts, the classifier)."""
     refit_anyway = {id(c.node) for grp in todo for c in grp.all_consumers}
-    first = min(topo[id(p)] for grp in todo for p in grp.producers)
+    first = min(topo[node_key(p)] for grp in todo for p in grp.producers)
     layers = []
     for node in g.graph.node:
-        if topo[id(node)] <= first or id(node) in refit_anyway or not node.input:
+        if topo[node_key(node)] <= first or id(node) in refit_anyway or not node.input:
             continue
         c = Consumer(node, node.input[0], 1)
         if sampleable(c, g) and handler_for(node).rule(node, g) is not None:
@@ -132,25 +138,25 @@ def downstream_layers(g: GraphView, todo: list[ChannelGroup], topo: dict[int, in
     return layers
 
 
-def first_edited(step: ChannelGroup | Consumer, g: GraphView, topo: dict[int, int]) -> int:
+def first_edited(step: ChannelGroup | Consumer, g: GraphView, topo: dict[str, int]) -> int:
     """Position of the first node a pruning step edits: for a unit, any node that produces or
     reads a tensor of a group holding its channels; for a refit, the layer itself."""
     if isinstance(step, Consumer):
-        return topo[id(step.node)]
+        return topo[node_key(step.node)]
     nodes = [n for grp in (step.sites or [step]) for t in grp.tensors
              for n in [g.producer.get(t), *g.consumers.get(t, [])] if n is not None]
-    return min(topo[id(n)] for n in nodes)
+    return min(topo[node_key(n)] for n in nodes)
 
 
-def pruning_steps(analysis: Analysis, widths: dict[int, int], topo: dict[int, int], refit_downstream: bool
+def pruning_steps(analysis: Analysis, widths: dict[int, int], topo: dict[str, int], refit_downstream: bool
                   ) -> list[ChannelGroup | Consumer]:
     """The groups to cut (narrower than they are) and the layers to refit, front to back (by
     their first consumer). A candidate without a width in ``widths`` keeps its own (an analysis
     made without the run's ``exclude`` lists the excluded groups among its candidates)."""
     todo = [grp for grp in analysis.candidates if widths.get(grp.index, grp.channels) < grp.channels]
     steps: list[tuple[int, ChannelGroup | Consumer]] = [
-        (min(topo[id(c.node)] for c in grp.all_consumers), grp) for grp in todo]
+        (min(topo[node_key(c.node)] for c in grp.all_consumers), grp) for grp in todo]
     if todo and refit_downstream:
-        steps += [(topo[id(c.node)], c) for c in downstream_layers(analysis.g, todo, topo)]
+        steps += [(topo[node_key(c.node)], c) for c in downstream_layers(analysis.g, todo, topo)]
     steps.sort(key=lambda step: step[0])
     return [step for _, step in steps]

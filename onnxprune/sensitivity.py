@@ -12,7 +12,7 @@ import numpy as np
 from .budget import CostModel, Targets, round_width
 from .activations import fitting_batch
 from .calib import random_subset
-from .candidates import Analysis, first_edited, positions, sampleable
+from .candidates import Analysis, first_edited, node_key, positions, sampleable
 from .errors import TargetNotMetError
 from .frontier import Frontier
 from .group_pruner import GroupPruner, KnownStats
@@ -135,10 +135,10 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
         held += size
     parts += [part] if part else []
     stats, curves, waiting = {}, {}, [(u, cs) for u, cs in jobs if cs]
-    topo = {id(n): i for i, n in enumerate(g.graph.node)}
+    topo = positions(g.model)
     # a pass may move the cut up to the first consumer a later pass reads for
-    starts = [min(topo[id(c.node)] for c in part) for part in parts]
-    limits = list(np.minimum.accumulate(starts[::-1])[::-1][1:]) + [len(topo)]
+    starts = [min(topo[node_key(c.node)] for c in part) for part in parts]
+    limits = list(np.minimum.accumulate(starts[::-1])[::-1][1:]) + [len(g.graph.node)]
     for part, limit in zip(parts, limits):
         runs = functools.partial(frontier.run, advance_to=int(limit)) if frontier else None
         for c, st in zip(part, sampler.stats(g, part, runs=runs)):
