@@ -222,7 +222,7 @@ def prune_to(work: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], widths: 
     to keep instead of those the method selects (for experiments comparing selection criteria,
     e.g. tools/bench_single_layer.py)."""
     model = copy.deepcopy(work)
-    analysis = analyse(model, shapes, opts.prune_coupled, opts.needs_data)
+    analysis = analyse(model, shapes, opts.prune_coupled, opts.needs_data, exclude=opts.exclude)
     g, topo = analysis.g, positions(model)
     sampler = sampler if opts.needs_data else None
     steps = pruning_steps(analysis, widths, topo, opts.reconstruct and opts.refit_downstream and sampler is not None)
