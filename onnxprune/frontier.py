@@ -28,7 +28,7 @@ from .activations import copy_fields, session, static_batch
 from .calib import Calibration
 from .graphview import inputs_of
 
-FRONTIER_BUDGET = 1 << 30  # bytes of carried activations held in memory; more go to disk
+FRONTIER_BUDGET = 1 << 29  # bytes of carried activations held in memory; more go to disk
 
 
 def cut_tensors(model: onnx.ModelProto, position: int) -> set[str]:

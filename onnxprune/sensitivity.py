@@ -97,7 +97,7 @@ def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[
     return widths()
 
 
-STATS_BUDGET = 1 << 30  # bytes of statistics one pass of measure_curves may gather
+STATS_BUDGET = 1 << 29  # bytes of statistics one pass of measure_curves may gather
 
 
 def _stats_bytes(c, sampler, g) -> int:

@@ -3,7 +3,7 @@ swapped, random attributes …) and random calibration arrays. Whatever comes in
 with 0, 1 or 2 (never 3, an internal error) without a traceback, and whatever it writes is a
 valid model (full checker, ONNX Runtime runs it).
 
-CI runs a few examples; a longer run (documented in README):
+CI runs a few examples; a longer run (documented in docs/robustness.md):
     ONNXPRUNE_FUZZ_EXAMPLES=500 python -m pytest -q tests/test_fuzz.py
 """
 
