@@ -50,6 +50,15 @@ def _solve(a: np.ndarray, b: np.ndarray, ridge: float, n_x: int, prior: np.ndarr
         return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
+def _ridge_path(a: np.ndarray, b: np.ndarray, ridges: tuple[float, ...], n_x: int,
+                prior: np.ndarray) -> Iterator[np.ndarray]:
+    """Solutions for several ridge strengths from one eigendecomposition (ridge on every unknown),
+    one at a time."""
+    lam, vec = np.linalg.eigh(a)
+    scale = _ridge_scale(a, n_x)
+    return (vec @ ((vec.T @ (b + r * scale * prior)) / (lam + r * scale)[:, None]) for r in ridges)
+
+
 # Sample space: with fewer samples (n) than unknowns (p) the same solutions come from the n×n
 # kernel ``X Xᵀ`` instead of the p×p ``XᵀX`` (``(XᵀX + rI)⁻¹Xᵀ = Xᵀ(XXᵀ + rI)⁻¹``); an unpenalised
 # bias is solved for by centring. Where p ≤ n the p×p system is formed from the samples.
@@ -81,7 +90,7 @@ def _solve_samples(x: np.ndarray, y: np.ndarray, ridge: float, n_x: int, prior: 
     k = xs @ xs.T
     k[np.arange(n), np.arange(n)] += r
     delta = xs.T @ _kernel_solve(k, rs)
-    w = prior.astype(np.float32 if x.dtype == np.float32 else np.float64, copy=True)
+    w = prior.astype(np.float64, copy=True)
     w[:n_x] += delta
     if p > n_x:
         w[n_x] += r_mean - x_mean @ delta
@@ -90,12 +99,10 @@ def _solve_samples(x: np.ndarray, y: np.ndarray, ridge: float, n_x: int, prior: 
 
 def _ridge_path_samples(x: np.ndarray, y: np.ndarray, ridges: tuple[float, ...], n_x: int,
                         prior: np.ndarray) -> Iterator[np.ndarray]:
-    """Solutions for several ridge strengths from the samples: where they are fewer than the
-    unknowns, from one eigendecomposition of the n×n kernel ``xxᵀ`` (ridge on every unknown)."""
+    """:func:`_ridge_path` from the samples (one eigendecomposition of the smaller of ``xᵀx``, ``xxᵀ``)."""
     n, p = x.shape
     if p <= n:
-        xtx, xty = x.T @ x, x.T @ y
-        return (_solve(xtx.copy(), xty.copy(), r, n_x, prior) for r in ridges)
+        return _ridge_path(x.T @ x, x.T @ y, ridges, n_x, prior)
     scale = _sample_scale(x, n_x)
     lam, vec = np.linalg.eigh(x @ x.T)
     proj = vec.T @ (y - x @ prior)
@@ -104,37 +111,23 @@ def _ridge_path_samples(x: np.ndarray, y: np.ndarray, ridges: tuple[float, ...],
 
 
 def _fit(stats: LayerStats, idx: np.ndarray, fold: int | None, ridge: float, n_x: int,
-         prior: np.ndarray, dtype=np.float64) -> np.ndarray:
-    """The ridge solution on the unknowns ``idx``, fit on ``fold`` (None: both folds), in ``dtype``."""
-    if stats.samples_kept:  # the smaller of the two systems already: double precision
+         prior: np.ndarray) -> np.ndarray:
+    """The ridge solution on the unknowns ``idx``, fit on ``fold`` (None: both folds)."""
+    if stats.samples_kept:
         return _solve_samples(*stats.samples(idx, fold), ridge, n_x, prior)
     if fold is None:
         xtx, xty = stats.xtx[0][np.ix_(idx, idx)], stats.xty[0][idx] + stats.xty[1][idx]
         xtx += stats.xtx[1][np.ix_(idx, idx)]
     else:
         xtx, xty = stats.xtx[fold][np.ix_(idx, idx)], stats.xty[fold][idx]
-    if dtype == np.float64 or len(idx) == n_x:
-        return _solve(xtx.astype(dtype, copy=False), xty.astype(dtype, copy=False), ridge, n_x,
-                      prior.astype(dtype, copy=False))
-    # single precision with an unpenalised bias: centre first (in double), or the constant
-    # column's near-collinearity with positive activations leaves the system singular in float32
-    n = xtx[n_x, n_x]
-    mean, y_mean = xtx[:n_x, n_x] / max(n, 1e-30), xty[n_x] / max(n, 1e-30)
-    a = xtx[:n_x, :n_x] - n * np.outer(mean, mean)
-    b = xty[:n_x] - n * np.outer(mean, y_mean)
-    ridge *= _ridge_scale(xtx, n_x) / _ridge_scale(a, n_x)  # the same ridge as on the raw system
-    w = _solve(a.astype(dtype), b.astype(dtype), ridge, n_x, prior[:n_x].astype(dtype, copy=False))
-    return np.vstack([w, (y_mean - mean @ w)[None, :].astype(dtype)])
+    return _solve(xtx, xty, ridge, n_x, prior)
 
 
 def _fit_path(stats: LayerStats, idx: np.ndarray, fold: int, ridges: tuple[float, ...], n_x: int,
               prior: np.ndarray) -> Iterator[np.ndarray]:
     if stats.samples_kept:
         return _ridge_path_samples(*stats.samples(idx, fold), ridges, n_x, prior)
-    # one Cholesky per ridge (p³/3 each) is cheaper than one eigendecomposition (~9p³, and
-    # poorly threaded) for the handful of ridges tried
-    xtx, xty = stats.xtx[fold][np.ix_(idx, idx)], stats.xty[fold][idx]
-    return (_solve(xtx.copy(), xty.copy(), r, n_x, prior) for r in ridges)
+    return _ridge_path(stats.xtx[fold][np.ix_(idx, idx)], stats.xty[fold][idx], ridges, n_x, prior)
 
 
 def _layout(d: int, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, fit_bias: bool):
@@ -160,10 +153,7 @@ def held_out_error(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias
     idx, start, rows_of = _layout(stats.dim, cols, weight, bias, fit_bias)
     if stats.n.min() == 0:
         return stats.error_of(*rows_of(start)) / max(stats.energy(), 1e-30)
-    # in float32: a ranking figure for the sensitivity curves, ten widths per layer (the refits
-    # that write weights stay in float64)
-    err = sum(stats.error_of(*rows_of(_fit(stats, idx, 1 - f, ridge, len(cols), start, np.float32)), f, np.float32)
-              for f in (0, 1))
+    err = sum(stats.error_of(*rows_of(_fit(stats, idx, 1 - f, ridge, len(cols), start)), f) for f in (0, 1))
     return err / max(stats.energy(), 1e-30)
 
 

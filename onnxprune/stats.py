@@ -90,19 +90,17 @@ class LayerStats:
                 self.yy[f] += np.einsum("ij,ij->j", yf[rows], yf[rows], dtype=np.float64)
                 self.n[f] += rows.sum()
 
-    def samples(self, cols: np.ndarray | None = None, fold: int | None = None,
-                dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
-        """The kept samples of ``fold`` (None: both): ``[X 1][:, cols]`` and ``Y``."""
+    def samples(self, cols: np.ndarray | None = None, fold: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The kept samples (float64) of ``fold`` (None: both): ``[X 1][:, cols]`` and ``Y``."""
         rows = np.arange(self.filled) if fold is None else np.flatnonzero(self.fold[:self.filled] == fold)
         x = self.x[rows] if cols is None else self.x[np.ix_(rows, np.asarray(cols))]
-        return x.astype(dtype, copy=False), self.y[rows].astype(dtype, copy=False)
+        return x.astype(np.float64), self.y[rows].astype(np.float64)
 
     def total(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """(XᵀX, XᵀY, ΣY², n) over both folds (formed from the samples where they are kept:
-        products in float32, as the samples are)."""
+        """(XᵀX, XᵀY, ΣY², n) over both folds (formed from the samples where they are kept)."""
         if self.samples_kept:
-            x, y = self.samples(dtype=np.float32)
-            return (x.T @ x).astype(np.float64), (x.T @ y).astype(np.float64), self.yy.sum(0), int(self.n.sum())
+            x, y = self.samples()
+            return x.T @ x, x.T @ y, self.yy.sum(0), int(self.n.sum())
         return self.xtx.sum(0), self.xty.sum(0), self.yy.sum(0), int(self.n.sum())
 
     def y_sum(self) -> np.ndarray:
@@ -119,19 +117,17 @@ class LayerStats:
         xtx, xty, yy, _ = self.total() if fold is None else (self.xtx[fold], self.xty[fold], self.yy[fold], 0)
         return float(np.einsum("ij,ij->", w_aug, xtx @ w_aug) - 2 * np.einsum("ij,ij->", w_aug, xty) + yy.sum())
 
-    def error_of(self, rows: np.ndarray, w: np.ndarray, fold: int | None = None, dtype=np.float64) -> float:
-        """:meth:`error` of the weights ``w [len(rows), Cout]`` on the rows ``rows`` of ``[X 1]``
-        (zero elsewhere); products in ``dtype`` (float32 for a quick estimate), sums in float64."""
-        w = w.astype(dtype, copy=False)
+    def error_of(self, rows: np.ndarray, w: np.ndarray, fold: int | None = None) -> float:
+        """:meth:`error` of the weights ``w [len(rows), Cout]`` on the rows ``rows`` of ``[X 1]`` (zero elsewhere)."""
         if self.samples_kept:
-            x, y = self.samples(rows, fold, dtype)
-            return float(np.square(y - x @ w).sum(dtype=np.float64))
+            x, y = self.samples(rows, fold)
+            return float(np.square(y - x @ w).sum())
         sub = np.ix_(rows, rows)  # only the rows weighed: (D/len(rows))² less work than the whole XᵀX
         if fold is None:
             xtx, xty, yy = self.xtx[0][sub] + self.xtx[1][sub], self.xty[0][rows] + self.xty[1][rows], self.yy.sum(0)
         else:
-            xtx, xty, yy = self.xtx[fold][sub].astype(dtype, copy=False), self.xty[fold][rows], self.yy[fold]
-        return float(np.einsum("ij,ij->", w, xtx @ w, dtype=np.float64) - 2 * np.einsum("ij,ij->", w, xty) + yy.sum())
+            xtx, xty, yy = self.xtx[fold][sub], self.xty[fold][rows], self.yy[fold]
+        return float(np.einsum("ij,ij->", w, xtx @ w) - 2 * np.einsum("ij,ij->", w, xty) + yy.sum())
 
     def energy(self, fold: int | None = None) -> float:
         """Sum of squared targets (the error of predicting zero)."""
