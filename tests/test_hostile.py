@@ -277,9 +277,12 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 
 def run_cli(argv: list[str], tmp: Path, capfd) -> tuple[int, list[str]]:
-    """Run the CLI in-process with ``-o out.onnx`` unless given; (exit code, stderr lines)."""
+    """Run the CLI in-process with ``-o out.onnx`` unless given, without latency timing (what
+    these tests check does not depend on it); (exit code, stderr lines)."""
     if "-o" not in argv:
         argv = [*argv, "-o", str(tmp / "out.onnx")]
+    if argv and argv[0] not in cli.COMMANDS and "--no-latency" not in argv:
+        argv = [*argv, "--no-latency"]
     capfd.readouterr()
     code = cli.main(argv)
     return code, capfd.readouterr().err.splitlines()

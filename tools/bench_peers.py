@@ -13,7 +13,11 @@ run at the same targets on the same calibration file. Every model is scored the 
 top-1 with ONNX Runtime, MACs by onnxprune's cost model (Conv/Gemm, BN folded), ORT CPU batch-1
 latency interleaved with the original (median). Prints one markdown table and writes a plot.
 
-Needs the ``bench`` extra: ``pip install -e ".[bench]"`` (torch, torch-pruning, matplotlib).
+onnxsim 0.8.1's structured pruning (``apply_structured_pruning``, L2 filter norms, and
+``apply_structured_wanda_pruning``, weight norm × activation norm on the calibration images) runs
+too, its per-chain sparsity bisected to each MACs target, also without fine-tuning.
+
+Needs the ``bench`` extra: ``pip install -e ".[cpu,bench]"`` (torch, torch-pruning, onnxsim, matplotlib).
 """
 
 from __future__ import annotations
@@ -256,6 +260,43 @@ def onnxprune_rows(ctx: Context, path: Path, calib: Path, speedups: list[float],
     return rows
 
 
+ONNXSIM_METHODS = ("structured l2", "structured wanda")
+
+
+def onnxsim_prune(model: onnx.ModelProto, method: str, sparsity: float, calib: np.ndarray) -> onnx.ModelProto:
+    """onnxsim's structured pruning (whole output channels) at ``sparsity``, no fine-tuning."""
+    from onnxsim import pruning
+
+    if method == "structured l2":
+        return pruning.apply_structured_pruning(copy.deepcopy(model), sparsity=sparsity)
+    batches = [{"input": calib[i:i + 32]} for i in range(0, min(len(calib), 256), 32)]
+    return pruning.apply_structured_wanda_pruning(copy.deepcopy(model), calibration_data=batches, sparsity=sparsity,
+                                                  providers=["CPUExecutionProvider"])
+
+
+def onnxsim_rows(ctx: Context, calib: np.ndarray, speedups: list[float], tol: float, steps: int = 12) -> list[Row]:
+    """onnxsim 0.8.1's structured pruning, its per-chain sparsity bisected until the MACs
+    speedup (onnxprune's count) is within ``tol`` of each target, or as close as it gets."""
+    rows = []
+    model = onnx.load_from_string(ctx.original)
+    for method in ONNXSIM_METHODS:
+        for target in speedups:
+            start = time.perf_counter()
+            lo, hi, best = 0.0, 0.99, None
+            for _ in range(steps):
+                mid = (lo + hi) / 2
+                pruned = onnxsim_prune(model, method, mid, calib).SerializeToString()
+                reached = ctx.base_macs / macs(pruned, ctx.x)
+                if best is None or abs(reached - target) < abs(best[1] - target):
+                    best = (pruned, reached, mid)
+                if abs(reached - target) <= tol * target:
+                    break
+                lo, hi = (mid, hi) if reached < target else (lo, mid)
+            rows.append(ctx.row("onnxsim", method, target, best[0], time.perf_counter() - start))
+            print(f"  {rows[-1].markdown()}  sparsity {best[2]:.4f}", file=sys.stderr, flush=True)
+    return rows
+
+
 def bench_model(name: str, args: argparse.Namespace, x: np.ndarray, y: np.ndarray, calib: np.ndarray) -> list[Row]:
     path = ROOT / "models" / f"{name}.onnx"
     model = onnx.load(path)
@@ -268,8 +309,12 @@ def bench_model(name: str, args: argparse.Namespace, x: np.ndarray, y: np.ndarra
     base = accuracy(path.read_bytes(), x, y)
     ctx = Context(name, path.read_bytes(), macs(path.read_bytes(), x), base, x, y, args.repeats)
     rows = [Row(name, "original", "", None, 1.0, 1.0, base, None, None)]
-    rows += tp_rows(ctx, net, calib, args.speedups, args.tol)
-    rows += onnxprune_rows(ctx, path, Path(args.calib), args.speedups, args.seed)
+    if "torch-pruning" in args.peers:
+        rows += tp_rows(ctx, net, calib, args.speedups, args.tol)
+    if "onnxsim" in args.peers:
+        rows += onnxsim_rows(ctx, calib, args.speedups, args.tol)
+    if "onnxprune" in args.peers:
+        rows += onnxprune_rows(ctx, path, Path(args.calib), args.speedups, args.seed)
     return rows
 
 
@@ -286,7 +331,8 @@ def machine() -> str:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return (f"{platform.machine()} {cpu}, {os.cpu_count()} cores, {platform.system()}; Python "
             f"{platform.python_version()}, onnxruntime {ort.__version__}, torch {torch.__version__}, "
-            f"torch-pruning {package_version('torch-pruning')}, onnxprune {package_version('onnxprune')}")
+            f"torch-pruning {package_version('torch-pruning')}, onnxsim {package_version('onnxsim')}, "
+            f"onnxprune {package_version('onnxprune')}")
 
 
 def criterion(rows: list[Row], target: float = 2.0) -> list[str]:
@@ -362,6 +408,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=200, help="interleaved latency runs per model")
     ap.add_argument("--test-limit", type=int, default=None, help="score on the first N test images only (smoke runs)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peers", nargs="+", default=["torch-pruning", "onnxsim", "onnxprune"],
+                    choices=["torch-pruning", "onnxsim", "onnxprune"], help="which tools to run (default: all)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--from-table", help="only re-plot the table of a saved run's output (a markdown file)")
     args = ap.parse_args()
