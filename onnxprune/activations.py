@@ -103,6 +103,14 @@ def batch_size_for(model: onnx.ModelProto, wanted: int = DEFAULT_BATCH) -> int:
     return static_batch(model) or wanted
 
 
+def padded_feed(calib: Calibration, idx: np.ndarray, static: int | None) -> dict[str, np.ndarray]:
+    """The samples ``idx``; with a static batch size, the last batch padded to it."""
+    feed = calib.take(idx)
+    if static and len(idx) != static:
+        feed = {k: np.concatenate([v, np.repeat(v[-1:], static - len(idx), axis=0)]) for k, v in feed.items()}
+    return feed
+
+
 def run_batches(model: onnx.ModelProto, outputs: Sequence[str], calib: Calibration,
                 indices: Sequence[int], batch: int | None = None, provider: str = "cpu"
                 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
@@ -116,10 +124,7 @@ def run_batches(model: onnx.ModelProto, outputs: Sequence[str], calib: Calibrati
     indices = np.asarray(indices)
     for start in range(0, len(indices), bs):
         idx = indices[start:start + bs]
-        feed = calib.take(idx)
-        if static and len(idx) != bs:  # static batch: pad the last batch
-            feed = {k: np.concatenate([v, np.repeat(v[-1:], bs - len(idx), axis=0)]) for k, v in feed.items()}
-        values = sess.run(names, feed)
+        values = sess.run(names, padded_feed(calib, idx, static))
         yield idx, {n: v[:len(idx)] if v.ndim else v for n, v in zip(names, values)}  # scalars: as they are
 
 

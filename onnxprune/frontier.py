@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import onnx
 
-from .activations import copy_fields, session, static_batch
+from .activations import copy_fields, padded_feed, session, static_batch
 from .calib import Calibration
 from .graphview import inputs_of
 
@@ -132,12 +132,6 @@ class Frontier:
     def _load(value: np.ndarray | str) -> np.ndarray:
         return np.load(value, allow_pickle=False) if isinstance(value, str) else value
 
-    def _feed(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        feed = self.calib.take(idx)
-        if self.static and len(idx) != self.static:  # static batch: pad the last batch
-            feed = {k: np.concatenate([v, np.repeat(v[-1:], self.static - len(idx), axis=0)]) for k, v in feed.items()}
-        return feed
-
     # ------------------------------------------------------------------ runs
     def run(self, outputs: Sequence[str], advance_to: int | None = None
             ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
@@ -156,17 +150,16 @@ class Frontier:
         available.update({name: v.dtype for name, v in feed0.items() if name in graph_inputs})
         computed = [t for t in outputs if t not in available]
         computed += sorted(t for t in new_cut if t not in available and t not in computed)
-        start = self.position
-        seg = segment_model(self.model, start, available, computed) if computed else None
+        seg = segment_model(self.model, self.position, available, computed) if computed else None
         if computed and seg is None:  # the cut cannot give them: from the graph inputs
-            start, available = 0, {k: v for k, v in available.items() if k in graph_inputs}
-            seg = segment_model(self.model, 0, available, computed)
+            seg = segment_model(self.model, 0, {k: v for k, v in available.items() if k in graph_inputs}, computed)
         sess = session(seg, provider=self.provider) if seg is not None else None
         names = [i.name for i in seg.graph.input] if seg is not None else []
         new_store: list[dict[str, np.ndarray | str]] = []
         spill, new_dtypes = False, {}
         for b, idx in enumerate(self.batches):
-            feed = self._feed(idx) if any(n in graph_inputs for n in list(names) + outputs) else {}
+            needs_inputs = any(n in graph_inputs for n in [*names, *outputs])
+            feed = padded_feed(self.calib, idx, self.static) if needs_inputs else {}
             carried = self.store[b]
             values: dict[str, np.ndarray] = {}
             if sess is not None:

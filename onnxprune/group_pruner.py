@@ -230,9 +230,9 @@ def prune_to(work: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], widths: 
     # the frontier's cut may move up to the first node that this or a later step edits
     limits = np.minimum.accumulate([first_edited(step, g, topo) for step in steps][::-1])[::-1]
     results = []
-    with contextlib.ExitStack() as stack:
-        frontier = stack.enter_context(Frontier(model, sampler.calib, sampler.indices, sampler.batch or DEFAULT_BATCH,
-                                                provider=sampler.provider)) if sampler else None
+    carried = Frontier(model, sampler.calib, sampler.indices, sampler.batch or DEFAULT_BATCH,
+                       provider=sampler.provider) if sampler else contextlib.nullcontext()
+    with carried as frontier:
         for step, limit in zip(progress.bar(steps, "pruning", "step"), limits):
             runs = functools.partial(frontier.run, advance_to=int(limit)) if frontier else None
             if isinstance(step, ChannelGroup):

@@ -28,6 +28,7 @@ from .calib import ImageOptions, load_calibration, random_subset, split_calibrat
 from .candidates import analyse, downstream_layers, positions, sampleable
 from .errors import NothingToPrune, OptionError, TargetNotMetError
 from .fold import constants_to_initializers, fold_batchnorm
+from .graph import ChannelGroup
 from .group_pruner import prune_to
 from .io import check_not_quantized, check_opset, load_model
 from .latency_search import LatencySearch
@@ -76,10 +77,14 @@ class Pruner:
             if not any(grp.producers for grp in self.analysis.groups):
                 raise NothingToPrune("the model has no layer whose channels can be pruned (Conv, Gemm, MatMul…): "
                                      "nothing to prune, nothing written")
-            self.candidates = self.analysis.candidates
             self.cost = build_cost_model(self.analysis.g, self.analysis.groups)
         with self.progress.phase("targets"):
             self.sampler = self._sampler(self.fit_idx) if opts.needs_data and self.candidates else None
+
+    @property
+    def candidates(self) -> list[ChannelGroup]:
+        """The channel groups this run prunes."""
+        return self.analysis.candidates
 
     def run(self) -> PruneResult:
         """Every stage, in order."""
