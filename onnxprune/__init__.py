@@ -1,19 +1,31 @@
 """onnxprune: channel pruning of trained CNNs on the ONNX graph, with data-driven reconstruction."""
 
-from .errors import PruneError
-from .runtime import MissingRuntimeError
-from .select import Method
+from importlib import import_module
 
-try:
-    from .options import PruneOptions, PruneResult
-    from .pipeline import Pruner, prune
-except MissingRuntimeError as _missing:  # no ONNX Runtime build installed: say so on first use, in one line
-    _MISSING = str(_missing)  # (the CLI in this package reports it itself)
+# Names load on first use: `python -m onnxprune` imports this package before its own Ctrl-C guard
+# runs, so the package itself must import nothing heavy (numpy, onnx, ONNX Runtime).
+_EXPORTS = {
+    "Method": "select",
+    "MissingRuntimeError": "runtime",
+    "PruneError": "errors",
+    "PruneOptions": "options",
+    "PruneResult": "options",
+    "Pruner": "pipeline",
+    "prune": "pipeline",
+}
 
-    def __getattr__(name: str):
-        if name in ("PruneOptions", "PruneResult", "Pruner", "prune"):
-            raise MissingRuntimeError(_MISSING)
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
-__all__ = ["Method", "MissingRuntimeError", "PruneError", "PruneOptions", "PruneResult", "Pruner", "prune"]
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
