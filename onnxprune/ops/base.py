@@ -61,9 +61,10 @@ class Handler:
         """The node's channel rule, or None when the node must be a barrier."""
         return None
 
-    def folds_bound(self, node: onnx.NodeProto, name: str, g: GraphView) -> bool:
-        """Whether the node reads ``name`` only as channel bounds or sizes that it folds to
-        constants and rewrites when channels go (so a Shape feeding it is no barrier)."""
+    def reads_channel_count(self, node: onnx.NodeProto, name: str, g: GraphView) -> bool:
+        """Whether the node still means the same when the channel count that ``name`` is computed
+        from changes: it folds the count to a constant it rewrites (Slice bounds, Split sizes), or
+        the count lands where the node keeps channels (a Reshape target's channel entry)."""
         return False
 
     def prune_output(self, node: onnx.NodeProto, keep: np.ndarray, g: GraphView) -> None:

@@ -51,7 +51,7 @@ class Split(Handler):
             return None
         return ChannelRule(slices=[(node.input[0], list(node.output), 0)])
 
-    def folds_bound(self, node, name, g):
+    def reads_channel_count(self, node, name, g):
         return name == node.input[1] and name != node.input[0] and self.rule(node, g) is not None
 
     def prune_through(self, node, keep, g):
@@ -114,7 +114,7 @@ class Slice(Handler):
         span = self._channel_range(node, g, axes)
         return None if span is None else ChannelRule(slices=[(node.input[0], [node.output[0]], span[0])])
 
-    def folds_bound(self, node, name, g):
+    def reads_channel_count(self, node, name, g):
         axes = self._axes(node, g)
         return (axes == [1] and name in node.input[1:3] and name not in (node.input[0], *node.input[3:])
                 and self._channel_range(node, g, axes) is not None)

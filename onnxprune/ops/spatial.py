@@ -6,6 +6,8 @@ import numpy as np
 
 from ..graphview import attr
 from .base import ChannelRule, Handler, register
+from .layout import channel_entry_rule, rewrite_channel_entry
+from .shapes import ShapeValues, constant_elements, reads_channels
 
 
 def _tie(node) -> ChannelRule:
@@ -25,50 +27,86 @@ class Pool(Handler):
 
 @register("Pad")
 class Pad(Handler):
-    """Pad keeps channels as long as it pads no channels."""
+    """Pad keeps channels as long as it provably pads no channels: the pads may be computed at run
+    time (TF-style "same" padding) as long as the channel entries are constant zeros."""
 
     def rule(self, node, g):
-        pads = g.input_const(node, 1) if len(node.input) > 1 else None
-        if pads is None:
-            pads = attr(node, "pads")
-        if pads is None:
+        rank = len(g.shape(node.input[0]) or ())
+        if len(node.input) > 1 and node.input[1]:
+            pads = ShapeValues(g).of(node.input[1])
+        else:
+            value = attr(node, "pads")
+            pads = None if value is None else constant_elements(value)
+        if pads is None or rank < 2 or pads.ndim != 1:
             return None
-        pads = np.asarray(pads)
-        axes = g.input_const(node, 3) if len(node.input) > 3 and node.input[3] else None
-        rank = len(pads) // 2
-        if axes is not None:
-            ndim = len(g.shape(node.input[0]) or ())
-            axes = [int(a) % ndim for a in axes] if ndim else list(axes)
-            if 1 in axes and (pads[axes.index(1)] or pads[axes.index(1) + rank]):
+        pads = list(pads)
+        half = len(pads) // 2
+        axes = list(range(half))
+        if len(node.input) > 3 and node.input[3]:
+            known = ShapeValues(g).known(node.input[3])
+            if known is None:
                 return None
-        elif rank > 1 and (pads[1] or pads[1 + rank]):
+            axes = [int(a) % rank for a in known]
+        if len(axes) != half:
             return None
+        for i, axis in enumerate(axes):
+            for entry in (pads[i], pads[i + half]):
+                if axis == 1 and not (entry.constant and entry.value == 0):
+                    return None
+                if reads_channels(g, entry):
+                    return None
         return _tie(node)
 
 
 @register("Resize", "Upsample")
 class Resize(Handler):
-    """Resizing keeps channels when the channel scale is 1; an explicit ``sizes`` is rewritten."""
+    """Resizing keeps channels when the channel scale is 1 or the channel size is the count itself
+    (a constant, rewritten when channels go, or ``x.size(1)`` computed at run time)."""
 
-    def _scales_sizes(self, node, g):
+    def _inputs(self, node) -> tuple[str, str]:
         if node.op_type == "Upsample":
-            return g.input_const(node, 1), None
-        return g.input_const(node, 2), g.input_const(node, 3)
+            return (node.input[1] if len(node.input) > 1 else ""), ""
+        return tuple(node.input[i] if len(node.input) > i else "" for i in (2, 3))
+
+    def _entries(self, node, g):
+        """(scales, sizes) as entry lists (None when absent), or None when untrackable."""
+        values = ShapeValues(g)
+        found = []
+        for name in self._inputs(node):
+            elems = values.of(name) if name else None
+            if name and (elems is None or elems.ndim != 1):
+                return None
+            found.append(None if elems is None or elems.size == 0 else list(elems))
+        return found
 
     def rule(self, node, g):
-        scales, sizes = self._scales_sizes(node, g)
-        if scales is not None and scales.size > 1:
-            return _tie(node) if scales[1] == 1 else None
-        if sizes is not None and sizes.size > 1 and (len(node.input) < 4 or attr(node, "axes") is None):
-            return _tie(node)
-        return None
+        rank = len(g.shape(node.input[0]) or ())
+        entries = self._entries(node, g)
+        if entries is None or rank < 2 or attr(node, "axes") is not None:
+            return None
+        scales, sizes = entries
+        ties = [(node.input[0], node.output[0])]
+        for kind, found in (("scales", scales), ("sizes", sizes)):
+            if found is None:
+                continue
+            if len(found) != rank or any(reads_channels(g, e) for i, e in enumerate(found) if i != 1):
+                return None
+            if kind == "scales" and not (found[1].constant and found[1].value == 1):
+                return None
+            if kind == "sizes":
+                ok, extra = channel_entry_rule(g, found[1], node.input[0], node)
+                if not ok:
+                    return None
+                ties += extra
+        return None if scales is None and sizes is None else ChannelRule(ties=ties)
+
+    def reads_channel_count(self, node, name, g):
+        return name in self._inputs(node) and name != node.input[0] and self.rule(node, g) is not None
 
     def prune_through(self, node, keep, g):
-        scales, sizes = self._scales_sizes(node, g)
-        if (scales is None or scales.size <= 1) and sizes is not None:
-            new = sizes.copy()
-            new[1] = len(keep)
-            g.set_const(node, 3, new)
+        _, sizes = self._entries(node, g)
+        if sizes is not None:
+            rewrite_channel_entry(g, sizes[1], len(keep), node)
 
 
 @register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceProd")

@@ -1,0 +1,250 @@
+"""Issue 15: the patterns real exporters emit — shape arithmetic, run-time "same" padding,
+``view(x.size(0), -1)``, constant Reshape targets that write the channel count, Expand, Squeeze —
+pass channels through; the variants that would change meaning stay barriers."""
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+from conftest import check_pruned, run
+from graphs import Builder
+from test_any_graph import analyse_at
+
+import onnxprune
+from onnxprune.graphview import GraphView
+from onnxprune.ops.shapes import ShapeValues
+from onnxprune.rewrite import finalize, prune_group
+
+RNG = np.random.default_rng(0)
+
+
+def i64(*values) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def dim(b: Builder, x: str, axis: int) -> str:
+    """``x.size(axis)`` as a 1-element int64 tensor (Shape → Gather → Unsqueeze, as torch exports)."""
+    scalar = b.node("Gather", [b.node("Shape", [x]), b.const(np.array(axis, np.int64))], axis=0)
+    if b.opset < 13:
+        return b.node("Unsqueeze", [scalar], axes=[0])
+    return b.node("Unsqueeze", [scalar, b.const(i64(0))])
+
+
+def same_pad_amount(b: Builder, x: str, axis: int, k: int, s: int) -> str:
+    """TF "same": ``max((ceil(i / s) - 1) * s + k - i, 0)`` computed from the run-time size."""
+    size = b.node("Cast", [dim(b, x, axis)], to=onnx.TensorProto.FLOAT)
+    steps = b.node("Ceil", [b.node("Div", [size, b.const(np.array([s], np.float32))])])
+    total = b.node("Sub", [b.node("Add", [b.node("Mul", [b.node("Sub", [steps, b.const(np.array([1], np.float32))]),
+                                                         b.const(np.array([s], np.float32))]),
+                                          b.const(np.array([k], np.float32))]), size])
+    total = b.node("Max", [total, b.const(np.array([0], np.float32))])
+    return b.node("Cast", [total, ], to=onnx.TensorProto.INT64)
+
+
+def same_pad(b: Builder, x: str, k: int, s: int, torch_style: bool) -> str:
+    """Pad ``x`` at run time; ``torch_style`` reorders ``F.pad``'s list as torch's exporter does
+    (ConstantOfShape, Reshape(-1, 2), reversed Slice, Transpose, Reshape(-1))."""
+    th, tw = same_pad_amount(b, x, 2, k, s), same_pad_amount(b, x, 3, k, s)
+    two = b.const(i64(2))
+    top, left = b.node("Div", [th, two]), b.node("Div", [tw, two])
+    bottom, right = b.node("Sub", [th, top]), b.node("Sub", [tw, left])
+    if not torch_style:
+        zeros = b.const(i64(0, 0))
+        pads = b.node("Concat", [zeros, top, left, zeros, bottom, right], axis=0)
+    else:
+        fpad = b.node("Concat", [left, right, top, bottom], axis=0)  # F.pad order: last dim first
+        extra = b.node("ConstantOfShape", [b.const(i64(4))], value=onnx.numpy_helper.from_array(i64(0)))
+        pairs = b.node("Reshape", [b.node("Concat", [fpad, extra], axis=0), b.const(i64(-1, 2))])
+        flipped = b.node("Slice", [pairs, b.const(i64(-1)), b.const(i64(-(2 ** 62))), b.const(i64(0)),
+                                   b.const(i64(-1))])
+        pads = b.node("Reshape", [b.node("Transpose", [flipped], perm=[1, 0]), b.const(i64(-1))])
+    return b.node("Pad", [x, pads])
+
+
+def head(b: Builder, x: str, c: int, classes: int = 5) -> onnx.ModelProto:
+    return b.build(b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1), c, classes))
+
+
+def mbconv_same(torch_style: bool = False, opset: int = 13) -> onnx.ModelProto:
+    """conv → ReLU → run-time same pad → depthwise 3×3 stride 2 → ReLU → 1×1 → GAP → Gemm."""
+    b = Builder(in_shape=("N", 3, "H", "W"), opset=opset)
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    x = b.node("Relu", [b.conv(same_pad(b, x, 3, 2, torch_style), 16, 16, stride=2, group=16, pad=0)])
+    return head(b, b.node("Relu", [b.conv(x, 16, 12, k=1, pad=0)]), 12)
+
+
+def keep_all_but_one(model: onnx.ModelProto, x: np.ndarray, drop: bool) -> onnx.ModelProto:
+    """Every prunable group keeps all its channels (or all but its last), no reconstruction."""
+    model = copy.deepcopy(model)
+    g, groups = analyse_at(model, x.shape)
+    g = GraphView(model, g.shapes)
+    from onnxprune.graph import find_groups
+    for grp in find_groups(g):
+        if grp.prunable and grp.owner and not grp.coupled:
+            n = grp.channels // grp.segments
+            keep = np.concatenate([np.arange(s * n, (s + 1) * n - int(drop)) for s in range(grp.segments)])
+            prune_group(g, grp, keep, grp.channels)
+    return finalize(model)
+
+
+def assert_passes_through(model: onnx.ModelProto, channels: int, sizes=((2, 3, 16, 16), (3, 3, 20, 14))) -> None:
+    """The group of ``channels`` channels is prunable; keeping every channel is exact; dropping one
+    per group runs at two input sizes with the original output shapes."""
+    x = RNG.normal(0, 1, sizes[0]).astype(np.float32)
+    g, groups = analyse_at(model, x.shape)
+    owner = [grp for grp in groups if grp.owner and grp.channels == channels]
+    assert owner and all(grp.prunable for grp in owner), [grp.reason for grp in owner]
+    same = keep_all_but_one(model, x, drop=False)
+    onnx.checker.check_model(same, full_check=True)
+    for size in sizes:
+        xs = RNG.normal(0, 1, size).astype(np.float32)
+        assert all(np.array_equal(a, b) for a, b in zip(run(model, xs), run(same, xs)))
+    fewer = keep_all_but_one(model, x, drop=True)
+    onnx.checker.check_model(fewer, full_check=True)
+    for size in sizes:
+        xs = RNG.normal(0, 1, size).astype(np.float32)
+        assert [o.shape for o in run(fewer, xs)] == [o.shape for o in run(model, xs)]
+
+
+def assert_prunes(model: onnx.ModelProto, speedup: float = 1.5, size=(3, 16, 16)) -> None:
+    x = RNG.normal(0, 1, (64, *size)).astype(np.float32)
+    result = onnxprune.prune(model, x, speedup=speedup, measure_latency=False)
+    assert result.report.totals.macs_speedup >= speedup * 0.97, result.report.totals.macs_speedup
+    check_pruned(result.model, model, x[:8], max_rel_err=1.0)
+
+
+# ---------------------------------------------------------------- shape values
+def test_shape_values_know_which_dims_each_entry_reads():
+    b = Builder(in_shape=("N", 3, "H", "W"))
+    x = b.conv("input", 3, 8)
+    pads_name = None
+    out = same_pad(b, x, 3, 2, torch_style=True)
+    pads_name = b.nodes[-1].input[1]
+    model = b.build(b.conv(out, 8, 4, pad=0))
+    g, _ = analyse_at(model, (1, 3, 15, 16))
+    entries = list(ShapeValues(g).of(pads_name))
+    assert [e.value for e in entries] == [0, 0, 1, 0, 0, 0, 1, 1]
+    assert all(e.constant for e in (entries[0], entries[1], entries[4], entries[5]))
+    assert {d[1] for e in entries[2:4] + entries[6:] for d in e.dims} <= {2, 3}
+
+
+# ---------------------------------------------------------------- run-time "same" padding
+@pytest.mark.parametrize("torch_style", [False, True])
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_runtime_same_padding_passes_channels(torch_style, opset):
+    assert_passes_through(mbconv_same(torch_style, opset), 16)
+
+
+def test_runtime_same_padding_prunes():
+    assert_prunes(mbconv_same(torch_style=True))
+
+
+def test_pad_with_runtime_channel_pads_stays_a_barrier():
+    """Pads whose channel entries come from a spatial size would pad channels: a barrier."""
+    b = Builder(in_shape=("N", 3, "H", "W"))
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    h = b.node("Div", [dim(b, x, 2), b.const(i64(8))])
+    zero = b.const(i64(0))
+    pads = b.node("Concat", [zero, h, zero, zero, zero, zero, zero, zero], axis=0)
+    model = b.build(b.conv(b.node("Pad", [x, pads]), 9, 4, pad=0), out_shape=["N", 4, "H", "W"])
+    g, groups = analyse_at(model, (1, 3, 8, 8))
+    grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert not grp.prunable and "Pad" in grp.reason
+
+
+def test_constant_channel_pads_stay_a_barrier():
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    model = b.build(b.conv(b.node("Pad", [x, b.const(i64(0, 1, 0, 0, 0, 0, 0, 0))]), 9, 4))
+    g, groups = analyse_at(model, (1, 3, 8, 8))
+    grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert not grp.prunable and "Pad" in grp.reason
+
+
+# ---------------------------------------------------------------- Reshape
+def view_head(target: str) -> onnx.ModelProto:
+    """conv → ReLU → conv → ReLU → Reshape (flatten) → Gemm; ``target`` picks how it is spelled."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    x = b.node("Relu", [b.conv(x, 8, 6, stride=2)])  # [N, 6, 4, 4]
+    if target == "view_size0":  # x.view(x.size(0), -1)
+        shape = b.node("Concat", [dim(b, x, 0), b.const(i64(-1))], axis=0)
+    elif target == "constant":  # x.reshape(-1, 96)
+        shape = b.const(i64(-1, 96))
+    elif target == "size0_and_count":  # x.view(x.size(0), 96)
+        shape = b.node("Concat", [dim(b, x, 0), b.const(i64(96))], axis=0)
+    else:  # x.view(x.size(0), x.size(1), -1) then a flatten
+        shape = b.node("Concat", [dim(b, x, 0), dim(b, x, 1), b.const(i64(-1))], axis=0)
+        x = b.node("Reshape", [x, shape])
+        shape = b.const(i64(0, -1))
+    return b.build(b.gemm(b.node("Reshape", [x, shape]), 96, 5))
+
+
+@pytest.mark.parametrize("target", ["view_size0", "constant", "size0_and_count", "size0_size1"])
+def test_reshape_that_flattens_passes_channels(target):
+    model = view_head(target)
+    assert_passes_through(model, 6, sizes=((2, 3, 8, 8), (5, 3, 8, 8)))
+    assert_prunes(model, size=(3, 8, 8))
+
+
+def test_shape_whose_channel_entry_reaches_a_reshape_target_elsewhere_stays_a_barrier():
+    """``x.view(N, 2, C // 2, -1)`` (a channel shuffle) moves channels: a barrier."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    half = b.node("Div", [dim(b, x, 1), b.const(i64(2))])
+    shape = b.node("Concat", [dim(b, x, 0), b.const(i64(2)), half, b.const(i64(-1))], axis=0)
+    y = b.node("Reshape", [b.node("Reshape", [x, shape]), b.const(i64(0, 8, 8, 8))])
+    model = b.build(b.conv(y, 8, 4))
+    g, groups = analyse_at(model, (1, 3, 8, 8))
+    grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    assert not grp.prunable
+
+
+def paddle_se(c: int = 8) -> onnx.ModelProto:
+    """Squeeze-excite as PaddlePaddle writes it: constant Reshape targets hold the channel count."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, c)])
+    s = b.node("Reshape", [b.node("GlobalAveragePool", [x]), b.const(i64(-1, c))])
+    s = b.node("Relu", [b.gemm(s, c, c // 2)])
+    s = b.node("HardSigmoid", [b.gemm(s, c // 2, c)], alpha=0.2, beta=0.5)
+    gate = b.node("Reshape", [s, b.const(i64(-1, c, 1, 1))])
+    x = b.node("Mul", [x, gate])
+    return head(b, b.node("Relu", [b.conv(x, c, 6)]), 6)
+
+
+def test_paddle_squeeze_excite_constant_targets_are_rewritten():
+    model = paddle_se()
+    assert_passes_through(model, 8, sizes=((2, 3, 8, 8), (4, 3, 8, 8)))
+    assert_prunes(model, size=(3, 8, 8))
+
+
+# ---------------------------------------------------------------- Resize, Expand, Squeeze
+def test_resize_with_sizes_computed_from_the_input_shape():
+    """``F.interpolate(x, size=(2h, 2w))``: sizes = [N, C, 2H, 2W] computed from ``Shape(x)``."""
+    b = Builder(in_shape=("N", 3, "H", "W"))
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    nc = b.node("Slice", [b.node("Shape", [x]), b.const(i64(0)), b.const(i64(2))])
+    hw = b.node("Mul", [b.node("Slice", [b.node("Shape", [x]), b.const(i64(2)), b.const(i64(4))]), b.const(i64(2))])
+    sizes = b.node("Concat", [nc, hw], axis=0)
+    y = b.node("Resize", [x, "", "", sizes], mode="nearest")
+    model = b.build(b.conv(y, 8, 4), out_shape=["N", 4, "H2", "W2"])
+    assert_passes_through(model, 8, sizes=((1, 3, 8, 8), (2, 3, 6, 10)))
+
+
+def test_expand_of_a_gate_to_the_trunk_shape():
+    b = Builder(in_shape=("N", 3, "H", "W"))
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    gate = b.node("Sigmoid", [b.conv(b.node("GlobalAveragePool", [x]), 8, 8, k=1, pad=0)])
+    y = b.node("Mul", [x, b.node("Expand", [gate, b.node("Shape", [x])])])
+    model = b.build(b.conv(y, 8, 4), out_shape=["N", 4, "H", "W"])
+    assert_passes_through(model, 8, sizes=((1, 3, 8, 8), (2, 3, 6, 10)))
+
+
+def test_squeeze_after_pooling_into_matmul():
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    s = b.node("Squeeze", [b.node("GlobalAveragePool", [x]), b.const(i64(2, 3))])
+    w = b.const(RNG.normal(0, 0.3, (8, 5)).astype(np.float32))
+    model = b.build(b.node("MatMul", [s, w]))
+    assert_passes_through(model, 8, sizes=((2, 3, 8, 8), (3, 3, 8, 8)))
