@@ -124,9 +124,46 @@ class _Spaces:
             self.parent[rb] = ra
 
 
+def _activations(node: onnx.NodeProto, g: GraphView) -> list[str]:
+    return [t for t in node.input if t and not g.is_const(t) and len(g.shape(t) or ()) >= 2]
+
+
+def assign_channel_axes(g: GraphView) -> None:
+    """Find which axis holds each tensor's channels (``g.channel_axes``; axis 1 unless said).
+
+    Layers fix axis 1 on what they produce; ``any_axis`` ops (activations, element-wise ops,
+    reductions, Transpose) carry the axis of their main input forward. Tensors that no layer
+    reaches (the model input of a channels-last graph) take it back from their readers.
+    """
+    axes: dict[str, int] = {}
+    nodes = list(g.graph.node)
+    for node in nodes:
+        handler = handler_for(node)
+        ins = _activations(node, g)
+        axis = None
+        if not handler.any_axis:
+            axis = 1
+        elif ins and ins[0] in axes:
+            axis = handler.output_axis(node, g, axes[ins[0]])
+        if axis is not None:
+            axes.update((o, axis) for o in node.output if o)
+    for node in reversed(nodes):
+        handler = handler_for(node)
+        ins = _activations(node, g)
+        out = node.output[0] if node.output else ""
+        if handler.any_axis and ins and ins[0] not in axes and out in axes:
+            axis = handler.input_axis(node, g, axes[out])
+            if axis is not None:
+                axes.update((t, axis) for t in ins if t not in axes)
+    g.channel_axes = {t: a for t, a in axes.items() if a != 1}
+
+
 def _rule(node: onnx.NodeProto, g: GraphView) -> ChannelRule | None:
+    handler = handler_for(node)
+    if not handler.any_axis and any(g.channel_axis(t) != 1 for t in _activations(node, g)):
+        return None  # channels held on another axis reach an op that reads them on axis 1
     try:
-        return handler_for(node).rule(node, g)
+        return handler.rule(node, g)
     except (ValueError, IndexError, KeyError, TypeError) as exc:  # odd attributes: stay safe
         log.debug("treating %s '%s' as a barrier: %s", node.op_type, node.name, exc)
         return None
@@ -174,6 +211,7 @@ def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[st
 
 def find_groups(g: GraphView) -> list[ChannelGroup]:
     """Split the graph's channel axes into groups, in graph order of their first tensor."""
+    assign_channel_axes(g)
     spaces = _Spaces()
     rules, blocked = _link_spaces(g, spaces)
     groups: dict[str, ChannelGroup] = {}

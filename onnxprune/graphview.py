@@ -22,6 +22,7 @@ class GraphView:
         self.model = model
         self.graph = model.graph
         self.shapes: dict[str, tuple[int, ...]] = dict(shapes or {})
+        self.channel_axes: dict[str, int] = {}  # tensors whose channels are not on axis 1 (set by analysis)
         self._arrays: dict[str, np.ndarray] = {}
         self._counter = 0
         self.reindex()
@@ -97,10 +98,14 @@ class GraphView:
             return tuple(self.initializers[name].dims)
         return None
 
+    def channel_axis(self, name: str) -> int:
+        """The axis that holds a tensor's channels: 1 unless analysis found a channels-last layout."""
+        return self.channel_axes.get(name, 1)
+
     def channels(self, name: str) -> int | None:
-        """Size of axis 1 (the channel axis) of a tensor, when known."""
-        shape = self.shape(name)
-        return shape[1] if shape is not None and len(shape) >= 2 else None
+        """Size of the channel axis of a tensor, when known."""
+        shape, axis = self.shape(name), self.channel_axis(name)
+        return shape[axis] if shape is not None and len(shape) >= 2 and axis < len(shape) else None
 
     def nodes_by_type(self, *op_types: str) -> Iterable[onnx.NodeProto]:
         return (n for n in self.graph.node if n.op_type in op_types)

@@ -24,10 +24,10 @@ def prune_group(g: GraphView, group: ChannelGroup, keep: np.ndarray, width: int)
     for c in group.consumers:
         handler_for(c.node).prune_input(c.node, keep, c.block, g)
     for t in group.tensors:
-        shape = g.shapes.get(t)
+        shape, axis = g.shapes.get(t), g.channel_axis(t)
         if shape is not None and len(shape) >= 2:
-            per_channel = shape[1] // width if width else 1
-            g.shapes[t] = (shape[0], len(keep) * per_channel, *shape[2:])
+            per_channel = shape[axis] // width if width else 1
+            g.shapes[t] = (*shape[:axis], len(keep) * per_channel, *shape[axis + 1:])
 
 
 @contextlib.contextmanager

@@ -248,13 +248,18 @@ def test_reshape_that_is_not_a_flatten_is_a_barrier(target):
     assert not grp.prunable and "Reshape" in grp.reason and "barrier" in grp.reason
 
 
-def test_transpose_is_a_barrier_even_with_another_consumer():
+@pytest.mark.parametrize("reader", ["Softmax", "Conv"])
+def test_transpose_into_an_op_that_cannot_take_channels_last_is_a_barrier(reader):
+    """Channels moved to axis 3 reach an op without a handler, or a Conv (which reads axis 1)."""
     b = Builder()
     x = b.node("Relu", [b.conv("input", 3, 8)])
-    model = b.build(b.node("Transpose", [x], perm=[0, 2, 3, 1]), b.conv(x, 8, 2, k=1, pad=0))
+    t = b.node("Transpose", [x], perm=[0, 2, 3, 1])
+    y = b.node("Softmax", [t], axis=-1) if reader == "Softmax" else b.conv(t, 8, 4)
+    model = b.build(b.conv(b.node("Relu", [y]), 8 if reader == "Softmax" else 4, 2, k=1, pad=0),
+                    b.conv(x, 8, 2, k=1, pad=0))
     g, groups = analyse(model)
-    grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
-    assert not grp.prunable and "Transpose" in grp.reason
+    grp = next(grp for grp in groups if grp.owner and grp.channels == 8 and "conv3_out" in grp.tensors)
+    assert not grp.prunable and reader in grp.reason
 
 
 def test_custom_domain_op_blocks_its_channels():

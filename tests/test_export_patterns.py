@@ -248,3 +248,42 @@ def test_squeeze_after_pooling_into_matmul():
     w = b.const(RNG.normal(0, 0.3, (8, 5)).astype(np.float32))
     model = b.build(b.node("MatMul", [s, w]))
     assert_passes_through(model, 8, sizes=((2, 3, 8, 8), (3, 3, 8, 8)))
+
+
+# ---------------------------------------------------------------- channels-last (tf2onnx)
+def tf2onnx_nhwc(residual: bool, opset: int = 13) -> onnx.ModelProto:
+    """NHWC input; each Conv wrapped as ``Transpose(0,3,1,2) → Conv → Transpose(0,2,3,1)``; NHWC
+    bias Add, scale Mul, ReLU6 as Clip with min/max inputs, a residual Add, ReduceMean over H, W
+    and a MatMul head."""
+    b = Builder(in_shape=("N", "H", "W", 3), opset=opset)
+
+    def conv_nhwc(x: str, cin: int, cout: int) -> str:
+        y = b.conv(b.node("Transpose", [x], perm=[0, 3, 1, 2]), cin, cout, bias=False)
+        y = b.node("Transpose", [y], perm=[0, 2, 3, 1])
+        y = b.node("Add", [y, b.const(RNG.normal(0, 0.1, cout).astype(np.float32))])
+        y = b.node("Mul", [y, b.const(RNG.uniform(0.5, 1.5, cout).astype(np.float32))])
+        return b.node("Clip", [y, b.const(np.array(0, np.float32)), b.const(np.array(6, np.float32))])
+
+    x = b.node("Sub", ["input", b.const(np.array([0.1, 0.2, 0.3], np.float32))])
+    x = conv_nhwc(x, 3, 8)
+    y = conv_nhwc(conv_nhwc(x, 8, 12), 12, 8)
+    if residual:
+        y = b.node("Add", [x, y])
+    pooled = b.node("ReduceMean", [b.node("Relu", [y])], axes=[1, 2], keepdims=0)
+    logits = b.node("MatMul", [pooled, b.const(RNG.normal(0, 0.3, (8, 5)).astype(np.float32))])
+    return b.build(b.node("Add", [logits, b.const(np.zeros(5, np.float32))]))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_channels_last_graph_passes_channels_through_transposes(residual):
+    model = tf2onnx_nhwc(residual)
+    x = RNG.normal(0, 1, (2, 8, 8, 3)).astype(np.float32)
+    g, groups = analyse_at(model, x.shape)
+    assert g.channel_axes  # some tensors hold channels on axis 3
+    prunable = sorted(grp.channels for grp in groups if grp.owner and grp.prunable and not grp.coupled)
+    assert prunable == ([12] if residual else [8, 8, 12]), [(grp.channels, grp.reason) for grp in groups]
+    assert_passes_through(model, 12, sizes=((2, 8, 8, 3), (3, 10, 6, 3)))
+
+
+def test_channels_last_graph_prunes():
+    assert_prunes(tf2onnx_nhwc(residual=False), size=(8, 8, 3))

@@ -54,12 +54,22 @@ class Handler:
     """Base handler: a barrier (no rule). Subclasses describe how channels pass through."""
 
     op_type = ""
+    any_axis = False  # works on channels held on any axis (``g.channel_axis``), not only axis 1
     joins_branches = False  # an element-wise join of several branches (residual Add, Max, ...)
     sums_branches = False  # ... whose output is the sum of its inputs (Add, Sum)
 
     def rule(self, node: onnx.NodeProto, g: GraphView) -> ChannelRule | None:
         """The node's channel rule, or None when the node must be a barrier."""
         return None
+
+    def output_axis(self, node: onnx.NodeProto, g: GraphView, axis: int) -> int | None:
+        """The channel axis of the outputs when the main input holds channels on ``axis``
+        (``any_axis`` handlers only; None when the channels do not survive)."""
+        return axis
+
+    def input_axis(self, node: onnx.NodeProto, g: GraphView, axis: int) -> int | None:
+        """The inverse of :meth:`output_axis`: the input's channel axis for an output's ``axis``."""
+        return axis
 
     def reads_channel_count(self, node: onnx.NodeProto, name: str, g: GraphView) -> bool:
         """Whether the node still means the same when the channel count that ``name`` is computed

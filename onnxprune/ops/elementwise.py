@@ -15,6 +15,8 @@ from .base import ChannelRule, Handler, register
 class Unary(Handler):
     """One activation in, the same channels out; extra inputs (Clip bounds, …) are scalars."""
 
+    any_axis = True
+
     def rule(self, node, g):
         if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
             return None  # the mask output would need slicing too
@@ -34,11 +36,11 @@ class ClipHandler(Unary):
         return super().rule(node, g)
 
 
-def _channel_axis_of_const(const_shape: tuple[int, ...], out_rank: int) -> int | None:
-    """Axis of a broadcast constant that lines up with the output's channel axis, if it varies."""
-    axis = len(const_shape) - (out_rank - 1)
-    if 0 <= axis < len(const_shape) and const_shape[axis] > 1:
-        return axis
+def _channel_axis_of_const(const_shape: tuple[int, ...], out_rank: int, axis: int) -> int | None:
+    """Axis of a broadcast constant that lines up with the output's channel ``axis``, if it varies."""
+    aligned = len(const_shape) - (out_rank - axis)
+    if 0 <= aligned < len(const_shape) and const_shape[aligned] > 1:
+        return aligned
     return None
 
 
@@ -47,9 +49,9 @@ def _slice_channel_const(node, index: int, keep: np.ndarray, g) -> None:
     rank = len(g.shape(node.output[0]) or ()) or 4
     if value is None:
         return
-    axis = _channel_axis_of_const(value.shape, rank)
-    if axis is not None:
-        g.set_const(node, index, np.take(value, keep, axis=axis))
+    aligned = _channel_axis_of_const(value.shape, rank, g.channel_axis(node.output[0]))
+    if aligned is not None:
+        g.set_const(node, index, np.take(value, keep, axis=aligned))
 
 
 @register("Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow")
@@ -61,9 +63,11 @@ class Binary(Handler):
     channels; an activation broadcast over channels (size 1 there) is left out of the tie.
     """
 
+    any_axis = True
+
     def rule(self, node, g):
-        out_shape = g.shape(node.output[0])
-        if out_shape is None or len(out_shape) < 2:
+        out_shape, axis = g.shape(node.output[0]), g.channel_axis(node.output[0])
+        if out_shape is None or len(out_shape) < 2 or axis >= len(out_shape):
             return None
         ties = []
         for i, name in enumerate(node.input):
@@ -73,15 +77,15 @@ class Binary(Handler):
             if shape is None:
                 return None
             if g.is_const(name):
-                axis = _channel_axis_of_const(shape, len(out_shape))
-                if axis is not None and shape[axis] != out_shape[1]:
+                aligned = _channel_axis_of_const(shape, len(out_shape), axis)
+                if aligned is not None and shape[aligned] != out_shape[axis]:
                     return None
                 continue
-            if len(shape) != len(out_shape):
+            if len(shape) != len(out_shape) or g.channel_axis(name) != axis:
                 return None
-            if shape[1] == out_shape[1]:
+            if shape[axis] == out_shape[axis]:
                 ties.append((name, node.output[0]))
-            elif shape[1] != 1:
+            elif shape[axis] != 1:
                 return None
         if not ties:
             return None

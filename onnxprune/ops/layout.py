@@ -1,4 +1,5 @@
-"""Ops that change a tensor's layout but keep its channels: Reshape, Expand, Squeeze, Unsqueeze.
+"""Ops that change a tensor's layout but keep its channels: Reshape, Expand, Squeeze, Unsqueeze,
+Transpose.
 
 A ``Reshape`` keeps the channel axis when the output's axis 0 is the input's batch and axis 1 holds
 the input's channels, each as ``block`` consecutive entries (``block`` > 1 only for a flatten to
@@ -149,3 +150,29 @@ class SqueezeUnsqueeze(Handler):
         if any(int(a) % rank < 2 for a in np.atleast_1d(axes)):
             return None
         return ChannelRule(ties=[(node.input[0], node.output[0])])
+
+
+@register("Transpose")
+class Transpose(Handler):
+    """Moves the channel axis (channels-last graphs: tf2onnx wraps each Conv in two Transposes)."""
+
+    any_axis = True
+
+    def _perm(self, node, g) -> list[int] | None:
+        shape = g.shape(node.input[0])
+        if shape is None:
+            return None
+        return list(attr(node, "perm", list(range(len(shape)))[::-1]))
+
+    def rule(self, node, g):
+        if self._perm(node, g) is None or g.is_const(node.input[0]):
+            return None
+        return ChannelRule(ties=[(node.input[0], node.output[0])])
+
+    def output_axis(self, node, g, axis):
+        perm = self._perm(node, g)
+        return None if perm is None or axis not in perm else perm.index(axis)
+
+    def input_axis(self, node, g, axis):
+        perm = self._perm(node, g)
+        return None if perm is None or axis >= len(perm) else perm[axis]

@@ -311,10 +311,10 @@ def _cast(e: Element, to: int) -> Element:
 
 # ---------------------------------------------------------------------- channel dims
 def is_channel_dim(g: GraphView, dim: Dim) -> bool:
-    """Whether ``dim`` is the channel axis (axis 1) of a tensor of rank ≥ 2."""
+    """Whether ``dim`` is the channel axis of a tensor of rank ≥ 2."""
     tensor, axis = dim
     shape = g.shape(tensor)
-    return axis == 1 and shape is not None and len(shape) >= 2
+    return axis == g.channel_axis(tensor) and shape is not None and len(shape) >= 2
 
 
 def reads_channels(g: GraphView, e: Element) -> bool:
@@ -364,7 +364,7 @@ def set_entry(g: GraphView, e: Element, value: int, node: onnx.NodeProto) -> Non
 def channel_count_flows_safely(g: GraphView, shape_node: onnx.NodeProto) -> bool:
     """Whether the channel entry of ``Shape(x)`` reaches only nodes that take a changed channel
     count (a dim entry that never reaches anything, or only batch and spatial entries, is safe)."""
-    channel = (shape_node.input[0], 1)
+    channel = (shape_node.input[0], g.channel_axis(shape_node.input[0]))
     values = ShapeValues(g)
     todo, seen = [shape_node.output[0]], set()
     while todo:
@@ -400,6 +400,8 @@ def _carries_value(node: onnx.NodeProto, name: str) -> bool:
 class Shape(Handler):
     """Reads a tensor's size only: not a barrier unless its channel entry reaches a node that
     cannot take a changed channel count."""
+
+    any_axis = True
 
     def rule(self, node, g):
         if not channel_count_flows_safely(g, node):

@@ -111,23 +111,40 @@ class Resize(Handler):
 
 @register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceProd")
 class Reduce(Handler):
-    """A reduction over spatial axes keeps channels (kept at axis 1)."""
+    """A reduction over batch or spatial axes keeps channels (on a lower axis without keepdims)."""
 
-    def rule(self, node, g):
+    any_axis = True
+
+    def _axes(self, node, g) -> set[int] | None:
         shape = g.shape(node.input[0])
         if shape is None:
             return None
         axes = attr(node, "axes")
         if axes is None and len(node.input) > 1 and node.input[1]:
-            axes = g.input_const(node, 1)
-            if axes is None:
-                return None
-        if axes is None:
-            return None  # reduces every axis
-        axes = {int(a) % len(shape) for a in axes}
-        if 1 in axes or (0 in axes and not attr(node, "keepdims", 1)):
+            axes = ShapeValues(g).known(node.input[1])
+        if axes is None or len(axes) == 0:
+            return None  # reduces every axis (or axes unknown)
+        return {int(a) % len(shape) for a in np.atleast_1d(axes)}
+
+    def rule(self, node, g):
+        axes = self._axes(node, g)
+        if axes is None or g.channel_axis(node.input[0]) in axes:
             return None
         return _tie(node)
+
+    def output_axis(self, node, g, axis):
+        axes = self._axes(node, g)
+        if axes is None or axis in axes:
+            return None
+        return axis if attr(node, "keepdims", 1) else axis - sum(1 for a in axes if a < axis)
+
+    def input_axis(self, node, g, axis):
+        axes = self._axes(node, g)
+        if axes is None or attr(node, "keepdims", 1):
+            return axis
+        rank = len(g.shape(node.input[0]))
+        kept = [a for a in range(rank) if a not in axes]
+        return kept[axis] if axis < len(kept) else None
 
 
 @register("Flatten")
