@@ -165,8 +165,27 @@ def build_cost_model(g: GraphView, groups: list[ChannelGroup]) -> CostModel:
 
 
 def count_params(g: GraphView) -> int:
-    """Number of float parameters held in initializers."""
-    return int(sum(np.prod(t.dims) for t in g.graph.initializer if t.data_type in FLOAT_TYPES))
+    """Number of float parameters: in initializers and in ``Constant`` nodes (the package's one
+    count, for the report, ``inspect`` and ``gate``). PaddlePaddle and constant-folded exports
+    keep their weights in ``Constant`` nodes; pruning turns those into initializers first, so
+    counting both keeps the original's and the pruned model's figures comparable."""
+    count = sum(int(np.prod(t.dims)) for t in g.graph.initializer if t.data_type in FLOAT_TYPES)
+    return count + sum(_constant_floats(n) for n in g.graph.node
+                       if n.op_type == "Constant" and n.domain in ("", "ai.onnx"))
+
+
+def _constant_floats(node: onnx.NodeProto) -> int:
+    """Float values a ``Constant`` node holds (0 for integer constants such as shapes)."""
+    for a in node.attribute:
+        if a.name == "value" and a.t.data_type in FLOAT_TYPES:
+            return int(np.prod(a.t.dims))
+        if a.name == "sparse_value" and a.sparse_tensor.values.data_type in FLOAT_TYPES:
+            return int(np.prod(a.sparse_tensor.values.dims))
+        if a.name == "value_float":
+            return 1
+        if a.name == "value_floats":
+            return len(a.floats)
+    return 0
 
 
 def round_width(channels: int, ratio: float, multiple: int, segments: int = 1) -> int:

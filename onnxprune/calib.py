@@ -7,14 +7,14 @@ batches by index, checked against the model's inputs before any work starts.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .errors import CalibrationError
+from .errors import CalibrationError, OptionError
 
 # Larger calibration values overflow float32 activations and the statistics built from them.
 MAX_ABS_VALUE = 1e6
@@ -339,11 +339,61 @@ def random_subset(indices: np.ndarray, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed + 1).choice(indices, count, replace=False))
 
 
-def synthetic_calibration(model: onnx.ModelProto) -> Calibration:
-    """One all-zeros sample, for data-free runs on models with static input shapes."""
+def parse_shapes(specs: Sequence[str], model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Input shapes from ``--shape`` values: ``1x3x224x224`` for a model with one input, or
+    ``NAME:1x3x224x224`` per input. Every dim is a positive integer, one per axis of the input,
+    and the model's static dims are kept as they are (:class:`OptionError` otherwise)."""
+    inputs = {i.name: i for i in model_inputs(model)}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, _, dims = spec.rpartition(":")  # input names may hold ':' (TensorFlow's "x:0")
+        if not name:
+            if len(inputs) != 1:
+                raise OptionError(f"--shape {spec}: the model has {len(inputs)} inputs "
+                                  f"({', '.join(inputs)}); name one, e.g. --shape NAME:{dims}")
+            name = next(iter(inputs))
+        if name not in inputs:
+            raise OptionError(f"--shape {spec}: the model has no input '{name}' (inputs: {', '.join(inputs)})")
+        if name in shapes:
+            raise OptionError(f"--shape gives input '{name}' twice")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not shape or min(shape) < 1:
+            raise OptionError(f"--shape {spec}: dims must be positive integers joined by 'x', e.g. 1x3x224x224")
+        want = inputs[name].shape
+        if want and len(want) != len(shape):
+            raise OptionError(f"--shape {spec}: input '{name}' has rank {len(want)} ({_fmt(want)}), not {len(shape)}")
+        for axis, (have, fixed) in enumerate(zip(shape, want)):
+            if fixed is not None and have != fixed:
+                raise OptionError(f"--shape {spec}: input '{name}' fixes axis {axis} to {fixed} ({_fmt(want)})")
+        shapes[name] = shape
+    return shapes
+
+
+def zeros_calibration(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None,
+                      size: int | None = None) -> Calibration:
+    """All-zeros input: at ``shapes[name]`` where given (as many samples as its batch dim), else
+    one sample at the input's static dims, a dynamic one set to ``size`` (CalibrationError when
+    ``size`` is None)."""
+    shapes = shapes or {}
     arrays = {}
     for inp in model_inputs(model):
-        if any(d is None for d in inp.shape[1:]):
+        if inp.name in shapes:
+            arrays[inp.name] = np.zeros(shapes[inp.name], dtype=inp.dtype)
+            continue
+        if size is None and any(d is None for d in inp.shape[1:]):
             raise CalibrationError(f"input '{inp.name}' has dynamic dims; pass --calib so shapes can be measured")
-        arrays[inp.name] = np.zeros((1, *[d for d in inp.shape[1:]]), dtype=inp.dtype)
+        arrays[inp.name] = np.zeros((1, *[size if d is None else d for d in inp.shape[1:]]), dtype=inp.dtype)
     return Calibration(arrays)
+
+
+def dynamic_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None) -> list[str]:
+    """The inputs with a dynamic dim besides the batch that ``shapes`` leaves unset."""
+    return [i.name for i in model_inputs(model) if i.name not in (shapes or {}) and None in i.shape[1:]]
+
+
+def synthetic_calibration(model: onnx.ModelProto) -> Calibration:
+    """One all-zeros sample, for data-free runs on models with static input shapes."""
+    return zeros_calibration(model)

@@ -111,12 +111,20 @@ def _image_options(args: argparse.Namespace) -> ImageOptions:
                         color=Color(args.color) if args.color else None)
 
 
+def _add_shape(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", action="append", metavar="[NAME:]DIMS",
+                   help="input shape for runs without --calib, e.g. 1x3x224x224, or NAME:1x3x224x224 per input "
+                        "(repeatable); dynamic dims not given: batch 1, others the first of 224, 32, 64 … the "
+                        "model runs at")
+
+
 def build_inspect_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxprune inspect", description="Print a model's MACs, params, size, prunable channel "
-                "groups and barrier ops.")
+                "groups, the share of its MACs pruning can reach, and the barrier ops keeping the rest.")
     p.add_argument("model", type=Path)
     p.add_argument("--calib", type=Path, help="calibration data fixing dynamic input dims (else zeros at the "
-                   "model's static shape)")
+                   "model's static shape, or --shape)")
+    _add_shape(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_image_options(p)
     _add_verbosity(p)
@@ -139,6 +147,7 @@ def build_gate_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error", type=float, metavar="E", help="relative output error vs --reference at most E")
     p.add_argument("--min-speedup", type=float, metavar="S", help="measured latency speedup vs --reference")
     p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
+    _add_shape(p)
     _add_image_options(p)
     _add_verbosity(p)
     return p
@@ -152,17 +161,26 @@ def build_bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default 1 16)")
     p.add_argument("--repeats", type=int, default=30, help="timed runs per model and batch (default 30)")
+    _add_shape(p)
     _add_image_options(p)
     _add_verbosity(p)
     return p
 
 
+def _inputs(args: argparse.Namespace, model):
+    """Calibration data, or zeros at ``--shape`` (and default sizes for dynamic dims)."""
+    from .calib import parse_shapes
+    from .summary import calibration_or_zeros
+
+    return calibration_or_zeros(model, args.calib, _image_options(args), parse_shapes(args.shape or [], model))
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    from .summary import calibration_or_zeros, load_checked, summarize
+    from .summary import load_checked, summarize
 
     model = load_checked(args.model)
-    summary = summarize(model, calibration_or_zeros(model, args.calib, _image_options(args)))
-    print(json.dumps(summary.__dict__, indent=2) if args.json else summary.text())
+    summary = summarize(model, _inputs(args, model))
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.text())
     return EXIT_OK
 
 
@@ -170,7 +188,7 @@ def _gate(args: argparse.Namespace) -> int:
     from .latency import latency_ms
     from .budget import count_params
     from .graphview import GraphView
-    from .summary import calibration_or_zeros, fidelity, load_checked, model_macs
+    from .summary import fidelity, load_checked, model_macs
 
     needs_ref = [f for f in ("min_agreement", "max_error", "min_speedup") if getattr(args, f) is not None]
     if needs_ref and args.reference is None:
@@ -179,7 +197,9 @@ def _gate(args: argparse.Namespace) -> int:
         raise PruneError("no limit given; pass --max-size-mb, --max-macs, --max-params, --min-agreement, "
                          "--max-error or --min-speedup")
     model = load_checked(args.model)
-    cal = calibration_or_zeros(model, args.calib, _image_options(args))
+    # --max-params and --max-size-mb run nothing: no default input shape is looked for them
+    runs = args.max_macs is not None or needs_ref or args.calib is not None or args.shape
+    cal = _inputs(args, model) if runs else None
     checks: list[tuple[str, float, float, bool]] = []  # (what, value, limit, ok)
     if args.max_size_mb is not None:
         size = args.model.stat().st_size / 1e6
@@ -220,10 +240,10 @@ def _gate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .summary import bench, calibration_or_zeros, load_checked
+    from .summary import bench, load_checked
 
     models = [load_checked(m) for m in args.models]
-    cal = calibration_or_zeros(models[0], args.calib, _image_options(args))
+    cal = _inputs(args, models[0])
     if any(b < 1 for b in args.batch) or args.repeats < 1:
         raise PruneError("--batch sizes and --repeats must be >= 1")
     print(f"{'model':<40} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'samples/s':>10} {'speedup':>8}")

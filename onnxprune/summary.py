@@ -3,70 +3,140 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
-from .activations import batch_size_for, fitting_batch, tensor_shapes
+from .activations import (ORT_ERRORS, batch_size_for, fitting_batch, padded_feed, session, static_batch,
+                          tensor_shapes)
 from .budget import count_params, graph_macs
-from .calib import Calibration, ImageOptions, load_calibration, synthetic_calibration
+from .calib import (Calibration, ImageOptions, dynamic_inputs, load_calibration, model_inputs,
+                    zeros_calibration)
 from .candidates import choose_candidates
 from .fold import constants_to_initializers, fold_batchnorm
+from .errors import CalibrationError, ModelError, OptionError
 from .graph import find_groups
 from .graphview import GraphView
 from .io import check_opset, load_model, model_bytes
 from .latency import Latency, latency_ms, measure
 from .ops import handler_for
+from .prunable import Barrier, prunability
 from .report import LayerRow, Totals
+from .runtime import import_ort
 from .verify import OutputFidelity, compare
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class ModelSummary:
-    """Cost of a model at the calibration input shape, and its prunable channel groups."""
+    """Cost of a model at one input shape, its prunable channel groups and MACs, and its barriers."""
 
     macs: int
     params: int
     size_bytes: int
     groups: list[tuple[str, int, str]] = field(default_factory=list)  # (name, channels, "" or why not)
-    barriers: dict[str, int] = field(default_factory=dict)  # op type -> count of nodes without a handler
+    inputs: dict[str, list[int]] = field(default_factory=dict)  # the input shapes the figures are at
+    prunable_macs: int = 0  # of Conv/Gemm/MatMul layers a default run can narrow (see prunable.py)
+    residual_macs: int = 0  # further MACs --prune-residual reaches
+    barriers: list[Barrier] = field(default_factory=list)  # most locked MACs first
 
-    def text(self) -> str:
+    @property
+    def prunable_fraction(self) -> float:
+        return self.prunable_macs / self.macs if self.macs else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"prunable_fraction": self.prunable_fraction}
+
+    def text(self, max_barriers: int = 20) -> str:
         prunable = [g for g in self.groups if not g[2]]
-        lines = [f"MACs    {self.macs / 1e6:12.2f} M (one sample)",
+        shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in self.inputs.items())
+        lines = [f"input   {shapes}",
+                 f"MACs    {self.macs / 1e6:12.2f} M (one sample)",
                  f"params  {self.params / 1e6:12.3f} M",
                  f"size    {self.size_bytes / 1e6:12.2f} MB",
+                 f"prunable MACs: {100 * self.prunable_fraction:.1f} % of Conv/Gemm/MatMul MACs "
+                 f"({self.prunable_macs / 1e6:.2f} M)"
+                 + (f"; residual joins keep {100 * self.residual_macs / self.macs:.1f} % more "
+                    "(--prune-residual)" if self.residual_macs else ""),
                  f"channel groups: {len(self.groups)} with producers, {len(prunable)} prunable"]
         for name, channels, reason in self.groups:
             lines.append(f"  {'prunable' if not reason else 'kept    '} {channels:6d} ch  {name[:60]}"
                          + (f"  ({reason})" if reason else ""))
-        if self.barriers:
-            lines.append("barrier ops (channels never pruned through): "
-                         + ", ".join(f"{op} ×{n}" for op, n in sorted(self.barriers.items())))
+        locking = [b for b in self.barriers if b.locked_macs]
+        if locking:
+            lines.append("barriers, by the MACs of the kept layers next to them:")
+        shown = locking[:max_barriers]
+        for b in shown:
+            what = f"{b.op_type} '{b.node}': {b.why}" if b.op_type else b.why
+            lines.append(f"  {b.locked_macs / 1e6:10.2f} M {100 * b.locked_macs / max(self.macs, 1):5.1f} %  {what}")
+        if len(locking) > len(shown):
+            lines.append(f"  … {len(locking) - len(shown)} more (see --json)")
+        idle = Counter(b.op_type or "other" for b in self.barriers if not b.locked_macs)
+        if idle:
+            lines.append(f"{'other ' if locking else ''}barriers (locking no MACs): "
+                         + ", ".join(f"{op} ×{n}" for op, n in sorted(idle.items())))
         return "\n".join(lines)
 
 
-def calibration_or_zeros(model: onnx.ModelProto, calib, image_options: ImageOptions | None) -> Calibration:
-    """The user's calibration data, or one all-zeros sample when the input shape is static."""
-    return load_calibration(calib, model, image_options) if calib is not None else synthetic_calibration(model)
+# Dynamic input dims without --shape or --calib: the usual image size first, then the smallest
+# that runs (a model with fixed-size reshapes or strides may run at only some sizes).
+DEFAULT_SIZES = (224, 32, 64, 128, 256, 320, 384, 512, 640, 1024)
+
+
+def calibration_or_zeros(model: onnx.ModelProto, calib, image_options: ImageOptions | None,
+                         shapes: dict[str, tuple[int, ...]] | None = None) -> Calibration:
+    """The user's calibration data, or all-zeros input: at ``shapes`` (``--shape``) where given,
+    else the model's static shape with batch 1 and each other dynamic dim at the first of
+    :data:`DEFAULT_SIZES` the model runs at."""
+    if calib is not None:
+        if shapes:
+            raise OptionError("--shape is for runs without --calib: the calibration data fixes the input shapes")
+        return load_calibration(calib, model, image_options)
+    dynamic = dynamic_inputs(model, shapes)
+    if not dynamic:
+        return zeros_calibration(model, shapes)
+    try:
+        sess = session(model)
+    except ORT_ERRORS as exc:
+        raise ModelError(f"ONNX Runtime cannot load the model ({' '.join(str(exc).split())[:300]}); check that "
+                         "it runs in ONNX Runtime (custom ops, training-mode nodes)") from None
+    quiet = import_ort().RunOptions()
+    quiet.log_severity_level = 4  # a size that does not run is expected here: no ORT error log
+    last = ""
+    for size in DEFAULT_SIZES:
+        cal = zeros_calibration(model, shapes, size)
+        try:
+            sess.run(None, padded_feed(cal, np.arange(1), static_batch(model)), quiet)
+        except ORT_ERRORS as exc:
+            last = " ".join(str(exc).split())[:200]
+            continue
+        used = ", ".join(f"{n}:{'x'.join(map(str, cal.arrays[n].shape))}" for n in dynamic)
+        log.warning("dynamic input dims: measuring at --shape %s (choose the shape with --shape)", used)
+        return cal
+    raise CalibrationError(f"input '{dynamic[0]}' has dynamic dims and the model runs at none of the sizes "
+                           f"{', '.join(map(str, DEFAULT_SIZES))} ({last}); pass --shape NAME:1x3xHxW or --calib")
 
 
 def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
-    """MACs, params, size and channel groups of ``model`` (BN folded for the analysis, as pruning does)."""
+    """MACs, params, size, channel groups, prunable MACs and barriers of ``model`` (BN folded
+    for the analysis, as pruning does)."""
     work = copy.deepcopy(model)
     constants_to_initializers(work)
     fold_batchnorm(work, {})
-    g = GraphView(work, tensor_shapes(work, cal))
+    shapes = tensor_shapes(work, cal)
+    g = GraphView(work, shapes)
     groups = find_groups(g)
-    macs = graph_macs(g)
     candidates, skipped = choose_candidates(groups, g, prune_coupled=False, needs_data=False)
     rows = [(grp.name, grp.channels, "") for grp in candidates if grp.producers and grp.owner]
     rows += [(name, next(x.channels for x in groups if x.name == name), reason) for name, reason in skipped]
-    barriers = Counter(n.op_type for n in work.graph.node if n.input and handler_for(n).rule(n, g) is None
-                       and handler_for(n).macs(n, g) == 0 and len(g.shape(n.input[0]) or ()) >= 3)
-    return ModelSummary(macs, count_params(GraphView(model)), model_bytes(model), rows, dict(barriers))
+    reach = prunability(g, groups)
+    inputs = {i.name: list(shapes.get(i.name, ())) for i in model_inputs(model)}
+    return ModelSummary(reach.total_macs, count_params(GraphView(model)), model_bytes(model), rows, inputs,
+                        reach.prunable_macs, reach.residual_macs, reach.barriers)
 
 
 def model_macs(model: onnx.ModelProto, cal: Calibration) -> int:
