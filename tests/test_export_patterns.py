@@ -12,9 +12,12 @@ from graphs import Builder
 from test_any_graph import analyse_at
 
 import onnxprune
+from onnxprune.graph import find_groups
 from onnxprune.graphview import GraphView
+from onnxprune.group_pruner import GroupPruner
+from onnxprune.options import PruneOptions
 from onnxprune.ops.shapes import ShapeValues
-from onnxprune.rewrite import finalize, prune_group
+from onnxprune.rewrite import finalize
 
 RNG = np.random.default_rng(0)
 
@@ -75,16 +78,20 @@ def mbconv_same(torch_style: bool = False, opset: int = 13) -> onnx.ModelProto:
 
 
 def keep_all_but_one(model: onnx.ModelProto, x: np.ndarray, drop: bool) -> onnx.ModelProto:
-    """Every prunable group keeps all its channels (or all but its last), no reconstruction."""
+    """Every prunable group keeps all its channels (or all but its last per conv group), rewritten
+    where they flow (Split/Slice/Concat sites too), without reconstruction."""
     model = copy.deepcopy(model)
-    g, groups = analyse_at(model, x.shape)
+    g, _ = analyse_at(model, x.shape)
     g = GraphView(model, g.shapes)
-    from onnxprune.graph import find_groups
-    for grp in find_groups(g):
-        if grp.prunable and grp.owner and not grp.coupled:
-            n = grp.channels // grp.segments
-            keep = np.concatenate([np.arange(s * n, (s + 1) * n - int(drop)) for s in range(grp.segments)])
-            prune_group(g, grp, keep, grp.channels)
+    groups = find_groups(g)
+    units = [grp for grp in groups if grp.prunable and grp.owner and not grp.coupled]
+    keep = {}
+    for grp in units:
+        n = grp.channels // grp.segments
+        keep[grp.index] = np.concatenate([np.arange(s * n, (s + 1) * n - int(drop)) for s in range(grp.segments)])
+    pruner = GroupPruner(g, groups, PruneOptions(), None, {}, keep=keep)
+    for grp in units:
+        pruner.prune_unit(grp, len(keep[grp.index]))
     return finalize(model)
 
 
@@ -287,3 +294,34 @@ def test_channels_last_graph_passes_channels_through_transposes(residual):
 
 def test_channels_last_graph_prunes():
     assert_prunes(tf2onnx_nhwc(residual=False), size=(8, 8, 3))
+
+
+# ---------------------------------------------------------------- more ops as handlers
+def mobile_ops(opset: int) -> onnx.ModelProto:
+    """HardSwish, x·sigmoid(x), Clip with min/max inputs, Mul/Div by scalars, Identity, Dropout,
+    Resize with scales, Split into equal halves (``num_outputs`` at opset 18), ReduceMean with axes
+    as attribute (≤ 17) or input (18)."""
+    b = Builder(opset=opset)
+    f32 = lambda v: b.const(np.array(v, np.float32))  # noqa: E731
+    x = b.conv("input", 3, 16)
+    x = b.node("HardSwish", [x]) if opset >= 14 else b.node("Mul", [x, b.node("HardSigmoid", [x])])
+    x = b.node("Mul", [x, b.node("Sigmoid", [x])])
+    x = b.node("Clip", [b.node("Div", [b.node("Mul", [x, f32(2.0)]), f32(2.0)]), f32(0.0), f32(6.0)])
+    x = b.node("Dropout", [b.node("Identity", [x])])
+    roi = f32(np.zeros(0)) if opset < 13 else ""
+    x = b.node("Resize", [x, roi, f32([1, 1, 2, 2])], mode="nearest")
+    if opset >= 18:
+        halves = b.node("Split", [x], n_out=2, axis=1, num_outputs=2)
+    else:
+        halves = b.node("Split", [x], n_out=2, axis=1, **({"split": [8, 8]} if opset < 13 else {}))
+    x = b.node("Add", [b.conv(halves[0], 8, 8), b.conv(halves[1], 8, 8)])
+    if opset >= 18:
+        pooled = b.node("ReduceMean", [x, b.const(i64(2, 3))], keepdims=1)
+    else:
+        pooled = b.node("ReduceMean", [x], axes=[2, 3], keepdims=1)
+    return b.build(b.gemm(b.node("Flatten", [pooled], axis=1), 8, 5))
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17, 18])
+def test_mobile_ops_pass_channels(opset):
+    assert_passes_through(mobile_ops(opset), 16, sizes=((2, 3, 8, 8), (3, 3, 8, 8)))
