@@ -257,6 +257,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .arch import architecture
     from .pipeline import prune
+    from .verify import poor_fidelity
 
     output = args.output or args.model.with_name(args.model.stem + ".pruned.onnx")
     check_output(output, force=args.force, protected=(args.model,))  # before any work is done
@@ -294,6 +295,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"onnxprune: targets not met under --max-drop {args.max_drop:g}: the written model is the most "
               f"pruned one that holds it ({t.macs_speedup:.2f}x fewer MACs, "
               f"{t.params[1] / max(t.params[0], 1):.1%} params, {t.size_bytes[1] / 1e6:.2f} MB)", file=sys.stderr)
+        return EXIT_TARGET
+    poor = poor_fidelity(result.report.fidelity) if args.max_drop is None else ""
+    if poor:
+        print(f"onnxprune: the pruned model looks broken: on {result.report.calibration.get('holdout', 0)} held-out "
+              f"samples {poor}; try more calibration images, a milder target or --allocation uniform, or set your "
+              f"own limit with --max-drop (model written to {output})", file=sys.stderr)
         return EXIT_TARGET
     return EXIT_OK
 

@@ -20,6 +20,7 @@ class OutputFidelity:
     relative_error: float  # ‖y' − y‖ / ‖y‖ over all held-out samples
     max_abs_diff: float
     top1_agreement: float | None  # for outputs that look like class scores [N, K]
+    samples: int = 0  # held-out samples the agreement was counted on
 
 
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibration,
@@ -40,10 +41,41 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
                 s[3] += int((a.argmax(1) == b.argmax(1)).sum())
                 s[4] += a.shape[0]
     return [OutputFidelity(n, (s[0] / s[1]) ** 0.5 if s[1] > 0 else float(s[0] > 0), s[2],
-                           s[3] / s[4] if s[4] else None) for n, s in acc.items()]
+                           s[3] / s[4] if s[4] else None, s[4]) for n, s in acc.items()]
 
 
 def guard_loss(fidelity: list[OutputFidelity]) -> float:
     """What ``--max-drop`` bounds: the worst output's top-1 disagreement for class scores,
     otherwise its relative error."""
     return max((1 - f.top1_agreement if f.top1_agreement is not None else f.relative_error) for f in fidelity)
+
+
+# What the CLI treats as a broken result when no --max-drop is given: a pruned classifier that
+# changes more than one held-out decision in ten, or another output (boxes, maps, embeddings)
+# whose error is about a third of its own size, is not a model to hand on silently. Agreement
+# counted on a few held-out images is noisy, so it is judged by its upper confidence bound.
+POOR_AGREEMENT = 0.90
+POOR_RELATIVE_ERROR = 0.30
+_Z = 1.645  # one-sided 95 %
+
+
+def agreement_upper_bound(agreement: float, samples: int) -> float:
+    """Wilson upper confidence bound of a top-1 agreement measured on ``samples`` images."""
+    if samples <= 0:
+        return 1.0
+    z2n = _Z * _Z / samples
+    centre = agreement + z2n / 2
+    spread = _Z * (agreement * (1 - agreement) / samples + z2n / (4 * samples)) ** 0.5
+    return min(1.0, (centre + spread) / (1 + z2n))
+
+
+def poor_fidelity(fidelity: list[OutputFidelity]) -> str:
+    """Why held-out fidelity is too poor to call the run a success ('' when it is not)."""
+    for f in fidelity:
+        if f.top1_agreement is not None and agreement_upper_bound(f.top1_agreement, f.samples) < POOR_AGREEMENT:
+            return f"output '{f.name}' keeps {f.top1_agreement:.1%} top-1 agreement with the original " \
+                   f"(clearly below {POOR_AGREEMENT:.0%})"
+        if f.top1_agreement is None and f.relative_error > POOR_RELATIVE_ERROR:
+            return f"output '{f.name}' is off by a relative error of {f.relative_error:.2f} " \
+                   f"(above {POOR_RELATIVE_ERROR:.2f})"
+    return ""

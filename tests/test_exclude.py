@@ -147,7 +147,8 @@ def test_cli_repeated_exclude_reaches_the_report(tmp_path, capfd):
     model, calib = _files(tmp_path)
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
     code = cli.main([str(model), "--calib", str(calib), "--speedup", "1.15", "--round-to", "1", "--no-latency",
-                     "--exclude", "relu4_out", "--exclude", "gemm*", "-o", str(out), "--report", str(report), "-q"])
+                     "--exclude", "relu4_out", "--exclude", "gemm*", "-o", str(out), "--report", str(report), "-q",
+                     "--max-drop", "0.99"])  # a random-weight model: fidelity is not what is tested
     assert code == 0, capfd.readouterr().err
     original = onnx.load(model)
     check_pruned(onnx.load(out), original, calib_for(original, 16), max_rel_err=0.8)

@@ -170,6 +170,22 @@ def test_max_drop_met_first_time_keeps_the_target(vgg):
     assert result.report.targets_met and result.report.totals.macs_speedup >= 1.2
 
 
+def test_poor_held_out_fidelity_exits_1_with_one_line_and_the_model_written(tmp_path, capsys):
+    """The default safety net: a broken result is not handed on as a success; --max-drop replaces it."""
+    model = tiny_vgg()
+    x = calib_for(model, 80)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", x)
+    args = [str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"), "-o", str(tmp_path / "p.onnx"), "--speedup",
+            "4", "--method", "random", "--no-reconstruct", "--allocation", "uniform", "--no-latency", "-q", "--force"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "looks broken" in err[0] and "held-out" in err[0] and "--max-drop" in err[0], err
+    check_pruned(onnx.load(tmp_path / "p.onnx"), model, x[:16], max_rel_err=10.0)
+    assert main(args + ["--max-drop", "0.99"]) == 0
+    assert "looks broken" not in capsys.readouterr().err
+
+
 @pytest.fixture
 def files(tmp_path):
     model = tiny_resnet()
