@@ -26,17 +26,46 @@ per block type, and listed in ``ZOO`` (name -> spec):
                             C2f halves with chunk (-> Shape/Gather/Div/Slice in ONNX)
     yolov8n_split           the same net, C2f halves with split((c, c), 1) (-> one Split node)
 
+Export patterns of real exporters (small nets, 224 px):
+
+    effnet_tf_same          MBConv net (expand, 3x3 / 5x5 depthwise at stride 1 and 2, SE with SiLU /
+                            Sigmoid gate, projection, residuals) whose kxk convs pad TF-'same' at run
+                            time as efficientnet_pytorch / timm ``pad_same`` do: Shape -> Gather ->
+                            Cast -> Div -> Ceil -> Sub -> Mul -> Add -> Add -> Sub -> Clip -> Div ->
+                            Cast -> Cast -> Sub -> Unsqueeze -> Concat -> Cast -> Concat(ConstantOfShape)
+                            -> Reshape -> Slice -> Transpose -> Reshape -> Cast -> Pad -> Conv;
+                            dynamic H/W (checked at 225 x 191, odd sizes pad asymmetrically)
+    view_classifier         five convs + max-pool to 64x7x7, ``x.view(x.size(0), -1)`` -> 2-layer MLP:
+                            Shape -> Gather(0) -> Unsqueeze -> Concat(.., [-1]) -> Reshape -> Gemm
+    view_const_classifier   the same with ``x.reshape(-1, C*H*W)``: Reshape to constant [-1, 3136]
+    paddle_se               SE-ResNet basic blocks with paddle2onnx-style SE: GlobalAveragePool ->
+                            Reshape to constant [-1, C] (or [0, C]) -> Gemm, MatMul + Add, or
+                            Reshape [-1, C, 1, 1] -> 1x1 Conv -> ReLU -> .. -> HardSigmoid -> Mul;
+                            head GlobalAveragePool -> Reshape [-1, C] -> Gemm
+    tf2onnx_nhwc            built with onnx.helper (no TensorFlow): NHWC input [N, H, W, 3], each conv
+                            Transpose(0,3,1,2) -> Conv -> Transpose(0,2,3,1), NHWC per-channel Add /
+                            Mul constants of shape [C], Relu, Relu6 as Clip(x, min, max), residual
+                            Adds, depthwise convs, SAME_UPPER stride-2 convs, ReduceMean(axes 1, 2)
+                            -> MatMul -> Add; dynamic N / H / W
+    (mobilenet_v3_small covers nn.Hardswish / nn.Hardsigmoid: HardSwish ops at opset >= 14,
+     HardSigmoid + Mul at 11 / 13; HardSigmoid at every opset. Build it with --opsets 11 13 17 18.)
+
 Export: legacy TorchScript exporter (``dynamo=False``), eval mode, constant folding on (so a
 BatchNorm that directly follows a Conv is folded into it; pre-activation BNs, as in DenseNet,
 stay as BatchNormalization nodes), input named ``input``, dynamic batch axis, and dynamic
-height / width for the fully convolutional nets (unet_small, yolov8n).
+height / width for the fully convolutional nets (unet_small, yolov8n) and for those whose trunk
+is (effnet_tf_same, tf2onnx_nhwc; their class outputs have a dynamic batch only). paddle_se is
+patched after export (``patch_paddle_zero``: some [-1, C] targets become [0, C]); tf2onnx_nhwc is
+written by ``write_tf2onnx_nhwc`` from its torch module, which is its reference.
 
 Weights are random but deterministic (seed 0). BatchNorm affine parameters are randomised and the
 running statistics are set by one training-mode forward pass on random data, so that the folded
 weights are non-trivial and activations stay at a sane scale in deep nets.
 
 Verification runs onnxruntime on a batch of 2 (the export traces batch 1), and for the fully
-convolutional nets on a non-square input, so that the dynamic axes are exercised too.
+convolutional nets on a non-square input, so that the dynamic axes are exercised too
+(effnet_tf_same and tf2onnx_nhwc at two sizes). tf2onnx_nhwc has no BatchNorm; its kernels are
+scaled so that each conv output has unit std on random data (``TF2ONNXNet.calibrate``).
 """
 
 from __future__ import annotations
@@ -569,6 +598,376 @@ class YOLOv8(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# EfficientNet-style with TensorFlow "same" padding computed at run time (efficientnet_pytorch /
+# timm ports of TF checkpoints)
+# --------------------------------------------------------------------------------------------
+
+def get_same_padding(x, k: int, s: int, d: int):
+    """Total TF-'same' padding of one spatial dim: ``max((ceil(x / s) - 1) * s + (k - 1) * d + 1 - x, 0)``.
+
+    timm's ``get_same_padding``: plain ints in eager mode, tensor arithmetic when the size is a
+    traced tensor, so the export keeps the computation (a ``math.ceil`` / ``max`` on a traced size,
+    as efficientnet_pytorch writes it, bakes ``ceil(x / s)`` in as a constant of the trace size).
+    """
+    if isinstance(x, torch.Tensor):
+        return torch.clamp(((x / s).ceil() - 1) * s + (k - 1) * d + 1 - x, min=0)
+    return max((math.ceil(x / s) - 1) * s + (k - 1) * d + 1 - x, 0)
+
+
+def pad_same(x: torch.Tensor, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int] = (1, 1)):
+    """timm's ``pad_same`` / efficientnet_pytorch's ``Conv2dDynamicSamePadding`` padding: the odd
+    pixel goes to the bottom / right, computed from the input size at run time."""
+    ih, iw = x.size()[-2:]
+    ph = get_same_padding(ih, k[0], s[0], d[0])
+    pw = get_same_padding(iw, k[1], s[1], d[1])
+    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv2d with run-time TF 'same' padding (exported: Shape -> Gather -> Cast -> Div -> Ceil ->
+    Sub -> Mul -> Add -> Sub -> Clip -> Div ... -> Unsqueeze -> Concat -> ... -> Pad -> Conv)."""
+
+    def __init__(self, cin: int, cout: int, k: int, s: int = 1, groups: int = 1, bias: bool = False):
+        super().__init__(cin, cout, k, s, 0, groups=groups, bias=bias)
+
+    def forward(self, x):
+        return self._conv_forward(pad_same(x, self.kernel_size, self.stride, self.dilation),
+                                  self.weight, self.bias)
+
+
+class ConvBNActSame(nn.Module):
+    """ConvBNAct whose kxk convs (k > 1) pad at run time; 1x1 convs need none (efficientnet_pytorch
+    traces its zero-padding branch away for them)."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1,
+                 act: Callable[[], nn.Module] | None = nn.SiLU):
+        super().__init__()
+        self.conv = (Conv2dSame(cin, cout, k, s, groups) if k > 1
+                     else nn.Conv2d(cin, cout, 1, s, 0, groups=groups, bias=False))
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = act() if act is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class MBConvSame(nn.Module):
+    """MBConv with 'same'-padded depthwise conv: 1x1 expand (SiLU) -> kxk depthwise (SiLU) ->
+    SE (SiLU / Sigmoid gate) -> 1x1 projection (+ residual when stride 1 and cin == cout)."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers = [] if expand == 1 else [ConvBNActSame(cin, hidden, 1)]
+        layers += [ConvBNActSame(hidden, hidden, k, stride, groups=hidden),
+                   SqueezeExcite(hidden, max(1, cin // 4), act=nn.SiLU, gate=nn.Sigmoid),
+                   ConvBNActSame(hidden, cout, 1, act=None)]
+        self.block = nn.Sequential(*layers)
+        self.use_res = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = self.block(x)
+        return x + y if self.use_res else y
+
+
+class EffNetTFSame(nn.Module):
+    CFG = [(1, 3, 1, 16), (4, 3, 2, 24), (4, 3, 1, 24), (4, 5, 2, 40), (4, 3, 1, 40),
+           (4, 3, 2, 80)]  # (expand, k, stride, out)
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        layers, cin = [ConvBNActSame(3, 32, 3, 2)], 32
+        for e, k, s, c in self.CFG:
+            layers.append(MBConvSame(cin, c, k, s, e))
+            cin = c
+        layers.append(ConvBNActSame(cin, 320, 1))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(320, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Plain CNN with a view / reshape head (LeNet / AlexNet / VGG-era classifiers)
+# --------------------------------------------------------------------------------------------
+
+class ViewClassifier(nn.Module):
+    """Five 3x3 convs and a max-pool down to 64 x 7 x 7 at 224 px, then a 2-layer MLP.
+
+    ``const=False``: ``x.view(x.size(0), -1)`` -> Shape -> Gather(0) -> Unsqueeze -> Concat with
+    [-1] -> Reshape. ``const=True``: ``x.reshape(-1, C * H * W)`` -> Reshape to a constant [-1, 3136].
+    """
+
+    def __init__(self, num_classes: int = 1000, const: bool = False):
+        super().__init__()
+        self.features = nn.Sequential(
+            ConvBNAct(3, 16, 3, 2), ConvBNAct(16, 32, 3, 2), nn.MaxPool2d(2, 2),
+            ConvBNAct(32, 64, 3, 2), ConvBNAct(64, 64, 3), ConvBNAct(64, 64, 3, 2))
+        self.flat = 64 * 7 * 7
+        self.const = const
+        self.classifier = nn.Sequential(nn.Linear(self.flat, 256), nn.ReLU(), nn.Dropout(0.5),
+                                        nn.Linear(256, num_classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        x = x.reshape(-1, self.flat) if self.const else x.view(x.size(0), -1)
+        return self.classifier(x)
+
+
+# --------------------------------------------------------------------------------------------
+# PaddlePaddle-style squeeze-excite: constant reshape targets that spell out the channel count
+# --------------------------------------------------------------------------------------------
+
+class PaddleSE(nn.Module):
+    """GAP -> Reshape to constant [-1, C] -> FC -> ReLU -> FC -> HardSigmoid -> Mul, as paddle2onnx
+    writes SE-ResNet-vd / PP-style blocks (reshape targets are hard-coded Python ints, so they
+    export as constants). Forms of the FCs:
+
+    ``gemm``    nn.Linear -> Gemm; Reshape to constant [-1, C, 1, 1], then HardSigmoid
+    ``matmul``  ``x @ W.T + b`` -> MatMul + Add (paddle's matmul_v2 + elementwise_add), HardSigmoid
+                on [N, C], then Reshape to [-1, C, 1, 1]; the first target is rewritten to [0, C]
+                after export (``patch_paddle_zero``)
+    ``conv``    Reshape [-1, C] -> Reshape [-1, C, 1, 1] -> 1x1 Conv -> ReLU -> 1x1 Conv -> HardSigmoid
+    """
+
+    def __init__(self, c: int, form: str, reduction: int = 4):
+        super().__init__()
+        self.c, self.form = c, form
+        r = make_divisible(c // reduction)
+        if form == "conv":
+            self.fc1, self.fc2 = nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1)
+        else:
+            self.fc1, self.fc2 = nn.Linear(c, r), nn.Linear(r, c)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x):
+        s = self.pool(x).view(-1, self.c)
+        if self.form == "conv":
+            s = self.gate(self.fc2(F.relu(self.fc1(s.view(-1, self.c, 1, 1)))))
+        elif self.form == "matmul":        # gate on [N, C], then Reshape
+            s = F.relu(s @ self.fc1.weight.t() + self.fc1.bias)
+            s = self.gate(s @ self.fc2.weight.t() + self.fc2.bias).view(-1, self.c, 1, 1)
+        else:                              # Reshape, then gate
+            s = self.gate(self.fc2(F.relu(self.fc1(s))).view(-1, self.c, 1, 1))
+        return x * s
+
+
+class PaddleSEBlock(nn.Module):
+    """SE-ResNet basic block: 3x3 -> 3x3 -> SE -> + shortcut (1x1 projection when needed) -> ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int, form: str):
+        super().__init__()
+        self.conv1 = ConvBNAct(cin, cout, 3, stride)
+        self.conv2 = ConvBNAct(cout, cout, 3, act=None)
+        self.se = PaddleSE(cout, form)
+        self.short = (ConvBNAct(cin, cout, 1, stride, act=None)
+                      if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        return F.relu(self.se(self.conv2(self.conv1(x))) + self.short(x))
+
+
+class PaddleSENet(nn.Module):
+    CFG = [(32, 2, "gemm"), (32, 1, "matmul"), (64, 2, "conv"), (64, 1, "gemm"),
+           (128, 2, "matmul")]  # (out, stride, SE form)
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        layers, cin = [ConvBNAct(3, 24, 3, 2), nn.MaxPool2d(3, 2, 1)], 24
+        for c, s, form in self.CFG:
+            layers.append(PaddleSEBlock(cin, c, s, form))
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.c = cin
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).view(-1, self.c))
+
+
+def _const_value(g, name: str):
+    """(node or initializer holding constant ``name``, its numpy value), or (None, None)."""
+    from onnx import numpy_helper
+
+    for t in g.initializer:
+        if t.name == name:
+            return t, numpy_helper.to_array(t)
+    for n in g.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return n, numpy_helper.to_array(n.attribute[0].t)
+    return None, None
+
+
+def patch_paddle_zero(model) -> None:
+    """Rewrite the 2-D constant targets [-1, C] of the ``matmul`` SE reshapes to [0, C] (0 copies the
+    batch dim), the other spelling paddle2onnx emits; the torch output is unchanged."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = model.graph
+    for node in g.node:
+        if node.op_type != "Reshape" or "/se/" not in node.name:
+            continue
+        holder, value = _const_value(g, node.input[1])
+        if value is None or value.shape != (2,) or value[0] != -1:
+            continue
+        # only the matmul-form blocks: their Reshape feeds a MatMul
+        if not any(n.op_type == "MatMul" and node.output[0] in n.input for n in g.node):
+            continue
+        name = node.input[1] + "_zero"
+        g.initializer.append(numpy_helper.from_array(np.array([0, value[1]], np.int64), name))
+        old, node.input[1] = node.input[1], name
+        if isinstance(holder, onnx.NodeProto) and not any(old in n.input for n in g.node):
+            g.node.remove(holder)
+    onnx.checker.check_model(model)
+
+
+# --------------------------------------------------------------------------------------------
+# tf2onnx-style channels-last graph (written with onnx.helper; the nn.Module is the reference)
+# --------------------------------------------------------------------------------------------
+
+class TF2ONNXNet(nn.Module):
+    """NHWC network in the shape tf2onnx converts Keras models to: every conv is
+    Transpose(0,3,1,2) -> Conv -> Transpose(0,2,3,1); bias / scale / activations / residual adds
+    run on NHWC tensors with per-channel [C] constants; ReLU6 is Clip(x, 0, 6) with min / max
+    inputs; head ReduceMean over axes [1, 2] -> MatMul [C, classes] -> Add. The stride-2 3x3
+    convs use ``auto_pad=SAME_UPPER``, as tf2onnx writes SAME padding for unknown input sizes.
+
+    Layers (name, cin, cout, k, stride, group, post-ops); ``res`` adds the tensor saved by ``save``.
+    """
+
+    LAYERS = [
+        ("stem", 3, 16, 3, 2, 1, ("bias", "relu")),
+        ("conv1", 16, 32, 3, 1, 1, ("scale", "bias", "relu6", "save")),
+        ("dw1", 32, 32, 3, 1, 32, ("bias", "relu6")),
+        ("pw1", 32, 32, 1, 1, 1, ("scale", "bias", "res", "relu")),
+        ("conv2", 32, 64, 3, 2, 1, ("bias", "relu", "save")),
+        ("dw2", 64, 64, 3, 1, 64, ("scale", "bias", "relu6")),
+        ("pw2", 64, 64, 1, 1, 1, ("bias", "res", "relu6")),
+        ("conv3", 64, 96, 3, 2, 1, ("mul_bias", "relu")),
+    ]
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.convs = nn.ModuleDict()
+        self.scale = nn.ParameterDict()
+        self.bias = nn.ParameterDict()
+        for name, cin, cout, k, s, g, post in self.LAYERS:
+            self.convs[name] = nn.Conv2d(cin, cout, k, s, 0, groups=g, bias=False)
+            if "scale" in post or "mul_bias" in post:
+                self.scale[name] = nn.Parameter(torch.empty(cout).uniform_(0.5, 1.5))
+            self.bias[name] = nn.Parameter(torch.empty(cout).normal_(0.0, 0.05))
+        self.fc = nn.Linear(self.LAYERS[-1][2], num_classes)
+        self.layer_spec = {spec[0]: spec for spec in self.LAYERS}
+
+    def layer(self, name: str, x: torch.Tensor, saved: torch.Tensor | None):
+        """One conv and its NHWC post-ops; returns (output, tensor saved for a later residual)."""
+        _, _, _, k, _, _, post = self.layer_spec[name]
+        conv = self.convs[name]
+        y = x.permute(0, 3, 1, 2)
+        y = conv(pad_same(y, conv.kernel_size, conv.stride) if k > 1 else y)
+        x = y.permute(0, 2, 3, 1)
+        for op in post:
+            if op == "scale":
+                x = x * self.scale[name]
+            elif op == "bias":
+                x = x + self.bias[name]
+            elif op == "mul_bias":            # a folded BN written as Add then Mul
+                x = (x + self.bias[name]) * self.scale[name]
+            elif op == "relu":
+                x = F.relu(x)
+            elif op == "relu6":
+                x = torch.clamp(x, 0.0, 6.0)
+            elif op == "save":
+                saved = x
+            elif op == "res":
+                x = x + saved
+        return x, saved
+
+    def forward(self, x):                     # x: N, H, W, C
+        saved = None
+        for name, *_ in self.LAYERS:
+            x, saved = self.layer(name, x, saved)
+        return self.fc(x.mean((1, 2)))
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Data-dependent init (no BatchNorm here): scale each kernel so its conv output has unit std."""
+        saved = None
+        for name, *_ in self.LAYERS:
+            conv = self.convs[name]
+            y = conv(pad_same(x.permute(0, 3, 1, 2), conv.kernel_size, conv.stride))
+            conv.weight /= y.std()
+            x, saved = self.layer(name, x, saved)
+
+
+def write_tf2onnx_nhwc(model: TF2ONNXNet, opset: int, path: Path) -> None:
+    """Write ``model`` as tf2onnx would (NHWC input [N, H, W, 3], dynamic N / H / W)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(op: str, inputs: list[str], name: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [f"{name}:0"], name=name, **attrs))
+        return f"{name}:0"
+
+    f32 = lambda t: t.detach().numpy().astype(np.float32)  # noqa: E731
+    relu6_min = const("relu6/min", np.array(0.0, np.float32))
+    relu6_max = const("relu6/max", np.array(6.0, np.float32))
+    x, saved = "input", None
+    for name, cin, cout, k, s, g, post in model.LAYERS:
+        p = f"model/{name}"
+        conv = model.convs[name]
+        t = node("Transpose", [x], f"{p}/Conv2D__nchw", perm=[0, 3, 1, 2])
+        pads = {"auto_pad": "SAME_UPPER"} if s > 1 else {"pads": [k // 2] * 4}
+        t = node("Conv", [t, const(f"{p}/kernel", f32(conv.weight))], f"{p}/Conv2D",
+                 kernel_shape=[k, k], strides=[s, s], dilations=[1, 1], group=g, **pads)
+        x = node("Transpose", [t], f"{p}/Conv2D__nhwc", perm=[0, 2, 3, 1])
+        for op in post:
+            if op == "scale":
+                x = node("Mul", [x, const(f"{p}/scale", f32(model.scale[name]))], f"{p}/mul")
+            elif op == "bias":
+                x = node("Add", [x, const(f"{p}/bias", f32(model.bias[name]))], f"{p}/BiasAdd")
+            elif op == "mul_bias":
+                x = node("Add", [x, const(f"{p}/bias", f32(model.bias[name]))], f"{p}/BiasAdd")
+                x = node("Mul", [x, const(f"{p}/scale", f32(model.scale[name]))], f"{p}/mul")
+            elif op == "relu":
+                x = node("Relu", [x], f"{p}/Relu")
+            elif op == "relu6":
+                x = node("Clip", [x, relu6_min, relu6_max], f"{p}/Relu6")
+            elif op == "save":
+                saved = x
+            elif op == "res":
+                x = node("Add", [x, saved], f"{p}/add")
+    axes = [1, 2]
+    if opset >= 18:
+        x = node("ReduceMean", [x, const("model/gap/axes", np.array(axes, np.int64))],
+                 "model/gap/Mean", keepdims=0)
+    else:
+        x = node("ReduceMean", [x], "model/gap/Mean", axes=axes, keepdims=0)
+    x = node("MatMul", [x, const("model/fc/kernel", f32(model.fc.weight.t()))], "model/fc/MatMul")
+    nodes.append(helper.make_node("Add", [x, const("model/fc/bias", f32(model.fc.bias))], ["output"],
+                                  name="model/fc/BiasAdd"))
+    graph = helper.make_graph(
+        nodes, "tf2onnx",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "H", "W", 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", model.fc.out_features])],
+        inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                          producer_name="tf2onnx", producer_version="1.16.1")
+    m.ir_version = 8                          # what tf2onnx 1.16 writes for opsets 11..18
+    onnx.save(m, str(path))
+
+# --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
 
@@ -579,6 +978,15 @@ class Spec:
     fully_conv: bool = False         # dynamic H/W as well as batch
     outputs: tuple[str, ...] = ("output",)
     verify_hw: tuple[int, int] | None = field(default=None)  # ORT check size (default: size x size)
+    spatial_out: bool | None = None  # outputs have dynamic H/W too (default: fully_conv)
+    nhwc: bool = False               # input is N, H, W, 3
+    write: Callable[[nn.Module, int, Path], None] | None = None  # onnx.helper writer, not torch export
+    patch: Callable[[object], None] | None = None  # rewrites the exported ModelProto in place
+    also_hw: tuple[tuple[int, int], ...] = ()      # further ORT check sizes (dynamic H/W)
+
+    def example(self, n: int, h: int | None = None, w: int | None = None) -> tuple[int, ...]:
+        h, w = h or self.size, w or self.size
+        return (n, h, w, 3) if self.nhwc else (n, 3, h, w)
 
 
 YOLO_OUTPUTS = ("box_p3", "cls_p3", "box_p4", "cls_p4", "box_p5", "cls_p5")
@@ -595,6 +1003,13 @@ ZOO: dict[str, Spec] = {
     "yolov8n": Spec(YOLOv8, 320, True, YOLO_OUTPUTS, verify_hw=(256, 384)),
     "yolov8n_split": Spec(functools.partial(YOLOv8, split=True), 320, True, YOLO_OUTPUTS,
                           verify_hw=(256, 384)),
+    "effnet_tf_same": Spec(EffNetTFSame, 224, True, spatial_out=False, verify_hw=(225, 191),
+                           also_hw=((224, 224),)),
+    "view_classifier": Spec(ViewClassifier, 224),
+    "view_const_classifier": Spec(functools.partial(ViewClassifier, const=True), 224),
+    "paddle_se": Spec(PaddleSENet, 224, patch=patch_paddle_zero),
+    "tf2onnx_nhwc": Spec(TF2ONNXNet, 224, True, spatial_out=False, nhwc=True,
+                         write=write_tf2onnx_nhwc, verify_hw=(193, 256), also_hw=((224, 224),)),
 }
 
 
@@ -624,45 +1039,58 @@ def build(name: str) -> nn.Module:
             m.momentum = None                  # cumulative average: one pass sets batch stats
         if bns:                                # calibrate running statistics on random data
             model.train()
-            model(torch.randn(2, 3, spec.size, spec.size))
+            model(torch.randn(spec.example(2)))
+        if hasattr(model, "calibrate"):        # no BatchNorm: data-dependent weight scale
+            model.calibrate(torch.randn(spec.example(2)))
     return model.eval()
 
 
 def export(model: nn.Module, name: str, opset: int, path: Path) -> None:
     spec = ZOO[name]
-    x = torch.randn(1, 3, spec.size, spec.size)
+    if spec.write is not None:
+        spec.write(model, opset, path)
+        return
+    x = torch.randn(spec.example(1))
     axes = {0: "batch", 2: "height", 3: "width"} if spec.fully_conv else {0: "batch"}
+    spatial_out = spec.fully_conv if spec.spatial_out is None else spec.spatial_out
     dynamic = {"input": axes}
     for o in spec.outputs:
-        dynamic[o] = ({0: "batch", 2: f"{o}_height", 3: f"{o}_width"} if spec.fully_conv
-                      else {0: "batch"})
+        dynamic[o] = {0: "batch", 2: f"{o}_height", 3: f"{o}_width"} if spatial_out else {0: "batch"}
     torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset,
                       input_names=["input"], output_names=list(spec.outputs),
                       dynamic_axes=dynamic, do_constant_folding=True)
+    if spec.patch is not None:
+        import onnx
+
+        proto = onnx.load(str(path))
+        spec.patch(proto)
+        onnx.save(proto, str(path))
 
 
 def verify(model: nn.Module, name: str, path: Path) -> tuple[float, float]:
-    """check_model(full_check) + one ORT run on a batch of 2; returns (max abs diff, max |ref|)."""
+    """check_model(full_check) + ORT runs on a batch of 2 (at ``verify_hw`` and each ``also_hw``)
+    compared with the torch module; returns (max abs diff, max |ref|)."""
     import onnx
     import onnxruntime as ort
 
     onnx.checker.check_model(str(path), full_check=True)
     spec = ZOO[name]
-    h, w = spec.verify_hw or (spec.size, spec.size)
-    x = np.random.default_rng(SEED + 1).standard_normal((2, 3, h, w)).astype(np.float32)
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x))
-    ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"input": x})
-    assert len(got) == len(ref), (len(got), len(ref))
-    for g, r in zip(got, ref):
-        assert g.shape == r.shape, (g.shape, r.shape)
-    diff = max(float(np.abs(g - r).max()) for g, r in zip(got, ref))
-    scale = max(float(np.abs(r).max()) for r in ref)
+    diff = scale = 0.0
+    for h, w in (spec.verify_hw or (spec.size, spec.size),) + spec.also_hw:
+        x = np.random.default_rng(SEED + 1).standard_normal(spec.example(2, h, w)).astype(np.float32)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x))
+        ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+        got = sess.run(None, {"input": x})
+        assert len(got) == len(ref), (len(got), len(ref))
+        for g, r in zip(got, ref):
+            assert g.shape == r.shape, (g.shape, r.shape)
+        diff = max(diff, *(float(np.abs(g - r).max()) for g, r in zip(got, ref)))
+        scale = max(scale, *(float(np.abs(r).max()) for r in ref))
     return diff, scale
 
 
@@ -711,12 +1139,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  done {name} op{opset} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
                   flush=True)
 
-    head = (f"{'name':<19} {'opset':>5} {'params':>12} {'MB':>8} {'nodes':>6} {'export s':>8} "
+    head = (f"{'name':<21} {'opset':>5} {'params':>12} {'MB':>8} {'nodes':>6} {'export s':>8} "
             f"{'max diff':>9} {'max |ref|':>9}  op types")
     print(head)
     print("-" * len(head))
     for name, opset, params, mb, nodes, t_exp, diff, scale, ops in rows:
-        print(f"{name:<19} {opset:>5} {params:>12,} {mb:>8.1f} {nodes:>6} {t_exp:>8.1f} "
+        print(f"{name:<21} {opset:>5} {params:>12,} {mb:>8.1f} {nodes:>6} {t_exp:>8.1f} "
               f"{diff:>9.2e} {scale:>9.2e}  {', '.join(sorted(ops))}")
     print(f"\ntotal {time.perf_counter() - t_total:.1f} s, {len(rows)} models written to {args.out}")
     for msg, where in seen_warnings.items():
