@@ -258,7 +258,7 @@ def test_squeeze_after_pooling_into_matmul():
 
 
 # ---------------------------------------------------------------- channels-last (tf2onnx)
-def tf2onnx_nhwc(residual: bool, opset: int = 13) -> onnx.ModelProto:
+def tf2onnx_nhwc(residual: bool, opset: int = 13, concat: bool = False) -> onnx.ModelProto:
     """NHWC input; each Conv wrapped as ``Transpose(0,3,1,2) → Conv → Transpose(0,2,3,1)``; NHWC
     bias Add, scale Mul, ReLU6 as Clip with min/max inputs, a residual Add, ReduceMean over H, W
     and a MatMul head."""
@@ -276,8 +276,11 @@ def tf2onnx_nhwc(residual: bool, opset: int = 13) -> onnx.ModelProto:
     y = conv_nhwc(conv_nhwc(x, 8, 12), 12, 8)
     if residual:
         y = b.node("Add", [x, y])
+    width = 8
+    if concat:  # an inception-style join on the NHWC channel axis
+        y, width = b.node("Concat", [y, conv_nhwc(x, 8, 6)], axis=3), 14
     pooled = b.node("ReduceMean", [b.node("Relu", [y])], axes=[1, 2], keepdims=0)
-    logits = b.node("MatMul", [pooled, b.const(RNG.normal(0, 0.3, (8, 5)).astype(np.float32))])
+    logits = b.node("MatMul", [pooled, b.const(RNG.normal(0, 0.3, (width, 5)).astype(np.float32))])
     return b.build(b.node("Add", [logits, b.const(np.zeros(5, np.float32))]))
 
 
@@ -294,6 +297,12 @@ def test_channels_last_graph_passes_channels_through_transposes(residual):
 
 def test_channels_last_graph_prunes():
     assert_prunes(tf2onnx_nhwc(residual=False), size=(8, 8, 3))
+
+
+def test_channels_last_concat_joins_on_axis_3():
+    model = tf2onnx_nhwc(residual=False, concat=True)
+    assert_passes_through(model, 6, sizes=((2, 8, 8, 3), (3, 10, 6, 3)))
+    assert_prunes(model, size=(8, 8, 3))
 
 
 # ---------------------------------------------------------------- more ops as handlers

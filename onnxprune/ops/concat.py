@@ -13,19 +13,23 @@ from .base import ChannelRule, Handler, register
 from .shapes import fold_channel_ints
 
 
-def _is_channel_axis(axis: int, rank: int) -> bool:
-    return rank >= 2 and axis % rank == 1
+def _is_channel_axis(axis: int, tensor: str, g) -> bool:
+    rank = len(g.shape(tensor) or ())
+    return rank >= 2 and axis % rank == g.channel_axis(tensor)
 
 
 @register("Concat")
 class Concat(Handler):
     """Concatenation along channels: the output's channels are the inputs' channels, in order."""
 
+    any_axis = True
+
     def rule(self, node, g):
-        shape = g.shape(node.output[0])
-        if shape is None or not _is_channel_axis(attr(node, "axis", 0), len(shape)):
+        out = node.output[0]
+        if g.shape(out) is None or not _is_channel_axis(attr(node, "axis", 0), out, g):
             return None
-        if any(g.is_const(i) or g.shape(i) is None for i in node.input if i):
+        if any(g.is_const(i) or g.shape(i) is None or g.channel_axis(i) != g.channel_axis(out)
+               for i in node.input if i):
             return None
         return ChannelRule(joins=[([i for i in node.input if i], node.output[0])])
 
@@ -42,9 +46,10 @@ class Split(Handler):
             return np.asarray(sizes, dtype=np.int64)
         return np.asarray([g.channels(o) for o in node.output], dtype=np.int64)
 
+    any_axis = True
+
     def rule(self, node, g):
-        shape = g.shape(node.input[0])
-        if shape is None or not _is_channel_axis(attr(node, "axis", 0), len(shape)):
+        if g.shape(node.input[0]) is None or not _is_channel_axis(attr(node, "axis", 0), node.input[0], g):
             return None
         sizes = self._sizes(node, g)
         if sizes is None or any(g.channels(o) is None for o in node.output):
@@ -87,9 +92,11 @@ class Slice(Handler):
             axes = np.arange(bounds[0]) if bounds is not None and len(bounds) == 1 else None
         return None if axes is None else [int(a) % rank for a in np.atleast_1d(axes)]
 
+    any_axis = True
+
     def _channel_range(self, node, g, axes: list[int]) -> tuple[int, int] | None:
         """``[start, end)`` of the channels kept, or None unless step 1 and folded bounds."""
-        i = axes.index(1)
+        i = axes.index(g.channel_axis(node.input[0]))
         if len(node.input) > 4 and node.input[4]:
             steps = g.input_const(node, 4)
             if steps is None or int(np.atleast_1d(steps)[i]) != 1:
@@ -109,26 +116,27 @@ class Slice(Handler):
         axes = self._axes(node, g)
         if axes is None:
             return None
-        if 1 not in axes:
+        if g.channel_axis(node.input[0]) not in axes:
             return ChannelRule(ties=[(node.input[0], node.output[0])])
         span = self._channel_range(node, g, axes)
         return None if span is None else ChannelRule(slices=[(node.input[0], [node.output[0]], span[0])])
 
     def reads_channel_count(self, node, name, g):
         axes = self._axes(node, g)
-        return (axes == [1] and name in node.input[1:3] and name not in (node.input[0], *node.input[3:])
+        return (axes == [g.channel_axis(node.input[0])] and name in node.input[1:3] and name not in (node.input[0], *node.input[3:])
                 and self._channel_range(node, g, axes) is not None)
 
     def prune_through(self, node, keep, g):
         axes = self._axes(node, g)
-        if axes is None or 1 not in axes:
+        axis = g.channel_axis(node.input[0])
+        if axes is None or axis not in axes:
             return
         start, end = self._channel_range(node, g, axes)
         new_start = int((keep < start).sum())
         new_end = new_start + int(((keep >= start) & (keep < end)).sum())
         for index, value in ((1, new_start), (2, new_end)):
             bounds = np.array(np.atleast_1d(fold_channel_ints(g, node.input[index])))
-            bounds[axes.index(1)] = value
+            bounds[axes.index(axis)] = value
             g.set_const(node, index, bounds)
 
 
