@@ -21,6 +21,7 @@ from .runtime import PROVIDERS, MissingRuntimeError, default_round_to, import_or
 from .select import Method
 
 EXIT_OK, EXIT_TARGET, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+FEW_SAMPLES_PER_UNKNOWN = 1.0  # below this a refit is under-determined and leans on its ridge
 
 
 class _Parser(argparse.ArgumentParser):
@@ -285,6 +286,11 @@ def _run(args: argparse.Namespace) -> int:
         print(result.report.table())
         print(f"wrote {output} in {result.report.seconds:.1f}s")
         print(f"onnxprune: {result.report.phases_line()}", file=sys.stderr)
+        thin = result.report.thinnest_refit()
+        if thin is not None and thin.samples_per_unknown < FEW_SAMPLES_PER_UNKNOWN:
+            print(f"onnxprune: warning: few calibration samples: the refit after '{thin.name}' had "
+                  f"{thin.samples_per_unknown:.2f} samples per unknown (regularised on held-out samples); "
+                  f"more images make it closer to the original (see README, calibration size)", file=sys.stderr)
     goal, measured = result.report.targets.get("latency"), result.report.totals.latency_speedup
     if goal is not None and measured is not None and measured < goal:
         print(f"onnxprune: warning: the written model measured {measured:.2f}x in the final check, below --latency "

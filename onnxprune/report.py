@@ -87,6 +87,11 @@ class Report:
         parts = ", ".join(f"{name} {sec:.1f}s" for name, sec in self.phases.items())
         return f"time {self.seconds:.1f}s: {parts}" if parts else f"time {self.seconds:.1f}s"
 
+    def thinnest_refit(self) -> GroupResult | None:
+        """The pruned group whose refit had the fewest calibration samples per unknown."""
+        fitted = [grp for grp in self.groups if grp.samples_per_unknown is not None]
+        return min(fitted, key=lambda grp: grp.samples_per_unknown, default=None)
+
     def table(self, max_rows: int = 60) -> str:
         """Human-readable summary: per-layer table, then totals and fidelity."""
         lines = [f"{'layer':<36} {'op':<8} {'in ch':>11} {'out ch':>11} {'MACs':>19}"]
