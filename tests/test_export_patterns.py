@@ -34,21 +34,24 @@ def dim(b: Builder, x: str, axis: int) -> str:
     return b.node("Unsqueeze", [scalar, b.const(i64(0))])
 
 
-def same_pad_amount(b: Builder, x: str, axis: int, k: int, s: int) -> str:
+def same_pad_amount(b: Builder, x: str, axis: int, k: int, s: int, clip: bool = False) -> str:
     """TF "same": ``max((ceil(i / s) - 1) * s + k - i, 0)`` computed from the run-time size."""
     size = b.node("Cast", [dim(b, x, axis)], to=onnx.TensorProto.FLOAT)
     steps = b.node("Ceil", [b.node("Div", [size, b.const(np.array([s], np.float32))])])
     total = b.node("Sub", [b.node("Add", [b.node("Mul", [b.node("Sub", [steps, b.const(np.array([1], np.float32))]),
                                                          b.const(np.array([s], np.float32))]),
                                           b.const(np.array([k], np.float32))]), size])
-    total = b.node("Max", [total, b.const(np.array([0], np.float32))])
+    if clip:  # as torch exports max(…, 0) at opset ≥ 11
+        total = b.node("Clip", [total, b.const(np.array(0, np.float32))])
+    else:
+        total = b.node("Max", [total, b.const(np.array([0], np.float32))])
     return b.node("Cast", [total, ], to=onnx.TensorProto.INT64)
 
 
 def same_pad(b: Builder, x: str, k: int, s: int, torch_style: bool) -> str:
     """Pad ``x`` at run time; ``torch_style`` reorders ``F.pad``'s list as torch's exporter does
     (ConstantOfShape, Reshape(-1, 2), reversed Slice, Transpose, Reshape(-1))."""
-    th, tw = same_pad_amount(b, x, 2, k, s), same_pad_amount(b, x, 3, k, s)
+    th, tw = (same_pad_amount(b, x, axis, k, s, clip=torch_style and b.opset >= 11) for axis in (2, 3))
     two = b.const(i64(2))
     top, left = b.node("Div", [th, two]), b.node("Div", [tw, two])
     bottom, right = b.node("Sub", [th, top]), b.node("Sub", [tw, left])
@@ -57,7 +60,8 @@ def same_pad(b: Builder, x: str, k: int, s: int, torch_style: bool) -> str:
         pads = b.node("Concat", [zeros, top, left, zeros, bottom, right], axis=0)
     else:
         fpad = b.node("Concat", [left, right, top, bottom], axis=0)  # F.pad order: last dim first
-        extra = b.node("ConstantOfShape", [b.const(i64(4))], value=onnx.numpy_helper.from_array(i64(0)))
+        missing = b.node("Sub", [b.const(i64(8)), b.node("Shape", [fpad])])  # 2 · rank − len(pads)
+        extra = b.node("ConstantOfShape", [missing], value=onnx.numpy_helper.from_array(i64(0)))
         pairs = b.node("Reshape", [b.node("Concat", [fpad, extra], axis=0), b.const(i64(-1, 2))])
         flipped = b.node("Slice", [pairs, b.const(i64(-1)), b.const(i64(-(2 ** 62))), b.const(i64(0)),
                                    b.const(i64(-1))])

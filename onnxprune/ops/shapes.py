@@ -76,7 +76,7 @@ _VARIADIC = {"Max": max, "Min": min, "Sum": lambda *a: sum(a)}
 _UNARY = {"Neg": operator.neg, "Abs": abs, "Not": operator.not_, "Ceil": lambda v: float(math.ceil(v)),
           "Floor": lambda v: float(math.floor(v)), "Sqrt": math.sqrt, "Reciprocal": lambda v: 1 / v}
 _MOVES = ("Identity", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Expand")
-TRACKED = frozenset(["Shape", "Size", "Cast", "Where", "Mod", "ConstantOfShape", "Range", "ReduceProd",
+TRACKED = frozenset(["Shape", "Size", "Cast", "Where", "Mod", "Clip", "ConstantOfShape", "Range", "ReduceProd",
                      "ReduceSum", "ReduceMax", "ReduceMin", *_MOVES, *_BINARY, *_VARIADIC, *_UNARY])
 
 
@@ -133,6 +133,9 @@ class ShapeValues:
         node = g.producer.get(name)
         if node is None or node.op_type not in TRACKED or node.domain not in ("", "ai.onnx"):
             return None
+        known_shape = g.shape(name)
+        if known_shape is not None and (len(known_shape) > 2 or int(np.prod(known_shape)) > _MAX_ELEMENTS):
+            return None  # an activation, not a shape
         op = node.op_type
         if op == "Shape":
             return self._shape(node)
@@ -165,6 +168,8 @@ class ShapeValues:
             return None if args[0] is None else _map(args[0], lambda e: _apply(_UNARY[op], [e]))
         if op == "Cast":
             return None if args[0] is None else _map(args[0], lambda e: _cast(e, attr(node, "to")))
+        if op == "Clip":
+            return self._clip(node, args)
         if op == "Where":
             if any(a is None for a in args[:3]):
                 return None
@@ -180,8 +185,33 @@ class ShapeValues:
             return self._reduce(node, args)
         return self._move(node, args)
 
+    def _clip(self, node: onnx.NodeProto, args: list) -> np.ndarray | None:
+        bounds = []
+        for i, name in ((1, "min"), (2, "max")):
+            if len(node.input) > i and node.input[i]:
+                if args[i] is None or args[i].size != 1:
+                    return None
+                bounds.append(args[i].reshape(-1)[0])
+            else:
+                value = attr(node, name)
+                bounds.append(None if value is None else Element(value))
+        if args[0] is None:
+            return None
+        low, high = bounds
+
+        def clip(e: Element) -> Element:
+            parts = [e] + [b for b in bounds if b is not None]
+            return _apply(lambda v, *_: min(max(v, low.value) if low else v, high.value) if high else
+                          (max(v, low.value) if low else v), parts)
+
+        return _map(args[0], clip)
+
     def _shape(self, node: onnx.NodeProto) -> np.ndarray | None:
         x = node.input[0]
+        tracked = self.of(x)
+        if tracked is not None:  # a shape-like tensor's own size is fixed: constants
+            axes = list(range(tracked.ndim))[attr(node, "start", 0):attr(node, "end", tracked.ndim)]
+            return _array([Element(int(tracked.shape[a])) for a in axes], (len(axes),))
         shape = self.g.shape(x)
         if shape is None:
             return None
