@@ -24,9 +24,9 @@ def test_set():
     return {"x": z["x"], "y": z["y"]}
 
 
-# Measured drops on the 10k test set at 2x (README): VGG 0.7-0.8, ResNet 1.4-1.6 points; the bounds
-# below are for the 2000 shipped test images.
-@pytest.mark.parametrize("name,max_drop", [("vgg_fmnist", 1.5), ("resnet_fmnist", 2.0)])
+# Measured drops on the 10k test set at 2x (README): VGG 0.7-0.8, ResNet 1.4-1.6, MobileNet 2.4 points
+# (3.25 on the 2000 shipped images, models/README.md); the bounds below are for the 2000 shipped test images.
+@pytest.mark.parametrize("name,max_drop", [("vgg_fmnist", 1.5), ("resnet_fmnist", 2.0), ("mobilenet_fmnist", 4.0)])
 def test_cli_prunes_shipped_model_keeping_accuracy(tmp_path, name, max_drop, test_set):
     out, report = tmp_path / "pruned.onnx", tmp_path / "report.json"
     src = MODELS / f"{name}.onnx"

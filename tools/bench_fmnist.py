@@ -1,6 +1,6 @@
 """Accuracy of the shipped Fashion-MNIST models after pruning, per method and speedup (no fine-tuning).
 
-    python tools/bench_fmnist.py [--speedups 1.5 2 3] [--models vgg_fmnist resnet_fmnist]
+    python tools/bench_fmnist.py [--speedups 1.5 2 3] [--models vgg_fmnist resnet_fmnist mobilenet_fmnist]
 
 Evaluates on the full 10k Fashion-MNIST test set when Debian's dataset-fashion-mnist is
 installed, otherwise on the 2000 test images shipped in models/fmnist_test.npz. Prints a
@@ -58,7 +58,7 @@ def print_header(source: str, details: str, columns: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["vgg_fmnist", "resnet_fmnist"])
+    ap.add_argument("--models", nargs="+", default=["vgg_fmnist", "resnet_fmnist", "mobilenet_fmnist"])
     ap.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0, 3.0])
     ap.add_argument("--calib", default=str(ROOT / "models" / "fmnist_calib.npy"))
     ap.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,9 @@ This script produces the reference models used by onnxprune's examples and tests
 * ``resnet_fmnist.onnx`` - ResNet-20-style (CIFAR-style) residual network with
   option-B (1x1 conv + BN) projection shortcuts; exported with its
   ``BatchNormalization`` nodes kept as separate nodes.
+* ``mobilenet_fmnist.onnx`` - MobileNetV2/V3-style network: inverted-residual blocks
+  (expand 1x1, depthwise 3x3, squeeze-excite with a Hardsigmoid gate, linear project 1x1),
+  ReLU6 then Hardswish activations, BN folded into Conv by the exporter.
 * ``fmnist_calib.npy``   - 512 normalised training images (seeded random choice),
   float32 ``[512, 1, 28, 28]``, for calibration / activation statistics.
 * ``fmnist_calib_2k.npz`` - 2048 normalised training images (another seeded choice),
@@ -30,6 +33,7 @@ Example::
 
     python tools/train_fashion_mnist.py --out-dir models
     python tools/train_fashion_mnist.py --only resnet --epochs 12
+    python tools/train_fashion_mnist.py --only mobilenet --epochs 15 --no-data-files
 """
 
 from __future__ import annotations
@@ -179,7 +183,80 @@ class ResNetFMnist(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
-MODELS = {"vgg": ("vgg_fmnist", VGGFMnist), "resnet": ("resnet_fmnist", ResNetFMnist)}
+class SqueezeExcite(nn.Module):
+    """GAP -> 1x1 conv -> ReLU -> 1x1 conv -> Hardsigmoid gate, multiplied onto the input."""
+
+    def __init__(self, channels: int, squeeze: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.reduce = nn.Conv2d(channels, squeeze, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.expand = nn.Conv2d(squeeze, channels, 1)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.expand(self.act(self.reduce(self.pool(x)))))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV3 block: expand 1x1 -> depthwise 3x3 -> squeeze-excite -> project 1x1 (linear).
+
+    Every conv is followed by BN (folded into the conv at export); the residual add is used
+    when stride is 1 and the channel count is unchanged.
+    """
+
+    def __init__(self, cin: int, hidden: int, cout: int, stride: int, hswish: bool):
+        super().__init__()
+        act = nn.Hardswish if hswish else nn.ReLU6
+        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act())
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden,
+                                                 bias=False), nn.BatchNorm2d(hidden), act())
+        self.se = SqueezeExcite(hidden, max(8, hidden // 4))
+        self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        out = self.project(self.se(self.depthwise(self.expand(x))))
+        return x + out if self.residual else out
+
+
+class MobileNetFMnist(nn.Module):
+    """MobileNetV2/V3-style: stem, 7 inverted-residual blocks with squeeze-excite, 1x1 head conv."""
+
+    # (expanded width, output width, stride, hardswish): ReLU6 at 28x28 and 14x14, hardswish at 7x7
+    BLOCKS = [(32, 16, 1, False),   # 28x28, residual
+              (64, 24, 2, False),   # -> 14x14
+              (72, 24, 1, False),   # residual
+              (96, 40, 2, True),    # -> 7x7
+              (160, 40, 1, True),   # residual
+              (192, 64, 1, True),
+              (256, 64, 1, True)]   # residual
+
+    def __init__(self, num_classes: int = NUM_CLASSES, head: int = 96):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(inplace=True))
+        blocks, cin = [], 16
+        for hidden, cout, stride, hswish in self.BLOCKS:
+            blocks.append(InvertedResidual(cin, hidden, cout, stride, hswish))
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(cin, head, 1, bias=False), nn.BatchNorm2d(head), nn.Hardswish())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(head, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.head(self.blocks(self.stem(x)))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+MODELS = {"vgg": ("vgg_fmnist", VGGFMnist), "resnet": ("resnet_fmnist", ResNetFMnist),
+          "mobilenet": ("mobilenet_fmnist", MobileNetFMnist)}
 
 
 # --------------------------------------------------------------------------- training
@@ -392,7 +469,7 @@ def main(argv=None) -> int:
         xtr, ytr = xtr[:args.train_subset], ytr[:args.train_subset]
 
     results = {}
-    for key in ([args.only] if args.only else ["vgg", "resnet"]):
+    for key in ([args.only] if args.only else list(MODELS)):
         name, cls = MODELS[key]
         set_seeds(args.seed)
         model = cls()
