@@ -15,8 +15,8 @@ import onnxprune
 from onnxprune.graph import find_groups
 from onnxprune.graphview import GraphView
 from onnxprune.group_pruner import GroupPruner
-from onnxprune.options import PruneOptions
 from onnxprune.ops.shapes import ShapeValues
+from onnxprune.options import PruneOptions
 from onnxprune.rewrite import finalize
 
 RNG = np.random.default_rng(0)
@@ -315,7 +315,7 @@ def mobile_ops(opset: int) -> onnx.ModelProto:
     Resize with scales, Split into equal halves (``num_outputs`` at opset 18), ReduceMean with axes
     as attribute (≤ 17) or input (18)."""
     b = Builder(opset=opset)
-    f32 = lambda v: b.const(np.array(v, np.float32))  # noqa: E731
+    f32 = lambda v: b.const(np.array(v, np.float32))
     x = b.conv("input", 3, 16)
     x = b.node("HardSwish", [x]) if opset >= 14 else b.node("Mul", [x, b.node("HardSigmoid", [x])])
     x = b.node("Mul", [x, b.node("Sigmoid", [x])])

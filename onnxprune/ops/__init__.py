@@ -1,7 +1,15 @@
 """One handler per ONNX op type. Importing this package registers them all."""
 
 from . import concat, conv, elementwise, layout, linear, shapes, spatial  # noqa: F401  (registration side effects)
-from .base import ChannelRule, Handler, LinearHandler, handler_for, register, registered_ops, sample_outputs
+from .base import (
+           ChannelRule,
+           Handler,
+           LinearHandler,
+           handler_for,
+           register,
+           registered_ops,
+           sample_outputs,
+)
 
 __all__ = ["ChannelRule", "Handler", "LinearHandler", "handler_for", "register", "registered_ops",
            "sample_outputs"]

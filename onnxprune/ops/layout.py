@@ -14,7 +14,15 @@ import numpy as np
 
 from ..graphview import attr
 from .base import ChannelRule, Handler, register
-from .shapes import Element, ShapeValues, entry_reader, is_channel_dim, reads_channels, set_entry
+from .shapes import (
+    Element,
+    ShapeValues,
+    axes_of,
+    entry_reader,
+    is_channel_dim,
+    reads_channels,
+    set_entry,
+)
 
 
 def channel_entry_rule(g, entry: Element, data: str, node) -> tuple[bool, list[tuple[str, str]]]:
@@ -141,13 +149,11 @@ class SqueezeUnsqueeze(Handler):
             return None
         if ins[:2] != outs[:2]:
             return None
-        axes = attr(node, "axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            axes = ShapeValues(g).known(node.input[1])
+        axes = axes_of(g, node)
         if axes is None:
             return None
         rank = len(outs) if node.op_type == "Unsqueeze" else len(ins)
-        if any(int(a) % rank < 2 for a in np.atleast_1d(axes)):
+        if any(a % rank < 2 for a in axes):
             return None
         return ChannelRule(ties=[(node.input[0], node.output[0])])
 

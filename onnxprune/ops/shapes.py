@@ -361,6 +361,15 @@ def fold_channel_ints(g: GraphView, name: str) -> np.ndarray | None:
     return _values(elems)
 
 
+def axes_of(g: GraphView, node: onnx.NodeProto, index: int = 1) -> list[int] | None:
+    """A node's ``axes``: the attribute (older opsets) or the constant input at ``index`` (newer
+    ones); None when absent or computed from something unknown."""
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > index and node.input[index]:
+        axes = ShapeValues(g).known(node.input[index])
+    return None if axes is None else [int(a) for a in np.atleast_1d(axes)]
+
+
 def constant_elements(values) -> np.ndarray:
     """Elements of constant values (an attribute's pads, for instance)."""
     values = np.asarray(values)

@@ -7,7 +7,7 @@ import numpy as np
 from ..graphview import attr
 from .base import ChannelRule, Handler, register
 from .layout import channel_entry_rule, rewrite_channel_entry
-from .shapes import ShapeValues, constant_elements, reads_channels
+from .shapes import ShapeValues, axes_of, constant_elements, reads_channels
 
 
 def _tie(node) -> ChannelRule:
@@ -116,15 +116,10 @@ class Reduce(Handler):
     any_axis = True
 
     def _axes(self, node, g) -> set[int] | None:
-        shape = g.shape(node.input[0])
-        if shape is None:
-            return None
-        axes = attr(node, "axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            axes = ShapeValues(g).known(node.input[1])
-        if axes is None or len(axes) == 0:
+        shape, axes = g.shape(node.input[0]), axes_of(g, node)
+        if shape is None or not axes:
             return None  # reduces every axis (or axes unknown)
-        return {int(a) % len(shape) for a in np.atleast_1d(axes)}
+        return {a % len(shape) for a in axes}
 
     def rule(self, node, g):
         axes = self._axes(node, g)

@@ -1,0 +1,57 @@
+"""How much calibration data pruning needs: test accuracy of each shipped model at each speedup
+with 128, 512 and 2048 calibration images (CLI defaults otherwise, no fine-tuning).
+
+    python tools/bench_calibration.py [--sizes 128 512 2048] [--speedups 1.5 2] [--seeds 0]
+
+The images are the first N of ``models/fmnist_calib_2k.npz`` (2048 seeded training images).
+Prints a markdown table: accuracy, drop from the original, held-out top-1 agreement, the thinnest
+refit's samples per unknown and the pruning time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fmnist import ROOT, accuracy, print_header, test_set
+
+import onnxprune
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["vgg_fmnist", "resnet_fmnist", "mobilenet_fmnist"])
+    ap.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[128, 512, 2048])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    args = ap.parse_args()
+    x, y, source = test_set()
+    pool = np.load(ROOT / "models" / "fmnist_calib_2k.npz")["input"]
+    print_header(source, "calibration: the first N images of models/fmnist_calib_2k.npz",
+                 ["model", "target", "images", "seed", "top-1 %", "drop", "held-out agreement",
+                  "samples/unknown (thinnest refit)", "time s"])
+    for name in args.models:
+        path = ROOT / "models" / f"{name}.onnx"
+        base = accuracy(path.read_bytes(), x, y)
+        for speedup in args.speedups:
+            for size in args.sizes:
+                for seed in args.seeds:
+                    start = time.perf_counter()
+                    result = onnxprune.prune(str(path), np.ascontiguousarray(pool[:size]), speedup=speedup,
+                                             seed=seed, measure_latency=False, progress=False)
+                    took = time.perf_counter() - start
+                    acc = accuracy(result.model.SerializeToString(), x, y)
+                    agree = result.report.fidelity[0].top1_agreement
+                    thin = result.report.thinnest_refit()
+                    spu = f"{thin.samples_per_unknown:.2f}" if thin else "-"
+                    print(f"| {name} | {speedup:g}x | {size} | {seed} | {acc:.2f} | {acc - base:+.2f} | "
+                          f"{agree:.3f} | {spu} | {took:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
