@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .activations import DEFAULT_BATCH
-from .candidates import analyse, first_edited, positions, pruning_steps, sampleable
+from .candidates import analyse, first_edited, node_key, positions, pruning_steps, sampleable
 from .errors import OptionError
 from .frontier import Frontier
 from .graph import ChannelGroup, Consumer
@@ -171,6 +171,7 @@ class GroupPruner:
         res = GroupResult(unit.name, unit.channels, len(keep),
                           [c.node.name or c.node.output[0] for c in unit.all_consumers])
         befores, afters = [], []
+        produced = {node_key(p) for p in unit.producers}
         for site in sites:
             now = self.current[site.group.index]
             site_keep = np.flatnonzero(~np.isin(now, removed))
@@ -179,6 +180,8 @@ class GroupPruner:
             prune_group(g, site.group, site_keep, site.width)
             self.current[site.group.index] = now[site_keep]
             for c, st, k in zip(site.sampled, site.stats or [], ks):
+                if node_key(c.node) in produced:  # it reads and writes the group (a block inside a residual join)
+                    st = st.with_outputs(keep)
                 fit = self._refit(c, st, expand_channels(site_keep, k), res)
                 befores.append(fit.error_before)
                 afters.append(fit.error_after)

@@ -13,6 +13,7 @@ space (see :mod:`onnxprune.reconstruct`), so neither memory nor time grows with 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,17 @@ class LayerStats:
             self.xty = np.zeros((2, d, self.outputs))
         self.yy = np.zeros((2, self.outputs))
         self.n = np.zeros(2, dtype=np.int64)
+
+    def with_outputs(self, cols: np.ndarray) -> "LayerStats":
+        """The same problem for the targets ``cols`` only (a layer whose own outputs were cut)."""
+        sub = copy.copy(self)
+        sub.outputs = len(cols)
+        if self.samples_kept:
+            sub.y = self.y[:, cols]
+        else:
+            sub.xty = self.xty[:, :, cols]
+        sub.yy = self.yy[:, cols]
+        return sub
 
     @property
     def samples_kept(self) -> bool:

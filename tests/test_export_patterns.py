@@ -338,3 +338,16 @@ def mobile_ops(opset: int) -> onnx.ModelProto:
 @pytest.mark.parametrize("opset", [11, 13, 17, 18])
 def test_mobile_ops_pass_channels(opset):
     assert_passes_through(mobile_ops(opset), 16, sizes=((2, 3, 8, 8), (3, 3, 8, 8)))
+
+
+def test_layer_that_reads_and_writes_a_residual_group_refits_its_kept_outputs():
+    """x → depthwise → 1×1 → Add(x, ·): with --prune-residual the 1×1 conv both consumes and produces
+    the joined group; its refit targets only the outputs it keeps."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    y = b.conv(b.node("Relu", [b.conv(x, 16, 16, group=16)]), 16, 16, k=1, pad=0)
+    model = head(b, b.node("Relu", [b.node("Add", [x, y])]), 16)
+    data = RNG.normal(0, 1, (64, 3, 8, 8)).astype(np.float32)
+    result = onnxprune.prune(model, data, speedup=1.5, prune_coupled=True, measure_latency=False)
+    assert result.report.totals.macs_speedup >= 1.45
+    check_pruned(result.model, model, data[:8], max_rel_err=1.0)
