@@ -17,7 +17,8 @@ from pathlib import Path
 from .calib import Color, ImageOptions, Layout
 from .errors import NothingToPrune, PruneError
 from .io import check_folder, check_output, save_model_atomic, write_text_atomic
-from .runtime import PROVIDERS, MissingRuntimeError, default_round_to, import_ort
+from .runtime import (CALIBRATE_METHODS, PROVIDERS, QUANTIZE_FORMATS, MissingRuntimeError, default_round_to,
+                      import_ort)
 from .select import Method
 
 EXIT_OK, EXIT_TARGET, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -80,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size for ONNX Runtime")
     p.add_argument("--slim-fallback", choices=["error", "l1"], default="error",
                    help="--method slim on a group without BatchNorm: stop with an error, or use l1")
+    p.add_argument("--quantize", choices=list(QUANTIZE_FORMATS),
+                   help="after pruning, ONNX Runtime static quantization (QDQ: int8 weights per channel, int8 "
+                        "activations, both symmetric; float biases) calibrated on the fit part of --calib; "
+                        "--max-drop and the report judge the quantized model")
+    p.add_argument("--calibrate-method", choices=list(CALIBRATE_METHODS), default="minmax",
+                   help="activation ranges for --quantize (default minmax)")
     p.add_argument("--report", type=Path, help="write the run's report as JSON here")
     p.add_argument("--export-arch", type=Path, metavar="JSON",
                    help="write the pruned per-layer widths (to train the architecture from scratch)")
@@ -189,6 +196,7 @@ def _gate(args: argparse.Namespace) -> int:
     from .latency import latency_ms
     from .budget import count_params
     from .graphview import GraphView
+    from .quantize import dequantized
     from .summary import fidelity, load_checked, model_macs
 
     needs_ref = [f for f in ("min_agreement", "max_error", "min_speedup") if getattr(args, f) is not None]
@@ -209,7 +217,7 @@ def _gate(args: argparse.Namespace) -> int:
         macs = model_macs(model, cal) / 1e9
         checks.append(("GMACs", macs, args.max_macs, macs <= args.max_macs))
     if args.max_params is not None:
-        params = count_params(GraphView(model)) / 1e6
+        params = count_params(GraphView(dequantized(model))) / 1e6  # QDQ: the weights it dequantizes
         checks.append(("M params", params, args.max_params, params <= args.max_params))
     if needs_ref:
         reference = load_checked(args.reference)
@@ -276,7 +284,8 @@ def _run(args: argparse.Namespace) -> int:
                    round_to=args.round_to if args.round_to is not None else default_round_to(args.provider),
                    relax_round_to=args.round_to is None,
                    batch_size=args.batch_size, measure_latency=args.measure_latency, slim_fallback=args.slim_fallback,
-                   exclude=tuple(args.exclude or ()), progress=None if not args.quiet else False)
+                   exclude=tuple(args.exclude or ()), progress=None if not args.quiet else False,
+                   quantize=args.quantize, calibrate_method=args.calibrate_method)
     save_model_atomic(result.model, output, force=args.force, protected=(args.model,))
     if args.report:
         write_text_atomic(result.report.to_json(), args.report)

@@ -101,8 +101,9 @@ def check_input_sizes(model: onnx.ModelProto) -> None:
             )
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX model (with its external data) and check that onnxprune can work on it.
+def load_model(path: str | os.PathLike, *, allow_quantized: bool = False) -> onnx.ModelProto:
+    """Load an ONNX model (with its external data) and check that onnxprune can work on it;
+    quantized graphs only with ``allow_quantized`` (inspect, gate, bench: they prune nothing).
 
     Every check that needs no tensor data runs before any tensor data is read.
     """
@@ -119,7 +120,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node:
         raise ModelError(f"'{path}' holds no graph nodes; is it an ONNX model?")
     check_opset(model)
-    check_not_quantized(model)
+    if not allow_quantized:
+        check_not_quantized(model)
     check_input_sizes(model)
     _check_external_paths(model, path.parent)
     try:  # by path: works for models over 2 GB, and reads no tensor data
@@ -141,7 +143,7 @@ def check_not_quantized(model: onnx.ModelProto) -> None:
     found = sorted({n.op_type for n in model.graph.node} & QUANTIZED_OPS)
     if found:
         raise ModelError(f"the model is quantized ({', '.join(found)}); prune the float model first, "
-                         "then quantize the pruned model")
+                         "then quantize the pruned model (--quantize int8 does both in one run)")
 
 
 def check_opset(model: onnx.ModelProto) -> int:

@@ -8,7 +8,7 @@ import onnx
 
 from .budget import Targets
 from .errors import OptionError
-from .runtime import PROVIDERS
+from .runtime import CALIBRATE_METHODS, PROVIDERS, QUANTIZE_FORMATS
 from .report import Report
 from .select import Method
 
@@ -49,6 +49,8 @@ class PruneOptions:
     measure_latency: bool = True
     progress: bool | None = None  # None: only when stderr is a terminal
     exclude: tuple[str, ...] = ()  # fnmatch patterns of node/tensor/weight names whose groups keep their width
+    quantize: str | None = None  # "int8": ORT static QDQ quantization after pruning (onnxprune/quantize.py)
+    calibrate_method: str = "minmax"  # activation ranges for --quantize: minmax | entropy | percentile
 
     def validate(self) -> "PruneOptions":
         method = self.method
@@ -64,6 +66,14 @@ class PruneOptions:
                 raise OptionError(f"--exclude needs a name pattern (got {pattern!r})")
         if exclude and method is Method.STRIPE:
             raise OptionError("--exclude applies to channel pruning, not to --method stripe")
+        if self.quantize is not None and self.quantize not in QUANTIZE_FORMATS:
+            raise OptionError(f"unknown --quantize '{self.quantize}'; choose one of {', '.join(QUANTIZE_FORMATS)}")
+        if self.calibrate_method not in CALIBRATE_METHODS:
+            raise OptionError(f"unknown --calibrate-method '{self.calibrate_method}'; choose one of "
+                              f"{', '.join(CALIBRATE_METHODS)}")
+        if self.quantize and method is Method.STRIPE:
+            # stripe runs its own pipeline (onnxprune/stripe.py), which has no quantization stage
+            raise OptionError("--quantize applies to channel pruning, not to --method stripe")
         speedup = self.speedup
         if speedup is None:
             speedup = 1.0 if any(t is not None for t in (self.params, self.size_mb, self.latency)) else 2.0

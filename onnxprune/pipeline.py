@@ -3,7 +3,8 @@
     pruner = Pruner(model, calib, options)   # load + fold, calibration split, shapes, groups, targets
     plan   = pruner.allocate()               # widths per group: sensitivity curves, --latency search
     pruned = pruner.prune(plan)              # group by group, front to back (carried activations)
-    check  = pruner.verify(pruned.model)     # held-out fidelity (and --max-drop: give width back)
+    final  = pruner.quantize(pruned)         # --quantize int8 only: ORT static QDQ, fit samples
+    check  = pruner.verify(final.model)      # held-out fidelity (and --max-drop: give width back)
     report = pruner.report(...)              # per-layer table, totals, measured latency, phases
 
 :meth:`Pruner.run` is that list; :func:`prune` is the one-call API. Each stage's wall time is
@@ -30,11 +31,13 @@ from .errors import NothingToPrune, OptionError, TargetNotMetError
 from .fold import constants_to_initializers, fold_batchnorm
 from .graph import ChannelGroup
 from .group_pruner import prune_to
-from .io import check_not_quantized, check_opset, load_model
+from .io import check_not_quantized, check_opset, load_model, model_bytes
+from .latency import latency_ms
 from .latency_search import LatencySearch
 from .options import PruneOptions, PruneResult
 from .progress import Progress
-from .report import GroupResult, Report
+from .quantize import SCHEME, quantize_int8
+from .report import GroupResult, ModelForm, Quantization, Report
 from .sampling import Sampler
 from .select import Method
 from .sensitivity import output_scaled_curves
@@ -48,8 +51,9 @@ log = logging.getLogger(__name__)
 class Pruned:
     """A pruned model and what each of its groups went through."""
 
-    model: onnx.ModelProto
+    model: onnx.ModelProto  # the final model: quantized under --quantize
     groups: list[GroupResult]
+    float_model: onnx.ModelProto | None = None  # under --quantize, the pruned model before quantization
 
 
 class Pruner:
@@ -101,6 +105,9 @@ class Pruner:
     def _calibration(self, calib, image_options):
         opts = self.opts
         if calib is None:
+            if opts.quantize:
+                raise OptionError(f"--quantize {opts.quantize} needs calibration data for its activation ranges: "
+                                  "pass --calib")
             if opts.needs_data or opts.max_drop is not None:
                 raise OptionError(f"method '{opts.method.value}'{' with reconstruction' if opts.reconstruct else ''} "
                                   "needs calibration data: pass --calib, or use --method l1 --no-reconstruct")
@@ -170,6 +177,17 @@ class Pruner:
             plan = Plan(self.allocator.widths(targets, plan.round_to), plan.round_to)
         return pruned
 
+    def quantize(self, pruned: Pruned) -> Pruned:
+        """``pruned`` quantized as ``--quantize`` asks (unchanged without it): ORT static QDQ
+        quantization whose activation ranges are calibrated on the fit samples only, the held-out
+        ones staying for :meth:`verify`. The float model is kept as ``float_model``."""
+        if not self.opts.quantize:
+            return pruned
+        with self.progress.phase("quantize"):
+            model = quantize_int8(pruned.model, self.cal, self.fit_idx, self.opts.calibrate_method,
+                                  self.opts.batch_size)
+        return Pruned(model, pruned.groups, float_model=pruned.model)
+
     def verify(self, model: onnx.ModelProto) -> list[OutputFidelity]:
         """Fidelity of ``model`` to the original on the held-out samples (the fit ones if none)."""
         with self.progress.phase("verify"):
@@ -178,10 +196,10 @@ class Pruner:
                            self.opts.calibration_provider)
 
     def prune_verified(self, plan: Plan, tries: int = 4) -> tuple[Pruned, list[OutputFidelity], bool]:
-        """Prune to ``plan``; under ``--max-drop``, give width back (all targets relaxed together,
-        by bisection) until the held-out loss holds. Returns the model, its fidelity and whether
-        the targets were met."""
-        pruned = self.prune_to_targets(plan)
+        """Prune to ``plan`` (and quantize, under ``--quantize``); under ``--max-drop``, give width
+        back (all targets relaxed together, by bisection) until the final model's held-out loss
+        holds. Returns the model, its fidelity and whether the targets were met."""
+        pruned = self.quantize(self.prune_to_targets(plan))
         fidelity = self.verify(pruned.model)
         limit = self.opts.max_drop
         if limit is None or guard_loss(fidelity) <= limit:
@@ -193,6 +211,7 @@ class Pruner:
             targets = relaxed_targets(self.opts.targets, self.cost, t)
             with self.progress.phase("pruning"):
                 trial = self.prune(Plan(self.allocator.widths(targets, plan.round_to), plan.round_to))
+            trial = self.quantize(trial)
             fid = self.verify(trial.model)
             if guard_loss(fid) <= limit:
                 best, lo = (trial, fid), t
@@ -205,12 +224,29 @@ class Pruner:
         return (*best, False)
 
     def report(self, pruned: Pruned, fidelity: list[OutputFidelity], reached: bool) -> Report:
-        """The run's report: per-layer table, totals, measured latency, fidelity, phase times."""
+        """The run's report: per-layer table, totals, measured latency, fidelity, phase times.
+        Totals and fidelity are the final model's; under ``--quantize`` the float and quantized
+        pruned models are also given side by side."""
         opts = self.opts
+        quantization = None
+        float_fidelity = self.verify(pruned.float_model) if pruned.float_model is not None else None
         with self.progress.phase("report"):
             feed = self.cal.take([0] * batch_size_for(self.original, opts.latency_batch)) \
                 if opts.measure_latency else None
-            layers, totals = cost_table(self.original, self.work, pruned.model, self.cal, feed, opts.provider)
+            if pruned.float_model is None:
+                layers, totals = cost_table(self.original, self.work, pruned.model, self.cal, feed, opts.provider)
+            else:  # layers, MACs and params from the float graph (its weights are plain initializers)
+                layers, totals = cost_table(self.original, self.work, pruned.float_model, self.cal, None,
+                                            opts.provider)
+                # the three timed together, in alternating blocks, so that load affects them alike
+                ms = latency_ms([self.original, pruned.float_model, pruned.model], feed, opts.provider) \
+                    if feed is not None else [None] * 3
+                float_bytes = totals.size_bytes[1]
+                totals = replace(totals, size_bytes=(totals.size_bytes[0], model_bytes(pruned.model)),
+                                 latency_ms=(ms[0], ms[2]) if feed is not None else None)
+                quantization = Quantization(
+                    opts.quantize, dict(SCHEME), opts.calibrate_method, int(len(self.fit_idx)),
+                    ModelForm(float_bytes, ms[1], float_fidelity), ModelForm(totals.size_bytes[1], ms[2], fidelity))
         report = Report(
             method=opts.method.value, reconstruct=opts.reconstruct, target_speedup=opts.speedup or 1.0, totals=totals,
             groups=pruned.groups, layers=layers, skipped=self.analysis.skipped, fidelity=fidelity,
@@ -219,7 +255,7 @@ class Pruner:
             bn_folded=self.folded, targets_met=reached, provider=opts.provider, latency_batch=opts.latency_batch,
             targets={k: v for k, v in opts.targets.__dict__.items() if v is not None}
             | ({"latency": opts.latency} if opts.latency is not None else {}),
-            phases=dict(self.progress.seconds))
+            phases=dict(self.progress.seconds), quantization=quantization)
         report.seconds = time.perf_counter() - self.start
         return report
 

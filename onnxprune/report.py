@@ -51,6 +51,36 @@ class Totals:
 
 
 @dataclass
+class ModelForm:
+    """One form of the pruned model (float, or quantized): size, latency, held-out fidelity."""
+
+    size_bytes: int
+    latency_ms: float | None  # None: not measured (--no-latency)
+    fidelity: list[OutputFidelity]  # against the float original, on the held-out samples
+
+    def summary(self) -> str:
+        """Size, worst output's error and agreement, latency, on one line."""
+        err = max((f.relative_error for f in self.fidelity), default=0.0)
+        agree = min((f.top1_agreement for f in self.fidelity if f.top1_agreement is not None), default=None)
+        return (f"{self.size_bytes / 1e6:.2f}M, rel err {err:.4f}"
+                + (f", top-1 {agree:.1%}" if agree is not None else "")
+                + (f", {self.latency_ms:.2f}ms" if self.latency_ms is not None else ""))
+
+
+@dataclass
+class Quantization:
+    """``--quantize``: how the pruned model was quantized, and its float and quantized forms
+    side by side (the report's totals and fidelity are the quantized, final model's)."""
+
+    dtype: str  # "int8"
+    scheme: dict[str, str]  # format, weights, activations, bias
+    calibrate_method: str
+    calibration_samples: int  # the fit samples; the held-out ones are not used for calibration
+    pruned_float: ModelForm
+    pruned_quantized: ModelForm
+
+
+@dataclass
 class Report:
     """The full account of a run; :meth:`to_json` is stable for CI gates."""
 
@@ -71,6 +101,7 @@ class Report:
     latency_batch: int = 1
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds per pipeline stage
     stripe: dict | None = None  # --method stripe: keep fraction, stripe MACs, per-layer form (see stripe.py)
+    quantization: Quantization | None = None  # --quantize: float vs quantized pruned model
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -109,6 +140,10 @@ class Report:
         if t.latency_ms:
             lines.append(f"latency {t.latency_ms[0]:>8.2f}ms -> {t.latency_ms[1]:>7.2f}ms  "
                          f"({t.latency_speedup:.2f}x measured, ORT {self.provider}, batch {self.latency_batch})")
+        if self.quantization:
+            q = self.quantization
+            lines.append(f"{q.dtype:<7} float {q.pruned_float.summary()} -> {q.dtype} {q.pruned_quantized.summary()} "
+                         f"({q.scheme['format']}, {q.calibrate_method} on {q.calibration_samples} fit samples)")
         if self.stripe:
             s = self.stripe
             lines.append(f"stripes kept {s['keep_fraction']:.1%} per K×K conv: stripe MACs "

@@ -1,4 +1,4 @@
-"""ONNX Runtime: the one place onnxprune imports it, and the execution providers it names.
+"""ONNX Runtime: the one place onnxprune imports it, the execution providers and quantization settings it names.
 
 onnxprune depends on no ONNX Runtime build of its own: ``pip install "onnxprune[cpu]"`` brings
 ``onnxruntime``, ``pip install "onnxprune[gpu]"`` brings ``onnxruntime-gpu``. Both install the same
@@ -15,6 +15,10 @@ from .errors import PruneError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
+# --quantize formats and ORT's static-quantization calibration methods (onnxprune/quantize.py),
+# named here so that the CLI can offer them before ONNX Runtime is imported
+QUANTIZE_FORMATS = ("int8",)
+CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
 
 INSTALL = 'pip install "onnxprune[cpu]" (CPU) or pip install "onnxprune[gpu]" (CUDA / TensorRT), not both'
 

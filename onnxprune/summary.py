@@ -24,6 +24,7 @@ from .io import check_opset, load_model, model_bytes
 from .latency import Latency, latency_ms, measure
 from .ops import handler_for
 from .prunable import Barrier, prunability
+from .quantize import dequantized
 from .report import LayerRow, Totals
 from .runtime import import_ort
 from .verify import OutputFidelity, compare
@@ -123,7 +124,9 @@ def calibration_or_zeros(model: onnx.ModelProto, calib, image_options: ImageOpti
 
 def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
     """MACs, params, size, channel groups, prunable MACs and barriers of ``model`` (BN folded
-    for the analysis, as pruning does)."""
+    for the analysis, as pruning does); a QDQ model as the float graph it computes, at its own size."""
+    size = model_bytes(model)
+    model = dequantized(model)
     work = copy.deepcopy(model)
     constants_to_initializers(work)
     fold_batchnorm(work, {})
@@ -135,12 +138,13 @@ def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
     rows += [(name, next(x.channels for x in groups if x.name == name), reason) for name, reason in skipped]
     reach = prunability(g, groups)
     inputs = {i.name: list(shapes.get(i.name, ())) for i in model_inputs(model)}
-    return ModelSummary(reach.total_macs, count_params(GraphView(model)), model_bytes(model), rows, inputs,
+    return ModelSummary(reach.total_macs, count_params(GraphView(model)), size, rows, inputs,
                         reach.prunable_macs, reach.residual_macs, reach.barriers)
 
 
 def model_macs(model: onnx.ModelProto, cal: Calibration) -> int:
-    """MACs of one sample through ``model`` at the calibration input shape."""
+    """MACs of one sample through ``model`` at the calibration input shape (QDQ: of its float graph)."""
+    model = dequantized(model)
     return graph_macs(GraphView(model, tensor_shapes(model, cal)))
 
 
@@ -182,6 +186,8 @@ def bench(models: list[onnx.ModelProto], cal: Calibration, provider: str, batche
 
 
 def load_checked(path) -> onnx.ModelProto:
-    model = load_model(path)
+    """A model for inspect, gate and bench: checked as for pruning, quantized graphs allowed
+    (``--quantize`` writes them; these commands run models and prune none)."""
+    model = load_model(path, allow_quantized=True)
     check_opset(model)
     return model
