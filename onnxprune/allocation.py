@@ -4,6 +4,7 @@ measured sensitivity curves, rounded to a channel multiple."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from .budget import CostModel, Targets, uniform_widths
@@ -13,7 +14,11 @@ from .sensitivity import allocate
 
 log = logging.getLogger(__name__)
 
-FINER_ROUNDINGS = (8, 1)  # what a default --round-to gives way to, in order, when a target needs it
+FINER_ROUNDINGS = (8, 1)
+# No group is cut to less than this fraction of the width one uniform keep ratio would give it:
+# sensitivity curves measured on few images can make one layer look nearly free to cut, and
+# a single layer cut 5-25x then breaks the whole model (the held-out check sees it, the curves do not).
+MAX_SQUEEZE = 2.0  # what a default --round-to gives way to, in order, when a target needs it
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,14 @@ class Allocator:
 
     def widths(self, targets: Targets, round_to: int) -> dict[int, int]:
         """Widths meeting ``targets`` at ``round_to``, or :class:`TargetNotMetError`."""
-        if self.curves is not None:
+        if self.curves is None:
+            return uniform_widths(self.cost, self.candidates, targets, round_to)
+        try:
+            uniform = uniform_widths(self.cost, self.candidates, targets, round_to)
+            floors = {u.index: math.ceil(uniform[u.index] / MAX_SQUEEZE) for u in self.candidates}
+            return allocate(self.cost, self.candidates, self.curves, targets, round_to, floors=floors)
+        except TargetNotMetError:  # the floors (or the rounding) put the targets out of reach
             return allocate(self.cost, self.candidates, self.curves, targets, round_to)
-        return uniform_widths(self.cost, self.candidates, targets, round_to)
 
     def plan(self, targets: Targets, round_to: int, relax: bool = False) -> Plan:
         """A plan meeting ``targets`` at ``round_to``. Where the rounding is what puts them out of

@@ -51,10 +51,12 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
 
 
 def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[float]], targets: Targets,
-             round_to: int = 1, ratios=GRID) -> dict[int, int]:
+             round_to: int = 1, ratios=GRID, floors: dict[int, int] | None = None) -> dict[int, int]:
     """Widths meeting ``targets`` with the least summed error: from full width, repeatedly take
-    the grid step down that costs the least error per unit of shortfall removed."""
+    the grid step down that costs the least error per unit of shortfall removed (never below a
+    unit's width in ``floors``, while the targets can be met above them)."""
     level = {u.index: len(ratios) - 1 for u in units}
+    floors = floors or {}
 
     def widths() -> dict[int, int]:
         return {u.index: round_width(u.channels, ratios[level[u.index]], round_to, u.segments) for u in units}
@@ -63,7 +65,8 @@ def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[
         """The next grid level down that really removes channels (rounding can merge levels)."""
         now = round_width(u.channels, ratios[level[u.index]], round_to, u.segments)
         return next((j for j in range(level[u.index] - 1, -1, -1)
-                     if round_width(u.channels, ratios[j], round_to, u.segments) < now), None)
+                     if floors.get(u.index, 0) <= round_width(u.channels, ratios[j], round_to, u.segments) < now),
+                    None)
 
     current = targets.shortfall(cost, widths())
     while current > 0:

@@ -171,3 +171,23 @@ def test_target_lost_to_rounding_says_so():
     result = onnxprune.prune(model, x, speedup=8, round_to=1, allocation="uniform", measure_latency=False)
     assert result.report.totals.macs_speedup >= 8
     check_pruned(result.model, model, x[:10], max_rel_err=2.0)
+
+
+def test_no_group_is_cut_below_half_its_uniform_width():
+    """A curve that makes one group look free (few calibration images) does not let the allocation
+    cut it 10x: it keeps at least half the width one uniform ratio would give it."""
+    from onnxprune.allocation import MAX_SQUEEZE, Allocator
+    from onnxprune.budget import CostEntry, CostModel, Targets, uniform_widths
+    from onnxprune.graph import ChannelGroup
+    from onnxprune.sensitivity import GRID, allocate
+
+    cost = CostModel([CostEntry("a", "Conv", 100, (0,)), CostEntry("b", "Conv", 100, (1,))],
+                     {0: 10, 1: 10}, {0: [(0, 10)], 1: [(1, 10)]})
+    units = [ChannelGroup(0, 10, ["a"]), ChannelGroup(1, 10, ["b"])]
+    curves = {0: [0.0 for _ in GRID], 1: [10 * (1.0 - r) for r in GRID]}  # a looks free to cut
+    targets = Targets(speedup=1.9)
+    uniform = uniform_widths(cost, units, targets)
+    assert allocate(cost, units, curves, targets)[0] < uniform[0] / MAX_SQUEEZE  # unbounded: a is cut deep
+    widths = Allocator(cost, units, curves).widths(targets, 1)
+    assert widths[0] >= uniform[0] / MAX_SQUEEZE and widths[0] < widths[1]
+    assert 200 / cost.macs(widths) >= 1.9
