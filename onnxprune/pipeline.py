@@ -36,7 +36,7 @@ from .latency import latency_ms
 from .latency_search import LatencySearch
 from .options import PruneOptions, PruneResult
 from .progress import Progress
-from .quantize import SCHEME, quantize_int8
+from .quantize import quantize_int8, scheme
 from .report import GroupResult, ModelForm, Quantization, Report
 from .sampling import Sampler
 from .select import Method
@@ -140,7 +140,14 @@ class Pruner:
                 curves = output_scaled_curves(self.analysis, sampler, self.shapes, opts, self.bn_scales,
                                               self.progress)
         self.allocator = Allocator(self.cost, self.candidates, curves)
-        plan = self.allocator.plan(opts.targets, opts.round_to, relax=opts.relax_round_to)
+        try:
+            plan = self.allocator.plan(opts.targets, opts.round_to, relax=opts.relax_round_to)
+        except TargetNotMetError as exc:
+            joined = sum(1 for grp in self.analysis.groups if grp.owner and grp.coupled and grp.prunable)
+            if opts.prune_coupled or not joined:
+                raise
+            raise TargetNotMetError(f"{exc}; {joined} residual-joined groups keep their width: --prune-residual "
+                                    f"lets them shrink too") from None
         if opts.latency is not None:
             with self.progress.phase("latency search"):
                 search = LatencySearch(self.original, self.cal, opts, self.cost, self.allocator, self.architecture,
@@ -185,7 +192,7 @@ class Pruner:
             return pruned
         with self.progress.phase("quantize"):
             model = quantize_int8(pruned.model, self.cal, self.fit_idx, self.opts.calibrate_method,
-                                  self.opts.batch_size)
+                                  self.opts.batch_size, self.opts.provider)
         return Pruned(model, pruned.groups, float_model=pruned.model)
 
     def verify(self, model: onnx.ModelProto) -> list[OutputFidelity]:
@@ -245,7 +252,7 @@ class Pruner:
                 totals = replace(totals, size_bytes=(totals.size_bytes[0], model_bytes(pruned.model)),
                                  latency_ms=(ms[0], ms[2]) if feed is not None else None)
                 quantization = Quantization(
-                    opts.quantize, dict(SCHEME), opts.calibrate_method, int(len(self.fit_idx)),
+                    opts.quantize, scheme(opts.provider), opts.calibrate_method, int(len(self.fit_idx)),
                     ModelForm(float_bytes, ms[1], float_fidelity), ModelForm(totals.size_bytes[1], ms[2], fidelity))
         report = Report(
             method=opts.method.value, reconstruct=opts.reconstruct, target_speedup=opts.speedup or 1.0, totals=totals,
