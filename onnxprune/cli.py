@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slim-fallback", choices=["error", "l1"], default="error",
                    help="--method slim on a group without BatchNorm: stop with an error, or use l1")
     p.add_argument("--quantize", choices=list(QUANTIZE_FORMATS),
-                   help="after pruning, ONNX Runtime static quantization (QDQ: int8 weights per channel, int8 "
-                        "activations, both symmetric; float biases) calibrated on the fit part of --calib; "
+                   help="after pruning, ONNX Runtime static quantization (QDQ: int8 symmetric weights per channel; "
+                        "activations uint8 asymmetric for --provider cpu, int8 symmetric for cuda/tensorrt; "
+                        "float biases) calibrated on the fit part of --calib; "
                         "--max-drop and the report judge the quantized model")
     p.add_argument("--calibrate-method", choices=list(CALIBRATE_METHODS), default="minmax",
                    help="activation ranges for --quantize (default minmax)")

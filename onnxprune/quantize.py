@@ -4,8 +4,8 @@ ORT's pre-processing (``quant_pre_process``: ONNX shape inference, basic graph o
 ``quantize_static`` with QuantizeLinear/DequantizeLinear pairs:
 
 - weights int8, symmetric, per output channel;
-- activations int8, symmetric (zero point 0): what TensorRT's explicit-precision mode requires,
-  and ORT's CPU kernels run it too;
+- activations by execution provider (:func:`scheme`, the one rule): uint8 asymmetric for ``cpu``,
+  int8 symmetric (zero point 0) for ``cuda``/``tensorrt``;
 - biases left in float (``QuantizeBias: False``), TensorRT's convention (it folds the bias in
   float). ORT's CPU provider still fuses DQ → Conv → Q into its int8 kernels with a float bias:
   on vgg_fmnist pruned 2x, int32 and float biases measured the same latency and accuracy;
@@ -34,9 +34,20 @@ from .errors import ModelError, OptionError
 from .io import QUANTIZED_OPS, too_large
 from .runtime import CALIBRATE_METHODS
 
-# What the report states about the format: fixed, only the calibration method is the user's.
-SCHEME = {"format": "QDQ", "weights": "int8 symmetric per-channel", "activations": "int8 symmetric",
-          "bias": "float"}
+
+def scheme(provider: str) -> dict[str, str]:
+    """The quantization scheme for ``--provider``, as the report states it (the calibration
+    method is the user's choice, the rest follows from the provider).
+
+    Activations: TensorRT's explicit-precision mode needs symmetric int8 (zero point 0), so
+    ``cuda``/``tensorrt`` get that. ORT's CPU provider wants uint8 asymmetric activations (its
+    default, U8S8): with symmetric int8 ones it fused only 10 of 21 convs of resnet_fmnist and 23
+    of 37 of mobilenet_fmnist into int8 kernels (the rest ran DQ → float Conv → Q, slower than
+    float) and mobilenet lost 0.40–0.55 top-1 points; with uint8 every conv was fused
+    (docs/benchmarks.md). Weights stay int8 symmetric per channel on both, without ORT's
+    ``reduce_range`` (7-bit weights, for U8S8 on CPUs without VNNI; see the same page)."""
+    activations = "uint8 asymmetric" if provider == "cpu" else "int8 symmetric"
+    return {"format": "QDQ", "weights": "int8 symmetric per-channel", "activations": activations, "bias": "float"}
 
 
 class _Reader:
@@ -69,7 +80,8 @@ def _is_quantized(model: onnx.ModelProto) -> bool:
 def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
     """A float view of a QDQ model, for counting its MACs and params (``inspect``, ``gate``):
     DequantizeLinear of constant weights becomes a float initializer, QuantizeLinear →
-    DequantizeLinear pairs on activations are bypassed. A float model is returned as it is;
+    DequantizeLinear pairs on activations are bypassed (a Relu where the pair clamps at 0, see
+    :func:`_clamps_at_zero`). A float model is returned as it is;
     other quantized ops (QLinearConv, ConvInteger…) are refused, their costs are not counted."""
     if not _is_quantized(model):
         return model
@@ -89,7 +101,10 @@ def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         src = producer.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
         if src is not None and src.op_type == "QuantizeLinear":
-            rename[n.output[0]] = src.input[0]
+            if _clamps_at_zero(src, inits):  # the quantizer may have dropped a Relu into it
+                nodes.append(helper.make_node("Relu", [src.input[0]], [n.output[0]], name=f"{n.name}_relu"))
+            else:
+                rename[n.output[0]] = src.input[0]
             continue
         nodes.append(n)
 
@@ -114,6 +129,19 @@ def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
     return view
 
 
+def _clamps_at_zero(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    """Whether QuantizeLinear ``node`` maps 0 to its lowest value (uint8 zero point 0, int8 -128):
+    its pair with DequantizeLinear is a Relu besides a rounding. With asymmetric activations ORT's
+    quantizer removes a Relu (or a Clip from 0) whose output it quantizes that way, so the float
+    view puts the Relu back (a Clip's upper bound is not restored)."""
+    if len(node.input) < 3 or not node.input[2]:  # no zero point: uint8 0, the lowest value
+        return True
+    if node.input[2] not in inits:
+        return False
+    z = numpy_helper.to_array(inits[node.input[2]])
+    return z.size == 1 and np.issubdtype(z.dtype, np.integer) and int(z.reshape(-1)[0]) == np.iinfo(z.dtype).min
+
+
 def _dequantize(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
     """The float values of DequantizeLinear ``node`` over constant inputs (per-tensor or per-axis)."""
     q = numpy_helper.to_array(inits[node.input[0]]).astype(np.float64)
@@ -129,9 +157,11 @@ def _dequantize(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.
 
 
 def quantize_int8(model: onnx.ModelProto, calib: Calibration, indices: Sequence[int], method: str = "minmax",
-                  batch: int = 32) -> onnx.ModelProto:
+                  batch: int = 32, provider: str = "cpu", reduce_range: bool = False) -> onnx.ModelProto:
     """An int8 QDQ copy of float ``model``, its activation ranges calibrated on ``calib[indices]``
-    only (by ``method``: minmax, entropy or percentile). ``model`` is left as it was."""
+    only (by ``method``: minmax, entropy or percentile), activations typed as :func:`scheme`
+    says for ``provider``. ``reduce_range`` (7-bit weights) is only for measuring it
+    (tools/bench_quantize.py). ``model`` is left as it was."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -140,6 +170,7 @@ def quantize_int8(model: onnx.ModelProto, calib: Calibration, indices: Sequence[
         raise OptionError(f"unknown --calibrate-method '{method}'; choose one of {', '.join(CALIBRATE_METHODS)}")
     if _is_quantized(model):
         raise OptionError("--quantize int8: the model is already quantized; pass the float model")
+    symmetric = scheme(provider)["activations"] == "int8 symmetric"
     indices = np.asarray(indices)
     if len(indices) == 0:
         raise OptionError("--quantize int8 needs calibration samples to set activation ranges; pass --calib")
@@ -159,9 +190,11 @@ def quantize_int8(model: onnx.ModelProto, calib: Calibration, indices: Sequence[
         try:  # ORT's histogram calibrators print their progress: not onto onnxprune's stdout (the report)
             with contextlib.redirect_stdout(StringIO()):
                 quantize_static(pre, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=methods[method], use_external_data_format=large,
-                                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                reduce_range=reduce_range,
+                                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                                weight_type=QuantType.QInt8, calibrate_method=methods[method],
+                                use_external_data_format=large,
+                                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
                                                "QuantizeBias": False, "CalibStridedMinMax": 1})
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"ONNX Runtime's quantizer failed on the pruned model ({type(exc).__name__}: "

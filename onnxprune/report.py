@@ -143,7 +143,8 @@ class Report:
         if self.quantization:
             q = self.quantization
             lines.append(f"{q.dtype:<7} float {q.pruned_float.summary()} -> {q.dtype} {q.pruned_quantized.summary()} "
-                         f"({q.scheme['format']}, {q.calibrate_method} on {q.calibration_samples} fit samples)")
+                         f"({q.scheme['format']}, {q.scheme['activations']} activations, {q.calibrate_method} "
+                         f"on {q.calibration_samples} fit samples)")
         if self.stripe:
             s = self.stripe
             lines.append(f"stripes kept {s['keep_fraction']:.1%} per K×K conv: stripe MACs "

@@ -15,7 +15,7 @@ import onnxprune
 from onnxprune import cli, pipeline
 from onnxprune.calib import load_calibration
 from onnxprune.errors import OptionError
-from onnxprune.quantize import dequantized, quantize_int8
+from onnxprune.quantize import dequantized, quantize_int8, scheme
 from onnxprune.summary import model_macs
 
 # relative error of int8 vs float on tiny_vgg's calibration data, measured with onnxruntime 1.32:
@@ -34,9 +34,9 @@ def quantized_run():
     model, x = tiny_vgg(), calib_for(tiny_vgg(), 200)
     seen = {}
 
-    def recording(float_model, calib, indices, method, batch):
-        seen.update(float_model=float_model, indices=np.array(indices), method=method)
-        return quantize_int8(float_model, calib, indices, method, batch)
+    def recording(float_model, calib, indices, method, batch, provider):
+        seen.update(float_model=float_model, indices=np.array(indices), method=method, provider=provider)
+        return quantize_int8(float_model, calib, indices, method, batch, provider)
 
     patch = pytest.MonkeyPatch()
     patch.setattr(pipeline, "quantize_int8", recording)
@@ -62,7 +62,7 @@ def test_quantized_model_is_valid_and_close_to_the_float_pruned_one(quantized_ru
 
 def test_calibration_uses_the_fit_samples_only(quantized_run):
     _, _, pruner, _, seen = quantized_run
-    assert seen["method"] == "minmax"
+    assert seen["method"] == "minmax" and seen["provider"] == "cpu"
     assert len(pruner.hold_idx) and np.array_equal(seen["indices"], pruner.fit_idx)
     assert not set(seen["indices"]) & set(pruner.hold_idx)
 
@@ -72,6 +72,7 @@ def test_report_has_float_and_int8_side_by_side(quantized_run):
     rep = result.report
     q = rep.quantization
     assert q.dtype == "int8" and q.scheme["bias"] == "float" and q.calibration_samples == len(pruner.fit_idx)
+    assert q.scheme == scheme("cpu") and q.scheme["activations"] == "uint8 asymmetric"  # --provider cpu
     assert q.pruned_float.size_bytes == seen["float_model"].ByteSize()
     assert q.pruned_quantized.size_bytes == rep.totals.size_bytes[1] == result.model.ByteSize()
     assert q.pruned_quantized.fidelity == rep.fidelity  # the final model is the one judged
@@ -81,8 +82,38 @@ def test_report_has_float_and_int8_side_by_side(quantized_run):
     data = json.loads(rep.to_json())["quantization"]
     assert data["pruned_float"]["fidelity"][0]["top1_agreement"] is not None
     assert data["pruned_quantized"]["size_bytes"] == rep.totals.size_bytes[1]
+    assert data["scheme"]["activations"] == "uint8 asymmetric"
     line = [ln for ln in rep.table().splitlines() if ln.startswith("int8")]
-    assert len(line) == 1 and "float" in line[0] and "minmax" in line[0]
+    assert len(line) == 1 and "float" in line[0] and "minmax" in line[0] and "uint8 asymmetric" in line[0]
+
+
+def _activation_zero_points(q: onnx.ModelProto) -> set[int]:
+    """The element types of the zero points of ``q``'s QuantizeLinear nodes (activations only:
+    weights are stored quantized, behind DequantizeLinear alone)."""
+    inits = {t.name: t for t in q.graph.initializer}
+    return {inits[n.input[2]].data_type for n in q.graph.node if n.op_type == "QuantizeLinear"}
+
+
+@pytest.mark.parametrize("provider, zero_type, symmetric", [
+    ("cpu", onnx.TensorProto.UINT8, False),  # ORT CPU's U8S8: every conv fused into int8 kernels
+    ("cuda", onnx.TensorProto.INT8, True),
+    ("tensorrt", onnx.TensorProto.INT8, True),  # TensorRT's explicit precision: zero point 0
+])
+def test_activation_scheme_follows_the_provider(provider, zero_type, symmetric):
+    model = tiny_vgg()
+    x = calib_for(model, 64)
+    q = quantize_int8(model, load_calibration(x, model), np.arange(48), provider=provider)
+    assert _activation_zero_points(q) == {zero_type}
+    inits = {t.name: t for t in q.graph.initializer}
+    zeros = [onnx.numpy_helper.to_array(inits[n.input[2]]) for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert all((z == 0).all() for z in zeros) == symmetric
+    weights = [inits[n.input[0]] for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert weights and {w.data_type for w in weights} == {onnx.TensorProto.INT8}  # weights int8 on every provider
+    assert scheme(provider)["activations"] == ("int8 symmetric" if symmetric else "uint8 asymmetric")
+    assert scheme(provider)["weights"] == "int8 symmetric per-channel"
+    assert _rel(run(q, x)[0], run(model, x)[0]) <= INT8_REL_ERR
+    # uint8: ORT drops the Relus into the activations' zero point; the float view puts them back
+    assert _rel(run(dequantized(q), x)[0], run(model, x)[0]) <= INT8_REL_ERR
 
 
 def test_dequantized_view_counts_the_float_graph(quantized_run):

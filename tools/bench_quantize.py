@@ -2,10 +2,13 @@
 
     python tools/bench_quantize.py [--models vgg_fmnist resnet_fmnist mobilenet_fmnist] [--speedup 2]
                                    [--calibrate-method minmax entropy percentile] [--batches 1 32]
+                                   [--scheme cpu tensorrt] [--reduce-range]
 
 Each model is pruned once (CLI defaults: lasso, sensitivity allocation, widths rounded to 16
 where the target allows) with calibration ``models/fmnist_calib.npy``, then quantized by ORT's
-static QDQ quantization calibrated on the same fit part of that data. The float pruned model and
+static QDQ quantization calibrated on the same fit part of that data, with the activation scheme
+``--quantize int8`` uses for each ``--scheme`` provider (cpu: uint8 asymmetric, the default;
+tensorrt: int8 symmetric); ``--reduce-range`` adds ORT's 7-bit weights. The float pruned model and
 its int8 form are scored on the Fashion-MNIST test set (the 10 000 images when installed, see
 bench_fmnist.py), and timed on ONNX Runtime's CPU provider with onnxprune's latency helper
 (original, float pruned and int8 in alternating blocks, median). The header names the CPU's int8
@@ -29,8 +32,8 @@ from bench_fmnist import ROOT, accuracy, print_header, test_set
 import onnxprune
 from onnxprune.io import model_bytes
 from onnxprune.latency import measure
-from onnxprune.quantize import quantize_int8
-from onnxprune.runtime import CALIBRATE_METHODS, default_round_to
+from onnxprune.quantize import quantize_int8, scheme
+from onnxprune.runtime import CALIBRATE_METHODS, PROVIDERS, default_round_to
 
 INT8_BUDGET = 0.3  # top-1 points int8 may lose beyond pruning alone
 
@@ -57,6 +60,9 @@ def main() -> None:
     ap.add_argument("--calibrate-method", nargs="+", choices=list(CALIBRATE_METHODS), default=["minmax"],
                     help="one row per method, all from the same pruned model")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32], help="latency batch sizes")
+    ap.add_argument("--scheme", nargs="+", choices=list(PROVIDERS), default=["cpu"],
+                    help="quantize as for these --provider values (activation scheme); timed on CPU")
+    ap.add_argument("--reduce-range", action="store_true", help="ORT's reduce_range (7-bit weights)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     x, y, source = test_set()
@@ -64,7 +70,7 @@ def main() -> None:
     print(f"CPU int8 instruction sets: {int8_isa()}; {os.cpu_count()} logical CPUs; load average "
           f"(1/5/15 min) at start: {load()}")
     print_header(source, f"calibration {args.calib} (fit part), --speedup {args.speedup:g}",
-                 ["model", "calibrate", "top-1 orig", "top-1 float pruned", "top-1 int8", "int8 − float",
+                 ["model", "activations", "calibrate", "top-1 orig", "top-1 float pruned", "top-1 int8", "int8 − float",
                   "MB orig / float / int8", *lat_cols, "load (1 min) before → after timing", f"≤ {INT8_BUDGET} pt"])
     holds = True
     for name in args.models:
@@ -76,8 +82,10 @@ def main() -> None:
         pruner = onnxprune.Pruner(str(path), args.calib, opts)
         pruned, _, _ = pruner.prune_verified(pruner.allocate())
         top1 = [accuracy(m.SerializeToString(), x, y) for m in (pruner.original, pruned.model)]
-        for method in args.calibrate_method:
-            q = quantize_int8(pruned.model, pruner.cal, pruner.fit_idx, method)
+        for provider, method in [(p, m) for p in args.scheme for m in args.calibrate_method]:
+            q = quantize_int8(pruned.model, pruner.cal, pruner.fit_idx, method, provider=provider,
+                              reduce_range=args.reduce_range)
+            acts = scheme(provider)["activations"] + (", reduce_range" if args.reduce_range else "")
             models = [pruner.original, pruned.model, q]
             acc = accuracy(q.SerializeToString(), x, y)
             feed = {models[0].graph.input[0].name: x}
@@ -85,7 +93,7 @@ def main() -> None:
             times = [measure(models, {k: v[:b] for k, v in feed.items()}) for b in args.batches]
             lost = acc - top1[1]
             holds &= -lost <= INT8_BUDGET
-            print(f"| {name} | {method} | {top1[0]:.2f} | {top1[1]:.2f} | {acc:.2f} | {lost:+.2f} | "
+            print(f"| {name} | {acts} | {method} | {top1[0]:.2f} | {top1[1]:.2f} | {acc:.2f} | {lost:+.2f} | "
                   + " / ".join(f"{model_bytes(m) / 1e6:.3f}" for m in models) + " | "
                   + " | ".join(" / ".join(f"{t.median_ms:.3f}" for t in ts) for ts in times)
                   + f" | {before:.1f} → {os.getloadavg()[0]:.1f} | {'yes' if -lost <= INT8_BUDGET else 'NO'} |",
