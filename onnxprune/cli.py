@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size for ONNX Runtime")
     p.add_argument("--slim-fallback", choices=["error", "l1"], default="error",
                    help="--method slim on a group without BatchNorm: stop with an error, or use l1")
+    p.add_argument("--sparsity", choices=["2:4"],
+                   help="after pruning, make Conv/Gemm/MatMul weights 2:4 sparse (TensorRT's sparse kernels), "
+                        "choosing and refitting the kept weights on the calibration data")
     p.add_argument("--quantize", choices=list(QUANTIZE_FORMATS),
                    help="after pruning, ONNX Runtime static quantization (QDQ: int8 symmetric weights per channel; "
                         "activations uint8 asymmetric for --provider cpu, int8 symmetric for cuda/tensorrt; "
@@ -286,7 +289,7 @@ def _run(args: argparse.Namespace) -> int:
                    relax_round_to=args.round_to is None,
                    batch_size=args.batch_size, measure_latency=args.measure_latency, slim_fallback=args.slim_fallback,
                    exclude=tuple(args.exclude or ()), progress=None if not args.quiet else False,
-                   quantize=args.quantize, calibrate_method=args.calibrate_method)
+                   quantize=args.quantize, calibrate_method=args.calibrate_method, sparsity=args.sparsity)
     save_model_atomic(result.model, output, force=args.force, protected=(args.model,))
     if args.report:
         write_text_atomic(result.report.to_json(), args.report)

@@ -51,6 +51,7 @@ class PruneOptions:
     exclude: tuple[str, ...] = ()  # fnmatch patterns of node/tensor/weight names whose groups keep their width
     quantize: str | None = None  # "int8": ORT static QDQ quantization after pruning (onnxprune/quantize.py)
     calibrate_method: str = "minmax"  # activation ranges for --quantize: minmax | entropy | percentile
+    sparsity: str | None = None  # "2:4": semi-structured sparsity after pruning (onnxprune/sparsity.py)
 
     def validate(self) -> "PruneOptions":
         method = self.method
@@ -74,6 +75,11 @@ class PruneOptions:
         if self.quantize and method is Method.STRIPE:
             # stripe runs its own pipeline (onnxprune/stripe.py), which has no quantization stage
             raise OptionError("--quantize applies to channel pruning, not to --method stripe")
+        if self.sparsity is not None and self.sparsity != "2:4":
+            raise OptionError(f"unknown --sparsity '{self.sparsity}'; the one pattern supported is 2:4")
+        if self.sparsity and method is Method.STRIPE:
+            raise OptionError("--sparsity 2:4 applies to channel pruning, not to --method stripe (its stripes "
+                              "already remove kernel positions)")
         speedup = self.speedup
         if speedup is None:
             speedup = 1.0 if any(t is not None for t in (self.params, self.size_mb, self.latency)) else 2.0

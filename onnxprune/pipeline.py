@@ -3,6 +3,7 @@
     pruner = Pruner(model, calib, options)   # load + fold, calibration split, shapes, groups, targets
     plan   = pruner.allocate()               # widths per group: sensitivity curves, --latency search
     pruned = pruner.prune(plan)              # group by group, front to back (carried activations)
+    pruned = pruner.sparsify(pruned)         # --sparsity 2:4 only: masks and refits from calibration data
     final  = pruner.quantize(pruned)         # --quantize int8 only: ORT static QDQ, fit samples
     check  = pruner.verify(final.model)      # held-out fidelity (and --max-drop: give width back)
     report = pruner.report(...)              # per-layer table, totals, measured latency, phases
@@ -17,7 +18,7 @@ import copy
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import onnx
@@ -37,6 +38,7 @@ from .latency_search import LatencySearch
 from .options import PruneOptions, PruneResult
 from .progress import Progress
 from .quantize import quantize_int8, scheme
+from .sparsity import SparseLayer, sparsify_2_4
 from .report import GroupResult, ModelForm, Quantization, Report
 from .sampling import Sampler
 from .select import Method
@@ -108,6 +110,9 @@ class Pruner:
             if opts.quantize:
                 raise OptionError(f"--quantize {opts.quantize} needs calibration data for its activation ranges: "
                                   "pass --calib")
+            if opts.sparsity:
+                raise OptionError(f"--sparsity {opts.sparsity} needs calibration data to choose and refit the kept "
+                                  "weights: pass --calib")
             if opts.needs_data or opts.max_drop is not None:
                 raise OptionError(f"method '{opts.method.value}'{' with reconstruction' if opts.reconstruct else ''} "
                                   "needs calibration data: pass --calib, or use --method l1 --no-reconstruct")
@@ -184,6 +189,19 @@ class Pruner:
             plan = Plan(self.allocator.widths(targets, plan.round_to), plan.round_to)
         return pruned
 
+    def sparsify(self, pruned: Pruned) -> Pruned:
+        """``pruned`` with 2:4-sparse Conv/Gemm/MatMul weights under ``--sparsity 2:4`` (unchanged
+        without it), each layer refit to its dense outputs on the fit samples."""
+        if not self.opts.sparsity:
+            return pruned
+        with self.progress.phase("sparsity"):
+            shapes = tensor_shapes(pruned.model, self.cal)
+            model, layers = sparsify_2_4(pruned.model, shapes, self.cal, self.fit_idx,
+                                         fitting_batch(shapes, self.opts.batch_size), self.opts.calibration_provider,
+                                         self.opts.seed)
+        self.sparse_layers: list[SparseLayer] = layers
+        return Pruned(model, pruned.groups, float_model=pruned.float_model)
+
     def quantize(self, pruned: Pruned) -> Pruned:
         """``pruned`` quantized as ``--quantize`` asks (unchanged without it): ORT static QDQ
         quantization whose activation ranges are calibrated on the fit samples only, the held-out
@@ -206,7 +224,7 @@ class Pruner:
         """Prune to ``plan`` (and quantize, under ``--quantize``); under ``--max-drop``, give width
         back (all targets relaxed together, by bisection) until the final model's held-out loss
         holds. Returns the model, its fidelity and whether the targets were met."""
-        pruned = self.quantize(self.prune_to_targets(plan))
+        pruned = self.quantize(self.sparsify(self.prune_to_targets(plan)))
         fidelity = self.verify(pruned.model)
         limit = self.opts.max_drop
         if limit is None or guard_loss(fidelity) <= limit:
@@ -218,7 +236,7 @@ class Pruner:
             targets = relaxed_targets(self.opts.targets, self.cost, t)
             with self.progress.phase("pruning"):
                 trial = self.prune(Plan(self.allocator.widths(targets, plan.round_to), plan.round_to))
-            trial = self.quantize(trial)
+            trial = self.quantize(self.sparsify(trial))
             fid = self.verify(trial.model)
             if guard_loss(fid) <= limit:
                 best, lo = (trial, fid), t
@@ -262,7 +280,8 @@ class Pruner:
             bn_folded=self.folded, targets_met=reached, provider=opts.provider, latency_batch=opts.latency_batch,
             targets={k: v for k, v in opts.targets.__dict__.items() if v is not None}
             | ({"latency": opts.latency} if opts.latency is not None else {}),
-            phases=dict(self.progress.seconds), quantization=quantization)
+            phases=dict(self.progress.seconds), quantization=quantization,
+            sparsity=[asdict(layer) for layer in self.sparse_layers] if self.opts.sparsity else None)
         report.seconds = time.perf_counter() - self.start
         return report
 

@@ -102,6 +102,7 @@ class Report:
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds per pipeline stage
     stripe: dict | None = None  # --method stripe: keep fraction, stripe MACs, per-layer form (see stripe.py)
     quantization: Quantization | None = None  # --quantize: float vs quantized pruned model
+    sparsity: list[dict] | None = None  # --sparsity 2:4: each Conv/Gemm/MatMul, sparse or why it stayed dense
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -145,6 +146,11 @@ class Report:
             lines.append(f"{q.dtype:<7} float {q.pruned_float.summary()} -> {q.dtype} {q.pruned_quantized.summary()} "
                          f"({q.scheme['format']}, {q.scheme['activations']} activations, {q.calibrate_method} "
                          f"on {q.calibration_samples} fit samples)")
+        if self.sparsity is not None:
+            sparse = [layer for layer in self.sparsity if not layer["skipped"]]
+            dense = len(self.sparsity) - len(sparse)
+            lines.append(f"2:4     {len(sparse)} of {len(self.sparsity)} Conv/Gemm/MatMul layers sparse"
+                         + (f"; {dense} left dense (reasons in the JSON report)" if dense else ""))
         if self.stripe:
             s = self.stripe
             lines.append(f"stripes kept {s['keep_fraction']:.1%} per K×K conv: stripe MACs "

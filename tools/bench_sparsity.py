@@ -1,0 +1,45 @@
+"""Accuracy of the shipped models pruned 2x, then made 2:4 sparse (``--sparsity 2:4``), no fine-tuning.
+
+    python tools/bench_sparsity.py [--speedup 2] [--models vgg_fmnist resnet_fmnist mobilenet_fmnist]
+
+Same calibration file, seed and widths for both rows of a model (the sparse run prunes the same way,
+then sparsifies). Prints a markdown table: top-1 of the original, pruned, pruned + 2:4, the
+difference, and how many Conv/Gemm/MatMul layers went sparse (the others stay dense, with the
+reason in the JSON report). Speed is not measured: 2:4 kernels need TensorRT on an Ampere+ GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fmnist import ROOT, accuracy, print_header, test_set  # noqa: E402
+
+import onnxprune  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["vgg_fmnist", "resnet_fmnist", "mobilenet_fmnist"])
+    ap.add_argument("--speedup", type=float, default=2.0)
+    ap.add_argument("--calib", default=str(ROOT / "models" / "fmnist_calib.npy"))
+    args = ap.parse_args()
+    x, y, source = test_set()
+    print_header(source, f"calibration {args.calib}, --speedup {args.speedup:g}",
+                 ["model", "original", "pruned", "pruned + 2:4", "2:4 − pruned", "sparse layers"])
+    for name in args.models:
+        path = str(ROOT / "models" / f"{name}.onnx")
+        base = accuracy(Path(path).read_bytes(), x, y)
+        pruned = onnxprune.prune(path, args.calib, speedup=args.speedup, measure_latency=False, progress=False)
+        sparse = onnxprune.prune(path, args.calib, speedup=args.speedup, sparsity="2:4", measure_latency=False,
+                                 progress=False)
+        a, b = accuracy(pruned.model.SerializeToString(), x, y), accuracy(sparse.model.SerializeToString(), x, y)
+        layers = sparse.report.sparsity
+        done = sum(1 for layer in layers if not layer["skipped"])
+        print(f"| {name} | {base:.2f} | {a:.2f} | {b:.2f} | {b - a:+.2f} | {done} of {len(layers)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
