@@ -130,7 +130,7 @@ def sparsify_2_4(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], cal
     for node, handler, why in layers:
         name = node.name or node.output[0]
         w = handler.weight_matrix(node, g)
-        kernel = w.shape[1] // ((g.shape(node.input[0]) or (0, 1))[1] if node.op_type == "Conv" else w.shape[1])
+        kernel = int(np.prod(g.input_const(node, 1).shape[2:])) if node.op_type == "Conv" else 1
         layer = SparseLayer(name, node.op_type, w.shape[1] // kernel, why)
         if not why:
             gram = grams[id(node)]

@@ -367,10 +367,11 @@ def test_large_model_path_round_trips(tmp_path: Path, monkeypatch):
 
 def test_sigint_midway_leaves_no_file(tmp_path: Path):
     """A real Ctrl-C while pruning: exit 130, one line, no output, input unchanged."""
-    model, calib = _save(VGG, tmp_path), _calib(tmp_path, calib_for(VGG, 5000))  # ~6 s of work
+    model, calib = _save(VGG, tmp_path), _calib(tmp_path, calib_for(VGG, 20000))  # several seconds of work
     before = _snapshot(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "onnxprune", str(model), "--calib", str(calib), "-o",
-                             str(tmp_path / "out.onnx"), "-q"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                             str(tmp_path / "out.onnx"), "-q", "--max-drop", "0.99"],  # finished: exit 0
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
     time.sleep(2.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
