@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import onnx
@@ -103,7 +105,10 @@ class PruneOptions:
         for ok, msg in checks:
             if not ok:
                 raise OptionError(msg)
-        return PruneOptions(**{**self.__dict__, "method": method, "speedup": speedup, "exclude": exclude})
+        # 2:4 kernels need input channels in runs of 4: kept widths are multiples of 4 too
+        round_to = math.lcm(self.round_to, 4) if self.sparsity else self.round_to
+        return PruneOptions(**{**self.__dict__, "method": method, "speedup": speedup, "exclude": exclude,
+                               "round_to": round_to})
 
     @property
     def targets(self) -> Targets:
