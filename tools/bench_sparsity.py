@@ -2,8 +2,8 @@
 
     python tools/bench_sparsity.py [--speedup 2] [--models vgg_fmnist resnet_fmnist mobilenet_fmnist]
 
-Same calibration file, seed and widths for both rows of a model (the sparse run prunes the same way,
-then sparsifies). Prints a markdown table: top-1 of the original, pruned, pruned + 2:4, the
+Same calibration file, seed and widths (multiples of 4) for both rows of a model (the sparse run
+prunes the same way, then sparsifies). Prints a markdown table: top-1 of the original, pruned, pruned + 2:4, the
 difference, and how many Conv/Gemm/MatMul layers went sparse (the others stay dense, with the
 reason in the JSON report). Speed is not measured: 2:4 kernels need TensorRT on an Ampere+ GPU.
 """
@@ -32,9 +32,10 @@ def main() -> None:
     for name in args.models:
         path = str(ROOT / "models" / f"{name}.onnx")
         base = accuracy(Path(path).read_bytes(), x, y)
-        pruned = onnxprune.prune(path, args.calib, speedup=args.speedup, measure_latency=False, progress=False)
-        sparse = onnxprune.prune(path, args.calib, speedup=args.speedup, sparsity="2:4", measure_latency=False,
+        pruned = onnxprune.prune(path, args.calib, speedup=args.speedup, round_to=4, measure_latency=False,
                                  progress=False)
+        sparse = onnxprune.prune(path, args.calib, speedup=args.speedup, round_to=4, sparsity="2:4",
+                                 measure_latency=False, progress=False)
         a, b = accuracy(pruned.model.SerializeToString(), x, y), accuracy(sparse.model.SerializeToString(), x, y)
         layers = sparse.report.sparsity
         done = sum(1 for layer in layers if not layer["skipped"])
