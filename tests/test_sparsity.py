@@ -8,10 +8,10 @@ from conftest import check_pruned
 from graphs import Builder, calib_for
 
 import onnxprune
+from onnxprune import sparsity
 from onnxprune.cli import main
 from onnxprune.errors import OptionError
 from onnxprune.graphview import GraphView
-from onnxprune import sparsity
 from onnxprune.sparsity import mask_2_4, refit_kept, satisfies_2_4
 
 
