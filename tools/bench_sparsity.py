@@ -28,7 +28,8 @@ def main() -> None:
     args = ap.parse_args()
     x, y, source = test_set()
     print_header(source, f"calibration {args.calib}, --speedup {args.speedup:g}",
-                 ["model", "original", "pruned", "pruned + 2:4", "2:4 − pruned", "sparse layers"])
+                 ["model", "original", "pruned", "pruned + 2:4", "2:4 − pruned", "sparse layers",
+                  "share of MACs in sparse layers"])
     for name in args.models:
         path = str(ROOT / "models" / f"{name}.onnx")
         base = accuracy(Path(path).read_bytes(), x, y)
@@ -38,8 +39,11 @@ def main() -> None:
                                  measure_latency=False, progress=False)
         a, b = accuracy(pruned.model.SerializeToString(), x, y), accuracy(sparse.model.SerializeToString(), x, y)
         layers = sparse.report.sparsity
-        done = sum(1 for layer in layers if not layer["skipped"])
-        print(f"| {name} | {base:.2f} | {a:.2f} | {b:.2f} | {b - a:+.2f} | {done} of {len(layers)} |", flush=True)
+        sparse_nodes = {layer["node"] for layer in layers if not layer["skipped"]}
+        macs = {row.node: row.macs[1] for row in sparse.report.layers}
+        share = sum(macs.get(n, 0) for n in sparse_nodes) / max(sum(macs.values()), 1)
+        print(f"| {name} | {base:.2f} | {a:.2f} | {b:.2f} | {b - a:+.2f} | {len(sparse_nodes)} of {len(layers)} | "
+              f"{share:.0%} |", flush=True)
 
 
 if __name__ == "__main__":
