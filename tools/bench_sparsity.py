@@ -1,6 +1,8 @@
 """Accuracy of the shipped models pruned 2x, then made 2:4 sparse (``--sparsity 2:4``), no fine-tuning.
 
-    python tools/bench_sparsity.py [--speedup 2] [--models vgg_fmnist resnet_fmnist mobilenet_fmnist]
+    python tools/bench_sparsity.py [--speedup 2] [--models vgg_fmnist resnet_fmnist mobilenet_fmnist] [--both]
+
+``--both`` adds a column with ``--sparsity 2:4 --quantize int8`` together.
 
 Same calibration file, seed and widths (multiples of 4) for both rows of a model (the sparse run
 prunes the same way, then sparsifies). Prints a markdown table: top-1 of the original, pruned, pruned + 2:4, the
@@ -25,11 +27,12 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["vgg_fmnist", "resnet_fmnist", "mobilenet_fmnist"])
     ap.add_argument("--speedup", type=float, default=2.0)
     ap.add_argument("--calib", default=str(ROOT / "models" / "fmnist_calib.npy"))
+    ap.add_argument("--both", action="store_true", help="also prune + 2:4 + int8 (cpu scheme)")
     args = ap.parse_args()
     x, y, source = test_set()
     print_header(source, f"calibration {args.calib}, --speedup {args.speedup:g}",
                  ["model", "original", "pruned", "pruned + 2:4", "2:4 − pruned", "sparse layers",
-                  "share of MACs in sparse layers"])
+                  "share of MACs in sparse layers"] + (["+ 2:4 + int8", "both − pruned"] if args.both else []))
     for name in args.models:
         path = str(ROOT / "models" / f"{name}.onnx")
         base = accuracy(Path(path).read_bytes(), x, y)
@@ -42,8 +45,14 @@ def main() -> None:
         sparse_nodes = {layer["node"] for layer in layers if not layer["skipped"]}
         macs = {row.node: row.macs[1] for row in sparse.report.layers}
         share = sum(macs.get(n, 0) for n in sparse_nodes) / max(sum(macs.values()), 1)
-        print(f"| {name} | {base:.2f} | {a:.2f} | {b:.2f} | {b - a:+.2f} | {len(sparse_nodes)} of {len(layers)} | "
-              f"{share:.0%} |", flush=True)
+        row = (f"| {name} | {base:.2f} | {a:.2f} | {b:.2f} | {b - a:+.2f} | {len(sparse_nodes)} of {len(layers)} | "
+               f"{share:.0%} |")
+        if args.both:
+            both = onnxprune.prune(path, args.calib, speedup=args.speedup, round_to=4, sparsity="2:4", quantize="int8",
+                                   measure_latency=False, progress=False)
+            c = accuracy(both.model.SerializeToString(), x, y)
+            row += f" {c:.2f} | {c - a:+.2f} |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
