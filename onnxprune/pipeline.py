@@ -64,6 +64,7 @@ class Pruner:
     def __init__(self, model: onnx.ModelProto | str | os.PathLike, calib=None, options: PruneOptions | None = None,
                  image_options: ImageOptions | None = None):
         self.start = time.perf_counter()
+        self.sparse_layers: list[SparseLayer] = []  # set by sparsify (--sparsity 2:4)
         self.opts = opts = (options or PruneOptions()).validate()
         self.progress = Progress(opts.progress)
         with self.progress.phase("load"):
@@ -199,7 +200,7 @@ class Pruner:
             model, layers = sparsify_2_4(pruned.model, shapes, self.cal, self.fit_idx,
                                          fitting_batch(shapes, self.opts.batch_size), self.opts.calibration_provider,
                                          self.opts.seed)
-        self.sparse_layers: list[SparseLayer] = layers
+        self.sparse_layers = layers
         return Pruned(model, pruned.groups, float_model=pruned.float_model)
 
     def quantize(self, pruned: Pruned) -> Pruned:

@@ -86,29 +86,44 @@ def refit_kept(weight: np.ndarray, bias: np.ndarray, gram: np.ndarray, keep: np.
     return new[:, :d], new[:, d]
 
 
-def _candidates(g: GraphView) -> list[tuple[onnx.NodeProto, LinearHandler, str]]:
-    """Every Conv/Gemm/MatMul with constant weights, with why it stays dense ('' when it can go sparse)."""
-    found = []
-    for node in g.graph.node:
-        handler = handler_for(node)
-        if not isinstance(handler, LinearHandler) or node.op_type not in ("Conv", "Gemm", "MatMul"):
-            continue
-        if g.input_const(node, 1) is None:
-            continue
-        why = ""
-        if not handler.reconstructable(node, g):
-            why = "grouped or depthwise conv, or unknown shapes"
-        else:
-            w = handler.weight_matrix(node, g)
-            cin = (g.shape(node.input[0]) or (0, 0))[1] if node.op_type == "Conv" else w.shape[1]
-            if cin % 4:
-                why = f"{cin} input channels are not a multiple of 4"
-            elif cin < MIN_CHANNELS:
-                why = f"{cin} input channels: too narrow to gain"
-            elif node.op_type == "Conv" and handler.positions(node, g) == 1:
-                why = "a conv on a 1×1 map (squeeze-excite): too little compute to gain"
-        found.append((node, handler, why))
-    return found
+def _in_channels(node: onnx.NodeProto, g: GraphView) -> int:
+    """Input channels of a layer (a Gemm/MatMul's K: after Flatten, every column counts)."""
+    shape = g.shape(node.input[0]) or (0, 0)
+    return int(shape[1] if node.op_type == "Conv" else shape[-1])
+
+
+def _why_dense(node: onnx.NodeProto, handler: LinearHandler, g: GraphView) -> str:
+    """Why a layer stays dense before any statistics ('' when it may go sparse)."""
+    if not handler.reconstructable(node, g):
+        return "grouped or depthwise conv, or unknown shapes"
+    cin = _in_channels(node, g)
+    if cin % 4:
+        return f"{cin} input channels are not a multiple of 4"
+    if cin < MIN_CHANNELS:
+        return f"{cin} input channels: too narrow to gain"
+    if node.op_type == "Conv" and handler.positions(node, g) == 1:
+        return "a conv on a 1×1 map (squeeze-excite): too little compute to gain"
+    return ""
+
+
+def _sparsify_layer(node: onnx.NodeProto, handler: LinearHandler, gram: np.ndarray, g: GraphView,
+                    layer: SparseLayer) -> None:
+    """Mask and refit one layer in place, or leave it dense (saying why) when the refit stays too far off."""
+    w = handler.weight_matrix(node, g)
+    kernel = w.shape[1] // layer.in_channels
+    b = handler.bias(node, g)
+    bias = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
+    keep = mask_2_4(w, np.sqrt(np.maximum(np.diag(gram)[:-1], 0)), kernel)
+    new_w, new_b = refit_kept(w, bias, gram, keep, handler.has_bias)
+    new_w[~keep] = 0.0
+    dense = np.concatenate([w, bias[:, None]], axis=1)
+    diff = np.concatenate([new_w, new_b[:, None]], axis=1) - dense
+    energy = float(np.einsum("ij,jk,ik->", dense, gram, dense))
+    layer.error = float(np.sqrt(max(np.einsum("ij,jk,ik->", diff, gram, diff), 0) / max(energy, 1e-30)))
+    if layer.error > MAX_LAYER_ERROR:
+        layer.skipped = f"2:4 would put its outputs off by {layer.error:.2f} (above {MAX_LAYER_ERROR:.2f})"
+    else:
+        handler.set_linear(node, new_w.astype(np.float32), new_b.astype(np.float32) if handler.has_bias else None, g)
 
 
 def sparsify_2_4(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], calib: Calibration,
@@ -119,11 +134,15 @@ def sparsify_2_4(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], cal
     source, model = model, onnx.ModelProto()
     model.CopyFrom(source)
     g = GraphView(model, shapes)
-    layers = _candidates(g)
-    todo = [(n, h) for n, h, why in layers if not why]
-    grams = {id(n): 0.0 for n, _ in todo}
+    layers = [(node, handler_for(node)) for node in g.graph.node
+              if node.op_type in ("Conv", "Gemm", "MatMul") and isinstance(handler_for(node), LinearHandler)
+              and g.input_const(node, 1) is not None]
+    results = [SparseLayer(node.name or node.output[0], node.op_type, _in_channels(node, g), _why_dense(node, h, g))
+               for node, h in layers]
+    todo = [(node, h) for (node, h), layer in zip(layers, results) if not layer.skipped]
+    grams: dict[str, np.ndarray] = {}  # by the layer's output name
     rng = np.random.default_rng(seed)
-    inputs = list(dict.fromkeys(n.input[0] for n, _ in todo))
+    inputs = list(dict.fromkeys(node.input[0] for node, _ in todo))
     if todo:
         for _, acts in run_batches(model, inputs, calib, indices, batch, provider):
             for node, handler in todo:
@@ -132,29 +151,9 @@ def sparsify_2_4(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], cal
                 pos = rng.integers(0, per, size=(x.shape[0], min(per, POSITIONS_PER_IMAGE)))
                 patches = handler.sample_patches(node, g, x, pos).astype(np.float64)
                 aug = np.concatenate([patches, np.ones((len(patches), 1))], axis=1)
-                grams[id(node)] = grams[id(node)] + aug.T @ aug
-    results = []
-    for node, handler, why in layers:
-        name = node.name or node.output[0]
-        w = handler.weight_matrix(node, g)
-        kernel = int(np.prod(g.input_const(node, 1).shape[2:])) if node.op_type == "Conv" else 1
-        layer = SparseLayer(name, node.op_type, w.shape[1] // kernel, why)
-        if not why:
-            gram = grams[id(node)]
-            b = handler.bias(node, g)
-            bias = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
-            keep = mask_2_4(w, np.sqrt(np.maximum(np.diag(gram)[:-1], 0)), kernel)
-            new_w, new_b = refit_kept(w, bias, gram, keep, handler.has_bias)
-            new_w[~keep] = 0.0
-            dense = np.concatenate([w, bias[:, None]], axis=1)
-            diff = np.concatenate([new_w, new_b[:, None]], axis=1) - dense
-            energy = float(np.einsum("ij,jk,ik->", dense, gram, dense))
-            layer.error = float(np.sqrt(max(np.einsum("ij,jk,ik->", diff, gram, diff), 0) / max(energy, 1e-30)))
-            if layer.error > MAX_LAYER_ERROR:
-                layer.skipped = f"2:4 would put its outputs off by {layer.error:.2f} (above {MAX_LAYER_ERROR:.2f})"
-            else:
-                handler.set_linear(node, new_w.astype(np.float32), new_b.astype(np.float32) if handler.has_bias
-                                   else None, g)
-        results.append(layer)
+                grams[node.output[0]] = grams.get(node.output[0], 0.0) + aug.T @ aug
+    for (node, handler), layer in zip(layers, results):
+        if not layer.skipped:
+            _sparsify_layer(node, handler, grams[node.output[0]], g, layer)
     g.drop_unused_initializers()
     return model, results

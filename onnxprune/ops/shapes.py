@@ -27,7 +27,7 @@ from .base import ChannelRule, Handler, handler_for, register
 Dim = tuple[str, int]  # (tensor, axis)
 
 _MAX_ELEMENTS = 256  # larger tensors are data, not shapes
-_MAX_DEPTH = 200
+_MAX_TRACKED = 4000  # tensors one ShapeValues evaluates at most (a bound on pathological graphs)
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class ShapeValues:
             return None
         if name not in self._memo:
             self._memo[name] = None  # a cycle reads as unknown
-            if len(self._memo) > _MAX_DEPTH * 20:
+            if len(self._memo) > _MAX_TRACKED:
                 return None
             try:
                 result = self._evaluate(name)
