@@ -7,10 +7,10 @@ import logging
 import math
 from dataclasses import dataclass
 
-from .budget import CostModel, Targets, uniform_widths
+from .budget import CostModel, Targets, round_width, uniform_widths
 from .errors import TargetNotMetError
 from .graph import ChannelGroup
-from .sensitivity import allocate
+from .sensitivity import GRID, allocate
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,13 @@ class Allocator:
             return allocate(self.cost, self.candidates, self.curves, targets, round_to, floors=floors)
         except TargetNotMetError:  # the floors (or the rounding) put the targets out of reach
             return allocate(self.cost, self.candidates, self.curves, targets, round_to)
+
+    def reachable(self, targets: Targets, round_to: int, relax: bool = False) -> bool:
+        """Whether some plan meets ``targets``: every group at the narrowest width a plan gives it
+        (``relax``: at the finest rounding :meth:`plan` may fall back to)."""
+        finest = min((round_to, *FINER_ROUNDINGS)) if relax else round_to
+        narrowest = {u.index: round_width(u.channels, GRID[0], finest, u.segments) for u in self.candidates}
+        return not targets.shortfall(self.cost, narrowest)
 
     def plan(self, targets: Targets, round_to: int, relax: bool = False) -> Plan:
         """A plan meeting ``targets`` at ``round_to``. Where the rounding is what puts them out of

@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channel selection (default lasso)")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True,
                    help="least-squares refit of the layers after each pruned group (default on)")
-    p.add_argument("--prune-residual", dest="prune_coupled", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--prune-residual", dest="prune_coupled", action=argparse.BooleanOptionalAction, default=None,
                    help="also prune channels coupled across branches (residual joins), with one selection "
-                        "over all their consumers (default off: block outputs keep their width)")
+                        "over all their consumers; default: only where the target cannot be reached with "
+                        "block outputs at full width (with a warning); --no-prune-residual never")
     p.add_argument("--allocation", choices=["uniform", "sensitivity"], default="sensitivity",
                    help="per-group widths: from measured error curves (default; data-driven methods), "
                         "or one keep ratio for all")

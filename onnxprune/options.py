@@ -41,7 +41,7 @@ class PruneOptions:
     seed: int = 0
     round_to: int = 1  # the CLI defaults to its provider's block: 16 on cpu, 8 on GPUs (see --round-to)
     relax_round_to: bool = False  # round_to is a default, not the user's: finer multiples where a target needs them
-    prune_coupled: bool = False
+    prune_coupled: bool | None = None  # None: residual-joined groups shrink only where the targets need them
     residual_target: bool = True
     batch_size: int = 32
     allocation: str = "sensitivity"  # uniform | sensitivity (needs calibration data; else uniform)

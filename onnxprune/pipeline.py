@@ -80,11 +80,17 @@ class Pruner:
         if opts.method is Method.STRIPE:  # kernel positions of filters, not channels: its own pipeline
             return
         with self.progress.phase("analyse"):
-            self.analysis = analyse(self.work, self.shapes, opts.prune_coupled, opts.needs_data, exclude=opts.exclude)
+            self.analysis = analyse(self.work, self.shapes, bool(opts.prune_coupled), opts.needs_data,
+                                    exclude=opts.exclude)
             if not any(grp.producers for grp in self.analysis.groups):
                 raise NothingToPrune("the model has no layer whose channels can be pruned (Conv, Gemm, MatMul…): "
                                      "nothing to prune, nothing written")
             self.cost = build_cost_model(self.analysis.g, self.analysis.groups)
+            if opts.prune_coupled is None:
+                self.opts = opts = replace(opts, prune_coupled=self._residual_needed())
+                if opts.prune_coupled:
+                    self.analysis = analyse(self.work, self.shapes, True, opts.needs_data, exclude=opts.exclude)
+                    self.cost = build_cost_model(self.analysis.g, self.analysis.groups)
         with self.progress.phase("targets"):
             self.sampler = self._sampler(self.fit_idx) if opts.needs_data and self.candidates else None
 
@@ -92,6 +98,22 @@ class Pruner:
     def candidates(self) -> list[ChannelGroup]:
         """The channel groups this run prunes."""
         return self.analysis.candidates
+
+    @property
+    def residual_joined(self) -> list[ChannelGroup]:
+        """Prunable groups whose channels residual joins couple across branches."""
+        return [grp for grp in self.analysis.groups if grp.owner and grp.coupled and grp.prunable]
+
+    def _residual_needed(self) -> bool:
+        """Whether residual-joined groups must shrink too for the size targets to be reachable (the
+        default, ``prune_coupled=None``): they keep their width wherever the targets allow it."""
+        joined = self.residual_joined
+        if not joined or Allocator(self.cost, self.candidates, None).reachable(
+                self.opts.targets, self.opts.round_to, self.opts.relax_round_to):
+            return False
+        log.warning("%s cannot be reached with the %d residual-joined groups at full width: pruning them too "
+                    "(--no-prune-residual keeps them)", self.opts.targets.asked(), len(joined))
+        return True
 
     def run(self) -> PruneResult:
         """Every stage, in order."""
@@ -149,7 +171,7 @@ class Pruner:
         try:
             plan = self.allocator.plan(opts.targets, opts.round_to, relax=opts.relax_round_to)
         except TargetNotMetError as exc:
-            joined = sum(1 for grp in self.analysis.groups if grp.owner and grp.coupled and grp.prunable)
+            joined = len(self.residual_joined)
             if opts.prune_coupled or not joined:
                 raise
             raise TargetNotMetError(f"{exc}; {joined} residual-joined groups keep their width: --prune-residual "

@@ -351,3 +351,24 @@ def test_layer_that_reads_and_writes_a_residual_group_refits_its_kept_outputs():
     result = onnxprune.prune(model, data, speedup=1.5, prune_coupled=True, measure_latency=False)
     assert result.report.totals.macs_speedup >= 1.45
     check_pruned(result.model, model, data[:8], max_rel_err=1.0)
+
+
+def test_residual_groups_shrink_only_where_the_target_needs_them(caplog):
+    """By default residual-joined groups keep their width while the target is reachable without
+    them; past that they are pruned too, with a warning; ``--no-prune-residual`` forbids it."""
+    from onnxprune.errors import TargetNotMetError
+
+    model = tf2onnx_nhwc(True)
+    data = RNG.normal(0, 1, (64, 16, 16, 3)).astype(np.float32)
+    joined = [g.name for g in onnxprune.prune(model, data, speedup=8.0, prune_coupled=True,
+                                               measure_latency=False).report.groups if "+" in g.name]
+    reachable = onnxprune.prune(model, data, speedup=2.0, measure_latency=False)
+    assert joined and not any(g.name in joined for g in reachable.report.groups)
+    with caplog.at_level("WARNING"):
+        needed = onnxprune.prune(model, data, speedup=8.0, measure_latency=False)
+    assert "residual-joined groups at full width: pruning them too" in caplog.text
+    assert needed.report.totals.macs_speedup >= 8.0
+    assert any(g.name in joined and g.channels_after < g.channels_before for g in needed.report.groups)
+    check_pruned(needed.model, model, data[:8], max_rel_err=10)
+    with pytest.raises(TargetNotMetError, match="--prune-residual lets them shrink too"):
+        onnxprune.prune(model, data, speedup=8.0, prune_coupled=False, measure_latency=False)
