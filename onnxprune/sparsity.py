@@ -72,9 +72,8 @@ class LayerStats:
     def relative_error(self, dense_w: np.ndarray, new_w: np.ndarray) -> float:
         """‖X_d w_dense − X_s w_new‖ / ‖X_d w_dense‖ over all output channels (``[Cout, D+1]``
         weights with the bias last)."""
-        energy = float(np.einsum("ij,jk,ik->", dense_w, self.dense, dense_w))
-        err = energy - 2 * float(np.einsum("ij,jk,ik->", new_w, self.cross, dense_w)) \
-            + float(np.einsum("ij,jk,ik->", new_w, self.hessian, new_w))
+        energy = float(np.sum((dense_w @ self.dense) * dense_w))
+        err = energy - 2 * float(np.sum((new_w @ self.cross) * dense_w)) + float(np.sum((new_w @ self.hessian) * new_w))
         return float(np.sqrt(max(err, 0.0) / max(energy, 1e-30)))
 
 
