@@ -189,7 +189,8 @@ def _why_dense(node: onnx.NodeProto, handler: LinearHandler, g: GraphView) -> st
 
 
 def _sparsify_layer(node: onnx.NodeProto, handler: LinearHandler, stats: LayerStats, g: GraphView,
-                    layer: SparseLayer, masks: str = "both", refit_dense: bool = True) -> None:
+                    layer: SparseLayer, masks: str = "both", refit_dense: bool = True,
+                    max_error: float | None = None) -> None:
     """Mask and refit one layer in place, or leave it dense (saying why, and refit to the dense
     outputs on its present inputs) when its 2:4 form adds too much error."""
     w = handler.weight_matrix(node, g)
@@ -221,8 +222,9 @@ def _sparsify_layer(node: onnx.NodeProto, handler: LinearHandler, stats: LayerSt
         tried.append((stats.relative_error(dense, np.concatenate([new_w, new_b[:, None]], axis=1)), name, new_w, new_b))
     total, layer.mask, new_w, new_b = min(tried, key=lambda t: t[0])
     layer.error = float(np.sqrt(max(total ** 2 - layer.inherited ** 2, 0.0)))
-    if layer.error > MAX_LAYER_ERROR:
-        layer.skipped = f"2:4 would put its outputs off by {layer.error:.2f} more (above {MAX_LAYER_ERROR:.2f})"
+    bound = MAX_LAYER_ERROR if max_error is None else max_error
+    if layer.error > bound:
+        layer.skipped = f"2:4 would put its outputs off by {layer.error:.2f} more (above {bound:.2f})"
         layer.mask = ""
         if not refit_dense or layer.inherited >= stats.relative_error(dense, dense):
             return
@@ -258,13 +260,14 @@ def _layer_stats(node: onnx.NodeProto, handler: LinearHandler, g: GraphView, den
 
 def sparsify_2_4(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], calib: Calibration,
                  indices: Sequence[int], batch: int | None = None, provider: str = "cpu", seed: int = 0,
-                 sequential: bool = True, masks: str = "both", refit_dense: bool = True
-                 ) -> tuple[onnx.ModelProto, list[SparseLayer]]:
+                 sequential: bool = True, masks: str = "both", refit_dense: bool = True,
+                 max_error: float | None = None) -> tuple[onnx.ModelProto, list[SparseLayer]]:
     """A copy of ``model`` whose eligible Conv/Gemm/MatMul weights are 2:4 sparse, each layer refit
     to the dense model's outputs on the calibration samples ``indices``. ``sequential``: each
     layer's inputs are those of the model sparsified so far (else the dense model's); ``masks``:
     "both" (the better of the two per layer), "obs" or "wanda"; ``refit_dense``: layers left dense
-    are refit too (only with ``sequential``, where their inputs change)."""
+    are refit too (only with ``sequential``, where their inputs change); ``max_error``: the bound
+    on the error a layer's 2:4 form may add (default :data:`MAX_LAYER_ERROR`)."""
     source, model = model, onnx.ModelProto()
     model.CopyFrom(source)
     g = GraphView(model, shapes)
@@ -281,6 +284,6 @@ def sparsify_2_4(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], cal
                 Frontier(model, calib, indices, bs, provider=provider) as carried:
             for position, node, handler, layer in todo:
                 stats = _layer_stats(node, handler, g, dense, carried if sequential else None, position, rng)
-                _sparsify_layer(node, handler, stats, g, layer, masks, refit_dense and sequential)
+                _sparsify_layer(node, handler, stats, g, layer, masks, refit_dense and sequential, max_error)
     g.drop_unused_initializers()
     return model, results

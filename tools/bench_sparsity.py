@@ -1,8 +1,11 @@
 """Accuracy of the shipped models pruned 2x, then made 2:4 sparse (``--sparsity 2:4``), no fine-tuning.
 
     python tools/bench_sparsity.py [--speedup 2] [--models vgg_fmnist resnet_fmnist mobilenet_fmnist] [--both]
+                                   [--max-layer-error 0.15]
 
-``--both`` adds a column with ``--sparsity 2:4 --quantize int8`` together.
+``--both`` adds a column with ``--sparsity 2:4 --quantize int8`` together; ``--max-layer-error``
+overrides :data:`onnxprune.sparsity.MAX_LAYER_ERROR` (the error a layer's 2:4 form may add) to
+trade sparse MACs against accuracy.
 
 Same calibration file, seed and widths (multiples of 4) for both rows of a model (the sparse run
 prunes the same way, then sparsifies). Prints a markdown table: top-1 of the original, pruned, pruned + 2:4, the
@@ -21,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fmnist import ROOT, accuracy, print_header, test_set
 
 import onnxprune
+from onnxprune import sparsity
 
 
 def main() -> None:
@@ -29,7 +33,11 @@ def main() -> None:
     ap.add_argument("--speedup", type=float, default=2.0)
     ap.add_argument("--calib", default=str(ROOT / "models" / "fmnist_calib.npy"))
     ap.add_argument("--both", action="store_true", help="also prune + 2:4 + int8 (cpu scheme)")
+    ap.add_argument("--max-layer-error", type=float, default=None,
+                    help=f"bound on the error a layer's 2:4 form adds (default {sparsity.MAX_LAYER_ERROR})")
     args = ap.parse_args()
+    if args.max_layer_error is not None:
+        sparsity.MAX_LAYER_ERROR = args.max_layer_error
     x, y, source = test_set()
     print_header(source, f"calibration {args.calib}, --speedup {args.speedup:g}",
                  ["model", "original", "pruned", "pruned + 2:4", "2:4 − pruned", "sparse layers",
