@@ -139,8 +139,10 @@ class GroupPruner:
     """Prunes units (groups owning channels) one at a time: select, rewrite, refit."""
 
     def __init__(self, g: GraphView, groups: list[ChannelGroup], opts: PruneOptions, sampler: Sampler | None,
-                 bn_scales: dict[str, np.ndarray], keep: dict[int, np.ndarray] | None = None):
+                 bn_scales: dict[str, np.ndarray], keep: dict[int, np.ndarray] | None = None,
+                 ridge: float | None = None):
         self.g, self.opts, self.sampler, self.bn_scales = g, opts, sampler, bn_scales
+        self.ridge = ridge  # the refits' ridge; None: chosen per layer by cross-validation
         self.keep = keep or {}  # unit index -> channels to keep, overriding the selection method
         self.rng = np.random.default_rng(opts.seed)
         self.current = {grp.index: grp.atoms.copy() for grp in groups}  # atoms each group holds now
@@ -198,7 +200,8 @@ class GroupPruner:
         """Refit a layer whose input channels were not pruned but whose inputs drifted."""
         st = self.sampler.stats(self.g, [c], self.kept_outputs, runs)[0]
         h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-        fit = refit(st, np.arange(st.dim), h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias)
+        fit = refit(st, np.arange(st.dim), h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias,
+                    self.ridge)
         if fit.ridge is not None:
             h.set_linear(c.node, fit.weight, fit.bias, self.g)
         self.g.drop_unused_initializers()
@@ -206,7 +209,7 @@ class GroupPruner:
 
     def _refit(self, c, st, cols: np.ndarray, res: GroupResult):
         h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-        fit = refit(st, cols, h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias)
+        fit = refit(st, cols, h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias, self.ridge)
         if fit.ridge is None:
             res.refit_skipped.append(c.node.name or c.node.output[0])
         else:

@@ -14,6 +14,7 @@ space (see :mod:`onnxprune.reconstruct`), so neither memory nor time grows with 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,15 +132,20 @@ class LayerStats:
 
     def error_of(self, rows: np.ndarray, w: np.ndarray, fold: int | None = None) -> float:
         """:meth:`error` of the weights ``w [len(rows), Cout]`` on the rows ``rows`` of ``[X 1]`` (zero elsewhere)."""
+        return self.error_on(rows, fold)(w)
+
+    def error_on(self, rows: np.ndarray, fold: int | None = None) -> Callable[[np.ndarray], float]:
+        """:meth:`error_of` on ``rows`` and ``fold`` as a function of the weights, the sub-problem
+        taken out once (several candidate weights are then scored for one copy)."""
         if self.samples_kept:
             x, y = self.samples(rows, fold)
-            return float(np.square(y - x @ w).sum())
+            return lambda w: float(np.square(y - x @ w).sum())
         sub = np.ix_(rows, rows)  # only the rows weighed: (D/len(rows))² less work than the whole XᵀX
         if fold is None:
             xtx, xty, yy = self.xtx[0][sub] + self.xtx[1][sub], self.xty[0][rows] + self.xty[1][rows], self.yy.sum(0)
         else:
             xtx, xty, yy = self.xtx[fold][sub], self.xty[fold][rows], self.yy[fold]
-        return float(np.einsum("ij,ij->", w, xtx @ w) - 2 * np.einsum("ij,ij->", w, xty) + yy.sum())
+        return lambda w: float(np.einsum("ij,ij->", w, xtx @ w) - 2 * np.einsum("ij,ij->", w, xty) + yy.sum())
 
     def energy(self, fold: int | None = None) -> float:
         """Sum of squared targets (the error of predicting zero)."""
