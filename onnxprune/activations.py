@@ -11,7 +11,7 @@ import onnx
 from .calib import Calibration, model_inputs
 from .errors import ModelError
 from .graphview import inputs_of
-from .io import inference_session
+from .io import add_initializers, copy_fields, inference_session
 from .latency import require_provider
 from .runtime import import_ort
 
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 32
 
 
-def session(model: onnx.ModelProto, threads: int = 0, provider: str = "cpu") -> ort.InferenceSession:
+def session(model: onnx.ModelProto, threads: int = 0, provider: str = "cpu",
+            source: onnx.ModelProto | None = None) -> ort.InferenceSession:
     """An ORT session for ``model`` with all graph optimisations, on the CPU or (``provider``
     "cuda" or "tensorrt") on CUDA with the CPU as fallback: calibration passes run one segment
     once, where building a TensorRT engine per segment would cost more than it saves.
@@ -35,26 +36,13 @@ def session(model: onnx.ModelProto, threads: int = 0, provider: str = "cpu") -> 
     if threads:
         opts.intra_op_num_threads = threads
     chain = ["CPUExecutionProvider"] if provider == "cpu" else [require_provider("cuda"), "CPUExecutionProvider"]
-    return inference_session(model, opts, chain)
+    return inference_session(model, opts, chain, source)
 
 
 # What ONNX Runtime raises when it cannot load or run a model (none derives from a common base).
 ORT_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name in (
     "Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException", "InvalidProtobuf",
     "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail"))
-
-
-def copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
-    """Copy the set fields of protobuf message ``src`` into ``dst``, except those in ``skip``."""
-    for desc, value in src.ListFields():
-        if desc.name in skip:
-            continue
-        if hasattr(value, "extend"):  # a repeated field
-            getattr(dst, desc.name).extend(value)
-        elif hasattr(value, "CopyFrom"):  # a message
-            getattr(dst, desc.name).CopyFrom(value)
-        else:
-            setattr(dst, desc.name, value)
 
 
 def probe_model(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
@@ -88,7 +76,7 @@ def probe_model(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelPro
             vi.name = name
         graph.output.append(vi)
     used = {i for n in nodes for i in inputs_of(n)} | set(names)
-    graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
+    add_initializers(graph, (t for t in model.graph.initializer if t.name in used))
     return probe
 
 
@@ -117,7 +105,7 @@ def run_batches(model: onnx.ModelProto, outputs: Sequence[str], calib: Calibrati
     """Run ``model`` over ``calib[indices]`` in batches, yielding (sample indices, {output: array})."""
     # no value_info: shapes may be stale while pruning is under way; the probe is dropped once
     # ORT holds its own copy of it (no third copy of the weights while the batches run)
-    sess = session(probe_model(model, outputs), provider=provider)
+    sess = session(probe_model(model, outputs), provider=provider, source=model)
     names = list(dict.fromkeys(outputs))
     static = static_batch(model)
     bs = static or batch or DEFAULT_BATCH

@@ -24,8 +24,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import onnx
 
-from .activations import copy_fields, padded_feed, session, static_batch
+from .activations import padded_feed, session, static_batch
 from .calib import Calibration
+from .io import add_initializers, copy_fields
 from .graphview import inputs_of
 
 FRONTIER_BUDGET = 1 << 29  # bytes of carried activations held in memory; more go to disk
@@ -78,7 +79,7 @@ def segment_model(model: onnx.ModelProto, start: int, available: dict[str, np.dt
         vi.name = name
         graph.output.append(vi)
     used = {i for n in kept for i in inputs_of(n)}
-    graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
+    add_initializers(graph, (t for t in model.graph.initializer if t.name in used))
     return seg
 
 
@@ -153,7 +154,7 @@ class Frontier:
         seg = segment_model(self.model, self.position, available, computed) if computed else None
         if computed and seg is None:  # the cut cannot give them: from the graph inputs
             seg = segment_model(self.model, 0, {k: v for k, v in available.items() if k in graph_inputs}, computed)
-        sess = session(seg, provider=self.provider) if seg is not None else None
+        sess = session(seg, provider=self.provider, source=self.model) if seg is not None else None
         names = [i.name for i in seg.graph.input] if seg is not None else []
         new_store: list[dict[str, np.ndarray | str]] = []
         spill, new_dtypes = False, {}

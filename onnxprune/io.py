@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from math import prod
 from pathlib import Path
@@ -318,21 +318,87 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     return path
 
 
-def inference_session(model: onnx.ModelProto, options, providers: list[str]):
-    """An ONNX Runtime session for ``model`` of any size: from memory, or over 2 GB from a
-    temporary copy with external data (the model itself is left as it was)."""
+# Initializers this large are handed to ONNX Runtime as arrays (``add_external_initializers``)
+# instead of going through the serialised model: serialising VGG-16's weights for each of a
+# pruning run's sessions, and ORT parsing them back, cost more than the runs themselves.
+HANDED_BYTES = 1 << 20
+HANDED = "onnxprune:handed"  # external-data location of a stub whose data a session is handed
+_HANDED_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+
+
+def _handed(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor`` goes to a session as an array rather than inside the model."""
+    size = prod(tensor.dims) * (2 if tensor.data_type == onnx.TensorProto.FLOAT16 else 4)
+    return (tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.data_type in _HANDED_TYPES
+            and size >= HANDED_BYTES)
+
+
+def add_initializers(graph: onnx.GraphProto, tensors: Iterable[onnx.TensorProto]) -> None:
+    """Append ``tensors`` to ``graph`` for a session: small ones copied, large ones as stubs
+    that :func:`inference_session` fills from the model they came from (``source``)."""
+    for tensor in tensors:
+        if not _handed(tensor):
+            graph.initializer.append(tensor)
+            continue
+        stub = graph.initializer.add()
+        stub.name, stub.data_type, stub.data_location = tensor.name, tensor.data_type, onnx.TensorProto.EXTERNAL
+        stub.dims.extend(tensor.dims)
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", HANDED
+
+
+def copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
+    """Copy the set fields of protobuf message ``src`` into ``dst``, except those in ``skip``."""
+    for desc, value in src.ListFields():
+        if desc.name in skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(dst, desc.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # a message
+            getattr(dst, desc.name).CopyFrom(value)
+        else:
+            setattr(dst, desc.name, value)
+
+
+def _light(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its large initializers as stubs (see :func:`add_initializers`)."""
+    light = onnx.ModelProto()
+    copy_fields(model, light, skip=("graph",))
+    copy_fields(model.graph, light.graph, skip=("initializer",))
+    add_initializers(light.graph, model.graph.initializer)
+    return light
+
+
+def inference_session(model: onnx.ModelProto, options, providers: list[str], source: onnx.ModelProto | None = None):
+    """An ONNX Runtime session for ``model`` of any size. Large float initializers are handed to
+    ORT as arrays, never serialised (stubs made by :func:`add_initializers` are filled from
+    ``source``); the rest goes from memory, or over 2 GB from a temporary copy with external
+    data. The model itself is left as it was."""
     from .runtime import import_ort
 
     ort = import_ort()
+    if any(_handed(t) for t in model.graph.initializer):
+        model, source = _light(model), model
+    stubs = [t.name for t in model.graph.initializer
+             if t.data_location == onnx.TensorProto.EXTERNAL and _location(t).get("location") == HANDED]
+    arrays = []
+    if stubs:
+        wanted = set(stubs)
+        by_name = {t.name: t for t in (source or model).graph.initializer if t.name in wanted}
+        arrays = [ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(by_name[n])) for n in stubs]
+        options.add_external_initializers(stubs, arrays)
     try:  # one serialisation: a size check first would cost as much again, per session
         data = model.SerializeToString()
     except (EncodeError, ValueError):  # over protobuf's 2 GB
         data = None
     if data is not None and len(data) <= PROTOBUF_LIMIT:
-        return ort.InferenceSession(data, options, providers=providers)
-    del data
-    with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
-        onnx_path, data_path = Path(tmp) / "model.onnx", Path(tmp) / "model.onnx.data"
-        with external_data(model, data_path, data_path.name) as small:
-            onnx_path.write_bytes(small.SerializeToString())
-        return ort.InferenceSession(str(onnx_path), options, providers=providers)
+        sess = ort.InferenceSession(data, options, providers=providers)
+    else:
+        del data
+        with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
+            onnx_path, data_path = Path(tmp) / "model.onnx", Path(tmp) / "model.onnx.data"
+            with external_data(model, data_path, data_path.name) as small:
+                onnx_path.write_bytes(small.SerializeToString())
+            sess = ort.InferenceSession(str(onnx_path), options, providers=providers)
+    sess.handed_arrays = arrays  # ORT reads them while the session lives
+    return sess

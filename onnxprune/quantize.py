@@ -28,10 +28,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .activations import copy_fields, fitting_batch, padded_feed, static_batch, tensor_shapes
+from .activations import fitting_batch, padded_feed, static_batch, tensor_shapes
 from .calib import Calibration
 from .errors import ModelError, OptionError
-from .io import QUANTIZED_OPS, too_large
+from .io import QUANTIZED_OPS, copy_fields, too_large
 from .runtime import CALIBRATE_METHODS
 
 

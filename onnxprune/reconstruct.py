@@ -9,7 +9,7 @@ worse on held-out samples than not refitting it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +18,7 @@ import scipy.linalg
 from .stats import LayerStats
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+ESTIMATE_RIDGE = 1e-3  # the ridge of refits that only estimate an error (no cross-validation)
 WELL_DETERMINED = 20  # samples per unknown above which the smallest ridge is used without cross-validation
 
 
@@ -48,13 +49,6 @@ def _solve(a: np.ndarray, b: np.ndarray, ridge: float, n_x: int, prior: np.ndarr
         return scipy.linalg.solve(a, b, assume_a="pos", check_finite=False)
     except (np.linalg.LinAlgError, ValueError):
         return np.linalg.lstsq(a, b, rcond=None)[0]
-
-
-def _ridge_path(a: np.ndarray, b: np.ndarray, ridges: tuple[float, ...], n_x: int,
-                prior: np.ndarray) -> Iterator[np.ndarray]:
-    """:func:`_solve` for several ridge strengths, one at a time: a Cholesky factorisation per
-    ridge costs ``p³/3``, the eigendecomposition that would serve them all about 15 times that."""
-    return (_solve(a.copy(), b.copy(), r, n_x, prior) for r in ridges)
 
 
 # Sample space: with fewer samples (n) than unknowns (p) the same solutions come from the n×n
@@ -95,19 +89,6 @@ def _solve_samples(x: np.ndarray, y: np.ndarray, ridge: float, n_x: int, prior: 
     return w
 
 
-def _ridge_path_samples(x: np.ndarray, y: np.ndarray, ridges: tuple[float, ...], n_x: int,
-                        prior: np.ndarray) -> Iterator[np.ndarray]:
-    """:func:`_ridge_path` from the samples (one eigendecomposition of the smaller of ``xᵀx``, ``xxᵀ``)."""
-    n, p = x.shape
-    if p <= n:
-        return _ridge_path(x.T @ x, x.T @ y, ridges, n_x, prior)
-    scale = _sample_scale(x, n_x)
-    lam, vec = np.linalg.eigh(x @ x.T)
-    proj = vec.T @ (y - x @ prior)
-    xv = x.T @ vec
-    return (prior + xv @ (proj / (lam + r * scale)[:, None]) for r in ridges)
-
-
 def _fit(stats: LayerStats, idx: np.ndarray, fold: int | None, ridge: float, n_x: int,
          prior: np.ndarray) -> np.ndarray:
     """The ridge solution on the unknowns ``idx``, fit on ``fold`` (None: both folds)."""
@@ -119,13 +100,6 @@ def _fit(stats: LayerStats, idx: np.ndarray, fold: int | None, ridge: float, n_x
     else:
         xtx, xty = stats.xtx[fold][np.ix_(idx, idx)], stats.xty[fold][idx]
     return _solve(xtx, xty, ridge, n_x, prior)
-
-
-def _fit_path(stats: LayerStats, idx: np.ndarray, fold: int, ridges: tuple[float, ...], n_x: int,
-              prior: np.ndarray) -> Iterator[np.ndarray]:
-    if stats.samples_kept:
-        return _ridge_path_samples(*stats.samples(idx, fold), ridges, n_x, prior)
-    return _ridge_path(stats.xtx[fold][np.ix_(idx, idx)], stats.xty[fold][idx], ridges, n_x, prior)
 
 
 def _layout(d: int, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, fit_bias: bool):
@@ -144,9 +118,6 @@ def _layout(d: int, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | Non
     return idx, start, rows_of
 
 
-ESTIMATE_RIDGE = 1e-3  # the ridge of refits that only estimate an error (no cross-validation)
-
-
 def held_out_error(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
                    fit_bias: bool, ridge: float = ESTIMATE_RIDGE) -> float:
     """Relative error of the refit on images it was not fit on (two folds, one ridge strength):
@@ -158,6 +129,24 @@ def held_out_error(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias
         return stats.error_of(*rows_of(start)) / max(stats.energy(), 1e-30)
     err = sum(stats.error_of(*rows_of(_fit(stats, idx, 1 - f, ridge, len(cols), start)), f) for f in (0, 1))
     return err / max(stats.energy(), 1e-30)
+
+
+def _descend(cost: Callable[[float], float], values: tuple[float, ...], first: int) -> tuple[float, float]:
+    """(least cost, its value) of ``values``, walking from ``values[first]`` towards lower cost
+    until it rises: the cross-validated error is unimodal in the ridge strength, and each value
+    costs a factorisation per fold."""
+    seen = {first: cost(values[first])}
+    for step in (1, -1):
+        i = first
+        while 0 <= i + step < len(values):
+            seen[i + step] = cost(values[i + step])
+            if seen[i + step] >= seen[i]:
+                break
+            i += step
+        if i != first:  # it went down this way: the other way only goes up
+            break
+    best = min(seen, key=seen.get)
+    return seen[best], values[best]
 
 
 def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
@@ -182,12 +171,13 @@ def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndar
         errors = [stats.error_on(rows, f) for f in (0, 1)]
         best_err, best_ridge = sum(error(rows_of(start)[1]) for error in errors), None
         if stats.n.min() > 0:
-            errs = np.zeros(len(RIDGES))
-            for f, error in enumerate(errors):
-                for i, w in enumerate(_fit_path(stats, idx, 1 - f, RIDGES, n_x, start)):
-                    errs[i] += error(rows_of(w)[1])
-            if errs.min() < best_err:
-                best_ridge = RIDGES[int(errs.argmin())]
+            def cv_error(ridge: float) -> float:
+                return sum(error(rows_of(_fit(stats, idx, 1 - f, ridge, n_x, start))[1])
+                           for f, error in enumerate(errors))
+
+            ridge_err, ridge = _descend(cv_error, RIDGES, RIDGES.index(ESTIMATE_RIDGE))
+            if ridge_err < best_err:
+                best_ridge = ridge
         if best_ridge is None:
             return Refit(weight, bias, None, before, before)
     w = _fit(stats, idx, None, best_ridge, n_x, start)

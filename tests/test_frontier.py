@@ -122,3 +122,31 @@ def test_calibration_passes_on_cuda_need_cuda():
     with pytest.raises(OptionError, match="CUDA") as err:
         onnxprune.prune(model, x, speedup=1.5, provider="cuda", measure_latency=False)
     assert "\n" not in str(err.value)
+
+
+def test_weights_handed_to_sessions_as_arrays_give_the_same_runs_and_model(monkeypatch):
+    """Large initializers go to ONNX Runtime as arrays, not serialised: with every initializer
+    handed over, segment runs, full runs and the pruned model are what they were."""
+    from onnxprune import io as io_module
+
+    model = tiny_resnet()
+    x = calib_for(model, 40)
+    cal = Calibration({model.graph.input[0].name: x[:10]})
+    names = [o for n in model.graph.node for o in n.output]
+
+    def runs():
+        full = np.concatenate([v[names[-1]] for _, v in run_batches(model, names[-1:], cal, np.arange(10), 4)])
+        with Frontier(model, cal, np.arange(10), 4) as front:
+            list(front.run([], advance_to=len(model.graph.node) // 2))
+            seg = np.concatenate([v[names[-1]] for _, v in front.run(names[-1:])])
+        return full, seg, onnxprune.prune(model, x, speedup=2.0, measure_latency=False).model
+
+    full, seg, pruned = runs()
+    monkeypatch.setattr(io_module, "HANDED_BYTES", 1)
+    handed_full, handed_seg, handed_pruned = runs()
+    np.testing.assert_array_equal(handed_full, full)
+    np.testing.assert_allclose(handed_seg, seg, rtol=1e-6, atol=1e-6)
+    assert _weights(handed_pruned).keys() == _weights(pruned).keys()
+    for name, w in _weights(pruned).items():
+        np.testing.assert_allclose(_weights(handed_pruned)[name], w, rtol=1e-5, atol=1e-6)
+    check_pruned(handed_pruned, model, x[:8], max_rel_err=1.0)
