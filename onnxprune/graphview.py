@@ -53,6 +53,10 @@ class GraphView:
             self._arrays[name] = arr
         return self._arrays[name]
 
+    def forget_arrays(self) -> None:
+        """Drop the arrays :meth:`const` keeps (a big model's weights); they are read again on demand."""
+        self._arrays = {}
+
     def input_const(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
         """The constant value of ``node.input[index]``, or None if absent or not constant."""
         if index < len(node.input) and node.input[index] and self.is_const(node.input[index]):

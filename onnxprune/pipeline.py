@@ -248,6 +248,7 @@ class Pruner:
         back (all targets relaxed together, by bisection) until the final model's held-out loss
         holds. Returns the model, its fidelity and whether the targets were met."""
         pruned = self.quantize(self.sparsify(self.prune_to_targets(plan)))
+        self.analysis.g.forget_arrays()  # the analysis' weight arrays: re-read if a later stage needs them
         fidelity = self.verify(pruned.model)
         limit = self.opts.max_drop
         if limit is None or guard_loss(fidelity) <= limit:
@@ -282,10 +283,11 @@ class Pruner:
             feed = self.cal.take([0] * batch_size_for(self.original, opts.latency_batch)) \
                 if opts.measure_latency else None
             if pruned.float_model is None:
-                layers, totals = cost_table(self.original, self.work, pruned.model, self.cal, feed, opts.provider)
+                layers, totals = cost_table(self.original, self.work, pruned.model, self.cal, feed, opts.provider,
+                                            self.shapes)
             else:  # layers, MACs and params from the float graph (its weights are plain initializers)
                 layers, totals = cost_table(self.original, self.work, pruned.float_model, self.cal, None,
-                                            opts.provider)
+                                            opts.provider, self.shapes)
                 # the three timed together, in alternating blocks, so that load affects them alike
                 ms = latency_ms([self.original, pruned.float_model, pruned.model], feed, opts.provider) \
                     if feed is not None else [None] * 3

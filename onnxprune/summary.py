@@ -149,10 +149,12 @@ def model_macs(model: onnx.ModelProto, cal: Calibration) -> int:
 
 
 def cost_table(original: onnx.ModelProto, reference: onnx.ModelProto, pruned: onnx.ModelProto, cal: Calibration,
-               latency_feed: dict[str, np.ndarray] | None, provider: str) -> tuple[list[LayerRow], Totals]:
+               latency_feed: dict[str, np.ndarray] | None, provider: str,
+               reference_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[list[LayerRow], Totals]:
     """Per-layer channels and MACs of ``reference`` (the original, BN folded) and ``pruned``, and
-    the totals: MACs, params, size, and — given a feed — measured latency of original vs pruned."""
-    gb = GraphView(reference, tensor_shapes(reference, cal))
+    the totals: MACs, params, size, and — given a feed — measured latency of original vs pruned.
+    ``reference_shapes``: the reference's tensor shapes where already known (else measured)."""
+    gb = GraphView(reference, reference_shapes or tensor_shapes(reference, cal))
     ga = GraphView(pruned, tensor_shapes(pruned, cal))
     after_nodes = {n.output[0]: n for n in pruned.graph.node if n.output}
     rows = []
