@@ -178,7 +178,7 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
 
 def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str, tuple[int, ...]],
                          opts: PruneOptions, bn_scales: dict[str, np.ndarray], progress: Progress = QUIET,
-                         probe: float = 0.5, images: int = 32) -> dict[int, list[float]]:
+                         probe: float = 0.5, images: int = 64) -> dict[int, list[float]]:
     """Error curves of the candidate groups put on one scale: each unit's curve is scaled so
     that, at ``probe`` of its width, it equals the relative error of the *model output* measured
     with that unit alone pruned (on ``images`` of the sampler's images). A layer error deep in
