@@ -140,9 +140,12 @@ class GroupPruner:
 
     def __init__(self, g: GraphView, groups: list[ChannelGroup], opts: PruneOptions, sampler: Sampler | None,
                  bn_scales: dict[str, np.ndarray], keep: dict[int, np.ndarray] | None = None,
-                 ridge: float | None = None):
+                 ridge: float | None = None, ridges: dict[str, float] | None = None):
         self.g, self.opts, self.sampler, self.bn_scales = g, opts, sampler, bn_scales
         self.ridge = ridge  # the refits' ridge; None: chosen per layer by cross-validation
+        # ridges cross-validation chose per layer (by output name) in an earlier pruning of the same
+        # model at nearly the same widths: used as they are, filled where missing
+        self.ridges = {} if ridges is None else ridges
         self.keep = keep or {}  # unit index -> channels to keep, overriding the selection method
         self.rng = np.random.default_rng(opts.seed)
         self.current = {grp.index: grp.atoms.copy() for grp in groups}  # atoms each group holds now
@@ -196,24 +199,33 @@ class GroupPruner:
         log.info("%s: %d -> %d channels", unit.name, unit.channels, len(keep))
         return res
 
+    def _ridge_for(self, c: Consumer) -> float | None:
+        return self.ridge if self.ridge is not None else self.ridges.get(c.node.output[0])
+
+    def _remember(self, c: Consumer, fit) -> None:
+        if self.ridge is None and fit.ridge is not None:
+            self.ridges.setdefault(c.node.output[0], fit.ridge)
+
     def refit_layer(self, c: Consumer, runs: Runs | None = None) -> float:
         """Refit a layer whose input channels were not pruned but whose inputs drifted."""
         st = self.sampler.stats(self.g, [c], self.kept_outputs, runs)[0]
         h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
         fit = refit(st, np.arange(st.dim), h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias,
-                    self.ridge)
+                    self._ridge_for(c))
         if fit.ridge is not None:
             h.set_linear(c.node, fit.weight, fit.bias, self.g)
+        self._remember(c, fit)
         self.g.drop_unused_initializers()
         return fit.error_after
 
     def _refit(self, c, st, cols: np.ndarray, res: GroupResult):
         h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-        fit = refit(st, cols, h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias, self.ridge)
+        fit = refit(st, cols, h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias, self._ridge_for(c))
         if fit.ridge is None:
             res.refit_skipped.append(c.node.name or c.node.output[0])
         else:
             h.set_linear(c.node, fit.weight, fit.bias, self.g)
+        self._remember(c, fit)
         res.samples_per_unknown = min(res.samples_per_unknown or np.inf, st.n.sum() / (len(cols) + 1))
         res.residual_target |= bool(self.sampler.targets[c.node.output[0]].residual_other)
         return fit
@@ -221,7 +233,8 @@ class GroupPruner:
 
 def prune_to(work: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], widths: dict[int, int], opts: PruneOptions,
              sampler: Sampler | None, bn_scales: dict[str, np.ndarray], keep: dict[int, np.ndarray] | None = None,
-             progress: Progress = QUIET) -> tuple[onnx.ModelProto, list[GroupResult]]:
+             progress: Progress = QUIET, ridges: dict[str, float] | None = None
+             ) -> tuple[onnx.ModelProto, list[GroupResult]]:
     """A pruned copy of ``work``: each candidate group cut to ``widths``, front to back, and the
     layers after it refit (with ``opts.refit_downstream``). ``sampler`` gives the regression
     problems (None: no data, no refit). ``keep`` gives, for some groups (by index), the channels
@@ -232,7 +245,7 @@ def prune_to(work: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], widths: 
     g, topo = analysis.g, positions(model)
     sampler = sampler if opts.needs_data else None
     steps = pruning_steps(analysis, widths, topo, opts.reconstruct and opts.refit_downstream and sampler is not None)
-    pruner = GroupPruner(g, analysis.groups, opts, sampler, bn_scales, keep)
+    pruner = GroupPruner(g, analysis.groups, opts, sampler, bn_scales, keep, ridges=ridges)
     # the frontier's cut may move up to the first node that this or a later step edits
     limits = np.minimum.accumulate([first_edited(step, g, topo) for step in steps][::-1])[::-1]
     results = []

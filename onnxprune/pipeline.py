@@ -25,7 +25,7 @@ import onnx
 
 from .activations import batch_size_for, fitting_batch, tensor_shapes
 from .allocation import Allocator, Plan
-from .budget import build_cost_model, relaxed_targets
+from .budget import Targets, build_cost_model, relaxed_targets
 from .calib import ImageOptions, load_calibration, random_subset, split_calibration, synthetic_calibration
 from .candidates import analyse, downstream_layers, positions, sampleable
 from .errors import NothingToPrune, OptionError, TargetNotMetError
@@ -65,6 +65,7 @@ class Pruner:
                  image_options: ImageOptions | None = None):
         self.start = time.perf_counter()
         self.sparse_layers: list[SparseLayer] = []  # set by sparsify (--sparsity 2:4)
+        self.ridges: dict[str, float] = {}  # per layer, the ridge the first pruning cross-validated (re-prunes reuse it)
         self.opts = opts = (options or PruneOptions()).validate()
         self.progress = Progress(opts.progress)
         with self.progress.phase("load"):
@@ -189,7 +190,8 @@ class Pruner:
         """A pruned copy of the model at ``plan``'s widths (``keep``: channels imposed on some groups)."""
         opts = options or self.opts
         model, groups = prune_to(self.work, self.shapes, plan.widths, opts, self.sampler, self.bn_scales, keep,
-                                 self.progress if options is None else Progress(False))
+                                 self.progress if options is None else Progress(False),
+                                 self.ridges if options is None else None)
         return Pruned(model, groups)
 
     def architecture(self, plan: Plan) -> onnx.ModelProto:
@@ -199,18 +201,35 @@ class Pruner:
     def prune_to_targets(self, plan: Plan, tries: int = 3) -> Pruned:
         """:meth:`prune`, then check the MACs reached on the pruned model itself: where a Split's
         parts kept unequal shares of a unit's channels the estimate can miss, and the MACs target
-        is raised by the miss and the model pruned again."""
-        targets = self.opts.targets
+        is raised by the miss and the model pruned again (only with widths that differ)."""
+        asked = targets = self.opts.targets
         for attempt in range(tries):
             with self.progress.phase("pruning"):
                 pruned = self.prune(plan)
             reached = self.cost.total / max(model_macs(pruned.model, self.cal), 1)
-            if reached >= targets.speedup * (1 - 1e-9) or attempt == tries - 1:
+            if reached >= asked.speedup * (1 - 1e-9) or attempt == tries - 1:
                 break
-            log.info("MACs reached %.3fx < %.3fx: raising the target", reached, targets.speedup)
-            targets = replace(targets, speedup=targets.speedup ** 2 / reached)
-            plan = Plan(self.allocator.widths(targets, plan.round_to), plan.round_to)
+            log.info("MACs reached %.3fx < %.3fx: raising the target", reached, asked.speedup)
+            raised = self._raised(plan, targets, asked.speedup / reached)
+            if raised is None:
+                break
+            plan, targets = raised
         return pruned
+
+    def _raised(self, plan: Plan, targets: Targets, factor: float, steps: int = 40) -> tuple[Plan, Targets] | None:
+        """A plan for ``targets`` raised by ``factor`` (and more, in small steps, until its widths
+        differ from ``plan``'s: the same widths would give the same model); None where none does."""
+        speedup = targets.speedup * factor
+        for _ in range(steps):
+            raised = replace(targets, speedup=speedup)
+            try:
+                widths = self.allocator.widths(raised, plan.round_to)
+            except TargetNotMetError:
+                return None
+            if widths != plan.widths:
+                return Plan(widths, plan.round_to), raised
+            speedup *= 1.005
+        return None
 
     def sparsify(self, pruned: Pruned) -> Pruned:
         """``pruned`` with 2:4-sparse Conv/Gemm/MatMul weights under ``--sparsity 2:4`` (unchanged
