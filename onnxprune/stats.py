@@ -72,26 +72,20 @@ class LayerStats:
         if self.samples_kept:
             self._keep(x, y, fold)
             return
-        # products of one batch in float32 (fast BLAS), accumulated across batches in float64;
-        # the constant column's sums are added apart (no widened copy of the patches)
-        d = self.dim
-        y = y.astype(np.float32, copy=False)
+        # products of one batch in float32 (fast BLAS), accumulated across batches in float64
+        xa = np.empty((x.shape[0], self.dim + 1), np.float32)
+        xa[:, :-1] = x
+        xa[:, -1] = 1.0
+        y = y.astype(np.float32)
         for f in (0, 1):
             rows = fold == f
-            count = int(rows.sum())
-            if not count:
+            if not rows.any():
                 continue
-            xf, yf = (x, y) if count == len(rows) else (x[rows], y[rows])
-            xf = xf.astype(np.float32, copy=False)
-            sums = xf.sum(0, dtype=np.float64)
-            self.xtx[f][:d, :d] += xf.T @ xf
-            self.xtx[f][:d, d] += sums
-            self.xtx[f][d, :d] += sums
-            self.xtx[f][d, d] += count
-            self.xty[f][:d] += xf.T @ yf
-            self.xty[f][d] += yf.sum(0, dtype=np.float64)
+            xf, yf = xa[rows], y[rows]
+            self.xtx[f] += xf.T @ xf
+            self.xty[f] += xf.T @ yf
             self.yy[f] += np.einsum("ij,ij->j", yf, yf, dtype=np.float64)
-            self.n[f] += count
+            self.n[f] += rows.sum()
 
     def _keep(self, x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> None:
         start, stop = self.filled, self.filled + x.shape[0]
