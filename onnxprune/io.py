@@ -328,9 +328,9 @@ _HANDED_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorPro
 
 def _handed(tensor: onnx.TensorProto) -> bool:
     """Whether ``tensor`` goes to a session as an array rather than inside the model."""
-    size = prod(tensor.dims) * (2 if tensor.data_type == onnx.TensorProto.FLOAT16 else 4)
-    return (tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.data_type in _HANDED_TYPES
-            and size >= HANDED_BYTES)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type not in _HANDED_TYPES:
+        return False
+    return prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize >= HANDED_BYTES
 
 
 def add_initializers(graph: onnx.GraphProto, tensors: Iterable[onnx.TensorProto]) -> None:

@@ -19,6 +19,7 @@ from .stats import LayerStats
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 ESTIMATE_RIDGE = 1e-3  # the ridge of refits that only estimate an error (no cross-validation)
+assert ESTIMATE_RIDGE in RIDGES  # the cross-validated search starts from it
 WELL_DETERMINED = 20  # samples per unknown above which the smallest ridge is used without cross-validation
 
 
@@ -171,13 +172,13 @@ def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndar
         errors = [stats.error_on(rows, f) for f in (0, 1)]
         best_err, best_ridge = sum(error(rows_of(start)[1]) for error in errors), None
         if stats.n.min() > 0:
-            def cv_error(ridge: float) -> float:
-                return sum(error(rows_of(_fit(stats, idx, 1 - f, ridge, n_x, start))[1])
+            def cv_error(strength: float) -> float:
+                return sum(error(rows_of(_fit(stats, idx, 1 - f, strength, n_x, start))[1])
                            for f, error in enumerate(errors))
 
-            ridge_err, ridge = _descend(cv_error, RIDGES, RIDGES.index(ESTIMATE_RIDGE))
-            if ridge_err < best_err:
-                best_ridge = ridge
+            cv_err, cv_ridge = _descend(cv_error, RIDGES, RIDGES.index(ESTIMATE_RIDGE))
+            if cv_err < best_err:
+                best_ridge = cv_ridge
         if best_ridge is None:
             return Refit(weight, bias, None, before, before)
     w = _fit(stats, idx, None, best_ridge, n_x, start)
