@@ -36,7 +36,7 @@ def session(model: onnx.ModelProto, threads: int = 0, provider: str = "cpu",
     if threads:
         opts.intra_op_num_threads = threads
     chain = ["CPUExecutionProvider"] if provider == "cpu" else [require_provider("cuda"), "CPUExecutionProvider"]
-    return inference_session(model, opts, chain, source)
+    return inference_session(model, opts, chain, source, hand=True)
 
 
 # What ONNX Runtime raises when it cannot load or run a model (none derives from a common base).

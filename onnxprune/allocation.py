@@ -47,11 +47,14 @@ class Allocator:
         except TargetNotMetError:  # the floors (or the rounding) put the targets out of reach
             return allocate(self.cost, self.candidates, self.curves, targets, round_to)
 
-    def reachable(self, targets: Targets, round_to: int, relax: bool = False) -> bool:
+    def reachable(self, targets: Targets, round_to: int, relax: bool = False, curves: bool = True) -> bool:
         """Whether some plan meets ``targets``: every group at the narrowest width a plan gives it
-        (``relax``: at the finest rounding :meth:`plan` may fall back to)."""
+        (``relax``: at the finest rounding :meth:`plan` may fall back to; ``curves``: whether the
+        plan will come from sensitivity curves, which stop at their grid's narrowest ratio, where
+        one uniform keep ratio goes down to a channel)."""
         finest = min((round_to, *FINER_ROUNDINGS)) if relax else round_to
-        narrowest = {u.index: round_width(u.channels, GRID[0], finest, u.segments) for u in self.candidates}
+        ratio = GRID[0] if curves else 0.0
+        narrowest = {u.index: round_width(u.channels, ratio, finest, u.segments) for u in self.candidates}
         return not targets.shortfall(self.cost, narrowest)
 
     def plan(self, targets: Targets, round_to: int, relax: bool = False) -> Plan:

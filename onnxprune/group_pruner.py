@@ -140,11 +140,13 @@ class GroupPruner:
 
     def __init__(self, g: GraphView, groups: list[ChannelGroup], opts: PruneOptions, sampler: Sampler | None,
                  bn_scales: dict[str, np.ndarray], keep: dict[int, np.ndarray] | None = None,
-                 ridge: float | None = None, ridges: dict[str, float] | None = None):
+                 ridge: float | None = None, ridges: dict[tuple[str, int], float] | None = None):
         self.g, self.opts, self.sampler, self.bn_scales = g, opts, sampler, bn_scales
         self.ridge = ridge  # the refits' ridge; None: chosen per layer by cross-validation
-        # ridges cross-validation chose per layer (by output name) in an earlier pruning of the same
-        # model at nearly the same widths: used as they are, filled where missing
+        # ridges cross-validation chose per layer problem (output name, unknowns) in an earlier
+        # pruning of the same model at nearly the same widths: used as they are, filled where missing.
+        # The number of unknowns is in the key because a layer refit by two units, or at other
+        # widths, is another problem whose ridge may differ.
         self.ridges = {} if ridges is None else ridges
         self.keep = keep or {}  # unit index -> channels to keep, overriding the selection method
         self.rng = np.random.default_rng(opts.seed)
@@ -199,33 +201,34 @@ class GroupPruner:
         log.info("%s: %d -> %d channels", unit.name, unit.channels, len(keep))
         return res
 
-    def _ridge_for(self, c: Consumer) -> float | None:
-        return self.ridge if self.ridge is not None else self.ridges.get(c.node.output[0])
+    def _ridge_for(self, c: Consumer, unknowns: int) -> float | None:
+        return self.ridge if self.ridge is not None else self.ridges.get((c.node.output[0], unknowns))
 
-    def _remember(self, c: Consumer, fit) -> None:
+    def _remember(self, c: Consumer, unknowns: int, fit) -> None:
         if self.ridge is None and fit.ridge is not None:
-            self.ridges.setdefault(c.node.output[0], fit.ridge)
+            self.ridges.setdefault((c.node.output[0], unknowns), fit.ridge)
 
     def refit_layer(self, c: Consumer, runs: Runs | None = None) -> float:
         """Refit a layer whose input channels were not pruned but whose inputs drifted."""
         st = self.sampler.stats(self.g, [c], self.kept_outputs, runs)[0]
         h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
         fit = refit(st, np.arange(st.dim), h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias,
-                    self._ridge_for(c))
+                    self._ridge_for(c, st.dim))
         if fit.ridge is not None:
             h.set_linear(c.node, fit.weight, fit.bias, self.g)
-        self._remember(c, fit)
+        self._remember(c, st.dim, fit)
         self.g.drop_unused_initializers()
         return fit.error_after
 
     def _refit(self, c, st, cols: np.ndarray, res: GroupResult):
         h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-        fit = refit(st, cols, h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias, self._ridge_for(c))
+        fit = refit(st, cols, h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias,
+                    self._ridge_for(c, len(cols)))
         if fit.ridge is None:
             res.refit_skipped.append(c.node.name or c.node.output[0])
         else:
             h.set_linear(c.node, fit.weight, fit.bias, self.g)
-        self._remember(c, fit)
+        self._remember(c, len(cols), fit)
         res.samples_per_unknown = min(res.samples_per_unknown or np.inf, st.n.sum() / (len(cols) + 1))
         res.residual_target |= bool(self.sampler.targets[c.node.output[0]].residual_other)
         return fit
@@ -233,7 +236,7 @@ class GroupPruner:
 
 def prune_to(work: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], widths: dict[int, int], opts: PruneOptions,
              sampler: Sampler | None, bn_scales: dict[str, np.ndarray], keep: dict[int, np.ndarray] | None = None,
-             progress: Progress = QUIET, ridges: dict[str, float] | None = None
+             progress: Progress = QUIET, ridges: dict[tuple[str, int], float] | None = None
              ) -> tuple[onnx.ModelProto, list[GroupResult]]:
     """A pruned copy of ``work``: each candidate group cut to ``widths``, front to back, and the
     layers after it refit (with ``opts.refit_downstream``). ``sampler`` gives the regression

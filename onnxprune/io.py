@@ -326,6 +326,11 @@ HANDED = "onnxprune:handed"  # external-data location of a stub whose data a ses
 _HANDED_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 
 
+def _is_stub(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor`` is a stub of :func:`add_initializers` (its array handed to the session)."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and _location(tensor).get("location") == HANDED
+
+
 def _handed(tensor: onnx.TensorProto) -> bool:
     """Whether ``tensor`` goes to a session as an array rather than inside the model."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type not in _HANDED_TYPES:
@@ -369,24 +374,35 @@ def _light(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def inference_session(model: onnx.ModelProto, options, providers: list[str], source: onnx.ModelProto | None = None):
-    """An ONNX Runtime session for ``model`` of any size. Large float initializers are handed to
-    ORT as arrays, never serialised (stubs made by :func:`add_initializers` are filled from
-    ``source``); the rest goes from memory, or over 2 GB from a temporary copy with external
-    data. The model itself is left as it was."""
+def inference_session(model: onnx.ModelProto, options, providers: list[str], source: onnx.ModelProto | None = None,
+                      hand: bool = False):
+    """An ONNX Runtime session for ``model`` of any size, left as it was. With ``hand``, large
+    float initializers go to ORT as arrays, never serialised (for the many short-lived sessions of
+    a calibration pass), and stubs made by :func:`add_initializers` are filled from ``source``;
+    without it everything goes in the model, as a user's runtime would load it (latency timing).
+    Over 2 GB the model goes from a temporary copy with external data."""
     from .runtime import import_ort
 
     ort = import_ort()
-    if any(_handed(t) for t in model.graph.initializer):
-        model, source = _light(model), model
-    stubs = [t.name for t in model.graph.initializer
-             if t.data_location == onnx.TensorProto.EXTERNAL and _location(t).get("location") == HANDED]
+    stubs = [t.name for t in model.graph.initializer if _is_stub(t)]
+    if stubs and (not hand or source is None):
+        raise ValueError(f"{len(stubs)} initializers of this model are stubs (e.g. {stubs[0]!r}) whose arrays "
+                         "are handed to sessions: pass hand=True and the model they came from as source")
     arrays = []
-    if stubs:
-        wanted = set(stubs)
-        by_name = {t.name: t for t in (source or model).graph.initializer if t.name in wanted}
-        arrays = [ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(by_name[n])) for n in stubs]
-        options.add_external_initializers(stubs, arrays)
+    if hand:
+        own = {t.name: t for t in model.graph.initializer if _handed(t)}
+        if own:
+            model = _light(model)
+        names = list(own) + stubs
+        if names:
+            wanted = set(stubs)
+            given = {t.name: t for t in source.graph.initializer if t.name in wanted} if stubs else {}
+            missing = wanted - given.keys()
+            if missing:
+                raise ValueError(f"the source model has no initializer {sorted(missing)[0]!r} for a handed stub")
+            tensors = {**own, **given}
+            arrays = [ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(tensors[n])) for n in names]
+            options.add_external_initializers(names, arrays)
     try:  # one serialisation: a size check first would cost as much again, per session
         data = model.SerializeToString()
     except (EncodeError, ValueError):  # over protobuf's 2 GB

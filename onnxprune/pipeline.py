@@ -65,7 +65,9 @@ class Pruner:
                  image_options: ImageOptions | None = None):
         self.start = time.perf_counter()
         self.sparse_layers: list[SparseLayer] = []  # set by sparsify (--sparsity 2:4)
-        self.ridges: dict[str, float] = {}  # per layer, the ridge the first pruning cross-validated (re-prunes reuse it)
+        # per layer problem, the ridge the first pruning cross-validated (re-prunes to a missed MACs
+        # target reuse it; the --max-drop back-off, at other widths, cross-validates afresh)
+        self.ridges: dict[tuple[str, int], float] = {}
         self.opts = opts = (options or PruneOptions()).validate()
         self.progress = Progress(opts.progress)
         with self.progress.phase("load"):
@@ -108,9 +110,10 @@ class Pruner:
     def _residual_needed(self) -> bool:
         """Whether residual-joined groups must shrink too for the size targets to be reachable (the
         default, ``prune_coupled=None``): they keep their width wherever the targets allow it."""
-        joined = self.residual_joined
+        joined, opts = self.residual_joined, self.opts
+        with_curves = opts.allocation == "sensitivity" and opts.needs_data
         if not joined or Allocator(self.cost, self.candidates, None).reachable(
-                self.opts.targets, self.opts.round_to, self.opts.relax_round_to):
+                opts.targets, opts.round_to, opts.relax_round_to, curves=with_curves):
             return False
         log.warning("%s cannot be reached with the %d residual-joined groups at full width: pruning them too "
                     "(--no-prune-residual keeps them)", self.opts.targets.asked(), len(joined))
@@ -171,27 +174,28 @@ class Pruner:
         self.allocator = Allocator(self.cost, self.candidates, curves)
         try:
             plan = self.allocator.plan(opts.targets, opts.round_to, relax=opts.relax_round_to)
+            if opts.latency is not None:
+                with self.progress.phase("latency search"):
+                    search = LatencySearch(self.original, self.cal, opts, self.cost, self.allocator,
+                                           self.architecture, self.progress)
+                    search.time_layers(self.analysis)
+                    plan = search.meet_with_rounding(plan)
         except TargetNotMetError as exc:
             joined = len(self.residual_joined)
             if opts.prune_coupled or not joined:
                 raise
             raise TargetNotMetError(f"{exc}; {joined} residual-joined groups keep their width: --prune-residual "
                                     f"lets them shrink too") from None
-        if opts.latency is not None:
-            with self.progress.phase("latency search"):
-                search = LatencySearch(self.original, self.cal, opts, self.cost, self.allocator, self.architecture,
-                                       self.progress)
-                search.time_layers(self.analysis)
-                plan = search.meet_with_rounding(plan)
         return plan
 
-    def prune(self, plan: Plan, options: PruneOptions | None = None, keep: dict[int, np.ndarray] | None = None
-              ) -> Pruned:
-        """A pruned copy of the model at ``plan``'s widths (``keep``: channels imposed on some groups)."""
+    def prune(self, plan: Plan, options: PruneOptions | None = None, keep: dict[int, np.ndarray] | None = None,
+              reuse_ridges: bool = True) -> Pruned:
+        """A pruned copy of the model at ``plan``'s widths (``keep``: channels imposed on some groups;
+        ``reuse_ridges``: the refits take the ridges an earlier pruning of this session chose)."""
         opts = options or self.opts
         model, groups = prune_to(self.work, self.shapes, plan.widths, opts, self.sampler, self.bn_scales, keep,
                                  self.progress if options is None else Progress(False),
-                                 self.ridges if options is None else None)
+                                 self.ridges if options is None and reuse_ridges else None)
         return Pruned(model, groups)
 
     def architecture(self, plan: Plan) -> onnx.ModelProto:
@@ -278,7 +282,8 @@ class Pruner:
             t = (lo + hi) / 2
             targets = relaxed_targets(self.opts.targets, self.cost, t)
             with self.progress.phase("pruning"):
-                trial = self.prune(Plan(self.allocator.widths(targets, plan.round_to), plan.round_to))
+                trial = self.prune(Plan(self.allocator.widths(targets, plan.round_to), plan.round_to),
+                                   reuse_ridges=False)
             trial = self.quantize(self.sparsify(trial))
             fid = self.verify(trial.model)
             if guard_loss(fid) <= limit:

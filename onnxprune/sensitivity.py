@@ -126,14 +126,16 @@ def _stats_bytes(c, sampler, g) -> int:
 
 
 def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int = 8,
-                   frontier: Frontier | None = None, on_curve: OnCurve | None = None) -> dict[int, list[float]]:
+                   frontier: Frontier | None = None, on_curve: OnCurve | None = None,
+                   measured: tuple[float, ...] = MEASURED) -> dict[int, list[float]]:
     """Error curves of every unit, from the model before any pruning: one pass over the data per
     ``chunk`` consumers (fewer where their statistics would exceed :data:`STATS_BUDGET`); each
     unit's curve is computed as soon as its consumers' statistics are in, which are then dropped.
 
     With ``frontier`` (over the sampler's images, on ``g``'s model) each pass runs only the
     segment from the previous one; ``on_curve(unit, consumers, stats, curve)`` is called while a
-    unit's statistics are still held (the model must be as it was when it returns)."""
+    unit's statistics are still held (the model must be as it was when it returns). ``measured``:
+    the ratios measured on groups wider than :data:`EVERY_WIDTH` (the rest interpolated)."""
     from .ops import handler_for
 
     jobs = [(u, [c for c in u.consumers if sampleable(c, g)]) for u in units]
@@ -163,7 +165,8 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
             hs = [handler_for(c.node) for c in cs]
             curves[u.index] = error_curve(u, cs, [stats[id(c)] for c in cs],
                                           [h.weight_matrix(c.node, g) for h, c in zip(hs, cs)],
-                                          [h.bias(c.node, g) for h, c in zip(hs, cs)], u.channels)
+                                          [h.bias(c.node, g) for h, c in zip(hs, cs)], u.channels,
+                                          measured=measured)
             if on_curve:
                 on_curve(u, cs, [stats[id(c)] for c in cs], curves[u.index])
         needed = {id(c) for _, cs in waiting for c in cs}
@@ -217,7 +220,9 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
             err = max(float(np.linalg.norm(p - r) / max(np.linalg.norm(r), 1e-30)) for p, r in zip(pruned, reference))
             factors[unit.index] = err / curve[at]
 
-        curves = measure_curves(units, sampler, g, sampleable, frontier=data, on_curve=scale)
+        # the probe's width is measured, not interpolated: the scale divides by the curve there
+        measured = tuple(sorted({*MEASURED, GRID[at]}))
+        curves = measure_curves(units, sampler, g, sampleable, frontier=data, on_curve=scale, measured=measured)
     if bar is not None:
         bar.close()
     return {i: curve if i not in factors else [v * factors[i] for v in curve] for i, curve in curves.items()}

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import check_pruned, run
-from graphs import Builder
+from graphs import Builder, calib_for, tiny_vgg
 from test_any_graph import analyse_at
 
 import onnxprune
@@ -372,3 +372,20 @@ def test_residual_groups_shrink_only_where_the_target_needs_them(caplog):
     check_pruned(needed.model, model, data[:8], max_rel_err=10)
     with pytest.raises(TargetNotMetError, match="--prune-residual lets them shrink too"):
         onnxprune.prune(model, data, speedup=8.0, prune_coupled=False, measure_latency=False)
+
+
+def test_reachability_uses_the_floor_of_the_allocation_in_use():
+    """Sensitivity curves stop at their grid's narrowest ratio, one uniform keep ratio goes down
+    to a channel: some targets only the latter reaches (they decide whether residual-joined groups
+    must shrink too)."""
+    from onnxprune.allocation import Allocator
+    from onnxprune.budget import Targets
+    from onnxprune.options import PruneOptions
+    from onnxprune.pipeline import Pruner
+
+    model = tiny_vgg()
+    pruner = Pruner(model, calib_for(model, 16), PruneOptions(measure_latency=False, progress=False))
+    allocator = Allocator(pruner.cost, pruner.candidates, None)
+    between = [s for s in np.linspace(1.5, 100, 200)
+               if allocator.reachable(Targets(s), 1, curves=False) and not allocator.reachable(Targets(s), 1)]
+    assert between

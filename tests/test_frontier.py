@@ -4,6 +4,7 @@ temporary folder never outlives the run."""
 import tempfile
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from conftest import check_pruned
 from graphs import calib_for, tiny_resnet, tiny_vgg
@@ -150,3 +151,30 @@ def test_weights_handed_to_sessions_as_arrays_give_the_same_runs_and_model(monke
     for name, w in _weights(pruned).items():
         np.testing.assert_allclose(_weights(handed_pruned)[name], w, rtol=1e-5, atol=1e-6)
     check_pruned(handed_pruned, model, x[:8], max_rel_err=1.0)
+    # over protobuf's limit, the stubs' model goes through a temporary file with external data
+    monkeypatch.setattr(io_module, "PROTOBUF_LIMIT", 200)
+    big_full, big_seg, _ = runs()
+    np.testing.assert_array_equal(big_full, full)
+    np.testing.assert_allclose(big_seg, seg, rtol=1e-6, atol=1e-6)
+
+
+def test_stubs_without_their_source_give_a_clear_error_and_latency_sessions_hand_nothing(monkeypatch):
+    """A segment's stubs need the model they came from; a latency session loads the whole model
+    as a runtime would (nothing handed), and the model given is left as it was."""
+    from onnxprune import io as io_module
+    from onnxprune.frontier import segment_model
+    from onnxprune.latency import provider_session
+
+    model = tiny_resnet()
+    monkeypatch.setattr(io_module, "HANDED_BYTES", 1)
+    before = model.SerializeToString()
+    names = [o for n in model.graph.node for o in n.output]
+    seg = segment_model(model, 0, {model.graph.input[0].name: np.dtype(np.float32)}, names[-1:])
+    opts = ort.SessionOptions()
+    with pytest.raises(ValueError, match="stubs"):
+        io_module.inference_session(seg, opts, ["CPUExecutionProvider"])
+    sess = provider_session(model)
+    assert sess.handed_arrays == []
+    x = calib_for(model, 2)
+    assert sess.run(None, {model.graph.input[0].name: x})[0].shape[0] == 2
+    assert model.SerializeToString() == before
