@@ -14,9 +14,11 @@ from onnxprune.calib import Calibration
 from onnxprune.cli import main
 from onnxprune.errors import OptionError
 from onnxprune.graphview import GraphView
+from onnxprune.frontier import Frontier
 from onnxprune.sparsity import (
     mask_2_4,
     mask_2_4_obs,
+    obs_2_4,
     refit_kept,
     satisfies_2_4,
     sparsify_2_4,
@@ -126,3 +128,144 @@ def test_sparsity_needs_calibration_data_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--calib" in err[0], err
     assert not (tmp_path / "p.onnx").exists()
+
+
+def _sparse_weights(model: onnx.ModelProto, names: set[str]) -> dict[str, tuple[np.ndarray, int]]:
+    """``[Cout, Cin·k]`` weights (and k) of the named Conv/Gemm nodes."""
+    g = GraphView(model)
+    out = {}
+    for node in g.graph.node:
+        name = node.name or node.output[0]
+        if name in names:
+            w = g.const(node.input[1])
+            w2 = w.reshape(w.shape[0], -1) if node.op_type == "Conv" else (w if node.attribute else w.T)
+            out[name] = (w2, int(np.prod(w.shape[2:])) if node.op_type == "Conv" else 1)
+    return out
+
+
+def _setup(model: onnx.ModelProto, n: int = 160):
+    x = calib_for(model, n)
+    cal = Calibration({model.graph.input[0].name: x})
+    return x, cal, tensor_shapes(model, cal)
+
+
+def test_both_frontiers_move_their_cut_layer_by_layer(monkeypatch):
+    """The sparse model's frontier moves its cut with the dense one's: each layer's statistics run
+    only the segment since the previous layer on both models, never the sparse prefix again."""
+    monkeypatch.setattr(sparsity, "MAX_LAYER_ERROR", 1.0)
+    made: list[Frontier] = []
+
+    class Recording(Frontier):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.starts: list[int] = []
+            made.append(self)
+
+        def run(self, outputs, advance_to=None):
+            self.starts.append(self.position)
+            return super().run(outputs, advance_to)
+
+    monkeypatch.setattr(sparsity, "Frontier", Recording)
+    model = wide_cnn()
+    x, cal, shapes = _setup(model)
+    sparse, layers = sparsify_2_4(model, shapes, cal, np.arange(128), 32)
+    index = {node.name or node.output[0]: i for i, node in enumerate(model.graph.node)}
+    positions = [index[layer.node] for layer in layers if not layer.skipped]
+    assert len(positions) == 3 and len(made) == 2
+    for frontier in made:  # dense, then sparse
+        assert frontier.starts == [0, *positions[:-1]], frontier.starts
+        assert frontier.position == positions[-1]
+
+
+def _obs_per_column(weight, hessian, kernel, bias_last=False, ridge=sparsity.RIDGE):
+    """The OBS sweep as first written (every later column updated after each column): the reference
+    for the lazy block updates."""
+    cout, cols = weight.shape
+    d = cols - 1 if bias_last else cols
+    cin = d // kernel
+    perm = np.arange(d).reshape(cin // 4, 4, kernel).transpose(0, 2, 1).reshape(-1)
+    order = np.concatenate([perm, np.arange(d, cols)])
+    h = hessian[np.ix_(order, order)].copy()
+    h[np.arange(d), np.arange(d)] += ridge * float(np.mean(np.diag(hessian)[:d])) + 1e-12
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    w = weight[:, order].copy()
+    keep = np.ones((cout, d), dtype=bool)
+    diag = np.diag(u)
+    for start in range(0, d, 4):
+        run = slice(start, start + 4)
+        score = w[:, run] ** 2 / diag[run][None, :] ** 2
+        drop = np.argsort(score, axis=1)[:, :2]
+        np.put_along_axis(keep[:, run], drop, False, axis=1)
+        for j in range(start, start + 4):
+            err = np.where(keep[:, j], 0.0, w[:, j]) / diag[j]
+            w[:, j:] -= err[:, None] * u[j, j:][None, :]
+    out, new = np.empty_like(keep), np.empty_like(w)
+    out[:, perm] = keep
+    new[:, order] = w
+    new[:, :d][~out] = 0.0
+    return out, new
+
+
+@pytest.mark.parametrize("block,bias_last", [(128, True), (8, True), (12, False)])
+def test_lazy_block_obs_matches_per_column_updates(monkeypatch, block, bias_last):
+    monkeypatch.setattr(sparsity, "OBS_BLOCK", block)
+    rng = np.random.default_rng(2)
+    d, kernel = 32 * 9, 9  # 288 columns: three blocks of 128 (the last one short)
+    x = rng.normal(size=(4000, d)) @ rng.normal(size=(d, d)) / 16
+    aug = np.concatenate([x, np.ones((len(x), 1))], axis=1) if bias_last else x
+    gram = aug.T @ aug
+    w = rng.normal(size=(10, aug.shape[1]))
+    ref_keep, ref_w = _obs_per_column(w, gram, kernel, bias_last)
+    keep, new_w = obs_2_4(w, gram, kernel, bias_last)
+    assert (keep == ref_keep).all()
+    np.testing.assert_allclose(new_w, ref_w, rtol=1e-8, atol=1e-10 * np.abs(ref_w).max())
+    assert (mask_2_4_obs(w, gram, kernel, bias_last) == keep).all()
+    # with the mask given, the sweep only compensates: the same weights
+    again = obs_2_4(w, gram, kernel, bias_last, keep=keep)
+    assert (again[0] == keep).all() and np.allclose(again[1], new_w)
+
+
+def test_refit_over_the_flop_budget_uses_the_obs_update(monkeypatch):
+    monkeypatch.setattr(sparsity, "MAX_LAYER_ERROR", 1.0)
+    monkeypatch.setattr(sparsity, "MAX_REFIT_FLOPS", 0)
+    model = wide_cnn()
+    x, cal, shapes = _setup(model)
+    sparse, layers = sparsify_2_4(model, shapes, cal, np.arange(128), 32)
+    names = {layer.node for layer in layers if not layer.skipped}
+    assert len(names) == 3
+    for layer in layers:
+        if not layer.skipped:
+            assert "OBS update, no exact refit" in layer.mask and np.isfinite(layer.error), layer
+    for name, (w, kernel) in _sparse_weights(sparse, names).items():
+        assert satisfies_2_4(w, kernel) and (w == 0).mean() >= 0.5 - 1e-9, name
+    out = _outputs(sparse, x[128:])
+    assert np.isfinite(out).all()
+
+
+def test_layers_too_wide_for_gram_matrices_get_the_norm_mask_and_a_measured_error(monkeypatch):
+    monkeypatch.setattr(sparsity, "MAX_LAYER_ERROR", 1.0)
+    monkeypatch.setattr(sparsity, "MAX_GRAM_COLUMNS", 64)  # the 3×3 convs (289 columns) are too wide
+    model = wide_cnn()
+    x, cal, shapes = _setup(model)
+    sparse, layers = sparsify_2_4(model, shapes, cal, np.arange(128), 32)
+    names = {layer.node for layer in layers if not layer.skipped}
+    masks = sorted(layer.mask for layer in layers if not layer.skipped)
+    assert len(names) == 3 and masks[-2:] == ["wanda (no refit: 289 columns)"] * 2, masks
+    assert all(np.isfinite(layer.error) and np.isfinite(layer.inherited) for layer in layers if not layer.skipped)
+    for name, (w, kernel) in _sparse_weights(sparse, names).items():
+        assert satisfies_2_4(w, kernel) and (w == 0).mean() >= 0.5 - 1e-9, name
+    assert np.isfinite(_outputs(sparse, x[128:])).all()
+
+
+def test_wide_path_error_is_the_layers_output_error(monkeypatch):
+    """One Gemm (every sample's one row sampled): the measured error is the model's own."""
+    monkeypatch.setattr(sparsity, "MAX_LAYER_ERROR", 1.0)
+    monkeypatch.setattr(sparsity, "MAX_GRAM_COLUMNS", 8)
+    b = Builder(in_shape=("N", 32))
+    model = b.build(b.gemm("input", 32, 8))
+    x, cal, shapes = _setup(model, 96)
+    sparse, layers = sparsify_2_4(model, shapes, cal, np.arange(96), 32)
+    assert layers[0].mask == "wanda (no refit: 33 columns)" and layers[0].inherited == 0.0
+    dense_out, sparse_out = _outputs(model, x), _outputs(sparse, x)
+    expected = np.linalg.norm(sparse_out - dense_out) / np.linalg.norm(dense_out)
+    assert layers[0].error == pytest.approx(expected, rel=1e-4)
