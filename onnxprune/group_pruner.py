@@ -25,12 +25,12 @@ from .graphview import GraphView
 from .ops import LinearHandler, handler_for
 from .options import PruneOptions
 from .progress import QUIET, Progress
-from .reconstruct import refit
+from .reconstruct import ESTIMATE_RIDGE, refit
 from .report import GroupResult
 from .rewrite import finalize, prune_group
 from .sampling import Runs, Sampler
-from .select import (Method, expand_channels, l1_select, lasso_select, normalized_contribution, per_segment,
-                     random_select, slim_select, thinet_select)
+from .select import (OBS_MAX_COLUMNS, Method, RefitProblem, expand_channels, l1_select, lasso_select,
+                     normalized_contribution, obs_order, per_segment, random_select, slim_select, thinet_select)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, si
     elif method is Method.L1:
         norms = _filter_norms(grp, g)
         choose = lambda run, n: l1_select(norms[run], n)  # noqa: E731
+    elif method is Method.OBS and _obs_fits(sites, g):
+        choose = lambda run, n: _obs_keep(sites, g, grp.channels, run, n)  # noqa: E731
     else:
         gram, corr = _contribution_problem(sites, g, grp.channels)
         if method is Method.THINET:
@@ -96,6 +98,24 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, si
         else:
             choose = lambda run, n: lasso_select(gram[np.ix_(run, run)], corr[run], n)  # noqa: E731
     return per_segment(choose, grp.channels, grp.segments, keep_n)  # equal per group of a grouped Conv
+
+
+def _obs_fits(sites: list["Site"], g: GraphView) -> bool:
+    return any(site.sampled for site in sites) and all(
+        handler_for(c.node).weight_matrix(c.node, g).shape[1] < OBS_MAX_COLUMNS  # type: ignore[attr-defined]
+        for site in sites for c in site.sampled)
+
+
+def _obs_keep(sites: list["Site"], g: GraphView, channels: int, run: np.ndarray, n: int) -> np.ndarray:
+    """Positions within ``run`` of the ``n`` channels :func:`obs_order` keeps."""
+    problems = []
+    for site in sites:
+        for c, st in zip(site.sampled, site.stats):
+            h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
+            prob = RefitProblem(st, h.weight_matrix(c.node, g), h.bias(c.node, g), site.width, ESTIMATE_RIDGE)
+            problems.append((prob, site.unit_channels, site.unit_positions))
+    removed = obs_order(problems, channels, run)[:len(run) - n]
+    return np.flatnonzero(~np.isin(run, removed))
 
 
 def _given_keep(grp: ChannelGroup, keep_n: int, channels) -> np.ndarray:

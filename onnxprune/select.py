@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import scipy.linalg
 
 
 class Method(str, enum.Enum):
@@ -21,10 +22,11 @@ class Method(str, enum.Enum):
     SLIM = "slim"
     RANDOM = "random"
     STRIPE = "stripe"  # stripe-wise (Meng et al. 2020): kernel positions of each filter, see stripe.py
+    OBS = "obs"  # greedy removal with the exact refit cost (RefitProblem)
 
     @property
     def needs_data(self) -> bool:
-        return self in (Method.LASSO, Method.THINET, Method.STRIPE)
+        return self in (Method.LASSO, Method.THINET, Method.STRIPE, Method.OBS)
 
 
 def expand_channels(keep: np.ndarray, block: int) -> np.ndarray:
@@ -188,3 +190,87 @@ def slim_select(bn_scales: np.ndarray, keep: int) -> np.ndarray:
 def random_select(channels: int, keep: int, rng: np.random.Generator) -> np.ndarray:
     """A uniformly random subset of channels: the baseline every criterion must beat."""
     return np.sort(rng.choice(channels, size=keep, replace=False))
+
+
+OBS_MAX_COLUMNS = 8192  # wider inputs (VGG-16's first classifier layer) are chosen by LASSO: H⁻¹ would not fit
+
+
+class RefitProblem:
+    """One consumer's least-squares refit over its input channels, for greedy removal with the
+    exact cost (optimal brain surgeon on the refit, not on the loss): with ``H = [X 1]ᵀ[X 1]``
+    (ridged towards the current weights) and the optimal weights ``W*``, removing channel ``c``'s
+    columns ``B`` raises the squared error by ``W*_Bᵀ (H⁻¹_BB)⁻¹ W*_B`` and moves the other
+    weights by ``−H⁻¹_:B (H⁻¹_BB)⁻¹ W*_B``; ``H⁻¹`` is downdated in place."""
+
+    def __init__(self, stats, weight: np.ndarray, bias: np.ndarray | None, channels: int, ridge: float):
+        xtx, xty, yy, n = stats.total()
+        d = weight.shape[1]
+        self.k, self.channels = d // channels, channels
+        b = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+        h = xtx.astype(np.float64, copy=True)
+        diag = np.diag(h)[:d]
+        self.r = ridge * (float(diag.mean()) if diag.size and diag.mean() > 0 else 1.0)
+        h[np.arange(d), np.arange(d)] += self.r
+        rhs = xty.astype(np.float64, copy=True)
+        rhs[:d] += self.r * weight.T
+        try:
+            self.hinv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(h, check_finite=False), np.eye(len(h)),
+                                               check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):
+            self.hinv = np.linalg.pinv(h)
+        self.w = self.hinv @ rhs  # [D+1, Cout]
+        self.w0 = weight.T.astype(np.float64)
+        self.energy = max(float(yy.sum() - 2 * b @ xty[d] + n * b @ b), 1e-30)
+        self.removed = np.zeros(channels, dtype=bool)
+
+    def costs(self) -> np.ndarray:
+        """Relative error each remaining channel's removal adds (inf for removed ones)."""
+        c, k = self.channels, self.k
+        d = c * k
+        blocks = self.hinv[:d, :d].reshape(c, k, c, k)[np.arange(c), :, np.arange(c), :]  # [C, k, k]
+        blocks[self.removed] = np.eye(k)
+        wb = self.w[:d].reshape(c, k, -1)
+        m = np.linalg.inv(blocks)
+        cost = np.einsum("cko,ckl,clo->c", wb, m, wb)
+        w0 = self.w0.reshape(c, k, -1)
+        # the ridge's pull on a removed channel is not error: take its penalty terms out
+        cost += self.r * (np.square(wb - w0).sum(axis=(1, 2)) - np.square(w0).sum(axis=(1, 2)))
+        cost = np.maximum(cost, 0.0) / self.energy
+        cost[self.removed] = np.inf
+        return cost
+
+    def remove(self, channel: int) -> None:
+        cols = np.arange(channel * self.k, (channel + 1) * self.k)
+        hb = self.hinv[:, cols].copy()
+        m = np.linalg.inv(hb[cols])
+        self.w -= hb @ (m @ self.w[cols])
+        self.hinv -= hb @ m @ hb.T
+        self.hinv[cols, :] = 0.0
+        self.hinv[:, cols] = 0.0
+        self.w[cols] = 0.0
+        self.removed[channel] = True
+
+
+def obs_order(problems: list[tuple[RefitProblem, np.ndarray, np.ndarray]], channels: int,
+              removable: np.ndarray) -> np.ndarray:
+    """Greedy removal order of the ``removable`` channels (of ``channels``): each time the one
+    whose removal adds the least summed relative refit error over ``problems`` — (problem, the
+    unit channels it sees, their positions among its input channels) — then every problem is
+    updated exactly."""
+    removable = np.asarray(removable)
+    left = np.zeros(channels, dtype=bool)
+    left[removable] = True
+    order = []
+    for _ in range(len(removable)):
+        cost = np.zeros(channels)
+        for prob, at, mine in problems:
+            cost[at] += prob.costs()[mine]
+        cost[~left] = np.inf
+        pick = int(np.argmin(cost))
+        order.append(pick)
+        left[pick] = False
+        for prob, at, mine in problems:
+            hit = np.flatnonzero(at == pick)
+            if len(hit):
+                prob.remove(int(mine[hit[0]]))
+    return np.asarray(order, dtype=int)

@@ -27,7 +27,7 @@ def test_thinet_removes_the_least_contributing_channels():
     assert set(thinet_select(gram, 5)) == {0, 1, 3, 5, 7}
 
 
-@pytest.mark.parametrize("method", ["thinet", "slim", "lasso", "l1", "random"])
+@pytest.mark.parametrize("method", ["thinet", "slim", "lasso", "obs", "l1", "random"])
 @pytest.mark.parametrize("build", [tiny_vgg, tiny_resnet])
 def test_every_method_gives_a_valid_model(method, build):
     model = build()

@@ -100,3 +100,41 @@ def test_l1_and_random():
     assert list(l1_select(np.array([3.0, 1.0, 2.0, 0.5]), 2)) == [0, 2]
     kept = random_select(10, 4, np.random.default_rng(0))
     assert len(set(kept)) == 4 and kept.max() < 10
+
+
+def test_obs_removal_cost_is_the_exact_refit_error_increase():
+    """Each greedy step's cost is what the least-squares refit without that channel really loses
+    (k columns per channel, bias refit), and the order drops redundant and useless channels first."""
+    from onnxprune.select import RefitProblem, expand_channels, obs_order
+
+    rng = np.random.default_rng(3)
+    c, k, cout, n = 6, 2, 4, 3000
+    x = rng.normal(size=(n, c * k))
+    x[:, 2:4] = x[:, 0:2] + 0.01 * rng.normal(size=(n, 2))  # channel 1 nearly repeats channel 0
+    w = rng.normal(size=(cout, c * k))
+    w[:, 8:10] = 0.0  # channel 4 contributes nothing
+    y = x @ w.T + 0.3 + 0.05 * rng.normal(size=(n, cout))
+    st = _stats(x, y)
+    prob = RefitProblem(st, w, np.zeros(cout), c, ridge=0.0)
+    xa = np.hstack([x, np.ones((n, 1))])
+
+    def error(kept):
+        cols = np.append(expand_channels(np.asarray(kept), k), c * k)
+        sol = np.linalg.lstsq(xa[:, cols], y, rcond=None)[0]
+        return float(np.square(y - xa[:, cols] @ sol).sum())
+
+    base = error(range(c))
+    costs = prob.costs()
+    for ch in range(c):
+        loss = (error([i for i in range(c) if i != ch]) - base) / prob.energy
+        assert abs(costs[ch] - loss) <= 1e-6 * max(1.0, loss)
+    prob.remove(3)
+    after = prob.costs()
+    assert after[3] == np.inf
+    base3 = error([0, 1, 2, 4, 5])
+    for ch in (0, 5):
+        loss = (error([i for i in (0, 1, 2, 4, 5) if i != ch]) - base3) / prob.energy
+        assert abs(after[ch] - loss) <= 1e-6 * max(1.0, loss)
+    order = obs_order([(RefitProblem(st, w, np.zeros(cout), c, ridge=0.0), np.arange(c), np.arange(c))],
+                      c, np.arange(c))
+    assert set(order[:2]) == {4, 0} or set(order[:2]) == {4, 1}

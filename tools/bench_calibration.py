@@ -1,7 +1,7 @@
 """How much calibration data pruning needs: test accuracy of each shipped model at each speedup
 with 128, 512 and 2048 calibration images (CLI defaults otherwise, no fine-tuning).
 
-    python tools/bench_calibration.py [--sizes 128 512 2048] [--speedups 1.5 2] [--seeds 0]
+    python tools/bench_calibration.py [--sizes 128 512 2048] [--speedups 1.5 2] [--seeds 0] [--methods lasso obs]
 
 The images are the first N of ``models/fmnist_calib_2k.npz`` (2048 seeded training images).
 Prints a markdown table: accuracy, drop from the original, held-out top-1 agreement, the thinnest
@@ -29,27 +29,28 @@ def main() -> None:
     ap.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0])
     ap.add_argument("--sizes", nargs="+", type=int, default=[128, 512, 2048])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--methods", nargs="+", default=["lasso"], help="channel selection methods to compare")
     args = ap.parse_args()
     x, y, source = test_set()
     pool = np.load(ROOT / "models" / "fmnist_calib_2k.npz")["input"]
     print_header(source, "calibration: the first N images of models/fmnist_calib_2k.npz",
-                 ["model", "target", "images", "seed", "top-1 %", "drop", "held-out agreement",
+                 ["model", "method", "target", "images", "seed", "top-1 %", "drop", "held-out agreement",
                   "samples/unknown (thinnest refit)", "time s"])
     for name in args.models:
         path = ROOT / "models" / f"{name}.onnx"
         base = accuracy(path.read_bytes(), x, y)
         for speedup in args.speedups:
             for size in args.sizes:
-                for seed in args.seeds:
+                for method, seed in [(m, s) for m in args.methods for s in args.seeds]:
                     start = time.perf_counter()
                     result = onnxprune.prune(str(path), np.ascontiguousarray(pool[:size]), speedup=speedup,
-                                             seed=seed, measure_latency=False, progress=False)
+                                             seed=seed, method=method, measure_latency=False, progress=False)
                     took = time.perf_counter() - start
                     acc = accuracy(result.model.SerializeToString(), x, y)
                     agree = result.report.fidelity[0].top1_agreement
                     thin = result.report.thinnest_refit()
                     spu = f"{thin.samples_per_unknown:.2f}" if thin else "-"
-                    print(f"| {name} | {speedup:g}x | {size} | {seed} | {acc:.2f} | {acc - base:+.2f} | "
+                    print(f"| {name} | {method} | {speedup:g}x | {size} | {seed} | {acc:.2f} | {acc - base:+.2f} | "
                           f"{agree:.3f} | {spu} | {took:.0f} |", flush=True)
 
 
