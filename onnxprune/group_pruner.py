@@ -112,9 +112,10 @@ def _obs_keep(sites: list["Site"], g: GraphView, channels: int, run: np.ndarray,
     for site in sites:
         for c, st in zip(site.sampled, site.stats):
             h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-            prob = RefitProblem(st, h.weight_matrix(c.node, g), h.bias(c.node, g), site.width, ESTIMATE_RIDGE)
+            prob = RefitProblem(st, h.weight_matrix(c.node, g), h.bias(c.node, g), site.width, ESTIMATE_RIDGE,
+                                removals=len(run) - n)
             problems.append((prob, site.unit_channels, site.unit_positions))
-    removed = obs_order(problems, channels, run)[:len(run) - n]
+    removed = obs_order(problems, channels, run, count=len(run) - n)
     return np.flatnonzero(~np.isin(run, removed))
 
 

@@ -200,12 +200,19 @@ class RefitProblem:
     exact cost (optimal brain surgeon on the refit, not on the loss): with ``H = [X 1]ᵀ[X 1]``
     (ridged towards the current weights) and the optimal weights ``W*``, removing channel ``c``'s
     columns ``B`` raises the squared error by ``W*_Bᵀ (H⁻¹_BB)⁻¹ W*_B`` and moves the other
-    weights by ``−H⁻¹_:B (H⁻¹_BB)⁻¹ W*_B``; ``H⁻¹`` is downdated in place."""
+    weights by ``−H⁻¹_:B (H⁻¹_BB)⁻¹ W*_B``.
 
-    def __init__(self, stats, weight: np.ndarray, bias: np.ndarray | None, channels: int, ridge: float):
+    ``H⁻¹`` itself is never rewritten: each removal's downdate ``H⁻¹_:B (H⁻¹_BB)⁻¹ H⁻¹_B:`` is
+    kept as ``v vᵀ`` (k columns of ``V``), the channels' diagonal blocks are downdated as they
+    go, and a column block of the current ``H⁻¹`` is ``H⁻¹₀[:, B] − V V[B]ᵀ`` — O(D·k·removed)
+    per removal instead of a pass over the whole D² matrix."""
+
+    def __init__(self, stats, weight: np.ndarray, bias: np.ndarray | None, channels: int, ridge: float,
+                 removals: int | None = None):
         xtx, xty, yy, n = stats.total()
         d = weight.shape[1]
-        self.k, self.channels = d // channels, channels
+        self.k = k = d // channels
+        self.channels = channels
         b = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
         h = xtx.astype(np.float64, copy=True)
         diag = np.diag(h)[:d]
@@ -214,24 +221,26 @@ class RefitProblem:
         rhs = xty.astype(np.float64, copy=True)
         rhs[:d] += self.r * weight.T
         try:
-            self.hinv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(h, check_finite=False), np.eye(len(h)),
-                                               check_finite=False)
+            self.hinv0 = scipy.linalg.cho_solve(scipy.linalg.cho_factor(h, check_finite=False), np.eye(len(h)),
+                                                check_finite=False)
         except (np.linalg.LinAlgError, ValueError):
-            self.hinv = np.linalg.pinv(h)
-        self.w = self.hinv @ rhs  # [D+1, Cout]
+            self.hinv0 = np.linalg.pinv(h)
+        del h
+        self.w = self.hinv0 @ rhs  # [D+1, Cout]
         self.w0 = weight.T.astype(np.float64)
         self.energy = max(float(yy.sum() - 2 * b @ xty[d] + n * b @ b), 1e-30)
         self.removed = np.zeros(channels, dtype=bool)
+        self.blocks = self.hinv0[:d, :d].reshape(channels, k, channels, k)[np.arange(channels), :, np.arange(channels), :]
+        self.v = np.zeros((d + 1, k * (channels if removals is None else removals)))
+        self.rank = 0
 
     def costs(self) -> np.ndarray:
         """Relative error each remaining channel's removal adds (inf for removed ones)."""
         c, k = self.channels, self.k
-        d = c * k
-        blocks = self.hinv[:d, :d].reshape(c, k, c, k)[np.arange(c), :, np.arange(c), :]  # [C, k, k]
+        blocks = self.blocks.copy()
         blocks[self.removed] = np.eye(k)
-        wb = self.w[:d].reshape(c, k, -1)
-        m = np.linalg.inv(blocks)
-        cost = np.einsum("cko,ckl,clo->c", wb, m, wb)
+        wb = self.w[:c * k].reshape(c, k, -1)
+        cost = np.einsum("cko,ckl,clo->c", wb, np.linalg.inv(blocks), wb)
         w0 = self.w0.reshape(c, k, -1)
         # the ridge's pull on a removed channel is not error: take its penalty terms out
         cost += self.r * (np.square(wb - w0).sum(axis=(1, 2)) - np.square(w0).sum(axis=(1, 2)))
@@ -240,28 +249,38 @@ class RefitProblem:
         return cost
 
     def remove(self, channel: int) -> None:
-        cols = np.arange(channel * self.k, (channel + 1) * self.k)
-        hb = self.hinv[:, cols].copy()
+        k = self.k
+        cols = np.arange(channel * k, (channel + 1) * k)
+        v = self.v[:, :self.rank]
+        hb = self.hinv0[:, cols] - v @ v[cols].T  # the current H⁻¹[:, B]
         m = np.linalg.inv(hb[cols])
         self.w -= hb @ (m @ self.w[cols])
-        self.hinv -= hb @ m @ hb.T
-        self.hinv[cols, :] = 0.0
-        self.hinv[:, cols] = 0.0
         self.w[cols] = 0.0
+        try:
+            new = hb @ np.linalg.cholesky((m + m.T) / 2)  # v vᵀ = H⁻¹_:B (H⁻¹_BB)⁻¹ H⁻¹_B:
+        except np.linalg.LinAlgError:
+            evals, evecs = np.linalg.eigh((m + m.T) / 2)
+            new = hb @ (evecs * np.sqrt(np.maximum(evals, 0.0)))
+        if self.rank + k > self.v.shape[1]:
+            self.v = np.hstack([self.v, np.zeros_like(self.v)])
+        self.v[:, self.rank:self.rank + k] = new
+        self.rank += k
+        nb = new[:self.channels * k].reshape(self.channels, k, k)
+        self.blocks -= np.einsum("cij,clj->cil", nb, nb)
         self.removed[channel] = True
 
 
 def obs_order(problems: list[tuple[RefitProblem, np.ndarray, np.ndarray]], channels: int,
-              removable: np.ndarray) -> np.ndarray:
-    """Greedy removal order of the ``removable`` channels (of ``channels``): each time the one
-    whose removal adds the least summed relative refit error over ``problems`` — (problem, the
-    unit channels it sees, their positions among its input channels) — then every problem is
-    updated exactly."""
+              removable: np.ndarray, count: int | None = None) -> np.ndarray:
+    """Greedy removal order of ``count`` (default: all) of the ``removable`` channels (of
+    ``channels``): each time the one whose removal adds the least summed relative refit error
+    over ``problems`` — (problem, the unit channels it sees, their positions among its input
+    channels) — then every problem is updated exactly."""
     removable = np.asarray(removable)
     left = np.zeros(channels, dtype=bool)
     left[removable] = True
     order = []
-    for _ in range(len(removable)):
+    for _ in range(len(removable) if count is None else count):
         cost = np.zeros(channels)
         for prob, at, mine in problems:
             cost[at] += prob.costs()[mine]
