@@ -218,7 +218,9 @@ class RefitProblem:
     ``H⁻¹`` itself is never rewritten: each removal's downdate ``H⁻¹_:B (H⁻¹_BB)⁻¹ H⁻¹_B:`` is
     kept as ``v vᵀ`` (k columns of ``V``), the channels' diagonal blocks are downdated as they
     go, and a column block of the current ``H⁻¹`` is ``H⁻¹₀[:, B] − V V[B]ᵀ`` — O(D·k·removed)
-    per removal instead of a pass over the whole D² matrix."""
+    per removal instead of a pass over the whole D² matrix. The costs need each channel's
+    ``W*_c W*_cᵀ`` (k×k) and ``W*_c·W₀_c``, which are updated with the weights (two D×Cout×k
+    products per removal) instead of being formed again from the D×Cout weights."""
 
     def __init__(self, stats, weight: np.ndarray, bias: np.ndarray | None, channels: int, ridge: float,
                  removals: int | None = None):
@@ -240,6 +242,9 @@ class RefitProblem:
         self.energy = max(float(yy.sum() - 2 * b @ xty[d] + n * b @ b), 1e-30)
         self.removed = np.zeros(channels, dtype=bool)
         self.blocks = self.hinv0[:d, :d].reshape(channels, k, channels, k)[np.arange(channels), :, np.arange(channels), :]
+        wb = self.w[:d].reshape(channels, k, -1)
+        self.gram = wb @ wb.transpose(0, 2, 1)  # [C, k, k]: W*_c W*_cᵀ
+        self.cross = np.einsum("cko,cko->c", wb, self.w0.reshape(channels, k, -1))  # W*_c·W₀_c
         self.v = np.zeros((d + 1, k * (channels if removals is None else removals)))
         self.rank = 0
 
@@ -248,11 +253,10 @@ class RefitProblem:
         c, k = self.channels, self.k
         blocks = self.blocks.copy()
         blocks[self.removed] = np.eye(k)
-        wb = self.w[:c * k].reshape(c, k, -1)
-        cost = np.einsum("cko,cko->c", np.linalg.inv(blocks) @ wb, wb)  # batched BLAS, not a 3-operand einsum
+        cost = np.einsum("ckl,clk->c", np.linalg.inv(blocks), self.gram)  # Σ_o W*_cᵀ B_c⁻¹ W*_c
         # the ridge's pull on a removed channel is not error: take its penalty terms out
-        # (‖wb − w0‖² − ‖w0‖² = ‖wb‖² − 2 wb·w0)
-        cost += self.r * np.einsum("cko,cko->c", wb, wb - 2 * self.w0.reshape(c, k, -1))
+        # (‖W*_c − W₀_c‖² − ‖W₀_c‖² = ‖W*_c‖² − 2 W*_c·W₀_c)
+        cost += self.r * (np.trace(self.gram, axis1=1, axis2=2) - 2 * self.cross)
         cost = np.maximum(cost, 0.0) / self.energy
         cost[self.removed] = np.inf
         return cost
@@ -263,8 +267,15 @@ class RefitProblem:
         v = self.v[:, :self.rank]
         hb = self.hinv0[:, cols] - v @ v[cols].T  # the current H⁻¹[:, B]
         m = np.linalg.inv(hb[cols])
-        self.w -= hb @ (m @ self.w[cols])
+        u = m @ self.w[cols]  # the weights move by −hb u
+        c, d = self.channels, self.channels * k
+        hc = hb[:d].reshape(c, k, k)
+        a = (self.w[:d] @ u.T).reshape(c, k, k) @ hc.transpose(0, 2, 1)  # W*_c (hb_c u)ᵀ
+        self.gram += hc @ (u @ u.T) @ hc.transpose(0, 2, 1) - a - a.transpose(0, 2, 1)
+        self.cross -= np.einsum("cjl,cjl->c", hc, (self.w0[:d] @ u.T).reshape(c, k, k))
+        self.w -= hb @ u
         self.w[cols] = 0.0
+        self.gram[channel], self.cross[channel] = 0.0, 0.0
         try:
             new = hb @ np.linalg.cholesky((m + m.T) / 2)  # v vᵀ = H⁻¹_:B (H⁻¹_BB)⁻¹ H⁻¹_B:
         except np.linalg.LinAlgError:
