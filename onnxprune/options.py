@@ -34,7 +34,7 @@ class PruneOptions:
     provider: str = "cpu"
     latency_batch: int = 1  # batch size of latency measurements
     max_drop: float | None = None  # accuracy guard on held-out data (see :func:`onnxprune.verify.guard_loss`)
-    method: Method = Method.LASSO
+    method: Method = Method.AUTO  # resolved per model when the Pruner is built (Method.for_network)
     reconstruct: bool = True
     holdout: float = 0.2
     samples_per_image: int = 10

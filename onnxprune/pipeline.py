@@ -31,10 +31,12 @@ from .candidates import analyse, downstream_layers, positions, sampleable
 from .errors import NothingToPrune, OptionError, TargetNotMetError
 from .fold import constants_to_initializers, fold_batchnorm
 from .graph import ChannelGroup
+from .graphview import GraphView
 from .group_pruner import prune_to
 from .io import check_not_quantized, check_opset, load_model, model_bytes
 from .latency import latency_ms
 from .latency_search import LatencySearch
+from .ops import handler_for
 from .options import PruneOptions, PruneResult
 from .progress import Progress
 from .quantize import quantize_int8, scheme
@@ -47,6 +49,10 @@ from .summary import cost_table, model_macs
 from .verify import OutputFidelity, compare, guard_loss
 
 log = logging.getLogger(__name__)
+
+
+def _has_depthwise(g: GraphView) -> bool:
+    return any(handler_for(node).is_depthwise(node, g) for node in g.nodes_by_type("Conv"))
 
 
 @dataclass
@@ -89,6 +95,9 @@ class Pruner:
                 raise NothingToPrune("the model has no layer whose channels can be pruned (Conv, Gemm, MatMul…): "
                                      "nothing to prune, nothing written")
             self.cost = build_cost_model(self.analysis.g, self.analysis.groups)
+            if opts.method is Method.AUTO:
+                self.opts = opts = replace(opts, method=Method.for_network(_has_depthwise(self.analysis.g)))
+                log.info("method: %s", opts.method.value)
             if opts.prune_coupled is None:
                 self.opts = opts = replace(opts, prune_coupled=self._residual_needed())
                 if opts.prune_coupled:

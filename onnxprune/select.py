@@ -23,10 +23,20 @@ class Method(str, enum.Enum):
     RANDOM = "random"
     STRIPE = "stripe"  # stripe-wise (Meng et al. 2020): kernel positions of each filter, see stripe.py
     OBS = "obs"  # greedy removal with the exact refit cost (RefitProblem)
+    AUTO = "auto"  # the default: resolved per model by :meth:`for_network`
 
     @property
     def needs_data(self) -> bool:
-        return self in (Method.LASSO, Method.THINET, Method.STRIPE, Method.OBS)
+        return self in (Method.LASSO, Method.THINET, Method.STRIPE, Method.OBS, Method.AUTO)
+
+    @staticmethod
+    def for_network(has_depthwise: bool) -> "Method":
+        """What ``auto`` selects with. ``obs`` where the network has depthwise convolutions: in
+        inverted-residual blocks few, correlated channels feed each refit, and ranking them by what
+        the whole refit loses without them kept ~1 point more at 2× on the shipped mobile model;
+        ``lasso`` elsewhere, where the two were level within the seed spread and ``lasso`` costs
+        less (no inverse of each consumer's ``XᵀX``). Measured: docs/benchmarks.md."""
+        return Method.OBS if has_depthwise else Method.LASSO
 
 
 def expand_channels(keep: np.ndarray, block: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from conftest import check_pruned
-from graphs import Builder, calib_for, tiny_resnet, tiny_vgg
+from graphs import Builder, calib_for, random_cnn, tiny_resnet, tiny_vgg
 
 import onnxprune
 from onnxprune.allocation import Plan
@@ -36,6 +36,18 @@ def test_every_method_gives_a_valid_model(method, build):
     result = onnxprune.prune(model, x, speedup=1.8, method=method, measure_latency=False, **kwargs)
     assert result.report.totals.macs_speedup >= 1.8
     check_pruned(result.model, model, x[:20], max_rel_err=2.0)
+
+
+@pytest.mark.parametrize("blocks,chosen", [(["conv", "depthwise", "conv"], "obs"), (["conv", "residual", "conv"], "lasso")])
+def test_default_method_is_obs_on_depthwise_networks_and_lasso_elsewhere(blocks, chosen):
+    model = random_cnn(blocks, [8, 16, 8])
+    x = calib_for(model, 60)
+    result = onnxprune.prune(model, x, speedup=1.5, measure_latency=False)
+    assert result.report.method == chosen
+    assert result.report.totals.macs_speedup >= 1.5
+    check_pruned(result.model, model, x[:20], max_rel_err=2.0)
+    explicit = onnxprune.prune(model, x, speedup=1.5, method=chosen, measure_latency=False)
+    assert explicit.model.SerializeToString() == result.model.SerializeToString()
 
 
 def test_slim_uses_bn_gamma_and_refuses_without_bn():
