@@ -306,7 +306,7 @@ def main() -> None:
     ap.add_argument("--images", nargs="+", type=int, default=[256])
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--speedup", type=float, default=2.0)
-    ap.add_argument("--method", default="lasso")
+    ap.add_argument("--method", default="auto")
     ap.add_argument("--zoo", default=None, help="prune the tools/build_zoo.py exports in this folder instead")
     ap.add_argument("--no-phases", dest="phases", action="store_false", help="no per-phase timing")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr")

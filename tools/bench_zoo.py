@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("zoo", type=Path)
     ap.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0])
     ap.add_argument("--images", type=int, default=16)
-    ap.add_argument("--method", default="lasso")
+    ap.add_argument("--method", default="auto")
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--identity", action="store_true",
                     help="instead: prune with every channel kept and report the max output difference")
