@@ -25,6 +25,33 @@ from .ops import ChannelRule, handler_for
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, order=True)
+class Blocked:
+    """Why a group's channels cannot be followed: at a node (``op_type``, ``node`` its name or
+    first output) or, with both empty, a cause of the graph itself (its inputs and outputs, an
+    unknown channel count). ``str`` reads as the report prints it."""
+
+    op_type: str
+    node: str
+    why: str
+
+    @classmethod
+    def at(cls, node: onnx.NodeProto, why: str) -> "Blocked":
+        return cls(node.op_type, node.name or node.output[0], why)
+
+    @classmethod
+    def graph(cls, why: str) -> "Blocked":
+        return cls("", "", why)
+
+    def __str__(self) -> str:
+        return f"{self.op_type} '{self.node}' {self.why}" if self.op_type else self.why
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """How reports name a node: ``<Op> '<name>'``."""
+    return f"{node.op_type} '{node.name or node.output[0]}'"
+
+
 @dataclass
 class Consumer:
     """A node that reduces over the group's channels, reading them from ``tensor``."""
@@ -44,7 +71,7 @@ class ChannelGroup:
     producers: list[onnx.NodeProto] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     throughs: list[onnx.NodeProto] = field(default_factory=list)
-    blocked: list[str] = field(default_factory=list)
+    blocked: list[Blocked] = field(default_factory=list)
     atoms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     owner: bool = False  # its atoms are its own (it has producers), not another group's
     derived_from: str = ""  # 'Concat …' / 'Split …' when its atoms come from other groups
@@ -84,7 +111,7 @@ class ChannelGroup:
         for site in self.sites or [self]:
             if site.blocked:
                 where = "" if site is self else f" (where they flow into '{site.tensors[0]}')"
-                return "; ".join(sorted(set(site.blocked))[:3]) + where
+                return "; ".join(str(b) for b in sorted(set(site.blocked))[:3]) + where
         for site in self.sites:
             if site.segments > 1 and site is not self:
                 return f"a grouped Conv reads them after {site.derived_from}"
@@ -169,12 +196,12 @@ def _rule(node: onnx.NodeProto, g: GraphView) -> ChannelRule | None:
         return None
 
 
-def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[str]]]:
+def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[Blocked]]]:
     """Apply every node's rule: tie tensors, and record barriers."""
-    blocked: dict[str, list[str]] = {}
+    blocked: dict[str, list[Blocked]] = {}
     rules = []
 
-    def block(t: str, why: str) -> None:
+    def block(t: str, why: Blocked) -> None:
         spaces.add(t)
         blocked.setdefault(t, []).append(why)
 
@@ -182,10 +209,9 @@ def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[st
         rule = _rule(node, g)
         rules.append((node, rule))
         acts = [t for t in list(node.input) + list(node.output) if t and not g.is_const(t)]
-        label = f"{node.op_type} '{node.name or node.output[0]}'"
         if rule is None:
             for t in acts:
-                block(t, f"{label} is a barrier")
+                block(t, Blocked.at(node, "is a barrier"))
             continue
         covered = set(rule.produces) | set(rule.consumes) | set(rule.shape_only)
         for a, b in rule.ties:
@@ -201,11 +227,11 @@ def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[st
             spaces.add(t)
         for t in acts:
             if t not in covered:
-                block(t, f"{label} mixes channels of '{t}'")
+                block(t, Blocked.at(node, f"mixes channels of '{t}'"))
     for t in g.graph_inputs:
-        block(t, "model input")
+        block(t, Blocked.graph("model input"))
     for t in g.graph_outputs:
-        block(t, "model output")
+        block(t, Blocked.graph("model output"))
     return rules, blocked
 
 
@@ -229,9 +255,9 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
         ch = g.channels(t)
         if ch is not None and spaces.block[t] == 1:
             if grp.channels and grp.channels != ch:
-                grp.blocked.append(f"channel counts disagree at '{t}'")
+                grp.blocked.append(Blocked.graph(f"channel counts disagree at '{t}'"))
             grp.channels = ch
-    derived: dict[int, tuple[str, list[tuple[ChannelGroup, int, int]]]] = {}
+    derived: dict[int, tuple[onnx.NodeProto, list[tuple[ChannelGroup, int, int]]]] = {}
     for node, rule in rules:
         if rule is None:
             continue
@@ -239,7 +265,7 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
             grp = group_of(t)
             grp.producers.append(node)
             if spaces.block[t] != 1:
-                grp.blocked.append(f"'{t}' is produced in blocks")
+                grp.blocked.append(Blocked.at(node, f"produces '{t}' in blocks"))
         for t in rule.consumes:
             group_of(t).consumers.append(Consumer(node, t, spaces.block[t]))
         seen = set()
@@ -248,10 +274,9 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
             if id(grp) not in seen:
                 grp.throughs.append(node)
                 seen.add(id(grp))
-        label = f"{node.op_type} '{node.name or node.output[0]}'"
         for ins, out in rule.joins:
             parts = [(group_of(i), 0, g.channels(i) or 0) for i in ins]
-            _define(derived, group_of(out), label, parts, spaces, ins + [out])
+            _define(derived, group_of(out), node, parts, spaces, ins + [out])
         for t, count in rule.segments.items():
             grp = group_of(t)
             grp.segments = math.lcm(grp.segments, count)
@@ -260,26 +285,27 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
             offset = start
             for o in outs:
                 size = g.channels(o) or 0
-                _define(derived, group_of(o), label, [(group_of(inp), offset, size)], spaces, [inp, o])
+                _define(derived, group_of(o), node, [(group_of(inp), offset, size)], spaces, [inp, o])
                 offset += size
     result = sorted(groups.values(), key=lambda grp: grp.index)
     _assign_atoms(result, derived)
     for grp in result:
         if grp.channels == 0 and not grp.blocked:
-            grp.blocked.append("channel count unknown")
+            grp.blocked.append(Blocked.graph("channel count unknown"))
         elif grp.channels % grp.segments:
-            grp.blocked.append(f"{grp.channels} channels do not split into {grp.segments} conv groups")
+            grp.blocked.append(Blocked.graph(f"{grp.channels} channels do not split into {grp.segments} conv groups"))
     return result
 
 
-def _define(derived, grp: ChannelGroup, label: str, parts, spaces: _Spaces, tensors: list[str]) -> None:
-    """Record that ``grp``'s channels are ``parts`` (group, offset, length) of other groups."""
+def _define(derived, grp: ChannelGroup, node: onnx.NodeProto, parts, spaces: _Spaces, tensors: list[str]) -> None:
+    """Record that ``grp``'s channels are ``parts`` (group, offset, length) of other groups, as ``node`` joins or
+    slices them."""
     if any(spaces.block.get(t, 1) != 1 for t in tensors):
-        grp.blocked.append(f"{label} joins flattened tensors")
+        grp.blocked.append(Blocked.at(node, "joins flattened tensors"))
     if grp.index in derived:
-        grp.blocked.append(f"{label} redefines channels already defined by {derived[grp.index][0]}")
+        grp.blocked.append(Blocked.at(node, f"redefines channels already defined by {node_label(derived[grp.index][0])}"))
         return
-    derived[grp.index] = (label, parts)
+    derived[grp.index] = (node, parts)
 
 
 def _assign_atoms(groups: list[ChannelGroup], derived) -> None:
@@ -291,17 +317,17 @@ def _assign_atoms(groups: list[ChannelGroup], derived) -> None:
         if grp.index in done:
             return done[grp.index]
         if grp.index in derived and depth < 10_000:
-            label, parts = derived[grp.index]
-            grp.derived_from = label
+            node, parts = derived[grp.index]
+            grp.derived_from = node_label(node)
             pieces = []
             for part, offset, length in parts:
                 a = atoms(part, depth + 1)
                 pieces.append(a[offset:offset + length] if part is not grp else a)
             result = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
             if len(result) != grp.channels:
-                grp.blocked.append(f"{label}: channel counts do not add up")
+                grp.blocked.append(Blocked.at(node, "has channel counts that do not add up"))
             if grp.producers:
-                grp.blocked.append(f"{label} output is also produced by a layer")
+                grp.blocked.append(Blocked.at(node, "output is also produced by a layer"))
         else:
             result = np.arange(counter[0], counter[0] + grp.channels, dtype=np.int64)
             counter[0] += grp.channels

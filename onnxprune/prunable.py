@@ -8,8 +8,8 @@ count whole, though only one side of it may shrink: the figure says how much of 
 pruning can reach, not how much it removes.
 
 A *barrier* is a node whose channels cannot be followed (an op without a handler, or one whose
-handler refuses its attributes, e.g. ``Pad`` on the channel axis), as named in the ``blocked``
-strings of :func:`~onnxprune.graph.find_groups`. It *locks* the MACs of the kept layers one of
+handler refuses its attributes, e.g. ``Pad`` on the channel axis), as recorded in the groups'
+``blocked`` lists by :func:`~onnxprune.graph.find_groups`. It *locks* the MACs of the kept layers one of
 whose groups it blocks; a layer with a barrier on each side counts under both, so the locked
 figures may add up to more than the kept MACs. The model's own inputs and outputs, which must
 keep their channels, are not listed.
@@ -24,7 +24,7 @@ import onnx
 
 from .budget import build_cost_model
 from .candidates import choose_candidates
-from .graph import ChannelGroup
+from .graph import Blocked, ChannelGroup
 from .graphview import GraphView
 from .ops import registered_ops
 
@@ -77,7 +77,7 @@ def prunability(g: GraphView, groups: list[ChannelGroup]) -> Prunability:
             residual += e.macs
         keys = {causes.add(s) for o in owners for s in _blocks(by_index[o])}
         if not e.groups:  # no channel rule: the layer is a barrier itself
-            keys.add(causes.key_of_label(f"{e.op_type} '{e.node}'"))
+            keys.add(causes.add(Blocked(e.op_type, e.node, "is a barrier")))
         for key in keys - {None}:
             locked[key] += e.macs
     barriers = [Barrier(op, name if op else "", causes.why(op, name), locked.get((op, name), 0))
@@ -86,39 +86,36 @@ def prunability(g: GraphView, groups: list[ChannelGroup]) -> Prunability:
     return Prunability(cost.total, prunable, residual, barriers)
 
 
-def _blocks(grp: ChannelGroup) -> list[str]:
-    """Why ``grp``'s channels are blocked, over every group holding them (graph.py's strings)."""
-    return [s for site in (grp.sites or [grp]) for s in site.blocked]
+def _blocks(grp: ChannelGroup) -> list[Blocked]:
+    """Why ``grp``'s channels are blocked, over every group holding them."""
+    return [b for site in (grp.sites or [grp]) for b in site.blocked]
 
 
 class _Causes:
-    """The barriers named in graph.py's ``blocked`` strings: ``<Op> '<node>' <why>`` for a node
-    (as graph.py labels them), anything else a graph-level cause."""
+    """The barriers behind the groups' :class:`~onnxprune.graph.Blocked` records, keyed by
+    (op type, node name), or ("", why) for a graph-level cause."""
 
     def __init__(self, g: GraphView):
-        self.labels = {f"{n.op_type} '{n.name or n.output[0]}'": n for n in g.graph.node if n.output}
+        self.nodes = {(n.op_type, n.name or n.output[0]): n for n in g.graph.node if n.output}
         self.keys: dict[tuple[str, str], None] = {}  # in order of discovery
         self.whys: dict[tuple[str, str], dict[str, None]] = defaultdict(dict)
         self.handled = set(registered_ops())
 
-    def key_of_label(self, label: str) -> tuple[str, str] | None:
-        """The key of the node graph.py labels ``label``, recorded as a barrier."""
-        return self.add(f"{label} is a barrier") if label in self.labels else None
-
-    def add(self, s: str) -> tuple[str, str] | None:
-        """Record the cause of blocked string ``s``; its key, or None for the model's own inputs
-        and outputs."""
-        if s in INHERENT:
+    def add(self, b: Blocked) -> tuple[str, str] | None:
+        """Record the cause ``b``; its key, or None for the model's own inputs and outputs (and
+        for a node the graph does not hold)."""
+        if not b.op_type:
+            if b.why in INHERENT:
+                return None
+            key = ("", b.why)
+            self.keys.setdefault(key)
+            return key
+        node = self.nodes.get((b.op_type, b.node))
+        if node is None:
             return None
-        for i, ch in enumerate(s):
-            if ch == "'" and s[:i + 1] in self.labels:
-                node = self.labels[s[:i + 1]]
-                key = (node.op_type, node.name or node.output[0])
-                self.keys.setdefault(key)
-                self.whys[key].setdefault(self._why(node, s[i + 1:].lstrip(" :")))
-                return key
-        key = ("", s)
+        key = (b.op_type, b.node)
         self.keys.setdefault(key)
+        self.whys[key].setdefault(self._why(node, b.why))
         return key
 
     def _why(self, node: onnx.NodeProto, rest: str) -> str:

@@ -214,22 +214,16 @@ def refit_kept(weight: np.ndarray, bias: np.ndarray, gram: np.ndarray, keep: np.
     return new[:, :d], new[:, d]
 
 
-def _in_channels(node: onnx.NodeProto, g: GraphView) -> int:
-    """Input channels of a layer (a Gemm/MatMul's K: after Flatten, every column counts)."""
-    shape = g.shape(node.input[0]) or (0, 0)
-    return int(shape[1] if node.op_type == "Conv" else shape[-1])
-
-
 def _why_dense(node: onnx.NodeProto, handler: LinearHandler, g: GraphView) -> str:
     """Why a layer stays dense before any statistics ('' when it may go sparse)."""
     if not handler.reconstructable(node, g):
         return "grouped or depthwise conv, or unknown shapes"
-    cin = _in_channels(node, g)
+    cin = handler.input_channels(node, g)
     if cin % 4:
         return f"{cin} input channels are not a multiple of 4"
     if cin < MIN_CHANNELS:
         return f"{cin} input channels: too narrow to gain"
-    if node.op_type == "Conv" and handler.positions(node, g) == 1:
+    if handler.spatial and handler.positions(node, g) == 1:
         return "a conv on a 1×1 map (squeeze-excite): too little compute to gain"
     return ""
 
@@ -401,9 +395,9 @@ def sparsify_2_4(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], cal
     model.CopyFrom(source)
     g = GraphView(model, shapes)
     layers = [(i, node, handler_for(node)) for i, node in enumerate(g.graph.node)
-              if node.op_type in ("Conv", "Gemm", "MatMul") and isinstance(handler_for(node), LinearHandler)
+              if isinstance(handler_for(node), LinearHandler)
               and g.input_const(node, 1) is not None]
-    results = [SparseLayer(node.name or node.output[0], node.op_type, _in_channels(node, g), _why_dense(node, h, g))
+    results = [SparseLayer(node.name or node.output[0], node.op_type, h.input_channels(node, g), _why_dense(node, h, g))
                for _, node, h in layers]
     rng = np.random.default_rng(seed)
     todo = [(i, node, h, layer) for (i, node, h), layer in zip(layers, results) if not layer.skipped]

@@ -110,9 +110,15 @@ class LinearHandler(Handler):
     """
 
     has_bias = True
+    spatial = False  # reads patches of a feature map (Conv): one position per sample means a 1×1 map
 
     def weight_matrix(self, node: onnx.NodeProto, g: GraphView) -> np.ndarray:
         """The layer's weight as ``[Cout, Cin·k]`` (channel-major columns)."""
+        raise NotImplementedError
+
+    def input_channels(self, node: onnx.NodeProto, g: GraphView) -> int:
+        """Input channels each output reads, from the weight's shape (a grouped conv's per-group
+        count; a Gemm/MatMul's K, where after a Flatten every column counts)."""
         raise NotImplementedError
 
     def bias(self, node: onnx.NodeProto, g: GraphView) -> np.ndarray | None:

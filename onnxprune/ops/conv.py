@@ -34,6 +34,7 @@ def conv_pads(node: onnx.NodeProto, in_hw: tuple[int, ...], kernel: tuple[int, .
 
 @register("Conv")
 class Conv(LinearHandler):
+    spatial = True
     """Conv: consumes its input channels, produces its output channels.
 
     Depthwise conv (one filter per channel) ties input and output channels. Other grouped
@@ -102,6 +103,9 @@ class Conv(LinearHandler):
     def weight_matrix(self, node, g):
         w = self._weight(node, g)
         return w.reshape(w.shape[0], -1).astype(np.float64)
+
+    def input_channels(self, node, g):
+        return int(self._weight(node, g).shape[1])
 
     def bias(self, node, g):
         return g.input_const(node, 2)

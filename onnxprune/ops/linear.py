@@ -47,6 +47,9 @@ class _FullyConnected(LinearHandler):
     def weight_matrix(self, node, g):
         return self._w_kn(node, g).T.astype(np.float64)
 
+    def input_channels(self, node, g):
+        return int(self._w_kn(node, g).shape[0])
+
     def positions(self, node, g):
         return 1
 
