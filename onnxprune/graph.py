@@ -111,7 +111,9 @@ class ChannelGroup:
         for site in self.sites or [self]:
             if site.blocked:
                 where = "" if site is self else f" (where they flow into '{site.tensors[0]}')"
-                return "; ".join(str(b) for b in sorted(set(site.blocked))[:3]) + where
+                # the nodes first: the graph's own inputs and outputs must not crowd a real barrier out
+                causes = sorted(set(site.blocked), key=lambda b: (not b.op_type, b))
+                return "; ".join(str(b) for b in causes[:3]) + where
         for site in self.sites:
             if site.segments > 1 and site is not self:
                 return f"a grouped Conv reads them after {site.derived_from}"

@@ -76,6 +76,7 @@ def _contribution_problem(sites: list["Site"], g: GraphView, channels: int) -> t
 def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, sites: list["Site"], rng,
             bn_scales: dict[str, np.ndarray]) -> np.ndarray:
     method = opts.method
+    assert method is not Method.AUTO, "Method.AUTO is resolved per model by the Pruner"
     scales = _bn_scales(grp, g, bn_scales) if method is Method.SLIM else None
     if method is Method.SLIM and scales is None:
         if opts.slim_fallback == "error":

@@ -201,9 +201,9 @@ class Pruner:
               reuse_ridges: bool = True) -> Pruned:
         """A pruned copy of the model at ``plan``'s widths (``keep``: channels imposed on some groups;
         ``reuse_ridges``: the refits take the ridges an earlier pruning of this session chose)."""
-        opts = options or self.opts
+        opts = options.validate() if options is not None else self.opts
         if opts.method is Method.AUTO:  # options made by a caller: the method this model resolved to
-            opts = replace(opts.validate(), method=self.opts.method)
+            opts = replace(opts, method=self.opts.method)
         model, groups = prune_to(self.work, self.shapes, plan.widths, opts, self.sampler, self.bn_scales, keep,
                                  self.progress if options is None else Progress(False),
                                  self.ridges if options is None and reuse_ridges else None)

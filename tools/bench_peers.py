@@ -8,7 +8,7 @@ conv biases and no BN) and checked against ONNX Runtime on the calibration image
 MetaPruner (global_pruning=False, the final classifier ignored) then prunes them with its magnitude
 (L1), BN-scale and random importances, its pruning ratio bisected until the MACs speedup
 (tp.utils.count_ops_and_params) is within --tol of each target; each pruned model is exported to
-ONNX (legacy exporter, opset 13). onnxprune's lasso (default), thinet and l1 without reconstruction
+ONNX (legacy exporter, opset 13). onnxprune's lasso (what the default auto picks here), thinet and l1 without reconstruction
 run at the same targets on the same calibration file. Every model is scored the same way: test
 top-1 with ONNX Runtime, MACs by onnxprune's cost model (Conv/Gemm, BN folded), ORT CPU batch-1
 latency interleaved with the original (median). Prints one markdown table and writes a plot.
@@ -336,7 +336,7 @@ def machine() -> str:
 
 
 def criterion(rows: list[Row], target: float = 2.0) -> list[str]:
-    """onnxprune's default (lasso) drop vs a third of Torch-Pruning's magnitude drop, per model."""
+    """onnxprune's lasso (the default auto on these models) drop vs a third of Torch-Pruning's magnitude drop, per model."""
     lines = []
     for name in dict.fromkeys(r.model for r in rows):
         def drop(tool: str, method: str) -> float | None:

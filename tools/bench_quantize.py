@@ -4,7 +4,7 @@
                                    [--calibrate-method minmax entropy percentile] [--batches 1 32]
                                    [--scheme cpu tensorrt] [--reduce-range]
 
-Each model is pruned once (CLI defaults: lasso, sensitivity allocation, widths rounded to 16
+Each model is pruned once (CLI defaults: method auto, sensitivity allocation, widths rounded to 16
 where the target allows) with calibration ``models/fmnist_calib.npy``, then quantized by ORT's
 static QDQ quantization calibrated on the same fit part of that data, with the activation scheme
 ``--quantize int8`` uses for each ``--scheme`` provider (cpu: uint8 asymmetric, the default;

@@ -100,6 +100,8 @@ LEAVES = [  # (module, attribute path, phase): each phase counts its own time, m
     ("onnxprune.select", "lasso_selections", "channel selection (Gram + LARS)"),
     ("onnxprune.select", "lasso_select", "channel selection (Gram + LARS)"),
     ("onnxprune.select", "normalized_contribution", "channel selection (Gram + LARS)"),
+    ("onnxprune.select", "obs_order", "channel selection (obs)"),
+    ("onnxprune.select", "RefitProblem.__init__", "channel selection (obs)"),
     ("onnxprune.reconstruct", "refit", "least-squares refits"),
     ("onnxprune.reconstruct", "held_out_error", "least-squares refits"),
     ("onnxprune.frontier", "Frontier.spill", "carried activations written to disk"),

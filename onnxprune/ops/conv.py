@@ -34,7 +34,6 @@ def conv_pads(node: onnx.NodeProto, in_hw: tuple[int, ...], kernel: tuple[int, .
 
 @register("Conv")
 class Conv(LinearHandler):
-    spatial = True
     """Conv: consumes its input channels, produces its output channels.
 
     Depthwise conv (one filter per channel) ties input and output channels. Other grouped
@@ -42,6 +41,8 @@ class Conv(LinearHandler):
     lose equally many channels each (``segments``), so ``group`` stays valid. Their weight is
     block-diagonal, so they are sliced, never sampled or refit.
     """
+
+    spatial = True
 
     def _weight(self, node, g):
         return g.input_const(node, 1)

@@ -48,7 +48,7 @@ class _FullyConnected(LinearHandler):
         return self._w_kn(node, g).T.astype(np.float64)
 
     def input_channels(self, node, g):
-        return int(self._w_kn(node, g).shape[0])
+        return int(self._w_kn(node, g).shape[-2])
 
     def positions(self, node, g):
         return 1
