@@ -18,12 +18,12 @@ import onnxprune
        widths=st.lists(st.integers(2, 12), min_size=5, max_size=5),
        head=st.sampled_from(["gap", "flatten", "dense"]),
        speedup=st.floats(1.0, 2.5), seed=st.integers(0, 10), coupled=st.booleans(),
-       method=st.sampled_from(["random", "lasso"]))
+       method=st.sampled_from(["random", "lasso", "auto"]))
 def test_random_graphs_prune_to_valid_models(blocks, widths, head, speedup, seed, coupled, method):
     model = random_cnn(blocks, widths, head, seed=seed)
     x = calib_for(model, 24, seed=seed)
     try:
-        result = onnxprune.prune(model, x, speedup=speedup, method=method, reconstruct=method == "lasso",
+        result = onnxprune.prune(model, x, speedup=speedup, method=method, reconstruct=method != "random",
                                  seed=seed, prune_coupled=coupled, measure_latency=False)
     except onnxprune.PruneError as exc:  # only an unreachable target is acceptable
         assert "cannot be reached" in str(exc)
