@@ -10,7 +10,7 @@ import onnx
 
 from .errors import TargetNotMetError
 from .graph import ChannelGroup
-from .graphview import GraphView
+from .graphview import GraphView, node_name
 from .io import model_bytes
 from .latency_cost import LatencyCost
 from .ops import handler_for
@@ -152,7 +152,7 @@ def build_cost_model(g: GraphView, groups: list[ChannelGroup]) -> CostModel:
         rule = handler.rule(node, g)
         tensors = rule.cost_tensors() if rule else []
         gis = tuple(dict.fromkeys(where[t] for t in tensors if t in where))
-        entries.append(CostEntry(node.name or node.output[0], node.op_type, macs, gis, *_weights(node, inits)))
+        entries.append(CostEntry(node_name(node), node.op_type, macs, gis, *_weights(node, inits)))
     owner_of = {int(a): grp.index for grp in groups if grp.owner for a in grp.atoms}
     composition = {}
     for grp in groups:

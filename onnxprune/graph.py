@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .graphview import GraphView
+from .graphview import GraphView, node_name
 from .ops import ChannelRule, handler_for
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class Blocked:
 
     @classmethod
     def at(cls, node: onnx.NodeProto, why: str) -> "Blocked":
-        return cls(node.op_type, node.name or node.output[0], why)
+        return cls(node.op_type, node_name(node), why)
 
     @classmethod
     def graph(cls, why: str) -> "Blocked":
@@ -49,7 +49,7 @@ class Blocked:
 
 def node_label(node: onnx.NodeProto) -> str:
     """How reports name a node: ``<Op> '<name>'``."""
-    return f"{node.op_type} '{node.name or node.output[0]}'"
+    return f"{node.op_type} '{node_name(node)}'"
 
 
 @dataclass
@@ -80,7 +80,7 @@ class ChannelGroup:
 
     @property
     def name(self) -> str:
-        names = [p.name or p.output[0] for p in self.producers]
+        names = [node_name(p) for p in self.producers]
         return "+".join(names) if names else self.tensors[0]
 
     @property

@@ -137,6 +137,11 @@ def inputs_of(node: onnx.NodeProto) -> list[str]:
     return list(dict.fromkeys(i for i in [*node.input, *subgraph_reads(node)] if i))
 
 
+def node_name(node: onnx.NodeProto) -> str:
+    """How reports name a node: its name, or its first output where the exporter left it unnamed."""
+    return node.name or node.output[0]
+
+
 def attr(node: onnx.NodeProto, name: str, default=None):
     """An attribute of ``node`` as a Python value, or ``default``."""
     for a in node.attribute:

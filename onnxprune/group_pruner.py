@@ -21,7 +21,7 @@ from .candidates import analyse, first_edited, node_key, positions, pruning_step
 from .errors import OptionError
 from .frontier import Frontier
 from .graph import ChannelGroup, Consumer
-from .graphview import GraphView
+from .graphview import GraphView, node_name
 from .ops import LinearHandler, handler_for
 from .options import PruneOptions
 from .progress import QUIET, Progress
@@ -198,7 +198,7 @@ class GroupPruner:
             keep = _select(unit, keep_n, opts, g, sites, self.rng, self.bn_scales)
         removed = np.setdiff1d(unit.atoms, unit.atoms[keep])
         res = GroupResult(unit.name, unit.channels, len(keep),
-                          [c.node.name or c.node.output[0] for c in unit.all_consumers])
+                          [node_name(c.node) for c in unit.all_consumers])
         befores, afters = [], []
         produced = {node_key(p) for p in unit.producers}
         for site in sites:
@@ -247,7 +247,7 @@ class GroupPruner:
         fit = refit(st, cols, h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias,
                     self._ridge_for(c, len(cols)))
         if fit.ridge is None:
-            res.refit_skipped.append(c.node.name or c.node.output[0])
+            res.refit_skipped.append(node_name(c.node))
         else:
             h.set_linear(c.node, fit.weight, fit.bias, self.g)
         self._remember(c, len(cols), fit)

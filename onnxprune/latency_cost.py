@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graphview import GraphView, attr
+from .graphview import GraphView, attr, node_name
 from .latency import measure
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def layer_latency(g: GraphView, cost, prunable: dict[str, tuple[bool, bool]], ba
 
     ``prunable`` maps a node name to whether its input and its output channels can shrink;
     ``whole_ms`` is the measured latency of the whole model at ``batch``."""
-    nodes = {n.name or n.output[0]: n for n in g.graph.node}
+    nodes = {node_name(n): n for n in g.graph.node}
     overhead = _overhead_ms(provider)
     layers = []
     for index, entry in enumerate(cost.entries):

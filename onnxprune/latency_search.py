@@ -19,6 +19,7 @@ from .budget import CostModel, Targets
 from .calib import Calibration
 from .candidates import Analysis
 from .errors import TargetNotMetError
+from .graphview import node_name
 from .latency import latency_ms
 from .latency_cost import layer_latency
 from .options import PruneOptions
@@ -44,7 +45,7 @@ class LatencySearch:
     def time_layers(self, analysis: Analysis) -> None:
         """Time every prunable layer alone, so that widths can be allocated on predicted latency."""
         tensors = {t for grp in analysis.candidates for t in grp.tensors}
-        prunable = {n.name or n.output[0]: (n.input[0] in tensors, n.output[0] in tensors)
+        prunable = {node_name(n): (n.input[0] in tensors, n.output[0] in tensors)
                     for n in analysis.g.graph.node if n.input}
         whole = latency_ms([self.original], self.feed, self.opts.provider)[0]
         self.cost.latency = layer_latency(analysis.g, self.cost, prunable, next(iter(self.feed.values())).shape[0],

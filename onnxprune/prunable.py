@@ -25,7 +25,7 @@ import onnx
 from .budget import build_cost_model
 from .candidates import choose_candidates
 from .graph import Blocked, ChannelGroup
-from .graphview import GraphView
+from .graphview import GraphView, node_name
 from .ops import registered_ops
 
 INHERENT = {"model input", "model output"}  # channels that must stay: not a barrier one could remove
@@ -96,7 +96,7 @@ class _Causes:
     (op type, node name), or ("", why) for a graph-level cause."""
 
     def __init__(self, g: GraphView):
-        self.nodes = {(n.op_type, n.name or n.output[0]): n for n in g.graph.node if n.output}
+        self.nodes = {(n.op_type, node_name(n)): n for n in g.graph.node if n.output}
         self.keys: dict[tuple[str, str], None] = {}  # in order of discovery
         self.whys: dict[tuple[str, str], dict[str, None]] = defaultdict(dict)
         self.handled = set(registered_ops())

@@ -39,7 +39,7 @@ import onnx
 from .activations import DEFAULT_BATCH
 from .calib import Calibration
 from .frontier import Frontier
-from .graphview import GraphView
+from .graphview import GraphView, node_name
 from .ops import LinearHandler, handler_for
 
 MIN_CHANNELS = 16  # narrower layers gain nothing from sparse kernels (and lose the most accuracy)
@@ -397,7 +397,7 @@ def sparsify_2_4(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], cal
     layers = [(i, node, handler_for(node)) for i, node in enumerate(g.graph.node)
               if isinstance(handler_for(node), LinearHandler)
               and g.input_const(node, 1) is not None]
-    results = [SparseLayer(node.name or node.output[0], node.op_type, h.input_channels(node, g), _why_dense(node, h, g))
+    results = [SparseLayer(node_name(node), node.op_type, h.input_channels(node, g), _why_dense(node, h, g))
                for _, node, h in layers]
     rng = np.random.default_rng(seed)
     todo = [(i, node, h, layer) for (i, node, h), layer in zip(layers, results) if not layer.skipped]

@@ -44,7 +44,7 @@ from .activations import batch_size_for, fitting_batch
 from .budget import count_params, graph_macs
 from .errors import NothingToPrune, OptionError, TargetNotMetError
 from .graph import Consumer
-from .graphview import GraphView, attr
+from .graphview import GraphView, attr, node_name
 from .io import model_bytes
 from .latency import measure
 from .ops import LinearHandler, handler_for
@@ -493,7 +493,7 @@ def prune_stripes(original: onnx.ModelProto, work: onnx.ModelProto, shapes, cal,
         if new_b is not None:
             g.set_const(node, 2, new_b.astype(weight.dtype))
         macs = handler_for(node).macs(node, g)
-        res = StripeLayer(node.name or node.output[0], (kh, kw), cin, cout, (cout * kh * kw, int(kept.sum())),
+        res = StripeLayer(node_name(node), (kh, kw), cin, cout, (cout * kh * kw, int(kept.sum())),
                           macs, macs * int(kept.sum()) // (cout * kh * kw),
                           error_before_refit=before if opts.reconstruct else None,
                           error_after_refit=after if opts.reconstruct else None,
@@ -542,10 +542,10 @@ def _report(original, work, pruned, cal, fit_idx, hold_idx, opts, results: list[
         macs = handler_for(node).macs(node, gw)
         if not macs:
             continue
-        r = by_name.get(node.name or node.output[0])
+        r = by_name.get(node_name(node))
         after = macs if r is None else (r.macs_stripes if r.emitted else r.macs_dense)
         ch_in, ch_out = gw.channels(node.input[0]) or 0, gw.channels(node.output[0]) or 0
-        rows.append(LayerRow(node.name or node.output[0], node.op_type if r is None else
+        rows.append(LayerRow(node_name(node), node.op_type if r is None else
                              ("Conv/stripes" if r.emitted else "Conv/dense"), (ch_in, ch_in), (ch_out, ch_out),
                              (macs, after)))
     lat = None

@@ -19,7 +19,7 @@ from .candidates import choose_candidates
 from .fold import constants_to_initializers, fold_batchnorm
 from .errors import CalibrationError, ModelError, OptionError
 from .graph import find_groups
-from .graphview import GraphView
+from .graphview import GraphView, node_name
 from .io import check_opset, load_model, model_bytes
 from .latency import Latency, latency_ms, measure
 from .ops import handler_for
@@ -163,7 +163,7 @@ def cost_table(original: onnx.ModelProto, reference: onnx.ModelProto, pruned: on
         other = after_nodes.get(node.output[0]) if node.output else None
         if not macs or other is None:
             continue
-        rows.append(LayerRow(node.name or node.output[0], node.op_type,
+        rows.append(LayerRow(node_name(node), node.op_type,
                              (gb.channels(node.input[0]) or 0, ga.channels(other.input[0]) or 0),
                              (gb.channels(node.output[0]) or 0, ga.channels(other.output[0]) or 0),
                              (macs, handler_for(other).macs(other, ga))))
