@@ -113,7 +113,9 @@ def run_batches(model: onnx.ModelProto, outputs: Sequence[str], calib: Calibrati
     for start in range(0, len(indices), bs):
         idx = indices[start:start + bs]
         values = sess.run(names, padded_feed(calib, idx, static))
-        yield idx, {n: v[:len(idx)] if v.ndim else v for n, v in zip(names, values)}  # scalars: as they are
+        if static and len(idx) < static:  # drop the padding: from batch-first tensors only
+            values = [v[:len(idx)] if v.ndim and v.shape[0] == static else v for v in values]
+        yield idx, dict(zip(names, values))
 
 
 ACTIVATION_BUDGET = 1 << 30  # bytes of activations one ORT batch may hold

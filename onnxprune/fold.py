@@ -10,15 +10,23 @@ from .graphview import GraphView, attr
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> int:
-    """Turn ``Constant`` nodes into initializers so every weight is seen the same way."""
+    """Turn ``Constant`` nodes, and ``Identity`` copies of initializers (PyTorch's exporter shares
+    equal weights that way), into initializers so every weight is seen the same way; each copy
+    becomes a weight of its own, free to be sliced for its own layer."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
+    inits = {t.name: t for t in graph.initializer}
     keep, moved = [], 0
     for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
-            value = _constant_value(node)
+        if node.domain in ("", "ai.onnx") and node.output and node.output[0] not in outputs:
+            value = None
+            if node.op_type == "Constant":
+                value = _constant_value(node)
+            elif node.op_type == "Identity" and node.input and node.input[0] in inits:
+                value = numpy_helper.to_array(inits[node.input[0]])
             if value is not None:
-                graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                inits[node.output[0]] = numpy_helper.from_array(value, node.output[0])
+                graph.initializer.append(inits[node.output[0]])
                 moved += 1
                 continue
         keep.append(node)

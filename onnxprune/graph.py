@@ -160,7 +160,7 @@ def _activations(node: onnx.NodeProto, g: GraphView) -> list[str]:
 def assign_channel_axes(g: GraphView) -> None:
     """Find which axis holds each tensor's channels (``g.channel_axes``; axis 1 unless said).
 
-    Layers fix axis 1 on what they produce; ``any_axis`` ops (activations, element-wise ops,
+    Layers fix their axis (1, or the last for a channels-last ``MatMul``) on what they produce; ``any_axis`` ops (activations, element-wise ops,
     reductions, Transpose) carry the axis of their main input forward. Tensors that no layer
     reaches (the model input of a channels-last graph) take it back from their readers.
     """
@@ -171,7 +171,7 @@ def assign_channel_axes(g: GraphView) -> None:
         ins = _activations(node, g)
         axis = None
         if not handler.any_axis:
-            axis = 1
+            axis = handler.layer_axis(node, g)
         elif ins and ins[0] in axes:
             axis = handler.output_axis(node, g, axes[ins[0]])
         if axis is not None:
@@ -189,8 +189,8 @@ def assign_channel_axes(g: GraphView) -> None:
 
 def _rule(node: onnx.NodeProto, g: GraphView) -> ChannelRule | None:
     handler = handler_for(node)
-    if not handler.any_axis and any(g.channel_axis(t) != 1 for t in _activations(node, g)):
-        return None  # channels held on another axis reach an op that reads them on axis 1
+    if not handler.any_axis and any(g.channel_axis(t) != handler.layer_axis(node, g) for t in _activations(node, g)):
+        return None  # channels held on one axis reach an op that reads them on another
     try:
         return handler.rule(node, g)
     except (ValueError, IndexError, KeyError, TypeError) as exc:  # odd attributes: stay safe

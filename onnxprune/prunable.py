@@ -26,7 +26,7 @@ from .budget import build_cost_model
 from .candidates import choose_candidates
 from .graph import Blocked, ChannelGroup
 from .graphview import GraphView, node_name
-from .ops import registered_ops
+from .ops import handler_for, registered_ops
 
 INHERENT = {"model input", "model output"}  # channels that must stay: not a barrier one could remove
 
@@ -125,6 +125,8 @@ class _Causes:
             return f"no handler for custom domain '{node.domain}'"
         if node.op_type not in self.handled:
             return f"no handler for {node.op_type}"
+        if handler_for(node).always_barrier:
+            return handler_for(node).always_barrier
         return "channels are not followed through it with these attributes or inputs"
 
     def why(self, op: str, name: str) -> str:

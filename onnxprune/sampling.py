@@ -18,7 +18,7 @@ from .activations import run_batches
 from .calib import Calibration
 from .graph import Consumer
 from .graphview import GraphView
-from .ops import LinearHandler, handler_for, sample_outputs
+from .ops import LinearHandler, handler_for
 from .stats import LayerStats
 
 # computes tensors over the sampler's images, in batches: (sample indices, {name: array})
@@ -67,6 +67,8 @@ class Sampler:
         self.row[self.indices] = np.arange(len(self.indices))
         self.targets: dict[str, Target] = {}
         self.positions: dict[str, np.ndarray] = {}
+        self.layers: dict[str, tuple[onnx.NodeProto, LinearHandler]] = {}  # output name -> (layer, handler)
+        self.g = g
         for c in consumers:
             name = c.node.output[0]
             if name in self.targets:
@@ -75,6 +77,7 @@ class Sampler:
             self.targets[name] = Target(partner[0] if partner else name,
                                         partner[1] if partner else None)
             handler = handler_for(c.node)
+            self.layers[name] = (c.node, handler)
             per_image = handler.positions(c.node, g)
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
             # enough positions for a well-posed refit where the feature map has them
@@ -91,7 +94,8 @@ class Sampler:
         for idx, values in run_batches(original, sorted(sources), self.calib, self.indices, self.batch, self.provider):
             for name, t in self.targets.items():
                 pos = self.positions[name][idx]
-                y = sample_outputs(values[t.source], pos).reshape(len(idx), pos.shape[1], -1)
+                node, handler = self.layers[name]
+                y = handler.sample_outputs(node, self.g, values[t.source], pos).reshape(len(idx), pos.shape[1], -1)
                 if name not in cache:
                     cache[name] = np.empty((len(self.indices), pos.shape[1], y.shape[2]), np.float32)
                 cache[name][self.row[idx]] = y
@@ -124,7 +128,7 @@ class Sampler:
                     y = y[:, cols]
                 other = self.targets[name].residual_other
                 if other:
-                    y = y - sample_outputs(values[other], pos)
+                    y = y - handler.sample_outputs(c.node, pruned, values[other], pos)
                 if result[i] is None:
                     rows = len(self.indices) * self.positions[name].shape[1]
                     result[i] = LayerStats(x.shape[1], y.shape[1], rows if self.keep_samples else None)

@@ -148,6 +148,13 @@ def model_macs(model: onnx.ModelProto, cal: Calibration) -> int:
     return graph_macs(GraphView(model, tensor_shapes(model, cal)))
 
 
+def _layer_channels(g: GraphView, node: onnx.NodeProto, tensor: str) -> int:
+    """Channels of a layer's input or output, on the axis the layer reads them from."""
+    shape = g.shape(tensor)
+    axis = handler_for(node).layer_axis(node, g)
+    return int(shape[axis]) if shape is not None and axis < len(shape) else 0
+
+
 def cost_table(original: onnx.ModelProto, reference: onnx.ModelProto, pruned: onnx.ModelProto, cal: Calibration,
                latency_feed: dict[str, np.ndarray] | None, provider: str,
                reference_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[list[LayerRow], Totals]:
@@ -164,8 +171,8 @@ def cost_table(original: onnx.ModelProto, reference: onnx.ModelProto, pruned: on
         if not macs or other is None:
             continue
         rows.append(LayerRow(node_name(node), node.op_type,
-                             (gb.channels(node.input[0]) or 0, ga.channels(other.input[0]) or 0),
-                             (gb.channels(node.output[0]) or 0, ga.channels(other.output[0]) or 0),
+                             (_layer_channels(gb, node, node.input[0]), _layer_channels(ga, other, other.input[0])),
+                             (_layer_channels(gb, node, node.output[0]), _layer_channels(ga, other, other.output[0])),
                              (macs, handler_for(other).macs(other, ga))))
     latency = tuple(latency_ms([original, pruned], latency_feed, provider)) if latency_feed is not None else None
     totals = Totals(macs=(sum(r.macs[0] for r in rows), sum(r.macs[1] for r in rows)),

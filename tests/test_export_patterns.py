@@ -389,3 +389,74 @@ def test_reachability_uses_the_floor_of_the_allocation_in_use():
     between = [s for s in np.linspace(1.5, 100, 200)
                if allocator.reachable(Targets(s), 1, curves=False) and not allocator.reachable(Targets(s), 1)]
     assert between
+
+
+# ---------------------------------------------------------------- channels-last MLPs (ConvNeXt)
+def convnext_block_net(opset: int = 17, share_scale: bool = False) -> onnx.ModelProto:
+    """Stem conv, then a ConvNeXt block as torchvision exports it: depthwise 7×7 conv →
+    Transpose(0,2,3,1) → LayerNormalization over C → MatMul (C→4C) + bias → GELU (Div/Erf/Add/Mul/Mul)
+    → MatMul (4C→C) + bias → layer scale → Transpose back → residual Add; GAP and a Gemm head.
+    ``share_scale``: the layer scale is an ``Identity`` of another initializer, as PyTorch's exporter
+    writes weights equal to another one."""
+    b = Builder(in_shape=("N", 3, "H", "W"), opset=opset)
+    f32 = lambda v: b.const(np.array(v, np.float32))
+    c, hidden = 8, 32
+    x = b.conv("input", 3, c, k=2, stride=2, pad=0)
+    y = b.conv(x, c, c, k=7, group=c)
+    y = b.node("Transpose", [y], perm=[0, 2, 3, 1])
+    y = b.node("LayerNormalization", [y, f32(RNG.uniform(0.5, 1.5, c)), f32(RNG.normal(0, 0.1, c))], axis=-1)
+    y = b.node("MatMul", [y, f32(RNG.normal(0, c ** -0.5, (c, hidden)))])
+    y = b.node("Add", [y, f32(RNG.normal(0, 0.1, hidden))])
+    gelu = b.node("Add", [b.node("Erf", [b.node("Div", [y, f32(1.4142135)])]), f32(1.0)])
+    y = b.node("Mul", [b.node("Mul", [y, gelu]), f32(0.5)])
+    y = b.node("MatMul", [y, f32(RNG.normal(0, hidden ** -0.5, (hidden, c)))])
+    y = b.node("Add", [y, f32(RNG.normal(0, 0.1, c))])
+    scale = f32(RNG.uniform(0.5, 1.5, c))
+    if share_scale:
+        scale = b.node("Identity", [scale])
+    y = b.node("Transpose", [b.node("Mul", [y, scale])], perm=[0, 3, 1, 2])
+    x = b.node("Add", [x, y])
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    return b.build(b.gemm(x, c, 5))
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_channels_last_mlp_hidden_channels_are_prunable(opset):
+    model = convnext_block_net(opset)
+    x = RNG.normal(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    g, groups = analyse_at(model, x.shape)
+    prunable = sorted(grp.channels for grp in groups if grp.owner and grp.prunable)
+    assert prunable == [32], [(grp.channels, grp.reason) for grp in groups]  # the MLP's hidden width only
+    assert_passes_through(model, 32, sizes=((2, 3, 16, 16), (3, 3, 20, 12)))
+
+
+def test_channels_last_mlp_prunes_with_refit_and_counts_macs_per_position():
+    model = convnext_block_net(share_scale=True)
+    x = RNG.normal(0, 1, (96, 3, 16, 16)).astype(np.float32)
+    refit = onnxprune.prune(model, x, speedup=1.3, measure_latency=False, allocation="uniform")
+    plain = onnxprune.prune(model, x, speedup=1.3, measure_latency=False, allocation="uniform", reconstruct=False)
+    layers = {row.node: row for row in refit.report.layers if row.op_type == "MatMul"}
+    assert len(layers) == 2
+    for row in layers.values():  # an 8×8 map: 64 positions per sample, channels read on the last axis
+        assert row.macs[0] == 64 * 8 * 32 and sorted((row.in_channels[0], row.out_channels[0])) == [8, 32]
+    assert refit.report.totals.macs_speedup >= 1.3 * 0.97
+    err = check_pruned(refit.model, model, x[:16], max_rel_err=1.0)
+    assert err < check_pruned(plain.model, model, x[:16], max_rel_err=10.0)
+
+
+def test_layer_norm_is_a_barrier_that_says_why():
+    g, groups = analyse_at(convnext_block_net(), (2, 3, 16, 16))
+    residual = [grp for grp in groups if grp.owner and grp.channels == 8]
+    assert residual and not any(grp.prunable for grp in residual)
+    assert any(b.op_type == "LayerNormalization" for grp in residual for b in grp.blocked)
+
+
+def test_sequence_first_matmul_is_a_barrier():
+    """A ``[T, N, K]`` input (a CRNN's sequence after permute(2, 0, 1)): its axis 0 is not the
+    batch, so a refit would sample time steps as images; the MatMul stays a barrier."""
+    b = Builder(in_shape=("N", 3, 4, 8))
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    seq = b.node("Transpose", [b.node("ReduceMean", [x], axes=[2], keepdims=0)], perm=[2, 0, 1])  # [W, N, C]
+    model = b.build(b.node("MatMul", [seq, b.const(RNG.normal(0, 0.3, (8, 5)).astype(np.float32))]))
+    g, groups = analyse_at(model, (1, 3, 4, 8))
+    assert not any(grp.prunable for grp in groups if grp.owner and grp.channels == 8)

@@ -55,12 +55,18 @@ class Handler:
 
     op_type = ""
     any_axis = False  # works on channels held on any axis (``g.channel_axis``), not only axis 1
+    always_barrier = ""  # why every node of this type is a barrier (reports say it instead of a generic line)
     joins_branches = False  # an element-wise join of several branches (residual Add, Max, ...)
     sums_branches = False  # ... whose output is the sum of its inputs (Add, Sum)
 
     def rule(self, node: onnx.NodeProto, g: GraphView) -> ChannelRule | None:
         """The node's channel rule, or None when the node must be a barrier."""
         return None
+
+    def layer_axis(self, node: onnx.NodeProto, g: GraphView) -> int:
+        """The axis a layer (not ``any_axis``) reads its input channels from and writes its
+        output channels to: 1, or the last axis for a ``MatMul`` over channels-last tensors."""
+        return 1
 
     def output_axis(self, node: onnx.NodeProto, g: GraphView, axis: int) -> int | None:
         """The channel axis of the outputs when the main input holds channels on ``axis``
@@ -144,6 +150,11 @@ class LinearHandler(Handler):
                        pos: np.ndarray) -> np.ndarray:
         """Input patches ``[B·P, Cin·k]`` read by the outputs at flat positions ``pos [B, P]``."""
         raise NotImplementedError
+
+    def sample_outputs(self, node: onnx.NodeProto, g: GraphView, y: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Values ``[B·P, Cout]`` at flat positions ``pos [B, P]`` of a tensor laid out like this
+        layer's output (its own, or that of the residual Add it feeds)."""
+        return sample_outputs(y, pos)
 
 
 def sample_outputs(y: np.ndarray, pos: np.ndarray) -> np.ndarray:

@@ -144,3 +144,13 @@ class InstanceNorm(Handler):
     def prune_through(self, node, keep, g):
         for i in (1, 2):
             g.set_const(node, i, g.input_const(node, i)[keep])
+
+
+@register("LayerNormalization", "GroupNormalization")
+class ChannelNorm(Handler):
+    """Normalisation over the channels (LayerNorm of channels-last blocks, GroupNorm): a barrier
+    to the channels it normalises, whose axis it keeps (so a channels-last ``MatMul`` after it
+    still knows where its channels are)."""
+
+    any_axis = True
+    always_barrier = "normalises over the channels: removing some would change the statistics of the rest"

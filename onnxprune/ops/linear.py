@@ -1,4 +1,6 @@
-"""Gemm and MatMul with a constant weight: fully-connected layers on ``[N, K]`` inputs."""
+"""Gemm and MatMul with a constant weight: fully-connected layers on ``[N, K]`` inputs, and
+``MatMul`` on channels-last ``[N, …, K]`` inputs (a ``Linear`` applied at every position: the
+MLP of ConvNeXt-style blocks, pointwise layers of channels-last exports)."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class _FullyConnected(LinearHandler):
 
     def macs(self, node, g):
         w = g.input_const(node, 1)
-        return int(np.prod(w.shape)) if w is not None else 0
+        return int(np.prod(w.shape)) * self.positions(node, g) if w is not None else 0
 
     def reconstructable(self, node, g):
         return g.shape(node.input[0]) is not None
@@ -59,9 +61,33 @@ class _FullyConnected(LinearHandler):
 
 @register("MatMul")
 class MatMul(_FullyConnected):
-    """``[N, K] @ W[K, M]``; it has no bias of its own (a following Add holds it)."""
+    """``[N, …, K] @ W[K, M]``: channels on the last axis in and out (axis 1 for 2-D inputs);
+    it has no bias of its own (a following Add holds it)."""
 
     has_bias = False
+
+    def _activation_ok(self, node, g):
+        # N-D inputs only batch-first (one sample has batch 1): a [T, N, K] sequence would have its
+        # time steps sampled as if they were images
+        w, shape = g.input_const(node, 1), g.shape(node.input[0])
+        return w is not None and w.ndim == 2 and (shape is None or len(shape) == 2 or shape[0] == 1)
+
+    def layer_axis(self, node, g):
+        shape = g.shape(node.input[0])
+        return len(shape) - 1 if shape is not None and len(shape) > 2 else 1
+
+    def positions(self, node, g):
+        shape = g.shape(node.input[0])
+        return int(np.prod(shape[1:-1])) if shape is not None and len(shape) > 2 else 1
+
+    def sample_patches(self, node, g, x, pos):
+        if x.ndim == 2:
+            return x
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        return np.take_along_axis(flat, pos[:, :, None], axis=1).reshape(-1, x.shape[-1])
+
+    def sample_outputs(self, node, g, y, pos):
+        return self.sample_patches(node, g, y, pos)
 
     def bias(self, node, g):
         return None
