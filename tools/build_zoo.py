@@ -47,25 +47,51 @@ Export patterns of real exporters (small nets, 224 px):
                             Mul constants of shape [C], Relu, Relu6 as Clip(x, min, max), residual
                             Adds, depthwise convs, SAME_UPPER stride-2 convs, ReduceMean(axes 1, 2)
                             -> MatMul -> Add; dynamic N / H / W
+Real deployments beyond plain CNNs:
+
+    convnext_small          ConvNeXt as torchvision / timm write it (depths (1, 1, 2, 1), widths (32, 64,
+                            128, 256), 224 px): 4x4/4 stem conv + channels-last LayerNorm (Transpose ->
+                            LayerNormalization -> Transpose; decomposed ReduceMean / Sub / Pow / Sqrt /
+                            Div below opset 17), blocks 7x7 depthwise conv -> NHWC -> LayerNorm ->
+                            Linear(C, 4C) (MatMul) -> GELU (Erf) -> Linear(4C, C) -> layer-scale Mul ->
+                            NCHW -> residual Add, downsampling LayerNorm -> 2x2/2 conv, GAP -> LayerNorm
+                            -> Gemm
+    crnn_ocr                CRNN text recogniser: grey input [N, 1, 32, W] (W dynamic, 100 at export,
+                            checked at 160 too), VGG-style conv / BN / ReLU backbone with 2x2 then (2, 1)
+                            max-pools and a 2x2 valid conv to height 1 -> Squeeze -> Transpose to
+                            [T, N, C] -> 2-layer bidirectional LSTM (hidden 64; two ONNX LSTM nodes with
+                            Shape -> ConstantOfShape initial states) -> MatMul + Add per time step:
+                            output [T, N, 37] (T = W/4 - 1, dynamic)
+    dbnet_small             DBNet text detector (PaddleOCR / MMOCR layout): ResNet basic-block backbone
+                            (widths 32..256, two blocks a stage, 1/4 .. 1/32), DB-FPN (1x1 laterals to
+                            96, nearest x2 Resize + Add top-down, 3x3 smoothing to 24, Resize x8 / x4 /
+                            x2 -> Concat), head Conv3x3-BN-ReLU -> ConvTranspose 2x2/2 ->
+                            BatchNormalization (not folded) -> ReLU -> ConvTranspose 2x2/2 -> Sigmoid:
+                            [N, 1, H, W] probability map; 640 px, dynamic H/W (checked at 480 x 640)
+
     (mobilenet_v3_small covers nn.Hardswish / nn.Hardsigmoid: HardSwish ops at opset >= 14,
      HardSigmoid + Mul at 11 / 13; HardSigmoid at every opset. Build it with --opsets 11 13 17 18.)
 
 Export: legacy TorchScript exporter (``dynamo=False``), eval mode, constant folding on (so a
 BatchNorm that directly follows a Conv is folded into it; pre-activation BNs, as in DenseNet,
 stay as BatchNormalization nodes), input named ``input``, dynamic batch axis, and dynamic
-height / width for the fully convolutional nets (unet_small, yolov8n) and for those whose trunk
-is (effnet_tf_same, tf2onnx_nhwc; their class outputs have a dynamic batch only). paddle_se is
-patched after export (``patch_paddle_zero``: some [-1, C] targets become [0, C]); tf2onnx_nhwc is
-written by ``write_tf2onnx_nhwc`` from its torch module, which is its reference.
+height / width for the fully convolutional nets (unet_small, yolov8n, dbnet_small) and for those
+whose trunk is (effnet_tf_same, tf2onnx_nhwc; their class outputs have a dynamic batch only);
+crnn_ocr has a dynamic width only (``Spec.input_axes`` / ``output_axes``: output axes time, batch;
+``Spec.channels`` = 1, ``Spec.hw`` = 32 x 100). paddle_se is patched after export
+(``patch_paddle_zero``: some [-1, C] targets become [0, C]); tf2onnx_nhwc is written by
+``write_tf2onnx_nhwc`` from its torch module, which is its reference.
 
-Weights are random but deterministic (seed 0). BatchNorm affine parameters are randomised and the
-running statistics are set by one training-mode forward pass on random data, so that the folded
-weights are non-trivial and activations stay at a sane scale in deep nets.
+Weights are random but deterministic (seed 0). BatchNorm and LayerNorm affine parameters (and
+ConvNeXt's layer scales, uniform in [0.2, 1]) are randomised and the running statistics are set by
+one training-mode forward pass on random data, so that the folded weights are non-trivial and
+activations stay at a sane scale in deep nets.
 
 Verification runs onnxruntime on a batch of 2 (the export traces batch 1), and for the fully
 convolutional nets on a non-square input, so that the dynamic axes are exercised too
-(effnet_tf_same and tf2onnx_nhwc at two sizes). tf2onnx_nhwc has no BatchNorm; its kernels are
-scaled so that each conv output has unit std on random data (``TF2ONNXNet.calibrate``).
+(effnet_tf_same, tf2onnx_nhwc, crnn_ocr and dbnet_small at two sizes). tf2onnx_nhwc has no
+BatchNorm; its kernels are scaled so that each conv output has unit std on random data
+(``TF2ONNXNet.calibrate``).
 """
 
 from __future__ import annotations
@@ -968,6 +994,154 @@ def write_tf2onnx_nhwc(model: TF2ONNXNet, opset: int, path: Path) -> None:
     onnx.save(m, str(path))
 
 # --------------------------------------------------------------------------------------------
+# ConvNeXt (small widths; torchvision / timm block layout)
+# --------------------------------------------------------------------------------------------
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map, written channels-last as torchvision does:
+    permute to NHWC -> LayerNorm(C) -> permute back (Transpose -> LayerNormalization -> Transpose)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """7x7 depthwise conv -> NHWC -> LayerNorm -> Linear(C, 4C) -> GELU -> Linear(4C, C)
+    -> layer-scale gamma (timm: multiplied channels-last) -> NCHW -> residual add."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, 1, 3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        # trained ConvNeXts end with layer scales well away from their 1e-6 init
+        self.gamma = nn.Parameter(torch.empty(dim).uniform_(0.2, 1.0))
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y)))) * self.gamma
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, depths=(1, 1, 2, 1), widths=(32, 64, 128, 256), num_classes: int = 1000):
+        super().__init__()
+        layers = [nn.Sequential(nn.Conv2d(3, widths[0], 4, 4), LayerNorm2d(widths[0], eps=1e-6))]
+        for i, (n, c) in enumerate(zip(depths, widths)):
+            if i > 0:                         # downsampling layer: LayerNorm -> 2x2 stride-2 conv
+                layers.append(nn.Sequential(LayerNorm2d(widths[i - 1], eps=1e-6),
+                                            nn.Conv2d(widths[i - 1], c, 2, 2)))
+            layers.append(nn.Sequential(*(ConvNeXtBlock(c) for _ in range(n))))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.norm = LayerNorm2d(widths[-1], eps=1e-6)
+        self.classifier = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.norm(self.pool(self.features(x))), 1))
+
+
+# --------------------------------------------------------------------------------------------
+# CRNN text recogniser (Shi et al. layout, half widths)
+# --------------------------------------------------------------------------------------------
+
+class CRNN(nn.Module):
+    """Grey 1 x 32 x W line image -> VGG-style conv/BN/ReLU/MaxPool backbone (2x2 pools, then
+    (2, 1) pools that keep the width, then a 2x2 valid conv) to 1 x (W/4 - 1) -> squeeze the height
+    -> [T, N, C] -> 2-layer bidirectional LSTM (hidden 64) -> Linear per time step -> [T, N, 37]
+    (CTC logits; 36 symbols + blank). Width is dynamic."""
+
+    CFG = [(32, False, "M"), (64, False, "M"), (128, True, None), (128, False, "H"),
+           (256, True, None), (256, False, "H")]  # (width, BatchNorm, pool after: 2x2 / (2, 1))
+
+    def __init__(self, cin: int = 1, num_classes: int = 37, hidden: int = 64):
+        super().__init__()
+        layers, c = [], cin
+        for width, bn, pool in self.CFG:
+            layers += [nn.Conv2d(c, width, 3, 1, 1, bias=not bn)]
+            layers += [nn.BatchNorm2d(width), nn.ReLU()] if bn else [nn.ReLU()]
+            if pool == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            elif pool == "H":
+                layers.append(nn.MaxPool2d((2, 1), (2, 1)))
+            c = width
+        layers += [nn.Conv2d(c, c, 2, 1, 0, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+        self.cnn = nn.Sequential(*layers)
+        self.rnn = nn.LSTM(c, hidden, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(2 * hidden, num_classes)
+
+    def forward(self, x):
+        f = self.cnn(x).squeeze(2).permute(2, 0, 1)   # N, C, 1, T -> T, N, C
+        y, _ = self.rnn(f)
+        return self.fc(y)
+
+
+# --------------------------------------------------------------------------------------------
+# DBNet text detector (small ResNet backbone, DB-FPN, DB head as in PaddleOCR / MMOCR)
+# --------------------------------------------------------------------------------------------
+
+class DBFPN(nn.Module):
+    """1x1 laterals to ``inner`` -> top-down nearest x2 Upsample + Add -> 3x3 smoothing convs to
+    inner/4 -> Upsample each to 1/4 (x8, x4, x2) -> Concat (inner channels at 1/4)."""
+
+    def __init__(self, chs: tuple[int, ...], inner: int = 96):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, inner, 1, bias=False) for c in chs)
+        self.smooth = nn.ModuleList(nn.Conv2d(inner, inner // 4, 3, 1, 1, bias=False) for _ in chs)
+        self.up2 = nn.Upsample(scale_factor=2, mode="nearest")
+        self.up = nn.ModuleList(nn.Upsample(scale_factor=2 ** i, mode="nearest") if i else nn.Identity()
+                                for i in range(len(chs)))
+
+    def forward(self, feats):
+        lat = [conv(f) for conv, f in zip(self.lateral, feats)]
+        for i in range(len(lat) - 2, -1, -1):
+            lat[i] = lat[i] + self.up2(lat[i + 1])
+        outs = [up(conv(f)) for up, conv, f in zip(self.up, self.smooth, lat)]
+        return torch.cat(outs[::-1], 1)
+
+
+class DBHead(nn.Module):
+    """Conv3x3-BN-ReLU -> ConvTranspose 2x2/2 -> BN-ReLU -> ConvTranspose 2x2/2 -> Sigmoid."""
+
+    def __init__(self, cin: int):
+        super().__init__()
+        c = cin // 4
+        self.conv = ConvBNAct(cin, c, 3)
+        self.up1 = nn.ConvTranspose2d(c, c, 2, 2)
+        self.bn = nn.BatchNorm2d(c)
+        self.up2 = nn.ConvTranspose2d(c, 1, 2, 2)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.up1(self.conv(x))))
+        return torch.sigmoid(self.up2(x))
+
+
+class DBNet(nn.Module):
+    """ResNet-ish backbone (stem 3x3/2 + 3x3 + MaxPool, BasicBlocks, stages at 1/4 .. 1/32)
+    -> DBFPN -> DBHead: a 1-channel text probability map at input resolution."""
+
+    def __init__(self, widths=(32, 64, 128, 256), blocks=(2, 2, 2, 2), inner: int = 96):
+        super().__init__()
+        self.stem = nn.Sequential(ConvBNAct(3, 32, 3, 2), ConvBNAct(32, 32, 3), nn.MaxPool2d(3, 2, 1))
+        stages, cin = [], 32
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            stages.append(nn.Sequential(*(BasicBlock(cin if j == 0 else w, w, 2 if (i and not j) else 1)
+                                          for j in range(n))))
+            cin = w
+        self.stages = nn.ModuleList(stages)
+        self.neck = DBFPN(widths, inner)
+        self.head = DBHead(inner)
+
+    def forward(self, x):
+        x, feats = self.stem(x), []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return self.head(self.neck(feats))
+
+# --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
 
@@ -983,10 +1157,15 @@ class Spec:
     write: Callable[[nn.Module, int, Path], None] | None = None  # onnx.helper writer, not torch export
     patch: Callable[[object], None] | None = None  # rewrites the exported ModelProto in place
     also_hw: tuple[tuple[int, int], ...] = ()      # further ORT check sizes (dynamic H/W)
+    channels: int = 3                # input channels (1 for grey text lines)
+    hw: tuple[int, int] | None = None  # export input (height, width) if not size x size
+    input_axes: tuple[tuple[int, str], ...] | None = None   # dynamic input axes (default: above)
+    output_axes: tuple[tuple[int, str], ...] | None = None  # dynamic axes of every output
 
     def example(self, n: int, h: int | None = None, w: int | None = None) -> tuple[int, ...]:
-        h, w = h or self.size, w or self.size
-        return (n, h, w, 3) if self.nhwc else (n, 3, h, w)
+        h0, w0 = self.hw or (self.size, self.size)
+        h, w = h or h0, w or w0
+        return (n, h, w, self.channels) if self.nhwc else (n, self.channels, h, w)
 
 
 YOLO_OUTPUTS = ("box_p3", "cls_p3", "box_p4", "cls_p4", "box_p5", "cls_p5")
@@ -1010,6 +1189,11 @@ ZOO: dict[str, Spec] = {
     "paddle_se": Spec(PaddleSENet, 224, patch=patch_paddle_zero),
     "tf2onnx_nhwc": Spec(TF2ONNXNet, 224, True, spatial_out=False, nhwc=True,
                          write=write_tf2onnx_nhwc, verify_hw=(193, 256), also_hw=((224, 224),)),
+    "convnext_small": Spec(ConvNeXt, 224),
+    "crnn_ocr": Spec(CRNN, 32, channels=1, hw=(32, 100), input_axes=((0, "batch"), (3, "width")),
+                     output_axes=((0, "time"), (1, "batch")), verify_hw=(32, 160),
+                     also_hw=((32, 100),)),
+    "dbnet_small": Spec(DBNet, 640, True, verify_hw=(480, 640), also_hw=((640, 640),)),
 }
 
 
@@ -1032,6 +1216,9 @@ def build(name: str) -> nn.Module:
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 1.0 / math.sqrt(m.in_features))
                 nn.init.normal_(m.bias, 0.0, 0.05)
+            elif isinstance(m, nn.LayerNorm):  # non-trivial affine, as for BatchNorm below
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
         for m in bns:
             m.weight.uniform_(0.5, 1.5)
             m.bias.normal_(0.0, 0.1)
@@ -1053,9 +1240,12 @@ def export(model: nn.Module, name: str, opset: int, path: Path) -> None:
     x = torch.randn(spec.example(1))
     axes = {0: "batch", 2: "height", 3: "width"} if spec.fully_conv else {0: "batch"}
     spatial_out = spec.fully_conv if spec.spatial_out is None else spec.spatial_out
-    dynamic = {"input": axes}
+    dynamic = {"input": dict(spec.input_axes) if spec.input_axes is not None else axes}
     for o in spec.outputs:
-        dynamic[o] = {0: "batch", 2: f"{o}_height", 3: f"{o}_width"} if spatial_out else {0: "batch"}
+        if spec.output_axes is not None:
+            dynamic[o] = {i: f"{o}_{a}" if a != "batch" else a for i, a in spec.output_axes}
+        else:
+            dynamic[o] = {0: "batch", 2: f"{o}_height", 3: f"{o}_width"} if spatial_out else {0: "batch"}
     torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset,
                       input_names=["input"], output_names=list(spec.outputs),
                       dynamic_axes=dynamic, do_constant_folding=True)
@@ -1080,7 +1270,7 @@ def verify(model: nn.Module, name: str, path: Path) -> tuple[float, float]:
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     diff = scale = 0.0
-    for h, w in (spec.verify_hw or (spec.size, spec.size),) + spec.also_hw:
+    for h, w in (spec.verify_hw or spec.hw or (spec.size, spec.size),) + spec.also_hw:
         x = np.random.default_rng(SEED + 1).standard_normal(spec.example(2, h, w)).astype(np.float32)
         with torch.no_grad():
             ref = model(torch.from_numpy(x))
