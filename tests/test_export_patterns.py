@@ -14,6 +14,8 @@ from test_any_graph import analyse_at
 import onnxprune
 from onnxprune.graph import find_groups
 from onnxprune.graphview import GraphView
+from onnxprune.ops import handler_for
+from onnxprune.summary import calibration_or_zeros, summarize
 from onnxprune.group_pruner import GroupPruner
 from onnxprune.ops.shapes import ShapeValues
 from onnxprune.options import PruneOptions
@@ -451,12 +453,39 @@ def test_layer_norm_is_a_barrier_that_says_why():
     assert any(b.op_type == "LayerNormalization" for grp in residual for b in grp.blocked)
 
 
-def test_sequence_first_matmul_is_a_barrier():
-    """A ``[T, N, K]`` input (a CRNN's sequence after permute(2, 0, 1)): its axis 0 is not the
-    batch, so a refit would sample time steps as images; the MatMul stays a barrier."""
+def crnn_head(recurrent: bool) -> onnx.ModelProto:
+    """Conv → ReLU → mean over H → Transpose to a ``[T, N, C]`` sequence (T = 8) → an LSTM
+    (hidden 6, bidirectional) or straight to a per-step MatMul."""
     b = Builder(in_shape=("N", 3, 4, 8))
     x = b.node("Relu", [b.conv("input", 3, 8)])
-    seq = b.node("Transpose", [b.node("ReduceMean", [x], axes=[2], keepdims=0)], perm=[2, 0, 1])  # [W, N, C]
-    model = b.build(b.node("MatMul", [seq, b.const(RNG.normal(0, 0.3, (8, 5)).astype(np.float32))]))
-    g, groups = analyse_at(model, (1, 3, 4, 8))
+    seq = b.node("Transpose", [b.node("ReduceMean", [x], axes=[2], keepdims=0)], perm=[2, 0, 1])
+    width = 8
+    if recurrent:
+        w = b.const(RNG.normal(0, 0.3, (2, 24, 8)).astype(np.float32))
+        r = b.const(RNG.normal(0, 0.3, (2, 24, 6)).astype(np.float32))
+        y = b.node("LSTM", [seq, w, r], hidden_size=6, direction="bidirectional")  # [T, 2, N, 6]
+        seq, width = b.node("Reshape", [b.node("Transpose", [y], perm=[0, 2, 1, 3]), b.const(i64(0, 0, 12))]), 12
+    return b.build(b.node("MatMul", [seq, b.const(RNG.normal(0, 0.3, (width, 5)).astype(np.float32))]))
+
+
+def test_sequence_first_matmul_is_a_barrier_and_counts_every_step():
+    """A ``[T, N, K]`` input (a CRNN's sequence after permute(2, 0, 1)): its axis 0 is not the
+    batch, so a refit would sample time steps as images; the MatMul stays a barrier, and its MACs
+    are those of all T steps."""
+    g, groups = analyse_at(crnn_head(recurrent=False), (1, 3, 4, 8))
     assert not any(grp.prunable for grp in groups if grp.owner and grp.channels == 8)
+    matmul = next(n for n in g.graph.node if n.op_type == "MatMul")
+    assert handler_for(matmul).macs(matmul, g) == 8 * 8 * 5
+
+
+def test_recurrent_layer_is_a_barrier_whose_macs_count():
+    model = crnn_head(recurrent=True)
+    g, groups = analyse_at(model, (1, 3, 4, 8))
+    lstm = next(n for n in g.graph.node if n.op_type == "LSTM")
+    assert handler_for(lstm).macs(lstm, g) == 8 * (2 * 24 * 8 + 2 * 24 * 6)  # T steps × (W + R)
+    assert not any(grp.prunable for grp in groups if grp.owner and grp.channels == 8)
+    summary = summarize(model, calibration_or_zeros(model, None, None))
+    assert summary.macs == handler_for(lstm).macs(lstm, g) + sum(
+        handler_for(n).macs(n, g) for n in g.graph.node if n.op_type in ("Conv", "MatMul"))
+    why = {b.why for b in summary.barriers if b.op_type == "LSTM"}
+    assert why == {"a recurrent layer: its input channels are not pruned"}

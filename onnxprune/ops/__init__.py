@@ -1,6 +1,6 @@
 """One handler per ONNX op type. Importing this package registers them all."""
 
-from . import concat, conv, elementwise, layout, linear, shapes, spatial  # noqa: F401  (registration side effects)
+from . import concat, conv, elementwise, layout, linear, recurrent, shapes, spatial  # noqa: F401  (registration side effects)
 from .base import (
            ChannelRule,
            Handler,

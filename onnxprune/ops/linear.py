@@ -80,6 +80,14 @@ class MatMul(_FullyConnected):
         shape = g.shape(node.input[0])
         return int(np.prod(shape[1:-1])) if shape is not None and len(shape) > 2 else 1
 
+    def macs(self, node, g):
+        w, shape = g.input_const(node, 1), g.shape(node.input[0])
+        if w is None:
+            return 0
+        # one sample's rows: every position of a batch-first input, every step of a [T, N, K] one
+        rows = 1 if shape is None or len(shape) <= 2 else int(np.prod(shape[1:-1] if shape[0] == 1 else shape[:-1]))
+        return int(np.prod(w.shape)) * rows
+
     def sample_patches(self, node, g, x, pos):
         if x.ndim == 2:
             return x
