@@ -125,7 +125,7 @@ class Sampler:
                 y = self.cache[name][self.row[idx]].reshape(-1, self.cache[name].shape[2])
                 cols = (target_columns or {}).get(name)
                 if cols is not None:
-                    y = y[:, cols]
+                    y = y[:, handler.output_columns(c.node, pruned, cols)]
                 other = self.targets[name].residual_other
                 if other:
                     y = y - handler.sample_outputs(c.node, pruned, values[other], pos)

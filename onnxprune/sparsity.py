@@ -216,6 +216,8 @@ def refit_kept(weight: np.ndarray, bias: np.ndarray, gram: np.ndarray, keep: np.
 
 def _why_dense(node: onnx.NodeProto, handler: LinearHandler, g: GraphView) -> str:
     """Why a layer stays dense before any statistics ('' when it may go sparse)."""
+    if not handler.semi_structured:
+        return f"no 2:4 sparse kernels for {node.op_type}"
     if not handler.reconstructable(node, g):
         return "grouped or depthwise conv, or unknown shapes"
     cin = handler.input_channels(node, g)

@@ -489,3 +489,51 @@ def test_recurrent_layer_is_a_barrier_whose_macs_count():
         handler_for(n).macs(n, g) for n in g.graph.node if n.op_type in ("Conv", "MatMul"))
     why = {b.why for b in summary.barriers if b.op_type == "LSTM"}
     assert why == {"a recurrent layer: its input channels are not pruned"}
+
+
+# ---------------------------------------------------------------- learned 2× upsampling (ConvTranspose)
+def deconv_head(k: int = 2, stride: int = 2) -> onnx.ModelProto:
+    """conv → ReLU → ConvTranspose (kernel ``k``, stride ``stride``) with bias → ReLU → conv: the
+    head of a DBNet-style detector or a U-Net decoder step."""
+    b = Builder(in_shape=("N", 3, "H", "W"))
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    w = b.const(RNG.normal(0, (2.0 / (16 * k * k)) ** 0.5, (16, 12, k, k)).astype(np.float32))
+    bias = b.const(RNG.normal(0, 0.1, 12).astype(np.float32))
+    x = b.node("Relu", [b.node("ConvTranspose", [x, w, bias], kernel_shape=[k, k], strides=[stride, stride])])
+    return b.build(b.conv(x, 12, 2))
+
+
+def test_tiled_conv_transpose_is_refit_like_a_pixel_layer():
+    """A 2×2 stride-2 ConvTranspose writes each output pixel from one input pixel: the group it
+    reads is pruned with its weights refit (better than sliced), and so is the group it writes."""
+    model = deconv_head()
+    x = RNG.normal(0, 1, (64, 3, 8, 8)).astype(np.float32)
+    g, groups = analyse_at(model, (1, 3, 8, 8))
+    deconv = next(n for n in g.graph.node if n.op_type == "ConvTranspose")
+    h = handler_for(deconv)
+    assert h.reconstructable(deconv, g)
+    # the pixel-layer view reproduces the op: outputs sampled at every input pixel
+    xin = RNG.normal(0, 1, (2, 16, 8, 8)).astype(np.float32)
+    import onnxruntime as ort
+    single = onnx.helper.make_model(onnx.helper.make_graph(
+        [deconv], "d", [onnx.helper.make_tensor_value_info(deconv.input[0], onnx.TensorProto.FLOAT, [2, 16, 8, 8])],
+        [onnx.helper.make_tensor_value_info(deconv.output[0], onnx.TensorProto.FLOAT, None)],
+        [t for t in model.graph.initializer if t.name in deconv.input]), opset_imports=model.opset_import)
+    y = ort.InferenceSession(single.SerializeToString()).run(None, {deconv.input[0]: xin})[0]
+    pos = np.tile(np.arange(64), (2, 1))
+    patches, targets = h.sample_patches(deconv, g, xin, pos), h.sample_outputs(deconv, g, y, pos)
+    assert np.allclose(patches @ h.weight_matrix(deconv, g).T + h.bias(deconv, g), targets, atol=1e-4)
+    refit = onnxprune.prune(model, x, speedup=1.4, measure_latency=False, allocation="uniform")
+    plain = onnxprune.prune(model, x, speedup=1.4, measure_latency=False, allocation="uniform", reconstruct=False)
+    pruned = {grp.name: grp for grp in refit.report.groups}
+    assert len(pruned) == 2 and all(grp.channels_after < grp.channels_before for grp in pruned.values())
+    err = check_pruned(refit.model, model, x[:16], max_rel_err=1.0)
+    assert err < check_pruned(plain.model, model, x[:16], max_rel_err=10.0)
+    check_pruned(refit.model, model, RNG.normal(0, 1, (2, 3, 12, 10)).astype(np.float32), max_rel_err=1.0)
+
+
+def test_overlapping_conv_transpose_is_sliced_not_refit():
+    model = deconv_head(k=4, stride=2)
+    g, _ = analyse_at(model, (1, 3, 8, 8))
+    deconv = next(n for n in g.graph.node if n.op_type == "ConvTranspose")
+    assert not handler_for(deconv).reconstructable(deconv, g)

@@ -117,6 +117,7 @@ class LinearHandler(Handler):
 
     has_bias = True
     spatial = False  # reads patches of a feature map (Conv): one position per sample means a 1×1 map
+    semi_structured = True  # 2:4 sparse kernels exist for it (--sparsity 2:4)
 
     def weight_matrix(self, node: onnx.NodeProto, g: GraphView) -> np.ndarray:
         """The layer's weight as ``[Cout, Cin·k]`` (channel-major columns)."""
@@ -150,6 +151,10 @@ class LinearHandler(Handler):
                        pos: np.ndarray) -> np.ndarray:
         """Input patches ``[B·P, Cin·k]`` read by the outputs at flat positions ``pos [B, P]``."""
         raise NotImplementedError
+
+    def output_columns(self, node: onnx.NodeProto, g: GraphView, channels: np.ndarray) -> np.ndarray:
+        """The rows of :meth:`weight_matrix` (columns of the sampled targets) of output ``channels``."""
+        return np.asarray(channels)
 
     def sample_outputs(self, node: onnx.NodeProto, g: GraphView, y: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Values ``[B·P, Cout]`` at flat positions ``pos [B, P]`` of a tensor laid out like this

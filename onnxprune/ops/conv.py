@@ -160,11 +160,76 @@ def _check_equal_groups(keep: np.ndarray, channels: int, group: int) -> np.ndarr
 
 
 @register("ConvTranspose")
-class ConvTranspose(Handler):
+class ConvTranspose(LinearHandler):
     """Transposed conv (group 1): weight is ``[Cin, Cout, k…]``; consumes and produces channels.
 
-    It is not reconstructed (its inputs are not patches of its outputs); its weights are sliced.
+    A *tiled* one (2-D, kernel equal to stride, no padding, dilation or output padding: the usual
+    learned 2× upsampling of decoders and detector heads) writes each output pixel from one input
+    pixel, so it is a linear layer of single input pixels with ``Cout·kh·kw`` outputs (one per
+    output channel and place in the tile) and is reconstructed like a 1×1 conv; its bias, shared
+    by a channel's whole tile, is kept as it is. Other transposed convs are not reconstructed (an
+    output pixel sums several input pixels); their weights are sliced.
     """
+
+    has_bias = False  # one bias per output channel cannot follow a refit per place in its tile
+    semi_structured = False
+
+    def _tile(self, node, g) -> tuple[int, int] | None:
+        w = g.input_const(node, 1)
+        if w is None or w.ndim != 4 or attr(node, "group", 1) != 1:
+            return None
+        kernel = tuple(w.shape[2:])
+        if tuple(attr(node, "strides", [1, 1])) != kernel or list(attr(node, "dilations", [1, 1])) != [1, 1]:
+            return None
+        if any(attr(node, "pads", [0] * 4)) or any(attr(node, "output_padding", [0, 0])):
+            return None
+        auto = attr(node, "auto_pad", b"NOTSET")
+        if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
+            return None
+        if attr(node, "output_shape") is not None:
+            return None
+        return int(kernel[0]), int(kernel[1])
+
+    def reconstructable(self, node, g):
+        return (self._tile(node, g) is not None and g.shape(node.input[0]) is not None
+                and len(g.shape(node.input[0])) == 4 and g.shape(node.output[0]) is not None)
+
+    def weight_matrix(self, node, g):
+        w = g.input_const(node, 1)  # [Cin, Cout, kh, kw] -> [(Cout, kh, kw), Cin]
+        return w.transpose(1, 2, 3, 0).reshape(-1, w.shape[0]).astype(np.float64)
+
+    def input_channels(self, node, g):
+        return int(g.input_const(node, 1).shape[0])
+
+    def bias(self, node, g):
+        b = g.input_const(node, 2)
+        if b is None:
+            return None
+        w = g.input_const(node, 1)
+        return np.repeat(b.astype(np.float64), int(np.prod(w.shape[2:])))
+
+    def set_linear(self, node, weight, bias, g):
+        w = g.input_const(node, 1)
+        cin, cout, kh, kw = w.shape
+        g.set_const(node, 1, weight.reshape(cout, kh, kw, cin).transpose(3, 0, 1, 2).astype(w.dtype))
+
+    def output_columns(self, node, g, channels):
+        w = g.input_const(node, 1)
+        k = int(np.prod(w.shape[2:]))
+        return (np.asarray(channels)[:, None] * k + np.arange(k)[None, :]).ravel()
+
+    def positions(self, node, g):
+        return int(np.prod(g.shape(node.input[0])[2:]))
+
+    def sample_patches(self, node, g, x, pos):
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        return np.take_along_axis(flat, pos[:, None, :], axis=2).transpose(0, 2, 1).reshape(-1, x.shape[1])
+
+    def sample_outputs(self, node, g, y, pos):
+        kh, kw = self._tile(node, g)
+        b, c, h, w = y.shape
+        tiles = y.reshape(b, c, h // kh, kh, w // kw, kw).transpose(0, 2, 4, 1, 3, 5).reshape(b, -1, c * kh * kw)
+        return np.take_along_axis(tiles, pos[:, :, None], axis=1).reshape(-1, c * kh * kw)
 
     def rule(self, node, g):
         if g.input_const(node, 1) is None or attr(node, "group", 1) != 1:
