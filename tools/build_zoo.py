@@ -1232,6 +1232,15 @@ def build(name: str) -> nn.Module:
     return model.eval()
 
 
+def export_dynamo(model: nn.Module, name: str, path: Path) -> None:
+    """PyTorch's newer exporter (``dynamo=True``, the default from PyTorch 2.9; needs onnxscript):
+    opset 18+ as it chooses, its own graph optimiser, weights as external data; batch dynamic."""
+    spec = ZOO[name]
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.onnx.export(model, (torch.randn(spec.example(2)),), str(path), dynamo=True, input_names=["input"],
+                      output_names=list(spec.outputs), dynamic_shapes=({0: batch},))
+
+
 def export(model: nn.Module, name: str, opset: int, path: Path) -> None:
     spec = ZOO[name]
     if spec.write is not None:
@@ -1299,6 +1308,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"subset of: {', '.join(ZOO)}")
     ap.add_argument("--opsets", nargs="+", type=int, default=[11, 17])
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    ap.add_argument("--dynamo", action="store_true",
+                    help="export with torch.onnx.export(dynamo=True) instead (classifiers: models with "
+                         "fixed spatial size), written as NAME_dynamo.onnx; --opsets is ignored")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -1308,13 +1320,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or list(ZOO):
         model = build(name)
         params = sum(p.numel() for p in model.parameters())
-        for opset in args.opsets:
-            path = args.out / f"{name}_op{opset}.onnx"
+        for opset in ["dynamo"] if args.dynamo else args.opsets:
+            path = args.out / (f"{name}_dynamo.onnx" if args.dynamo else f"{name}_op{opset}.onnx")
             t0 = time.perf_counter()
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    export(model, name, opset, path)
+                    if args.dynamo:
+                        export_dynamo(model, name, path)
+                    else:
+                        export(model, name, opset, path)
                 t_exp = time.perf_counter() - t0
                 diff, scale = verify(model, name, path)
             except Exception as e:  # keep going; report at the end
