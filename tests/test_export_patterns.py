@@ -537,3 +537,26 @@ def test_overlapping_conv_transpose_is_sliced_not_refit():
     g, _ = analyse_at(model, (1, 3, 8, 8))
     deconv = next(n for n in g.graph.node if n.op_type == "ConvTranspose")
     assert not handler_for(deconv).reconstructable(deconv, g)
+
+
+def test_layers_on_token_rows_are_neither_pruned_nor_refit():
+    """Attention exports read tokens as rows: ``[T, N, C]`` (time-major) or ``[T·N, C]``. Axis 0 is
+    not the batch there, so such a MatMul/Gemm is never sampled as if its rows were images — not as a
+    consumer, nor as a layer downstream of a pruned group — and its MACs count every row."""
+    b = Builder(in_shape=("N", 3, 4, 4))
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    x = b.node("Relu", [b.conv(x, 8, 8)])
+    tokens = b.node("Transpose", [b.node("Reshape", [x, b.const(i64(0, 8, 16))])], perm=[2, 0, 1])  # [16, N, 8]
+    w = b.const(RNG.normal(0, 0.3, (8, 6)).astype(np.float32))
+    rows = b.node("Reshape", [b.node("MatMul", [tokens, w]), b.const(i64(-1, 6))])  # [16·N, 6]
+    model = b.build(b.gemm(rows, 6, 5))
+    x = RNG.normal(0, 1, (48, 3, 4, 4)).astype(np.float32)
+    g, _ = analyse_at(model, (1, 3, 4, 4))
+    for node in g.graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            h = handler_for(node)
+            assert not h.reconstructable(node, g) and h.rule(node, g) is None
+            assert h.macs(node, g) == 16 * int(np.prod(g.input_const(node, 1).shape))
+    result = onnxprune.prune(model, x, speedup=1.2, measure_latency=False)
+    assert [grp.channels_after < grp.channels_before for grp in result.report.groups] == [True]
+    check_pruned(result.model, model, x[:8], max_rel_err=1.0)

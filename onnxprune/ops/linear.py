@@ -11,6 +11,14 @@ from ..select import expand_channels
 from .base import ChannelRule, LinearHandler, register
 
 
+def batch_first(g, shape: tuple[int, ...] | None) -> bool:
+    """Whether a tensor of ``shape`` (measured on one sample) holds the batch on axis 0: its axis 0
+    is the model inputs' batch. Rows of tokens or time steps (``[T·N, C]`` after an attention
+    reshape, ``[T, N, C]`` sequences) are not, and sampling them as images would mix samples."""
+    batches = {s[0] for s in (g.shape(i) for i in g.graph_inputs) if s}
+    return shape is None or not batches or shape[0] in batches
+
+
 class _FullyConnected(LinearHandler):
     """Shared logic: weight stored ``[K, N]`` (or ``[N, K]`` when transposed)."""
 
@@ -19,7 +27,7 @@ class _FullyConnected(LinearHandler):
 
     def _activation_ok(self, node, g) -> bool:
         shape = g.shape(node.input[0])
-        return shape is None or len(shape) == 2
+        return shape is None or (len(shape) == 2 and batch_first(g, shape))
 
     def rule(self, node, g):
         if g.input_const(node, 1) is None or g.is_const(node.input[0]) or not self._activation_ok(node, g):
@@ -40,11 +48,21 @@ class _FullyConnected(LinearHandler):
         self._store_kn(node, self._w_kn(node, g)[expand_channels(keep, block)], g)
 
     def macs(self, node, g):
-        w = g.input_const(node, 1)
-        return int(np.prod(w.shape)) * self.positions(node, g) if w is not None else 0
+        w, shape = g.input_const(node, 1), g.shape(node.input[0])
+        if w is None:
+            return 0
+        # one sample's rows: every position of a batch-first input, every row of another
+        if shape is None:
+            rows = 1
+        elif batch_first(g, shape):
+            rows = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+        else:
+            rows = int(np.prod(shape[:-1]))
+        return int(np.prod(w.shape)) * rows
 
     def reconstructable(self, node, g):
-        return g.shape(node.input[0]) is not None
+        shape = g.shape(node.input[0])
+        return shape is not None and batch_first(g, shape)
 
     def weight_matrix(self, node, g):
         return self._w_kn(node, g).T.astype(np.float64)
@@ -67,10 +85,8 @@ class MatMul(_FullyConnected):
     has_bias = False
 
     def _activation_ok(self, node, g):
-        # N-D inputs only batch-first (one sample has batch 1): a [T, N, K] sequence would have its
-        # time steps sampled as if they were images
         w, shape = g.input_const(node, 1), g.shape(node.input[0])
-        return w is not None and w.ndim == 2 and (shape is None or len(shape) == 2 or shape[0] == 1)
+        return w is not None and w.ndim == 2 and batch_first(g, shape)
 
     def layer_axis(self, node, g):
         shape = g.shape(node.input[0])
@@ -80,13 +96,6 @@ class MatMul(_FullyConnected):
         shape = g.shape(node.input[0])
         return int(np.prod(shape[1:-1])) if shape is not None and len(shape) > 2 else 1
 
-    def macs(self, node, g):
-        w, shape = g.input_const(node, 1), g.shape(node.input[0])
-        if w is None:
-            return 0
-        # one sample's rows: every position of a batch-first input, every step of a [T, N, K] one
-        rows = 1 if shape is None or len(shape) <= 2 else int(np.prod(shape[1:-1] if shape[0] == 1 else shape[:-1]))
-        return int(np.prod(w.shape)) * rows
 
     def sample_patches(self, node, g, x, pos):
         if x.ndim == 2:
