@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import logging
+
 import numpy as np
 import onnx
 
 from .activations import run_batches
 from .calib import Calibration
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,13 +29,19 @@ class OutputFidelity:
 
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibration,
             indices: Sequence[int], batch: int | None = None, provider: str = "cpu") -> list[OutputFidelity]:
-    """Run both models on ``calib[indices]`` and compare every graph output."""
+    """Run both models on ``calib[indices]`` and compare every graph output that can be compared:
+    floating-point ones whose shape the data does not change. Integer outputs (indices, counts) and
+    outputs sized by the data (boxes kept by a built-in NMS) are left out and logged."""
     names = [o.name for o in original.graph.output]
     acc = {n: [0.0, 0.0, 0.0, 0, 0] for n in names}  # err², ref², maxdiff, agree, count
+    left_out: set[str] = set()
     runs = zip(run_batches(original, names, calib, indices, batch, provider),
                run_batches(pruned, names, calib, indices, batch, provider))
     for (_, ref), (_, out) in runs:
         for n in names:
+            if n in left_out or not np.issubdtype(ref[n].dtype, np.floating) or ref[n].shape != out[n].shape:
+                left_out.add(n)
+                continue
             a, b = ref[n].astype(np.float64), out[n].astype(np.float64)
             s = acc[n]
             s[0] += float(((b - a) ** 2).sum())
@@ -40,14 +50,17 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
             if a.ndim == 2 and a.shape[1] > 1:
                 s[3] += int((a.argmax(1) == b.argmax(1)).sum())
                 s[4] += a.shape[0]
+    if left_out:
+        log.warning("held-out check leaves out outputs it cannot compare (integer, or sized by the data): %s", ", ".join(sorted(left_out)))
     return [OutputFidelity(n, (s[0] / s[1]) ** 0.5 if s[1] > 0 else float(s[0] > 0), s[2],
-                           s[3] / s[4] if s[4] else None, s[4]) for n, s in acc.items()]
+                           s[3] / s[4] if s[4] else None, s[4]) for n, s in acc.items() if n not in left_out]
 
 
 def guard_loss(fidelity: list[OutputFidelity]) -> float:
     """What ``--max-drop`` bounds: the worst output's top-1 disagreement for class scores,
     otherwise its relative error."""
-    return max((1 - f.top1_agreement if f.top1_agreement is not None else f.relative_error) for f in fidelity)
+    return max(((1 - f.top1_agreement if f.top1_agreement is not None else f.relative_error) for f in fidelity),
+               default=0.0)
 
 
 # What the CLI treats as a broken result when no --max-drop is given: a pruned classifier that

@@ -191,3 +191,32 @@ def test_no_group_is_cut_below_half_its_uniform_width():
     widths = Allocator(cost, units, curves).widths(targets, 1)
     assert widths[0] >= uniform[0] / MAX_SQUEEZE and widths[0] < widths[1]
     assert 200 / cost.macs(widths) >= 1.9
+
+
+def test_held_out_check_leaves_out_integer_and_data_sized_outputs():
+    """A detector with its NMS built in returns indices (integers) and boxes whose count depends on
+    the data: they cannot be compared element by element, so verification leaves them out instead
+    of failing, and judges the outputs it can compare."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.calib import load_calibration
+    from onnxprune.verify import compare, guard_loss
+
+    def model(keep: int):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+        outs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 4]),
+                helper.make_tensor_value_info("kept", TensorProto.FLOAT, ["N", None]),
+                helper.make_tensor_value_info("index", TensorProto.INT64, ["N", 1])]
+        starts, ends, axes = (numpy_helper.from_array(np.array([v], np.int64), n)
+                              for v, n in ((0, "s"), (keep, "e"), (1, "a")))
+        nodes = [helper.make_node("Identity", ["x"], ["scores"]),
+                 helper.make_node("Slice", ["x", "s", "e", "a"], ["kept"]),
+                 helper.make_node("ArgMax", ["x"], ["index"], axis=1)]
+        return helper.make_model(helper.make_graph(nodes, "m", [x], outs, [starts, ends, axes]),
+                                 opset_imports=[helper.make_opsetid("", 13)])
+
+    data = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    cal = load_calibration(data, model(3))
+    fidelity = compare(model(3), model(2), cal, np.arange(6))
+    assert [f.name for f in fidelity] == ["scores"] and fidelity[0].relative_error == 0.0
+    assert guard_loss([]) == 0.0
