@@ -31,7 +31,7 @@ def session(model: onnx.ModelProto, threads: int = 0, provider: str = "cpu",
     spinning ORT threads took the cores from it (pruning resnet_fmnist on 2 shared cores: 71–110 s
     wall, 37–58 s CPU without spinning; 133–204 s, 71–113 s with)."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # ORT's own error lines would repeat what its exception says (we report that)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
@@ -125,6 +125,35 @@ def fitting_batch(shapes: dict[str, tuple[int, ...]], wanted: int) -> int:
     """The largest batch (≤ ``wanted``) whose activations, summed over every tensor, fit the budget."""
     per_sample = sum(4 * int(np.prod(s[1:])) for s in shapes.values() if len(s) > 1)
     return max(1, min(wanted, ACTIVATION_BUDGET // max(per_sample, 1)))
+
+
+def runs_batched(model: onnx.ModelProto, calib: Calibration) -> bool:
+    """Whether a model whose inputs declare a dynamic batch really runs two samples in one pass.
+    Some exports hard-code batch 1 inside (``x.view(1, -1)``): at batch 2 they fail, or fold the
+    batch away (an output of 1 row for 2 samples)."""
+    if static_batch(model) is not None or len(calib) < 2:
+        return True
+    names = [o.name for o in model.graph.output]
+    try:
+        ((_, one),) = run_batches(model, names, calib, [0], 1)
+        ((_, two),) = run_batches(model, names, calib, [0, 1], 2)
+    except ORT_ERRORS:
+        return False
+    return all(not (a.ndim and a.shape[0] == 1) or (b.ndim and b.shape[0] == 2)
+               for a, b in zip(one.values(), two.values()))
+
+
+def with_batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs declare batch 1, so every pass runs one sample."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for inp in model_inputs(fixed):
+        vi = next(v for v in fixed.graph.input if v.name == inp.name)
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    return fixed
 
 
 def tensor_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple[int, ...]]:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import onnx
 
-from .activations import batch_size_for, fitting_batch, tensor_shapes
+from .activations import batch_size_for, fitting_batch, runs_batched, tensor_shapes, with_batch_one
 from .allocation import Allocator, Plan
 from .budget import Targets, build_cost_model, relaxed_targets
 from .calib import ImageOptions, load_calibration, random_subset, split_calibration, synthetic_calibration
@@ -86,6 +86,11 @@ class Pruner:
             self.folded = fold_batchnorm(self.work, self.bn_scales)
             self.cal, self.fit_idx, self.hold_idx = self._calibration(calib, image_options)
             self.shapes = tensor_shapes(self.work, self.cal)
+            if not runs_batched(self.work, self.cal):
+                log.warning("the model runs one sample at a time (its batch dim is declared dynamic, but a "
+                            "batch of 2 fails or is folded away inside): every pass runs one image, and the "
+                            "pruned model declares batch 1")
+                self.original, self.work = with_batch_one(self.original), with_batch_one(self.work)
         if opts.method is Method.STRIPE:  # kernel positions of filters, not channels: its own pipeline
             return
         with self.progress.phase("analyse"):

@@ -560,3 +560,21 @@ def test_layers_on_token_rows_are_neither_pruned_nor_refit():
     result = onnxprune.prune(model, x, speedup=1.2, measure_latency=False)
     assert [grp.channels_after < grp.channels_before for grp in result.report.groups] == [True]
     check_pruned(result.model, model, x[:8], max_rel_err=1.0)
+
+
+def test_model_that_only_runs_batch_one_is_pruned_one_sample_at_a_time(caplog):
+    """``x.view(1, -1)`` exported with a dynamic batch: batch 2 fails inside the graph. Every pass
+    then runs one sample and the pruned model declares batch 1 (what it could ever run)."""
+    b = Builder(in_shape=("N", 3, 8, 8))
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    x = b.node("Relu", [b.conv(x, 8, 8)])
+    x = b.node("Reshape", [x, b.const(i64(1, -1))])
+    model = b.build(b.gemm(x, 512, 5), out_shape=[1, 5])
+    x = RNG.normal(0, 1, (40, 3, 8, 8)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        result = onnxprune.prune(model, x, speedup=1.3, measure_latency=False)
+    assert "runs one sample at a time" in caplog.text
+    assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"  # the caller's model is untouched
+    assert result.report.totals.macs_speedup >= 1.3 * 0.97
+    check_pruned(result.model, model, x[:1], max_rel_err=1.0)
