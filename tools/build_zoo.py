@@ -68,6 +68,9 @@ Real deployments beyond plain CNNs:
                             x2 -> Concat), head Conv3x3-BN-ReLU -> ConvTranspose 2x2/2 ->
                             BatchNormalization (not folded) -> ReLU -> ConvTranspose 2x2/2 -> Sigmoid:
                             [N, 1, H, W] probability map; 640 px, dynamic H/W (checked at 480 x 640)
+    vit_tiny                small vision transformer (64 px, 8x8 patch conv, 4 pre-norm blocks of width
+                            96 with nn.MultiheadAttention and a GELU MLP): token rows as the exporters
+                            write them ([T, N, C] MatMuls, a [T*N, C] Gemm; opset >= 14 for attention)
 
     (mobilenet_v3_small covers nn.Hardswish / nn.Hardsigmoid: HardSwish ops at opset >= 14,
      HardSigmoid + Mul at 11 / 13; HardSigmoid at every opset. Build it with --opsets 11 13 17 18.)
@@ -1145,6 +1148,39 @@ class DBNet(nn.Module):
 # Registry
 # --------------------------------------------------------------------------------------------
 
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: LayerNorm -> nn.MultiheadAttention (tokens as rows: the legacy
+    exporter writes [T, N, C] MatMuls and a [T*N, C] Gemm) -> residual, LayerNorm -> Linear(C, 4C)
+    -> GELU -> Linear(4C, C) (MatMuls on [N, T, C]) -> residual."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTTiny(nn.Module):
+    """A small vision transformer: 8x8 patch conv, learned positions, 4 blocks of width 96, mean of
+    the tokens -> LayerNorm -> Linear(1000)."""
+
+    def __init__(self, dim: int = 96, depth: int = 4, heads: int = 4, size: int = 64, patch: int = 8):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2, dim) * 0.1)
+        self.blocks = nn.Sequential(*(ViTBlock(dim, heads) for _ in range(depth)))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 1000)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(tokens)).mean(1))
+
+
 @dataclass(frozen=True)
 class Spec:
     build: Callable[[], nn.Module]
@@ -1194,6 +1230,7 @@ ZOO: dict[str, Spec] = {
                      output_axes=((0, "time"), (1, "batch")), verify_hw=(32, 160),
                      also_hw=((32, 100),)),
     "dbnet_small": Spec(DBNet, 640, True, verify_hw=(480, 640), also_hw=((640, 640),)),
+    "vit_tiny": Spec(ViTTiny, 64),
 }
 
 
