@@ -160,9 +160,10 @@ def _activations(node: onnx.NodeProto, g: GraphView) -> list[str]:
 def assign_channel_axes(g: GraphView) -> None:
     """Find which axis holds each tensor's channels (``g.channel_axes``; axis 1 unless said).
 
-    Layers fix their axis (1, or the last for a channels-last ``MatMul``) on what they produce; ``any_axis`` ops (activations, element-wise ops,
-    reductions, Transpose) carry the axis of their main input forward. Tensors that no layer
-    reaches (the model input of a channels-last graph) take it back from their readers.
+    Layers fix their axis (1, or the last for a channels-last ``MatMul``) on what they produce;
+    ``any_axis`` ops (activations, element-wise ops, reductions, Transpose) carry the axis of their
+    main input forward. Tensors that no layer reaches (the model input of a channels-last graph)
+    take it back from their readers.
     """
     axes: dict[str, int] = {}
     nodes = list(g.graph.node)

@@ -210,7 +210,8 @@ class GroupPruner:
             self.current[site.group.index] = now[site_keep]
             for c, st, k in zip(site.sampled, site.stats or [], ks):
                 if node_key(c.node) in produced:  # it reads and writes the group (a block inside a residual join)
-                    st = st.with_outputs(handler_for(c.node).output_columns(c.node, g, keep))  # type: ignore[attr-defined]
+                    cols = handler_for(c.node).output_columns(c.node, g, keep)  # type: ignore[attr-defined]
+                    st = st.with_outputs(cols)
                 fit = self._refit(c, st, expand_channels(site_keep, k), res)
                 befores.append(fit.error_before)
                 afters.append(fit.error_after)

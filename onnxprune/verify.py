@@ -51,7 +51,8 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
                 s[3] += int((a.argmax(1) == b.argmax(1)).sum())
                 s[4] += a.shape[0]
     if left_out:
-        log.warning("held-out check leaves out outputs it cannot compare (integer, or sized by the data): %s", ", ".join(sorted(left_out)))
+        log.warning("held-out check leaves out outputs it cannot compare (integer, or sized by the data): %s",
+                    ", ".join(sorted(left_out)))
     return [OutputFidelity(n, (s[0] / s[1]) ** 0.5 if s[1] > 0 else float(s[0] > 0), s[2],
                            s[3] / s[4] if s[4] else None, s[4]) for n, s in acc.items() if n not in left_out]
 
