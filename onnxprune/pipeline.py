@@ -86,7 +86,7 @@ class Pruner:
             self.folded = fold_batchnorm(self.work, self.bn_scales)
             self.cal, self.fit_idx, self.hold_idx = self._calibration(calib, image_options)
             self.shapes = tensor_shapes(self.work, self.cal)
-            if not runs_batched(self.work, self.cal):
+            if not runs_batched(self.work, self.cal, self.shapes):
                 log.warning("the model runs one sample at a time (its batch dim is declared dynamic, but a "
                             "batch of 2 fails or is folded away inside): every pass runs one image, and the "
                             "pruned model declares batch 1")

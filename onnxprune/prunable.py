@@ -125,9 +125,7 @@ class _Causes:
             return f"no handler for custom domain '{node.domain}'"
         if node.op_type not in self.handled:
             return f"no handler for {node.op_type}"
-        if handler_for(node).always_barrier:
-            return handler_for(node).always_barrier
-        return "channels are not followed through it with these attributes or inputs"
+        return handler_for(node).always_barrier or "channels are not followed through it with these attributes or inputs"
 
     def why(self, op: str, name: str) -> str:
         return "; ".join(self.whys[(op, name)]) if op else name

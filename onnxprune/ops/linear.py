@@ -52,12 +52,7 @@ class _FullyConnected(LinearHandler):
         if w is None:
             return 0
         # one sample's rows: every position of a batch-first input, every row of another
-        if shape is None:
-            rows = 1
-        elif batch_first(g, shape):
-            rows = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
-        else:
-            rows = int(np.prod(shape[:-1]))
+        rows = self.positions(node, g) if batch_first(g, shape) else int(np.prod(shape[:-1]))
         return int(np.prod(w.shape)) * rows
 
     def reconstructable(self, node, g):
@@ -95,7 +90,6 @@ class MatMul(_FullyConnected):
     def positions(self, node, g):
         shape = g.shape(node.input[0])
         return int(np.prod(shape[1:-1])) if shape is not None and len(shape) > 2 else 1
-
 
     def sample_patches(self, node, g, x, pos):
         if x.ndim == 2:

@@ -7,9 +7,6 @@ import numpy as np
 
 from .base import Handler, register
 
-_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-
-
 @register("LSTM", "GRU", "RNN")
 class Recurrent(Handler):
     """No channel rule (its input width would need the columns of ``W`` sliced per gate):
