@@ -1,4 +1,5 @@
-"""Graph clean-ups done before analysis: Constant nodes to initializers, BN folded into Conv."""
+"""Graph clean-ups done before analysis: constants (nodes and what is computed from them alone)
+to initializers, BN folded into Conv."""
 
 from __future__ import annotations
 
@@ -9,30 +10,63 @@ from onnx import numpy_helper
 from .graphview import GraphView, attr
 
 
+# ops never evaluated ahead of time: random, quantization (the model would stop reading as
+# quantized), control flow, and the ones handled by name below
+_NOT_FOLDED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+               "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "If", "Loop", "Scan", "Constant",
+               "Identity"}
+FOLD_MAX_ELEMENTS = 1 << 16  # a folded result larger than this and than its inputs stays computed (file size)
+
+
 def constants_to_initializers(model: onnx.ModelProto) -> int:
-    """Turn ``Constant`` nodes, and ``Identity`` copies of initializers (PyTorch's exporter shares
-    equal weights that way), into initializers so every weight is seen the same way; each copy
-    becomes a weight of its own, free to be sliced for its own layer."""
+    """Turn ``Constant`` nodes, ``Identity`` copies of initializers (PyTorch's exporter shares
+    equal weights that way), and nodes computed from constants alone (a bias ``Reshape``-d to
+    ``[1, C, 1, 1]`` by Paddle's exporter, a ``Cast`` or ``Unsqueeze`` of a weight) into
+    initializers, so every weight is seen the same way; each copy becomes a weight of its own,
+    free to be sliced for its own layer."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
     inits = {t.name: t for t in graph.initializer}
     keep, moved = [], 0
     for node in graph.node:
-        if node.domain in ("", "ai.onnx") and node.output and node.output[0] not in outputs:
-            value = None
+        values = None
+        if node.domain in ("", "ai.onnx") and node.output and not outputs.intersection(node.output):
             if node.op_type == "Constant":
                 value = _constant_value(node)
+                values = None if value is None else [value]
             elif node.op_type == "Identity" and node.input and node.input[0] in inits:
-                value = numpy_helper.to_array(inits[node.input[0]])
-            if value is not None:
-                inits[node.output[0]] = numpy_helper.from_array(value, node.output[0])
-                graph.initializer.append(inits[node.output[0]])
-                moved += 1
-                continue
+                values = [numpy_helper.to_array(inits[node.input[0]])]
+            elif node.op_type not in _NOT_FOLDED and node.input and all(i in inits or not i for i in node.input):
+                values = _evaluate(node, [inits[i] for i in node.input if i], model.opset_import)
+        if values is not None:
+            for name, value in zip(node.output, values):
+                if name:
+                    inits[name] = numpy_helper.from_array(np.asarray(value), name)
+                    graph.initializer.append(inits[name])
+            moved += 1
+            continue
         keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
     return moved
+
+
+def _evaluate(node: onnx.NodeProto, inputs: list[onnx.TensorProto], opsets) -> list[np.ndarray] | None:
+    """The outputs of ``node`` on constant ``inputs``, or None where it cannot or should not be
+    folded (an op the reference runtime lacks, or a result much larger than what it is made of)."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = onnx.helper.make_graph([node], "fold", [], [onnx.ValueInfoProto(name=o) for o in node.output if o],
+                                   initializer=inputs)
+    try:
+        values = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=opsets)).run(None, {})
+    except Exception:  # noqa: BLE001 - any failure just leaves the node computed at run time
+        return None
+    size_in = sum(int(np.prod(t.dims)) for t in inputs)
+    if any(not isinstance(v, np.ndarray) for v in values) or \
+            sum(v.size for v in values) > max(size_in, FOLD_MAX_ELEMENTS):
+        return None
+    return values
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:

@@ -12,6 +12,7 @@ from graphs import Builder, calib_for, tiny_vgg
 from test_any_graph import analyse_at
 
 import onnxprune
+from onnxprune.fold import constants_to_initializers
 from onnxprune.graph import find_groups
 from onnxprune.graphview import GraphView
 from onnxprune.ops import handler_for
@@ -230,6 +231,52 @@ def test_paddle_squeeze_excite_constant_targets_are_rewritten():
     model = paddle_se()
     assert_passes_through(model, 8, sizes=((2, 3, 8, 8), (4, 3, 8, 8)))
     assert_prunes(model, size=(3, 8, 8))
+
+
+def reshaped_bias(b: Builder, c: int) -> str:
+    """A conv bias as PaddlePaddle's older exporter writes it: a ``Constant`` node ``Reshape``-d
+    to ``[1, C, 1, 1]`` at run time, then added."""
+    bias = b.node("Constant", [], value=onnx.numpy_helper.from_array(RNG.normal(0, 0.1, c).astype(np.float32)))
+    return b.node("Reshape", [bias, b.const(i64(1, c, 1, 1))])
+
+
+def paddle_se_conv(c: int = 8) -> onnx.ModelProto:
+    """Squeeze-excite made of 1×1 convs whose biases are computed from constants at run time
+    (PaddleOCR's text-direction classifier, ch_ppocr_mobile_v2.0_cls)."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, c)])
+    s = b.node("GlobalAveragePool", [x])
+    s = b.node("Relu", [b.node("Add", [b.conv(s, c, c // 2, k=1, bias=False), reshaped_bias(b, c // 2)])])
+    s = b.node("Add", [b.conv(s, c // 2, c, k=1, bias=False), reshaped_bias(b, c)])
+    x = b.node("Mul", [x, b.node("HardSigmoid", [s], alpha=0.2, beta=0.5)])
+    return head(b, b.node("Relu", [b.conv(x, c, 6)]), 6)
+
+
+def test_biases_computed_from_constants_become_weights():
+    model = paddle_se_conv()
+    folded = copy.deepcopy(model)
+    assert constants_to_initializers(folded) == 4  # two Constant nodes, two Reshapes of them
+    assert_passes_through(folded, 8, sizes=((2, 3, 8, 8), (4, 3, 8, 8)))
+    assert_passes_through(folded, 4, sizes=((2, 3, 8, 8), (4, 3, 8, 8)))
+    assert_prunes(model, size=(3, 8, 8))  # the pipeline folds them itself
+
+
+def test_constant_folding_keeps_what_must_stay_computed():
+    b = Builder()
+    w = b.node("Cast", [b.const(np.ones((4, 3, 1, 1), np.float64))], to=onnx.TensorProto.FLOAT)
+    y = b.node("Conv", ["input", w])
+    big = b.node("Expand", [b.const(np.zeros((1, 1, 1, 1), np.float32)), b.const(i64(1, 4, 256, 256))])
+    scale = b.node("DequantizeLinear", [b.const(np.array([3], np.int8)), b.const(np.array(0.5, np.float32))])
+    y = b.node("Mul", [b.node("Add", [b.node("GlobalAveragePool", [y]), big]), scale])
+    model = b.build(y, out_shape=["N", 4, 256, 256])
+    folded = copy.deepcopy(model)
+    constants_to_initializers(folded)
+    ops = [n.op_type for n in folded.graph.node]
+    assert "Cast" not in ops  # a weight cast at run time is a weight
+    assert "Expand" in ops  # 262 144 values made of one: left computed, the file stays small
+    assert "DequantizeLinear" in ops  # quantized models must keep reading as quantized
+    x = RNG.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    assert np.array_equal(run(model, x)[0], run(folded, x)[0])
 
 
 # ---------------------------------------------------------------- Resize, Expand, Squeeze
