@@ -24,7 +24,11 @@ from .stats import LayerStats
 # computes tensors over the sampler's images, in batches: (sample indices, {name: array})
 Runs = Callable[[list[str]], Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]]
 
-MIN_SAMPLES_PER_UNKNOWN = 3  # spatial positions per image are raised (where there are enough) to reach this
+# Spatial positions per image are raised, where the feature map has them, until a layer has this
+# many samples per unknown of its full input: wide layers on large maps (a recogniser's 480-channel
+# convs) otherwise refit from a few samples per unknown while most of their positions go unused.
+# Counted before pruning, so a refit at half width sees about twice as many (docs/benchmarks.md).
+MIN_SAMPLES_PER_UNKNOWN = 25
 
 
 @dataclass

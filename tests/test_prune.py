@@ -7,6 +7,7 @@ from graphs import Builder, calib_for, tiny_resnet, tiny_vgg
 
 import onnxprune
 from onnxprune.errors import OptionError, TargetNotMetError
+from onnxprune.options import PruneOptions
 
 
 @pytest.mark.parametrize("build", [tiny_vgg, tiny_resnet])
@@ -220,3 +221,18 @@ def test_held_out_check_leaves_out_integer_and_data_sized_outputs():
     fidelity = compare(model(3), model(2), cal, np.arange(6))
     assert [f.name for f in fidelity] == ["scores"] and fidelity[0].relative_error == 0.0
     assert guard_loss([]) == 0.0
+
+
+def test_layers_with_many_unknowns_sample_more_positions_per_image():
+    """Few images: each conv samples every position its map has (64 and 16 here), up to
+    MIN_SAMPLES_PER_UNKNOWN per unknown; many images: the default 10 are enough."""
+    from onnxprune.pipeline import Pruner
+    from onnxprune.sampling import MIN_SAMPLES_PER_UNKNOWN
+
+    model = tiny_vgg()
+    counts = {}
+    for images in (20, 40 * MIN_SAMPLES_PER_UNKNOWN):
+        sampler = Pruner(model, calib_for(model, images), PruneOptions(speedup=1.5, progress=False)).sampler
+        counts[images] = sorted(pos.shape[1] for pos in sampler.positions.values())
+    assert counts[20] == [1, 16, 64]  # the Gemm after Flatten sees one row per image
+    assert counts[40 * MIN_SAMPLES_PER_UNKNOWN] == [1, 10, 10]
