@@ -11,10 +11,13 @@ from .graphview import GraphView, attr
 
 
 # ops never evaluated ahead of time: random, quantization (the model would stop reading as
-# quantized), control flow, and the ones handled by name below
+# quantized), control flow, ops whose output size is read from an input (a hostile file could ask
+# for any amount of memory; folded, they would only make the file larger), and the ones handled
+# by name below
 _NOT_FOLDED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
-               "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "If", "Loop", "Scan", "Constant",
-               "Identity"}
+               "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "If", "Loop", "Scan",
+               "ConstantOfShape", "Expand", "Tile", "Range", "OneHot", "EyeLike", "Resize", "Upsample", "Pad",
+               "Constant", "Identity"}
 FOLD_MAX_ELEMENTS = 1 << 16  # a folded result larger than this and than its inputs stays computed (file size)
 
 
@@ -26,6 +29,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     free to be sliced for its own layer."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
+    fed = {i.name for i in graph.input}  # an initializer that is also an input can be overridden at run time
     inits = {t.name: t for t in graph.initializer}
     keep, moved = [], 0
     for node in graph.node:
@@ -36,7 +40,8 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
                 values = None if value is None else [value]
             elif node.op_type == "Identity" and node.input and node.input[0] in inits:
                 values = [numpy_helper.to_array(inits[node.input[0]])]
-            elif node.op_type not in _NOT_FOLDED and node.input and all(i in inits or not i for i in node.input):
+            elif node.op_type not in _NOT_FOLDED and node.input and \
+                    all(i in inits and i not in fed or not i for i in node.input):
                 values = _evaluate(node, [inits[i] for i in node.input if i], model.opset_import)
         if values is not None:
             for name, value in zip(node.output, values):

@@ -273,10 +273,15 @@ def test_constant_folding_keeps_what_must_stay_computed():
     constants_to_initializers(folded)
     ops = [n.op_type for n in folded.graph.node]
     assert "Cast" not in ops  # a weight cast at run time is a weight
-    assert "Expand" in ops  # 262 144 values made of one: left computed, the file stays small
+    assert "Expand" in ops  # its size is read from an input: left computed, the file stays small
     assert "DequantizeLinear" in ops  # quantized models must keep reading as quantized
     x = RNG.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
     assert np.array_equal(run(model, x)[0], run(folded, x)[0])
+    hostile = onnx.helper.make_model(onnx.helper.make_graph(  # 10¹² floats asked for: never evaluated
+        [onnx.helper.make_node("ConstantOfShape", ["shape"], ["huge"])], "g", [],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(i64(1 << 20, 1 << 20), "shape")]))
+    assert constants_to_initializers(hostile) == 0 and len(hostile.graph.node) == 1
 
 
 # ---------------------------------------------------------------- Resize, Expand, Squeeze
