@@ -271,7 +271,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .arch import architecture
     from .pipeline import prune
-    from .verify import poor_fidelity
+    from .verify import poor_fidelity, too_few_to_vouch
 
     output = args.output or args.model.with_name(args.model.stem + ".pruned.onnx")
     check_output(output, force=args.force, protected=(args.model,))  # before any work is done
@@ -305,6 +305,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"onnxprune: warning: few calibration samples: the refit after '{thin.name}' had "
                   f"{thin.samples_per_unknown:.2f} samples per unknown (regularised on held-out samples); "
                   f"more images make it closer to the original (see README, calibration size)", file=sys.stderr)
+        unvouched = args.calib and too_few_to_vouch(result.report.calibration.get("holdout", 0), args.holdout)
+        if unvouched and not (args.max_drop is None and poor_fidelity(result.report.fidelity)):
+            print(f"onnxprune: warning: {unvouched}", file=sys.stderr)
     goal, measured = result.report.targets.get("latency"), result.report.totals.latency_speedup
     if goal is not None and measured is not None and measured < goal:
         print(f"onnxprune: warning: the written model measured {measured:.2f}x in the final check, below --latency "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,14 +73,41 @@ POOR_RELATIVE_ERROR = 0.30
 _Z = 1.645  # one-sided 95 %
 
 
-def agreement_upper_bound(agreement: float, samples: int) -> float:
-    """Wilson upper confidence bound of a top-1 agreement measured on ``samples`` images."""
-    if samples <= 0:
-        return 1.0
+# Below this many held-out samples even full agreement cannot show, at that confidence, that a
+# pruned model keeps POOR_AGREEMENT of its predictions (Wilson bound n / (n + z²) at agreement 1).
+CONCLUSIVE_SAMPLES = math.ceil(_Z * _Z * POOR_AGREEMENT / (1 - POOR_AGREEMENT))
+
+
+def _wilson(agreement: float, samples: int, sign: int) -> float:
     z2n = _Z * _Z / samples
     centre = agreement + z2n / 2
     spread = _Z * (agreement * (1 - agreement) / samples + z2n / (4 * samples)) ** 0.5
-    return min(1.0, (centre + spread) / (1 + z2n))
+    return min(1.0, max(0.0, (centre + sign * spread) / (1 + z2n)))
+
+
+def agreement_upper_bound(agreement: float, samples: int) -> float:
+    """Wilson upper confidence bound of a top-1 agreement measured on ``samples`` images."""
+    return 1.0 if samples <= 0 else _wilson(agreement, samples, +1)
+
+
+def agreement_lower_bound(agreement: float, samples: int) -> float:
+    """Wilson lower confidence bound of a top-1 agreement measured on ``samples`` images."""
+    return 0.0 if samples <= 0 else _wilson(agreement, samples, -1)
+
+
+def too_few_to_vouch(held_out: int, holdout: float) -> str:
+    """Why a held-out check on ``held_out`` samples cannot vouch for a pruned model ('' when it can)."""
+    if held_out >= CONCLUSIVE_SAMPLES:
+        return ""
+    if held_out == 0:
+        why = "there is no hold-out, so the check ran on the samples the model was fit to"
+    else:
+        why = (f"the held-out check ran on only {held_out} samples: even full agreement there shows only that "
+               f"the pruned model agrees with the original on more than {agreement_lower_bound(1.0, held_out):.0%} "
+               "of inputs (95% confidence)")
+    images = f"{math.ceil(CONCLUSIVE_SAMPLES / holdout)} calibration images at --holdout {holdout:g}" if holdout > 0 \
+        else "a --holdout above 0"
+    return f"{why}; give {CONCLUSIVE_SAMPLES} or more held-out samples ({images}) or check it on your own data"
 
 
 def poor_fidelity(fidelity: list[OutputFidelity]) -> str:

@@ -186,6 +186,23 @@ def test_poor_held_out_fidelity_exits_1_with_one_line_and_the_model_written(tmp_
     assert "looks broken" not in capsys.readouterr().err
 
 
+def test_a_held_out_check_too_small_to_vouch_says_so(tmp_path, capsys, models_dir):
+    """Six held-out images cannot show that a pruned model keeps 90 % of its predictions, however
+    well it does on them: the run succeeds and warns in one line what would make the check count."""
+    path = models_dir / "vgg_fmnist.onnx"
+    model, pool = onnx.load(path), np.load(models_dir / "fmnist_calib.npy")
+    for images, warned in ((30, True), (160, False)):
+        x = pool[:images]
+        np.save(tmp_path / "x.npy", x)
+        assert main([str(path), "--calib", str(tmp_path / "x.npy"), "-o", str(tmp_path / "p.onnx"),
+                     "--speedup", "1.3", "--no-latency", "--force"]) == 0
+        check_pruned(onnx.load(tmp_path / "p.onnx"), model, pool[-8:], max_rel_err=0.5)
+        lines = [line for line in capsys.readouterr().err.splitlines() if "held-out check ran on only" in line]
+        assert len(lines) == int(warned), lines
+        if warned:
+            assert "only 6 samples" in lines[0] and "125 calibration images" in lines[0]
+
+
 @pytest.fixture
 def files(tmp_path):
     model = tiny_resnet()
