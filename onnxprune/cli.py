@@ -305,7 +305,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"onnxprune: warning: few calibration samples: the refit after '{thin.name}' had "
                   f"{thin.samples_per_unknown:.2f} samples per unknown (regularised on held-out samples); "
                   f"more images make it closer to the original (see README, calibration size)", file=sys.stderr)
-        unvouched = args.calib and too_few_to_vouch(result.report.calibration.get("holdout", 0), args.holdout)
+        unvouched = too_few_to_vouch(result.report.calibration.get("holdout", 0), args.holdout) if args.calib else ""
         if unvouched and not (args.max_drop is None and poor_fidelity(result.report.fidelity)):
             print(f"onnxprune: warning: {unvouched}", file=sys.stderr)
     goal, measured = result.report.targets.get("latency"), result.report.totals.latency_speedup

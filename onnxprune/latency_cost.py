@@ -53,6 +53,15 @@ class LatencyCost:
         return self.rest_ms + sum(layer.at(factor_of(layer.entry, widths)) for layer in self.layers)
 
 
+def _layer_channels(node: onnx.NodeProto, weight: np.ndarray) -> tuple[int, int] | None:
+    """(input, output) channels of a layer :func:`single_layer_model` can rebuild, else None."""
+    if node.op_type == "Conv":
+        return weight.shape[1] * attr(node, "group", 1), weight.shape[0]
+    if node.op_type in ("Gemm", "MatMul") and weight.ndim == 2:
+        return (weight.shape[1], weight.shape[0]) if attr(node, "transB", 0) else weight.shape
+    return None
+
+
 def single_layer_model(node: onnx.NodeProto, weight: np.ndarray, in_shape: tuple[int, ...], cin: int, cout: int
                   ) -> tuple[onnx.ModelProto, np.ndarray] | None:
     """A one-node model computing ``node`` with ``cin`` input and ``cout`` output channels."""
@@ -69,7 +78,7 @@ def single_layer_model(node: onnx.NodeProto, weight: np.ndarray, in_shape: tuple
         inputs = ["x", "w"]
         extra_attrs = {"group": group} if group > 1 else {}
         out = helper.make_node("Conv", inputs, ["y"], **attrs, **extra_attrs)
-    elif node.op_type in ("Gemm", "MatMul") and weight.ndim == 2:
+    elif _layer_channels(node, weight) is not None:  # Gemm, MatMul
         trans_b = node.op_type == "Gemm" and attr(node, "transB", 0)
         w = np.zeros((cout, cin) if trans_b else (cin, cout), np.float32)
         shape[-1] = cin
@@ -115,9 +124,10 @@ def layer_latency(g: GraphView, cost, prunable: dict[str, tuple[bool, bool]], ba
         weight = g.input_const(node, 1) if node is not None and len(node.input) > 1 else None
         if node is None or in_shape is None or weight is None or not entry.groups:
             continue
-        in_shape = (batch, *in_shape[1:])
-        cin, cout = (weight.shape[1] * attr(node, "group", 1), weight.shape[0]) if node.op_type == "Conv" else \
-            ((weight.shape[1], weight.shape[0]) if attr(node, "transB", 0) else weight.shape)
+        channels = _layer_channels(node, weight)
+        if channels is None:  # timed with the rest of the model (e.g. ConvTranspose)
+            continue
+        in_shape, (cin, cout) = (batch, *in_shape[1:]), channels
         shrink_in, shrink_out = prunable.get(entry.node, (True, True))
         factors, times = [], []
         for r in FRACTIONS:

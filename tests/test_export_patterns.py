@@ -630,3 +630,20 @@ def test_model_that_only_runs_batch_one_is_pruned_one_sample_at_a_time(caplog):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"  # the caller's model is untouched
     assert result.report.totals.macs_speedup >= 1.3 * 0.97
     check_pruned(result.model, model, x[:1], max_rel_err=1.0)
+
+
+def test_latency_search_times_the_layers_it_can_rebuild_and_leaves_conv_transpose_to_the_rest(monkeypatch):
+    """--latency on a detector-style head: the ConvTranspose is timed with the rest of the model
+    (it was an internal error: its weight is [Cin, Cout, k, k])."""
+    from onnxprune.latency_search import LatencySearch
+
+    def predicted(self, plan):
+        timed = {self.cost.entries[layer.entry].node for layer in self.cost.latency.layers}
+        assert timed and not any("convtranspose" in name for name in timed), timed
+        return self.cost.latency_ms({}) / self.cost.latency_ms(plan.widths)
+
+    monkeypatch.setattr(LatencySearch, "measured_speedup", predicted)
+    model = deconv_head()
+    x = RNG.normal(0, 1, (48, 3, 16, 16)).astype(np.float32)
+    result = onnxprune.prune(model, x, latency=1.2, allocation="uniform", measure_latency=False)
+    check_pruned(result.model, model, x[:8], max_rel_err=1.0)
