@@ -156,6 +156,26 @@ def _dequantize(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.
     return ((q - zero) * scale).astype(np.float32)
 
 
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel weights) arrived in opset 13
+
+
+def _per_channel_ready(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` at opset 13 or newer: ORT's quantizer writes per-channel ``DequantizeLinear``
+    with an ``axis`` whatever the opset, which an older model cannot hold (ORT then refuses to
+    load it; Paddle2ONNX and older exporters write opset 11)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    if opset >= PER_CHANNEL_OPSET:
+        return model
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, PER_CHANNEL_OPSET)
+    except Exception as exc:  # noqa: BLE001 - the converter raises many kinds; one line for the user
+        raise ModelError(f"--quantize int8 needs opset {PER_CHANNEL_OPSET} or newer for per-channel weights, and "
+                         f"converting this opset-{opset} model failed ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}); convert it first or rerun without --quantize") from None
+
+
 def quantize_int8(model: onnx.ModelProto, calib: Calibration, indices: Sequence[int], method: str = "minmax",
                   batch: int = 32, provider: str = "cpu", reduce_range: bool = False) -> onnx.ModelProto:
     """An int8 QDQ copy of float ``model``, its activation ranges calibrated on ``calib[indices]``
@@ -174,6 +194,7 @@ def quantize_int8(model: onnx.ModelProto, calib: Calibration, indices: Sequence[
     indices = np.asarray(indices)
     if len(indices) == 0:
         raise OptionError("--quantize int8 needs calibration samples to set activation ranges; pass --calib")
+    model = _per_channel_ready(model)
     static = static_batch(model)
     # ORT's calibrator keeps every tensor of the batches it has collected: one batch at a time
     # (the stride below), sized so that all of a batch's activations stay within the budget

@@ -60,6 +60,21 @@ def test_quantized_model_is_valid_and_close_to_the_float_pruned_one(quantized_ru
     assert _rel(out, ref) <= INT8_REL_ERR
 
 
+def test_an_opset_11_model_is_raised_to_13_for_per_channel_weights():
+    """Paddle2ONNX and older exporters write opset 11, which cannot hold per-channel
+    DequantizeLinear (its axis came in 13): ORT loaded the quantized model as invalid."""
+    model = tiny_vgg()
+    model.opset_import[0].version = 11  # tiny_vgg uses no op that changed between 11 and 13
+    x = calib_for(model, 64)
+    result = onnxprune.prune(model, x, speedup=1.5, quantize="int8", measure_latency=False)
+    assert next(o.version for o in result.model.opset_import if o.domain == "") == 13
+    assert any(n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)
+               for n in result.model.graph.node)
+    onnx.checker.check_model(result.model, full_check=True)
+    out, ref = run(result.model, x)[0], run(model, x)[0]
+    assert out.shape == ref.shape and _rel(out, ref) <= 0.5
+
+
 def test_calibration_uses_the_fit_samples_only(quantized_run):
     _, _, pruner, _, seen = quantized_run
     assert seen["method"] == "minmax" and seen["provider"] == "cpu"
