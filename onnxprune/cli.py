@@ -296,6 +296,7 @@ def _run(args: argparse.Namespace) -> int:
         write_text_atomic(result.report.to_json(), args.report)
     if args.export_arch:
         write_text_atomic(json.dumps(architecture(result.report), indent=2), args.export_arch)
+    poor = poor_fidelity(result.report.fidelity) if args.max_drop is None else ""
     if not args.quiet:
         print(result.report.table())
         print(f"wrote {output} in {result.report.seconds:.1f}s")
@@ -306,7 +307,7 @@ def _run(args: argparse.Namespace) -> int:
                   f"{thin.samples_per_unknown:.2f} samples per unknown (regularised on held-out samples); "
                   f"more images make it closer to the original (see README, calibration size)", file=sys.stderr)
         unvouched = too_few_to_vouch(result.report.calibration.get("holdout", 0), args.holdout) if args.calib else ""
-        if unvouched and not (args.max_drop is None and poor_fidelity(result.report.fidelity)):
+        if unvouched and not poor:  # a broken result says so itself, below
             print(f"onnxprune: warning: {unvouched}", file=sys.stderr)
     goal, measured = result.report.targets.get("latency"), result.report.totals.latency_speedup
     if goal is not None and measured is not None and measured < goal:
@@ -319,7 +320,6 @@ def _run(args: argparse.Namespace) -> int:
               f"pruned one that holds it ({t.macs_speedup:.2f}x fewer MACs, "
               f"{t.params[1] / max(t.params[0], 1):.1%} params, {t.size_bytes[1] / 1e6:.2f} MB)", file=sys.stderr)
         return EXIT_TARGET
-    poor = poor_fidelity(result.report.fidelity) if args.max_drop is None else ""
     if poor:
         print(f"onnxprune: the pruned model looks broken: on {result.report.calibration.get('holdout', 0)} held-out "
               f"samples {poor}; try more calibration images, a milder target or --allocation uniform, or set your "

@@ -146,9 +146,14 @@ def check_not_quantized(model: onnx.ModelProto) -> None:
                          "then quantize the pruned model (--quantize int8 does both in one run)")
 
 
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """The model's default-domain (``ai.onnx``) opset, None where it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def check_opset(model: onnx.ModelProto) -> int:
     """Return the default-domain opset, refusing ones older than MIN_OPSET."""
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    version = default_opset(model)
     if version is None:
         raise ModelError("the model imports no default ONNX opset; re-export it with opset >= 11")
     if version < MIN_OPSET:

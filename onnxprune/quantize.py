@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 from .activations import fitting_batch, padded_feed, static_batch, tensor_shapes
 from .calib import Calibration
 from .errors import ModelError, OptionError
-from .io import QUANTIZED_OPS, copy_fields, too_large
+from .io import QUANTIZED_OPS, copy_fields, default_opset, too_large
 from .runtime import CALIBRATE_METHODS
 
 
@@ -163,7 +163,7 @@ def _per_channel_ready(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` at opset 13 or newer: ORT's quantizer writes per-channel ``DequantizeLinear``
     with an ``axis`` whatever the opset, which an older model cannot hold (ORT then refuses to
     load it; Paddle2ONNX and older exporters write opset 11)."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    opset = default_opset(model) or PER_CHANNEL_OPSET
     if opset >= PER_CHANNEL_OPSET:
         return model
     from onnx import version_converter

@@ -45,7 +45,7 @@ from .budget import count_params, graph_macs
 from .errors import NothingToPrune, OptionError, TargetNotMetError
 from .graph import Consumer
 from .graphview import GraphView, attr, node_name
-from .io import model_bytes
+from .io import default_opset, model_bytes
 from .latency import measure
 from .ops import LinearHandler, handler_for
 from .ops.conv import conv_pads
@@ -504,7 +504,7 @@ def prune_stripes(original: onnx.ModelProto, work: onnx.ModelProto, shapes, cal,
         g.drop_unused_initializers()
     # emission
     pruned = copy.deepcopy(work)
-    opset = max((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), default=13)
+    opset = default_opset(work) or 13
     batch = batch_size_for(original, opts.latency_batch)
     for res, node in zip(results, layers):
         kept = masks[node.output[0]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graphview import attr, set_attr
+from ..io import default_opset
 from .base import ChannelRule, Handler, register
 from .shapes import fold_channel_ints
 
@@ -141,4 +142,4 @@ class Slice(Handler):
 
 
 def _opset(g) -> int:
-    return next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    return default_opset(g.model) or 13
