@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accuracy guard on held-out data: top-1 disagreement (class scores) or relative "
                          "output error at most D; width is given back until it holds")
     p.add_argument("--method", choices=[m.value for m in Method], default=Method.AUTO.value,
-                   help="channel selection (default auto: obs on networks with depthwise convs, lasso otherwise)")
+                   help="channel selection (default auto: obs on networks with depthwise convs and on plain "
+                        "chains whose layers have < 2048 input columns, lasso otherwise)")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True,
                    help="least-squares refit of the layers after each pruned group (default on)")
     p.add_argument("--prune-residual", dest="prune_coupled", action=argparse.BooleanOptionalAction, default=None,

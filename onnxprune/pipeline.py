@@ -55,6 +55,12 @@ def _has_depthwise(g: GraphView) -> bool:
     return any(handler_for(node).is_depthwise(node, g) for node in g.nodes_by_type("Conv"))
 
 
+def _widest_refit(g: GraphView, groups: list[ChannelGroup]) -> int:
+    """Input columns of the widest layer that pruning a group would refit (0: none)."""
+    return max((handler_for(c.node).weight_matrix(c.node, g).shape[1]
+                for grp in groups if grp.prunable for c in grp.consumers if sampleable(c, g)), default=0)
+
+
 @dataclass
 class Pruned:
     """A pruned model and what each of its groups went through."""
@@ -101,7 +107,9 @@ class Pruner:
                                      "nothing to prune, nothing written")
             self.cost = build_cost_model(self.analysis.g, self.analysis.groups)
             if opts.method is Method.AUTO:
-                self.opts = opts = replace(opts, method=Method.for_network(_has_depthwise(self.analysis.g)))
+                g = self.analysis.g
+                self.opts = opts = replace(opts, method=Method.for_network(
+                    _has_depthwise(g), bool(self.residual_joined), _widest_refit(g, self.analysis.groups)))
                 log.info("method: %s", opts.method.value)
             if opts.prune_coupled is None:
                 self.opts = opts = replace(opts, prune_coupled=self._residual_needed())

@@ -30,13 +30,21 @@ class Method(str, enum.Enum):
         return self in (Method.LASSO, Method.THINET, Method.STRIPE, Method.OBS, Method.AUTO)
 
     @staticmethod
-    def for_network(has_depthwise: bool) -> "Method":
-        """What ``auto`` selects with. ``obs`` where the network has depthwise convolutions: in
-        inverted-residual blocks few, correlated channels feed each refit, and ranking them by what
-        the whole refit loses without them kept ~1 point more at 2× on the shipped mobile model;
-        ``lasso`` elsewhere, where the two were level within the seed spread and ``lasso`` costs
-        less (no inverse of each consumer's ``XᵀX``). Measured: docs/benchmarks.md."""
-        return Method.OBS if has_depthwise else Method.LASSO
+    def for_network(has_depthwise: bool, has_residual_joins: bool, widest_refit: int) -> "Method":
+        """What ``auto`` selects with. ``obs`` (ranking channels by what the whole refit loses
+        without them) where the network has depthwise convolutions — in inverted-residual blocks
+        few, correlated channels feed each refit: ~1 point more kept at 2× on the shipped mobile
+        model — and on plain chains without residual joins whose refits are all narrower than
+        :data:`AUTO_OBS_MAX_COLUMNS` (0.19 points more at 2× on the VGG-style model). ``lasso``
+        on residual networks without depthwise convolutions, where ``obs`` found selections with
+        lower layer error but lost more accuracy in every seed, and on wide plain chains, where
+        ``obs``'s greedy removal costs O(D²) per channel (VGG-16 at 224²: 2.2× the time).
+        Measured: docs/benchmarks.md."""
+        if has_depthwise:
+            return Method.OBS
+        if not has_residual_joins and widest_refit < AUTO_OBS_MAX_COLUMNS:
+            return Method.OBS
+        return Method.LASSO
 
 
 def expand_channels(keep: np.ndarray, block: int) -> np.ndarray:
@@ -203,6 +211,9 @@ def random_select(channels: int, keep: int, rng: np.random.Generator) -> np.ndar
 
 
 OBS_MAX_COLUMNS = 8192  # wider inputs (VGG-16's first classifier layer) are chosen by LASSO: H⁻¹ would not fit
+# ``auto`` uses obs on a plain chain only if its widest refit is narrower: the greedy removal's
+# downdates cost O(D·k²) per removed channel and grow with the channels already removed
+AUTO_OBS_MAX_COLUMNS = 2048
 
 
 def _spd_inverse(h: np.ndarray) -> np.ndarray:

@@ -38,9 +38,12 @@ def test_every_method_gives_a_valid_model(method, build):
     check_pruned(result.model, model, x[:20], max_rel_err=2.0)
 
 
-@pytest.mark.parametrize("blocks,chosen", [(["conv", "depthwise", "conv"], "obs"), (["conv", "residual", "conv"], "lasso")])
-def test_default_method_is_obs_on_depthwise_networks_and_lasso_elsewhere(blocks, chosen):
-    model = random_cnn(blocks, [8, 16, 8])
+@pytest.mark.parametrize("blocks,widths,chosen", [
+    (["conv", "depthwise", "conv"], [8, 16, 8], "obs"), (["depthwise", "residual", "conv"], [8, 16, 8], "obs"),
+    (["conv", "conv", "conv"], [8, 16, 8], "obs"), (["conv", "residual", "conv"], [8, 16, 8], "lasso"),
+    (["conv", "conv", "conv"], [8, 240, 8], "lasso")])  # 240 x 3x3 = 2160 input columns: a wide plain chain
+def test_default_method_is_lasso_on_residual_and_wide_networks_and_obs_elsewhere(blocks, widths, chosen):
+    model = random_cnn(blocks, widths)
     x = calib_for(model, 60)
     result = onnxprune.prune(model, x, speedup=1.5, measure_latency=False)
     assert result.report.method == chosen
