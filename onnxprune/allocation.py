@@ -14,11 +14,14 @@ from .sensitivity import GRID, allocate
 
 log = logging.getLogger(__name__)
 
-FINER_ROUNDINGS = (8, 1)
+FINER_ROUNDINGS = (8, 1)  # what a default --round-to gives way to, in order, when a target needs it
 # No group is cut to less than this fraction of the width one uniform keep ratio would give it:
 # sensitivity curves measured on few images can make one layer look nearly free to cut, and
 # a single layer cut 5-25x then breaks the whole model (the held-out check sees it, the curves do not).
-MAX_SQUEEZE = 2.0  # what a default --round-to gives way to, in order, when a target needs it
+MAX_SQUEEZE = 2.0
+# A plan cutting some group more than this many times is warned about: the targets ask more of the
+# prunable layers than a refit can make up for (most often because barriers hold much of the MACs).
+DEEP_CUT = 4.0
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,13 @@ class Plan:
 
     widths: dict[int, int]
     round_to: int
+
+
+def deepest_cut(plan: Plan, candidates: list[ChannelGroup]) -> tuple[ChannelGroup, float] | None:
+    """The candidate group ``plan`` cuts by the largest factor (channels / kept), and that factor."""
+    cuts = [(grp, grp.channels / plan.widths[grp.index]) for grp in candidates
+            if plan.widths.get(grp.index, grp.channels) < grp.channels]
+    return max(cuts, key=lambda cut: cut[1], default=None)
 
 
 class Allocator:

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from .activations import batch_size_for, fitting_batch, runs_batched, tensor_shapes, with_batch_one
-from .allocation import Allocator, Plan
+from .allocation import DEEP_CUT, Allocator, Plan, deepest_cut
 from .budget import Targets, build_cost_model, relaxed_targets
 from .calib import ImageOptions, load_calibration, random_subset, split_calibration, synthetic_calibration
 from .candidates import analyse, downstream_layers, positions, sampleable
@@ -39,6 +39,7 @@ from .latency_search import LatencySearch
 from .ops import handler_for
 from .options import PruneOptions, PruneResult
 from .progress import Progress
+from .prunable import prunability
 from .quantize import quantize_int8, scheme
 from .sparsity import SparseLayer, sparsify_2_4
 from .report import GroupResult, ModelForm, Quantization, Report
@@ -208,7 +209,24 @@ class Pruner:
                 raise
             raise TargetNotMetError(f"{exc}; {joined} residual-joined groups keep their width: --prune-residual "
                                     f"lets them shrink too") from None
+        self._warn_deep_cut(plan)
         return plan
+
+    def _warn_deep_cut(self, plan: Plan) -> None:
+        """One warning where ``plan`` cuts a group more than :data:`DEEP_CUT` times, naming the
+        barriers that hold the MACs pruning cannot reach when they are what forces it."""
+        cut = deepest_cut(plan, self.candidates)
+        if cut is None or cut[1] <= DEEP_CUT:
+            return
+        grp, factor = cut
+        reach = prunability(self.analysis.g, self.analysis.groups)
+        held = ""
+        if reach.fraction < 0.8 and reach.barriers:
+            names = ", ".join(f"{b.op_type} '{b.node}'" for b in reach.barriers[:2] if b.op_type) or reach.barriers[0].why
+            held = f"; {1 - reach.fraction:.0%} of the MACs are out of pruning's reach (behind {names})"
+        log.warning("%s cuts '%s' from %d to %d channels (%.1fx)%s: expect a large accuracy loss; a milder target "
+                    "or more prunable layers (onnxprune inspect lists the barriers) keep more",
+                    self.opts.targets.asked(), grp.name, grp.channels, plan.widths[grp.index], factor, held)
 
     def prune(self, plan: Plan, options: PruneOptions | None = None, keep: dict[int, np.ndarray] | None = None,
               reuse_ridges: bool = True) -> Pruned:

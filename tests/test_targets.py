@@ -5,9 +5,10 @@ import json
 import numpy as np
 import onnx
 import onnxruntime
+from onnx import helper
 import pytest
 from conftest import check_pruned
-from graphs import calib_for, mobilenet_v2, resnet50, tiny_resnet, tiny_vgg, vgg16
+from graphs import Builder, calib_for, mobilenet_v2, resnet50, tiny_resnet, tiny_vgg, vgg16
 
 import onnxprune
 from onnxprune.budget import count_params
@@ -63,6 +64,31 @@ def test_unreachable_targets_say_how_close_they_got(vgg):
         onnxprune.prune(model, x, params=0.001, measure_latency=False)
     with pytest.raises(TargetNotMetError, match="--latency 1000 on cpu cannot be reached"):
         onnxprune.prune(model, x, latency=1000, measure_latency=False)
+
+
+def test_a_target_that_cuts_a_layer_deep_is_warned_about_naming_the_barrier(caplog):
+    """Most MACs sit in a layer a custom op locks: --speedup 1.06 can only be met by cutting the
+    prunable group 16 -> 2 channels, and the warning says so, naming the barrier."""
+    b = Builder(in_shape=("N", 3, 8, 8))
+    x = b.conv(b.node("Relu", [b.conv("input", 3, 16)]), 16, 16)
+    b.nodes.append(helper.make_node("Gelu", [x], ["gelu_out"], domain="com.microsoft", name="gelu"))
+    y = b.conv("gelu_out", 16, 256)
+    out = helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, ["N", 256, 8, 8])
+    graph = helper.make_graph(b.nodes, "g", [b.input], [out], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    x = calib_for(model, 64)
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        result = onnxprune.prune(model, x, speedup=1.06, measure_latency=False)
+    assert result.report.totals.macs_speedup >= 1.06
+    check_pruned(result.model, model, x[:16], max_rel_err=1.0)
+    warned = [r.getMessage() for r in caplog.records if "expect a large accuracy loss" in r.getMessage()]
+    assert len(warned) == 1 and "--speedup 1.06 cuts" in warned[0] and "to 2 channels (8.0x)" in warned[0]
+    assert "of the MACs are out of pruning's reach (behind Gelu 'gelu')" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        onnxprune.prune(model, x, speedup=1.01, measure_latency=False)
+    assert "expect a large accuracy loss" not in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["conv", "depthwise", "gemm"])
