@@ -26,6 +26,7 @@ from .ops import LinearHandler, handler_for
 from .options import PruneOptions
 from .progress import QUIET, Progress
 from .reconstruct import ESTIMATE_RIDGE, refit
+from .refine import activation_of, refine_pair
 from .report import GroupResult
 from .rewrite import finalize, prune_group
 from .sampling import Runs, Sampler
@@ -33,6 +34,8 @@ from .select import (OBS_MAX_COLUMNS, Method, RefitProblem, expand_channels, l1_
                      normalized_contribution, obs_order, per_segment, random_select, slim_select, thinet_select)
 
 log = logging.getLogger(__name__)
+
+REFINE_MAX_VALUES = 1 << 24  # input values a pair's refinement holds (64 MiB of float32)
 
 
 def _filter_norms(grp: ChannelGroup, g: GraphView) -> np.ndarray:
@@ -215,6 +218,8 @@ class GroupPruner:
                 fit = self._refit(c, st, expand_channels(site_keep, k), res)
                 befores.append(fit.error_before)
                 afters.append(fit.error_after)
+        if opts.refine and opts.reconstruct and self.sampler and befores:
+            self._refine(unit, sites, runs)
         for node in unit.producers:
             self.kept_outputs[node.output[0]] = keep
         if befores:
@@ -223,6 +228,65 @@ class GroupPruner:
             g.drop_unused_initializers()
         log.info("%s: %d -> %d channels", unit.name, unit.channels, len(keep))
         return res
+
+    def _pair(self, unit: ChannelGroup, sites: list[Site]):
+        """(producer, activation, consumer, output activation) where the unit's one producer feeds
+        its one refit consumer through a single activation (or directly), nothing else reading
+        either, and the consumer's output joins a residual branch; else None."""
+        g = self.g
+        if len(unit.producers) != 1 or len(sites) != 1 or len(sites[0].sampled) != 1 or len(unit.all_consumers) != 1:
+            return None
+        producer, c = unit.producers[0], sites[0].sampled[0]
+        if not self.sampler.targets[c.node.output[0]].residual_other:
+            return None  # a plain chain: the next group's refit makes up for the pair (measured: no gain)
+        if producer.op_type != "Conv" or node_key(producer) == node_key(c.node) or \
+                not handler_for(producer).reconstructable(producer, g):
+            return None
+        out = producer.output[0]
+        users = g.consumers.get(out, [])
+        if len(users) != 1 or out in g.graph_outputs:
+            return None
+        if out == c.tensor:
+            return producer, (lambda z: z, np.ones_like), c, self._output_activation(c)
+        if users[0].output[0] != c.tensor:
+            return None
+        if len(g.consumers.get(c.tensor, [])) != 1 or c.tensor in g.graph_outputs:
+            return None
+        act = activation_of(users[0], g)
+        return (producer, act, c, self._output_activation(c)) if act else None
+
+    def _output_activation(self, c: Consumer):
+        """The activation applied to ``c``'s output (after the residual Add its target includes),
+        when one op alone reads it; else None."""
+        g, out = self.g, c.node.output[0]
+        other = self.sampler.targets[out].residual_other
+        if other:
+            out = g.consumers[out][0].output[0]
+        users = g.consumers.get(out, [])
+        return activation_of(users[0], g) if len(users) == 1 and out not in g.graph_outputs else None
+
+    def _refine(self, unit: ChannelGroup, sites: list[Site], runs: Runs | None) -> None:
+        """Refine the unit's producer and consumer together (:mod:`onnxprune.refine`) where they
+        form a pair."""
+        pair = self._pair(unit, sites)
+        if pair is None:
+            return
+        producer, act, c, out_act = pair
+        g = self.g
+        samples = self.sampler.pair_samples(g, producer, c, self.kept_outputs.get(c.node.output[0]), runs,
+                                            REFINE_MAX_VALUES)
+        if samples is None:
+            return
+        hp: LinearHandler = handler_for(producer)  # type: ignore[assignment]
+        hc: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
+        done = refine_pair(samples, act, out_act, hp.weight_matrix(producer, g), hp.bias(producer, g),
+                           hc.weight_matrix(c.node, g), hc.bias(c.node, g))
+        if done is None:
+            return
+        hp.set_linear(producer, done.w1, done.b1, g)
+        hc.set_linear(c.node, done.w2, done.b2, g)
+        log.info("%s: refined with %s, held-out error %.4f -> %.4f", node_name(c.node), node_name(producer),
+                 done.error_before, done.error_after)
 
     def _ridge_for(self, c: Consumer, unknowns: int) -> float | None:
         return self.ridge if self.ridge is not None else self.ridges.get((c.node.output[0], unknowns))

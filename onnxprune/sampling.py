@@ -58,6 +58,19 @@ def _residual_partner(g: GraphView, node: onnx.NodeProto) -> tuple[str, str] | N
     return join.output[0], others[0]
 
 
+@dataclass
+class PairSamples:
+    """Samples of a producer and the consumer reading it, for refining the two together
+    (:mod:`onnxprune.refine`): at each sampled consumer output, the producer's input patch at
+    every kernel tap of the consumer."""
+
+    x: np.ndarray  # [n, taps, D] producer input patches, float32
+    inside: np.ndarray  # [n, taps] False where the tap falls in the consumer's padding
+    y: np.ndarray  # [n, Cout] the consumer's targets (as its own refit has them)
+    offset: np.ndarray  # [n, Cout] what is added to the consumer's output after it (a residual branch), or 0
+    image: np.ndarray  # [n] calibration row of each sample (for a held-out split by image)
+
+
 class Sampler:
     """Caches original-model targets for a set of consumers and builds their :class:`LayerStats`."""
 
@@ -104,6 +117,46 @@ class Sampler:
                     cache[name] = np.empty((len(self.indices), pos.shape[1], y.shape[2]), np.float32)
                 cache[name][self.row[idx]] = y
         return cache
+
+    def pair_samples(self, pruned: GraphView, producer: onnx.NodeProto, consumer: Consumer,
+                     target_columns: np.ndarray | None, runs: Runs | None, max_values: int) -> PairSamples | None:
+        """:class:`PairSamples` for ``producer`` → (elementwise ops) → ``consumer`` on the pruned
+        model, at the positions the consumer's own refit samples, keeping at most ``max_values``
+        input values (fewer positions per image where the patches are large); None where the
+        consumer has no map from outputs to input positions (not a 2-D conv)."""
+        name = consumer.node.output[0]
+        prod: LinearHandler = handler_for(producer)  # type: ignore[assignment]
+        cons: LinearHandler = handler_for(consumer.node)  # type: ignore[assignment]
+        probe = cons.input_positions(consumer.node, pruned, self.positions[name][:1, :1])
+        if probe is None:
+            return None
+        taps = probe[0].shape[-1]
+        width = prod.weight_matrix(producer, pruned).shape[1]
+        per_image = self.positions[name].shape[1]
+        keep = max(1, min(per_image, max_values // max(len(self.indices) * taps * width, 1)))
+        other = self.targets[name].residual_other
+        needed = [producer.input[0]] + ([other] if other else [])
+        xs, insides, ys, offsets, images = [], [], [], [], []
+        batches = runs(needed) if runs else run_batches(pruned.model, needed, self.calib, self.indices, self.batch,
+                                                        self.provider)
+        for idx, values in batches:
+            pos = self.positions[name][idx][:, :keep]
+            flat, inside = cons.input_positions(consumer.node, pruned, pos)  # type: ignore[misc]
+            x = prod.sample_patches(producer, pruned, values[producer.input[0]], flat.reshape(len(idx), -1))
+            y = self.cache[name][self.row[idx], :keep].reshape(-1, self.cache[name].shape[2])
+            if target_columns is not None:
+                y = y[:, cons.output_columns(consumer.node, pruned, target_columns)]
+            offset = cons.sample_outputs(consumer.node, pruned, values[other], pos) if other else np.zeros_like(y)
+            if target_columns is not None and other:
+                offset = offset[:, cons.output_columns(consumer.node, pruned, target_columns)]
+            y = y - offset
+            offsets.append(offset.astype(np.float32))
+            xs.append(x.reshape(-1, taps, x.shape[1]).astype(np.float32))
+            insides.append(inside.reshape(-1, taps))
+            ys.append(y.astype(np.float32))
+            images.append(np.repeat(self.row[idx], keep))
+        return PairSamples(np.concatenate(xs), np.concatenate(insides), np.concatenate(ys), np.concatenate(offsets),
+                           np.concatenate(images))
 
     def stats(self, pruned: GraphView, consumers: list[Consumer],
               target_columns: dict[str, np.ndarray] | None = None, runs: Runs | None = None) -> list[LayerStats]:

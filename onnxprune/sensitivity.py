@@ -192,7 +192,7 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
     so a probe costs a fraction of one forward pass over ``images`` images."""
     g = analysis.g
     model = g.model
-    solo = replace(opts, refit_downstream=False, progress=False)
+    solo = replace(opts, refit_downstream=False, refine=False, progress=False)
     at = min(range(len(GRID)), key=lambda i: abs(GRID[i] - probe))
     names = [o.name for o in model.graph.output]
     batch = fitting_batch(shapes, opts.batch_size)

@@ -147,6 +147,13 @@ class LinearHandler(Handler):
         """Output positions per sample (H·W of the output, or 1)."""
         raise NotImplementedError
 
+    def input_positions(self, node: onnx.NodeProto, g: GraphView, pos: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+        """For output positions ``pos`` ``[B, P]``: the flat input positions each kernel tap reads,
+        ``[B, P, taps]`` (in the order of the patch columns), and whether each lies inside the input
+        (False: padding). None where the op has no such map (not a 2-D conv)."""
+        return None
+
     def sample_patches(self, node: onnx.NodeProto, g: GraphView, x: np.ndarray,
                        pos: np.ndarray) -> np.ndarray:
         """Input patches ``[B·P, Cin·k]`` read by the outputs at flat positions ``pos [B, P]``."""

@@ -121,6 +121,22 @@ class Conv(LinearHandler):
     def positions(self, node, g):
         return int(np.prod(g.shape(node.output[0])[2:]))
 
+    def input_positions(self, node, g, pos):
+        w, in_shape = self._weight(node, g), g.shape(node.input[0])
+        if w is None or w.ndim != 4 or in_shape is None or len(in_shape) != 4 or attr(node, "group", 1) != 1:
+            return None
+        h, wd = in_shape[2], in_shape[3]
+        kernel = tuple(w.shape[2:])
+        pads = conv_pads(node, (h, wd), kernel)
+        strides, dil = attr(node, "strides", [1, 1]), attr(node, "dilations", [1, 1])
+        out_w = g.shape(node.output[0])[3]
+        oy, ox = pos // out_w, pos % out_w
+        iy = (oy * strides[0] - pads[0])[..., None, None] + (np.arange(kernel[0]) * dil[0])[:, None]
+        ix = (ox * strides[1] - pads[1])[..., None, None] + (np.arange(kernel[1]) * dil[1])[None, :]
+        inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < wd)
+        flat = np.clip(iy, 0, h - 1) * wd + np.clip(ix, 0, wd - 1)
+        return flat.reshape(*pos.shape, -1), inside.reshape(*pos.shape, -1)
+
     def sample_patches(self, node, g, x, pos):
         w = self._weight(node, g)
         if x.ndim == 3:  # 1-D conv: treat as H = 1

@@ -1,0 +1,146 @@
+"""Refining a pruned producer and its consumer together, through the activation between them.
+
+Layer-wise least squares refits the consumer of a pruned group (its outputs from the kept
+channels) and the producer's kept filters (their own outputs), each on its own. Where the two are
+convolutions joined only by an elementwise activation (a residual block's two convs, a plain
+chain's conv pairs), both are then refined jointly: a few hundred full-batch Adam steps on the
+consumer's relative output error, through the activation, on the same sampled positions the
+refit used (each with the producer's input patches at every tap of the consumer's kernel).
+The first 4 of every 5 calibration images fit, the rest decide: the weights with the lowest
+held-out error are kept, and only when they beat the least-squares ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .graphview import GraphView, attr
+from .sampling import PairSamples
+
+# value and derivative (as a function of the input) of the activations a pair may hold
+Activation = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
+STEPS = 300
+CHECK_EVERY = 25
+LEARNING_RATE = 0.01  # Adam's step, relative to each parameter's mean magnitude
+BATCHES = 16  # each step takes the next of this many slices of the fit samples (of MIN_BATCH at least)
+MIN_BATCH = 256
+MIN_GAIN = 0.01  # held-out relative error must fall by this fraction for the refined weights to be kept
+
+
+def activation_of(node: onnx.NodeProto, g: GraphView) -> Activation | None:
+    """The activation ``node`` computes, or None for an op a pair cannot hold."""
+    if node.op_type == "Relu":
+        return (lambda z: np.maximum(z, 0), lambda z: (z > 0).astype(z.dtype))
+    if node.op_type == "LeakyRelu":
+        alpha = float(attr(node, "alpha", 0.01))
+        return (lambda z: np.where(z > 0, z, alpha * z), lambda z: np.where(z > 0, 1.0, alpha).astype(z.dtype))
+    if node.op_type == "Clip":
+        bounds = [attr(node, "min", None), attr(node, "max", None)]
+        for i in (1, 2):
+            if len(node.input) > i and node.input[i]:
+                value = g.input_const(node, i)
+                if value is None:
+                    return None
+                bounds[i - 1] = float(value)
+        lo = -np.inf if bounds[0] is None else bounds[0]
+        hi = np.inf if bounds[1] is None else bounds[1]
+        return (lambda z: np.clip(z, lo, hi), lambda z: ((z > lo) & (z < hi)).astype(z.dtype))
+    return None
+
+
+@dataclass
+class Refined:
+    """A pair's refined weights (``[k, D]``, ``[k]``, ``[Cout, k·taps]``, ``[Cout]``) and its
+    held-out relative error before and after."""
+
+    w1: np.ndarray
+    b1: np.ndarray
+    w2: np.ndarray
+    b2: np.ndarray
+    error_before: float
+    error_after: float
+
+
+class _Pair:
+    """Loss and gradients of ``w2 · act(w1 · x + b1) + b2`` against ``y`` on some samples."""
+
+    def __init__(self, s: PairSamples, rows: np.ndarray, act: Activation, out_act: Activation | None):
+        self.x, self.inside, self.y = s.x[rows], s.inside[rows].astype(np.float32), s.y[rows]
+        self.offset = s.offset[rows]
+        self.act, self.out_act = act, out_act
+        goal = self.y if out_act is None else out_act[0](self.y + self.offset)
+        self.energy = max(float((goal.astype(np.float64) ** 2).sum()), 1e-30)
+
+    def batches(self, count: int) -> list["_Pair"]:
+        """``count`` consecutive slices of the samples (views, no copies), each with its share of
+        the energy so that their losses average to the whole's."""
+        parts = []
+        for rows in np.array_split(np.arange(len(self.y)), count):
+            part = copy.copy(self)
+            sl = slice(int(rows[0]), int(rows[-1]) + 1)
+            part.x, part.inside, part.y, part.offset = self.x[sl], self.inside[sl], self.y[sl], self.offset[sl]
+            part.energy = self.energy * len(rows) / len(self.y)
+            parts.append(part)
+        return parts
+
+    def loss(self, params: list[np.ndarray], grad: bool = False):
+        w1, b1, w2, b2 = params
+        n, taps, _ = self.x.shape
+        z1 = (self.x.reshape(n * taps, -1) @ w1.T + b1).reshape(n, taps, -1)
+        a1 = self.act[0](z1) * self.inside[:, :, None]
+        cols = a1.transpose(0, 2, 1).reshape(n, -1)  # channel-major, as the consumer's patch columns
+        z2 = cols @ w2.T + b2
+        if self.out_act is None:
+            r = z2 - self.y
+        else:
+            r = self.out_act[0](z2 + self.offset) - self.out_act[0](self.y + self.offset)
+        loss = float((r.astype(np.float64) ** 2).sum()) / self.energy
+        if not grad:
+            return loss, None
+        dr = (2.0 / self.energy) * r
+        if self.out_act is not None:
+            dr = dr * self.out_act[1](z2 + self.offset)
+        g_w2, g_b2 = dr.T @ cols, dr.sum(axis=0)
+        da1 = (dr @ w2).reshape(n, -1, taps).transpose(0, 2, 1)
+        dz1 = da1 * self.act[1](z1) * self.inside[:, :, None]
+        g_w1 = dz1.reshape(-1, dz1.shape[2]).T @ self.x.reshape(-1, self.x.shape[2])
+        return loss, [g_w1, dz1.sum(axis=(0, 1)), g_w2, g_b2]
+
+
+def refine_pair(samples: PairSamples, act: Activation, out_act: Activation | None, w1: np.ndarray,
+                b1: np.ndarray | None, w2: np.ndarray, b2: np.ndarray | None) -> Refined | None:
+    """Producer and consumer weights refined together (see the module docstring); None where the
+    samples are too few to hold any out or the refined weights do not beat the given ones."""
+    held = samples.image % 5 == 4
+    if held.sum() < 16 or (~held).sum() < 16:
+        return None
+    rng = np.random.default_rng(0)
+    fit = _Pair(samples, rng.permutation(np.flatnonzero(~held)), act, out_act)  # shuffled once: batches are slices
+    check = _Pair(samples, np.flatnonzero(held), act, out_act)
+    params = [np.asarray(p, np.float32).copy() for p in
+              (w1, np.zeros(len(w1)) if b1 is None else b1, w2, np.zeros(len(w2)) if b2 is None else b2)]
+    start, _ = check.loss(params)
+    best, best_params = start, [p.copy() for p in params]
+    steps_of = [LEARNING_RATE * (float(np.abs(p).mean()) + 1e-8) for p in params]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    batches = fit.batches(max(1, min(BATCHES, len(fit.y) // MIN_BATCH)))
+    for t in range(1, STEPS + 1):
+        _, grads = batches[t % len(batches)].loss(params, grad=True)
+        for j, gr in enumerate(grads):
+            m[j] = 0.9 * m[j] + 0.1 * gr
+            v[j] = 0.999 * v[j] + 0.001 * gr * gr
+            params[j] -= steps_of[j] * (m[j] / (1 - 0.9 ** t)) / (np.sqrt(v[j] / (1 - 0.999 ** t)) + 1e-12)
+        if t % CHECK_EVERY == 0:
+            now, _ = check.loss(params)
+            if now < best:
+                best, best_params = now, [p.copy() for p in params]
+    if best > start * (1 - MIN_GAIN):
+        return None
+    return Refined(*best_params, error_before=start, error_after=best)
