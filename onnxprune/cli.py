@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit-downstream", action=argparse.BooleanOptionalAction, default=True,
                    help="also refit unpruned layers whose inputs changed (producers' kept filters, "
                         "shortcuts, classifier) to their original outputs (default on)")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the least-squares refits, tune each residual branch's two convs together "
+                        "through their activation on the calibration samples, kept only where held-out "
+                        "images confirm it (default on; --no-refine saves its time)")
     p.add_argument("--residual-target", action=argparse.BooleanOptionalAction, default=True,
                    help="branch-final layers also absorb the skip path's error (He et al.; default on)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of calibration data held out for verification")
@@ -284,7 +288,7 @@ def _run(args: argparse.Namespace) -> int:
                    speedup=args.speedup, params=args.params, size_mb=args.size_mb, latency=args.latency,
                    provider=args.provider, latency_batch=args.latency_batch, max_drop=args.max_drop, method=args.method, reconstruct=args.reconstruct,
                    residual_target=args.residual_target, prune_coupled=args.prune_coupled,
-                   refit_downstream=args.refit_downstream, allocation=args.allocation,
+                   refit_downstream=args.refit_downstream, refine=args.refine, allocation=args.allocation,
                    sensitivity_images=args.sensitivity_images, holdout=args.holdout,
                    samples_per_image=args.samples_per_image, seed=args.seed,
                    round_to=args.round_to if args.round_to is not None else default_round_to(args.provider),

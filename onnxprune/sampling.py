@@ -68,7 +68,7 @@ class PairSamples:
     inside: np.ndarray  # [n, taps] False where the tap falls in the consumer's padding
     y: np.ndarray  # [n, Cout] the consumer's targets (as its own refit has them)
     offset: np.ndarray  # [n, Cout] what is added to the consumer's output after it (a residual branch), or 0
-    image: np.ndarray  # [n] calibration row of each sample (for a held-out split by image)
+    image: np.ndarray  # [n] calibration row of each sample, in increasing order (a held-out split by image)
 
 
 class Sampler:
@@ -150,10 +150,10 @@ class Sampler:
             if target_columns is not None and other:
                 offset = offset[:, cons.output_columns(consumer.node, pruned, target_columns)]
             y = y - offset
-            offsets.append(offset.astype(np.float32))
-            xs.append(x.reshape(-1, taps, x.shape[1]).astype(np.float32))
+            offsets.append(offset.astype(np.float32, copy=False))
+            xs.append(x.reshape(-1, taps, x.shape[1]).astype(np.float32, copy=False))
             insides.append(inside.reshape(-1, taps))
-            ys.append(y.astype(np.float32))
+            ys.append(y.astype(np.float32, copy=False))
             images.append(np.repeat(self.row[idx], keep))
         return PairSamples(np.concatenate(xs), np.concatenate(insides), np.concatenate(ys), np.concatenate(offsets),
                            np.concatenate(images))

@@ -1,0 +1,89 @@
+"""Joint refinement of a residual branch's conv pair (onnxprune/refine.py)."""
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from conftest import check_pruned
+from graphs import calib_for, tiny_resnet
+
+import onnxprune
+from onnxprune.graph import Consumer
+from onnxprune.ops import handler_for
+from onnxprune.options import PruneOptions
+from onnxprune.pipeline import Pruner
+from onnxprune.refine import activation_of, refine_pair
+
+
+def _pairs(model, x):
+    """(sampler, graph, [(conv1, relu, conv2 as a Consumer)]) for each basic block of ``model``."""
+    pruner = Pruner(model, x, PruneOptions(allocation="uniform", measure_latency=False))
+    g = pruner.analysis.g
+    pairs = []
+    for relu in g.nodes_by_type("Relu"):
+        conv1, users = g.producer.get(relu.input[0]), g.consumers.get(relu.output[0], [])
+        if conv1 is not None and conv1.op_type == "Conv" and len(users) == 1 and users[0].op_type == "Conv":
+            conv2 = users[0]
+            if pruner.sampler.targets.get(conv2.output[0]) and pruner.sampler.targets[conv2.output[0]].residual_other:
+                pairs.append((conv1, relu, Consumer(conv2, relu.output[0], 1)))
+    return pruner.sampler, g, pairs
+
+
+def _predict(samples, act, w1, b1, w2, b2):
+    z1 = samples.x @ w1.T.astype(np.float32) + b1
+    a1 = act[0](z1) * samples.inside[:, :, None]
+    return a1.transpose(0, 2, 1).reshape(len(a1), -1) @ w2.T + b2
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    model = tiny_resnet()
+    return _pairs(model, calib_for(model, 64))
+
+
+def test_pair_samples_rebuild_the_consumer_output_through_padding_and_stride(blocks):
+    """On the unpruned model, the producer's patches at each consumer tap, through the producer,
+    the activation and the consumer, give the consumer's output at the sampled positions: the
+    second block's first conv has stride 2, and positions on the border read padding."""
+    sampler, g, pairs = blocks
+    assert len(pairs) == 2
+    for conv1, relu, c in pairs:
+        s = sampler.pair_samples(g, conv1, c, None, None, 1 << 24)
+        assert s.x.shape[1] == 9 and not s.inside.all() and np.all(np.diff(s.image) >= 0)
+        h1, h2 = handler_for(conv1), handler_for(c.node)
+        out = _predict(s, activation_of(relu, g), h1.weight_matrix(conv1, g), h1.bias(conv1, g),
+                       h2.weight_matrix(c.node, g), h2.bias(c.node, g))
+        # the sampler's target is the original Add output less the skip branch: the conv's own output
+        assert np.abs(out - s.y).max() <= 1e-4 * np.abs(s.y).max()
+
+
+def test_refinement_lowers_the_held_out_error_and_declines_when_it_cannot(blocks):
+    sampler, g, pairs = blocks
+    conv1, relu, c = pairs[0]
+    s = sampler.pair_samples(g, conv1, c, None, None, 1 << 24)
+    act = activation_of(relu, g)
+    h1, h2 = handler_for(conv1), handler_for(c.node)
+    w1, b1, w2, b2 = h1.weight_matrix(conv1, g), h1.bias(conv1, g), h2.weight_matrix(c.node, g), h2.bias(c.node, g)
+    assert refine_pair(s, act, None, w1, b1, w2, b2) is None  # exact already: nothing to gain
+    noisy = w1 + np.random.default_rng(0).normal(0, 0.5 * np.abs(w1).mean(), w1.shape)
+    done = refine_pair(s, act, None, noisy, b1, w2, b2)
+    assert done is not None and done.error_after < 0.7 * done.error_before
+    fit = _predict(s, act, done.w1, done.b1, done.w2, done.b2)
+    before = _predict(s, act, noisy, b1, w2, b2)
+    assert np.linalg.norm(fit - s.y) < np.linalg.norm(before - s.y)
+
+
+def test_pruning_the_shipped_residual_network_refines_its_blocks(caplog, models_dir):
+    """On trained weights the refinement is kept for some blocks, and the model it gives is no
+    further from the original on held-out images than the least-squares one."""
+    model = str(models_dir / "resnet_fmnist.onnx")
+    x = np.load(models_dir / "fmnist_calib.npy")[:256]
+    with caplog.at_level(logging.INFO, logger="onnxprune"):
+        refined = onnxprune.prune(model, x, speedup=2, measure_latency=False)
+    assert "refined with" in caplog.text
+    plain = onnxprune.prune(model, x, speedup=2, measure_latency=False, refine=False)
+    test = np.load(models_dir / "fmnist_test.npz")["x"][:500]
+    original = onnx.load(model)
+    err = check_pruned(refined.model, original, test, max_rel_err=0.5)
+    assert err < check_pruned(plain.model, original, test, max_rel_err=0.5)
