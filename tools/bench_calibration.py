@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[128, 512, 2048])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--methods", nargs="+", default=["lasso"], help="channel selection methods to compare")
+    ap.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                    help="refine residual branches' conv pairs (default on; --no-refine to compare)")
     args = ap.parse_args()
     x, y, source = test_set()
     pool = np.load(ROOT / "models" / "fmnist_calib_2k.npz")["input"]
@@ -44,7 +46,8 @@ def main() -> None:
                 for method, seed in [(m, s) for m in args.methods for s in args.seeds]:
                     start = time.perf_counter()
                     result = onnxprune.prune(str(path), np.ascontiguousarray(pool[:size]), speedup=speedup,
-                                             seed=seed, method=method, measure_latency=False, progress=False)
+                                             seed=seed, method=method, refine=args.refine, measure_latency=False,
+                                             progress=False)
                     took = time.perf_counter() - start
                     acc = accuracy(result.model.SerializeToString(), x, y)
                     agree = result.report.fidelity[0].top1_agreement
