@@ -133,28 +133,35 @@ class Sampler:
         taps = probe[0].shape[-1]
         width = prod.weight_matrix(producer, pruned).shape[1]
         per_image = self.positions[name].shape[1]
-        keep = max(1, min(per_image, max_values // max(len(self.indices) * taps * width, 1)))
+        positions = max(max_values // max(taps * width, 1), 1)  # sample positions the cap allows in all
+        keep = max(1, min(per_image, positions // max(len(self.indices), 1)))
+        every = -(-len(self.indices) // positions)  # more images than positions: every n-th image only
         other = self.targets[name].residual_other
         needed = [producer.input[0]] + ([other] if other else [])
         xs, insides, ys, offsets, images = [], [], [], [], []
         batches = runs(needed) if runs else run_batches(pruned.model, needed, self.calib, self.indices, self.batch,
                                                         self.provider)
         for idx, values in batches:
+            chosen = self.row[idx] % every == 0
+            if not chosen.any():
+                continue
+            idx, values = idx[chosen], {k: v[chosen] for k, v in values.items()}
             pos = self.positions[name][idx][:, :keep]
             flat, inside = cons.input_positions(consumer.node, pruned, pos)  # type: ignore[misc]
             x = prod.sample_patches(producer, pruned, values[producer.input[0]], flat.reshape(len(idx), -1))
             y = self.cache[name][self.row[idx], :keep].reshape(-1, self.cache[name].shape[2])
             if target_columns is not None:
                 y = y[:, cons.output_columns(consumer.node, pruned, target_columns)]
+            # as in stats(): a skip branch sharing pruned output channels already has the kept ones only
             offset = cons.sample_outputs(consumer.node, pruned, values[other], pos) if other else np.zeros_like(y)
-            if target_columns is not None and other:
-                offset = offset[:, cons.output_columns(consumer.node, pruned, target_columns)]
             y = y - offset
             offsets.append(offset.astype(np.float32, copy=False))
             xs.append(x.reshape(-1, taps, x.shape[1]).astype(np.float32, copy=False))
             insides.append(inside.reshape(-1, taps))
             ys.append(y.astype(np.float32, copy=False))
             images.append(np.repeat(self.row[idx], keep))
+        if not xs:
+            return None
         return PairSamples(np.concatenate(xs), np.concatenate(insides), np.concatenate(ys), np.concatenate(offsets),
                            np.concatenate(images))
 

@@ -56,6 +56,9 @@ def test_pair_samples_rebuild_the_consumer_output_through_padding_and_stride(blo
                        h2.weight_matrix(c.node, g), h2.bias(c.node, g))
         # the sampler's target is the original Add output less the skip branch: the conv's own output
         assert np.abs(out - s.y).max() <= 1e-4 * np.abs(s.y).max()
+    conv1, relu, c = pairs[0]
+    few = sampler.pair_samples(g, conv1, c, None, None, 16 * s.x.shape[1] * s.x.shape[2])
+    assert 0 < len(few.y) <= 16 and len(np.unique(few.image)) == len(few.y)  # one position of every n-th image
 
 
 def test_refinement_lowers_the_held_out_error_and_declines_when_it_cannot(blocks):
