@@ -219,7 +219,7 @@ class GroupPruner:
                 befores.append(fit.error_before)
                 afters.append(fit.error_after)
         if opts.refine and opts.reconstruct and self.sampler and befores:
-            self._refine(unit, sites, runs)
+            res.refined_error = self._refine(unit, sites, runs)
         for node in unit.producers:
             self.kept_outputs[node.output[0]] = keep
         if befores:
@@ -265,28 +265,29 @@ class GroupPruner:
         users = g.consumers.get(out, [])
         return activation_of(users[0], g) if len(users) == 1 and out not in g.graph_outputs else None
 
-    def _refine(self, unit: ChannelGroup, sites: list[Site], runs: Runs | None) -> None:
+    def _refine(self, unit: ChannelGroup, sites: list[Site], runs: Runs | None) -> tuple[float, float] | None:
         """Refine the unit's producer and consumer together (:mod:`onnxprune.refine`) where they
-        form a pair."""
+        form a pair; the held-out error before and after, where refined."""
         pair = self._pair(unit, sites)
         if pair is None:
-            return
+            return None
         producer, act, c, out_act = pair
         g = self.g
         samples = self.sampler.pair_samples(g, producer, c, self.kept_outputs.get(c.node.output[0]), runs,
                                             REFINE_MAX_VALUES)
         if samples is None:
-            return
+            return None
         hp: LinearHandler = handler_for(producer)  # type: ignore[assignment]
         hc: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
         done = refine_pair(samples, act, out_act, hp.weight_matrix(producer, g), hp.bias(producer, g),
                            hc.weight_matrix(c.node, g), hc.bias(c.node, g))
         if done is None:
-            return
+            return None
         hp.set_linear(producer, done.w1, done.b1, g)
         hc.set_linear(c.node, done.w2, done.b2, g)
         log.info("%s: refined with %s, held-out error %.4f -> %.4f", node_name(c.node), node_name(producer),
                  done.error_before, done.error_after)
+        return done.error_before, done.error_after
 
     def _ridge_for(self, c: Consumer, unknowns: int) -> float | None:
         return self.ridge if self.ridge is not None else self.ridges.get((c.node.output[0], unknowns))

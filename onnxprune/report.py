@@ -21,6 +21,9 @@ class GroupResult:
     samples_per_unknown: float | None = None
     residual_target: bool = False
     refit_skipped: list[str] = field(default_factory=list)
+    # held-out relative error of the residual branch before and after pair refinement (--refine),
+    # where it was refined
+    refined_error: tuple[float, float] | None = None
 
 
 @dataclass
@@ -135,7 +138,9 @@ class Report:
             lines.append(f"... {len(rows) - max_rows} more layers (see --report JSON)")
         t = self.totals
         lines.append("")
-        lines.append(f"method  {self.method}{', least-squares refit' if self.reconstruct else ', no refit'}")
+        refined = sum(grp.refined_error is not None for grp in self.groups)
+        lines.append(f"method  {self.method}{', least-squares refit' if self.reconstruct else ', no refit'}"
+                     + (f", {refined} residual branches refined" if refined else ""))
         lines.append(f"MACs    {_si(t.macs[0]):>9} -> {_si(t.macs[1]):>9}   ({t.macs_speedup:.2f}x fewer)")
         lines.append(f"params  {_si(t.params[0]):>9} -> {_si(t.params[1]):>9}   ({t.params[1] / max(t.params[0], 1):.1%})")
         lines.append(f"size    {t.size_bytes[0] / 1e6:>8.2f}M -> {t.size_bytes[1] / 1e6:>8.2f}M")

@@ -85,6 +85,9 @@ def test_pruning_the_shipped_residual_network_refines_its_blocks(caplog, models_
     with caplog.at_level(logging.INFO, logger="onnxprune"):
         refined = onnxprune.prune(model, x, speedup=2, measure_latency=False)
     assert "refined with" in caplog.text
+    errors = [grp.refined_error for grp in refined.report.groups if grp.refined_error]
+    assert errors and all(after < before for before, after in errors)
+    assert "refined_error" in refined.report.to_json()
     plain = onnxprune.prune(model, x, speedup=2, measure_latency=False, refine=False)
     test = np.load(models_dir / "fmnist_test.npz")["x"][:500]
     original = onnx.load(model)
