@@ -2,12 +2,13 @@
 
 Layer-wise least squares refits the consumer of a pruned group (its outputs from the kept
 channels) and the producer's kept filters (their own outputs), each on its own. Where the two are
-convolutions joined only by an elementwise activation (a residual block's two convs, a plain
-chain's conv pairs), both are then refined jointly: a few hundred full-batch Adam steps on the
-consumer's relative output error, through the activation, on the same sampled positions the
-refit used (each with the producer's input patches at every tap of the consumer's kernel).
-Four fifths of the calibration images fit, the last fifth decides: the weights with the lowest
-held-out error are kept, and only when they beat the least-squares ones.
+convolutions joined only by an elementwise activation and the consumer's output joins a residual
+branch (the caller decides: ``GroupPruner``), both are then refined jointly: Adam steps over
+slices of the samples, on the error of the consumer's output (after the activation that follows
+it, where one does), through the activation between them, on the positions the refit sampled
+(each with the producer's input patches at every tap of the consumer's kernel). Four fifths of
+the calibration images fit, the last fifth decides: the weights with the lowest held-out error
+are kept, and only when they beat the least-squares ones.
 """
 
 from __future__ import annotations
