@@ -26,7 +26,7 @@ from .ops import LinearHandler, handler_for
 from .options import PruneOptions
 from .progress import QUIET, Progress
 from .reconstruct import ESTIMATE_RIDGE, refit
-from .refine import activation_of, refine_pair
+from .refine import MAX_VALUES, refine_pair
 from .report import GroupResult
 from .rewrite import finalize, prune_group
 from .sampling import Runs, Sampler
@@ -34,8 +34,6 @@ from .select import (OBS_MAX_COLUMNS, Method, RefitProblem, expand_channels, l1_
                      normalized_contribution, obs_order, per_segment, random_select, slim_select, thinet_select)
 
 log = logging.getLogger(__name__)
-
-REFINE_MAX_VALUES = 1 << 24  # input values a pair's refinement holds (64 MiB of float32)
 
 
 def _filter_norms(grp: ChannelGroup, g: GraphView) -> np.ndarray:
@@ -239,8 +237,10 @@ class GroupPruner:
         producer, c = unit.producers[0], sites[0].sampled[0]
         if not self.sampler.targets[c.node.output[0]].residual_other:
             return None  # a plain chain: the next group's refit makes up for the pair (measured: no gain)
-        if producer.op_type != "Conv" or node_key(producer) == node_key(c.node) or \
-                not handler_for(producer).reconstructable(producer, g):
+        hp = handler_for(producer)
+        # the producer must be sampled at its own output positions (what input_positions maps): a 2-D conv
+        if node_key(producer) == node_key(c.node) or not isinstance(hp, LinearHandler) or \
+                not hp.reconstructable(producer, g) or hp.input_positions(producer, g, np.zeros((1, 1), np.int64)) is None:
             return None
         out = producer.output[0]
         users = g.consumers.get(out, [])
@@ -252,7 +252,7 @@ class GroupPruner:
             return None
         if len(g.consumers.get(c.tensor, [])) != 1 or c.tensor in g.graph_outputs:
             return None
-        act = activation_of(users[0], g)
+        act = handler_for(users[0]).activation(users[0], g)
         return (producer, act, c, self._output_activation(c)) if act else None
 
     def _output_activation(self, c: Consumer):
@@ -263,7 +263,7 @@ class GroupPruner:
         if other:
             out = g.consumers[out][0].output[0]
         users = g.consumers.get(out, [])
-        return activation_of(users[0], g) if len(users) == 1 and out not in g.graph_outputs else None
+        return handler_for(users[0]).activation(users[0], g) if len(users) == 1 and out not in g.graph_outputs else None
 
     def _refine(self, unit: ChannelGroup, sites: list[Site], runs: Runs | None) -> tuple[float, float] | None:
         """Refine the unit's producer and consumer together (:mod:`onnxprune.refine`) where they
@@ -274,7 +274,7 @@ class GroupPruner:
         producer, act, c, out_act = pair
         g = self.g
         samples = self.sampler.pair_samples(g, producer, c, self.kept_outputs.get(c.node.output[0]), runs,
-                                            REFINE_MAX_VALUES)
+                                            MAX_VALUES)
         if samples is None:
             return None
         hp: LinearHandler = handler_for(producer)  # type: ignore[assignment]

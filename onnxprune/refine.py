@@ -14,46 +14,20 @@ are kept, and only when they beat the least-squares ones.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
-from .graphview import GraphView, attr
+from .ops import Activation
 from .sampling import PairSamples
-
-# value and derivative (as a function of the input) of the activations a pair may hold
-Activation = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
 STEPS = 100
 CHECK_EVERY = 25  # steps between held-out checks
-PATIENCE = 3  # checks without a better held-out error that end the descent
+MAX_VALUES = 1 << 24  # producer input values a pair's samples hold (64 MiB of float32)
 LEARNING_RATE = 0.03  # Adam's step, relative to each parameter's mean magnitude
 BATCHES = 16  # each step takes the next of this many slices of the fit samples (of MIN_BATCH at least)
 MIN_BATCH = 256
 MIN_GAIN = 0.01  # held-out relative error must fall by this fraction for the refined weights to be kept
-
-
-def activation_of(node: onnx.NodeProto, g: GraphView) -> Activation | None:
-    """The activation ``node`` computes, or None for an op a pair cannot hold."""
-    if node.op_type == "Relu":
-        return (lambda z: np.maximum(z, 0), lambda z: (z > 0).astype(z.dtype))
-    if node.op_type == "LeakyRelu":
-        alpha = float(attr(node, "alpha", 0.01))
-        return (lambda z: np.where(z > 0, z, alpha * z), lambda z: np.where(z > 0, 1.0, alpha).astype(z.dtype))
-    if node.op_type == "Clip":
-        bounds = [attr(node, "min", None), attr(node, "max", None)]
-        for i in (1, 2):
-            if len(node.input) > i and node.input[i]:
-                value = g.input_const(node, i)
-                if value is None:
-                    return None
-                bounds[i - 1] = float(value)
-        lo = -np.inf if bounds[0] is None else bounds[0]
-        hi = np.inf if bounds[1] is None else bounds[1]
-        return (lambda z: np.clip(z, lo, hi), lambda z: ((z > lo) & (z < hi)).astype(z.dtype))
-    return None
 
 
 @dataclass
@@ -133,7 +107,7 @@ def refine_pair(samples: PairSamples, act: Activation, out_act: Activation | Non
     scale = np.concatenate([np.full(p.size, LEARNING_RATE * (float(np.abs(p).mean()) + 1e-8), np.float32)
                             for p in initial])
     start, _ = check.loss(params)
-    best, best_theta, stale = start, theta.copy(), 0
+    best, best_theta = start, theta.copy()
     m, v = np.zeros_like(theta), np.zeros_like(theta)
     batches = fit.batches(max(1, min(BATCHES, len(fit.y) // MIN_BATCH)))
     for t in range(1, STEPS + 1):
@@ -145,11 +119,7 @@ def refine_pair(samples: PairSamples, act: Activation, out_act: Activation | Non
         if t % CHECK_EVERY == 0:
             now, _ = check.loss(params)
             if now < best:
-                best, best_theta, stale = now, theta.copy(), 0
-            else:
-                stale += 1
-                if stale == PATIENCE:
-                    break
+                best, best_theta = now, theta.copy()
     best_params = [best_theta[a:b].reshape(p.shape) for a, b, p in zip(bounds[:-1], bounds[1:], initial)]
     if best > start * (1 - MIN_GAIN):
         return None

@@ -6,14 +6,14 @@ import numpy as np
 import onnx
 import pytest
 from conftest import check_pruned
-from graphs import calib_for, tiny_resnet
+from graphs import Builder, calib_for, tiny_resnet
 
 import onnxprune
 from onnxprune.graph import Consumer
 from onnxprune.ops import handler_for
 from onnxprune.options import PruneOptions
 from onnxprune.pipeline import Pruner
-from onnxprune.refine import activation_of, refine_pair
+from onnxprune.refine import refine_pair
 
 
 def _pairs(model, x):
@@ -52,7 +52,7 @@ def test_pair_samples_rebuild_the_consumer_output_through_padding_and_stride(blo
         s = sampler.pair_samples(g, conv1, c, None, None, 1 << 24)
         assert s.x.shape[1] == 9 and not s.inside.all() and np.all(np.diff(s.image) >= 0)
         h1, h2 = handler_for(conv1), handler_for(c.node)
-        out = _predict(s, activation_of(relu, g), h1.weight_matrix(conv1, g), h1.bias(conv1, g),
+        out = _predict(s, handler_for(relu).activation(relu, g), h1.weight_matrix(conv1, g), h1.bias(conv1, g),
                        h2.weight_matrix(c.node, g), h2.bias(c.node, g))
         # the sampler's target is the original Add output less the skip branch: the conv's own output
         assert np.abs(out - s.y).max() <= 1e-4 * np.abs(s.y).max()
@@ -65,7 +65,7 @@ def test_refinement_lowers_the_held_out_error_and_declines_when_it_cannot(blocks
     sampler, g, pairs = blocks
     conv1, relu, c = pairs[0]
     s = sampler.pair_samples(g, conv1, c, None, None, 1 << 24)
-    act = activation_of(relu, g)
+    act = handler_for(relu).activation(relu, g)
     h1, h2 = handler_for(conv1), handler_for(c.node)
     w1, b1, w2, b2 = h1.weight_matrix(conv1, g), h1.bias(conv1, g), h2.weight_matrix(c.node, g), h2.bias(c.node, g)
     assert refine_pair(s, act, None, w1, b1, w2, b2) is None  # exact already: nothing to gain
@@ -93,3 +93,26 @@ def test_pruning_the_shipped_residual_network_refines_its_blocks(caplog, models_
     original = onnx.load(model)
     err = check_pruned(refined.model, original, test, max_rel_err=0.5)
     assert err < check_pruned(plain.model, original, test, max_rel_err=0.5)
+
+
+def test_activation_handlers_give_value_and_derivative():
+    """ReLU6 as an opset-11 Clip (bounds as inputs), an opset-6 Clip (attributes), LeakyReLU; a
+    Clip whose bound is computed at run time gives none."""
+    from onnx import helper
+
+    from onnxprune.graphview import GraphView
+    b = Builder(in_shape=("N", 3, 4, 4))
+    lo, hi = b.const(np.array(0.0, np.float32)), b.const(np.array(6.0, np.float32))
+    six = b.node("Clip", ["input", lo, hi])
+    leaky = b.node("LeakyRelu", [six], alpha=0.1)
+    dyn = b.node("Clip", [leaky, b.node("ReduceMin", [leaky], keepdims=0)])
+    g = GraphView(b.build(dyn))
+    z = np.array([-1.0, 0.5, 7.0], np.float32)
+    f, df = handler_for(b.nodes[0]).activation(b.nodes[0], g)
+    assert f(z).tolist() == [0.0, 0.5, 6.0] and df(z).tolist() == [0.0, 1.0, 0.0]
+    f, df = handler_for(b.nodes[1]).activation(b.nodes[1], g)
+    assert np.allclose(f(z), [-0.1, 0.5, 7.0]) and np.allclose(df(z), [0.1, 1.0, 1.0])
+    assert handler_for(b.nodes[-1]).activation(b.nodes[-1], g) is None
+    old = helper.make_node("Clip", ["x"], ["y"], min=0.0, max=6.0)
+    f, df = handler_for(old).activation(old, g)
+    assert f(z).tolist() == [0.0, 0.5, 6.0]

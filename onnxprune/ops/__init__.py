@@ -2,6 +2,7 @@
 
 from . import concat, conv, elementwise, layout, linear, recurrent, shapes, spatial  # noqa: F401  (registration side effects)
 from .base import (
+           Activation,
            ChannelRule,
            Handler,
            LinearHandler,
@@ -11,5 +12,5 @@ from .base import (
            sample_outputs,
 )
 
-__all__ = ["ChannelRule", "Handler", "LinearHandler", "handler_for", "register", "registered_ops",
+__all__ = ["Activation", "ChannelRule", "Handler", "LinearHandler", "handler_for", "register", "registered_ops",
            "sample_outputs"]

@@ -7,12 +7,17 @@ An op type without a handler is a *barrier*: channels are never pruned through i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from ..graphview import GraphView
+
+# an elementwise function and its derivative (as a function of the input), for refining the
+# layers on either side of it together (onnxprune/refine.py)
+Activation = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
 _REGISTRY: dict[str, "Handler"] = {}
 
@@ -100,6 +105,11 @@ class Handler:
 
     def channel_scales(self, node: onnx.NodeProto, g: GraphView) -> np.ndarray | None:
         """Per-channel scale factors (BatchNorm γ) of a node the channels pass through, if any."""
+        return None
+
+    def activation(self, node: onnx.NodeProto, g: GraphView) -> Activation | None:
+        """The elementwise function the node applies and its derivative, where gradients may pass
+        through it (:mod:`onnxprune.refine`); None otherwise."""
         return None
 
     def filter_norms(self, node: onnx.NodeProto, g: GraphView) -> np.ndarray:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..graphview import attr
-from .base import ChannelRule, Handler, register
+from .base import Activation, ChannelRule, Handler, register
 
 
-@register("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
+@register("Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
           "Celu", "Softplus", "Softsign", "Mish", "Gelu", "Dropout", "Identity", "Cast", "Neg",
           "Abs", "Sqrt", "Exp", "Log", "Erf", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
           "ThresholdedRelu", "Shrink", "Sin", "Cos")
@@ -23,17 +23,42 @@ class Unary(Handler):
         return ChannelRule(ties=[(node.input[0], node.output[0])])
 
 
+@register("Relu", "LeakyRelu")
+class Rectifier(Unary):
+    """ReLU and leaky ReLU: piecewise linear, so gradients pass through them exactly."""
+
+    def activation(self, node, g) -> Activation:
+        if node.op_type == "Relu":
+            return (lambda z: np.maximum(z, 0), lambda z: (z > 0).astype(z.dtype))
+        alpha = float(attr(node, "alpha", 0.01))
+        return (lambda z: np.where(z > 0, z, alpha * z), lambda z: np.where(z > 0, 1.0, alpha).astype(z.dtype))
+
+
 @register("Clip")
 class ClipHandler(Unary):
     """Clip: min and max must be scalars (they are, in every exporter seen)."""
 
     def rule(self, node, g):
+        return super().rule(node, g) if self._bounds(node, g) is not None else None
+
+    def _bounds(self, node, g) -> tuple[float, float] | None:
+        """(min, max), infinite where absent (attributes before opset 11, inputs after); None
+        where a bound is not a constant scalar."""
+        bounds = [attr(node, "min", -np.inf), attr(node, "max", np.inf)]
         for i in (1, 2):
             if i < len(node.input) and node.input[i]:
                 value = g.input_const(node, i)
                 if value is None or value.size != 1:
                     return None
-        return super().rule(node, g)
+                bounds[i - 1] = float(value)
+        return float(bounds[0]), float(bounds[1])
+
+    def activation(self, node, g) -> Activation | None:
+        bounds = self._bounds(node, g)
+        if bounds is None:
+            return None
+        lo, hi = bounds
+        return (lambda z: np.clip(z, lo, hi), lambda z: ((z > lo) & (z < hi)).astype(z.dtype))
 
 
 def _channel_axis_of_const(const_shape: tuple[int, ...], out_rank: int, axis: int) -> int | None:
