@@ -22,11 +22,12 @@ from .errors import OptionError
 from .frontier import Frontier
 from .graph import ChannelGroup, Consumer
 from .graphview import GraphView, node_name
-from .ops import LinearHandler, handler_for
+from .ops import Activation, LinearHandler, handler_for
+from .ops.conv import Conv
 from .options import PruneOptions
 from .progress import QUIET, Progress
 from .reconstruct import ESTIMATE_RIDGE, refit
-from .refine import MAX_VALUES, refine_pair
+from .refine import MAX_VALUES, Middle, refine_pair
 from .report import GroupResult
 from .rewrite import finalize, prune_group
 from .sampling import Runs, Sampler
@@ -158,6 +159,33 @@ class Site:
     stats: list | None = None
 
 
+IDENTITY: Activation = (lambda z: z, np.ones_like)
+_POOLS = ("GlobalAveragePool", "ReduceMean")  # what may read a branch tensor to compute its gate
+
+
+def _is_channel_gate(g: GraphView, name: str, other: str) -> bool:
+    """Whether ``name`` scales ``other`` per sample and channel only (squeeze-excite's gate:
+    ``[N, C, 1, 1]`` against ``[N, C, H, W]``)."""
+    gate, full = g.shape(name), g.shape(other)
+    return (name != other and not g.is_const(name) and gate is not None and full is not None and
+            len(gate) == len(full) == 4 and gate[1] == full[1] and gate[2:] == (1, 1) and full[2:] != (1, 1))
+
+
+@dataclass
+class Branch:
+    """A residual branch :mod:`onnxprune.refine` tunes: ``producer`` → ``act`` → ``consumer``,
+    or, in an inverted residual block, ``producer`` → ``act`` → depthwise ``middle`` →
+    ``middle_act`` (→ × ``gate``, held fixed) → ``consumer``; ``out_act`` follows the residual Add."""
+
+    producer: onnx.NodeProto
+    act: Activation
+    consumer: Consumer
+    out_act: Activation | None
+    middle: onnx.NodeProto | None = None
+    middle_act: Activation | None = None
+    gate: str | None = None
+
+
 class GroupPruner:
     """Prunes units (groups owning channels) one at a time: select, rewrite, refit."""
 
@@ -227,33 +255,66 @@ class GroupPruner:
         log.info("%s: %d -> %d channels", unit.name, unit.channels, len(keep))
         return res
 
-    def _pair(self, unit: ChannelGroup, sites: list[Site]):
-        """(producer, activation, consumer, output activation) where the unit's one producer feeds
-        its one refit consumer through a single activation (or directly), nothing else reading
-        either, and the consumer's output joins a residual branch; else None."""
+    def _branch(self, unit: ChannelGroup, sites: list[Site]) -> Branch | None:
+        """The residual branch through the unit's channels that :mod:`onnxprune.refine` can tune
+        (see :class:`Branch`), found from the one refit consumer whose output joins a residual
+        ``Add`` back to a producer of the unit, each tensor on the way read by the branch alone
+        (and, before a gate, by the pooling that computes it); else None."""
         g = self.g
-        if len(unit.producers) != 1 or len(sites) != 1 or len(sites[0].sampled) != 1 or len(unit.all_consumers) != 1:
+        if len(sites) != 1:
             return None
-        producer, c = unit.producers[0], sites[0].sampled[0]
-        if not self.sampler.targets[c.node.output[0]].residual_other:
+        joined = [c for c in sites[0].sampled if self.sampler.targets[c.node.output[0]].residual_other]
+        if len(joined) != 1:
             return None  # a plain chain: the next group's refit makes up for the pair (measured: no gain)
+        c = joined[0]
+        inner: list[onnx.NodeProto] = [c.node]  # the branch's nodes, from the consumer back
+        t, gate, gated = c.tensor, None, None
+        gating = g.producer.get(t)
+        if gating is not None and gating.op_type == "Mul" and handler_for(gating).activation(gating, g) is None:
+            gate = next((i for i in gating.input if _is_channel_gate(g, i, t)), None)
+            if gate is None:
+                return None
+            inner.append(gating)
+            t = gated = next(i for i in gating.input if i != gate)
+        middle, middle_act = None, None
+        act, t = self._activation_into(t, inner)
+        node = g.producer.get(t)
+        hm = handler_for(node) if node is not None else None
+        if isinstance(hm, Conv) and hm.is_depthwise(node, g):
+            middle, middle_act = node, act
+            inner.append(node)
+            act, t = self._activation_into(node.input[0], inner)
+        elif gate is not None:
+            return None  # a gate needs the depthwise conv's per-channel outputs to act on
+        producer = g.producer.get(t)
+        if producer is None or all(node_key(producer) != node_key(p) for p in unit.producers) or \
+                node_key(producer) == node_key(c.node):
+            return None
         hp = handler_for(producer)
         # the producer must be sampled at its own output positions (what input_positions maps): a 2-D conv
-        if node_key(producer) == node_key(c.node) or not isinstance(hp, LinearHandler) or \
-                not hp.reconstructable(producer, g) or hp.input_positions(producer, g, np.zeros((1, 1), np.int64)) is None:
+        if not isinstance(hp, LinearHandler) or not hp.reconstructable(producer, g) or \
+                hp.input_positions(producer, g, np.zeros((1, 1), np.int64)) is None:
             return None
-        out = producer.output[0]
-        users = g.consumers.get(out, [])
-        if len(users) != 1 or out in g.graph_outputs:
-            return None
-        if out == c.tensor:
-            return producer, (lambda z: z, np.ones_like), c, self._output_activation(c)
-        if users[0].output[0] != c.tensor:
-            return None
-        if len(g.consumers.get(c.tensor, [])) != 1 or c.tensor in g.graph_outputs:
-            return None
-        act = handler_for(users[0]).activation(users[0], g)
-        return (producer, act, c, self._output_activation(c)) if act else None
+        inner.append(producer)
+        keys = {node_key(n) for n in inner}
+        for n in inner[1:]:
+            for out in n.output:
+                readers = [r for r in g.consumers.get(out, []) if node_key(r) not in keys]
+                if out in g.graph_outputs or any(out != gated or r.op_type not in _POOLS for r in readers):
+                    return None
+        return Branch(producer, act, c, self._output_activation(c), middle, middle_act, gate)
+
+    def _activation_into(self, t: str, inner: list[onnx.NodeProto]) -> tuple[Activation, str]:
+        """(activation, its input) for tensor ``t``: the elementwise activation producing it (its
+        nodes added to ``inner``), or the identity where none does."""
+        node = self.g.producer.get(t)
+        act = handler_for(node).activation(node, self.g) if node is not None else None
+        if act is None:
+            return IDENTITY, t
+        src = handler_for(node).activation_input(node, self.g)
+        inner.append(node)
+        inner.extend(self.g.producer[i] for i in node.input if i and i != src and i in self.g.producer)
+        return act, src
 
     def _output_activation(self, c: Consumer):
         """The activation applied to ``c``'s output (after the residual Add its target includes),
@@ -266,25 +327,29 @@ class GroupPruner:
         return handler_for(users[0]).activation(users[0], g) if len(users) == 1 and out not in g.graph_outputs else None
 
     def _refine(self, unit: ChannelGroup, sites: list[Site], runs: Runs | None) -> tuple[float, float] | None:
-        """Refine the unit's producer and consumer together (:mod:`onnxprune.refine`) where they
-        form a pair; the held-out error before and after, where refined."""
-        pair = self._pair(unit, sites)
-        if pair is None:
+        """Refine the unit's residual branch (:mod:`onnxprune.refine`) where it has one; the
+        held-out error before and after, where refined."""
+        branch = self._branch(unit, sites)
+        if branch is None:
             return None
-        producer, act, c, out_act = pair
-        g = self.g
+        g, producer, c = self.g, branch.producer, branch.consumer
         samples = self.sampler.pair_samples(g, producer, c, self.kept_outputs.get(c.node.output[0]), runs,
-                                            MAX_VALUES)
+                                            MAX_VALUES, middle=branch.middle, gate=branch.gate)
         if samples is None:
             return None
         hp: LinearHandler = handler_for(producer)  # type: ignore[assignment]
         hc: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-        done = refine_pair(samples, act, out_act, hp.weight_matrix(producer, g), hp.bias(producer, g),
-                           hc.weight_matrix(c.node, g), hc.bias(c.node, g))
+        hm: Conv | None = handler_for(branch.middle) if branch.middle is not None else None  # type: ignore[assignment]
+        middle = Middle(hm.weight_matrix(branch.middle, g), hm.bias(branch.middle, g), branch.middle_act) \
+            if hm else None
+        done = refine_pair(samples, branch.act, branch.out_act, hp.weight_matrix(producer, g), hp.bias(producer, g),
+                           hc.weight_matrix(c.node, g), hc.bias(c.node, g), middle)
         if done is None:
             return None
         hp.set_linear(producer, done.w1, done.b1, g)
         hc.set_linear(c.node, done.w2, done.b2, g)
+        if hm:
+            hm.set_linear(branch.middle, done.wm, done.bm, g)
         log.info("%s: refined with %s, held-out error %.4f -> %.4f", node_name(c.node), node_name(producer),
                  done.error_before, done.error_after)
         return done.error_before, done.error_after

@@ -118,7 +118,7 @@ class Pruner:
                     self.analysis = analyse(self.work, self.shapes, True, opts.needs_data, exclude=opts.exclude)
                     self.cost = build_cost_model(self.analysis.g, self.analysis.groups)
         with self.progress.phase("targets"):
-            self.sampler = self._sampler(self.fit_idx) if opts.needs_data and self.candidates else None
+            self.sampler = self._sampler(self.fit_idx, pairs=opts.refine) if opts.needs_data and self.candidates else None
 
     @property
     def candidates(self) -> list[ChannelGroup]:
@@ -174,15 +174,17 @@ class Pruner:
             raise OptionError(f"only {len(fit_idx)} calibration sample(s) left after the hold-out; give more data")
         return cal, fit_idx, hold_idx
 
-    def _sampler(self, indices: np.ndarray) -> Sampler:
-        """Original-model targets of every layer the run may refit, on ``indices``."""
+    def _sampler(self, indices: np.ndarray, pairs: bool = False) -> Sampler:
+        """Original-model targets of every layer the run may refit, on ``indices`` (``pairs``: and
+        of the residual branches it may refine, at more positions)."""
         g, opts = self.analysis.g, self.opts
         consumers = [c for grp in self.candidates for c in grp.all_consumers if sampleable(c, g)]
         if opts.reconstruct and opts.refit_downstream:
             consumers += downstream_layers(g, self.candidates, positions(self.work))
         return Sampler(self.work, g, self.cal, indices=indices, consumers=consumers,
                        samples_per_image=opts.samples_per_image, seed=opts.seed, residual=opts.residual_target,
-                       batch=fitting_batch(self.shapes, opts.batch_size), provider=opts.calibration_provider)
+                       batch=fitting_batch(self.shapes, opts.batch_size), provider=opts.calibration_provider,
+                       pairs=pairs and opts.reconstruct)
 
     def allocate(self) -> Plan:
         """Widths per group meeting the targets (and, with ``--latency``, the measured goal)."""

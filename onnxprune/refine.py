@@ -25,15 +25,33 @@ STEPS = 100
 CHECK_EVERY = 25  # steps between held-out checks
 MAX_VALUES = 1 << 24  # producer input values a pair's samples hold (64 MiB of float32)
 LEARNING_RATE = 0.03  # Adam's step, relative to each parameter's mean magnitude
-BATCHES = 16  # each step takes the next of this many slices of the fit samples (of MIN_BATCH at least)
-MIN_BATCH = 256
+BATCHES = 16  # each step takes the next of at least this many slices of the fit samples
+MIN_BATCH = 256  # samples a slice holds at least …
+MAX_BATCH = 1024  # … and at most (more slices where there are many samples: a step's cost stays bounded)
+MAX_CHECK = 8192  # held-out samples the checks read at most
+# samples one array operation covers: temporaries this small are reused by the allocator, larger
+# ones are mapped and unmapped (page faults on every step) — measured twice as slow at 2048
+CHUNK = 512
 MIN_GAIN = 0.01  # held-out relative error must fall by this fraction for the refined weights to be kept
 
 
 @dataclass
+class Middle:
+    """A depthwise conv between the producer and the consumer (an inverted residual block's
+    3×3): its per-channel filters ``[C, taps]`` over the producer's activations, its bias, the
+    activation after it, and whether a per-sample channel gate (squeeze-excite, held fixed)
+    multiplies that."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    act: Activation
+
+
+@dataclass
 class Refined:
-    """A pair's refined weights (``[k, D]``, ``[k]``, ``[Cout, k·taps]``, ``[Cout]``) and its
-    held-out relative error before and after."""
+    """A branch's refined weights (``[k, D]``, ``[k]``, ``[Cout, k·taps]`` or ``[Cout, k]`` after a
+    middle, ``[Cout]``; the middle's ``[k, taps]``, ``[k]`` where there is one) and its held-out
+    relative error before and after."""
 
     w1: np.ndarray
     b1: np.ndarray
@@ -41,15 +59,20 @@ class Refined:
     b2: np.ndarray
     error_before: float
     error_after: float
+    wm: np.ndarray | None = None
+    bm: np.ndarray | None = None
 
 
 class _Pair:
-    """Loss and gradients of ``w2 · act(w1 · x + b1) + b2`` against ``y`` on some samples."""
+    """Loss and gradients of ``w2 · act(w1 · x + b1) + b2`` against ``y`` on some samples; with a
+    middle, ``w2 · (gate · act_m(Σ_taps wm · act(w1 · x + b1) + bm)) + b2``."""
 
-    def __init__(self, s: PairSamples, rows: slice, act: Activation, out_act: Activation | None):
+    def __init__(self, s: PairSamples, rows: slice, act: Activation, out_act: Activation | None,
+                 middle_act: Activation | None = None):
         self.x, self.inside, self.y = s.x[rows], s.inside[rows].astype(np.float32), s.y[rows]
         self.offset = s.offset[rows]
-        self.act, self.out_act = act, out_act
+        self.gate = None if s.gate is None else s.gate[rows]
+        self.act, self.out_act, self.middle_act = act, out_act, middle_act
         goal = self.y if out_act is None else out_act[0](self.y + self.offset)
         self.energy = max(float((goal.astype(np.float64) ** 2).sum()), 1e-30)
 
@@ -61,16 +84,43 @@ class _Pair:
             part = copy.copy(self)
             sl = slice(int(rows[0]), int(rows[-1]) + 1)
             part.x, part.inside, part.y, part.offset = self.x[sl], self.inside[sl], self.y[sl], self.offset[sl]
+            part.gate = None if self.gate is None else self.gate[sl]
             part.energy = self.energy * len(rows) / len(self.y)
             parts.append(part)
         return parts
 
     def loss(self, params: list[np.ndarray], grad: bool = False):
-        w1, b1, w2, b2 = params
+        """Relative squared error on these samples, and (``grad``) its gradients with respect
+        to ``params``: ``[w1, b1, w2, b2]``, then ``wm, bm`` where there is a middle."""
+        if len(self.y) <= CHUNK:
+            return self._loss(params, grad)
+        total, grads = 0.0, None
+        for part in self.batches(-(-len(self.y) // CHUNK)):
+            share = len(part.y) / len(self.y)
+            value, g = part._loss(params, grad)
+            if grad:
+                grads = [share * a for a in g] if grads is None else [acc + share * a for acc, a in zip(grads, g)]
+            else:
+                total += share * value
+        return (None, grads) if grad else (total, None)
+
+    def _loss(self, params: list[np.ndarray], grad: bool):
+        w1, b1, w2, b2 = params[:4]
         n, taps, _ = self.x.shape
-        z1 = (self.x.reshape(n * taps, -1) @ w1.T + b1).reshape(n, taps, -1)
-        a1 = self.act[0](z1) * self.inside[:, :, None]
-        cols = a1.transpose(0, 2, 1).reshape(n, -1)  # channel-major, as the consumer's patch columns
+        z1 = (self.x.reshape(n * taps, -1) @ w1.T).reshape(n, taps, -1)
+        z1 += b1
+        a1 = self.act[0](z1)
+        if a1 is z1:  # the identity: z1 is still needed
+            a1 = a1.copy()
+        a1 *= self.inside[:, :, None]
+        if self.middle_act is None:
+            cols = a1.transpose(0, 2, 1).reshape(n, -1)  # channel-major, as the consumer's patch columns
+        else:
+            wm, bm = params[4:]
+            zm = np.einsum("ntk,kt->nk", a1, wm)
+            zm += bm
+            am = self.middle_act[0](zm)
+            cols = am if self.gate is None else am * self.gate
         z2 = cols @ w2.T + b2
         if self.out_act is None:
             r = z2 - self.y
@@ -82,24 +132,39 @@ class _Pair:
         if self.out_act is not None:
             dr = dr * self.out_act[1](z2 + self.offset)
         g_w2, g_b2 = dr.T @ cols, dr.sum(axis=0)
-        da1 = (dr @ w2).reshape(n, -1, taps).transpose(0, 2, 1)
-        dz1 = da1 * self.act[1](z1) * self.inside[:, :, None]
+        dcols = dr @ w2
+        if self.middle_act is None:
+            grad_a1 = [dcols.reshape(n, -1, taps).transpose(0, 2, 1)]
+            extra = []
+        else:
+            dzm = (dcols if self.gate is None else dcols * self.gate) * self.middle_act[1](zm)
+            grad_a1 = [dzm[:, None, :], wm.T]  # the gradient reaching a1 is their product
+            extra = [np.einsum("nk,ntk->kt", dzm, a1), dzm.sum(axis=0)]
+        dz1 = self.act[1](z1)  # a fresh array: the gradient's factors are multiplied into it in place
+        for factor in grad_a1:
+            dz1 *= factor
+        dz1 *= self.inside[:, :, None]
         g_w1 = dz1.reshape(-1, dz1.shape[2]).T @ self.x.reshape(-1, self.x.shape[2])
-        return None, [g_w1, dz1.sum(axis=(0, 1)), g_w2, g_b2]
+        return None, [g_w1, dz1.sum(axis=(0, 1)), g_w2, g_b2, *extra]
 
 
 def refine_pair(samples: PairSamples, act: Activation, out_act: Activation | None, w1: np.ndarray,
-                b1: np.ndarray | None, w2: np.ndarray, b2: np.ndarray | None) -> Refined | None:
-    """Producer and consumer weights refined together (see the module docstring); None where the
-    samples are too few to hold any out or the refined weights do not beat the given ones."""
+                b1: np.ndarray | None, w2: np.ndarray, b2: np.ndarray | None,
+                middle: Middle | None = None) -> Refined | None:
+    """Producer, consumer (and ``middle``, where given) weights refined together (see the module
+    docstring); None where the samples are too few to hold any out or the refined weights do not
+    beat the given ones."""
     # the last fifth of the images is held out (slices of the samples, in image order: no copies)
     cut = int(np.searchsorted(samples.image, samples.image[int(len(samples.image) * 0.8)]))
     if cut < 16 or len(samples.image) - cut < 16:
         return None
-    fit = _Pair(samples, slice(0, cut), act, out_act)
-    check = _Pair(samples, slice(cut, None), act, out_act)
-    initial = [np.asarray(p, np.float32) for p in
-               (w1, np.zeros(len(w1)) if b1 is None else b1, w2, np.zeros(len(w2)) if b2 is None else b2)]
+    middle_act = middle.act if middle else None
+    fit = _Pair(samples, slice(0, cut), act, out_act, middle_act)
+    # the check reads every n-th held-out sample, at most MAX_CHECK (it runs every CHECK_EVERY steps)
+    check = _Pair(samples, slice(cut, None, -(-(len(samples.image) - cut) // MAX_CHECK)), act, out_act, middle_act)
+    given = [w1, b1, w2, b2] + ([middle.weight, middle.bias] if middle else [])
+    initial = [np.asarray(p if p is not None else np.zeros(len(given[i - 1])), np.float32)
+               for i, p in enumerate(given)]
     # one flat vector for Adam (few large array operations per step); params are views into it
     theta = np.concatenate([p.ravel() for p in initial])
     bounds = np.cumsum([0] + [p.size for p in initial])
@@ -109,7 +174,7 @@ def refine_pair(samples: PairSamples, act: Activation, out_act: Activation | Non
     start, _ = check.loss(params)
     best, best_theta = start, theta.copy()
     m, v = np.zeros_like(theta), np.zeros_like(theta)
-    batches = fit.batches(max(1, min(BATCHES, len(fit.y) // MIN_BATCH)))
+    batches = fit.batches(max(1, min(max(BATCHES, -(-len(fit.y) // MAX_BATCH)), len(fit.y) // MIN_BATCH)))
     for t in range(1, STEPS + 1):
         _, grads = batches[t % len(batches)].loss(params, grad=True)
         grad = np.concatenate([gr.ravel() for gr in grads]).astype(np.float32)
@@ -123,4 +188,5 @@ def refine_pair(samples: PairSamples, act: Activation, out_act: Activation | Non
     best_params = [best_theta[a:b].reshape(p.shape) for a, b, p in zip(bounds[:-1], bounds[1:], initial)]
     if best > start * (1 - MIN_GAIN):
         return None
-    return Refined(*best_params, error_before=start, error_after=best)
+    return Refined(*best_params[:4], error_before=start, error_after=best, wm=best_params[4] if middle else None,
+                   bm=best_params[5] if middle else None)

@@ -30,6 +30,12 @@ Runs = Callable[[list[str]], Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]]
 # Counted before pruning, so a refit at half width sees about twice as many (docs/benchmarks.md).
 MIN_SAMPLES_PER_UNKNOWN = 25
 
+# A consumer whose output joins a residual Add may be refined with its producer (onnxprune/refine.py),
+# whose unknowns are shared by every output position: its targets are cached at more positions per
+# image than its own refit samples, up to this many values. Ten positions per image were too few
+# for an inverted residual block's branch (docs/benchmarks.md).
+PAIR_TARGET_VALUES = 1 << 21
+
 
 @dataclass
 class Target:
@@ -62,13 +68,14 @@ def _residual_partner(g: GraphView, node: onnx.NodeProto) -> tuple[str, str] | N
 class PairSamples:
     """Samples of a producer and the consumer reading it, for refining the two together
     (:mod:`onnxprune.refine`): at each sampled consumer output, the producer's input patch at
-    every kernel tap of the consumer."""
+    every kernel tap of the consumer (or, through a depthwise conv between them, of that conv)."""
 
     x: np.ndarray  # [n, taps, D] producer input patches, float32
     inside: np.ndarray  # [n, taps] False where the tap falls in the consumer's padding
     y: np.ndarray  # [n, Cout] the consumer's targets (as its own refit has them)
     offset: np.ndarray  # [n, Cout] what is added to the consumer's output after it (a residual branch), or 0
     image: np.ndarray  # [n] calibration row of each sample, in increasing order (a held-out split by image)
+    gate: np.ndarray | None = None  # [n, k] a per-image channel gate (squeeze-excite) before the consumer
 
 
 class Sampler:
@@ -77,13 +84,14 @@ class Sampler:
     def __init__(self, original: onnx.ModelProto, g: GraphView, calib: Calibration,
                  indices: Sequence[int], consumers: list[Consumer], samples_per_image: int,
                  seed: int, residual: bool = True, batch: int | None = None, keep_samples: bool = True,
-                 provider: str = "cpu"):
+                 provider: str = "cpu", pairs: bool = False):
         self.calib, self.indices, self.batch, self.provider = calib, np.asarray(indices), batch, provider
         self.keep_samples = keep_samples  # False: always XᵀX (callers that read it directly)
         self.row = np.full(len(calib), -1)
         self.row[self.indices] = np.arange(len(self.indices))
         self.targets: dict[str, Target] = {}
-        self.positions: dict[str, np.ndarray] = {}
+        self.positions: dict[str, np.ndarray] = {}  # [images, positions] sampled per consumer (by output)
+        self.counts: dict[str, int] = {}  # how many of those (the first) the consumer's own refit reads
         self.layers: dict[str, tuple[onnx.NodeProto, LinearHandler]] = {}  # output name -> (layer, handler)
         self.g = g
         for c in consumers:
@@ -103,6 +111,13 @@ class Sampler:
             count = min(wanted, per_image) if per_image > 1 else 1
             self.positions[name] = (np.tile(np.arange(per_image), (len(calib), 1)) if per_image <= count
                                     else rng.integers(0, per_image, size=(len(calib), count)))
+            self.counts[name] = self.positions[name].shape[1]
+            if pairs and partner and per_image > count:  # the branch's refinement (pair_samples) reads more
+                outputs = handler.weight_matrix(c.node, g).shape[0]  # type: ignore[attr-defined]
+                extra = min(per_image, PAIR_TARGET_VALUES // max(len(self.indices) * outputs, 1)) - count
+                if extra > 0:
+                    self.positions[name] = np.concatenate(
+                        [self.positions[name], rng.integers(0, per_image, size=(len(calib), extra))], axis=1)
         self.cache = self._cache_targets(original)
 
     def _cache_targets(self, original: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -119,17 +134,31 @@ class Sampler:
         return cache
 
     def pair_samples(self, pruned: GraphView, producer: onnx.NodeProto, consumer: Consumer,
-                     target_columns: np.ndarray | None, runs: Runs | None, max_values: int) -> PairSamples | None:
+                     target_columns: np.ndarray | None, runs: Runs | None, max_values: int,
+                     middle: onnx.NodeProto | None = None, gate: str | None = None) -> PairSamples | None:
         """:class:`PairSamples` for ``producer`` → (elementwise ops) → ``consumer`` on the pruned
         model, at the positions the consumer's own refit samples, keeping at most ``max_values``
         input values (fewer positions per image where the patches are large); None where the
-        consumer has no map from outputs to input positions (not a 2-D conv)."""
+        consumer has no map from outputs to input positions (not a 2-D conv).
+
+        With a depthwise conv ``middle`` between them (→ ``middle`` → elementwise ops, times the
+        per-image channel ``gate`` where given → ``consumer``), the consumer must read each
+        output position at that position alone (a 1×1 conv) and the taps are ``middle``'s."""
         name = consumer.node.output[0]
         prod: LinearHandler = handler_for(producer)  # type: ignore[assignment]
         cons: LinearHandler = handler_for(consumer.node)  # type: ignore[assignment]
-        probe = cons.input_positions(consumer.node, pruned, self.positions[name][:1, :1])
+        probe = cons.input_positions(consumer.node, pruned, self.positions[name][:1])
         if probe is None:
             return None
+        if middle is not None:
+            if probe[0].shape[-1] != 1 or not np.array_equal(probe[0][..., 0], self.positions[name][:1]):
+                return None  # the consumer is not pointwise: its taps would mix the middle's positions
+            tapped: LinearHandler = handler_for(middle)  # type: ignore[assignment]
+            probe = tapped.input_positions(middle, pruned, self.positions[name][:1, :1])
+            if probe is None:
+                return None
+        else:
+            tapped = cons
         taps = probe[0].shape[-1]
         width = prod.weight_matrix(producer, pruned).shape[1]
         per_image = self.positions[name].shape[1]
@@ -137,8 +166,8 @@ class Sampler:
         keep = max(1, min(per_image, positions // max(len(self.indices), 1)))
         every = -(-len(self.indices) // positions)  # more images than positions: every n-th image only
         other = self.targets[name].residual_other
-        needed = [producer.input[0]] + ([other] if other else [])
-        xs, insides, ys, offsets, images = [], [], [], [], []
+        needed = [producer.input[0]] + ([other] if other else []) + ([gate] if gate else [])
+        xs, insides, ys, offsets, images, gates = [], [], [], [], [], []
         batches = runs(needed) if runs else run_batches(pruned.model, needed, self.calib, self.indices, self.batch,
                                                         self.provider)
         for idx, values in batches:
@@ -147,7 +176,7 @@ class Sampler:
                 continue
             idx, values = idx[chosen], {k: v[chosen] for k, v in values.items()}
             pos = self.positions[name][idx][:, :keep]
-            flat, inside = cons.input_positions(consumer.node, pruned, pos)  # type: ignore[misc]
+            flat, inside = tapped.input_positions(middle or consumer.node, pruned, pos)  # type: ignore[misc]
             x = prod.sample_patches(producer, pruned, values[producer.input[0]], flat.reshape(len(idx), -1))
             y = self.cache[name][self.row[idx], :keep].reshape(-1, self.cache[name].shape[2])
             if target_columns is not None:
@@ -160,10 +189,12 @@ class Sampler:
             insides.append(inside.reshape(-1, taps))
             ys.append(y.astype(np.float32, copy=False))
             images.append(np.repeat(self.row[idx], keep))
+            if gate:
+                gates.append(np.repeat(values[gate].reshape(len(idx), -1), keep, axis=0).astype(np.float32))
         if not xs:
             return None
         return PairSamples(np.concatenate(xs), np.concatenate(insides), np.concatenate(ys), np.concatenate(offsets),
-                           np.concatenate(images))
+                           np.concatenate(images), np.concatenate(gates) if gates else None)
 
     def stats(self, pruned: GraphView, consumers: list[Consumer],
               target_columns: dict[str, np.ndarray] | None = None, runs: Runs | None = None) -> list[LayerStats]:
@@ -184,9 +215,10 @@ class Sampler:
             for i, c in enumerate(consumers):
                 name = c.node.output[0]
                 handler: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-                pos = self.positions[name][idx]
+                count = self.counts[name]
+                pos = self.positions[name][idx, :count]
                 x = handler.sample_patches(c.node, pruned, values[c.tensor], pos)
-                y = self.cache[name][self.row[idx]].reshape(-1, self.cache[name].shape[2])
+                y = self.cache[name][self.row[idx], :count].reshape(-1, self.cache[name].shape[2])
                 cols = (target_columns or {}).get(name)
                 if cols is not None:
                     y = y[:, handler.output_columns(c.node, pruned, cols)]
@@ -194,7 +226,7 @@ class Sampler:
                 if other:
                     y = y - handler.sample_outputs(c.node, pruned, values[other], pos)
                 if result[i] is None:
-                    rows = len(self.indices) * self.positions[name].shape[1]
+                    rows = len(self.indices) * count
                     result[i] = LayerStats(x.shape[1], y.shape[1], rows if self.keep_samples else None)
                 fold = np.repeat(idx % 2, pos.shape[1])
                 result[i].add(x, y, fold)

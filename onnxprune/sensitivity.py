@@ -119,7 +119,7 @@ def _stats_bytes(c, sampler, g) -> int:
     from .ops import handler_for
 
     d, cout = handler_for(c.node).weight_matrix(c.node, g).shape[::-1]
-    rows = len(sampler.indices) * sampler.positions[c.node.output[0]].shape[1]
+    rows = len(sampler.indices) * sampler.counts[c.node.output[0]]
     if rows <= d + 1 and sampler.keep_samples:
         return 4 * rows * (d + 1 + cout)
     return 16 * (d + 1) * (d + 1 + cout)

@@ -96,6 +96,30 @@ def tiny_resnet(seed: int = 0) -> onnx.ModelProto:
     return b.build(b.gemm(x, 16, 10))
 
 
+def tiny_mobile(seed: int = 0) -> onnx.ModelProto:
+    """Two inverted residual blocks on 8×8 maps (expand 1×1, depthwise 3×3, project 1×1, Add):
+    the first with ReLU6 as Clip, the second with hard swish written as ``x · HardSigmoid(x)``
+    and a squeeze-excite gate before its project conv."""
+    b = Builder(in_shape=("N", 3, 8, 8), seed=seed)
+    lo, hi = b.const(np.array(0.0, np.float32)), b.const(np.array(6.0, np.float32))
+
+    def relu6(x):
+        return b.node("Clip", [x, lo, hi])
+
+    def hswish(x):
+        return b.node("Mul", [x, b.node("HardSigmoid", [x], alpha=1 / 6, beta=0.5)])
+
+    x = relu6(b.conv("input", 3, 8))
+    y = relu6(b.conv(relu6(b.conv(x, 8, 24, k=1)), 24, 24, group=24))
+    x = b.node("Add", [b.conv(y, 24, 8, k=1), x])
+    y = hswish(b.conv(hswish(b.conv(x, 8, 24, k=1)), 24, 24, group=24))
+    se = b.node("Relu", [b.conv(b.node("GlobalAveragePool", [y]), 24, 8, k=1)])
+    gate = b.node("HardSigmoid", [b.conv(se, 8, 24, k=1)], alpha=1 / 6, beta=0.5)
+    x = b.node("Add", [b.conv(b.node("Mul", [y, gate]), 24, 8, k=1), x])
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    return b.build(b.gemm(x, 8, 4))
+
+
 def calib_for(model: onnx.ModelProto, n: int = 64, seed: int = 1) -> np.ndarray:
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
     return np.random.default_rng(seed).normal(0, 1, (n, *dims)).astype(np.float32)

@@ -112,6 +112,10 @@ class Handler:
         through it (:mod:`onnxprune.refine`); None otherwise."""
         return None
 
+    def activation_input(self, node: onnx.NodeProto, g: GraphView) -> str:
+        """The tensor :meth:`activation` is a function of."""
+        return node.input[0]
+
     def filter_norms(self, node: onnx.NodeProto, g: GraphView) -> np.ndarray:
         """L1 norm of the weights producing each output channel (producers only)."""
         raise NotImplementedError(f"{node.op_type} does not produce channels")

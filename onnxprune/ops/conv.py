@@ -123,7 +123,8 @@ class Conv(LinearHandler):
 
     def input_positions(self, node, g, pos):
         w, in_shape = self._weight(node, g), g.shape(node.input[0])
-        if w is None or w.ndim != 4 or in_shape is None or len(in_shape) != 4 or attr(node, "group", 1) != 1:
+        if w is None or w.ndim != 4 or in_shape is None or len(in_shape) != 4 or \
+                (attr(node, "group", 1) != 1 and not self.is_depthwise(node, g)):
             return None
         h, wd = in_shape[2], in_shape[3]
         kernel = tuple(w.shape[2:])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..graphview import attr
-from .base import Activation, ChannelRule, Handler, register
+from .base import Activation, ChannelRule, Handler, handler_for, register
 
 
-@register("Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
+@register("Tanh", "Elu", "Selu",
           "Celu", "Softplus", "Softsign", "Mish", "Gelu", "Dropout", "Identity", "Cast", "Neg",
           "Abs", "Sqrt", "Exp", "Log", "Erf", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
           "ThresholdedRelu", "Shrink", "Sin", "Cos")
@@ -32,6 +32,33 @@ class Rectifier(Unary):
             return (lambda z: np.maximum(z, 0), lambda z: (z > 0).astype(z.dtype))
         alpha = float(attr(node, "alpha", 0.01))
         return (lambda z: np.where(z > 0, z, alpha * z), lambda z: np.where(z > 0, 1.0, alpha).astype(z.dtype))
+
+
+@register("Sigmoid", "HardSigmoid", "HardSwish")
+class Smooth(Unary):
+    """Sigmoid, hard sigmoid and hard swish: the gates and activations of mobile networks."""
+
+    def activation(self, node, g) -> Activation:
+        if node.op_type == "Sigmoid":
+            def sigmoid(z):
+                return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+            return (sigmoid, lambda z: sigmoid(z) * (1 - sigmoid(z)))
+        # HardSwish is z · hard_sigmoid(z) with alpha 1/6, beta 1/2
+        alpha = np.float32(attr(node, "alpha", 0.2) if node.op_type == "HardSigmoid" else 1 / 6)
+        beta = np.float32(attr(node, "beta", 0.5) if node.op_type == "HardSigmoid" else 0.5)
+
+        def hard(z):  # in place on fresh arrays, float32 throughout: these run on every refinement step
+            t = z * alpha
+            t += beta
+            return np.clip(t, 0, 1, out=t)
+
+        def slope(z):
+            t = z * alpha
+            t += beta
+            return ((t > 0) & (t < 1)) * alpha
+        if node.op_type == "HardSigmoid":
+            return (hard, slope)
+        return _self_gated(hard, slope)
 
 
 @register("Clip")
@@ -59,6 +86,23 @@ class ClipHandler(Unary):
             return None
         lo, hi = bounds
         return (lambda z: np.clip(z, lo, hi), lambda z: ((z > lo) & (z < hi)).astype(z.dtype))
+
+
+def _self_gated(f, df) -> Activation:
+    """``z · f(z)`` and its derivative ``f(z) + z · f'(z)`` (swish, hard swish), formed in place
+    in the fresh arrays ``f`` and ``df`` return."""
+
+    def value(z):
+        out = f(z)
+        out *= z
+        return out
+
+    def slope(z):
+        out = df(z)
+        out *= z
+        out += f(z)
+        return out
+    return value, slope
 
 
 def _channel_axis_of_const(const_shape: tuple[int, ...], out_rank: int, axis: int) -> int | None:
@@ -128,6 +172,28 @@ class Binary(Handler):
         for i, name in enumerate(node.input):
             if name and g.is_const(name):
                 _slice_channel_const(node, i, keep, g)
+
+    def activation_input(self, node, g) -> str:
+        """For a self-gating ``Mul`` (``z · f(z)``, hard swish as exporters write it): ``z``."""
+        gated = self._self_gated(node, g)
+        return gated[0] if gated else node.input[0]
+
+    def activation(self, node, g) -> Activation | None:
+        gated = self._self_gated(node, g)
+        if gated is None:
+            return None
+        return _self_gated(*handler_for(gated[1]).activation(gated[1], g))
+
+    def _self_gated(self, node, g):
+        """``(z, gate node)`` where this Mul multiplies ``z`` by an activation of ``z`` alone."""
+        if self.op_type != "Mul" or len(node.input) != 2:
+            return None
+        for z, other in (node.input, node.input[::-1]):
+            gate = g.producer.get(other)
+            if gate is not None and gate.input and gate.input[0] == z and len(g.consumers.get(other, [])) == 1 \
+                    and other not in g.graph_outputs and handler_for(gate).activation(gate, g) is not None:
+                return z, gate
+        return None
 
 
 @register("PRelu")
