@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also refit unpruned layers whose inputs changed (producers' kept filters, "
                         "shortcuts, classifier) to their original outputs (default on)")
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
-                   help="after the least-squares refits, tune each residual branch's two convs together "
-                        "through their activation on the calibration samples, kept only where held-out "
+                   help="after the least-squares refits, tune each residual branch's convs together through "
+                        "their activations (a basic block's two convs; an inverted residual block's expand, "
+                        "depthwise and project convs) on the calibration samples, kept only where held-out "
                         "images confirm it (default on; --no-refine saves its time)")
     p.add_argument("--residual-target", action=argparse.BooleanOptionalAction, default=True,
                    help="branch-final layers also absorb the skip path's error (He et al.; default on)")

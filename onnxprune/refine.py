@@ -1,14 +1,16 @@
-"""Refining a pruned producer and its consumer together, through the activation between them.
+"""Refining a pruned producer and its consumer together, through what lies between them.
 
 Layer-wise least squares refits the consumer of a pruned group (its outputs from the kept
 channels) and the producer's kept filters (their own outputs), each on its own. Where the two are
-convolutions joined only by an elementwise activation and the consumer's output joins a residual
-branch (the caller decides: ``GroupPruner``), both are then refined jointly: Adam steps over
-slices of the samples, on the error of the consumer's output (after the activation that follows
-it, where one does), through the activation between them, on the positions the refit sampled
-(each with the producer's input patches at every tap of the consumer's kernel). Four fifths of
-the calibration images fit, the last fifth decides: the weights with the lowest held-out error
-are kept, and only when they beat the least-squares ones.
+convolutions joined only by an elementwise activation, or — in an inverted residual block — by
+activation, depthwise conv, activation (and a squeeze-excite gate, taken from the pruned model
+and held fixed), and the consumer's output joins a residual branch (the caller decides:
+``GroupPruner``), all of them are then refined jointly: Adam steps over slices of the samples,
+on the error of the consumer's output (after the activation that follows it, where one does),
+on sampled output positions (each with the producer's input patches at every tap of the
+consumer's kernel, or of the depthwise conv's). Four fifths of the calibration images fit, the
+last fifth decides: the weights with the lowest held-out error are kept, and only when they beat
+the least-squares ones.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .sampling import PairSamples
 
 STEPS = 100
 CHECK_EVERY = 25  # steps between held-out checks
-MAX_VALUES = 1 << 24  # producer input values a pair's samples hold (64 MiB of float32)
+MAX_VALUES = 1 << 23  # producer input values a branch's samples hold (32 MiB of float32)
 LEARNING_RATE = 0.03  # Adam's step, relative to each parameter's mean magnitude
 BATCHES = 16  # each step takes the next of at least this many slices of the fit samples
 MIN_BATCH = 256  # samples a slice holds at least …

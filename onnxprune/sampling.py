@@ -137,8 +137,9 @@ class Sampler:
                      target_columns: np.ndarray | None, runs: Runs | None, max_values: int,
                      middle: onnx.NodeProto | None = None, gate: str | None = None) -> PairSamples | None:
         """:class:`PairSamples` for ``producer`` → (elementwise ops) → ``consumer`` on the pruned
-        model, at the positions the consumer's own refit samples, keeping at most ``max_values``
-        input values (fewer positions per image where the patches are large); None where the
+        model, at the positions sampled for the consumer (its refit's, then those a residual
+        branch's targets are also cached at: ``pairs``), keeping at most ``max_values`` input
+        values (fewer positions per image where the patches are large); None where the
         consumer has no map from outputs to input positions (not a 2-D conv).
 
         With a depthwise conv ``middle`` between them (→ ``middle`` → elementwise ops, times the

@@ -77,22 +77,24 @@ def test_refinement_lowers_the_held_out_error_and_declines_when_it_cannot(blocks
     assert np.linalg.norm(fit - s.y) < np.linalg.norm(before - s.y)
 
 
-def test_pruning_the_shipped_residual_network_refines_its_blocks(caplog, models_dir):
-    """On trained weights the refinement is kept for some blocks, and the model it gives is no
-    further from the original on held-out images than the least-squares one."""
-    model = str(models_dir / "resnet_fmnist.onnx")
+@pytest.mark.parametrize("name, max_rel_err", [("resnet_fmnist", 0.5), ("mobilenet_fmnist", 0.6)])
+def test_pruning_a_shipped_residual_network_refines_its_blocks(caplog, models_dir, name, max_rel_err):
+    """On trained weights the refinement is kept for some blocks — basic blocks, and inverted
+    residual blocks (ReLU6 and hard swish, squeeze-excite) through their depthwise convs — and
+    the model it gives is closer to the original on held-out images than the least-squares one."""
+    model = str(models_dir / f"{name}.onnx")
     x = np.load(models_dir / "fmnist_calib.npy")[:256]
     with caplog.at_level(logging.INFO, logger="onnxprune"):
         refined = onnxprune.prune(model, x, speedup=2, measure_latency=False)
     assert "refined with" in caplog.text
     errors = [grp.refined_error for grp in refined.report.groups if grp.refined_error]
-    assert errors and all(after < before for before, after in errors)
+    assert len(errors) >= 2 and all(after < before for before, after in errors)
     assert "refined_error" in refined.report.to_json()
     plain = onnxprune.prune(model, x, speedup=2, measure_latency=False, refine=False)
     test = np.load(models_dir / "fmnist_test.npz")["x"][:500]
     original = onnx.load(model)
-    err = check_pruned(refined.model, original, test, max_rel_err=0.5)
-    assert err < check_pruned(plain.model, original, test, max_rel_err=0.5)
+    err = check_pruned(refined.model, original, test, max_rel_err=max_rel_err)
+    assert err < check_pruned(plain.model, original, test, max_rel_err=max_rel_err)
 
 
 def test_activation_handlers_give_value_and_derivative():
@@ -180,23 +182,6 @@ def test_pruning_inverted_residual_blocks_refines_them(caplog):
         result = onnxprune.prune(model, x, speedup=1.5, measure_latency=False, allocation="uniform")
     check_pruned(result.model, model, x[:64], max_rel_err=0.5)
     assert any(grp.refined_error for grp in result.report.groups)
-
-
-def test_pruning_the_shipped_mobile_network_refines_its_inverted_residuals(caplog, models_dir):
-    """On trained weights (ReLU6 and hard swish blocks, squeeze-excite) the inverted residual
-    branches are refined through their depthwise convs, and the model is closer to the original
-    on held-out images than the least-squares one."""
-    model = str(models_dir / "mobilenet_fmnist.onnx")
-    x = np.load(models_dir / "fmnist_calib.npy")[:256]
-    with caplog.at_level(logging.INFO, logger="onnxprune"):
-        refined = onnxprune.prune(model, x, speedup=2, measure_latency=False)
-    assert "refined with" in caplog.text
-    assert sum(1 for grp in refined.report.groups if grp.refined_error) >= 2
-    plain = onnxprune.prune(model, x, speedup=2, measure_latency=False, refine=False)
-    test = np.load(models_dir / "fmnist_test.npz")["x"][:500]
-    original = onnx.load(model)
-    err = check_pruned(refined.model, original, test, max_rel_err=0.6)
-    assert err < check_pruned(plain.model, original, test, max_rel_err=0.6)
 
 
 def test_mobile_activations_give_value_and_derivative():

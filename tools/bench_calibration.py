@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--methods", nargs="+", default=["lasso"], help="channel selection methods to compare")
     ap.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
-                    help="refine residual branches' conv pairs (default on; --no-refine to compare)")
+                    help="refine residual branches' convs together (default on; --no-refine to compare)")
     args = ap.parse_args()
     x, y, source = test_set()
     pool = np.load(ROOT / "models" / "fmnist_calib_2k.npz")["input"]

@@ -24,6 +24,7 @@ widths off ORT's channel blocks cost more time than they save).
 from __future__ import annotations
 
 import argparse
+import ast
 import string
 import subprocess
 import sys
@@ -48,6 +49,13 @@ FILES = {"cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx", "rec": "ch_PP-OCRv4_rec_i
          "det": "ch_PP-OCRv4_det_infer.onnx"}
 FONTS = sorted(Path("/usr/share/fonts/truetype/dejavu").glob("DejaVu*.ttf"))
 ALPHABET = string.ascii_letters + string.digits
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def fetch_models(cache: Path) -> Path:
@@ -224,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prune-args", default="", help="extra onnxprune.prune keyword arguments, k=v,k=v")
     args = ap.parse_args(argv)
     folder = fetch_models(args.cache)
-    extra = dict(kv.split("=") for kv in args.prune_args.split(",") if kv)
+    # values as Python literals where they are (refine=False, samples_per_image=20), else strings
+    extra = {k: _literal(v) for k, v in (kv.split("=", 1) for kv in args.prune_args.split(",") if kv)}
     if args.latency:
         extra = {"round_to": default_round_to("cpu"), "relax_round_to": True, **extra}
     print("| model | target | calib images | MACs speedup | original | pruned | change | held-out rel. error "

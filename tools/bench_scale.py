@@ -312,7 +312,7 @@ def main() -> None:
     ap.add_argument("--speedup", type=float, default=2.0)
     ap.add_argument("--method", default="auto")
     ap.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
-                    help="refine residual branches' conv pairs (the default; --no-refine to compare)")
+                    help="refine residual branches' convs together (the default; --no-refine to compare)")
     ap.add_argument("--zoo", default=None, help="prune the tools/build_zoo.py exports in this folder instead")
     ap.add_argument("--no-phases", dest="phases", action="store_false", help="no per-phase timing")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
