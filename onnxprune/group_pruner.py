@@ -22,7 +22,7 @@ from .errors import OptionError
 from .frontier import Frontier
 from .graph import ChannelGroup, Consumer
 from .graphview import GraphView, node_name
-from .ops import Activation, LinearHandler, handler_for
+from .ops import Activation, LinearHandler, activation_chain, handler_for
 from .ops.conv import Conv
 from .options import PruneOptions
 from .progress import QUIET, Progress
@@ -305,15 +305,20 @@ class GroupPruner:
         return Branch(producer, act, c, self._output_activation(c), middle, middle_act, gate)
 
     def _activation_into(self, t: str, inner: list[onnx.NodeProto]) -> tuple[Activation, str]:
-        """(activation, its input) for tensor ``t``: the elementwise activation producing it (its
-        nodes added to ``inner``), or the identity where none does."""
-        node = self.g.producer.get(t)
-        act = handler_for(node).activation(node, self.g) if node is not None else None
-        if act is None:
+        """(activation, its input) for tensor ``t``: the chain of elementwise activations making it
+        (their nodes, and those computing a self-gating Mul's gate, added to ``inner``), or the
+        identity where none does."""
+        g = self.g
+        chain = activation_chain(g, t)
+        if chain is None:
             return IDENTITY, t
-        src = handler_for(node).activation_input(node, self.g)
-        inner.append(node)
-        inner.extend(self.g.producer[i] for i in node.input if i and i != src and i in self.g.producer)
+        act, src, nodes = chain
+        for node in nodes:
+            inner.append(node)
+            own = handler_for(node).activation_input(node, g)
+            for i in node.input:
+                gate = activation_chain(g, i, own) if i and i != own and not g.is_const(i) else None
+                inner.extend(gate[2] if gate else [])
         return act, src
 
     def _output_activation(self, c: Consumer):

@@ -206,3 +206,23 @@ def test_mobile_activations_give_value_and_derivative():
         assert f(z).dtype == np.float32 and df(z).dtype == np.float32
     assert handler_for(nodes[3]).activation_input(nodes[3], g) == hswish
     assert handler_for(b.nodes[-1]).activation(b.nodes[-1], g) is None
+
+
+def test_hard_swish_as_paddle_writes_it_is_one_activation_chain():
+    """``x · relu6(x + 3) / 6`` (Paddle2ONNX's hard swish: Add, Clip, Mul, Div with scalar
+    constants) walks back to ``x`` as one activation with its derivative."""
+    from onnxprune.graphview import GraphView
+    from onnxprune.ops import activation_chain
+    b = Builder(in_shape=("N", 3, 4, 4))
+    three, lo, hi, six = (b.const(np.array(v, np.float32)) for v in (3.0, 0.0, 6.0, 6.0))
+    x = b.node("Relu", ["input"])
+    gate = b.node("Clip", [b.node("Add", [x, three]), lo, hi])
+    out = b.node("Div", [b.node("Mul", [x, gate]), six])
+    g = GraphView(b.build(out))
+    act, source, nodes = activation_chain(g, out)
+    assert source == x and [n.op_type for n in nodes] == ["Div", "Mul"]
+    z = np.linspace(-5, 5, 1001).astype(np.float32) + 1e-3
+    ref = lambda v: v * np.clip(v + 3, 0, 6) / 6  # noqa: E731
+    numeric = (ref(z.astype(np.float64) + 1e-4) - ref(z.astype(np.float64) - 1e-4)) / 2e-4
+    assert np.abs(act[0](z) - ref(z)).max() < 1e-5 and np.abs(act[1](z) - numeric).max() < 1e-3
+    assert activation_chain(g, x) is not None and activation_chain(g, "input") is None

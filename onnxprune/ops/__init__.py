@@ -11,6 +11,7 @@ from .base import (
            registered_ops,
            sample_outputs,
 )
+from .elementwise import activation_chain
 
-__all__ = ["Activation", "ChannelRule", "Handler", "LinearHandler", "handler_for", "register", "registered_ops",
+__all__ = ["Activation", "ChannelRule", "activation_chain", "Handler", "LinearHandler", "handler_for", "register", "registered_ops",
            "sample_outputs"]

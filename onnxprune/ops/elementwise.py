@@ -174,26 +174,81 @@ class Binary(Handler):
                 _slice_channel_const(node, i, keep, g)
 
     def activation_input(self, node, g) -> str:
-        """For a self-gating ``Mul`` (``z · f(z)``, hard swish as exporters write it): ``z``."""
+        """The tensor :meth:`activation` is a function of: the non-constant operand of an affine
+        op, ``z`` of a self-gating ``Mul``."""
+        affine = self._affine(node, g)
+        if affine:
+            return affine[0]
         gated = self._self_gated(node, g)
         return gated[0] if gated else node.input[0]
 
     def activation(self, node, g) -> Activation | None:
+        affine = self._affine(node, g)
+        if affine:
+            _, scale, shift = affine
+            return (lambda z: z * scale + shift, lambda z: np.full_like(z, scale))
         gated = self._self_gated(node, g)
-        if gated is None:
+        return _self_gated(*gated[1]) if gated else None
+
+    def _affine(self, node, g):
+        """``(z, a, b)`` where this op is ``a · z + b`` with scalar constants (hard swish as
+        Paddle writes it: ``z · relu6(z + 3) / 6``)."""
+        if self.op_type not in ("Add", "Sub", "Mul", "Div") or len(node.input) != 2:
             return None
-        return _self_gated(*handler_for(gated[1]).activation(gated[1], g))
+        consts = [g.const(i) if g.is_const(i) else None for i in node.input]
+        if sum(c is not None for c in consts) != 1:
+            return None
+        k = 1 - [c is not None for c in consts].index(True)  # the activation's operand
+        c = consts[1 - k]
+        if c.size != 1:
+            return None
+        c = np.float32(c.reshape(()))
+        if self.op_type == "Add":
+            return node.input[k], np.float32(1), c
+        if self.op_type == "Sub":
+            return (node.input[k], np.float32(1), -c) if k == 0 else (node.input[k], np.float32(-1), c)
+        if self.op_type == "Mul":
+            return node.input[k], c, np.float32(0)
+        return (node.input[k], np.float32(1) / c, np.float32(0)) if k == 0 and c != 0 else None
 
     def _self_gated(self, node, g):
-        """``(z, gate node)`` where this Mul multiplies ``z`` by an activation of ``z`` alone."""
+        """``(z, (f, f'))`` where this Mul multiplies ``z`` by ``f(z)``, ``f`` a chain of
+        elementwise activations of ``z`` alone (read by nothing else)."""
         if self.op_type != "Mul" or len(node.input) != 2:
             return None
         for z, other in (node.input, node.input[::-1]):
-            gate = g.producer.get(other)
-            if gate is not None and gate.input and gate.input[0] == z and len(g.consumers.get(other, [])) == 1 \
-                    and other not in g.graph_outputs and handler_for(gate).activation(gate, g) is not None:
-                return z, gate
+            if z == other or len(g.consumers.get(other, [])) != 1 or other in g.graph_outputs:
+                continue
+            chain = activation_chain(g, other, z)
+            if chain is not None:
+                return z, chain[0]
         return None
+
+
+def compose(outer: Activation, inner: Activation) -> Activation:
+    """``outer(inner(z))`` and its derivative."""
+    return (lambda z: outer[0](inner[0](z)), lambda z: outer[1](inner[0](z)) * inner[1](z))
+
+
+def activation_chain(g, tensor: str, source: str | None = None) -> tuple[Activation, str, list] | None:
+    """The elementwise activations that make ``tensor`` from another tensor, walked back while
+    each is an activation whose output only the next one reads: ``(composed activation, its
+    input, its nodes)``; with ``source``, only a chain that starts at ``source``. None where no
+    activation makes ``tensor`` (or the chain does not reach ``source``)."""
+    act, nodes, t = None, [], tensor
+    while True:
+        node = g.producer.get(t)
+        step = handler_for(node).activation(node, g) if node is not None else None
+        if step is None or (nodes and (len(g.consumers.get(t, [])) != 1 or t in g.graph_outputs)):
+            break
+        act = step if act is None else compose(act, step)
+        nodes.append(node)
+        t = handler_for(node).activation_input(node, g)
+        if t == source:
+            break
+    if act is None or (source is not None and t != source):
+        return None
+    return act, t, nodes
 
 
 @register("PRelu")
