@@ -32,7 +32,7 @@ MIN_BATCH = 256  # samples a slice holds at least …
 MAX_BATCH = 1024  # … and at most (more slices where there are many samples: a step's cost stays bounded)
 MAX_CHECK = 8192  # held-out samples the checks read at most
 # samples one array operation covers: temporaries this small are reused by the allocator, larger
-# ones are mapped and unmapped (page faults on every step) — measured twice as slow at 2048
+# ones are mapped and unmapped again on every step (page faults; docs/benchmarks.md)
 CHUNK = 512
 MIN_GAIN = 0.01  # held-out relative error must fall by this fraction for the refined weights to be kept
 
@@ -40,9 +40,8 @@ MIN_GAIN = 0.01  # held-out relative error must fall by this fraction for the re
 @dataclass
 class Middle:
     """A depthwise conv between the producer and the consumer (an inverted residual block's
-    3×3): its per-channel filters ``[C, taps]`` over the producer's activations, its bias, the
-    activation after it, and whether a per-sample channel gate (squeeze-excite, held fixed)
-    multiplies that."""
+    3×3): its per-channel filters ``[C, taps]`` over the producer's activations, its bias and the
+    activation after it (a squeeze-excite gate, where there is one, comes with the samples)."""
 
     weight: np.ndarray
     bias: np.ndarray | None
