@@ -165,14 +165,17 @@ class Sampler:
         per_image = self.positions[name].shape[1]
         positions = max(max_values // max(taps * width, 1), 1)  # sample positions the cap allows in all
         keep = max(1, min(per_image, positions // max(len(self.indices), 1)))
-        every = -(-len(self.indices) // positions)  # more images than positions: every n-th image only
+        # more images than positions: one position of each of that many images, evenly spread
+        # (every n-th image would leave up to half of the positions the cap allows unused)
+        picked = np.zeros(len(self.indices), bool)
+        picked[np.linspace(0, len(self.indices) - 1, min(positions, len(self.indices))).astype(np.int64)] = True
         other = self.targets[name].residual_other
         needed = [producer.input[0]] + ([other] if other else []) + ([gate] if gate else [])
         xs, insides, ys, offsets, images, gates = [], [], [], [], [], []
         batches = runs(needed) if runs else run_batches(pruned.model, needed, self.calib, self.indices, self.batch,
                                                         self.provider)
         for idx, values in batches:
-            chosen = self.row[idx] % every == 0
+            chosen = picked[self.row[idx]]
             if not chosen.any():
                 continue
             idx, values = idx[chosen], {k: v[chosen] for k, v in values.items()}
