@@ -23,7 +23,6 @@ from .frontier import Frontier
 from .graph import ChannelGroup, Consumer
 from .graphview import GraphView, node_name
 from .ops import Activation, LinearHandler, activation_chain, handler_for
-from .ops.conv import Conv
 from .options import PruneOptions
 from .progress import QUIET, Progress
 from .reconstruct import ESTIMATE_RIDGE, refit
@@ -279,8 +278,7 @@ class GroupPruner:
         middle, middle_act = None, None
         act, t = self._activation_into(t, inner)
         node = g.producer.get(t)
-        hm = handler_for(node) if node is not None else None
-        if isinstance(hm, Conv) and hm.is_depthwise(node, g):
+        if node is not None and handler_for(node).is_depthwise(node, g):
             middle, middle_act = node, act
             inner.append(node)
             act, t = self._activation_into(node.input[0], inner)
@@ -344,7 +342,7 @@ class GroupPruner:
             return None
         hp: LinearHandler = handler_for(producer)  # type: ignore[assignment]
         hc: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-        hm: Conv | None = handler_for(branch.middle) if branch.middle is not None else None  # type: ignore[assignment]
+        hm: LinearHandler | None = handler_for(branch.middle) if branch.middle is not None else None  # type: ignore[assignment]
         middle = Middle(hm.weight_matrix(branch.middle, g), hm.bias(branch.middle, g), branch.middle_act) \
             if hm else None
         done = refine_pair(samples, branch.act, branch.out_act, hp.weight_matrix(producer, g), hp.bias(producer, g),

@@ -112,6 +112,10 @@ class Handler:
         through it (:mod:`onnxprune.refine`); None otherwise."""
         return None
 
+    def is_depthwise(self, node: onnx.NodeProto, g: GraphView) -> bool:
+        """Whether the node filters each channel on its own over a spatial kernel (depthwise conv)."""
+        return False
+
     def activation_input(self, node: onnx.NodeProto, g: GraphView) -> str:
         """The tensor :meth:`activation` is a function of."""
         return node.input[0]

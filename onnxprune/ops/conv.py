@@ -130,10 +130,7 @@ class Conv(LinearHandler):
         kernel = tuple(w.shape[2:])
         pads = conv_pads(node, (h, wd), kernel)
         strides, dil = attr(node, "strides", [1, 1]), attr(node, "dilations", [1, 1])
-        out_w = g.shape(node.output[0])[3]
-        oy, ox = pos // out_w, pos % out_w
-        iy = (oy * strides[0] - pads[0])[..., None, None] + (np.arange(kernel[0]) * dil[0])[:, None]
-        ix = (ox * strides[1] - pads[1])[..., None, None] + (np.arange(kernel[1]) * dil[1])[None, :]
+        iy, ix = _tap_coords(pos, g.shape(node.output[0])[3], kernel, pads, strides, dil)
         inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < wd)
         flat = np.clip(iy, 0, h - 1) * wd + np.clip(ix, 0, wd - 1)
         return flat.reshape(*pos.shape, -1), inside.reshape(*pos.shape, -1)
@@ -156,15 +153,20 @@ class Conv(LinearHandler):
             out_w = g.shape(node.output[0])[3]
         xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
         xp = xp.transpose(0, 2, 3, 1)  # B, H, W, C
-        oy, ox = pos // out_w, pos % out_w
-        ky = np.arange(kernel[0]) * dil[0]
-        kx = np.arange(kernel[1]) * dil[1]
-        iy = (oy * strides[0])[:, :, None, None] + ky[None, None, :, None]
-        ix = (ox * strides[1])[:, :, None, None] + kx[None, None, None, :]
+        iy, ix = _tap_coords(pos, out_w, kernel, pads, strides, dil)
         b = np.arange(x.shape[0])[:, None, None, None]
-        patches = xp[b, iy, ix]  # B, P, kh, kw, C
+        patches = xp[b, iy + pads[0], ix + pads[1]]  # B, P, kh, kw, C (in the padded map)
         patches = patches.transpose(0, 1, 4, 2, 3)
         return patches.reshape(pos.shape[0] * pos.shape[1], -1)
+
+
+def _tap_coords(pos: np.ndarray, out_w: int, kernel, pads, strides, dil) -> tuple[np.ndarray, np.ndarray]:
+    """Input row and column (before padding) of each kernel tap read by the outputs at flat
+    positions ``pos``: ``[*pos.shape, kh, 1]`` and ``[*pos.shape, 1, kw]``."""
+    oy, ox = pos // out_w, pos % out_w
+    iy = (oy * strides[0] - pads[0])[..., None, None] + (np.arange(kernel[0]) * dil[0])[:, None]
+    ix = (ox * strides[1] - pads[1])[..., None, None] + (np.arange(kernel[1]) * dil[1])[None, :]
+    return iy, ix
 
 
 def _check_equal_groups(keep: np.ndarray, channels: int, group: int) -> np.ndarray:
