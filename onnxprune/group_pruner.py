@@ -174,7 +174,8 @@ def _is_channel_gate(g: GraphView, name: str, other: str) -> bool:
 class Branch:
     """A residual branch :mod:`onnxprune.refine` tunes: ``producer`` → ``act`` → ``consumer``,
     or, in an inverted residual block, ``producer`` → ``act`` → depthwise ``middle`` →
-    ``middle_act`` (→ × ``gate``, held fixed) → ``consumer``; ``out_act`` follows the residual Add."""
+    ``middle_act`` (→ × ``gate``, held fixed) → ``consumer``; then ``join_act`` (where the
+    consumer reaches the residual Add through an activation) and ``out_act`` after the Add."""
 
     producer: onnx.NodeProto
     act: Activation
@@ -183,6 +184,7 @@ class Branch:
     middle: onnx.NodeProto | None = None
     middle_act: Activation | None = None
     gate: str | None = None
+    join_act: Activation | None = None
 
 
 class GroupPruner:
@@ -262,11 +264,21 @@ class GroupPruner:
         g = self.g
         if len(sites) != 1:
             return None
-        joined = [c for c in sites[0].sampled if self.sampler.targets[c.node.output[0]].residual_other]
+        targets = self.sampler.targets
+        joined = [c for c in sites[0].sampled
+                  if targets[c.node.output[0]].residual_other or targets[c.node.output[0]].activated]
         if len(joined) != 1:
             return None  # a plain chain: the next group's refit makes up for the pair (measured: no gain)
         c = joined[0]
         inner: list[onnx.NodeProto] = [c.node]  # the branch's nodes, from the consumer back
+        checked = 1  # inner[checked:] must be read by the branch alone (the consumer's output goes to the Add)
+        join_act, activated = None, targets[c.node.output[0]].activated
+        if activated:  # consumer → activations → Add: those are the branch's too, and the Add reads the last
+            join_act, source = self._activation_into(activated[0], inner)
+            if source != c.node.output[0]:
+                return None
+            checked = 0
+            inner.append(self.g.consumers[activated[0]][0])
         t, gate, gated = c.tensor, None, None
         gating = g.producer.get(t)
         if gating is not None and gating.op_type == "Mul" and handler_for(gating).activation(gating, g) is None:
@@ -295,12 +307,14 @@ class GroupPruner:
             return None
         inner.append(producer)
         keys = {node_key(n) for n in inner}
-        for n in inner[1:]:
+        for n in inner[checked:]:
+            if activated and n.output[0] == activated[1]:
+                continue  # the Add itself
             for out in n.output:
                 readers = [r for r in g.consumers.get(out, []) if node_key(r) not in keys]
                 if out in g.graph_outputs or any(out != gated or r.op_type not in _POOLS for r in readers):
                     return None
-        return Branch(producer, act, c, self._output_activation(c), middle, middle_act, gate)
+        return Branch(producer, act, c, self._output_activation(c), middle, middle_act, gate, join_act)
 
     def _activation_into(self, t: str, inner: list[onnx.NodeProto]) -> tuple[Activation, str]:
         """(activation, its input) for tensor ``t``: the chain of elementwise activations making it
@@ -323,9 +337,11 @@ class GroupPruner:
         """The activation applied to ``c``'s output (after the residual Add its target includes),
         when one op alone reads it; else None."""
         g, out = self.g, c.node.output[0]
-        other = self.sampler.targets[out].residual_other
-        if other:
+        target = self.sampler.targets[out]
+        if target.residual_other:
             out = g.consumers[out][0].output[0]
+        elif target.activated:
+            out = target.activated[1]
         users = g.consumers.get(out, [])
         return handler_for(users[0]).activation(users[0], g) if len(users) == 1 and out not in g.graph_outputs else None
 
@@ -346,7 +362,7 @@ class GroupPruner:
         middle = Middle(hm.weight_matrix(branch.middle, g), hm.bias(branch.middle, g), branch.middle_act) \
             if hm else None
         done = refine_pair(samples, branch.act, branch.out_act, hp.weight_matrix(producer, g), hp.bias(producer, g),
-                           hc.weight_matrix(c.node, g), hc.bias(c.node, g), middle)
+                           hc.weight_matrix(c.node, g), hc.bias(c.node, g), middle, branch.join_act)
         if done is None:
             return None
         hp.set_linear(producer, done.w1, done.b1, g)

@@ -4,9 +4,10 @@ Layer-wise least squares refits the consumer of a pruned group (its outputs from
 channels) and the producer's kept filters (their own outputs), each on its own. Where the two are
 convolutions joined only by an elementwise activation, or — in an inverted residual block — by
 activation, depthwise conv, activation (and a squeeze-excite gate, taken from the pruned model
-and held fixed), and the consumer's output joins a residual branch (the caller decides:
-``GroupPruner``), all of them are then refined jointly: Adam steps over slices of the samples,
-on the error of the consumer's output (after the activation that follows it, where one does),
+and held fixed), and the consumer's output joins a residual branch, directly or through an
+activation (conv → SiLU → Add in CSP / YOLO bottlenecks; the caller decides: ``GroupPruner``),
+all of them are then refined jointly: Adam steps over slices of the samples, on the error of the
+residual sum (after the activation that follows it, where one does),
 on sampled output positions (each with the producer's input patches at every tap of the
 consumer's kernel, or of the depthwise conv's). Four fifths of the calibration images fit, the
 last fifth decides: the weights with the lowest held-out error are kept, and only when they beat
@@ -66,14 +67,15 @@ class Refined:
 
 class _Pair:
     """Loss and gradients of ``w2 · act(w1 · x + b1) + b2`` against ``y`` on some samples; with a
-    middle, ``w2 · (gate · act_m(Σ_taps wm · act(w1 · x + b1) + bm)) + b2``."""
+    middle, ``w2 · (gate · act_m(Σ_taps wm · act(w1 · x + b1) + bm)) + b2``; with a join
+    activation, that activation of either."""
 
     def __init__(self, s: PairSamples, rows: slice, act: Activation, out_act: Activation | None,
-                 middle_act: Activation | None = None):
+                 middle_act: Activation | None = None, join_act: Activation | None = None):
         self.x, self.inside, self.y = s.x[rows], s.inside[rows].astype(np.float32), s.y[rows]
         self.offset = s.offset[rows]
         self.gate = None if s.gate is None else s.gate[rows]
-        self.act, self.out_act, self.middle_act = act, out_act, middle_act
+        self.act, self.out_act, self.middle_act, self.join_act = act, out_act, middle_act, join_act
         goal = self.y if out_act is None else out_act[0](self.y + self.offset)
         self.energy = max(float((goal.astype(np.float64) ** 2).sum()), 1e-30)
 
@@ -123,15 +125,18 @@ class _Pair:
             am = self.middle_act[0](zm)
             cols = am if self.gate is None else am * self.gate
         z2 = cols @ w2.T + b2
+        joined = z2 if self.join_act is None else self.join_act[0](z2)
         if self.out_act is None:
-            r = z2 - self.y
+            r = joined - self.y
         else:
-            r = self.out_act[0](z2 + self.offset) - self.out_act[0](self.y + self.offset)
+            r = self.out_act[0](joined + self.offset) - self.out_act[0](self.y + self.offset)
         if not grad:
             return float((r.astype(np.float64) ** 2).sum()) / self.energy, None
         dr = (2.0 / self.energy) * r
         if self.out_act is not None:
-            dr = dr * self.out_act[1](z2 + self.offset)
+            dr = dr * self.out_act[1](joined + self.offset)
+        if self.join_act is not None:
+            dr = dr * self.join_act[1](z2)
         g_w2, g_b2 = dr.T @ cols, dr.sum(axis=0)
         dcols = dr @ w2
         if self.middle_act is None:
@@ -151,18 +156,20 @@ class _Pair:
 
 def refine_pair(samples: PairSamples, act: Activation, out_act: Activation | None, w1: np.ndarray,
                 b1: np.ndarray | None, w2: np.ndarray, b2: np.ndarray | None,
-                middle: Middle | None = None) -> Refined | None:
+                middle: Middle | None = None, join_act: Activation | None = None) -> Refined | None:
     """Producer, consumer (and ``middle``, where given) weights refined together (see the module
-    docstring); None where the samples are too few to hold any out or the refined weights do not
-    beat the given ones."""
+    docstring); ``join_act`` is the activation between the consumer and its residual Add, where
+    there is one (the samples' targets are then its output's). None where the samples are too few
+    to hold any out or the refined weights do not beat the given ones."""
     # the last fifth of the images is held out (slices of the samples, in image order: no copies)
     cut = int(np.searchsorted(samples.image, samples.image[int(len(samples.image) * 0.8)]))
     if cut < 16 or len(samples.image) - cut < 16:
         return None
     middle_act = middle.act if middle else None
-    fit = _Pair(samples, slice(0, cut), act, out_act, middle_act)
+    fit = _Pair(samples, slice(0, cut), act, out_act, middle_act, join_act)
     # the check reads every n-th held-out sample, at most MAX_CHECK (it runs every CHECK_EVERY steps)
-    check = _Pair(samples, slice(cut, None, -(-(len(samples.image) - cut) // MAX_CHECK)), act, out_act, middle_act)
+    check = _Pair(samples, slice(cut, None, -(-(len(samples.image) - cut) // MAX_CHECK)), act, out_act, middle_act,
+                  join_act)
     given = [w1, b1, w2, b2] + ([middle.weight, middle.bias] if middle else [])
     initial = [np.asarray(p if p is not None else np.zeros(len(given[i - 1])), np.float32)
                for i, p in enumerate(given)]

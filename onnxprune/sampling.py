@@ -18,7 +18,7 @@ from .activations import run_batches
 from .calib import Calibration
 from .graph import Consumer
 from .graphview import GraphView
-from .ops import LinearHandler, handler_for
+from .ops import LinearHandler, activation_chain, handler_for
 from .stats import LayerStats
 
 # computes tensors over the sampler's images, in batches: (sample indices, {name: array})
@@ -48,20 +48,60 @@ class Target:
 
     source: str  # tensor of the original model giving the target
     residual_other: str | None
+    # (activation output, Add output, other input) where the output reaches a residual Add through
+    # activations (activated_join): the refinement's target, not the refit's
+    activated: tuple[str, str, str] | None = None
+
+
+def _join_partner(g: GraphView, branch: str, shape_of: str) -> tuple[str, str] | None:
+    """(the Add's output, its other input) where ``branch`` is read by one residual Add alone
+    whose other input is a computed tensor shaped like ``shape_of``."""
+    users = g.consumers.get(branch, [])
+    if branch in g.graph_outputs or len(users) != 1 or not handler_for(users[0]).sums_branches:
+        return None
+    join = users[0]
+    others = [i for i in join.input if i and i != branch]
+    if len(join.input) != 2 or len(others) != 1 or g.is_const(others[0]):
+        return None
+    if g.shape(others[0]) != g.shape(shape_of) or join.output[0] in g.graph_outputs:
+        return None
+    return join.output[0], others[0]
 
 
 def _residual_partner(g: GraphView, node: onnx.NodeProto) -> tuple[str, str] | None:
+    return _join_partner(g, node.output[0], node.output[0])
+
+
+# how many elementwise ops deep a consumer's output is followed to a residual Add (hard swish as
+# exporters write it takes four: Add, Clip, Mul, Div)
+_MAX_JOIN_DEPTH = 6
+
+
+def activated_join(g: GraphView, node: onnx.NodeProto) -> tuple[str, str, str] | None:
+    """Where ``node``'s output reaches a residual Add through elementwise activations alone (conv
+    → SiLU → Add, as the bottlenecks of CSP / YOLO backbones have it): (the activation chain's
+    output, the Add's output, its other input); else None."""
     out = node.output[0]
-    users = g.consumers.get(out, [])
-    if out in g.graph_outputs or len(users) != 1 or not handler_for(users[0]).sums_branches:
+    if out in g.graph_outputs:
         return None
-    join = users[0]
-    others = [i for i in join.input if i and i != out]
-    if len(join.input) != 2 or len(others) != 1 or g.is_const(others[0]):
-        return None
-    if g.shape(others[0]) != g.shape(out) or join.output[0] in g.graph_outputs:
-        return None
-    return join.output[0], others[0]
+    frontier, seen = [out], {out}
+    for _ in range(_MAX_JOIN_DEPTH):
+        nxt = []
+        for t in frontier:
+            for user in g.consumers.get(t, []):
+                if handler_for(user).activation(user, g) is None:
+                    continue
+                for made in user.output:
+                    if not made or made in seen:
+                        continue
+                    seen.add(made)
+                    nxt.append(made)
+                    partner = _join_partner(g, made, out)
+                    chain = activation_chain(g, made, out) if partner else None
+                    if chain is not None:
+                        return made, partner[0], partner[1]
+        frontier = nxt
+    return None
 
 
 @dataclass
@@ -72,7 +112,9 @@ class PairSamples:
 
     x: np.ndarray  # [n, taps, D] producer input patches, float32
     inside: np.ndarray  # [n, taps] False where the tap falls in the consumer's padding
-    y: np.ndarray  # [n, Cout] the consumer's targets (as its own refit has them)
+    # [n, Cout] the consumer's targets (as its own refit has them); where the consumer reaches its residual
+    # Add through activations (Target.activated), those activations' targets: the original Add output − offset
+    y: np.ndarray
     offset: np.ndarray  # [n, Cout] what is added to the consumer's output after it (a residual branch), or 0
     image: np.ndarray  # [n] calibration row of each sample, in increasing order (a held-out split by image)
     gate: np.ndarray | None = None  # [n, k] a per-image channel gate (squeeze-excite) before the consumer
@@ -99,8 +141,9 @@ class Sampler:
             if name in self.targets:
                 continue
             partner = _residual_partner(g, c.node) if residual else None
+            activated = activated_join(g, c.node) if residual and pairs and not partner else None
             self.targets[name] = Target(partner[0] if partner else name,
-                                        partner[1] if partner else None)
+                                        partner[1] if partner else None, activated)
             handler = handler_for(c.node)
             self.layers[name] = (c.node, handler)
             per_image = handler.positions(c.node, g)
@@ -112,26 +155,33 @@ class Sampler:
             self.positions[name] = (np.tile(np.arange(per_image), (len(calib), 1)) if per_image <= count
                                     else rng.integers(0, per_image, size=(len(calib), count)))
             self.counts[name] = self.positions[name].shape[1]
-            if pairs and partner and per_image > count:  # the branch's refinement (pair_samples) reads more
+            if pairs and (partner or activated) and per_image > count:  # the branch's refinement (pair_samples) reads more
                 outputs = handler.weight_matrix(c.node, g).shape[0]  # type: ignore[attr-defined]
                 extra = min(per_image, PAIR_TARGET_VALUES // max(len(self.indices) * outputs, 1)) - count
                 if extra > 0:
                     self.positions[name] = np.concatenate(
                         [self.positions[name], rng.integers(0, per_image, size=(len(calib), extra))], axis=1)
-        self.cache = self._cache_targets(original)
+        # the targets, and the original residual Add outputs of consumers that reach one through activations
+        self.cache, self.joined = self._cache_targets(original)
 
-    def _cache_targets(self, original: onnx.ModelProto) -> dict[str, np.ndarray]:
-        sources = {t.source for t in self.targets.values()}
+    def _cache_targets(self, original: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Original-model values at each consumer's positions, by its output name: its target and,
+        where it reaches a residual Add through activations, that Add's output."""
+        wanted = [(name, t.source, False) for name, t in self.targets.items()]
+        wanted += [(name, t.activated[1], True) for name, t in self.targets.items() if t.activated]
         cache: dict[str, np.ndarray] = {}
-        for idx, values in run_batches(original, sorted(sources), self.calib, self.indices, self.batch, self.provider):
-            for name, t in self.targets.items():
+        joined: dict[str, np.ndarray] = {}
+        for idx, values in run_batches(original, sorted({w[1] for w in wanted}), self.calib, self.indices, self.batch,
+                                       self.provider):
+            for name, source, is_join in wanted:
+                into = joined if is_join else cache
                 pos = self.positions[name][idx]
                 node, handler = self.layers[name]
-                y = handler.sample_outputs(node, self.g, values[t.source], pos).reshape(len(idx), pos.shape[1], -1)
-                if name not in cache:
-                    cache[name] = np.empty((len(self.indices), pos.shape[1], y.shape[2]), np.float32)
-                cache[name][self.row[idx]] = y
-        return cache
+                y = handler.sample_outputs(node, self.g, values[source], pos).reshape(len(idx), pos.shape[1], -1)
+                if name not in into:
+                    into[name] = np.empty((len(self.indices), pos.shape[1], y.shape[2]), np.float32)
+                into[name][self.row[idx]] = y
+        return cache, joined
 
     def pair_samples(self, pruned: GraphView, producer: onnx.NodeProto, consumer: Consumer,
                      target_columns: np.ndarray | None, runs: Runs | None, max_values: int,
@@ -144,7 +194,10 @@ class Sampler:
 
         With a depthwise conv ``middle`` between them (→ ``middle`` → elementwise ops, times the
         per-image channel ``gate`` where given → ``consumer``), the consumer must read each
-        output position at that position alone (a 1×1 conv) and the taps are ``middle``'s."""
+        output position at that position alone (a 1×1 conv) and the taps are ``middle``'s.
+
+        Where the consumer reaches its residual Add through activations (``Target.activated``),
+        the targets are those of the activations' output (the caches have them with ``pairs``)."""
         name = consumer.node.output[0]
         prod: LinearHandler = handler_for(producer)  # type: ignore[assignment]
         cons: LinearHandler = handler_for(consumer.node)  # type: ignore[assignment]
@@ -169,7 +222,8 @@ class Sampler:
         # (every n-th image would leave up to half of the positions the cap allows unused)
         picked = np.zeros(len(self.indices), bool)
         picked[np.linspace(0, len(self.indices) - 1, min(positions, len(self.indices))).astype(np.int64)] = True
-        other = self.targets[name].residual_other
+        target = self.targets[name]
+        other = target.residual_other or (target.activated[2] if target.activated else None)
         needed = [producer.input[0]] + ([other] if other else []) + ([gate] if gate else [])
         xs, insides, ys, offsets, images, gates = [], [], [], [], [], []
         batches = runs(needed) if runs else run_batches(pruned.model, needed, self.calib, self.indices, self.batch,
@@ -182,7 +236,8 @@ class Sampler:
             pos = self.positions[name][idx][:, :keep]
             flat, inside = tapped.input_positions(middle or consumer.node, pruned, pos)  # type: ignore[misc]
             x = prod.sample_patches(producer, pruned, values[producer.input[0]], flat.reshape(len(idx), -1))
-            y = self.cache[name][self.row[idx], :keep].reshape(-1, self.cache[name].shape[2])
+            goal = self.joined[name] if target.activated else self.cache[name]
+            y = goal[self.row[idx], :keep].reshape(-1, goal.shape[2])
             if target_columns is not None:
                 y = y[:, cons.output_columns(consumer.node, pruned, target_columns)]
             # as in stats(): a skip branch sharing pruned output channels already has the kept ones only

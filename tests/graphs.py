@@ -120,6 +120,22 @@ def tiny_mobile(seed: int = 0) -> onnx.ModelProto:
     return b.build(b.gemm(x, 8, 4))
 
 
+def tiny_csp(seed: int = 0) -> onnx.ModelProto:
+    """Two CSP / YOLO bottlenecks on 8×8 maps, each conv followed by SiLU written as
+    ``x · Sigmoid(x)`` and the second one's activation added to the block input
+    (``x + silu(conv(silu(conv(x))))``, as YOLOv5/v8 and YOLOX export them)."""
+    b = Builder(in_shape=("N", 3, 8, 8), seed=seed)
+
+    def silu(x):
+        return b.node("Mul", [x, b.node("Sigmoid", [x])])
+
+    x = silu(b.conv("input", 3, 8))
+    for _ in range(2):
+        x = b.node("Add", [silu(b.conv(silu(b.conv(x, 8, 16, k=1)), 16, 8)), x])
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    return b.build(b.gemm(x, 8, 4))
+
+
 def calib_for(model: onnx.ModelProto, n: int = 64, seed: int = 1) -> np.ndarray:
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
     return np.random.default_rng(seed).normal(0, 1, (n, *dims)).astype(np.float32)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import check_pruned
-from graphs import Builder, calib_for, tiny_mobile, tiny_resnet
+from graphs import Builder, calib_for, tiny_csp, tiny_mobile, tiny_resnet
 
 import onnxprune
 from onnxprune.graph import Consumer
@@ -182,6 +182,50 @@ def test_pruning_inverted_residual_blocks_refines_them(caplog):
         result = onnxprune.prune(model, x, speedup=1.5, measure_latency=False, allocation="uniform")
     check_pruned(result.model, model, x[:64], max_rel_err=0.5)
     assert any(grp.refined_error for grp in result.report.groups)
+
+
+def _csp_pairs(model, x):
+    """(sampler, graph, [(conv1, its SiLU, conv2 as a Consumer, conv2's SiLU)]) for each bottleneck of ``tiny_csp``."""
+    pruner = Pruner(model, x, PruneOptions(allocation="uniform", measure_latency=False))
+    g, found = pruner.analysis.g, []
+    for name, target in pruner.sampler.targets.items():
+        if target.activated:
+            conv2 = g.producer[name]
+            silu1, silu2 = g.producer[conv2.input[0]], g.producer[target.activated[0]]
+            found.append((g.producer[silu1.input[0]], handler_for(silu1).activation(silu1, g),
+                          Consumer(conv2, conv2.input[0], 1), handler_for(silu2).activation(silu2, g)))
+    return pruner.sampler, g, found
+
+
+def test_bottlenecks_joined_through_an_activation_are_sampled_and_refined():
+    """``x + silu(conv(silu(conv(x))))`` (CSP / YOLO bottlenecks): the second conv reaches the
+    residual Add through its SiLU, so its branch samples carry the original Add output less the
+    skip path, which the two convs rebuild through both SiLUs; the refinement tunes them through
+    the second SiLU and lowers the held-out error from perturbed weights."""
+    model = tiny_csp()
+    sampler, g, pairs = _csp_pairs(model, calib_for(model, 64))
+    assert len(pairs) == 2 and all(sampler.targets[c.node.output[0]].residual_other is None for _, _, c, _ in pairs)
+    for conv1, act, c, join_act in pairs:
+        s = sampler.pair_samples(g, conv1, c, None, None, 1 << 24)
+        h1, h2 = handler_for(conv1), handler_for(c.node)
+        weights = [h1.weight_matrix(conv1, g), h1.bias(conv1, g), h2.weight_matrix(c.node, g), h2.bias(c.node, g)]
+        out = join_act[0](_predict(s, act, *weights))
+        assert s.x.shape[1] == 9 and np.abs(out - s.y).max() <= 1e-4 * np.abs(s.y).max()
+        assert np.abs(s.offset).max() > 0  # the skip path
+    w1, b1, w2, b2 = weights
+    noisy = w2 + np.random.default_rng(0).normal(0, 0.5 * np.abs(w2).mean(), w2.shape)
+    done = refine_pair(s, act, None, w1, b1, noisy, b2, join_act=join_act)
+    assert done is not None and done.error_after < 0.7 * done.error_before
+    assert np.linalg.norm(join_act[0](_predict(s, act, done.w1, done.b1, done.w2, done.b2)) - s.y) < \
+        np.linalg.norm(join_act[0](_predict(s, act, w1, b1, noisy, b2)) - s.y)
+
+
+def test_pruning_bottlenecks_joined_through_an_activation_refines_them():
+    model = tiny_csp()
+    x = calib_for(model, 256)
+    result = onnxprune.prune(model, x, speedup=1.5, measure_latency=False, allocation="uniform")
+    check_pruned(result.model, model, x[:64], max_rel_err=0.5)
+    assert sum(bool(grp.refined_error) for grp in result.report.groups) >= 1
 
 
 def test_mobile_activations_give_value_and_derivative():
