@@ -26,7 +26,7 @@ from .ops import Activation, LinearHandler, activation_chain, handler_for
 from .options import PruneOptions
 from .progress import QUIET, Progress
 from .reconstruct import ESTIMATE_RIDGE, refit
-from .refine import MAX_VALUES, Middle, refine_pair
+from .refine import MAX_VALUES, WHOLE_MAX_VALUES, Middle, refine_pair
 from .report import GroupResult
 from .rewrite import finalize, prune_group
 from .sampling import Runs, Sampler
@@ -353,7 +353,8 @@ class GroupPruner:
             return None
         g, producer, c = self.g, branch.producer, branch.consumer
         samples = self.sampler.pair_samples(g, producer, c, self.kept_outputs.get(c.node.output[0]), runs,
-                                            MAX_VALUES, middle=branch.middle, gate=branch.gate)
+                                            MAX_VALUES, middle=branch.middle, gate=branch.gate,
+                                            whole_values=WHOLE_MAX_VALUES)
         if samples is None:
             return None
         hp: LinearHandler = handler_for(producer)  # type: ignore[assignment]

@@ -26,11 +26,15 @@ from .sampling import PairSamples
 
 STEPS = 100
 CHECK_EVERY = 25  # steps between held-out checks
-MAX_VALUES = 1 << 23  # producer input values a branch's samples hold (32 MiB of float32)
+MAX_VALUES = 1 << 23  # producer input values a branch's samples hold (32 MiB of float32) …
+# … or its whole maps (PairSamples): a step over them computes each producer output once, not once
+# per consumer tap, so the same step cost covers several times the samples (64 MiB)
+WHOLE_MAX_VALUES = 1 << 24
 LEARNING_RATE = 0.03  # Adam's step, relative to each parameter's mean magnitude
 BATCHES = 16  # each step takes the next of at least this many slices of the fit samples
 MIN_BATCH = 256  # samples a slice holds at least …
 MAX_BATCH = 1024  # … and at most (more slices where there are many samples: a step's cost stays bounded)
+WHOLE_MAX_BATCH = 4096  # … or, on whole maps, where a sample costs less (the producer is computed once per position)
 MAX_CHECK = 8192  # held-out samples the checks read at most
 # samples one array operation covers: temporaries this small are reused by the allocator, larger
 # ones are mapped and unmapped again on every step (page faults; docs/benchmarks.md)
@@ -68,25 +72,38 @@ class Refined:
 class _Pair:
     """Loss and gradients of ``w2 · act(w1 · x + b1) + b2`` against ``y`` on some samples; with a
     middle, ``w2 · (gate · act_m(Σ_taps wm · act(w1 · x + b1) + bm)) + b2``; with a join
-    activation, that activation of either."""
+    activation, that activation of either. Its rows are samples or, on whole maps (the samples'
+    ``tap_index``), images."""
 
     def __init__(self, s: PairSamples, rows: slice, act: Activation, out_act: Activation | None,
                  middle_act: Activation | None = None, join_act: Activation | None = None):
-        self.x, self.inside, self.y = s.x[rows], s.inside[rows].astype(np.float32), s.y[rows]
-        self.offset = s.offset[rows]
+        self.x, self.y, self.offset = s.x[rows], s.y[rows], s.offset[rows]
         self.gate = None if s.gate is None else s.gate[rows]
+        self.tap_index = s.tap_index
+        if s.tap_index is None:
+            self.inside = s.inside[rows].astype(np.float32)
+        else:  # one mask for every image; a tap in the padding sends its (zero) gradient to a spare row
+            self.inside = s.inside.astype(np.float32)
+            self.spread_index = np.where(s.inside, s.tap_index, s.x.shape[1])
         self.act, self.out_act, self.middle_act, self.join_act = act, out_act, middle_act, join_act
         goal = self.y if out_act is None else out_act[0](self.y + self.offset)
         self.energy = max(float((goal.astype(np.float64) ** 2).sum()), 1e-30)
 
+    @property
+    def samples(self) -> int:
+        """Consumer output positions these rows hold."""
+        return len(self.y) * (1 if self.tap_index is None else len(self.tap_index))
+
     def batches(self, count: int) -> list["_Pair"]:
-        """``count`` consecutive slices of the samples (views, no copies), each with its share of
+        """``count`` consecutive slices of the rows (views, no copies), each with its share of
         the energy so that their losses average to the whole's."""
         parts = []
-        for rows in np.array_split(np.arange(len(self.y)), count):
+        for rows in np.array_split(np.arange(len(self.y)), min(count, len(self.y))):
             part = copy.copy(self)
             sl = slice(int(rows[0]), int(rows[-1]) + 1)
-            part.x, part.inside, part.y, part.offset = self.x[sl], self.inside[sl], self.y[sl], self.offset[sl]
+            part.x, part.y, part.offset = self.x[sl], self.y[sl], self.offset[sl]
+            if self.tap_index is None:
+                part.inside = self.inside[sl]
             part.gate = None if self.gate is None else self.gate[sl]
             part.energy = self.energy * len(rows) / len(self.y)
             parts.append(part)
@@ -95,10 +112,10 @@ class _Pair:
     def loss(self, params: list[np.ndarray], grad: bool = False):
         """Relative squared error on these samples, and (``grad``) its gradients with respect
         to ``params``: ``[w1, b1, w2, b2]``, then ``wm, bm`` where there is a middle."""
-        if len(self.y) <= CHUNK:
+        if self.samples <= CHUNK or len(self.y) == 1:
             return self._loss(params, grad)
         total, grads = 0.0, None
-        for part in self.batches(-(-len(self.y) // CHUNK)):
+        for part in self.batches(-(-self.samples // CHUNK)):
             share = len(part.y) / len(self.y)
             value, g = part._loss(params, grad)
             if grad:
@@ -109,13 +126,25 @@ class _Pair:
 
     def _loss(self, params: list[np.ndarray], grad: bool):
         w1, b1, w2, b2 = params[:4]
-        n, taps, _ = self.x.shape
-        z1 = (self.x.reshape(n * taps, -1) @ w1.T).reshape(n, taps, -1)
+        rows, hidden, _ = self.x.shape
+        z1 = (self.x.reshape(rows * hidden, -1) @ w1.T).reshape(rows, hidden, -1)
         z1 += b1
         a1 = self.act[0](z1)
-        if a1 is z1:  # the identity: z1 is still needed
-            a1 = a1.copy()
-        a1 *= self.inside[:, :, None]
+        k = a1.shape[2]
+        if self.tap_index is None:  # each sample holds its taps
+            n, taps = rows, hidden
+            if a1 is z1:  # the identity: z1 is still needed
+                a1 = a1.copy()
+            a1 *= self.inside[:, :, None]
+            gate = self.gate
+        else:  # each image holds its map: gather every output position's taps
+            outputs, taps = self.tap_index.shape
+            n = rows * outputs
+            a1 = a1[:, self.tap_index]
+            a1 *= self.inside[None, :, :, None]
+            a1 = a1.reshape(n, taps, k)
+            gate = None if self.gate is None else np.repeat(self.gate, outputs, axis=0)
+        y, offset = self.y.reshape(n, -1), self.offset.reshape(n, -1)
         if self.middle_act is None:
             cols = a1.transpose(0, 2, 1).reshape(n, -1)  # channel-major, as the consumer's patch columns
         else:
@@ -123,18 +152,18 @@ class _Pair:
             zm = np.einsum("ntk,kt->nk", a1, wm)
             zm += bm
             am = self.middle_act[0](zm)
-            cols = am if self.gate is None else am * self.gate
+            cols = am if gate is None else am * gate
         z2 = cols @ w2.T + b2
         joined = z2 if self.join_act is None else self.join_act[0](z2)
         if self.out_act is None:
-            r = joined - self.y
+            r = joined - y
         else:
-            r = self.out_act[0](joined + self.offset) - self.out_act[0](self.y + self.offset)
+            r = self.out_act[0](joined + offset) - self.out_act[0](y + offset)
         if not grad:
             return float((r.astype(np.float64) ** 2).sum()) / self.energy, None
         dr = (2.0 / self.energy) * r
         if self.out_act is not None:
-            dr = dr * self.out_act[1](joined + self.offset)
+            dr = dr * self.out_act[1](joined + offset)
         if self.join_act is not None:
             dr = dr * self.join_act[1](z2)
         g_w2, g_b2 = dr.T @ cols, dr.sum(axis=0)
@@ -143,14 +172,22 @@ class _Pair:
             grad_a1 = [dcols.reshape(n, -1, taps).transpose(0, 2, 1)]
             extra = []
         else:
-            dzm = (dcols if self.gate is None else dcols * self.gate) * self.middle_act[1](zm)
+            dzm = (dcols if gate is None else dcols * gate) * self.middle_act[1](zm)
             grad_a1 = [dzm[:, None, :], wm.T]  # the gradient reaching a1 is their product
             extra = [np.einsum("nk,ntk->kt", dzm, a1), dzm.sum(axis=0)]
         dz1 = self.act[1](z1)  # a fresh array: the gradient's factors are multiplied into it in place
-        for factor in grad_a1:
-            dz1 *= factor
-        dz1 *= self.inside[:, :, None]
-        g_w1 = dz1.reshape(-1, dz1.shape[2]).T @ self.x.reshape(-1, self.x.shape[2])
+        if self.tap_index is None:
+            for factor in grad_a1:
+                dz1 *= factor
+            dz1 *= self.inside[:, :, None]
+        else:  # each tap's gradient back to the map position it read (distinct positions per tap)
+            reached = grad_a1[0] * grad_a1[1] if len(grad_a1) == 2 else grad_a1[0]
+            reached = reached.reshape(rows, outputs, taps, k) * self.inside[None, :, :, None]
+            spread = np.zeros((rows, hidden + 1, k), np.float32)
+            for t in range(taps):
+                spread[:, self.spread_index[:, t]] += reached[:, :, t]
+            dz1 *= spread[:, :hidden]
+        g_w1 = dz1.reshape(-1, k).T @ self.x.reshape(-1, self.x.shape[2])
         return None, [g_w1, dz1.sum(axis=(0, 1)), g_w2, g_b2, *extra]
 
 
@@ -163,13 +200,14 @@ def refine_pair(samples: PairSamples, act: Activation, out_act: Activation | Non
     to hold any out or the refined weights do not beat the given ones."""
     # the last fifth of the images is held out (slices of the samples, in image order: no copies)
     cut = int(np.searchsorted(samples.image, samples.image[int(len(samples.image) * 0.8)]))
-    if cut < 16 or len(samples.image) - cut < 16:
+    per_row = 1 if samples.tap_index is None else len(samples.tap_index)  # samples a row holds
+    if min(cut, len(samples.image) - cut) * per_row < 16 or cut == 0 or cut == len(samples.image):
         return None
     middle_act = middle.act if middle else None
     fit = _Pair(samples, slice(0, cut), act, out_act, middle_act, join_act)
-    # the check reads every n-th held-out sample, at most MAX_CHECK (it runs every CHECK_EVERY steps)
-    check = _Pair(samples, slice(cut, None, -(-(len(samples.image) - cut) // MAX_CHECK)), act, out_act, middle_act,
-                  join_act)
+    # the check reads every n-th held-out row, at most MAX_CHECK samples (it runs every CHECK_EVERY steps)
+    check = _Pair(samples, slice(cut, None, -(-(len(samples.image) - cut) * per_row // MAX_CHECK)), act, out_act,
+                  middle_act, join_act)
     given = [w1, b1, w2, b2] + ([middle.weight, middle.bias] if middle else [])
     initial = [np.asarray(p if p is not None else np.zeros(len(given[i - 1])), np.float32)
                for i, p in enumerate(given)]
@@ -182,7 +220,8 @@ def refine_pair(samples: PairSamples, act: Activation, out_act: Activation | Non
     start, _ = check.loss(params)
     best, best_theta = start, theta.copy()
     m, v = np.zeros_like(theta), np.zeros_like(theta)
-    batches = fit.batches(max(1, min(max(BATCHES, -(-len(fit.y) // MAX_BATCH)), len(fit.y) // MIN_BATCH)))
+    limit = MAX_BATCH if samples.tap_index is None else WHOLE_MAX_BATCH
+    batches = fit.batches(max(1, min(max(BATCHES, -(-fit.samples // limit)), fit.samples // MIN_BATCH)))
     for t in range(1, STEPS + 1):
         _, grads = batches[t % len(batches)].loss(params, grad=True)
         grad = np.concatenate([gr.ravel() for gr in grads]).astype(np.float32)

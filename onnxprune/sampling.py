@@ -34,7 +34,7 @@ MIN_SAMPLES_PER_UNKNOWN = 25
 # whose unknowns are shared by every output position: its targets are cached at more positions per
 # image than its own refit samples, up to this many values. Ten positions per image were too few
 # for an inverted residual block's branch (docs/benchmarks.md).
-PAIR_TARGET_VALUES = 1 << 21
+PAIR_TARGET_VALUES = 1 << 22
 
 
 @dataclass
@@ -108,16 +108,25 @@ def activated_join(g: GraphView, node: onnx.NodeProto) -> tuple[str, str, str] |
 class PairSamples:
     """Samples of a producer and the consumer reading it, for refining the two together
     (:mod:`onnxprune.refine`): at each sampled consumer output, the producer's input patch at
-    every kernel tap of the consumer (or, through a depthwise conv between them, of that conv)."""
+    every kernel tap of the consumer (or, through a depthwise conv between them, of that conv).
 
-    x: np.ndarray  # [n, taps, D] producer input patches, float32
-    inside: np.ndarray  # [n, taps] False where the tap falls in the consumer's padding
+    *Whole maps* (``tap_index`` given) hold each image once instead: the producer's input patch
+    at every position of its output map (``[n images, H, D]``), every consumer output position
+    (``P``) of the image, and which of the H positions each of its taps reads. The producer's
+    output at a position is then computed once, not once per consumer output reading it (a 3×3
+    consumer reads each nine times): on small maps the same memory holds several times the
+    samples."""
+
+    x: np.ndarray  # [n, taps, D] producer input patches, float32 (whole maps: [n, H, D])
+    inside: np.ndarray  # [n, taps] False where the tap falls in the consumer's padding (whole maps: [P, taps])
     # [n, Cout] the consumer's targets (as its own refit has them); where the consumer reaches its residual
     # Add through activations (Target.activated), those activations' targets: the original Add output − offset
+    # (whole maps: [n, P, Cout])
     y: np.ndarray
-    offset: np.ndarray  # [n, Cout] what is added to the consumer's output after it (a residual branch), or 0
-    image: np.ndarray  # [n] calibration row of each sample, in increasing order (a held-out split by image)
+    offset: np.ndarray  # like y: what is added to the consumer's output after it (a residual branch), or 0
+    image: np.ndarray  # [n] calibration row of each sample (whole maps: image), increasing (a held-out split by image)
     gate: np.ndarray | None = None  # [n, k] a per-image channel gate (squeeze-excite) before the consumer
+    tap_index: np.ndarray | None = None  # whole maps: [P, taps] the position of x each tap reads
 
 
 class Sampler:
@@ -134,6 +143,7 @@ class Sampler:
         self.targets: dict[str, Target] = {}
         self.positions: dict[str, np.ndarray] = {}  # [images, positions] sampled per consumer (by output)
         self.counts: dict[str, int] = {}  # how many of those (the first) the consumer's own refit reads
+        self.whole: dict[str, int] = {}  # where the positions include every one in order: the first's column
         self.layers: dict[str, tuple[onnx.NodeProto, LinearHandler]] = {}  # output name -> (layer, handler)
         self.g = g
         for c in consumers:
@@ -155,10 +165,19 @@ class Sampler:
             self.positions[name] = (np.tile(np.arange(per_image), (len(calib), 1)) if per_image <= count
                                     else rng.integers(0, per_image, size=(len(calib), count)))
             self.counts[name] = self.positions[name].shape[1]
-            if pairs and (partner or activated) and per_image > count:  # the branch's refinement (pair_samples) reads more
+            if not pairs or not (partner or activated):
+                continue
+            if per_image <= count:
+                self.whole[name] = 0
+            else:  # the branch's refinement (pair_samples) reads more
                 outputs = handler.weight_matrix(c.node, g).shape[0]  # type: ignore[attr-defined]
-                extra = min(per_image, PAIR_TARGET_VALUES // max(len(self.indices) * outputs, 1)) - count
-                if extra > 0:
+                room = PAIR_TARGET_VALUES // max(len(self.indices) * outputs, 1)
+                extra = min(per_image, room) - count
+                if room >= count + per_image:  # every position, in order: whole maps (PairSamples)
+                    self.whole[name] = count
+                    self.positions[name] = np.concatenate(
+                        [self.positions[name], np.tile(np.arange(per_image), (len(calib), 1))], axis=1)
+                elif extra > 0:
                     self.positions[name] = np.concatenate(
                         [self.positions[name], rng.integers(0, per_image, size=(len(calib), extra))], axis=1)
         # the targets, and the original residual Add outputs of consumers that reach one through activations
@@ -185,11 +204,13 @@ class Sampler:
 
     def pair_samples(self, pruned: GraphView, producer: onnx.NodeProto, consumer: Consumer,
                      target_columns: np.ndarray | None, runs: Runs | None, max_values: int,
-                     middle: onnx.NodeProto | None = None, gate: str | None = None) -> PairSamples | None:
+                     middle: onnx.NodeProto | None = None, gate: str | None = None,
+                     whole_values: int | None = None) -> PairSamples | None:
         """:class:`PairSamples` for ``producer`` → (elementwise ops) → ``consumer`` on the pruned
         model, at the positions sampled for the consumer (its refit's, then those a residual
         branch's targets are also cached at: ``pairs``), keeping at most ``max_values`` input
-        values (fewer positions per image where the patches are large); None where the
+        values (fewer positions per image where the patches are large), or whole maps of as many
+        images as ``whole_values`` hold where that gives more samples; None where the
         consumer has no map from outputs to input positions (not a 2-D conv).
 
         With a depthwise conv ``middle`` between them (→ ``middle`` → elementwise ops, times the
@@ -215,17 +236,33 @@ class Sampler:
             tapped = cons
         taps = probe[0].shape[-1]
         width = prod.weight_matrix(producer, pruned).shape[1]
-        per_image = self.positions[name].shape[1]
+        images = len(self.indices)
+        columns = self.positions[name].shape[1]
         positions = max(max_values // max(taps * width, 1), 1)  # sample positions the cap allows in all
-        keep = max(1, min(per_image, positions // max(len(self.indices), 1)))
-        # more images than positions: one position of each of that many images, evenly spread
-        # (every n-th image would leave up to half of the positions the cap allows unused)
-        picked = np.zeros(len(self.indices), bool)
-        picked[np.linspace(0, len(self.indices) - 1, min(positions, len(self.indices))).astype(np.int64)] = True
+        keep = max(1, min(columns, positions // max(images, 1)))
+        outputs, hidden = cons.positions(consumer.node, pruned), prod.positions(producer, pruned)
+        # whole maps (at most ``whole_values``, by default ``max_values``): as many images as that
+        # holds, where it gives more samples than sampled positions
+        whole_images = min(images, (whole_values or max_values) // max(hidden * width, 1)) if name in self.whole else 0
+        whole = whole_images * outputs > min(positions, keep * images) and whole_images >= 2
+        chosen_images = whole_images if whole else min(positions, images)
+        # more images than the cap allows: that many images, evenly spread (every n-th image would
+        # leave up to half of the positions the cap allows unused)
+        picked = np.zeros(images, bool)
+        picked[np.linspace(0, images - 1, chosen_images).astype(np.int64)] = True
+        if whole:
+            cols = self.whole[name] + np.arange(outputs)  # every position, in order
+            tap_index, tap_inside = tapped.input_positions(middle or consumer.node, pruned,  # type: ignore[misc]
+                                                           np.arange(outputs)[None])
+            tap_index, tap_inside = tap_index.reshape(outputs, taps), tap_inside.reshape(outputs, taps)
+        else:  # spread over the columns: some may be positions in order
+            cols = np.linspace(0, columns - 1, keep).astype(np.int64)
         target = self.targets[name]
         other = target.residual_other or (target.activated[2] if target.activated else None)
         needed = [producer.input[0]] + ([other] if other else []) + ([gate] if gate else [])
-        xs, insides, ys, offsets, images, gates = [], [], [], [], [], []
+        goal = self.joined[name] if target.activated else self.cache[name]
+        out_cols = cons.output_columns(consumer.node, pruned, target_columns) if target_columns is not None else None
+        xs, insides, ys, offsets, rows, gates = [], [], [], [], [], []
         batches = runs(needed) if runs else run_batches(pruned.model, needed, self.calib, self.indices, self.batch,
                                                         self.provider)
         for idx, values in batches:
@@ -233,27 +270,34 @@ class Sampler:
             if not chosen.any():
                 continue
             idx, values = idx[chosen], {k: v[chosen] for k, v in values.items()}
-            pos = self.positions[name][idx][:, :keep]
-            flat, inside = tapped.input_positions(middle or consumer.node, pruned, pos)  # type: ignore[misc]
-            x = prod.sample_patches(producer, pruned, values[producer.input[0]], flat.reshape(len(idx), -1))
-            goal = self.joined[name] if target.activated else self.cache[name]
-            y = goal[self.row[idx], :keep].reshape(-1, goal.shape[2])
-            if target_columns is not None:
-                y = y[:, cons.output_columns(consumer.node, pruned, target_columns)]
+            pos = self.positions[name][idx][:, cols]
+            if whole:
+                x = prod.sample_patches(producer, pruned, values[producer.input[0]],
+                                        np.tile(np.arange(hidden), (len(idx), 1)))
+            else:
+                flat, inside = tapped.input_positions(middle or consumer.node, pruned, pos)  # type: ignore[misc]
+                x = prod.sample_patches(producer, pruned, values[producer.input[0]], flat.reshape(len(idx), -1))
+                insides.append(inside.reshape(-1, taps))
+            y = goal[self.row[idx]][:, cols].reshape(-1, goal.shape[2])
+            if out_cols is not None:
+                y = y[:, out_cols]
             # as in stats(): a skip branch sharing pruned output channels already has the kept ones only
             offset = cons.sample_outputs(consumer.node, pruned, values[other], pos) if other else np.zeros_like(y)
             y = y - offset
-            offsets.append(offset.astype(np.float32, copy=False))
-            xs.append(x.reshape(-1, taps, x.shape[1]).astype(np.float32, copy=False))
-            insides.append(inside.reshape(-1, taps))
-            ys.append(y.astype(np.float32, copy=False))
-            images.append(np.repeat(self.row[idx], keep))
+            per = outputs if whole else keep
+            shape = (len(idx), outputs, -1) if whole else (len(y), -1)
+            offsets.append(offset.reshape(shape).astype(np.float32, copy=False))
+            xs.append(x.reshape(-1, hidden if whole else taps, x.shape[1]).astype(np.float32, copy=False))
+            ys.append(y.reshape(shape).astype(np.float32, copy=False))
+            rows.append(self.row[idx] if whole else np.repeat(self.row[idx], per))
             if gate:
-                gates.append(np.repeat(values[gate].reshape(len(idx), -1), keep, axis=0).astype(np.float32))
+                gated = values[gate].reshape(len(idx), -1)
+                gates.append((gated if whole else np.repeat(gated, per, axis=0)).astype(np.float32))
         if not xs:
             return None
-        return PairSamples(np.concatenate(xs), np.concatenate(insides), np.concatenate(ys), np.concatenate(offsets),
-                           np.concatenate(images), np.concatenate(gates) if gates else None)
+        return PairSamples(np.concatenate(xs), tap_inside if whole else np.concatenate(insides), np.concatenate(ys),
+                           np.concatenate(offsets), np.concatenate(rows), np.concatenate(gates) if gates else None,
+                           tap_index if whole else None)
 
     def stats(self, pruned: GraphView, consumers: list[Consumer],
               target_columns: dict[str, np.ndarray] | None = None, runs: Runs | None = None) -> list[LayerStats]:

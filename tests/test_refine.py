@@ -13,7 +13,8 @@ from onnxprune.graph import Consumer
 from onnxprune.ops import handler_for
 from onnxprune.options import PruneOptions
 from onnxprune.pipeline import Pruner
-from onnxprune.refine import Middle, refine_pair
+from onnxprune.refine import Middle, _Pair, refine_pair
+from onnxprune.sampling import PairSamples
 
 
 def _pairs(model, x):
@@ -173,6 +174,54 @@ def test_inverted_residual_branches_are_sampled_through_the_depthwise_conv_and_g
     assert done is not None and done.error_after < 0.7 * done.error_before and done.wm.shape == wm.shape
     assert np.linalg.norm(_predict_branch(s, act, done.wm, done.bm, mact, done.w1, done.b1, done.w2, done.b2) - s.y) < \
         np.linalg.norm(_predict_branch(s, act, noisy, bm, mact, w1, b1, w2, b2) - s.y)
+
+
+def _as_sampled(s: PairSamples) -> PairSamples:
+    """Whole-map samples written out as one sample per output position, each with its taps."""
+    images, (outputs, taps) = len(s.image), s.tap_index.shape
+    return PairSamples(s.x[:, s.tap_index].reshape(images * outputs, taps, -1), np.tile(s.inside, (images, 1)),
+                       s.y.reshape(images * outputs, -1), s.offset.reshape(images * outputs, -1),
+                       np.repeat(s.image, outputs), None if s.gate is None else np.repeat(s.gate, outputs, axis=0))
+
+
+def test_whole_maps_give_the_loss_and_gradients_of_every_position_sampled(blocks):
+    """Where the cap on samples is tight, whole maps hold each image once (the producer's output
+    computed once per position, every consumer output gathered from it): loss and gradients
+    equal those of the same positions written out as samples — through a stride-2 producer and
+    the consumer's padding, and through a depthwise conv and a squeeze-excite gate — and the
+    refinement works on them."""
+    sampler, g, pairs = blocks
+    for conv1, relu, c in pairs:
+        s = sampler.pair_samples(g, conv1, c, None, None, 1 << 10, whole_values=1 << 24)
+        assert s.tap_index is not None and s.x.shape[:2] == (len(s.image), handler_for(conv1).positions(conv1, g))
+        assert not s.inside.all()
+        h1, h2 = handler_for(conv1), handler_for(c.node)
+        params = [np.asarray(p, np.float32) for p in (h1.weight_matrix(conv1, g), h1.bias(conv1, g),
+                                                       h2.weight_matrix(c.node, g), h2.bias(c.node, g))]
+        params[0] = params[0] * 0.7  # away from the optimum: non-zero gradients
+        act = handler_for(relu).activation(relu, g)
+        whole, sampled = (_Pair(x, slice(None), act, None) for x in (s, _as_sampled(s)))
+        assert np.isclose(whole.loss(params)[0], sampled.loss(params)[0], rtol=1e-5)
+        for a, b in zip(whole.loss(params, grad=True)[1], sampled.loss(params, grad=True)[1]):
+            assert np.allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+    noisy = [params[0] / 0.7 + np.random.default_rng(0).normal(0, 0.5 * np.abs(params[0]).mean(), params[0].shape),
+             *params[1:]]
+    done = refine_pair(s, act, None, *noisy)
+    assert done is not None and done.error_after < 0.7 * done.error_before
+    model = tiny_mobile()
+    sampler, g, branches = _branches(model, calib_for(model, 64))
+    expand, act, dw, mact, gate, c = branches[1]
+    s = sampler.pair_samples(g, expand, c, None, None, 1 << 10, middle=dw, gate=gate, whole_values=1 << 24)
+    assert s.tap_index is not None and s.gate.shape == (len(s.image), 24)
+    he, hd, hp = handler_for(expand), handler_for(dw), handler_for(c.node)
+    params = [np.asarray(p, np.float32) for p in (he.weight_matrix(expand, g), he.bias(expand, g),
+                                                   hp.weight_matrix(c.node, g), hp.bias(c.node, g),
+                                                   hd.weight_matrix(dw, g), hd.bias(dw, g))]
+    params[4] = params[4] * 0.7
+    whole, sampled = (_Pair(x, slice(None), act, None, mact) for x in (s, _as_sampled(s)))
+    assert np.isclose(whole.loss(params)[0], sampled.loss(params)[0], rtol=1e-5)
+    for a, b in zip(whole.loss(params, grad=True)[1], sampled.loss(params, grad=True)[1]):
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
 
 
 def test_pruning_inverted_residual_blocks_refines_them(caplog):
