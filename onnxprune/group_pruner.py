@@ -204,6 +204,9 @@ class GroupPruner:
         self.rng = np.random.default_rng(opts.seed)
         self.current = {grp.index: grp.atoms.copy() for grp in groups}  # atoms each group holds now
         self.kept_outputs: dict[str, np.ndarray] = {}  # producer output -> original channels still there
+        # one array for every branch's samples (refined one at a time): fresh pages of tens of MB per
+        # branch cost more time than filling them
+        self.pair_buffer = np.empty(max(MAX_VALUES, WHOLE_MAX_VALUES), np.float32) if opts.refine else None
 
     def _sites(self, unit: ChannelGroup) -> list[Site]:
         sites = []
@@ -354,7 +357,7 @@ class GroupPruner:
         g, producer, c = self.g, branch.producer, branch.consumer
         samples = self.sampler.pair_samples(g, producer, c, self.kept_outputs.get(c.node.output[0]), runs,
                                             MAX_VALUES, middle=branch.middle, gate=branch.gate,
-                                            whole_values=WHOLE_MAX_VALUES)
+                                            whole_values=WHOLE_MAX_VALUES, buffer=self.pair_buffer)
         if samples is None:
             return None
         hp: LinearHandler = handler_for(producer)  # type: ignore[assignment]

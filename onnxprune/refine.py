@@ -24,7 +24,7 @@ import numpy as np
 from .ops import Activation
 from .sampling import PairSamples
 
-STEPS = 100
+STEPS = 150
 CHECK_EVERY = 25  # steps between held-out checks
 MAX_VALUES = 1 << 23  # producer input values a branch's samples hold (32 MiB of float32) …
 # … or its whole maps (PairSamples): a step over them computes each producer output once, not once
@@ -39,6 +39,7 @@ MAX_CHECK = 8192  # held-out samples the checks read at most
 # samples one array operation covers: temporaries this small are reused by the allocator, larger
 # ones are mapped and unmapped again on every step (page faults; docs/benchmarks.md)
 CHUNK = 512
+WHOLE_CHUNK = 2048  # on whole maps (their largest temporaries hold a sample's taps once, not its patches)
 MIN_GAIN = 0.01  # held-out relative error must fall by this fraction for the refined weights to be kept
 
 
@@ -82,12 +83,21 @@ class _Pair:
         self.tap_index = s.tap_index
         if s.tap_index is None:
             self.inside = s.inside[rows].astype(np.float32)
-        else:  # one mask for every image; a tap in the padding sends its (zero) gradient to a spare row
-            self.inside = s.inside.astype(np.float32)
-            self.spread_index = np.where(s.inside, s.tap_index, s.x.shape[1])
+        else:
+            outputs, taps = s.tap_index.shape
+            hidden = s.x.shape[1]
+            # a tap in the padding reads a spare zero row past the map's positions (no mask to apply)
+            self.read_index = np.where(s.inside, s.tap_index, hidden)
+            # the gradient at a map position gathers what each tap read from it: the (output, tap)
+            # pair reading it there, flattened, or a spare zero past them (no output's tap reads it)
+            self.back_index = np.full((taps, 1, hidden), outputs * taps)  # [tap, (image), position]
+            out, tap = np.nonzero(s.inside)
+            self.back_index[tap, 0, s.tap_index[out, tap]] = out * taps + tap
+            self.back_spare = self.back_index == outputs * taps
         self.act, self.out_act, self.middle_act, self.join_act = act, out_act, middle_act, join_act
-        goal = self.y if out_act is None else out_act[0](self.y + self.offset)
-        self.energy = max(float((goal.astype(np.float64) ** 2).sum()), 1e-30)
+        # what the output activation makes of the targets: fixed, so formed once
+        self.goal = self.y if out_act is None else out_act[0](self.y + self.offset)
+        self.energy = max(float((self.goal.astype(np.float64) ** 2).sum()), 1e-30)
 
     @property
     def samples(self) -> int:
@@ -101,7 +111,7 @@ class _Pair:
         for rows in np.array_split(np.arange(len(self.y)), min(count, len(self.y))):
             part = copy.copy(self)
             sl = slice(int(rows[0]), int(rows[-1]) + 1)
-            part.x, part.y, part.offset = self.x[sl], self.y[sl], self.offset[sl]
+            part.x, part.y, part.offset, part.goal = self.x[sl], self.y[sl], self.offset[sl], self.goal[sl]
             if self.tap_index is None:
                 part.inside = self.inside[sl]
             part.gate = None if self.gate is None else self.gate[sl]
@@ -112,10 +122,11 @@ class _Pair:
     def loss(self, params: list[np.ndarray], grad: bool = False):
         """Relative squared error on these samples, and (``grad``) its gradients with respect
         to ``params``: ``[w1, b1, w2, b2]``, then ``wm, bm`` where there is a middle."""
-        if self.samples <= CHUNK or len(self.y) == 1:
+        chunk = CHUNK if self.tap_index is None else WHOLE_CHUNK
+        if self.samples <= chunk or len(self.y) == 1:
             return self._loss(params, grad)
         total, grads = 0.0, None
-        for part in self.batches(-(-self.samples // CHUNK)):
+        for part in self.batches(-(-self.samples // chunk)):
             share = len(part.y) / len(self.y)
             value, g = part._loss(params, grad)
             if grad:
@@ -127,25 +138,36 @@ class _Pair:
     def _loss(self, params: list[np.ndarray], grad: bool):
         w1, b1, w2, b2 = params[:4]
         rows, hidden, _ = self.x.shape
-        z1 = (self.x.reshape(rows * hidden, -1) @ w1.T).reshape(rows, hidden, -1)
-        z1 += b1
-        a1 = self.act[0](z1)
-        k = a1.shape[2]
-        if self.tap_index is None:  # each sample holds its taps
+        k = len(w1)
+        whole = self.tap_index is not None
+        if whole:  # each image holds its map, with a spare zero row: gather every output position's taps
+            outputs, taps = self.tap_index.shape
+            n = rows * outputs
+            z1 = (self.x.reshape(rows * hidden, -1) @ w1.T).reshape(rows, hidden, -1)
+            z1 += b1
+            a1 = np.empty((rows, hidden + 1, k), np.float32)
+            a1[:, :hidden] = self.act[0](z1)
+            a1[:, hidden] = 0
+            # np.take on flat rows: several times faster than fancy indexing along an inner axis
+            a1 = np.take(a1.reshape(-1, k), self.read_index + (np.arange(rows) * (hidden + 1))[:, None, None],
+                         axis=0).reshape(n, taps, k)
+            gate = None if self.gate is None else np.repeat(self.gate, outputs, axis=0)
+        else:  # each sample holds its taps
             n, taps = rows, hidden
+            z1 = (self.x.reshape(rows * hidden, -1) @ w1.T).reshape(rows, hidden, -1)
+            z1 += b1
+            a1 = self.act[0](z1)
             if a1 is z1:  # the identity: z1 is still needed
                 a1 = a1.copy()
             a1 *= self.inside[:, :, None]
             gate = self.gate
-        else:  # each image holds its map: gather every output position's taps
-            outputs, taps = self.tap_index.shape
-            n = rows * outputs
-            a1 = a1[:, self.tap_index]
-            a1 *= self.inside[None, :, :, None]
-            a1 = a1.reshape(n, taps, k)
-            gate = None if self.gate is None else np.repeat(self.gate, outputs, axis=0)
-        y, offset = self.y.reshape(n, -1), self.offset.reshape(n, -1)
-        if self.middle_act is None:
+        goal, offset = self.goal.reshape(n, -1), self.offset.reshape(n, -1)
+        # gathered taps are tap-major: the consumer's weights are reordered to them instead (smaller)
+        tap_major = whole and self.middle_act is None
+        if tap_major:
+            w2 = w2.reshape(len(w2), k, taps).transpose(0, 2, 1).reshape(len(w2), -1)
+            cols = a1.reshape(n, -1)
+        elif self.middle_act is None:
             cols = a1.transpose(0, 2, 1).reshape(n, -1)  # channel-major, as the consumer's patch columns
         else:
             wm, bm = params[4:]
@@ -156,37 +178,47 @@ class _Pair:
         z2 = cols @ w2.T + b2
         joined = z2 if self.join_act is None else self.join_act[0](z2)
         if self.out_act is None:
-            r = joined - y
+            r = joined - goal
         else:
-            r = self.out_act[0](joined + offset) - self.out_act[0](y + offset)
+            joined += offset  # joined is z2 only without a join activation, and z2 is not read again then
+            r = self.out_act[0](joined) - goal
         if not grad:
             return float((r.astype(np.float64) ** 2).sum()) / self.energy, None
         dr = (2.0 / self.energy) * r
         if self.out_act is not None:
-            dr = dr * self.out_act[1](joined + offset)
+            dr *= self.out_act[1](joined)
         if self.join_act is not None:
-            dr = dr * self.join_act[1](z2)
+            dr *= self.join_act[1](z2)
         g_w2, g_b2 = dr.T @ cols, dr.sum(axis=0)
-        dcols = dr @ w2
+        if tap_major:
+            g_w2 = g_w2.reshape(len(w2), taps, k).transpose(0, 2, 1).reshape(len(w2), -1)
         if self.middle_act is None:
-            grad_a1 = [dcols.reshape(n, -1, taps).transpose(0, 2, 1)]
             extra = []
         else:
-            dzm = (dcols if gate is None else dcols * gate) * self.middle_act[1](zm)
-            grad_a1 = [dzm[:, None, :], wm.T]  # the gradient reaching a1 is their product
+            dzm = (dr @ w2 if gate is None else (dr @ w2) * gate) * self.middle_act[1](zm)
             extra = [np.einsum("nk,ntk->kt", dzm, a1), dzm.sum(axis=0)]
-        dz1 = self.act[1](z1)  # a fresh array: the gradient's factors are multiplied into it in place
-        if self.tap_index is None:
-            for factor in grad_a1:
-                dz1 *= factor
+        dz1 = self.act[1](z1)  # a fresh array: the gradient reaching a1 is multiplied into it in place
+        if whole:  # each tap's gradient back to the map position it read, from a buffer with a spare zero
+            flat = np.empty((n * taps + 1, k), np.float32)
+            flat[-1] = 0
+            reached = flat[:-1].reshape(n, taps, k)
+            if tap_major:
+                np.matmul(dr, w2, out=reached.reshape(n, taps * k))
+            else:
+                np.multiply(dzm[:, None, :], wm.T, out=reached)
+            # tap by tap (a reduction over the taps axis of one large gather is several times slower)
+            index = np.where(self.back_spare, n * taps, self.back_index + (np.arange(rows) * (outputs * taps))[None, :, None])
+            reaching = np.take(flat, index[0], axis=0)
+            for tap in range(1, taps):
+                reaching += np.take(flat, index[tap], axis=0)
+            dz1 *= reaching
+        else:
+            if self.middle_act is None:
+                dz1 *= (dr @ w2).reshape(n, -1, taps).transpose(0, 2, 1)
+            else:
+                dz1 *= dzm[:, None, :]
+                dz1 *= wm.T
             dz1 *= self.inside[:, :, None]
-        else:  # each tap's gradient back to the map position it read (distinct positions per tap)
-            reached = grad_a1[0] * grad_a1[1] if len(grad_a1) == 2 else grad_a1[0]
-            reached = reached.reshape(rows, outputs, taps, k) * self.inside[None, :, :, None]
-            spread = np.zeros((rows, hidden + 1, k), np.float32)
-            for t in range(taps):
-                spread[:, self.spread_index[:, t]] += reached[:, :, t]
-            dz1 *= spread[:, :hidden]
         g_w1 = dz1.reshape(-1, k).T @ self.x.reshape(-1, self.x.shape[2])
         return None, [g_w1, dz1.sum(axis=(0, 1)), g_w2, g_b2, *extra]
 

@@ -205,7 +205,7 @@ class Sampler:
     def pair_samples(self, pruned: GraphView, producer: onnx.NodeProto, consumer: Consumer,
                      target_columns: np.ndarray | None, runs: Runs | None, max_values: int,
                      middle: onnx.NodeProto | None = None, gate: str | None = None,
-                     whole_values: int | None = None) -> PairSamples | None:
+                     whole_values: int | None = None, buffer: np.ndarray | None = None) -> PairSamples | None:
         """:class:`PairSamples` for ``producer`` → (elementwise ops) → ``consumer`` on the pruned
         model, at the positions sampled for the consumer (its refit's, then those a residual
         branch's targets are also cached at: ``pairs``), keeping at most ``max_values`` input
@@ -218,7 +218,11 @@ class Sampler:
         output position at that position alone (a 1×1 conv) and the taps are ``middle``'s.
 
         Where the consumer reaches its residual Add through activations (``Target.activated``),
-        the targets are those of the activations' output (the caches have them with ``pairs``)."""
+        the targets are those of the activations' output (the caches have them with ``pairs``).
+
+        The patches are written into ``buffer`` (float32) where it is large enough: the samples
+        then last until the caller's next use of it (tens of MB, whose fresh pages cost more
+        time than filling them)."""
         name = consumer.node.output[0]
         prod: LinearHandler = handler_for(producer)  # type: ignore[assignment]
         cons: LinearHandler = handler_for(consumer.node)  # type: ignore[assignment]
@@ -262,7 +266,11 @@ class Sampler:
         needed = [producer.input[0]] + ([other] if other else []) + ([gate] if gate else [])
         goal = self.joined[name] if target.activated else self.cache[name]
         out_cols = cons.output_columns(consumer.node, pruned, target_columns) if target_columns is not None else None
-        xs, insides, ys, offsets, rows, gates = [], [], [], [], [], []
+        insides, ys, offsets, rows, gates = [], [], [], [], []
+        # the patches are the bulk (tens of MB): written into one array, not concatenated from batches
+        shape = (int(picked.sum()) * (1 if whole else keep), hidden if whole else taps, width)
+        fits = buffer is not None and buffer.dtype == np.float32 and buffer.size >= np.prod(shape)
+        x_all, filled = buffer.ravel()[:np.prod(shape)].reshape(shape) if fits else np.empty(shape, np.float32), 0
         batches = runs(needed) if runs else run_batches(pruned.model, needed, self.calib, self.indices, self.batch,
                                                         self.provider)
         for idx, values in batches:
@@ -287,15 +295,17 @@ class Sampler:
             per = outputs if whole else keep
             shape = (len(idx), outputs, -1) if whole else (len(y), -1)
             offsets.append(offset.reshape(shape).astype(np.float32, copy=False))
-            xs.append(x.reshape(-1, hidden if whole else taps, x.shape[1]).astype(np.float32, copy=False))
+            x = x.reshape(-1, hidden if whole else taps, x.shape[1])
+            x_all[filled:filled + len(x)] = x
+            filled += len(x)
             ys.append(y.reshape(shape).astype(np.float32, copy=False))
             rows.append(self.row[idx] if whole else np.repeat(self.row[idx], per))
             if gate:
                 gated = values[gate].reshape(len(idx), -1)
                 gates.append((gated if whole else np.repeat(gated, per, axis=0)).astype(np.float32))
-        if not xs:
+        if not filled:
             return None
-        return PairSamples(np.concatenate(xs), tap_inside if whole else np.concatenate(insides), np.concatenate(ys),
+        return PairSamples(x_all[:filled], tap_inside if whole else np.concatenate(insides), np.concatenate(ys),
                            np.concatenate(offsets), np.concatenate(rows), np.concatenate(gates) if gates else None,
                            tap_index if whole else None)
 
