@@ -246,8 +246,10 @@ class Sampler:
         keep = max(1, min(columns, positions // max(images, 1)))
         outputs, hidden = cons.positions(consumer.node, pruned), prod.positions(producer, pruned)
         # whole maps (at most ``whole_values``, by default ``max_values``): as many images as that
-        # holds, where it gives more samples than sampled positions
-        whole_images = min(images, (whole_values or max_values) // max(hidden * width, 1)) if name in self.whole else 0
+        # holds, where it gives more samples than sampled positions and a producer output is read
+        # by more than one tap (a 1×1 consumer gains nothing from them)
+        denser = name in self.whole and hidden < taps * outputs
+        whole_images = min(images, (whole_values or max_values) // max(hidden * width, 1)) if denser else 0
         whole = whole_images * outputs > min(positions, keep * images) and whole_images >= 2
         chosen_images = whole_images if whole else min(positions, images)
         # more images than the cap allows: that many images, evenly spread (every n-th image would

