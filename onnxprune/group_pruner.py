@@ -281,7 +281,7 @@ class GroupPruner:
             if source != c.node.output[0]:
                 return None
             checked = 0
-            inner.append(self.g.consumers[activated[0]][0])
+            inner.append(g.consumers[activated[0]][0])
         t, gate, gated = c.tensor, None, None
         gating = g.producer.get(t)
         if gating is not None and gating.op_type == "Mul" and handler_for(gating).activation(gating, g) is None:
