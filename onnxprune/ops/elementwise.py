@@ -42,7 +42,11 @@ class Smooth(Unary):
         if node.op_type == "Sigmoid":
             def sigmoid(z):
                 return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
-            return (sigmoid, lambda z: sigmoid(z) * (1 - sigmoid(z)))
+
+            def sigmoid_slope(z):  # the sigmoid once, not twice: this runs on every refinement step
+                s = sigmoid(z)
+                return s * (1 - s)
+            return (sigmoid, sigmoid_slope)
         # HardSwish is z · hard_sigmoid(z) with alpha 1/6, beta 1/2
         alpha = np.float32(attr(node, "alpha", 0.2) if node.op_type == "HardSigmoid" else 1 / 6)
         beta = np.float32(attr(node, "beta", 0.5) if node.op_type == "HardSigmoid" else 0.5)
