@@ -35,6 +35,11 @@ MIN_SAMPLES_PER_UNKNOWN = 25
 # image than its own refit samples, up to this many values. Ten positions per image were too few
 # for an inverted residual block's branch (docs/benchmarks.md).
 PAIR_TARGET_VALUES = 1 << 22
+# Where every position of every image does not fit in those values, a branch also holds every
+# position of an evenly spread subset of the images, when that holds this many images at least: a
+# refinement step over whole maps computes each producer output once (refine.py), so they give it
+# several times the samples that one or two sampled positions per image do.
+MIN_WHOLE_IMAGES = 64
 
 
 @dataclass
@@ -143,7 +148,9 @@ class Sampler:
         self.targets: dict[str, Target] = {}
         self.positions: dict[str, np.ndarray] = {}  # [images, positions] sampled per consumer (by output)
         self.counts: dict[str, int] = {}  # how many of those (the first) the consumer's own refit reads
-        self.whole: dict[str, int] = {}  # where the positions include every one in order: the first's column
+        # branches whose targets are cached at every position, in order, of some images: those rows
+        self.whole: dict[str, np.ndarray] = {}
+        in_cache: dict[str, int] = {}  # … where they are all the images: the cache's column of the first
         self.layers: dict[str, tuple[onnx.NodeProto, LinearHandler]] = {}  # output name -> (layer, handler)
         self.g = g
         for c in consumers:
@@ -167,40 +174,68 @@ class Sampler:
             self.counts[name] = self.positions[name].shape[1]
             if not pairs or not (partner or activated):
                 continue
+            images = len(self.indices)
             if per_image <= count:
-                self.whole[name] = 0
+                in_cache[name] = 0
             else:  # the branch's refinement (pair_samples) reads more
                 outputs = handler.weight_matrix(c.node, g).shape[0]  # type: ignore[attr-defined]
-                room = PAIR_TARGET_VALUES // max(len(self.indices) * outputs, 1)
+                room = PAIR_TARGET_VALUES // max(images * outputs, 1)
                 extra = min(per_image, room) - count
+                subset = PAIR_TARGET_VALUES // max(per_image * outputs, 1)
                 if room >= count + per_image:  # every position, in order: whole maps (PairSamples)
-                    self.whole[name] = count
+                    in_cache[name] = count
                     self.positions[name] = np.concatenate(
                         [self.positions[name], np.tile(np.arange(per_image), (len(calib), 1))], axis=1)
-                elif extra > 0:
+                    continue
+                if extra > 0:
                     self.positions[name] = np.concatenate(
                         [self.positions[name], rng.integers(0, per_image, size=(len(calib), extra))], axis=1)
-        # the targets, and the original residual Add outputs of consumers that reach one through activations
-        self.cache, self.joined = self._cache_targets(original)
+                if subset >= MIN_WHOLE_IMAGES:  # whole maps of some images, as well
+                    self.whole[name] = np.unique(np.linspace(0, images - 1, min(subset, images)).astype(np.int64))
+        self.whole.update({name: np.arange(len(self.indices)) for name in in_cache})
+        # the targets, the original residual Add outputs of consumers that reach one through
+        # activations, and both at every position of the images in ``whole`` (views into the first
+        # two where those are all the images)
+        self.cache, self.joined, self.whole_cache, self.whole_joined = self._cache_targets(original, in_cache)
 
-    def _cache_targets(self, original: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _cache_targets(self, original: onnx.ModelProto, in_cache: dict[str, int]) -> tuple[dict[str, np.ndarray], ...]:
         """Original-model values at each consumer's positions, by its output name: its target and,
-        where it reaches a residual Add through activations, that Add's output."""
-        wanted = [(name, t.source, False) for name, t in self.targets.items()]
-        wanted += [(name, t.activated[1], True) for name, t in self.targets.items() if t.activated]
-        cache: dict[str, np.ndarray] = {}
-        joined: dict[str, np.ndarray] = {}
+        where it reaches a residual Add through activations, that Add's output; then both at every
+        position of the images in :attr:`whole` (``in_cache``: those whose cached positions
+        include them, from that column)."""
+        # (name, source tensor, is the Add's output, at every position of the images in ``whole``)
+        wanted = [(name, t.source, False, False) for name, t in self.targets.items()]
+        wanted += [(name, t.activated[1], True, False) for name, t in self.targets.items() if t.activated]
+        wanted += [(name, source, joined, True) for name, source, joined, _ in wanted
+                   if name in self.whole and name not in in_cache]
+        into: tuple[dict[str, np.ndarray], ...] = ({}, {}, {}, {})
         for idx, values in run_batches(original, sorted({w[1] for w in wanted}), self.calib, self.indices, self.batch,
                                        self.provider):
-            for name, source, is_join in wanted:
-                into = joined if is_join else cache
-                pos = self.positions[name][idx]
+            rows = self.row[idx]
+            for name, source, is_join, whole in wanted:
                 node, handler = self.layers[name]
-                y = handler.sample_outputs(node, self.g, values[source], pos).reshape(len(idx), pos.shape[1], -1)
-                if name not in into:
-                    into[name] = np.empty((len(self.indices), pos.shape[1], y.shape[2]), np.float32)
-                into[name][self.row[idx]] = y
-        return cache, joined
+                cache = into[2 * whole + is_join]
+                if whole:
+                    slots = np.searchsorted(self.whole[name], rows)
+                    mine = self.whole[name][np.minimum(slots, len(self.whole[name]) - 1)] == rows
+                    if not mine.any():
+                        continue
+                    pos = np.tile(np.arange(handler.positions(node, self.g)), (int(mine.sum()), 1))
+                    value, slots = values[source][mine], slots[mine]
+                    length = len(self.whole[name])
+                else:
+                    pos, value, slots, length = self.positions[name][idx], values[source], rows, len(self.indices)
+                y = handler.sample_outputs(node, self.g, value, pos).reshape(len(pos), pos.shape[1], -1)
+                if name not in cache:
+                    cache[name] = np.empty((length, pos.shape[1], y.shape[2]), np.float32)
+                cache[name][slots] = y
+        for name, column in in_cache.items():
+            node, handler = self.layers[name]
+            positions = handler.positions(node, self.g)
+            for full, whole in ((into[0], into[2]), (into[1], into[3])):
+                if name in full:
+                    whole[name] = full[name][:, column:column + positions]
+        return into
 
     def pair_samples(self, pruned: GraphView, producer: onnx.NodeProto, consumer: Consumer,
                      target_columns: np.ndarray | None, runs: Runs | None, max_values: int,
@@ -248,25 +283,28 @@ class Sampler:
         # whole maps (at most ``whole_values``, by default ``max_values``): as many images as that
         # holds, where it gives more samples than sampled positions and a producer output is read
         # by more than one tap (a 1×1 consumer gains nothing from them)
-        denser = name in self.whole and hidden < taps * outputs
-        whole_images = min(images, (whole_values or max_values) // max(hidden * width, 1)) if denser else 0
+        available = self.whole.get(name, np.zeros(0, np.int64))  # images whose every position has targets
+        denser = hidden < taps * outputs
+        whole_images = min(len(available), (whole_values or max_values) // max(hidden * width, 1)) if denser else 0
         whole = whole_images * outputs > min(positions, keep * images) and whole_images >= 2
-        chosen_images = whole_images if whole else min(positions, images)
         # more images than the cap allows: that many images, evenly spread (every n-th image would
         # leave up to half of the positions the cap allows unused)
         picked = np.zeros(images, bool)
-        picked[np.linspace(0, images - 1, chosen_images).astype(np.int64)] = True
         if whole:
-            cols = self.whole[name] + np.arange(outputs)  # every position, in order
+            picked[available[np.linspace(0, len(available) - 1, whole_images).astype(np.int64)]] = True
             tap_index, tap_inside = tapped.input_positions(middle or consumer.node, pruned,  # type: ignore[misc]
                                                            np.arange(outputs)[None])
             tap_index, tap_inside = tap_index.reshape(outputs, taps), tap_inside.reshape(outputs, taps)
         else:  # spread over the columns: some may be positions in order
+            picked[np.linspace(0, images - 1, min(positions, images)).astype(np.int64)] = True
             cols = np.linspace(0, columns - 1, keep).astype(np.int64)
         target = self.targets[name]
         other = target.residual_other or (target.activated[2] if target.activated else None)
         needed = [producer.input[0]] + ([other] if other else []) + ([gate] if gate else [])
-        goal = self.joined[name] if target.activated else self.cache[name]
+        if whole:
+            goal = self.whole_joined[name] if target.activated else self.whole_cache[name]
+        else:
+            goal = self.joined[name] if target.activated else self.cache[name]
         out_cols = cons.output_columns(consumer.node, pruned, target_columns) if target_columns is not None else None
         insides, ys, offsets, rows, gates = [], [], [], [], []
         # the patches are the bulk (tens of MB): written into one array, not concatenated from batches
@@ -280,15 +318,17 @@ class Sampler:
             if not chosen.any():
                 continue
             idx, values = idx[chosen], {k: v[chosen] for k, v in values.items()}
-            pos = self.positions[name][idx][:, cols]
             if whole:
+                pos = np.tile(np.arange(outputs), (len(idx), 1))
                 x = prod.sample_patches(producer, pruned, values[producer.input[0]],
                                         np.tile(np.arange(hidden), (len(idx), 1)))
+                y = goal[np.searchsorted(available, self.row[idx])].reshape(-1, goal.shape[2])
             else:
+                pos = self.positions[name][idx][:, cols]
                 flat, inside = tapped.input_positions(middle or consumer.node, pruned, pos)  # type: ignore[misc]
                 x = prod.sample_patches(producer, pruned, values[producer.input[0]], flat.reshape(len(idx), -1))
                 insides.append(inside.reshape(-1, taps))
-            y = goal[self.row[idx]][:, cols].reshape(-1, goal.shape[2])
+                y = goal[self.row[idx]][:, cols].reshape(-1, goal.shape[2])
             if out_cols is not None:
                 y = y[:, out_cols]
             # as in stats(): a skip branch sharing pruned output channels already has the kept ones only

@@ -14,6 +14,7 @@ from onnxprune.ops import handler_for
 from onnxprune.options import PruneOptions
 from onnxprune.pipeline import Pruner
 from onnxprune.refine import Middle, _Pair, refine_pair
+from onnxprune import sampling
 from onnxprune.sampling import PairSamples
 
 
@@ -222,6 +223,27 @@ def test_whole_maps_give_the_loss_and_gradients_of_every_position_sampled(blocks
     assert np.isclose(whole.loss(params)[0], sampled.loss(params)[0], rtol=1e-5)
     for a, b in zip(whole.loss(params, grad=True)[1], sampled.loss(params, grad=True)[1]):
         assert np.allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+
+
+def test_whole_maps_of_an_image_subset_where_every_image_does_not_fit(monkeypatch):
+    """Where every position of every image does not fit in a branch's target budget, an evenly
+    spread subset of the images has targets at every position: whole maps are built from those
+    images alone, and through producer, activation and consumer they rebuild the consumer's output."""
+    monkeypatch.setattr(sampling, "PAIR_TARGET_VALUES", 1 << 14)
+    monkeypatch.setattr(sampling, "MIN_WHOLE_IMAGES", 8)
+    model = tiny_resnet()
+    sampler, g, pairs = _pairs(model, calib_for(model, 64))
+    conv1, relu, c = pairs[0]
+    rows = sampler.whole[c.node.output[0]]
+    assert 8 <= len(rows) < len(sampler.indices) and rows[0] == 0 and rows[-1] == len(sampler.indices) - 1
+    assert sampler.positions[c.node.output[0]].shape[1] < handler_for(c.node).positions(c.node, g)
+    s = sampler.pair_samples(g, conv1, c, None, None, 1 << 10, whole_values=1 << 24)
+    assert s.tap_index is not None and np.array_equal(s.image, rows)
+    flat = _as_sampled(s)
+    h1, h2 = handler_for(conv1), handler_for(c.node)
+    out = _predict(flat, handler_for(relu).activation(relu, g), h1.weight_matrix(conv1, g), h1.bias(conv1, g),
+                   h2.weight_matrix(c.node, g), h2.bias(c.node, g))
+    assert np.abs(out - flat.y).max() <= 1e-4 * np.abs(flat.y).max()
 
 
 def test_pruning_inverted_residual_blocks_refines_them(caplog):
