@@ -193,29 +193,27 @@ class Sampler:
                 if subset >= MIN_WHOLE_IMAGES:  # whole maps of some images, as well
                     self.whole[name] = np.unique(np.linspace(0, images - 1, min(subset, images)).astype(np.int64))
         self.whole.update({name: np.arange(len(self.indices)) for name in in_cache})
-        # the targets, the original residual Add outputs of consumers that reach one through
-        # activations, and both at every position of the images in ``whole`` (views into the first
-        # two where those are all the images)
-        self.cache, self.joined, self.whole_cache, self.whole_joined = self._cache_targets(original, in_cache)
+        cached = self._cache_targets(original, in_cache)
+        self.cache, self.joined = cached["cache"], cached["joined"]
+        self.whole_cache, self.whole_joined = cached["whole cache"], cached["whole joined"]
 
-    def _cache_targets(self, original: onnx.ModelProto, in_cache: dict[str, int]) -> tuple[dict[str, np.ndarray], ...]:
-        """Original-model values at each consumer's positions, by its output name: its target and,
-        where it reaches a residual Add through activations, that Add's output; then both at every
-        position of the images in :attr:`whole` (``in_cache``: those whose cached positions
-        include them, from that column)."""
-        # (name, source tensor, is the Add's output, at every position of the images in ``whole``)
-        wanted = [(name, t.source, False, False) for name, t in self.targets.items()]
-        wanted += [(name, t.activated[1], True, False) for name, t in self.targets.items() if t.activated]
-        wanted += [(name, source, joined, True) for name, source, joined, _ in wanted
+    def _cache_targets(self, original: onnx.ModelProto, in_cache: dict[str, int]) -> dict[str, dict[str, np.ndarray]]:
+        """Original-model values by kind, then by consumer output name: at each consumer's positions,
+        its target (``cache``) and, where it reaches a residual Add through activations, that Add's
+        output (``joined``); both at every position of the images in :attr:`whole` (``whole cache``,
+        ``whole joined``; views into the first two for those in ``in_cache``: from that column)."""
+        wanted = [(name, t.source, "cache") for name, t in self.targets.items()]
+        wanted += [(name, t.activated[1], "joined") for name, t in self.targets.items() if t.activated]
+        wanted += [(name, source, "whole " + kind) for name, source, kind in wanted
                    if name in self.whole and name not in in_cache]
-        into: tuple[dict[str, np.ndarray], ...] = ({}, {}, {}, {})
+        into: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in ("cache", "joined", "whole cache", "whole joined")}
         for idx, values in run_batches(original, sorted({w[1] for w in wanted}), self.calib, self.indices, self.batch,
                                        self.provider):
             rows = self.row[idx]
-            for name, source, is_join, whole in wanted:
+            for name, source, kind in wanted:
                 node, handler = self.layers[name]
-                cache = into[2 * whole + is_join]
-                if whole:
+                cache = into[kind]
+                if kind.startswith("whole"):
                     slots = np.searchsorted(self.whole[name], rows)
                     mine = self.whole[name][np.minimum(slots, len(self.whole[name]) - 1)] == rows
                     if not mine.any():
@@ -232,9 +230,9 @@ class Sampler:
         for name, column in in_cache.items():
             node, handler = self.layers[name]
             positions = handler.positions(node, self.g)
-            for full, whole in ((into[0], into[2]), (into[1], into[3])):
-                if name in full:
-                    whole[name] = full[name][:, column:column + positions]
+            for kind in ("cache", "joined"):
+                if name in into[kind]:
+                    into["whole " + kind][name] = into[kind][name][:, column:column + positions]
         return into
 
     def pair_samples(self, pruned: GraphView, producer: onnx.NodeProto, consumer: Consumer,
