@@ -284,7 +284,8 @@ class Sampler:
         available = self.whole.get(name, np.zeros(0, np.int64))  # images whose every position has targets
         denser = hidden < taps * outputs
         whole_images = min(len(available), (whole_values or max_values) // max(hidden * width, 1)) if denser else 0
-        whole = whole_images * outputs > min(positions, keep * images) and whole_images >= 2
+        # sampled positions are drawn with replacement: an image has at most ``outputs`` distinct ones
+        whole = whole_images * outputs >= min(positions, min(keep, outputs) * images) and whole_images >= 2
         # more images than the cap allows: that many images, evenly spread (every n-th image would
         # leave up to half of the positions the cap allows unused)
         picked = np.zeros(images, bool)

@@ -51,7 +51,7 @@ def test_pair_samples_rebuild_the_consumer_output_through_padding_and_stride(blo
     sampler, g, pairs = blocks
     assert len(pairs) == 2
     for conv1, relu, c in pairs:
-        s = sampler.pair_samples(g, conv1, c, None, None, 1 << 24)
+        s = sampler.pair_samples(g, conv1, c, None, None, 1 << 24, whole_values=1)  # sampled positions, not whole maps
         assert s.x.shape[1] == 9 and not s.inside.all() and np.all(np.diff(s.image) >= 0)
         h1, h2 = handler_for(conv1), handler_for(c.node)
         out = _predict(s, handler_for(relu).activation(relu, g), h1.weight_matrix(conv1, g), h1.bias(conv1, g),
@@ -59,14 +59,14 @@ def test_pair_samples_rebuild_the_consumer_output_through_padding_and_stride(blo
         # the sampler's target is the original Add output less the skip branch: the conv's own output
         assert np.abs(out - s.y).max() <= 1e-4 * np.abs(s.y).max()
     conv1, relu, c = pairs[0]
-    few = sampler.pair_samples(g, conv1, c, None, None, 16 * s.x.shape[1] * s.x.shape[2])
+    few = sampler.pair_samples(g, conv1, c, None, None, 16 * s.x.shape[1] * s.x.shape[2], whole_values=1)
     assert 0 < len(few.y) <= 16 and len(np.unique(few.image)) == len(few.y)  # one position of every n-th image
 
 
 def test_refinement_lowers_the_held_out_error_and_declines_when_it_cannot(blocks):
     sampler, g, pairs = blocks
     conv1, relu, c = pairs[0]
-    s = sampler.pair_samples(g, conv1, c, None, None, 1 << 24)
+    s = sampler.pair_samples(g, conv1, c, None, None, 1 << 24, whole_values=1)
     act = handler_for(relu).activation(relu, g)
     h1, h2 = handler_for(conv1), handler_for(c.node)
     w1, b1, w2, b2 = h1.weight_matrix(conv1, g), h1.bias(conv1, g), h2.weight_matrix(c.node, g), h2.bias(c.node, g)
@@ -159,7 +159,7 @@ def test_inverted_residual_branches_are_sampled_through_the_depthwise_conv_and_g
     sampler, g, branches = _branches(model, calib_for(model, 64))
     assert len(branches) == 2 and branches[0][4] is None and branches[1][4] is not None
     for expand, act, dw, mact, gate, c in branches:
-        s = sampler.pair_samples(g, expand, c, None, None, 1 << 24, middle=dw, gate=gate)
+        s = sampler.pair_samples(g, expand, c, None, None, 1 << 24, middle=dw, gate=gate, whole_values=1)
         assert s.x.shape[1] == 9 and not s.inside.all() and (s.gate is None) == (gate is None)
         he, hd, hp = handler_for(expand), handler_for(dw), handler_for(c.node)
         weights = [hd.weight_matrix(dw, g), hd.bias(dw, g), mact, he.weight_matrix(expand, g), he.bias(expand, g),
@@ -167,7 +167,7 @@ def test_inverted_residual_branches_are_sampled_through_the_depthwise_conv_and_g
         out = _predict_branch(s, act, *weights)
         assert np.abs(out - s.y).max() <= 1e-4 * np.abs(s.y).max()
     expand, act, dw, mact, gate, c = branches[1]
-    s = sampler.pair_samples(g, expand, c, None, None, 1 << 24, middle=dw, gate=gate)
+    s = sampler.pair_samples(g, expand, c, None, None, 1 << 24, middle=dw, gate=gate, whole_values=1)
     wm, bm, _, w1, b1, w2, b2 = weights
     rng = np.random.default_rng(0)
     noisy = wm + rng.normal(0, 0.5 * np.abs(wm).mean(), wm.shape)
@@ -277,12 +277,14 @@ def test_bottlenecks_joined_through_an_activation_are_sampled_and_refined():
     sampler, g, pairs = _csp_pairs(model, calib_for(model, 64))
     assert len(pairs) == 2 and all(sampler.targets[c.node.output[0]].residual_other is None for _, _, c, _ in pairs)
     for conv1, act, c, join_act in pairs:
-        s = sampler.pair_samples(g, conv1, c, None, None, 1 << 24)
         h1, h2 = handler_for(conv1), handler_for(c.node)
         weights = [h1.weight_matrix(conv1, g), h1.bias(conv1, g), h2.weight_matrix(c.node, g), h2.bias(c.node, g)]
-        out = join_act[0](_predict(s, act, *weights))
-        assert s.x.shape[1] == 9 and np.abs(out - s.y).max() <= 1e-4 * np.abs(s.y).max()
-        assert np.abs(s.offset).max() > 0  # the skip path
+        whole = _as_sampled(sampler.pair_samples(g, conv1, c, None, None, 1 << 24))  # every position: whole maps
+        s = sampler.pair_samples(g, conv1, c, None, None, 1 << 24, whole_values=1)  # sampled positions
+        for samples in (whole, s):
+            out = join_act[0](_predict(samples, act, *weights))
+            assert samples.x.shape[1] == 9 and np.abs(out - samples.y).max() <= 1e-4 * np.abs(samples.y).max()
+            assert np.abs(samples.offset).max() > 0  # the skip path
     w1, b1, w2, b2 = weights
     noisy = w2 + np.random.default_rng(0).normal(0, 0.5 * np.abs(w2).mean(), w2.shape)
     done = refine_pair(s, act, None, w1, b1, noisy, b2, join_act=join_act)
