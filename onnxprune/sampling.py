@@ -37,8 +37,8 @@ MIN_SAMPLES_PER_UNKNOWN = 25
 PAIR_TARGET_VALUES = 1 << 22
 # Where every position of every image does not fit in those values, a branch also holds every
 # position of an evenly spread subset of the images, when that holds this many images at least: a
-# refinement step over whole maps computes each producer output once (refine.py), so they give it
-# several times the samples that one or two sampled positions per image do.
+# refinement step over whole maps computes each producer output once (refine.py), so under the same
+# cap on input values they give it several times the samples that sampled positions do.
 MIN_WHOLE_IMAGES = 64
 
 
@@ -279,8 +279,8 @@ class Sampler:
         keep = max(1, min(columns, positions // max(images, 1)))
         outputs, hidden = cons.positions(consumer.node, pruned), prod.positions(producer, pruned)
         # whole maps (at most ``whole_values``, by default ``max_values``): as many images as that
-        # holds, where it gives more samples than sampled positions and a producer output is read
-        # by more than one tap (a 1×1 consumer gains nothing from them)
+        # holds, where it gives at least as many distinct samples as sampled positions and a producer
+        # output is read by more than one tap (a 1×1 consumer gains nothing from them)
         available = self.whole.get(name, np.zeros(0, np.int64))  # images whose every position has targets
         denser = hidden < taps * outputs
         whole_images = min(len(available), (whole_values or max_values) // max(hidden * width, 1)) if denser else 0
