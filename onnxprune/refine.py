@@ -96,10 +96,23 @@ class _Pair:
             out, tap = np.nonzero(s.inside)
             self.back_index[tap, 0, s.tap_index[out, tap]] = out * taps + tap
             self.back_spare = self.back_index == outputs * taps
+            self.flat_indices: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # by rows; shared by the slices
         self.act, self.out_act, self.middle_act, self.join_act = act, out_act, middle_act, join_act
         # what the output activation makes of the targets: fixed, so formed once
         self.goal = self.y if out_act is None else out_act[0](self.y + self.offset)
         self.energy = max(float((self.goal.astype(np.float64) ** 2).sum()), 1e-30)
+
+    def _flat_indices(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Whole maps of ``rows`` images: where each (output, tap) reads in the flat maps, and,
+        per tap and position, where its gradient comes from in the flat (output, tap) rows — the
+        same on every step, so formed once per slice size."""
+        if rows not in self.flat_indices:
+            outputs, taps = self.tap_index.shape
+            read = self.read_index + (np.arange(rows) * (self.x.shape[1] + 1))[:, None, None]
+            back = np.where(self.back_spare, rows * outputs * taps,
+                            self.back_index + (np.arange(rows) * (outputs * taps))[None, :, None])
+            self.flat_indices[rows] = (read, back)
+        return self.flat_indices[rows]
 
     @property
     def samples(self) -> int:
@@ -151,8 +164,7 @@ class _Pair:
             a1[:, :hidden] = self.act[0](z1)
             a1[:, hidden] = 0
             # np.take on flat rows: several times faster than fancy indexing along an inner axis
-            a1 = np.take(a1.reshape(-1, k), self.read_index + (np.arange(rows) * (hidden + 1))[:, None, None],
-                         axis=0).reshape(n, taps, k)
+            a1 = np.take(a1.reshape(-1, k), self._flat_indices(rows)[0], axis=0).reshape(n, taps, k)
             gate = None if self.gate is None else np.repeat(self.gate, outputs, axis=0)
         else:  # each sample holds its taps
             n, taps = rows, hidden
@@ -209,7 +221,7 @@ class _Pair:
             else:
                 np.multiply(dzm[:, None, :], wm.T, out=reached)
             # tap by tap (a reduction over the taps axis of one large gather is several times slower)
-            index = np.where(self.back_spare, n * taps, self.back_index + (np.arange(rows) * (outputs * taps))[None, :, None])
+            index = self._flat_indices(rows)[1]
             reaching = np.take(flat, index[0], axis=0)
             for tap in range(1, taps):
                 reaching += np.take(flat, index[tap], axis=0)

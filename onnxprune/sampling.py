@@ -153,6 +153,7 @@ class Sampler:
         in_cache: dict[str, int] = {}  # … where they are all the images: the cache's column of the first
         self.layers: dict[str, tuple[onnx.NodeProto, LinearHandler]] = {}  # output name -> (layer, handler)
         self.g = g
+        images = len(self.indices)
         for c in consumers:
             name = c.node.output[0]
             if name in self.targets:
@@ -174,7 +175,6 @@ class Sampler:
             self.counts[name] = self.positions[name].shape[1]
             if not pairs or not (partner or activated):
                 continue
-            images = len(self.indices)
             if per_image <= count:
                 in_cache[name] = 0
             else:  # the branch's refinement (pair_samples) reads more
@@ -192,7 +192,7 @@ class Sampler:
                         [self.positions[name], rng.integers(0, per_image, size=(len(calib), extra))], axis=1)
                 if subset >= MIN_WHOLE_IMAGES:  # whole maps of some images, as well
                     self.whole[name] = np.unique(np.linspace(0, images - 1, min(subset, images)).astype(np.int64))
-        self.whole.update({name: np.arange(len(self.indices)) for name in in_cache})
+        self.whole.update({name: np.arange(images) for name in in_cache})
         cached = self._cache_targets(original, in_cache)
         self.cache, self.joined = cached["cache"], cached["joined"]
         self.whole_cache, self.whole_joined = cached["whole cache"], cached["whole joined"]
@@ -243,7 +243,7 @@ class Sampler:
         model, at the positions sampled for the consumer (its refit's, then those a residual
         branch's targets are also cached at: ``pairs``), keeping at most ``max_values`` input
         values (fewer positions per image where the patches are large), or whole maps of as many
-        images as ``whole_values`` hold where that gives more samples; None where the
+        images as ``whole_values`` hold where that gives at least as many distinct samples; None where the
         consumer has no map from outputs to input positions (not a 2-D conv).
 
         With a depthwise conv ``middle`` between them (→ ``middle`` → elementwise ops, times the
@@ -333,17 +333,16 @@ class Sampler:
             # as in stats(): a skip branch sharing pruned output channels already has the kept ones only
             offset = cons.sample_outputs(consumer.node, pruned, values[other], pos) if other else np.zeros_like(y)
             y = y - offset
-            per = outputs if whole else keep
             shape = (len(idx), outputs, -1) if whole else (len(y), -1)
             offsets.append(offset.reshape(shape).astype(np.float32, copy=False))
             x = x.reshape(-1, hidden if whole else taps, x.shape[1])
             x_all[filled:filled + len(x)] = x
             filled += len(x)
             ys.append(y.reshape(shape).astype(np.float32, copy=False))
-            rows.append(self.row[idx] if whole else np.repeat(self.row[idx], per))
+            rows.append(self.row[idx] if whole else np.repeat(self.row[idx], keep))
             if gate:
                 gated = values[gate].reshape(len(idx), -1)
-                gates.append((gated if whole else np.repeat(gated, per, axis=0)).astype(np.float32))
+                gates.append((gated if whole else np.repeat(gated, keep, axis=0)).astype(np.float32))
         if not filled:
             return None
         return PairSamples(x_all[:filled], tap_inside if whole else np.concatenate(insides), np.concatenate(ys),
