@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 
+from .linalg import solve_spd
 from .stats import LayerStats
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -46,10 +46,7 @@ def _solve(a: np.ndarray, b: np.ndarray, ridge: float, n_x: int, prior: np.ndarr
     r = ridge * _ridge_scale(a, n_x)
     a[np.arange(n_x), np.arange(n_x)] += r
     b[:n_x] += r * prior[:n_x]
-    try:
-        return scipy.linalg.solve(a, b, assume_a="pos", check_finite=False)
-    except (np.linalg.LinAlgError, ValueError):
-        return np.linalg.lstsq(a, b, rcond=None)[0]
+    return solve_spd(a, b)
 
 
 # Sample space: with fewer samples (n) than unknowns (p) the same solutions come from the n×n
@@ -60,13 +57,6 @@ def _sample_scale(x: np.ndarray, n_x: int) -> float:
     """:func:`_ridge_scale` of ``xᵀx`` without forming it."""
     diag = np.einsum("ij,ij->j", x[:, :n_x], x[:, :n_x])
     return float(diag.mean()) if diag.size and diag.mean() > 0 else 1.0
-
-
-def _kernel_solve(k: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    try:
-        return scipy.linalg.solve(k, rhs, assume_a="pos", check_finite=False)
-    except (np.linalg.LinAlgError, ValueError):
-        return np.linalg.lstsq(k, rhs, rcond=None)[0]
 
 
 def _solve_samples(x: np.ndarray, y: np.ndarray, ridge: float, n_x: int, prior: np.ndarray) -> np.ndarray:
@@ -82,7 +72,7 @@ def _solve_samples(x: np.ndarray, y: np.ndarray, ridge: float, n_x: int, prior: 
         xs, rs = xs - x_mean, resid - r_mean
     k = xs @ xs.T
     k[np.arange(n), np.arange(n)] += r
-    delta = xs.T @ _kernel_solve(k, rs)
+    delta = xs.T @ solve_spd(k, rs)
     w = prior.astype(np.float64, copy=True)
     w[:n_x] += delta
     if p > n_x:

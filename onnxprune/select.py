@@ -10,7 +10,8 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import scipy.linalg
+
+from .linalg import spd_inverse
 
 
 class Method(str, enum.Enum):
@@ -216,19 +217,6 @@ OBS_MAX_COLUMNS = 8192  # wider inputs (VGG-16's first classifier layer) are cho
 AUTO_OBS_MAX_COLUMNS = 2048
 
 
-def _spd_inverse(h: np.ndarray) -> np.ndarray:
-    """Inverse of a symmetric positive definite matrix from its Cholesky factor (LAPACK potri:
-    a third of the work of solving against the identity); pinv where it is not definite."""
-    factor, info = scipy.linalg.lapack.dpotrf(h, lower=False, clean=True)
-    if info == 0:
-        upper, info = scipy.linalg.lapack.dpotri(factor, lower=False)
-        if info == 0:
-            full = upper + upper.T  # the factor's lower triangle was cleaned to zeros, potri keeps it
-            full[np.diag_indices_from(full)] *= 0.5
-            return full
-    return np.linalg.pinv(h)
-
-
 class RefitProblem:
     """One consumer's least-squares refit over its input channels, for greedy removal with the
     exact cost (optimal brain surgeon on the refit, not on the loss): with ``H = [X 1]ᵀ[X 1]``
@@ -256,7 +244,7 @@ class RefitProblem:
         h[np.arange(d), np.arange(d)] += self.r
         rhs = xty.astype(np.float64, copy=True)
         rhs[:d] += self.r * weight.T
-        self.hinv0 = _spd_inverse(h)
+        self.hinv0 = spd_inverse(h)
         del h
         self.w = self.hinv0 @ rhs  # [D+1, Cout]
         self.w0 = weight.T.astype(np.float64)
