@@ -3,8 +3,8 @@
 numpy's and scipy's wheels each bundle their own OpenBLAS, each with a thread pool whose threads
 keep spinning for a while after a call. The pruner alternates numpy's matrix products (statistics,
 refinement) with these solves; on scipy's library each solve then waited for numpy's spinning
-threads, several times longer than the solve itself (docs/benchmarks.md, "Tool speed"). Keeping
-every dense solve on numpy's library keeps one thread pool.
+threads, several times longer than the solve itself (docs/benchmarks.md, "Prune time and
+refinement steps"). Keeping every dense solve on numpy's library keeps one thread pool.
 """
 
 from __future__ import annotations
