@@ -25,7 +25,7 @@ import numpy as np
 from .ops import Activation
 from .sampling import PairSamples
 
-STEPS = 200  # held-out gains level off here (docs/benchmarks.md, "Refinement steps")
+STEPS = 200  # held-out gains level off here (docs/benchmarks.md, "Prune time and refinement steps")
 CHECK_EVERY = 25  # steps between held-out checks
 MAX_VALUES = 1 << 23  # producer input values a branch's samples hold (32 MiB of float32) …
 # … or its whole maps (PairSamples): a step over them computes each producer output once, not once
