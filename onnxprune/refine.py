@@ -185,7 +185,9 @@ class _Pair:
             cols = a1.transpose(0, 2, 1).reshape(n, -1)  # channel-major, as the consumer's patch columns
         else:
             wm, bm = params[4:]
-            zm = np.einsum("ntk,kt->nk", a1, wm)
+            # tap-major like a1's taps: contiguous over channels, einsum and broadcasting run several times faster
+            wm_taps = np.ascontiguousarray(wm.T)
+            zm = np.einsum("ntk,tk->nk", a1, wm_taps)
             zm += bm
             am = self.middle_act[0](zm)
             cols = am if gate is None else am * gate
@@ -219,7 +221,7 @@ class _Pair:
             if tap_major:
                 np.matmul(dr, w2, out=reached.reshape(n, taps * k))
             else:
-                np.multiply(dzm[:, None, :], wm.T, out=reached)
+                np.multiply(dzm[:, None, :], wm_taps, out=reached)
             # tap by tap (a reduction over the taps axis of one large gather is several times slower)
             index = self._flat_indices(rows)[1]
             reaching = np.take(flat, index[0], axis=0)
@@ -231,7 +233,7 @@ class _Pair:
                 dz1 *= (dr @ w2).reshape(n, -1, taps).transpose(0, 2, 1)
             else:
                 dz1 *= dzm[:, None, :]
-                dz1 *= wm.T
+                dz1 *= wm_taps
             dz1 *= self.inside[:, :, None]
         g_w1 = dz1.reshape(-1, k).T @ self.x.reshape(-1, self.x.shape[2])
         return None, [g_w1, dz1.sum(axis=(0, 1)), g_w2, g_b2, *extra]
