@@ -16,8 +16,9 @@ import onnx
 
 from .activations import run_batches
 from .calib import Calibration
+from .errors import ModelError
 from .graph import Consumer
-from .graphview import GraphView
+from .graphview import GraphView, node_name
 from .ops import LinearHandler, activation_chain, handler_for
 from .stats import LayerStats
 
@@ -383,4 +384,8 @@ class Sampler:
                     result[i] = LayerStats(x.shape[1], y.shape[1], rows if self.keep_samples else None)
                 fold = np.repeat(idx % 2, pos.shape[1])
                 result[i].add(x, y, fold)
+        for c, st in zip(consumers, result):
+            if st is not None and not st.finite():
+                raise ModelError(f"the model's activations overflow on the calibration data (NaN or Inf reach "
+                                 f"'{node_name(c.node)}'); check its weights and how the inputs are normalised")
         return result  # type: ignore[return-value]

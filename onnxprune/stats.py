@@ -67,6 +67,11 @@ class LayerStats:
     def samples_kept(self) -> bool:
         return self.x is not None
 
+    def finite(self) -> bool:
+        """Whether every statistic is a finite number (activations that overflow make them NaN or Inf)."""
+        arrays = (self.x[:self.filled], self.y[:self.filled]) if self.samples_kept else (self.xtx, self.xty)
+        return all(bool(np.isfinite(a).all()) for a in (*arrays, self.yy))
+
     def add(self, x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> None:
         """Accumulate rows ``x [n, D]``, ``y [n, Cout]``, each row in fold 0 or 1."""
         if self.samples_kept:
@@ -82,8 +87,9 @@ class LayerStats:
             if not rows.any():
                 continue
             xf, yf = xa[rows], y[rows]
-            self.xtx[f] += xf.T @ xf
-            self.xty[f] += xf.T @ yf
+            with np.errstate(over="ignore", invalid="ignore"):  # overflowing activations: see finite()
+                self.xtx[f] += xf.T @ xf
+                self.xty[f] += xf.T @ yf
             self.yy[f] += np.einsum("ij,ij->j", yf, yf, dtype=np.float64)
             self.n[f] += rows.sum()
 

@@ -149,6 +149,17 @@ def single_conv() -> onnx.ModelProto:
     return _model([helper.make_node("Conv", ["input", "w"], ["y"])], [_x()], [_y()], [_w("w", (4, 3, 3, 3))])
 
 
+def overflowing_activations() -> onnx.ModelProto:
+    """A valid model whose first two convs' weights are scaled by 1e25: its activations overflow
+    float32 (or their squares do) on ordinary inputs."""
+    model = tiny_vgg()
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in [n for n in model.graph.node if n.op_type == "Conv"][:2]:
+        w = inits[node.input[1]]
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(1e25), w.name))
+    return model
+
+
 def _finish(b: Builder, output: str, extra_opsets=()) -> onnx.ModelProto:
     """The builder's graph with a 4-D ``output`` (where shape inference cannot tell its shape)."""
     return _model(b.nodes, [b.input], [_y(output)], b.inits, b.opset, extra_opsets)

@@ -215,6 +215,8 @@ CASES: list[tuple[str, Build, int, str]] = [
     ("training_bn_one_output", proto_case(lambda: hostile.training_bn(outputs=1)), 2,
      "ONNX Runtime cannot run the model.*Training_mode"),
     ("conv_weight_rank", proto_case(hostile.bad_weight_rank), 2, "ONNX Runtime cannot run|fails the ONNX checker"),
+    ("activations_overflow", proto_case(hostile.overflowing_activations), 2,
+     "activations overflow on the calibration data .*check its weights"),
     # --- external data
     ("external_dotdot", external_case(_escape_up), 2, "outside the model's folder"),
     ("external_absolute", external_case(_escape_absolute), 2, "outside the model's folder"),

@@ -76,3 +76,15 @@ def test_error_curves_agree():
     a = error_curve(None, [None], [gram], [w], [bias], 8)
     b = error_curve(None, [None], [kept], [w], [bias], 8)
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6)
+
+
+def test_finite_tells_overflowing_statistics_in_both_forms():
+    gram, kept, _ = _both()
+    assert gram.finite() and kept.finite()
+    x = np.full((4, gram.dim), 1e30, np.float32)  # finite, but its squares overflow float32
+    y = np.zeros((4, gram.outputs), np.float32)
+    gram.add(x, y, np.array([0, 1, 0, 1]))
+    assert not gram.finite()
+    fresh = LayerStats(kept.dim, kept.outputs, rows=4)
+    fresh.add(x * np.inf, y, np.array([0, 1, 0, 1]))
+    assert not fresh.finite()
