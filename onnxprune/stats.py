@@ -68,8 +68,14 @@ class LayerStats:
         return self.x is not None
 
     def finite(self) -> bool:
-        """Whether every statistic is a finite number (activations that overflow make them NaN or Inf)."""
-        arrays = (self.x[:self.filled], self.y[:self.filled]) if self.samples_kept else (self.xtx, self.xty)
+        """Whether every statistic is a finite number (activations that overflow make them NaN or
+        Inf). Of ``XᵀX`` only the diagonal is read: by Cauchy–Schwarz its other entries and ``XᵀY``
+        are finite where the diagonal and ``ΣY²`` are (a wide layer's ``XᵀX`` holds tens of
+        millions of entries)."""
+        if self.samples_kept:
+            arrays = (self.x[:self.filled], self.y[:self.filled])
+        else:
+            arrays = (np.diagonal(self.xtx, axis1=1, axis2=2),)
         return all(bool(np.isfinite(a).all()) for a in (*arrays, self.yy))
 
     def add(self, x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> None:
