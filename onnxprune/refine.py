@@ -36,7 +36,8 @@ BATCHES = 16  # each step takes the next of at least this many slices of the fit
 MIN_BATCH = 256  # samples a slice holds at least …
 MAX_BATCH = 1024  # … and at most (more slices where there are many samples: a step's cost stays bounded)
 WHOLE_MAX_BATCH = 4096  # … or, on whole maps, where a sample costs less (the producer is computed once per position);
-# a slice holds whole images, and fewer of them (2 048 samples: 2–3 images of a 28² map) lost accuracy on small calibration sets
+# a slice holds whole images, and fewer of them (2 048 samples: 2–3 images of a 28² map) lost accuracy
+# on small calibration sets
 MAX_CHECK = 8192  # held-out samples the checks read at most
 # samples one array operation covers: temporaries this small are reused by the allocator, larger
 # ones are mapped and unmapped again on every step (page faults; docs/benchmarks.md)
@@ -96,7 +97,7 @@ class _Pair:
             out, tap = np.nonzero(s.inside)
             self.back_index[tap, 0, s.tap_index[out, tap]] = out * taps + tap
             self.back_spare = self.back_index == outputs * taps
-            self.flat_indices: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # by rows; shared by the slices
+            self._indices_by_rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # by rows; shared by the slices
         self.act, self.out_act, self.middle_act, self.join_act = act, out_act, middle_act, join_act
         # what the output activation makes of the targets: fixed, so formed once
         self.goal = self.y if out_act is None else out_act[0](self.y + self.offset)
@@ -106,13 +107,13 @@ class _Pair:
         """Whole maps of ``rows`` images: where each (output, tap) reads in the flat maps, and,
         per tap and position, where its gradient comes from in the flat (output, tap) rows — the
         same on every step, so formed once per slice size."""
-        if rows not in self.flat_indices:
+        if rows not in self._indices_by_rows:
             outputs, taps = self.tap_index.shape
             read = self.read_index + (np.arange(rows) * (self.x.shape[1] + 1))[:, None, None]
             back = np.where(self.back_spare, rows * outputs * taps,
                             self.back_index + (np.arange(rows) * (outputs * taps))[None, :, None])
-            self.flat_indices[rows] = (read, back)
-        return self.flat_indices[rows]
+            self._indices_by_rows[rows] = (read, back)
+        return self._indices_by_rows[rows]
 
     @property
     def samples(self) -> int:

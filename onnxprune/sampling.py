@@ -207,7 +207,8 @@ class Sampler:
         wanted += [(name, t.activated[1], "joined") for name, t in self.targets.items() if t.activated]
         wanted += [(name, source, "whole " + kind) for name, source, kind in wanted
                    if name in self.whole and name not in in_cache]
-        into: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in ("cache", "joined", "whole cache", "whole joined")}
+        kinds = ("cache", "joined", "whole cache", "whole joined")
+        into: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in kinds}
         for idx, values in run_batches(original, sorted({w[1] for w in wanted}), self.calib, self.indices, self.batch,
                                        self.provider):
             rows = self.row[idx]
@@ -215,12 +216,11 @@ class Sampler:
                 node, handler = self.layers[name]
                 cache = into[kind]
                 if kind.startswith("whole"):
-                    slots = np.searchsorted(self.whole[name], rows)
-                    mine = self.whole[name][np.minimum(slots, len(self.whole[name]) - 1)] == rows
+                    mine = np.isin(rows, self.whole[name])
                     if not mine.any():
                         continue
                     pos = np.tile(np.arange(handler.positions(node, self.g)), (int(mine.sum()), 1))
-                    value, slots = values[source][mine], slots[mine]
+                    value, slots = values[source][mine], np.searchsorted(self.whole[name], rows[mine])
                     length = len(self.whole[name])
                 else:
                     pos, value, slots, length = self.positions[name][idx], values[source], rows, len(self.indices)

@@ -13,8 +13,8 @@ from onnxprune.graph import Consumer
 from onnxprune.ops import handler_for
 from onnxprune.options import PruneOptions
 from onnxprune.pipeline import Pruner
-from onnxprune.refine import Middle, _Pair, refine_pair
 from onnxprune import sampling
+from onnxprune.refine import Middle, _Pair, refine_pair
 from onnxprune.sampling import PairSamples
 
 
