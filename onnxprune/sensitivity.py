@@ -110,6 +110,9 @@ def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[
     return widths()
 
 
+# Where the output probes scale the curves: half width, and the deeper cuts the floor still allows
+# (the model's output error grows faster than its layer errors as a cut deepens)
+PROBES = (0.3, 0.5)
 STATS_BUDGET = 1 << 29  # bytes of statistics one pass of measure_curves may gather
 
 
@@ -181,11 +184,13 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
 
 def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str, tuple[int, ...]],
                          opts: PruneOptions, bn_scales: dict[str, np.ndarray], progress: Progress = QUIET,
-                         probe: float = 0.5, images: int = 64) -> dict[int, list[float]]:
+                         probes: tuple[float, ...] = PROBES, images: int = 64) -> dict[int, list[float]]:
     """Error curves of the candidate groups put on one scale: each unit's curve is scaled so
-    that, at ``probe`` of its width, it equals the relative error of the *model output* measured
-    with that unit alone pruned (on ``images`` of the sampler's images). A layer error deep in
-    the net and one near the input then weigh by what they do to the output.
+    that, at each of the ``probes`` (fractions of its width), it equals the relative error of
+    the *model output* measured with that unit alone pruned to it (on ``images`` of the sampler's
+    images), the scale interpolated linearly between them and held beyond. A layer error deep in
+    the net and one near the input then weigh by what they do to the output, and a deep cut's
+    cost is measured, not extrapolated from a milder one.
 
     Each probe reuses the statistics its curve was measured from, edits the model in place
     (undone at once) and runs only the part of the model after the unit on carried activations,
@@ -193,12 +198,12 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
     g = analysis.g
     model = g.model
     solo = replace(opts, refit_downstream=False, refine=False, progress=False)
-    at = min(range(len(GRID)), key=lambda i: abs(GRID[i] - probe))
+    at = sorted({min(range(len(GRID)), key=lambda i: abs(GRID[i] - p)) for p in probes})
     names = [o.name for o in model.graph.output]
     batch = fitting_batch(shapes, opts.batch_size)
     topo = positions(model)
     units = sorted(analysis.candidates, key=lambda u: first_edited(u, g, topo))
-    factors: dict[int, float] = {}
+    factors: dict[int, dict[int, float]] = {}  # unit -> grid index -> output error / curve there
     bar = progress.bar(iter(units), "sensitivity", total=len(units)) if progress.show else None
     probe_idx = random_subset(sampler.indices, images, opts.seed)
     with Frontier(model, sampler.calib, sampler.indices, batch, provider=sampler.provider) as data, \
@@ -208,24 +213,34 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
         def scale(unit: ChannelGroup, consumers: list, stats: list, curve: list[float]) -> None:
             if bar is not None:
                 bar.update()
-            width = max(1, int(round(GRID[at] * unit.channels)))
-            if width >= unit.channels or curve[at] <= 0:
-                return
             list(outs.run([], advance_to=first_edited(unit, g, topo)))
             known = KnownStats(sampler, {id(c.node): st for c, st in zip(consumers, stats)})
-            with trial_edit(g):
-                GroupPruner(g, analysis.groups, solo, known, bn_scales, ridge=ESTIMATE_RIDGE).prune_unit(
-                    unit, width, tidy=False)
-                pruned = _joined(outs.run(names), names)
-            err = max(float(np.linalg.norm(p - r) / max(np.linalg.norm(r), 1e-30)) for p, r in zip(pruned, reference))
-            factors[unit.index] = err / curve[at]
+            for j in at:
+                width = max(1, int(round(GRID[j] * unit.channels)))
+                if width >= unit.channels or curve[j] <= 0:
+                    continue
+                with trial_edit(g):
+                    GroupPruner(g, analysis.groups, solo, known, bn_scales, ridge=ESTIMATE_RIDGE).prune_unit(
+                        unit, width, tidy=False)
+                    pruned = _joined(outs.run(names), names)
+                err = max(float(np.linalg.norm(p - r) / max(np.linalg.norm(r), 1e-30))
+                          for p, r in zip(pruned, reference))
+                factors.setdefault(unit.index, {})[j] = err / curve[j]
 
-        # the probe's width is measured, not interpolated: the scale divides by the curve there
-        measured = tuple(sorted({*MEASURED, GRID[at]}))
+        # the probes' widths are measured, not interpolated: the scale divides by the curve there
+        measured = tuple(sorted({*MEASURED, *(GRID[j] for j in at)}))
         curves = measure_curves(units, sampler, g, sampleable, frontier=data, on_curve=scale, measured=measured)
     if bar is not None:
         bar.close()
-    return {i: curve if i not in factors else [v * factors[i] for v in curve] for i, curve in curves.items()}
+    scaled = {}
+    for i, curve in curves.items():
+        known = factors.get(i)
+        if not known:
+            scaled[i] = curve
+            continue
+        scale_at = np.interp(GRID, [GRID[j] for j in known], list(known.values()))
+        scaled[i] = [float(v * f) for v, f in zip(curve, scale_at)]
+    return scaled
 
 
 def _joined(batches, names: list[str]) -> list[np.ndarray]:

@@ -126,6 +126,36 @@ def test_sensitivity_allocation_meets_the_target(build):
     check_pruned(result.model, model, x[:20], max_rel_err=1.0)
 
 
+def test_sensitivity_curves_are_the_output_error_at_each_probe_width():
+    """At each probe width, a group's scaled curve is the model's output error with that group
+    alone pruned there (its consumers refit), not a milder cut's scale carried over."""
+    from dataclasses import replace
+
+    from onnxprune.allocation import Plan
+    from onnxprune.pipeline import Pruner
+    from onnxprune.sensitivity import GRID, PROBES
+
+    model = tiny_vgg()
+    x = calib_for(model, 48)  # at most 64 fit images: the probes run on all of them
+    pruner = Pruner(model, x, PruneOptions(speedup=1.5, measure_latency=False))
+    pruner.allocate()
+    fit = x[pruner.fit_idx]
+    reference = run(model, fit)[0]
+    solo = replace(pruner.opts, refit_downstream=False, refine=False)
+    # the last conv feeds Flatten → Gemm with more unknowns than images, whose cross-validated
+    # refit differs from the probes' fixed-ridge one: the first two groups are compared
+    for grp in pruner.candidates[:2]:
+        errors = []
+        for ratio in PROBES:
+            widths = {u.index: u.channels for u in pruner.candidates} | {grp.index: round(ratio * grp.channels)}
+            pruned = pruner.prune(Plan(widths, 1), solo).model
+            check_pruned(pruned, model, fit, max_rel_err=1.0)
+            out = run(pruned, fit)[0]
+            errors.append(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+        curve = pruner.allocator.curves[grp.index]
+        np.testing.assert_allclose([curve[GRID.index(r)] for r in PROBES], errors, rtol=0.02)
+
+
 def test_allocate_prefers_the_group_that_loses_least():
     from onnxprune.budget import CostEntry, CostModel, Targets
     from onnxprune.graph import ChannelGroup
