@@ -111,7 +111,7 @@ def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[
 
 
 # Where the output probes scale the curves: half width, and the deeper cuts the floor still allows
-# (the model's output error grows faster than its layer errors as a cut deepens)
+# (a cut's output error does not follow its layer error in step as the cut deepens)
 PROBES = (0.3, 0.5)
 STATS_BUDGET = 1 << 29  # bytes of statistics one pass of measure_curves may gather
 
@@ -234,11 +234,11 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
         bar.close()
     scaled = {}
     for i, curve in curves.items():
-        known = factors.get(i)
-        if not known:
+        probed = factors.get(i)
+        if not probed:
             scaled[i] = curve
             continue
-        scale_at = np.interp(GRID, [GRID[j] for j in known], list(known.values()))
+        scale_at = np.interp(GRID, [GRID[j] for j in probed], list(probed.values()))
         scaled[i] = [float(v * f) for v, f in zip(curve, scale_at)]
     return scaled
 
