@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ONNX Runtime execution provider for latency (default cpu)")
     tg.add_argument("--latency-batch", type=int, default=1, help="batch size of latency measurements (default 1)")
     tg.add_argument("--max-drop", type=float, metavar="D",
-                    help="accuracy guard on held-out data: top-1 disagreement (class scores) or relative "
-                         "output error at most D; width is given back until it holds")
+                    help="accuracy guard on held-out data: top-1 disagreement (class scores), 1 - IoU of the "
+                         "regions a probability map (a Sigmoid output) marks above 0.5, or relative output error, "
+                         "at most D; width is given back until it holds")
     p.add_argument("--method", choices=[m.value for m in Method], default=Method.AUTO.value,
                    help="channel selection (default auto: obs on networks with depthwise convs and on plain "
                         "chains whose layers have < 2048 input columns, lasso otherwise)")

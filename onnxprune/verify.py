@@ -1,4 +1,5 @@
-"""Pruned vs original on held-out samples: relative output error and top-1 agreement."""
+"""Pruned vs original on held-out samples: relative output error, top-1 agreement of class
+scores, and for probability maps the overlap of the regions each model marks."""
 
 from __future__ import annotations
 
@@ -25,6 +26,38 @@ class OutputFidelity:
     max_abs_diff: float
     top1_agreement: float | None  # for outputs that look like class scores [N, K]
     samples: int = 0  # held-out samples the agreement was counted on
+    # for probability maps (see probability_outputs): IoU of the elements above MARKED in the pruned
+    # and in the original output; None where the original marks none on the held-out samples
+    marked_iou: float | None = None
+
+
+# A probability map marks what lies above its sigmoid's own decision boundary.
+MARKED = 0.5
+# Ops that move or select a tensor's elements without changing their values.
+_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Concat"}
+
+
+def probability_outputs(model: onnx.ModelProto) -> set[str]:
+    """Graph outputs that are probability maps: computed by a ``Sigmoid`` (through layout ops only),
+    such as a text detector's probability map or a segmentation mask. Their relative error counts
+    every boundary that moves by a pixel, which their thresholded regions do not: they are judged
+    by the overlap of the regions they mark (:func:`poor_fidelity`, :func:`guard_loss`)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    consts = {init.name for init in model.graph.initializer}
+    seen: dict[str, bool] = {}
+
+    def from_sigmoid(name: str) -> bool:
+        if name not in seen:
+            seen[name] = False  # a cycle cannot make it one
+            node = producer.get(name)
+            if node is not None and node.op_type == "Sigmoid":
+                seen[name] = True
+            elif node is not None and node.op_type in _LAYOUT_OPS:
+                data = node.input if node.op_type == "Concat" else node.input[:1]  # the rest: shapes, indices
+                seen[name] = all(from_sigmoid(i) for i in data if i and i not in consts) and any(data)
+        return seen[name]
+
+    return {o.name for o in model.graph.output if from_sigmoid(o.name)}
 
 
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibration,
@@ -33,7 +66,8 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
     floating-point ones whose shape the data does not change. Integer outputs (indices, counts) and
     outputs sized by the data (boxes kept by a built-in NMS) are left out and logged."""
     names = [o.name for o in original.graph.output]
-    acc = {n: [0.0, 0.0, 0.0, 0, 0] for n in names}  # err², ref², maxdiff, agree, count
+    maps = probability_outputs(original)
+    acc = {n: [0.0, 0.0, 0.0, 0, 0, 0, 0] for n in names}  # err², ref², maxdiff, agree, count, ∩, ∪
     left_out: set[str] = set()
     runs = zip(run_batches(original, names, calib, indices, batch, provider),
                run_batches(pruned, names, calib, indices, batch, provider))
@@ -47,28 +81,43 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
             s[0] += float(((b - a) ** 2).sum())
             s[1] += float((a ** 2).sum())
             s[2] = max(s[2], float(np.abs(b - a).max()) if a.size else 0.0)
-            if a.ndim == 2 and a.shape[1] > 1:
+            if n in maps:
+                s[5] += int(np.count_nonzero((a > MARKED) & (b > MARKED)))
+                s[6] += int(np.count_nonzero((a > MARKED) | (b > MARKED)))
+            elif a.ndim == 2 and a.shape[1] > 1:
                 s[3] += int((a.argmax(1) == b.argmax(1)).sum())
                 s[4] += a.shape[0]
     if left_out:
         log.warning("held-out check leaves out outputs it cannot compare (integer, or sized by the data): %s",
                     ", ".join(sorted(left_out)))
     return [OutputFidelity(n, (s[0] / s[1]) ** 0.5 if s[1] > 0 else float(s[0] > 0), s[2],
-                           s[3] / s[4] if s[4] else None, s[4]) for n, s in acc.items() if n not in left_out]
+                           s[3] / s[4] if s[4] else None, s[4], s[5] / s[6] if s[6] else None)
+            for n, s in acc.items() if n not in left_out]
+
+
+def output_loss(f: OutputFidelity) -> float:
+    """One output's disagreement with the original: top-1 disagreement for class scores, one less
+    the IoU of the marked regions for probability maps, otherwise the relative error."""
+    if f.top1_agreement is not None:
+        return 1 - f.top1_agreement
+    if f.marked_iou is not None:
+        return 1 - f.marked_iou
+    return f.relative_error
 
 
 def guard_loss(fidelity: list[OutputFidelity]) -> float:
-    """What ``--max-drop`` bounds: the worst output's top-1 disagreement for class scores,
-    otherwise its relative error."""
-    return max(((1 - f.top1_agreement if f.top1_agreement is not None else f.relative_error) for f in fidelity),
-               default=0.0)
+    """What ``--max-drop`` bounds: the worst output's :func:`output_loss`."""
+    return max((output_loss(f) for f in fidelity), default=0.0)
 
 
 # What the CLI treats as a broken result when no --max-drop is given: a pruned classifier that
-# changes more than one held-out decision in ten, or another output (boxes, maps, embeddings)
-# whose error is about a third of its own size, is not a model to hand on silently. Agreement
-# counted on a few held-out images is noisy, so it is judged by its upper confidence bound.
+# changes more than one held-out decision in ten, a probability map whose marked region overlaps
+# the original's by an IoU below one half (objects lost or made up, not edges moved), or another
+# output (boxes, embeddings) whose error is about a third of its own size, is not a model to hand
+# on silently. Agreement counted on a few held-out images is noisy, so it is judged by its upper
+# confidence bound.
 POOR_AGREEMENT = 0.90
+POOR_MARKED_IOU = 0.5
 POOR_RELATIVE_ERROR = 0.30
 _Z = 1.645  # one-sided 95 %
 
@@ -116,7 +165,10 @@ def poor_fidelity(fidelity: list[OutputFidelity]) -> str:
         if f.top1_agreement is not None and agreement_upper_bound(f.top1_agreement, f.samples) < POOR_AGREEMENT:
             return f"output '{f.name}' keeps {f.top1_agreement:.1%} top-1 agreement with the original " \
                    f"(clearly below {POOR_AGREEMENT:.0%})"
-        if f.top1_agreement is None and f.relative_error > POOR_RELATIVE_ERROR:
+        if f.marked_iou is not None and f.marked_iou < POOR_MARKED_IOU:
+            return f"output '{f.name}' marks a region (above {MARKED:g}) overlapping the original's by IoU " \
+                   f"{f.marked_iou:.2f} (below {POOR_MARKED_IOU:.2f})"
+        if f.top1_agreement is None and f.marked_iou is None and f.relative_error > POOR_RELATIVE_ERROR:
             return f"output '{f.name}' is off by a relative error of {f.relative_error:.2f} " \
                    f"(above {POOR_RELATIVE_ERROR:.2f})"
     return ""

@@ -253,6 +253,51 @@ def test_held_out_check_leaves_out_integer_and_data_sized_outputs():
     assert guard_loss([]) == 0.0
 
 
+def test_probability_maps_are_judged_by_the_regions_they_mark():
+    """A Sigmoid output (a text detector's probability map, a mask) is judged by the IoU of the
+    elements above 0.5 in the pruned and original maps, not by its relative error, which counts
+    every edge that moves: a map whose region grows a little passes the safety net however large
+    that error, one that loses most of it does not. Layout ops after the Sigmoid keep it a map."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.calib import load_calibration
+    from onnxprune.verify import (POOR_MARKED_IOU, POOR_RELATIVE_ERROR, compare, guard_loss, poor_fidelity,
+                                  probability_outputs)
+
+    def model(shift: float):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])
+        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("prob", "moved", "mixed", "raw")]
+        inits = [numpy_helper.from_array(np.array(shift, np.float32), "shift"),
+                 numpy_helper.from_array(np.array([0, -1], np.int64), "shape")]
+        nodes = [helper.make_node("Add", ["x", "shift"], ["z"]),
+                 helper.make_node("Sigmoid", ["z"], ["prob"]),
+                 helper.make_node("Transpose", ["prob"], ["t"], perm=[0, 1, 3, 2]),
+                 helper.make_node("Reshape", ["t", "shape"], ["moved"]),
+                 helper.make_node("Concat", ["prob", "z"], ["mixed"], axis=1),
+                 helper.make_node("Relu", ["z"], ["raw"])]
+        return helper.make_model(helper.make_graph(nodes, "m", [x], outs, inits),
+                                 opset_imports=[helper.make_opsetid("", 13)])
+
+    assert probability_outputs(model(0.0)) == {"prob", "moved"}
+    data = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    cal = load_calibration(data, model(0.0))
+
+    def judged(shift: float, base: float = 0.0):
+        fid = {f.name: f for f in compare(model(base), model(base + shift), cal, np.arange(16))}
+        return fid["prob"], fid["moved"]
+
+    grown, moved = judged(1.0)  # every marked element stays marked, and the region grows
+    expected = np.count_nonzero(data > 0) / np.count_nonzero(data > -1.0)
+    assert grown.marked_iou == pytest.approx(expected) and moved.marked_iou == pytest.approx(expected)
+    assert grown.top1_agreement is None and grown.relative_error > POOR_RELATIVE_ERROR
+    assert grown.marked_iou >= POOR_MARKED_IOU and poor_fidelity([grown]) == ""
+    assert guard_loss([grown]) == pytest.approx(1 - expected)
+    lost, _ = judged(-2.0)  # most of the region is gone
+    assert lost.marked_iou < POOR_MARKED_IOU and "IoU" in poor_fidelity([lost])
+    none, _ = judged(-0.5, base=-10.0)  # the original marks nothing: judged by its relative error
+    assert none.marked_iou is None and guard_loss([none]) == none.relative_error
+
+
 def test_layers_with_many_unknowns_sample_more_positions_per_image():
     """Few images: each conv samples every position its map has (64 and 16 here), up to
     MIN_SAMPLES_PER_UNKNOWN per unknown; many images: the default 10 are enough."""

@@ -91,6 +91,24 @@ def test_a_target_that_cuts_a_layer_deep_is_warned_about_naming_the_barrier(capl
     assert "expect a large accuracy loss" not in caplog.text
 
 
+def test_a_deep_cut_forced_by_kept_block_outputs_names_prune_residual(caplog):
+    """With the residual-joined groups at full width, --speedup 2.6 can only be met by cutting a
+    block's inner channels 12 -> 2: the warning offers letting the block outputs shrink too, and
+    does not when they already may."""
+    model = tiny_resnet()
+    x = calib_for(model, 64)
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        result = onnxprune.prune(model, x, speedup=2.6, measure_latency=False)
+    check_pruned(result.model, model, x[:16], max_rel_err=1.0)
+    warned = [r.getMessage() for r in caplog.records if "expect a large accuracy loss" in r.getMessage()]
+    assert len(warned) == 1 and "or --prune-residual (the 2 residual-joined groups keep their width)" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        result = onnxprune.prune(model, x, speedup=2.6, prune_coupled=True, measure_latency=False)
+    check_pruned(result.model, model, x[:16], max_rel_err=1.0)
+    assert "--prune-residual (" not in caplog.text
+
+
 @pytest.mark.parametrize("kind", ["conv", "depthwise", "gemm"])
 def test_single_layer_models_for_latency_timing_run(kind):
     """The one-node models timed for --latency compute the layer at the narrowed widths."""
