@@ -27,12 +27,14 @@ class OutputFidelity:
     top1_agreement: float | None  # for outputs that look like class scores [N, K]
     samples: int = 0  # held-out samples the agreement was counted on
     # for probability maps (see probability_outputs): IoU of the elements above MARKED in the pruned
-    # and in the original output; None where the original marks none on the held-out samples
+    # and in the original output; None where the original marks fewer than MIN_MARKED of them
     marked_iou: float | None = None
 
 
-# A probability map marks what lies above its sigmoid's own decision boundary.
+# A probability map marks what lies above its sigmoid's own decision boundary; an IoU over fewer
+# marked elements than this (a detector's class map where little fires) is too noisy to judge by.
 MARKED = 0.5
+MIN_MARKED = 100
 # Ops that move or select a tensor's elements without changing their values.
 _LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Concat"}
 
@@ -67,7 +69,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
     outputs sized by the data (boxes kept by a built-in NMS) are left out and logged."""
     names = [o.name for o in original.graph.output]
     maps = probability_outputs(original)
-    acc = {n: [0.0, 0.0, 0.0, 0, 0, 0, 0] for n in names}  # err², ref², maxdiff, agree, count, ∩, ∪
+    acc = {n: [0.0, 0.0, 0.0, 0, 0, 0, 0, 0] for n in names}  # err², ref², maxdiff, agree, count, ∩, ∪, marked
     left_out: set[str] = set()
     runs = zip(run_batches(original, names, calib, indices, batch, provider),
                run_batches(pruned, names, calib, indices, batch, provider))
@@ -84,6 +86,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
             if n in maps:
                 s[5] += int(np.count_nonzero((a > MARKED) & (b > MARKED)))
                 s[6] += int(np.count_nonzero((a > MARKED) | (b > MARKED)))
+                s[7] += int(np.count_nonzero(a > MARKED))
             elif a.ndim == 2 and a.shape[1] > 1:
                 s[3] += int((a.argmax(1) == b.argmax(1)).sum())
                 s[4] += a.shape[0]
@@ -91,7 +94,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
         log.warning("held-out check leaves out outputs it cannot compare (integer, or sized by the data): %s",
                     ", ".join(sorted(left_out)))
     return [OutputFidelity(n, (s[0] / s[1]) ** 0.5 if s[1] > 0 else float(s[0] > 0), s[2],
-                           s[3] / s[4] if s[4] else None, s[4], s[5] / s[6] if s[6] else None)
+                           s[3] / s[4] if s[4] else None, s[4], s[5] / s[6] if s[7] >= MIN_MARKED else None)
             for n, s in acc.items() if n not in left_out]
 
 

@@ -253,6 +253,17 @@ def test_held_out_check_leaves_out_integer_and_data_sized_outputs():
     assert guard_loss([]) == 0.0
 
 
+def test_output_probes_run_on_fewer_images_where_inputs_are_large():
+    """64 probe images up to 3 x 224 x 224 input values per sample, fewer above (a 640 x 640
+    detector: 8), never fewer than 8."""
+    from onnxprune.sensitivity import probe_images
+
+    model = tiny_vgg()
+    name = model.graph.input[0].name
+    assert [probe_images(model, {name: shape}) for shape in
+            ((1, 1, 28, 28), (1, 3, 224, 224), (1, 3, 416, 416), (1, 3, 640, 640), (1, 3, 2048, 2048))] == [64, 64, 18, 8, 8]
+
+
 def test_probability_maps_are_judged_by_the_regions_they_mark():
     """A Sigmoid output (a text detector's probability map, a mask) is judged by the IoU of the
     elements above 0.5 in the pruned and original maps, not by its relative error, which counts
@@ -261,8 +272,8 @@ def test_probability_maps_are_judged_by_the_regions_they_mark():
     from onnx import TensorProto, helper, numpy_helper
 
     from onnxprune.calib import load_calibration
-    from onnxprune.verify import (POOR_MARKED_IOU, POOR_RELATIVE_ERROR, compare, guard_loss, poor_fidelity,
-                                  probability_outputs)
+    from onnxprune.verify import (MIN_MARKED, POOR_MARKED_IOU, POOR_RELATIVE_ERROR, compare, guard_loss,
+                                  poor_fidelity, probability_outputs)
 
     def model(shift: float):
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])
@@ -296,6 +307,9 @@ def test_probability_maps_are_judged_by_the_regions_they_mark():
     assert lost.marked_iou < POOR_MARKED_IOU and "IoU" in poor_fidelity([lost])
     none, _ = judged(-0.5, base=-10.0)  # the original marks nothing: judged by its relative error
     assert none.marked_iou is None and guard_loss([none]) == none.relative_error
+    few, _ = judged(3.0, base=-2.5)  # it marks a few elements (< MIN_MARKED): too few for an IoU
+    assert np.count_nonzero(data > 2.5) < MIN_MARKED and few.marked_iou is None
+    assert few.relative_error > POOR_RELATIVE_ERROR and "relative error" in poor_fidelity([few])
 
 
 def test_layers_with_many_unknowns_sample_more_positions_per_image():
