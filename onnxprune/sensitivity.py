@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
+import onnx
 from scipy.interpolate import PchipInterpolator
 
 from .budget import CostModel, Targets, round_width
@@ -113,6 +114,20 @@ def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[
 # Where the output probes scale the curves: half width, and the deeper cuts the floor still allows
 # (a cut's output error does not follow its layer error in step as the cut deepens)
 PROBES = (0.3, 0.5)
+# Images the probes run on: 64 at 3 x 224 x 224 input values or fewer, fewer for larger inputs so a
+# probe's cost stays that of 64 such images (at least 8: 8 at 640 x 640). A large input's dense
+# output (a detector's map) gives many values per image to measure the error on.
+PROBE_IMAGES = 64
+PROBE_INPUT_VALUES = PROBE_IMAGES * 3 * 224 * 224
+MIN_PROBE_IMAGES = 8
+
+
+def probe_images(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
+    """How many images the output probes run on, by the size of one sample's inputs."""
+    consts = {init.name for init in model.graph.initializer}
+    values = sum(int(np.prod(shapes[i.name][1:])) for i in model.graph.input
+                 if i.name not in consts and len(shapes.get(i.name, ())) > 1)
+    return int(np.clip(PROBE_INPUT_VALUES // max(values, 1), MIN_PROBE_IMAGES, PROBE_IMAGES))
 STATS_BUDGET = 1 << 29  # bytes of statistics one pass of measure_curves may gather
 
 
@@ -184,11 +199,11 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
 
 def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str, tuple[int, ...]],
                          opts: PruneOptions, bn_scales: dict[str, np.ndarray], progress: Progress = QUIET,
-                         probes: tuple[float, ...] = PROBES, images: int = 64) -> dict[int, list[float]]:
+                         probes: tuple[float, ...] = PROBES, images: int | None = None) -> dict[int, list[float]]:
     """Error curves of the candidate groups put on one scale: each unit's curve is scaled so
     that, at each of the ``probes`` (fractions of its width), it equals the relative error of
     the *model output* measured with that unit alone pruned to it (on ``images`` of the sampler's
-    images), the scale interpolated linearly between them and held beyond. A layer error deep in
+    images; None: :func:`probe_images`), the scale interpolated linearly between them and held beyond. A layer error deep in
     the net and one near the input then weigh by what they do to the output, and a deep cut's
     cost is measured, not extrapolated from a milder one.
 
@@ -205,7 +220,7 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
     units = sorted(analysis.candidates, key=lambda u: first_edited(u, g, topo))
     factors: dict[int, dict[int, float]] = {}  # unit -> grid index -> output error / curve there
     bar = progress.bar(iter(units), "sensitivity", total=len(units)) if progress.show else None
-    probe_idx = random_subset(sampler.indices, images, opts.seed)
+    probe_idx = random_subset(sampler.indices, images or probe_images(model, shapes), opts.seed)
     with Frontier(model, sampler.calib, sampler.indices, batch, provider=sampler.provider) as data, \
             Frontier(model, sampler.calib, probe_idx, batch, provider=sampler.provider) as outs:
         reference = _joined(outs.run(names), names)
