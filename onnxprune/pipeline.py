@@ -227,8 +227,8 @@ class Pruner:
             names = ", ".join(f"{b.op_type} '{b.node}'" for b in reach.barriers[:2] if b.op_type) or reach.barriers[0].why
             held = f"; {1 - reach.fraction:.0%} of the MACs are out of pruning's reach (behind {names})"
         kept = len(self.residual_joined) if not self.opts.prune_coupled else 0
-        # spreading the cut over the block outputs too can cost less than one layer cut this deep
-        # (a DBNet text detector at 2x: half the output error), or more (resnet_fmnist): the user's call
+        # spreading the cut over the block outputs too can cost less than one layer cut this deep, or
+        # more, by model (docs/benchmarks.md): offered, not taken
         wider = f", or --prune-residual (the {kept} residual-joined groups keep their width)" if kept else ""
         log.warning("%s cuts '%s' from %d to %d channels (%.1fx)%s: expect a large accuracy loss; a milder target "
                     "or more prunable layers (onnxprune inspect lists the barriers) keep more%s",

@@ -128,6 +128,8 @@ def probe_images(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> 
     values = sum(int(np.prod(shapes[i.name][1:])) for i in model.graph.input
                  if i.name not in consts and len(shapes.get(i.name, ())) > 1)
     return int(np.clip(PROBE_INPUT_VALUES // max(values, 1), MIN_PROBE_IMAGES, PROBE_IMAGES))
+
+
 STATS_BUDGET = 1 << 29  # bytes of statistics one pass of measure_curves may gather
 
 
@@ -203,9 +205,9 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
     """Error curves of the candidate groups put on one scale: each unit's curve is scaled so
     that, at each of the ``probes`` (fractions of its width), it equals the relative error of
     the *model output* measured with that unit alone pruned to it (on ``images`` of the sampler's
-    images; None: :func:`probe_images`), the scale interpolated linearly between them and held beyond. A layer error deep in
-    the net and one near the input then weigh by what they do to the output, and a deep cut's
-    cost is measured, not extrapolated from a milder one.
+    images; None: :func:`probe_images`), the scale interpolated linearly between them and held
+    beyond. A layer error deep in the net and one near the input then weigh by what they do to the
+    output, and a deep cut's cost is measured, not extrapolated from a milder one.
 
     Each probe reuses the statistics its curve was measured from, edits the model in place
     (undone at once) and runs only the part of the model after the unit on carried activations,
