@@ -156,14 +156,16 @@ def build_gate_parser() -> argparse.ArgumentParser:
                 "every limit holds, 1 with a one-line reason otherwise.",
                 epilog="exit codes: 0 every limit holds, 1 a limit failed, 2 bad input/options")
     p.add_argument("model", type=Path)
-    p.add_argument("--reference", type=Path, help="the original model, for --min-agreement / --max-error / "
-                   "--min-speedup")
+    p.add_argument("--reference", type=Path, help="the original model, for --min-agreement / --min-iou / "
+                   "--max-error / --min-speedup")
     p.add_argument("--calib", type=Path, help="data to run both models on")
     p.add_argument("--max-size-mb", type=float, metavar="M")
     p.add_argument("--max-macs", type=float, metavar="G", help="at most G·10^9 MACs per sample")
     p.add_argument("--max-params", type=float, metavar="M", help="at most M·10^6 parameters")
     p.add_argument("--min-agreement", type=float, metavar="A", help="top-1 agreement with --reference at least A "
                    "(fraction) on every class-score output")
+    p.add_argument("--min-iou", type=float, metavar="U", help="on every probability map (a Sigmoid output), IoU "
+                   "of the regions above 0.5 in the model and in --reference at least U")
     p.add_argument("--max-error", type=float, metavar="E", help="relative output error vs --reference at most E")
     p.add_argument("--min-speedup", type=float, metavar="S", help="measured latency speedup vs --reference")
     p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
@@ -210,13 +212,14 @@ def _gate(args: argparse.Namespace) -> int:
     from .graphview import GraphView
     from .quantize import dequantized
     from .summary import fidelity, load_checked, model_macs
+    from .verify import MARKED, MIN_MARKED
 
-    needs_ref = [f for f in ("min_agreement", "max_error", "min_speedup") if getattr(args, f) is not None]
+    needs_ref = [f for f in ("min_agreement", "min_iou", "max_error", "min_speedup") if getattr(args, f) is not None]
     if needs_ref and args.reference is None:
         raise PruneError(f"--{needs_ref[0].replace('_', '-')} needs --reference (the original model)")
     if not needs_ref and all(getattr(args, f) is None for f in ("max_size_mb", "max_macs", "max_params")):
         raise PruneError("no limit given; pass --max-size-mb, --max-macs, --max-params, --min-agreement, "
-                         "--max-error or --min-speedup")
+                         "--min-iou, --max-error or --min-speedup")
     model = load_checked(args.model)
     # --max-params and --max-size-mb run nothing: no default input shape is looked for them
     runs = args.max_macs is not None or needs_ref or args.calib is not None or args.shape
@@ -233,15 +236,22 @@ def _gate(args: argparse.Namespace) -> int:
         checks.append(("M params", params, args.max_params, params <= args.max_params))
     if needs_ref:
         reference = load_checked(args.reference)
-        if args.min_agreement is not None or args.max_error is not None:
+        if args.min_agreement is not None or args.min_iou is not None or args.max_error is not None:
             if args.calib is None:
-                raise PruneError("--min-agreement / --max-error need --calib (data to compare the models on)")
+                raise PruneError("--min-agreement / --min-iou / --max-error need --calib (data to compare the "
+                                 "models on)")
             fid = fidelity(reference, model, cal)
             if args.min_agreement is not None:
                 agree = min((f.top1_agreement for f in fid if f.top1_agreement is not None), default=None)
                 if agree is None:
                     raise PruneError("--min-agreement needs a class-score output ([N, K]); use --max-error")
                 checks.append(("top-1 agreement", agree, args.min_agreement, agree >= args.min_agreement))
+            if args.min_iou is not None:
+                iou = min((f.marked_iou for f in fid if f.marked_iou is not None), default=None)
+                if iou is None:
+                    raise PruneError(f"--min-iou needs a probability map (a Sigmoid output) whose reference marks "
+                                     f"at least {MIN_MARKED} elements above {MARKED:g} on --calib; use --max-error")
+                checks.append(("marked-region IoU", iou, args.min_iou, iou >= args.min_iou))
             if args.max_error is not None:
                 err = max(f.relative_error for f in fid)
                 checks.append(("relative error", err, args.max_error, err <= args.max_error))

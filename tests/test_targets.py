@@ -288,6 +288,34 @@ def test_gate_passes_and_fails_with_one_line_reason(files, capsys):
     assert main(["gate", pruned, "--min-agreement", "0.9"]) == 2  # needs --reference
 
 
+def test_gate_bounds_the_iou_of_a_probability_maps_marked_region(files, tmp_path, capsys):
+    """--min-iou judges a Sigmoid output by the regions it marks above 0.5; a model without one
+    is an option error naming what to use instead."""
+    def sigmoid_map(shift: float) -> onnx.ModelProto:
+        x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 8, 8])
+        y = helper.make_tensor_value_info("prob", onnx.TensorProto.FLOAT, ["N", 1, 8, 8])
+        shift_init = onnx.numpy_helper.from_array(np.array(shift, np.float32), "shift")
+        nodes = [helper.make_node("Add", ["x", "shift"], ["z"]), helper.make_node("Sigmoid", ["z"], ["prob"])]
+        return helper.make_model(helper.make_graph(nodes, "m", [x], [y], [shift_init]),
+                                 opset_imports=[helper.make_opsetid("", 13)])
+
+    data = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "maps.npy", data)
+    onnx.save(sigmoid_map(0.0), tmp_path / "ref.onnx")
+    onnx.save(sigmoid_map(1.0), tmp_path / "grown.onnx")
+    iou = np.count_nonzero(data > 0) / np.count_nonzero(data > -1.0)
+    gate = ["gate", str(tmp_path / "grown.onnx"), "--reference", str(tmp_path / "ref.onnx"),
+            "--calib", str(tmp_path / "maps.npy"), "--min-iou"]
+    assert main(gate + [str(iou - 0.01)]) == 0
+    assert f"PASS marked-region IoU: {iou:.4g}" in capsys.readouterr().out
+    assert main(gate + [str(iou + 0.01), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "marked-region IoU" in err[0]
+    assert main(["gate", str(files / "p.onnx"), "--reference", str(files / "m.onnx"), "--calib",
+                 str(files / "x.npy"), "--min-iou", "0.5"]) == 2
+    assert "--min-iou needs a probability map" in capsys.readouterr().err
+
+
 def test_bench_reports_every_model_and_batch(files, capsys):
     assert main(["bench", str(files / "m.onnx"), str(files / "p.onnx"), "--batch", "1", "4", "--repeats", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
