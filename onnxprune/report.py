@@ -166,9 +166,8 @@ class Report:
                 lines.append(f"  kept dense (dropped stripes zeroed): {k['node'][:40]}: {k['reason']}")
         for f in self.fidelity:
             agree = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
-            if f.marked_iou is not None:
-                agree += f", marked-region IoU {f.marked_iou:.3f}"
-            lines.append(f"output '{f.name}': relative error {f.relative_error:.4f}{agree} "
+            iou = f", marked-region IoU {f.marked_iou:.3f}" if f.marked_iou is not None else ""
+            lines.append(f"output '{f.name}': relative error {f.relative_error:.4f}{agree}{iou} "
                          f"({self.calibration.get('holdout', 0)} held-out samples)")
         if self.skipped:
             lines.append(f"{len(self.skipped)} channel groups left unpruned (reasons in the JSON report)")

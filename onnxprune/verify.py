@@ -56,7 +56,8 @@ def probability_outputs(model: onnx.ModelProto) -> set[str]:
                 seen[name] = True
             elif node is not None and node.op_type in _LAYOUT_OPS:
                 data = node.input if node.op_type == "Concat" else node.input[:1]  # the rest: shapes, indices
-                seen[name] = all(from_sigmoid(i) for i in data if i and i not in consts) and any(data)
+                live = [i for i in data if i and i not in consts]
+                seen[name] = bool(live) and all(from_sigmoid(i) for i in live)
         return seen[name]
 
     return {o.name for o in model.graph.output if from_sigmoid(o.name)}

@@ -277,15 +277,18 @@ def test_probability_maps_are_judged_by_the_regions_they_mark():
 
     def model(shift: float):
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])
-        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("prob", "moved", "mixed", "raw")]
+        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                for n in ("prob", "moved", "mixed", "raw", "fixed")]
         inits = [numpy_helper.from_array(np.array(shift, np.float32), "shift"),
-                 numpy_helper.from_array(np.array([0, -1], np.int64), "shape")]
+                 numpy_helper.from_array(np.array([0, -1], np.int64), "shape"),
+                 numpy_helper.from_array(np.full((1, 1, 8, 8), 0.5, np.float32), "half")]
         nodes = [helper.make_node("Add", ["x", "shift"], ["z"]),
                  helper.make_node("Sigmoid", ["z"], ["prob"]),
                  helper.make_node("Transpose", ["prob"], ["t"], perm=[0, 1, 3, 2]),
                  helper.make_node("Reshape", ["t", "shape"], ["moved"]),
                  helper.make_node("Concat", ["prob", "z"], ["mixed"], axis=1),
-                 helper.make_node("Relu", ["z"], ["raw"])]
+                 helper.make_node("Relu", ["z"], ["raw"]),
+                 helper.make_node("Concat", ["half", "half"], ["fixed"], axis=1)]  # constants only
         return helper.make_model(helper.make_graph(nodes, "m", [x], outs, inits),
                                  opset_imports=[helper.make_opsetid("", 13)])
 
