@@ -87,6 +87,42 @@ class Calibration:
         for start in range(0, len(indices), batch_size):
             yield self.take(indices[start:start + batch_size])
 
+    def with_mixtures(self, among: np.ndarray, count: int, seed: int) -> tuple["Calibration", np.ndarray]:
+        """These samples followed by ``count`` mixtures of two samples of ``among`` each, and the
+        mixtures' indices. A mixture is ``λ·a + (1 − λ)·b`` with λ uniform in
+        [:data:`MIX_LOW`, 1 − :data:`MIX_LOW`] on every float input (other inputs take ``a``'s);
+        it is computed when read, so a folder of images stays on disk."""
+        rng = np.random.default_rng(seed + 2)
+        pairs = rng.choice(np.asarray(among), size=(count, 2))
+        lam = rng.uniform(MIX_LOW, 1.0 - MIX_LOW, size=count)
+        arrays = {k: _Mixed(v, pairs, lam) for k, v in self.arrays.items()}
+        return Calibration(arrays), np.arange(self.count, self.count + count)
+
+
+# A mixture weighs each of its two samples at least this much: near 0 or 1 it would repeat one of them.
+MIX_LOW = 0.2
+
+
+class _Mixed:
+    """Array-like: the rows of ``arr``, then the mixtures of the row ``pairs`` by weights ``lam``."""
+
+    def __init__(self, arr, pairs: np.ndarray, lam: np.ndarray):
+        self.arr, self.pairs, self.lam = arr, pairs, lam
+
+    def __len__(self) -> int:
+        return len(self.arr) + len(self.pairs)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.atleast_1d(np.asarray(idx))
+        k = np.maximum(idx - len(self.arr), 0)
+        mixed = np.flatnonzero(idx >= len(self.arr))
+        first = np.where(idx >= len(self.arr), self.pairs[k, 0] if len(self.pairs) else idx, idx)
+        rows = np.array(self.arr[first])
+        if mixed.size and np.issubdtype(rows.dtype, np.floating):
+            lam = self.lam[k[mixed]].reshape(-1, *[1] * (rows.ndim - 1)).astype(rows.dtype)
+            rows[mixed] = lam * rows[mixed] + (1 - lam) * np.asarray(self.arr[self.pairs[k[mixed], 1]])
+        return rows
+
 
 class _LazyImages:
     """An array-like over image files: decoded and normalised only when indexed."""

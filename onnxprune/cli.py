@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="branch-final layers also absorb the skip path's error (He et al.; default on)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of calibration data held out for verification")
     p.add_argument("--samples-per-image", type=int, default=10, help="spatial positions sampled per image (default 10)")
+    p.add_argument("--mixtures", type=float, default=1.0, metavar="R",
+                   help="blends of two calibration samples added per fit sample, for the reconstruction "
+                        "(default 1; 0 uses the samples alone); the held-out check reads real samples only")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     p.add_argument("--round-to", type=int, default=None, help="round kept channels up to a multiple of N "
                    "(default 16 for --provider cpu: ORT's NCHWc CPU kernels work in blocks of 16 channels on "
@@ -302,7 +305,7 @@ def _run(args: argparse.Namespace) -> int:
                    residual_target=args.residual_target, prune_coupled=args.prune_coupled,
                    refit_downstream=args.refit_downstream, refine=args.refine, allocation=args.allocation,
                    sensitivity_images=args.sensitivity_images, holdout=args.holdout,
-                   samples_per_image=args.samples_per_image, seed=args.seed,
+                   samples_per_image=args.samples_per_image, mixtures=args.mixtures, seed=args.seed,
                    round_to=args.round_to if args.round_to is not None else default_round_to(args.provider),
                    relax_round_to=args.round_to is None,
                    batch_size=args.batch_size, measure_latency=args.measure_latency, slim_fallback=args.slim_fallback,

@@ -38,6 +38,7 @@ class PruneOptions:
     reconstruct: bool = True
     holdout: float = 0.2
     samples_per_image: int = 10
+    mixtures: float = 1.0  # mixtures of two fit samples added per fit sample (Calibration.with_mixtures)
     seed: int = 0
     round_to: int = 1  # the CLI defaults to its provider's block: 16 on cpu, 8 on GPUs (see --round-to)
     relax_round_to: bool = False  # round_to is a default, not the user's: finer multiples where a target needs them
@@ -95,6 +96,7 @@ class PruneOptions:
             (self.latency_batch >= 1, f"--latency-batch must be >= 1 (got {self.latency_batch})"),
             (self.max_drop is None or 0.0 <= self.max_drop < 1.0, f"--max-drop must be in [0, 1) (got {self.max_drop})"),
             (0.0 <= self.holdout < 1.0, f"--holdout must be in [0, 1) (got {self.holdout})"),
+            (self.mixtures >= 0, f"--mixtures must be >= 0 (got {self.mixtures})"),
             (self.samples_per_image >= 1, f"--samples-per-image must be >= 1 (got {self.samples_per_image})"),
             (self.round_to >= 1, f"--round-to must be >= 1 (got {self.round_to})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),

@@ -172,6 +172,10 @@ class Pruner:
                                               opts.seed)
         if opts.needs_data and len(fit_idx) < 2:
             raise OptionError(f"only {len(fit_idx)} calibration sample(s) left after the hold-out; give more data")
+        mixtures = int(round(opts.mixtures * len(fit_idx))) if opts.needs_data else 0
+        if mixtures:  # the refits see more input directions; the held-out check stays on real samples
+            cal, mixed_idx = cal.with_mixtures(fit_idx, mixtures, opts.seed)
+            fit_idx = np.concatenate([fit_idx, mixed_idx])
         return cal, fit_idx, hold_idx
 
     def _sampler(self, indices: np.ndarray, pairs: bool = False) -> Sampler:
@@ -372,7 +376,7 @@ class Pruner:
         report = Report(
             method=opts.method.value, reconstruct=opts.reconstruct, target_speedup=opts.speedup or 1.0, totals=totals,
             groups=pruned.groups, layers=layers, skipped=self.analysis.skipped, fidelity=fidelity,
-            calibration={"fit": int(len(self.fit_idx)), "holdout": int(len(self.cal)) - int(len(self.fit_idx)),
+            calibration={"fit": int(len(self.fit_idx)), "holdout": int(len(self.hold_idx)),
                          "samples_per_image": opts.samples_per_image},
             bn_folded=self.folded, targets_met=reached, provider=opts.provider, latency_batch=opts.latency_batch,
             targets={k: v for k, v in opts.targets.__dict__.items() if v is not None}

@@ -80,3 +80,28 @@ def test_empty_and_missing_folders(tmp_path):
 def test_float64_is_accepted_and_cast():
     cal = load_calibration(calib_for(MODEL, 4).astype(np.float64), MODEL)
     assert cal.take([0])["input"].dtype == np.float32
+
+
+def test_mixtures_blend_two_fit_samples_and_leave_the_rest_alone(tmp_path):
+    from PIL import Image
+
+    from onnxprune.calib import MIX_LOW, Calibration
+
+    x = calib_for(MODEL, 6)
+    ids = np.arange(6, dtype=np.int64)[:, None]
+    cal, mixed = Calibration({"input": x, "ids": ids}).with_mixtures(np.array([1, 3, 4]), 5, seed=0)
+    assert len(cal) == 11 and list(mixed) == [6, 7, 8, 9, 10]
+    assert np.array_equal(cal.take([0, 5, 2])["input"], x[[0, 5, 2]])  # real samples as they were
+    arr = cal.arrays["input"]
+    for k, row in enumerate(cal.take(mixed)["input"]):
+        a, b = arr.pairs[k]
+        lam = arr.lam[k]
+        assert {a, b} <= {1, 3, 4} and MIX_LOW <= lam <= 1 - MIX_LOW  # drawn from the fit samples only
+        assert np.allclose(row, lam * x[a] + (1 - lam) * x[b], atol=1e-6)
+    assert np.array_equal(cal.take(mixed)["ids"][:, 0], arr.pairs[:, 0])  # integer inputs are not blended
+
+    for i in range(3):  # a folder of images: mixtures read the files when asked
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    images, mixed = load_calibration(tmp_path, MODEL).with_mixtures(np.arange(3), 2, seed=1)
+    blend = images.take(mixed)["input"]
+    assert blend.shape == (2, 3, 8, 8) and np.allclose(blend, blend[:, :1, :1, :1])  # a flat grey between two

@@ -136,10 +136,10 @@ def test_sensitivity_curves_are_the_output_error_at_each_probe_width():
     from onnxprune.sensitivity import GRID, PROBES
 
     model = tiny_vgg()
-    x = calib_for(model, 48)  # at most 64 fit images: the probes run on all of them
+    x = calib_for(model, 40)  # at most 64 fit samples with their mixtures: the probes run on all of them
     pruner = Pruner(model, x, PruneOptions(speedup=1.5, measure_latency=False))
     pruner.allocate()
-    fit = x[pruner.fit_idx]
+    fit = pruner.cal.take(pruner.fit_idx)["input"]
     reference = run(model, fit)[0]
     solo = replace(pruner.opts, refit_downstream=False, refine=False)
     # the last conv feeds Flatten → Gemm with more unknowns than images, whose cross-validated
@@ -323,8 +323,8 @@ def test_layers_with_many_unknowns_sample_more_positions_per_image():
 
     model = tiny_vgg()
     counts = {}
-    for images in (20, 40 * MIN_SAMPLES_PER_UNKNOWN):
-        sampler = Pruner(model, calib_for(model, images), PruneOptions(speedup=1.5, progress=False)).sampler
+    for images in (20, 40 * MIN_SAMPLES_PER_UNKNOWN):  # fit images alone: no mixtures
+        sampler = Pruner(model, calib_for(model, images), PruneOptions(speedup=1.5, mixtures=0, progress=False)).sampler
         counts[images] = sorted(pos.shape[1] for pos in sampler.positions.values())
     assert counts[20] == [1, 16, 64]  # the Gemm after Flatten sees one row per image
     assert counts[40 * MIN_SAMPLES_PER_UNKNOWN] == [1, 10, 10]

@@ -22,6 +22,9 @@ from onnxprune.summary import model_macs
 # 0.027 for the model pruned 2x (minmax), 0.029 / 0.028 unpruned (entropy / percentile); the
 # bound leaves room for other ORT versions' rounding
 INT8_REL_ERR = 0.06
+# symmetric int8 activations spend half their range on the negative values a ReLU output never has:
+# one bit fewer, about twice the error (0.094 on tiny_vgg with onnx 1.23 / onnxruntime 1.32)
+SYMMETRIC_INT8_REL_ERR = 2 * INT8_REL_ERR
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -126,9 +129,10 @@ def test_activation_scheme_follows_the_provider(provider, zero_type, symmetric):
     assert weights and {w.data_type for w in weights} == {onnx.TensorProto.INT8}  # weights int8 on every provider
     assert scheme(provider)["activations"] == ("int8 symmetric" if symmetric else "uint8 asymmetric")
     assert scheme(provider)["weights"] == "int8 symmetric per-channel"
-    assert _rel(run(q, x)[0], run(model, x)[0]) <= INT8_REL_ERR
+    bound = SYMMETRIC_INT8_REL_ERR if symmetric else INT8_REL_ERR
+    assert _rel(run(q, x)[0], run(model, x)[0]) <= bound
     # uint8: ORT drops the Relus into the activations' zero point; the float view puts them back
-    assert _rel(run(dequantized(q), x)[0], run(model, x)[0]) <= INT8_REL_ERR
+    assert _rel(run(dequantized(q), x)[0], run(model, x)[0]) <= bound
 
 
 def test_dequantized_view_counts_the_float_graph(quantized_run):

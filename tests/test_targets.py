@@ -338,7 +338,7 @@ def test_sensitivity_curves_use_a_bounded_random_subset(monkeypatch):
     x = calib_for(model, 60)
     result = onnxprune.prune(model, x, speedup=1.5, sensitivity_images=20, measure_latency=False)
     check_pruned(result.model, model, x[:10], max_rel_err=1.0)
-    assert [len(i) for i in seen] == [48, 20]  # 60 images, 12 held out
+    assert [len(i) for i in seen] == [96, 20]  # 60 images, 12 held out, 48 fit and their 48 mixtures
     assert set(seen[1]) <= set(seen[0]) and list(seen[1]) == sorted(seen[1])
     assert list(seen[1]) != list(seen[0][:20])  # random, not the first ones (data sorted by class)
     with pytest.raises(OptionError, match="--sensitivity-images must be >= 2"):
