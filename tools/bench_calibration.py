@@ -2,6 +2,7 @@
 with 128, 512 and 2048 calibration images (CLI defaults otherwise, no fine-tuning).
 
     python tools/bench_calibration.py [--sizes 128 512 2048] [--speedups 1.5 2] [--seeds 0] [--methods lasso obs]
+                                      [--no-refine] [--mixtures R] [--cli-rounding]
 
 The images are the first N of ``models/fmnist_calib_2k.npz`` (2048 seeded training images).
 Prints a markdown table: accuracy, drop from the original, held-out top-1 agreement, the thinnest
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fmnist import ROOT, accuracy, print_header, test_set
 
 import onnxprune
+from onnxprune.runtime import default_round_to
 
 
 def main() -> None:
@@ -32,12 +34,17 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["lasso"], help="channel selection methods to compare")
     ap.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                     help="refine residual branches' convs together (default on; --no-refine to compare)")
+    ap.add_argument("--mixtures", type=float, default=1.0,
+                    help="blends of two fit images added per fit image (default 1; 0 to compare)")
+    ap.add_argument("--cli-rounding", action="store_true",
+                    help="widths rounded as the CLI rounds them on CPU (multiples of 16, finer where a target needs it)")
     args = ap.parse_args()
     x, y, source = test_set()
     pool = np.load(ROOT / "models" / "fmnist_calib_2k.npz")["input"]
     print_header(source, "calibration: the first N images of models/fmnist_calib_2k.npz",
                  ["model", "method", "target", "images", "seed", "top-1 %", "drop", "held-out agreement",
                   "samples/unknown (thinnest refit)", "time s"])
+    rounding = {"round_to": default_round_to("cpu"), "relax_round_to": True} if args.cli_rounding else {}
     for name in args.models:
         path = ROOT / "models" / f"{name}.onnx"
         base = accuracy(path.read_bytes(), x, y)
@@ -46,8 +53,8 @@ def main() -> None:
                 for method, seed in [(m, s) for m in args.methods for s in args.seeds]:
                     start = time.perf_counter()
                     result = onnxprune.prune(str(path), np.ascontiguousarray(pool[:size]), speedup=speedup,
-                                             seed=seed, method=method, refine=args.refine, measure_latency=False,
-                                             progress=False)
+                                             seed=seed, method=method, refine=args.refine, mixtures=args.mixtures,
+                                             measure_latency=False, progress=False, **rounding)
                     took = time.perf_counter() - start
                     acc = accuracy(result.model.SerializeToString(), x, y)
                     agree = result.report.fidelity[0].top1_agreement

@@ -191,7 +191,7 @@ def one(args) -> None:
     load0 = os.getloadavg()[0]
     start = time.perf_counter()
     result = onnxprune.prune(model, x, speedup=args.speedup, method=args.method, refine=args.refine,
-                             progress=args.progress)
+                             mixtures=args.mixtures, progress=args.progress)
     wall = time.perf_counter() - start
     peak = peak_mib()
     phases.stop()
@@ -221,7 +221,7 @@ def machine() -> str:
 def child(args, model: str, images: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--model", model, "--images", str(images),
            "--size", str(args.size), "--speedup", str(args.speedup), "--method", args.method,
-           "--refine" if args.refine else "--no-refine"]
+           "--refine" if args.refine else "--no-refine", "--mixtures", str(args.mixtures)]
     cmd += (["--zoo", args.zoo] if args.zoo else []) + ([] if args.phases else ["--no-phases"])
     cmd += ["--progress"] if args.progress else []
     cmd += ["--label", args.label] if args.label else []
@@ -313,6 +313,8 @@ def main() -> None:
     ap.add_argument("--method", default="auto")
     ap.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                     help="refine residual branches' convs together (the default; --no-refine to compare)")
+    ap.add_argument("--mixtures", type=float, default=1.0,
+                    help="blends of two calibration images added per fit image (default 1; 0 to compare)")
     ap.add_argument("--zoo", default=None, help="prune the tools/build_zoo.py exports in this folder instead")
     ap.add_argument("--no-phases", dest="phases", action="store_false", help="no per-phase timing")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
