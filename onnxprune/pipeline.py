@@ -156,6 +156,7 @@ class Pruner:
     # ------------------------------------------------------------------ stages
     def _calibration(self, calib, image_options):
         opts = self.opts
+        self.mixtures = 0  # blends added to the fit samples (Calibration.with_mixtures)
         if calib is None:
             if opts.quantize:
                 raise OptionError(f"--quantize {opts.quantize} needs calibration data for its activation ranges: "
@@ -172,9 +173,9 @@ class Pruner:
                                               opts.seed)
         if opts.needs_data and len(fit_idx) < 2:
             raise OptionError(f"only {len(fit_idx)} calibration sample(s) left after the hold-out; give more data")
-        mixtures = int(round(opts.mixtures * len(fit_idx))) if opts.needs_data else 0
-        if mixtures:  # the refits see more input directions; the held-out check stays on real samples
-            cal, mixed_idx = cal.with_mixtures(fit_idx, mixtures, opts.seed)
+        self.mixtures = int(round(opts.mixtures * len(fit_idx))) if opts.needs_data else 0
+        if self.mixtures:  # the refits see more input directions; the held-out check stays on real samples
+            cal, mixed_idx = cal.with_mixtures(fit_idx, self.mixtures, opts.seed)
             fit_idx = np.concatenate([fit_idx, mixed_idx])
         return cal, fit_idx, hold_idx
 
@@ -376,7 +377,8 @@ class Pruner:
         report = Report(
             method=opts.method.value, reconstruct=opts.reconstruct, target_speedup=opts.speedup or 1.0, totals=totals,
             groups=pruned.groups, layers=layers, skipped=self.analysis.skipped, fidelity=fidelity,
-            calibration={"fit": int(len(self.fit_idx)), "holdout": int(len(self.hold_idx)),
+            calibration={"fit": int(len(self.fit_idx)), "mixtures": self.mixtures,  # fit: blends included
+                         "holdout": int(len(self.hold_idx)),
                          "samples_per_image": opts.samples_per_image},
             bn_folded=self.folded, targets_met=reached, provider=opts.provider, latency_batch=opts.latency_batch,
             targets={k: v for k, v in opts.targets.__dict__.items() if v is not None}

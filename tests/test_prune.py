@@ -328,3 +328,19 @@ def test_layers_with_many_unknowns_sample_more_positions_per_image():
         counts[images] = sorted(pos.shape[1] for pos in sampler.positions.values())
     assert counts[20] == [1, 16, 64]  # the Gemm after Flatten sees one row per image
     assert counts[40 * MIN_SAMPLES_PER_UNKNOWN] == [1, 10, 10]
+
+
+def test_mixtures_join_the_fit_samples_and_never_the_held_out_ones():
+    """--mixtures R: R blends per fit sample are fit on; the held-out check reads real samples only."""
+    from onnxprune.pipeline import Pruner
+
+    model = tiny_vgg()
+    x = calib_for(model, 40)
+    pruner = Pruner(model, x, PruneOptions(speedup=1.5, mixtures=1.0, measure_latency=False))
+    assert len(pruner.cal) == 72 and pruner.hold_idx.max() < 40 and (pruner.fit_idx >= 40).sum() == 32
+    result = pruner.run()
+    assert result.report.calibration["fit"] == 64 and result.report.calibration["mixtures"] == 32
+    assert result.report.calibration["holdout"] == 8
+    check_pruned(result.model, model, x, max_rel_err=0.5)
+    with pytest.raises(OptionError, match="--mixtures must be >= 0"):
+        onnxprune.prune(model, x, mixtures=-1, measure_latency=False)
