@@ -114,13 +114,14 @@ class _Mixed:
 
     def __getitem__(self, idx) -> np.ndarray:
         idx = np.atleast_1d(np.asarray(idx))
-        k = np.maximum(idx - len(self.arr), 0)
-        mixed = np.flatnonzero(idx >= len(self.arr))
-        first = np.where(idx >= len(self.arr), self.pairs[k, 0] if len(self.pairs) else idx, idx)
+        mixed = idx >= len(self.arr)
+        k = idx[mixed] - len(self.arr)  # the mixtures asked for
+        first = idx.copy()
+        first[mixed] = self.pairs[k, 0]
         rows = np.array(self.arr[first])
-        if mixed.size and np.issubdtype(rows.dtype, np.floating):
-            lam = self.lam[k[mixed]].reshape(-1, *[1] * (rows.ndim - 1)).astype(rows.dtype)
-            rows[mixed] = lam * rows[mixed] + (1 - lam) * np.asarray(self.arr[self.pairs[k[mixed], 1]])
+        if k.size and np.issubdtype(rows.dtype, np.floating):
+            lam = self.lam[k].reshape(-1, *[1] * (rows.ndim - 1)).astype(rows.dtype)
+            rows[mixed] = lam * rows[mixed] + (1 - lam) * np.asarray(self.arr[self.pairs[k, 1]])
         return rows
 
 

@@ -91,7 +91,7 @@ class Pruner:
             constants_to_initializers(self.work)
             self.bn_scales: dict[str, np.ndarray] = {}
             self.folded = fold_batchnorm(self.work, self.bn_scales)
-            self.cal, self.fit_idx, self.hold_idx = self._calibration(calib, image_options)
+            self.cal, self.fit_idx, self.hold_idx, self.mixtures = self._calibration(calib, image_options)
             self.shapes = tensor_shapes(self.work, self.cal)
             if not runs_batched(self.work, self.cal, self.shapes):
                 log.warning("the model runs one sample at a time (its batch dim is declared dynamic, but a "
@@ -155,8 +155,9 @@ class Pruner:
 
     # ------------------------------------------------------------------ stages
     def _calibration(self, calib, image_options):
+        """The calibration samples, the fit and held-out indices, and how many of the fit ones are
+        blends (:meth:`Calibration.with_mixtures`)."""
         opts = self.opts
-        self.mixtures = 0  # blends added to the fit samples (Calibration.with_mixtures)
         if calib is None:
             if opts.quantize:
                 raise OptionError(f"--quantize {opts.quantize} needs calibration data for its activation ranges: "
@@ -167,17 +168,17 @@ class Pruner:
             if opts.needs_data or opts.max_drop is not None:
                 raise OptionError(f"method '{opts.method.value}'{' with reconstruction' if opts.reconstruct else ''} "
                                   "needs calibration data: pass --calib, or use --method l1 --no-reconstruct")
-            return synthetic_calibration(self.original), np.arange(1), np.arange(0)
+            return synthetic_calibration(self.original), np.arange(1), np.arange(0), 0
         cal = load_calibration(calib, self.original, image_options)
         fit_idx, hold_idx = split_calibration(len(cal), opts.holdout if opts.needs_data else min(opts.holdout, 0.99),
                                               opts.seed)
         if opts.needs_data and len(fit_idx) < 2:
             raise OptionError(f"only {len(fit_idx)} calibration sample(s) left after the hold-out; give more data")
-        self.mixtures = int(round(opts.mixtures * len(fit_idx))) if opts.needs_data else 0
-        if self.mixtures:  # the refits see more input directions; the held-out check stays on real samples
-            cal, mixed_idx = cal.with_mixtures(fit_idx, self.mixtures, opts.seed)
+        mixtures = int(round(opts.mixtures * len(fit_idx))) if opts.needs_data else 0
+        if mixtures:  # the refits see more input directions; the held-out check stays on real samples
+            cal, mixed_idx = cal.with_mixtures(fit_idx, mixtures, opts.seed)
             fit_idx = np.concatenate([fit_idx, mixed_idx])
-        return cal, fit_idx, hold_idx
+        return cal, fit_idx, hold_idx, mixtures
 
     def _sampler(self, indices: np.ndarray, pairs: bool = False) -> Sampler:
         """Original-model targets of every layer the run may refit, on ``indices`` (``pairs``: and
