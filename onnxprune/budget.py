@@ -80,6 +80,53 @@ class CostModel:
         return self.latency.predict(self.factor, widths)
 
 
+class WidthCosts:
+    """:class:`CostModel`'s figures for many width choices at once, for the allocation's search:
+    each row of a ``[rows, len(units)]`` array holds the kept channels of ``units`` (group
+    indices; every other group at full width)."""
+
+    def __init__(self, cost: CostModel, units: list[int]):
+        self.cost = cost
+        groups = {g: i for i, g in enumerate(sorted(cost.channels))}
+        unit_at = {u: i for i, u in enumerate(units)}
+        # a group's kept fraction is linear in its owners' widths: fixed share + widths @ share
+        self._share = np.zeros((len(units), len(groups)))
+        self._fixed = np.zeros(len(groups))
+        for g, parts in cost.composition.items():
+            for owner, n in parts:
+                if owner in unit_at:
+                    self._share[unit_at[owner], groups[g]] += n / cost.channels[owner] / cost.channels[g]
+                else:
+                    self._fixed[groups[g]] += n / cost.channels[g]
+        # an entry's kept fraction is the product of its groups': exp of a sum of logs
+        self._uses = np.zeros((len(groups), len(cost.entries)))
+        for j, e in enumerate(cost.entries):
+            for gi in e.groups:
+                self._uses[groups[gi], j] += 1
+        self._macs = np.array([e.macs for e in cost.entries], np.float64)
+        self._params = np.array([e.params for e in cost.entries], np.float64)
+        self._bytes = np.array([e.bytes for e in cost.entries], np.float64)
+
+    def factors(self, widths: np.ndarray) -> np.ndarray:
+        """Kept fraction of each entry's MACs and weights, ``[rows, entries]``."""
+        fractions = self._fixed + np.asarray(widths, np.float64) @ self._share
+        return np.exp(np.log(np.maximum(fractions, 1e-300)) @ self._uses)
+
+    def macs(self, widths: np.ndarray) -> np.ndarray:
+        return self.factors(widths) @ self._macs
+
+    def params(self, widths: np.ndarray) -> np.ndarray:
+        return self.cost.total_params - (1 - self.factors(widths)) @ self._params
+
+    def bytes(self, widths: np.ndarray) -> np.ndarray:
+        return self.cost.total_bytes - (1 - self.factors(widths)) @ self._bytes
+
+    def latency_ms(self, widths: np.ndarray) -> np.ndarray:
+        if self.cost.latency is None:
+            raise ValueError("no per-layer latency measured for this cost model")
+        return self.cost.latency.predict_rows(self.factors(widths))
+
+
 @dataclass(frozen=True)
 class Targets:
     """What the user asked for; every given target must hold."""
@@ -89,18 +136,28 @@ class Targets:
     size_mb: float | None = None  # pruned file size at most this (10^6 bytes)
     latency: float | None = None  # predicted latency speedup at least this (needs cost.latency)
 
+    def usage(self, cost: CostModel, figures: CostModel | WidthCosts, widths) -> list:
+        """Each given target's figure over its limit (above 1: missed), read from ``figures`` at
+        ``widths``: ``cost`` itself at one widths dict (floats), or :class:`WidthCosts` at rows of
+        widths (arrays)."""
+        usage = [figures.macs(widths) * self.speedup / max(cost.total, 1)]
+        if self.params is not None:
+            usage.append(figures.params(widths) / max(self.params * cost.total_params, 1e-9))
+        if self.size_mb is not None:
+            usage.append(figures.bytes(widths) / (self.size_mb * 1e6))
+        if self.latency is not None:
+            usage.append(figures.latency_ms(widths) * self.latency / max(cost.latency_ms({}), 1e-12))
+        return usage
+
     def shortfall(self, cost: CostModel, widths: dict[int, int]) -> float:
         """0 when every target holds; otherwise the summed relative excess over the limits."""
-        excess = cost.macs(widths) * self.speedup / max(cost.total, 1) - 1
-        total = max(excess, 0.0)
-        if self.params is not None:
-            total += max(cost.params(widths) / max(self.params * cost.total_params, 1e-9) - 1, 0.0)
-        if self.size_mb is not None:
-            total += max(cost.bytes(widths) / (self.size_mb * 1e6) - 1, 0.0)
-        if self.latency is not None:
-            full = cost.latency_ms({})
-            total += max(cost.latency_ms(widths) * self.latency / max(full, 1e-12) - 1, 0.0)
+        total = sum(max(u - 1, 0.0) for u in self.usage(cost, cost, widths))
         return total if total > 1e-12 else 0.0
+
+    def shortfalls(self, costs: WidthCosts, widths: np.ndarray) -> np.ndarray:
+        """:meth:`shortfall` of each row of ``widths`` (:class:`WidthCosts`)."""
+        total = sum(np.maximum(u - 1, 0.0) for u in self.usage(costs.cost, costs, widths))
+        return np.where(total > 1e-12, total, 0.0)
 
     def describe(self, cost: CostModel, widths: dict[int, int]) -> str:
         """The reached figures for the given targets, e.g. for a "cannot be reached" message."""

@@ -31,6 +31,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .options import ALLOCATIONS  # imports ONNX Runtime: main checks for it before building a parser
+
     p = _Parser(prog="onnxprune", description="Prune the channels of a trained ONNX CNN, "
                 "reconstructing each layer from calibration data (no fine-tuning).",
                 epilog="other commands: onnxprune inspect|gate|bench MODEL … (see onnxprune <command> -h). "
@@ -59,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also prune channels coupled across branches (residual joins), with one selection "
                         "over all their consumers; default: only where the target cannot be reached with "
                         "block outputs at full width (with a warning); --no-prune-residual never")
-    p.add_argument("--allocation", choices=["uniform", "sensitivity"], default="sensitivity",
-                   help="per-group widths: from measured error curves (default; data-driven methods), "
-                        "or one keep ratio for all")
+    p.add_argument("--allocation", choices=list(ALLOCATIONS), default="sensitivity",
+                   help="per-group widths: searched over measured error curves (default; data-driven methods), "
+                        "one keep ratio for all, or the greedy descent over the curves alone (to compare)")
     p.add_argument("--sensitivity-images", type=int, default=256, metavar="N",
                    help="calibration images (a random subset) the sensitivity curves are measured on "
                         "(default 256); the reconstruction uses all of them")

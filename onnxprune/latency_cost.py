@@ -52,6 +52,14 @@ class LatencyCost:
         """``factor_of(entry_index, widths)``: the kept MACs fraction of that layer."""
         return self.rest_ms + sum(layer.at(factor_of(layer.entry, widths)) for layer in self.layers)
 
+    def predict_rows(self, factors: np.ndarray) -> np.ndarray:
+        """:meth:`predict` for each row of ``factors`` (``[rows, entries]``: each entry's kept
+        fraction of MACs)."""
+        total = np.full(len(factors), self.rest_ms)
+        for layer in self.layers:
+            total += np.interp(factors[:, layer.entry], layer.factors, layer.ms)
+        return total
+
 
 def _layer_channels(node: onnx.NodeProto, weight: np.ndarray) -> tuple[int, int] | None:
     """(input, output) channels of a layer :func:`single_layer_model` can rebuild, else None."""

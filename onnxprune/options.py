@@ -15,6 +15,10 @@ from .report import Report
 from .select import Method
 
 
+# how widths are chosen: one keep ratio; the search over sensitivity curves; the greedy descent
+# over them alone (the allocation before the search, kept to compare against)
+ALLOCATIONS = ("uniform", "sensitivity", "greedy")
+
 @dataclass
 class PruneResult:
     """The pruned model and the report of how it was made."""
@@ -45,7 +49,7 @@ class PruneOptions:
     prune_coupled: bool | None = None  # None: residual-joined groups shrink only where the targets need them
     residual_target: bool = True
     batch_size: int = 32
-    allocation: str = "sensitivity"  # uniform | sensitivity (needs calibration data; else uniform)
+    allocation: str = "sensitivity"  # uniform | sensitivity | greedy (curves: need calibration data; else uniform)
     sensitivity_images: int = 256  # fit images the sensitivity curves are measured on (a random subset)
     refit_downstream: bool = True  # also refit unpruned layers whose inputs changed
     refine: bool = True  # refine residual branches' convs together (onnxprune/refine.py)
@@ -101,8 +105,8 @@ class PruneOptions:
             (self.round_to >= 1, f"--round-to must be >= 1 (got {self.round_to})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
             (self.sensitivity_images >= 2, f"--sensitivity-images must be >= 2 (got {self.sensitivity_images})"),
-            (self.allocation in ("uniform", "sensitivity"),
-             f"--allocation must be uniform or sensitivity (got {self.allocation})"),
+            (self.allocation in ALLOCATIONS,
+             f"--allocation must be one of {', '.join(ALLOCATIONS)} (got {self.allocation})"),
             (self.slim_fallback in ("error", "l1"), f"--slim-fallback must be error or l1 (got {self.slim_fallback})"),
         ]
         for ok, msg in checks:

@@ -134,7 +134,7 @@ class Pruner:
         """Whether residual-joined groups must shrink too for the size targets to be reachable (the
         default, ``prune_coupled=None``): they keep their width wherever the targets allow it."""
         joined, opts = self.residual_joined, self.opts
-        with_curves = opts.allocation == "sensitivity" and opts.needs_data
+        with_curves = opts.allocation != "uniform" and opts.needs_data
         if not joined or Allocator(self.cost, self.candidates, None).reachable(
                 opts.targets, opts.round_to, opts.relax_round_to, curves=with_curves):
             return False
@@ -195,14 +195,14 @@ class Pruner:
     def allocate(self) -> Plan:
         """Widths per group meeting the targets (and, with ``--latency``, the measured goal)."""
         opts, curves = self.opts, None
-        if opts.allocation == "sensitivity" and self.sampler:
+        if opts.allocation != "uniform" and self.sampler:
             with self.progress.phase("sensitivity"):
                 # a bounded random subset: the curves rank layers, their cost grows with images
                 subset = random_subset(self.fit_idx, opts.sensitivity_images, opts.seed)
                 sampler = self.sampler if len(subset) == len(self.fit_idx) else self._sampler(subset)
                 curves = output_scaled_curves(self.analysis, sampler, self.shapes, opts, self.bn_scales,
                                               self.progress)
-        self.allocator = Allocator(self.cost, self.candidates, curves)
+        self.allocator = Allocator(self.cost, self.candidates, curves, search=opts.allocation != "greedy")
         try:
             plan = self.allocator.plan(opts.targets, opts.round_to, relax=opts.relax_round_to)
             if opts.latency is not None:

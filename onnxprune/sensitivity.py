@@ -1,5 +1,5 @@
-"""Per-layer widths from measured sensitivity: how much each group's consumers lose, after the
-least-squares refit, when it keeps fewer channels — then a greedy allocation over those curves."""
+"""Measured sensitivity: how much each group's consumers lose, after the least-squares refit,
+when it keeps fewer channels (the curves :mod:`onnxprune.allocation` allocates widths over)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ import numpy as np
 import onnx
 from scipy.interpolate import PchipInterpolator
 
-from .budget import CostModel, Targets, round_width
 from .activations import fitting_batch
 from .calib import random_subset
 from .candidates import Analysis, first_edited, node_key, positions, sampleable
-from .errors import TargetNotMetError
 from .frontier import Frontier
 from .group_pruner import GroupPruner, KnownStats
 from .options import PruneOptions
@@ -59,56 +57,6 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
         return errors * len(ratios)
     curve = PchipInterpolator(keeps, errors)([max(1, int(round(r * channels))) for r in ratios])
     return [float(v) for v in curve]
-
-
-def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[float]], targets: Targets,
-             round_to: int = 1, ratios=GRID, floors: dict[int, int] | None = None) -> dict[int, int]:
-    """Widths meeting ``targets`` with the least summed error: from full width, repeatedly take
-    the grid step down that costs the least error per unit of shortfall removed (never below a
-    unit's width in ``floors``, while the targets can be met above them)."""
-    level = {u.index: len(ratios) - 1 for u in units}
-    floors = floors or {}
-
-    def widths() -> dict[int, int]:
-        return {u.index: round_width(u.channels, ratios[level[u.index]], round_to, u.segments) for u in units}
-
-    def next_level(u: ChannelGroup) -> int | None:
-        """The next grid level down that really removes channels (rounding can merge levels)."""
-        now = round_width(u.channels, ratios[level[u.index]], round_to, u.segments)
-        return next((j for j in range(level[u.index] - 1, -1, -1)
-                     if floors.get(u.index, 0) <= round_width(u.channels, ratios[j], round_to, u.segments) < now),
-                    None)
-
-    current = targets.shortfall(cost, widths())
-    while current > 0:
-        best, best_score, best_short, best_level = None, np.inf, current, 0
-        for u in units:
-            i, j = level[u.index], next_level(u)
-            if j is None:
-                continue
-            level[u.index] = j
-            short = targets.shortfall(cost, widths())
-            level[u.index] = i
-            gained = current - short
-            if gained <= 0:
-                continue
-            curve = curves.get(u.index)
-            score = (curve[j] - curve[i]) / gained if curve else gained ** -1
-            if score < best_score:
-                best, best_score, best_short, best_level = u, score, short, j
-        if best is None:
-            raise TargetNotMetError(f"{targets.asked()} cannot be reached with per-layer widths "
-                                    f"(reached {targets.describe(cost, widths())}); lower the target")
-        level[best.index] = best_level
-        current = best_short
-    # the last step may overshoot: widen the cheapest-to-widen units while the targets still hold
-    for u in sorted(units, key=lambda u: -(curves.get(u.index) or [0.0] * len(ratios))[level[u.index]]):
-        while level[u.index] < len(ratios) - 1:
-            level[u.index] += 1
-            if targets.shortfall(cost, widths()):
-                level[u.index] -= 1
-                break
-    return widths()
 
 
 # Where the output probes scale the curves: half width, and the deeper cuts the floor still allows

@@ -19,9 +19,10 @@ from onnxprune.quantize import dequantized, quantize_int8, scheme
 from onnxprune.summary import model_macs
 
 # relative error of int8 vs float on tiny_vgg's calibration data, measured with onnxruntime 1.32:
-# 0.027 for the model pruned 2x (minmax), 0.029 / 0.028 unpruned (entropy / percentile); the
-# bound leaves room for other ORT versions' rounding
-INT8_REL_ERR = 0.06
+# 0.029 / 0.028 unpruned (entropy / percentile); pruned 2x (minmax) 0.056 / 0.063 / 0.063 with the
+# greedy / searched / uniform allocation (its refits' activations reach further out than the
+# random weights' own); the bound leaves room for other plans and ORT versions' rounding
+INT8_REL_ERR = 0.1
 # symmetric int8 activations spend half their range on the negative values a ReLU output never has:
 # one bit fewer, about twice the error (0.094 on tiny_vgg with onnx 1.23 / onnxruntime 1.32)
 SYMMETRIC_INT8_REL_ERR = 2 * INT8_REL_ERR

@@ -343,3 +343,35 @@ def test_sensitivity_curves_use_a_bounded_random_subset(monkeypatch):
     assert list(seen[1]) != list(seen[0][:20])  # random, not the first ones (data sorted by class)
     with pytest.raises(OptionError, match="--sensitivity-images must be >= 2"):
         onnxprune.prune(model, x, sensitivity_images=1, measure_latency=False)
+
+
+def test_width_costs_agree_with_the_cost_model_row_by_row():
+    """The allocation's batched figures (WidthCosts) are the cost model's, for every target,
+    on a network whose Concat groups are made of several owners."""
+    from onnxprune.budget import Targets, WidthCosts
+    from onnxprune.latency_cost import LatencyCost, LayerLatency
+    from onnxprune.options import PruneOptions
+    from onnxprune.pipeline import Pruner
+
+    from graphs import random_cnn
+
+    model = random_cnn(["conv", "concat", "residual", "concat", "conv"], [16, 8, 8, 8, 16], head="gap")
+    pruner = Pruner(model, calib_for(model, 4), PruneOptions(allocation="uniform", prune_coupled=True,
+                                                           measure_latency=False))
+    cost, units = pruner.cost, pruner.candidates
+    assert any(len(parts) > 1 for parts in cost.composition.values())
+    cost.latency = LatencyCost([LayerLatency(j, np.array([0.25, 0.5, 1.0]), np.array([0.2, 0.3, 1.0 + j]))
+                                for j in range(len(cost.entries))], rest_ms=0.5, measured_ms=9.0)
+    targets = Targets(speedup=1.7, params=0.6, size_mb=cost.total_bytes / 2e6, latency=1.5)
+    rng = np.random.default_rng(0)
+    rows = np.array([[rng.integers(1, u.channels + 1) for u in units] for _ in range(20)] + [[u.channels for u in units]])
+    costs = WidthCosts(cost, [u.index for u in units])
+    shortfalls = targets.shortfalls(costs, rows)
+    for row, short in zip(rows, shortfalls):
+        widths = {u.index: int(w) for u, w in zip(units, row)}
+        np.testing.assert_allclose(costs.macs(row[None])[0], cost.macs(widths), rtol=1e-9)
+        np.testing.assert_allclose(costs.params(row[None])[0], cost.params(widths), rtol=1e-9)
+        np.testing.assert_allclose(costs.bytes(row[None])[0], cost.bytes(widths), rtol=1e-9)
+        np.testing.assert_allclose(costs.latency_ms(row[None])[0], cost.latency_ms(widths), rtol=1e-9)
+        np.testing.assert_allclose(short, targets.shortfall(cost, widths), rtol=1e-9, atol=1e-12)
+    assert shortfalls[-1] > 0 and (shortfalls[:-1] > 0).any()

@@ -1,4 +1,5 @@
-"""Uniform vs sensitivity allocation on the shipped models: test accuracy at the same MACs target.
+"""Uniform vs sensitivity allocation (searched, and by its greedy descent alone) on the shipped
+models: test accuracy at the same MACs target.
 
     python tools/bench_allocation.py [--speedups 2 3] [--calib models/fmnist_calib.npy]
 
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fmnist import ROOT, accuracy, print_header, test_set  # noqa: E402
 
 import onnxprune  # noqa: E402
+from onnxprune.options import ALLOCATIONS  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +33,7 @@ def main() -> None:
         path = ROOT / "models" / f"{name}.onnx"
         base = accuracy(path.read_bytes(), x, y)
         for speedup in args.speedups:
-            for allocation in ("uniform", "sensitivity"):
+            for allocation in ALLOCATIONS:
                 start = time.perf_counter()
                 result = onnxprune.prune(str(path), args.calib, speedup=speedup, allocation=allocation,
                                          measure_latency=False, progress=False)

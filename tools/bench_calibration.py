@@ -2,7 +2,7 @@
 with 128, 512 and 2048 calibration images (CLI defaults otherwise, no fine-tuning).
 
     python tools/bench_calibration.py [--sizes 128 512 2048] [--speedups 1.5 2] [--seeds 0] [--methods lasso obs]
-                                      [--no-refine] [--mixtures R] [--cli-rounding]
+                                      [--no-refine] [--mixtures R] [--cli-rounding] [--allocation greedy]
 
 The images are the first N of ``models/fmnist_calib_2k.npz`` (2048 seeded training images).
 Prints a markdown table: accuracy, drop from the original, held-out top-1 agreement, the thinnest
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fmnist import ROOT, accuracy, print_header, test_set
 
 import onnxprune
+from onnxprune.options import ALLOCATIONS
 from onnxprune.runtime import default_round_to
 
 
@@ -38,6 +39,8 @@ def main() -> None:
                     help="blends of two fit images added per fit image (default 1; 0 to compare)")
     ap.add_argument("--cli-rounding", action="store_true",
                     help="widths rounded as the CLI rounds them on CPU (multiples of 16, finer where a target needs it)")
+    ap.add_argument("--allocation", default="sensitivity", choices=list(ALLOCATIONS),
+                    help="how widths are chosen (default: the search over sensitivity curves; greedy to compare)")
     args = ap.parse_args()
     x, y, source = test_set()
     pool = np.load(ROOT / "models" / "fmnist_calib_2k.npz")["input"]
@@ -54,6 +57,7 @@ def main() -> None:
                     start = time.perf_counter()
                     result = onnxprune.prune(str(path), np.ascontiguousarray(pool[:size]), speedup=speedup,
                                              seed=seed, method=method, refine=args.refine, mixtures=args.mixtures,
+                                             allocation=args.allocation,
                                              measure_latency=False, progress=False, **rounding)
                     took = time.perf_counter() - start
                     acc = accuracy(result.model.SerializeToString(), x, y)
