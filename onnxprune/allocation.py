@@ -140,13 +140,14 @@ class _WidthSearch:
     @staticmethod
     def _options(u: ChannelGroup, curve: list[float] | None, round_to: int, ratios, floor: int
                  ) -> list[tuple[int, float]]:
-        """(width, error) of each distinct rounded width down to the floor, widest first."""
+        """(width, error) of each distinct rounded width down to the floor, widest first (full
+        width always among them: a floor is never above it)."""
         options: dict[int, float] = {}
         for j in range(len(ratios) - 1, -1, -1):
             width = round_width(u.channels, ratios[j], round_to, u.segments)
             if width >= floor and width not in options:
                 options[width] = curve[j] if curve else 0.0
-        return list(options.items()) or [(u.channels, 0.0)]
+        return list(options.items())
 
     def widths(self, plan: np.ndarray) -> dict[int, int]:
         return {u.index: int(w) for u, w in zip(self.units, self.width[self.rows, plan])}
