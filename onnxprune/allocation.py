@@ -1,6 +1,6 @@
 """Per-group widths that meet the targets: one keep ratio for all groups, or widths from
-measured sensitivity curves (the least summed error a search finds), rounded to a channel
-multiple."""
+measured sensitivity curves (the least summed squared error a search finds), rounded to a
+channel multiple."""
 
 from __future__ import annotations
 
@@ -103,9 +103,15 @@ class Allocator:
 def allocate(cost: CostModel, units: list[ChannelGroup], curves: dict[int, list[float]], targets: Targets,
              round_to: int = 1, ratios=GRID, floors: dict[int, int] | None = None, search: bool = True
              ) -> dict[int, int]:
-    """Widths meeting ``targets`` with the least summed error, each unit's error its curve at the
-    widest grid ratio that rounds to its width (never below its width in ``floors``): the best
-    plan of :class:`_WidthSearch` (``search=False``: its greedy descent's)."""
+    """Widths meeting ``targets`` with the least summed squared error, each unit's error its curve
+    at the widest grid ratio that rounds to its width (never below its width in ``floors``): the
+    best plan of :class:`_WidthSearch` (``search=False``: its greedy descent's).
+
+    Squared, because the curves are output errors of one group pruned alone, and the output
+    errors of groups pruned together add in quadrature (independent perturbations of the output:
+    the relative output error of a whole plan is close to the root of the summed squares of its
+    groups' errors, and far below their sum; docs/benchmarks.md). The least summed square is
+    then the least expected output error of the plan."""
     return _WidthSearch(cost, units, curves, targets, round_to, ratios, floors or {}).best(search)
 
 
@@ -131,8 +137,8 @@ class _WidthSearch:
         # padded with each unit's narrowest option, so a table lookup never runs off the end
         self.width = np.array([[o[min(k, len(o) - 1)][0] for k in range(deepest)] for o in options],
                               np.float64).reshape(len(units), deepest)
-        self.error = np.array([[o[min(k, len(o) - 1)][1] for k in range(deepest)] for o in options],
-                              np.float64).reshape(len(units), deepest)
+        self.error = np.square(np.array([[o[min(k, len(o) - 1)][1] for k in range(deepest)] for o in options],
+                                        np.float64).reshape(len(units), deepest))
         self.curved = np.array([curves.get(u.index) is not None for u in units], bool)
         self.costs = WidthCosts(cost, [u.index for u in units])
         self.rows = np.arange(len(units))
@@ -212,10 +218,11 @@ class _WidthSearch:
             seen.setdefault(plan.tobytes(), plan)
             return not self._shortfalls(plan[None])[0]
 
-        price = 1e-4
+        scale = max(float(self.error.max()), 1e-12)  # prices in units of the errors: any curve scale
+        price = 1e-4 * scale
         while not meets(price):
             price *= 2
-            if price > 1e6:
+            if price > 1e6 * scale:
                 return list(seen.values())
         low, high = price / 2, price
         for _ in range(PRICE_STEPS):

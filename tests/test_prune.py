@@ -186,15 +186,32 @@ def test_allocation_search_finds_what_the_greedy_descent_misses():
     curves = {0: [0.5 if r < 1 else 0.0 for r in GRID], 1: [1.0 - r for r in GRID]}
     targets = Targets(speedup=2)
 
-    def summed(widths):
-        return sum(curves[i][GRID.index(round(widths[i] / 10, 1))] for i in widths)
+    def summed(widths):  # the allocation's objective: summed squared error
+        return sum(curves[i][GRID.index(round(widths[i] / 10, 1))] ** 2 for i in widths)
 
     greedy = allocate(cost, units, curves, targets, search=False)
     searched = allocate(cost, units, curves, targets)
-    assert greedy == {0: 9, 1: 1}  # 1.4 summed error
-    assert searched == {0: 1, 1: 9}  # 0.6
+    assert greedy == {0: 9, 1: 1}  # 0.25 + 0.81
+    assert searched == {0: 1, 1: 9}  # 0.25 + 0.01
     assert summed(searched) < summed(greedy)
     assert all(200 / cost.macs(w) >= 2 - 1e-9 for w in (greedy, searched))
+
+
+def test_allocation_spreads_cuts_whose_errors_add_in_quadrature():
+    """Two groups alike, error linear in the channels removed: one deep cut and two half cuts have
+    the same summed error, but output errors of groups pruned together add in quadrature, so the
+    two half cuts (0.25 + 0.25 against 0.81 + 0.01 squared) are the plan."""
+    from onnxprune.allocation import allocate
+    from onnxprune.budget import CostEntry, CostModel, Targets
+    from onnxprune.graph import ChannelGroup
+    from onnxprune.sensitivity import GRID
+
+    cost = CostModel([CostEntry("a", "Conv", 100, (0,)), CostEntry("b", "Conv", 100, (1,))],
+                     {0: 10, 1: 10}, {0: [(0, 10)], 1: [(1, 10)]})
+    units = [ChannelGroup(0, 10, ["a"]), ChannelGroup(1, 10, ["b"])]
+    curves = {i: [1.0 - r for r in GRID] for i in (0, 1)}
+    for search in (False, True):
+        assert allocate(cost, units, curves, Targets(speedup=2), search=search) == {0: 5, 1: 5}
 
 
 def test_round_to_keeps_multiples():
