@@ -137,6 +137,7 @@ class _WidthSearch:
         # padded with each unit's narrowest option, so a table lookup never runs off the end
         self.width = np.array([[o[min(k, len(o) - 1)][0] for k in range(deepest)] for o in options],
                               np.float64).reshape(len(units), deepest)
+        # each option's curve value squared: the objective is the summed square (see allocate)
         self.error = np.square(np.array([[o[min(k, len(o) - 1)][1] for k in range(deepest)] for o in options],
                                         np.float64).reshape(len(units), deepest))
         self.curved = np.array([curves.get(u.index) is not None for u in units], bool)
