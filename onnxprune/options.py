@@ -19,6 +19,7 @@ from .select import Method
 # over them alone (the allocation before the search, kept to compare against)
 ALLOCATIONS = ("uniform", "sensitivity", "greedy")
 
+
 @dataclass
 class PruneResult:
     """The pruned model and the report of how it was made."""
