@@ -22,8 +22,8 @@ task has ground truth — the line's orientation (cls), its string (rec), its bo
 character's box on a scene of coloured shapes (chars). Calibration
 and test images never overlap. Each row prunes with the API defaults and reports the task
 metric of the original and the pruned model on the test images (for rec also the change in
-character accuracy, one less the character error rate: steadier than whole strings); with ``--latency``, also the
-report's measured ORT CPU latency at batch 1 (its time is then inside "prune s"), and widths
+character accuracy, one less the character error rate: steadier than whole strings); with
+``--latency``, also the report's measured ORT CPU latency at batch 1 (its time is then inside "prune s"), and widths
 rounded as the CLI rounds them (multiples of 16 on CPU, finer where a target needs it: exact
 widths off ORT's channel blocks cost more time than they save).
 """
@@ -209,6 +209,10 @@ class Task:
     def score(self, outputs: np.ndarray, chars: list[str]) -> float:
         raise NotImplementedError
 
+    def character_score(self, outputs: np.ndarray, chars: list[str]) -> float | None:
+        """One less the character error rate, for tasks that read text (else None)."""
+        return None
+
 
 class ClsTask(Task):
     def score(self, outputs, chars):  # accuracy of 0° / 180°
@@ -359,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             task = make_task(name, n_calib, args.test or {"det": 32, "chars": 100}.get(name, 500), args.seed)
             reference = outputs_of(path, task.test)
             base = task.score(reference, chars)
-            base_characters = task.character_score(reference, chars) if isinstance(task, RecTask) else 0.0
+            base_characters = task.character_score(reference, chars)
             for speedup in args.speedups:
                 start = time.perf_counter()
                 try:
@@ -374,12 +378,11 @@ def main(argv: list[str] | None = None) -> int:
                 rel = max(f.relative_error for f in result.report.fidelity)
                 # the test images' relative output error: steadier than a task metric on a few hundred images
                 test_rel = float(np.linalg.norm(outputs - reference) / max(np.linalg.norm(reference), 1e-30))
-                characters = (f"{100 * (task.character_score(outputs, chars) - base_characters):+.1f}"
-                              if isinstance(task, RecTask) else "–")
+                characters = ("–" if base_characters is None
+                              else f"{100 * (task.character_score(outputs, chars) - base_characters):+.1f}")
                 print(f"| {name} ({task.metric}) | {speedup}x | {n_calib} | {result.report.totals.macs_speedup:.2f} "
                       f"| {100 * base:.1f} | {100 * got:.1f} | {100 * (got - base):+.1f} | {characters} | {rel:.3f} "
-                      f"| {test_rel:.3f} "
-                      f"| {took:.0f} |"
+                      f"| {test_rel:.3f} | {took:.0f} |"
                       + (f" {_latency(result.report)} |" if args.latency else ""), flush=True)
     return 0
 
