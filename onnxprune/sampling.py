@@ -43,6 +43,11 @@ PAIR_TARGET_VALUES = 1 << 22
 MIN_WHOLE_IMAGES = 64
 
 
+
+def image_fold(indices) -> np.ndarray:
+    """Which of the statistics' two folds each image (by calibration index) falls in: 0 or 1."""
+    return np.asarray(indices) % 2
+
 @dataclass
 class Target:
     """Where a consumer's target comes from.
@@ -382,7 +387,7 @@ class Sampler:
                 if result[i] is None:
                     rows = len(self.indices) * count
                     result[i] = LayerStats(x.shape[1], y.shape[1], rows if self.keep_samples else None)
-                fold = np.repeat(idx % 2, pos.shape[1])
+                fold = np.repeat(image_fold(idx), pos.shape[1])
                 result[i].add(x, y, fold)
         for c, st in zip(consumers, result):
             if st is not None and not st.finite():

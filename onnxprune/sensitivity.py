@@ -19,7 +19,7 @@ from .group_pruner import GroupPruner, KnownStats
 from .options import PruneOptions
 from .progress import QUIET, Progress
 from .rewrite import trial_edit
-from .sampling import Sampler
+from .sampling import Sampler, image_fold
 from .graph import ChannelGroup
 from .reconstruct import ESTIMATE_RIDGE, held_out_error
 from .select import expand_channels, lasso_selections, normalized_contribution
@@ -173,12 +173,17 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
     probe_idx = random_subset(sampler.indices, images or probe_images(model, shapes), opts.seed)
     with Frontier(model, sampler.calib, sampler.indices, batch, provider=sampler.provider) as data, \
             Frontier(model, sampler.calib, probe_idx, batch, provider=sampler.provider) as outs:
-        reference = _joined(outs.run(names), names)
+        batches = list(outs.run(names))
+        reference = _joined(batches, names)
+        held_out = np.concatenate([image_fold(idx) == 1 for idx, _ in batches])
 
         def scale(unit: ChannelGroup, consumers: list, stats: list, curve: list[float]) -> None:
             if bar is not None:
                 bar.update()
             list(outs.run([], advance_to=first_edited(unit, g, topo)))
+            unseen = _unseen(consumers, stats, sampler) if held_out.any() else None
+            if unseen is not None:
+                stats = unseen
             known = KnownStats(sampler, {id(c.node): st for c, st in zip(consumers, stats)})
             for j in at:
                 width = max(1, int(round(GRID[j] * unit.channels)))
@@ -188,7 +193,8 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
                     GroupPruner(g, analysis.groups, solo, known, bn_scales, ridge=ESTIMATE_RIDGE).prune_unit(
                         unit, width, tidy=False)
                     pruned = _joined(outs.run(names), names)
-                err = max(float(np.linalg.norm(p - r) / max(np.linalg.norm(r), 1e-30))
+                rows = held_out if unseen is not None else slice(None)
+                err = max(float(np.linalg.norm(p[rows] - r[rows]) / max(np.linalg.norm(r[rows]), 1e-30))
                           for p, r in zip(pruned, reference))
                 factors.setdefault(unit.index, {})[j] = err / curve[j]
 
@@ -206,6 +212,19 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
         scale_at = np.interp(GRID, [GRID[j] for j in probed], list(probed.values()))
         scaled[i] = [float(v * f) for v, f in zip(curve, scale_at)]
     return scaled
+
+
+def _unseen(consumers: list, stats: list, sampler: Sampler) -> list | None:
+    """The statistics a unit's probes refit from where one of its consumers has more unknowns than
+    samples (its samples are kept: a classifier after ``Flatten``, one sample per image): such a
+    refit reproduces the images it was fit on, so a probe measured on them reads the cut as
+    nearly free. Those consumers keep fold 0's samples only, and the probe measures the output on
+    fold 1's images. None where no consumer needs it (or fold 0 has no samples)."""
+    if not any(st.samples_kept for st in stats):
+        return None
+    parts = [st.fold_part(0, sampler.counts[c.node.output[0]]) if st.samples_kept else st
+             for c, st in zip(consumers, stats)]
+    return parts if all(st.n.sum() > 0 for st in parts) else None
 
 
 def _joined(batches, names: list[str]) -> list[np.ndarray]:

@@ -63,6 +63,15 @@ class LayerStats:
         sub.yy = self.yy[:, cols]
         return sub
 
+    def fold_part(self, fold: int, per_image: int) -> "LayerStats":
+        """The kept samples of ``fold`` alone, as a problem of their own, split again into two
+        folds by image (``per_image`` consecutive rows per image, as the sampler adds them)."""
+        rows = np.flatnonzero(self.fold[:self.filled] == fold)
+        sub = LayerStats(self.dim, self.outputs, len(rows))
+        again = ((np.arange(len(rows)) // max(per_image, 1)) % 2).astype(np.int8)
+        sub._keep(self.x[rows, :-1], self.y[rows], again)
+        return sub
+
     @property
     def samples_kept(self) -> bool:
         return self.x is not None

@@ -157,6 +157,30 @@ def test_sensitivity_curves_are_the_output_error_at_each_probe_width():
         np.testing.assert_allclose([curve[GRID.index(r)] for r in PROBES], errors, rtol=0.02)
 
 
+def test_a_group_feeding_more_unknowns_than_images_is_not_read_as_free():
+    """tiny_vgg's last conv feeds Flatten → Gemm (257 unknowns per output, 38 fit images): a probe
+    measured on the images that Gemm's refit reproduces would read a cut there as nearly free. Each
+    group's scaled curve at half width is near the output error on images the pruning never saw."""
+    from dataclasses import replace
+
+    from onnxprune.allocation import Plan
+    from onnxprune.pipeline import Pruner
+    from onnxprune.sensitivity import GRID
+
+    model = tiny_vgg()
+    pruner = Pruner(model, calib_for(model, 48), PruneOptions(speedup=1.5, measure_latency=False))
+    pruner.allocate()
+    fresh = calib_for(model, 200, seed=7)
+    reference = run(model, fresh)[0]
+    solo = replace(pruner.opts, refit_downstream=False, refine=False)
+    for grp in pruner.candidates:
+        widths = {u.index: u.channels for u in pruner.candidates} | {grp.index: grp.channels // 2}
+        pruned = pruner.prune(Plan(widths, 1), solo).model
+        check_pruned(pruned, model, fresh, max_rel_err=1.0)
+        unseen = np.linalg.norm(run(pruned, fresh)[0] - reference) / np.linalg.norm(reference)
+        assert 0.5 * unseen < pruner.allocator.curves[grp.index][GRID.index(0.5)] < 2 * unseen
+
+
 def test_allocate_prefers_the_group_that_loses_least():
     from onnxprune.budget import CostEntry, CostModel, Targets
     from onnxprune.graph import ChannelGroup

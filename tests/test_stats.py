@@ -42,6 +42,18 @@ def test_kept_samples_give_the_same_totals_and_errors():
     np.testing.assert_allclose(kept.y_sum(), gram.total()[1][-1], rtol=1e-5)
 
 
+def test_one_folds_samples_split_again_by_image():
+    _, kept, _ = _both(n=60)
+    part = kept.fold_part(0, per_image=3)
+    x, y = kept.samples(fold=0)
+    px, py = part.samples()
+    np.testing.assert_array_equal(px, x)
+    np.testing.assert_array_equal(py, y)
+    assert part.n.sum() == len(x) and part.samples_kept
+    # three consecutive rows (one image) share a fold; the images alternate between the two
+    np.testing.assert_array_equal(part.fold[:part.filled], (np.arange(len(x)) // 3) % 2)
+
+
 @pytest.mark.parametrize("fit_bias", [True, False])
 @pytest.mark.parametrize("keep", [3, 10])  # 27 + 1 unknowns (fewer than samples), 90 + 1 (more)
 def test_sample_space_refit_matches_the_gram_refit(fit_bias, keep):
