@@ -174,16 +174,17 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
     with Frontier(model, sampler.calib, sampler.indices, batch, provider=sampler.provider) as data, \
             Frontier(model, sampler.calib, probe_idx, batch, provider=sampler.provider) as outs:
         batches = list(outs.run(names))
-        reference = _joined(batches, names)
-        held_out = np.concatenate([image_fold(idx) == 1 for idx, _ in batches])
+        references = {None: _joined(batches, names), 1: _joined(batches, names, fold=1)}
+        has_fold_1 = bool((image_fold(probe_idx) == 1).any())
 
         def scale(unit: ChannelGroup, consumers: list, stats: list, curve: list[float]) -> None:
             if bar is not None:
                 bar.update()
             list(outs.run([], advance_to=first_edited(unit, g, topo)))
-            unseen = _unseen(consumers, stats, sampler) if held_out.any() else None
+            unseen = _unseen(consumers, stats, sampler) if has_fold_1 else None
             if unseen is not None:
                 stats = unseen
+            fold = 1 if unseen is not None else None  # the probe images the output is measured on
             known = KnownStats(sampler, {id(c.node): st for c, st in zip(consumers, stats)})
             for j in at:
                 width = max(1, int(round(GRID[j] * unit.channels)))
@@ -192,10 +193,9 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
                 with trial_edit(g):
                     GroupPruner(g, analysis.groups, solo, known, bn_scales, ridge=ESTIMATE_RIDGE).prune_unit(
                         unit, width, tidy=False)
-                    pruned = _joined(outs.run(names), names)
-                rows = held_out if unseen is not None else slice(None)
-                err = max(float(np.linalg.norm(p[rows] - r[rows]) / max(np.linalg.norm(r[rows]), 1e-30))
-                          for p, r in zip(pruned, reference))
+                    pruned = _joined(outs.run(names), names, fold)
+                err = max(float(np.linalg.norm(p - r) / max(np.linalg.norm(r), 1e-30))
+                          for p, r in zip(pruned, references[fold]))
                 factors.setdefault(unit.index, {})[j] = err / curve[j]
 
         # the probes' widths are measured, not interpolated: the scale divides by the curve there
@@ -227,6 +227,13 @@ def _unseen(consumers: list, stats: list, sampler: Sampler) -> list | None:
     return parts if all(st.n.sum() > 0 for st in parts) else None
 
 
-def _joined(batches, names: list[str]) -> list[np.ndarray]:
-    """The arrays ``names`` of batched runs, each joined over the batches."""
-    return [np.concatenate(parts) for parts in zip(*[[out[n] for n in names] for _, out in batches])]
+def _joined(batches, names: list[str], fold: int | None = None) -> list[np.ndarray]:
+    """The values of outputs ``names`` of batched runs, each flattened and joined over the batches
+    (an output need not have one row per image: a scalar, a sequence-first tensor); with ``fold``,
+    only the rows of that fold's images where an output has one row per image."""
+    def rows(idx: np.ndarray, value: np.ndarray) -> np.ndarray:
+        if fold is not None and value.ndim and value.shape[0] == len(idx):
+            value = value[image_fold(idx) == fold]
+        return value.reshape(-1)
+
+    return [np.concatenate(parts) for parts in zip(*[[rows(idx, out[n]) for n in names] for idx, out in batches])]

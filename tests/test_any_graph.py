@@ -276,3 +276,20 @@ def test_custom_domain_op_blocks_its_channels():
     groups = find_groups(GraphView(model, shapes))
     grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
     assert not grp.prunable and "barrier" in grp.reason
+
+
+def test_outputs_without_one_row_per_image_prune():
+    """A scalar output and a sequence-first one (batch on axis 1) beside the class scores: the
+    sensitivity probes measure every output's error, whatever its layout."""
+    from graphs import tiny_vgg
+
+    model = tiny_vgg()
+    scores = model.graph.output[0].name
+    model.graph.node.extend([helper.make_node("ReduceMean", [scores], ["score"], keepdims=0),
+                             helper.make_node("Transpose", [scores], ["by_class"], perm=[1, 0])])
+    model.graph.output.extend([helper.make_tensor_value_info("score", TensorProto.FLOAT, []),
+                               helper.make_tensor_value_info("by_class", TensorProto.FLOAT, [10, None])])
+    onnx.checker.check_model(model, full_check=True)
+    result = onnxprune.prune(model, calib_for(model, 48), speedup=1.5, measure_latency=False)
+    assert result.report.totals.macs_speedup >= 1.5
+    check_pruned(result.model, model, calib_for(model, 20, seed=5), max_rel_err=1.0)
