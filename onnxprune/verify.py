@@ -63,6 +63,12 @@ def probability_outputs(model: onnx.ModelProto) -> set[str]:
     return {o.name for o in model.graph.output if from_sigmoid(o.name)}
 
 
+def comparable(reference: np.ndarray, output: np.ndarray) -> bool:
+    """Whether an output can be compared with the original's: floating-point, of the same shape
+    (integer outputs are indices or counts; a shape that differs is sized by the data)."""
+    return np.issubdtype(reference.dtype, np.floating) and reference.shape == output.shape
+
+
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibration,
             indices: Sequence[int], batch: int | None = None, provider: str = "cpu") -> list[OutputFidelity]:
     """Run both models on ``calib[indices]`` and compare every graph output that can be compared:
@@ -76,7 +82,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
                run_batches(pruned, names, calib, indices, batch, provider))
     for (_, ref), (_, out) in runs:
         for n in names:
-            if n in left_out or not np.issubdtype(ref[n].dtype, np.floating) or ref[n].shape != out[n].shape:
+            if n in left_out or not comparable(ref[n], out[n]):
                 left_out.add(n)
                 continue
             a, b = ref[n].astype(np.float64), out[n].astype(np.float64)

@@ -19,11 +19,13 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
 
 
 def check_pruned(pruned: onnx.ModelProto, original: onnx.ModelProto, x: np.ndarray, max_rel_err: float) -> float:
-    """Full checker, ORT run, same output shapes, relative output error below ``max_rel_err``."""
+    """Full checker, ORT run, same output shapes and types, relative error of the floating-point
+    outputs below ``max_rel_err``."""
     onnx.checker.check_model(pruned, full_check=True)
     ref, out = run(original, x), run(pruned, x)
-    assert [r.shape for r in ref] == [o.shape for o in out]
-    err = max(float(np.linalg.norm(o - r) / np.linalg.norm(r)) for r, o in zip(ref, out))
+    assert [(r.shape, r.dtype) for r in ref] == [(o.shape, o.dtype) for o in out]
+    err = max(float(np.linalg.norm(o - r) / np.linalg.norm(r)) for r, o in zip(ref, out)
+              if np.issubdtype(r.dtype, np.floating))
     assert err <= max_rel_err, err
     return err
 

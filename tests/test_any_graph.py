@@ -278,17 +278,23 @@ def test_custom_domain_op_blocks_its_channels():
     assert not grp.prunable and "barrier" in grp.reason
 
 
-def test_outputs_without_one_row_per_image_prune():
-    """A scalar output and a sequence-first one (batch on axis 1) beside the class scores: the
-    sensitivity probes measure every output's error, whatever its layout."""
+def test_outputs_of_any_layout_and_type_prune():
+    """Beside the class scores: a scalar, a sequence-first output (batch on axis 1), class indices
+    and a boolean mask. The sensitivity probes measure the floating-point outputs whatever their
+    layout and leave out the others, as the held-out check does."""
     from graphs import tiny_vgg
 
     model = tiny_vgg()
     scores = model.graph.output[0].name
+    model.graph.initializer.append(helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]))
     model.graph.node.extend([helper.make_node("ReduceMean", [scores], ["score"], keepdims=0),
-                             helper.make_node("Transpose", [scores], ["by_class"], perm=[1, 0])])
+                             helper.make_node("Transpose", [scores], ["by_class"], perm=[1, 0]),
+                             helper.make_node("ArgMax", [scores], ["label"], axis=1, keepdims=0),
+                             helper.make_node("Greater", [scores, "zero"], ["positive"])])
     model.graph.output.extend([helper.make_tensor_value_info("score", TensorProto.FLOAT, []),
-                               helper.make_tensor_value_info("by_class", TensorProto.FLOAT, [10, None])])
+                               helper.make_tensor_value_info("by_class", TensorProto.FLOAT, [10, None]),
+                               helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+                               helper.make_tensor_value_info("positive", TensorProto.BOOL, [None, 10])])
     onnx.checker.check_model(model, full_check=True)
     result = onnxprune.prune(model, calib_for(model, 48), speedup=1.5, measure_latency=False)
     assert result.report.totals.macs_speedup >= 1.5
