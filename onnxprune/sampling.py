@@ -43,10 +43,10 @@ PAIR_TARGET_VALUES = 1 << 22
 MIN_WHOLE_IMAGES = 64
 
 
-
 def image_fold(indices) -> np.ndarray:
     """Which of the statistics' two folds each image (by calibration index) falls in: 0 or 1."""
     return np.asarray(indices) % 2
+
 
 @dataclass
 class Target:
