@@ -239,7 +239,8 @@ def _output_error(reference: list, pruned: list, names: list[str], fold: int | N
             if not comparable(a, b):
                 break
             if fold is not None and a.ndim and a.shape[0] == len(idx):
-                a, b = a[image_fold(idx) == fold], b[image_fold(idx) == fold]
+                rows = image_fold(idx) == fold
+                a, b = a[rows], b[rows]
             a, b = a.astype(np.float64), b.astype(np.float64)
             err, ref = err + float(((b - a) ** 2).sum()), ref + float((a ** 2).sum())
         else:
