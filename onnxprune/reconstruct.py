@@ -21,6 +21,7 @@ RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 ESTIMATE_RIDGE = 1e-3  # the ridge of refits that only estimate an error (no cross-validation)
 assert ESTIMATE_RIDGE in RIDGES  # the cross-validated search starts from it
 WELL_DETERMINED = 20  # samples per unknown above which the smallest ridge is used without cross-validation
+UPDATE_BLOCK_VALUES = 1 << 23  # float64 values of a sample-space refit's update formed at once (64 MiB)
 
 
 @dataclass
@@ -72,11 +73,15 @@ def _solve_samples(x: np.ndarray, y: np.ndarray, ridge: float, n_x: int, prior: 
         xs, rs = xs - x_mean, resid - r_mean
     k = xs @ xs.T
     k[np.arange(n), np.arange(n)] += r
-    delta = xs.T @ solve_spd(k, rs)
+    alpha = solve_spd(k, rs)  # [n, Cout]: the update is xsᵀ α
     w = prior.astype(np.float64, copy=True)
-    w[:n_x] += delta
+    # added a block of outputs at a time: xsᵀ α whole is as large as the weights (VGG-16's first
+    # classifier layer: 0.8 GB in float64), one more such array at the pipeline's peak
+    step = max(1, UPDATE_BLOCK_VALUES // max(n_x, 1))
+    for start in range(0, w.shape[1], step):
+        w[:n_x, start:start + step] += xs.T @ alpha[:, start:start + step]
     if p > n_x:
-        w[n_x] += r_mean - x_mean @ delta
+        w[n_x] += r_mean - (xs @ x_mean) @ alpha  # x̄ᵀ(xsᵀ α) without forming xsᵀ α
     return w
 
 
