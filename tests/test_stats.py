@@ -4,6 +4,7 @@ contributions as XᵀX, without forming it."""
 import numpy as np
 import pytest
 
+from onnxprune import reconstruct
 from onnxprune.reconstruct import held_out_error, refit
 from onnxprune.select import normalized_contribution, sampled_contribution_problem
 from onnxprune.sensitivity import error_curve
@@ -54,9 +55,12 @@ def test_one_folds_samples_split_again_by_image():
     np.testing.assert_array_equal(part.fold[:part.filled], (np.arange(len(x)) // 3) % 2)
 
 
+@pytest.mark.parametrize("block", [None, 200])  # the update of the seven outputs whole, or two at a time
 @pytest.mark.parametrize("fit_bias", [True, False])
 @pytest.mark.parametrize("keep", [3, 10])  # 27 + 1 unknowns (fewer than samples), 90 + 1 (more)
-def test_sample_space_refit_matches_the_gram_refit(fit_bias, keep):
+def test_sample_space_refit_matches_the_gram_refit(fit_bias, keep, block, monkeypatch):
+    if block:
+        monkeypatch.setattr(reconstruct, "UPDATE_BLOCK_VALUES", block)
     gram, kept, w = _both()
     cols = np.arange(keep * 9)
     bias = np.full(w.shape[0], 0.2)
