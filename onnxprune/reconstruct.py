@@ -75,8 +75,8 @@ def _solve_samples(x: np.ndarray, y: np.ndarray, ridge: float, n_x: int, prior: 
     k[np.arange(n), np.arange(n)] += r
     alpha = solve_spd(k, rs)  # [n, Cout]: the update is xsᵀ α
     w = prior.astype(np.float64, copy=True)
-    # added a block of outputs at a time: xsᵀ α whole is as large as the weights (VGG-16's first
-    # classifier layer: 0.8 GB in float64), one more such array at the pipeline's peak
+    # added a block of outputs at a time: xsᵀ α whole is as large as the weights, one more
+    # weight-sized float64 array at the pipeline's peak on a wide classifier layer (docs/scale.md)
     step = max(1, UPDATE_BLOCK_VALUES // max(n_x, 1))
     for start in range(0, w.shape[1], step):
         w[:n_x, start:start + step] += xs.T @ alpha[:, start:start + step]

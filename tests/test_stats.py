@@ -55,7 +55,7 @@ def test_one_folds_samples_split_again_by_image():
     np.testing.assert_array_equal(part.fold[:part.filled], (np.arange(len(x)) // 3) % 2)
 
 
-@pytest.mark.parametrize("block", [None, 200])  # the update of the seven outputs whole, or two at a time
+@pytest.mark.parametrize("block", [None, 200])  # sample-space update (keep=10) whole, or two outputs at a time
 @pytest.mark.parametrize("fit_bias", [True, False])
 @pytest.mark.parametrize("keep", [3, 10])  # 27 + 1 unknowns (fewer than samples), 90 + 1 (more)
 def test_sample_space_refit_matches_the_gram_refit(fit_bias, keep, block, monkeypatch):
