@@ -253,7 +253,7 @@ class Pruner:
         model, groups = prune_to(self.work, self.shapes, plan.widths, opts, self.sampler, self.bn_scales, keep,
                                  progress, self.ridges if options is None and reuse_ridges else None)
         tail = None
-        if opts.refine and opts.reconstruct and self.sampler:
+        if opts.refine_tail and opts.reconstruct and self.sampler:
             with progress.phase("tail"):
                 tail = refine_tail(model, self.work, self.cal, self.fit_idx, opts.seed,
                                    fitting_batch(self.shapes, opts.batch_size), opts.calibration_provider)

@@ -159,9 +159,17 @@ class _Pool(_Layer):
 
 
 class _Flatten(_Layer):
+    """Flatten to ``[N, features]``; with ``keep_shape``, Identity, inference Dropout, or adding a
+    constant ``shift``."""
+
+    def __init__(self, keep_shape: bool = False, shift: np.ndarray | None = None):
+        self.keep_shape, self.shift = keep_shape, None if shift is None else shift.astype(np.float32)
+
     def forward(self, x):
         self.x_shape = x.shape
-        return x.reshape(len(x), -1)
+        if self.shift is not None:
+            return x + self.shift
+        return x if self.keep_shape else x.reshape(len(x), -1)
 
     def backward(self, dy, need_dx=True):
         return dy.reshape(self.x_shape)
@@ -175,7 +183,8 @@ def _pool(node: onnx.NodeProto, g: GraphView) -> _Pool | None:
         return _Pool(node)
     kernel = attr(node, "kernel_shape")
     plain = (kernel is not None and len(kernel) == 2 and list(attr(node, "strides", [1, 1])) == list(kernel)
-             and not any(attr(node, "pads", [0, 0, 0, 0])) and attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+             and not any(attr(node, "pads", [0, 0, 0, 0]))
+             and attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
              and not attr(node, "ceil_mode", 0) and all(d == 1 for d in attr(node, "dilations", [1, 1])))
     return _Pool(node) if plain else None
 
@@ -188,13 +197,19 @@ def _layer(node: onnx.NodeProto, g: GraphView) -> _Layer | None:
         if node.op_type == "Conv":
             ok = attr(node, "group", 1) == 1 and shape is not None and len(shape) == 4 and h.reconstructable(node, g)
         else:  # fully connected on [N, K]
-            ok = shape is not None and len(shape) == 2 and h.reconstructable(node, g) and g.input_const(node, 1) is not None
+            ok = (shape is not None and len(shape) == 2 and h.reconstructable(node, g)
+                  and g.input_const(node, 1) is not None and not attr(node, "transA", 0))
         return _Linear(node, g) if ok and g.shape(node.output[0]) is not None else None
     if node.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool"):
         return _pool(node, g)
-    out = g.shape(node.output[0])
-    if node.op_type in ("Flatten", "Reshape") and out is not None and len(out) == 2 and \
-            (node.op_type == "Reshape" or attr(node, "axis", 1) == 1):
+    if node.op_type in ("Add", "Sub") and len(node.input) == 2 and g.is_const(node.input[1]) and \
+            g.shape(node.output[0]) == g.shape(node.input[0]):  # a constant bias (Paddle's MatMul + Add)
+        return _Flatten(keep_shape=True, shift=g.const(node.input[1]) * (1 if node.op_type == "Add" else -1))
+    if node.op_type in ("Identity", "Dropout") and len([o for o in node.output if o]) == 1:
+        return _Flatten(keep_shape=True)
+    shape, out = g.shape(node.input[0]), g.shape(node.output[0])
+    if node.op_type in ("Flatten", "Reshape") and shape is not None and out is not None and \
+            len(out) == 2 and out == (shape[0], int(np.prod(shape[1:]))) and attr(node, "axis", 1) == 1:
         return _Flatten()
     return None
 
@@ -224,20 +239,28 @@ class Tail:
 
 
 def find_tail(g: GraphView, samples: int) -> Tail | None:
-    """The tail of ``g``'s model (:mod:`module docs <onnxprune.tail>`), whose input for
-    ``samples`` samples fits :data:`MAX_VALUES`; None where it holds fewer than two weighted
-    layers or the model has more than one output."""
+    """The tail of ``g``'s model (:mod:`module docs <onnxprune.tail>`), whose input and output
+    for ``samples`` samples each fit :data:`MAX_VALUES`; None where it holds fewer than two
+    weighted layers or the model has more than one output."""
     if len(g.graph.output) != 1:
         return None
     t = g.graph.output[0].name
+    while t in g.producer and g.producer[t].op_type == "Identity":  # Paddle2ONNX ends with one
+        t = g.producer[t].input[0]
     last = g.producer.get(t)
-    if last is not None and last.op_type == "Softmax" and attr(last, "axis", -1) in (-1, 1):
+    if last is not None and last.op_type in ("Softmax", "LogSoftmax") and attr(last, "axis", -1) in (-1, 1):
         t = last.input[0]
+    out_shape = g.shape(t)
+    if out_shape is None or int(np.prod(out_shape[1:])) * samples > MAX_VALUES:
+        return None  # the targets must fit as the inputs do
     output, layers, outs, nodes, macs = t, [], [], set(), 0
 
-    def inside(node: onnx.NodeProto) -> bool:  # a tail node, or a gate only tail nodes read (x · σ(x))
-        return id(node) in nodes or all(o not in g.graph_outputs and g.consumers.get(o) and
-                                        all(id(c) in nodes for c in g.consumers[o]) for o in node.output if o)
+    def inside(node: onnx.NodeProto) -> bool:
+        # a tail node, a Shape (it reads no values, and the tail keeps shapes), or a node whose
+        # outputs only such nodes read: the gate of x · σ(x), or of x · relu6(x + 3) / 6
+        return id(node) in nodes or node.op_type == "Shape" or all(
+            o not in g.graph_outputs and g.consumers.get(o) and all(inside(c) for c in g.consumers[o])
+            for o in node.output if o)
 
     while t in g.producer and t not in g.graph_inputs:
         if t != output and not all(inside(c) for c in g.consumers.get(t, [])):

@@ -112,3 +112,34 @@ def test_pruning_a_plain_chain_tunes_its_tail(models_dir):
     assert tail.error_after <= tail.error_before
     check_pruned(result.model, original, x, 0.5)
     assert ("layers tuned together" in result.report.table()) == tail.kept
+
+
+def test_a_paddle_style_head_is_a_tail():
+    """Paddle2ONNX's classifier: the pooled map flattened by a Reshape whose shape a Shape reads
+    from it, MatMul then Add of the bias, Softmax, Identity."""
+    b = Builder(in_shape=("N", 3, 8, 8), seed=4)
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    x = b.conv(x, 8, 12, k=1, pad=0)
+    pooled = b.node("GlobalAveragePool", [x])
+    batch = b.node("Slice", [b.node("Shape", [pooled]), b.const(np.array([0])), b.const(np.array([1]))])
+    flat = b.node("Reshape", [pooled, b.node("Concat", [batch, b.const(np.array([-1]))], axis=0)])
+    w = b.const(np.random.default_rng(0).normal(0, 0.3, (12, 5)).astype(np.float32))
+    logits = b.node("Add", [b.node("MatMul", [flat, w]), b.const(np.full(5, 0.1, np.float32))])
+    model = b.build(b.node("Identity", [b.node("Softmax", [logits], axis=-1)]), out_shape=["N", 5])
+    x = calib_for(model, 8)
+    tail = _tail(model, x)
+    assert tail.output == logits and [layer.node.op_type for layer in tail.weighted] == ["Conv", "Conv", "MatMul"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.ValueInfoProto(name=logits))
+    np.testing.assert_allclose(tail.forward(x), run(probe, x)[1], rtol=1e-4, atol=1e-5)
+
+
+def test_no_tail_for_several_outputs_or_targets_too_large_to_hold():
+    model, _ = _chain()
+    x = calib_for(model, 4)
+    assert _tail(model, x, samples=(1 << 24) // 5 + 1) is None  # five outputs a sample
+    two = onnx.ModelProto()
+    two.CopyFrom(model)
+    two.graph.output.append(onnx.ValueInfoProto(name=two.graph.node[0].output[0]))
+    assert _tail(two, x) is None
