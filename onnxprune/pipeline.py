@@ -255,10 +255,10 @@ class Pruner:
         tail = None
         if opts.refine_tail and opts.reconstruct and self.sampler:
             with progress.phase("tail"):
-                tail = refine_tail(model, self.work, self.cal, self.fit_idx, opts.seed,
+                tail = refine_tail(model, self.work, self.cal, self.fit_idx, self.hold_idx, opts.seed,
                                    fitting_batch(self.shapes, opts.batch_size), opts.calibration_provider)
             if tail is not None:
-                log.info("tail: %d layers tuned together, check error %.4f -> %.4f%s", tail.layers,
+                log.info("tail: %d layers tuned together, held-out error %.4f -> %.4f%s", tail.layers,
                          tail.error_before, tail.error_after, "" if tail.kept else " (not kept)")
         return Pruned(model, groups, tail)
 

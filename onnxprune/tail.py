@@ -9,9 +9,11 @@ output and that only the output depends on: walked back from the output through 
 fully connected layers, elementwise activations, pooling and flattening, as long as every tensor
 on the way is read by the tail alone, over at most :data:`MAX_LAYERS` weighted layers. Where it
 holds two or more, their weights are tuned together by Adam on the relative squared error of the
-output against the original model's (before a final Softmax), on the fit samples. A fifth of the
-real fit images (and no blend of them) checks every few steps: the weights with the lowest
-error there are kept, and only when they beat the layer-wise ones by :data:`MIN_GAIN`.
+output against the original model's (before a final Softmax), on the fit samples and fresh blends
+of the fit images. A fifth of the real fit images is set aside; fresh blends of those check every
+few steps (the images themselves were fit by the layer-wise refits, which would be favoured on
+them): the weights with the lowest error there are kept, and only when they beat the layer-wise
+ones by :data:`MIN_GAIN`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .ops.base import LinearHandler
 from .ops.elementwise import activation_chain
 
 MAX_LAYERS = 4  # weighted layers a tail holds at most, counted from the output
-MAX_VALUES = 1 << 24  # input values the tail's samples hold (64 MiB of float32)
+MAX_VALUES = 1 << 24  # input (and output) values the tail's samples hold (64 MiB of float32)
 MAX_MACS = 1 << 29  # the tail's multiply-adds per step (forward) at most: a step's cost stays bounded
 STEPS = 300
 CHECK_EVERY = 25
@@ -68,7 +70,6 @@ class _Linear(_Layer):
         self.has_bias = b is not None or node.op_type != "MatMul"
         self.spatial = node.op_type == "Conv"
         self.out_shape = g.shape(node.output[0])
-        self.in_shape = g.shape(node.input[0])
 
     def macs(self) -> int:
         w = self.params[0]
@@ -141,7 +142,7 @@ class _Pool(_Layer):
         if not self.max:
             return blocks.mean(axis=(3, 5))
         y = blocks.max(axis=(3, 5))
-        hit = blocks == y[:, :, :, None, :, None]
+        hit = (blocks == y[:, :, :, None, :, None]).astype(x.dtype)
         self.share = hit / hit.sum(axis=(3, 5), keepdims=True)  # ties split the gradient
         return y
 
@@ -159,20 +160,27 @@ class _Pool(_Layer):
 
 
 class _Flatten(_Layer):
-    """Flatten to ``[N, features]``; with ``keep_shape``, Identity, inference Dropout, or adding a
-    constant ``shift``."""
-
-    def __init__(self, keep_shape: bool = False, shift: np.ndarray | None = None):
-        self.keep_shape, self.shift = keep_shape, None if shift is None else shift.astype(np.float32)
+    """Flatten to ``[N, features]``."""
 
     def forward(self, x):
         self.x_shape = x.shape
-        if self.shift is not None:
-            return x + self.shift
-        return x if self.keep_shape else x.reshape(len(x), -1)
+        return x.reshape(len(x), -1)
 
     def backward(self, dy, need_dx=True):
         return dy.reshape(self.x_shape)
+
+
+class _Shift(_Layer):
+    """Adds a constant (a bias as its own op; none: Identity, inference Dropout)."""
+
+    def __init__(self, shift: np.ndarray | None = None):
+        self.shift = None if shift is None else shift.astype(np.float32)
+
+    def forward(self, x):
+        return x if self.shift is None else x + self.shift
+
+    def backward(self, dy, need_dx=True):
+        return dy
 
 
 def _pool(node: onnx.NodeProto, g: GraphView) -> _Pool | None:
@@ -204,9 +212,9 @@ def _layer(node: onnx.NodeProto, g: GraphView) -> _Layer | None:
         return _pool(node, g)
     if node.op_type in ("Add", "Sub") and len(node.input) == 2 and g.is_const(node.input[1]) and \
             g.shape(node.output[0]) == g.shape(node.input[0]):  # a constant bias (Paddle's MatMul + Add)
-        return _Flatten(keep_shape=True, shift=g.const(node.input[1]) * (1 if node.op_type == "Add" else -1))
+        return _Shift(g.const(node.input[1]) * (1 if node.op_type == "Add" else -1))
     if node.op_type in ("Identity", "Dropout") and len([o for o in node.output if o]) == 1:
-        return _Flatten(keep_shape=True)
+        return _Shift()
     shape, out = g.shape(node.input[0]), g.shape(node.output[0])
     if node.op_type in ("Flatten", "Reshape") and shape is not None and out is not None and \
             len(out) == 2 and out == (shape[0], int(np.prod(shape[1:]))) and attr(node, "axis", 1) == 1:
@@ -296,8 +304,8 @@ def find_tail(g: GraphView, samples: int) -> Tail | None:
 
 @dataclass
 class TailResult:
-    """What the tail refinement did: weighted layers tuned, the check images' relative output
-    error with the layer-wise weights and with the tuned ones, and whether those were kept."""
+    """What the tail refinement did: weighted layers tuned, the held-out images' relative squared
+    output error with the layer-wise weights and with the tuned ones, and whether those were kept."""
 
     layers: int
     error_before: float
@@ -310,10 +318,12 @@ def _error(tail: Tail, x: np.ndarray, y: np.ndarray, chunk: int = 256) -> float:
     return num / max(float(np.square(y).sum()), 1e-30)
 
 
-def tune_tail(tail: Tail, x: np.ndarray, y: np.ndarray, check: np.ndarray, seed: int) -> TailResult:
+def tune_tail(tail: Tail, x: np.ndarray, y: np.ndarray, check: np.ndarray, seed: int,
+              confirm: tuple[np.ndarray, np.ndarray]) -> TailResult:
     """Adam on the tail's weights (in place) from inputs ``x`` to the original outputs ``y``; the
-    samples ``check`` (indices into them) only check. The weights end as the best checked ones, or
-    as they began where those do not beat them by :data:`MIN_GAIN`."""
+    samples ``check`` (indices into them) only check, choosing the step. The weights end as the
+    best checked ones where those beat the starting ones by :data:`MIN_GAIN` both there and on
+    the inputs and outputs ``confirm``, else as they began. The result's errors are on ``confirm``."""
     rng = np.random.default_rng(seed + 5)
     fit = np.setdiff1d(np.arange(len(x)), check)
     xc, yc = x[check], y[check]
@@ -339,20 +349,30 @@ def tune_tail(tail: Tail, x: np.ndarray, y: np.ndarray, check: np.ndarray, seed:
             err = _error(tail, xc, yc)
             if err < best:
                 best, best_params = err, [p.copy() for p in params]
-    kept = best < before * (1 - MIN_GAIN)
-    for p, value in zip(params, best_params if kept else start):
+    for p, value in zip(params, start):
         p[...] = value
-    return TailResult(len(tail.weighted), before, best if kept else before, kept)
+    confirmed_before = _error(tail, *confirm)
+    confirmed = confirmed_before
+    if best < before * (1 - MIN_GAIN):
+        for p, value in zip(params, best_params):
+            p[...] = value
+        confirmed = _error(tail, *confirm)
+    kept = confirmed < confirmed_before * (1 - MIN_GAIN)
+    if not kept:
+        for p, value in zip(params, start):
+            p[...] = value
+    return TailResult(len(tail.weighted), confirmed_before, confirmed if kept else confirmed_before, kept)
 
 
 def refine_tail(pruned: onnx.ModelProto, original: onnx.ModelProto, cal: Calibration, fit_idx: np.ndarray,
-                seed: int, batch: int, provider: str = "cpu") -> TailResult | None:
+                hold_idx: np.ndarray, seed: int, batch: int, provider: str = "cpu") -> TailResult | None:
     """Find the pruned model's tail and tune it (:func:`tune_tail`) on the fit samples ``fit_idx``
-    of ``cal`` and fresh blends of them, writing the tuned weights into ``pruned``; None where it
-    has no tail to tune or too few real images to check it."""
+    of ``cal`` and fresh blends of them, confirmed on the held-out samples ``hold_idx``, writing
+    the tuned weights into ``pruned``; None where it has no tail to tune or too few images to
+    check or confirm it."""
     real = fit_idx[(cal.sources(fit_idx) == fit_idx[:, None]).all(axis=1)]
     n_check = int(round(len(real) * CHECK_SHARE))
-    if n_check < MIN_CHECK:
+    if n_check < MIN_CHECK or len(hold_idx) < MIN_CHECK:
         return None
     check_images = np.random.default_rng(seed + 4).choice(real, n_check, replace=False)
     fit_real = np.setdiff1d(real, check_images)
@@ -370,7 +390,10 @@ def refine_tail(pruned: onnx.ModelProto, original: onnx.ModelProto, cal: Calibra
         return None
     x = np.concatenate([_gather(pruned, tail.input, c, idx, batch, provider) for c, idx in parts])
     y = np.concatenate([_gather(original, tail.output, c, idx, batch, provider) for c, idx in parts])
-    result = tune_tail(tail, x, y, np.arange(len(x) - len(check_idx), len(x)), seed)
+    # blends are not images: the one choice they make, the held-out images confirm
+    confirm = (_gather(pruned, tail.input, cal, hold_idx, batch, provider),
+               _gather(original, tail.output, cal, hold_idx, batch, provider))
+    result = tune_tail(tail, x, y, np.arange(len(x) - len(check_idx), len(x)), seed, confirm)
     if result.kept:
         for layer in tail.weighted:
             layer.store()

@@ -85,7 +85,7 @@ def test_tuning_keeps_the_weights_where_it_cannot_beat_them():
     tail = _tail(model, x, 40)
     y = tail.forward(x)  # the tail's own outputs: nothing to gain
     before = [p.copy() for layer in tail.weighted for p in layer.params]
-    result = tune_tail(tail, x, y, np.arange(32, 40), seed=0)
+    result = tune_tail(tail, x, y, np.arange(32, 40), seed=0, confirm=(x[32:], y[32:]))
     assert not result.kept and result.error_before == result.error_after
     for p, q in zip(before, [p for layer in tail.weighted for p in layer.params]):
         np.testing.assert_array_equal(p, q)
@@ -99,7 +99,7 @@ def test_tuning_lowers_the_check_error_of_a_perturbed_tail():
     rng = np.random.default_rng(2)
     for layer in tail.weighted:
         layer.params[0] += rng.normal(0, 0.3 * np.abs(layer.params[0]).mean(), layer.params[0].shape).astype(np.float32)
-    result = tune_tail(tail, x, y, np.arange(160, 200), seed=0)
+    result = tune_tail(tail, x, y, np.arange(160, 200), seed=0, confirm=(x[160:], y[160:]))
     assert result.kept and result.error_after < 0.8 * result.error_before
 
 
@@ -143,3 +143,20 @@ def test_no_tail_for_several_outputs_or_targets_too_large_to_hold():
     two.CopyFrom(model)
     two.graph.output.append(onnx.ValueInfoProto(name=two.graph.node[0].output[0]))
     assert _tail(two, x) is None
+
+
+def test_tuning_that_the_held_out_images_do_not_confirm_is_undone():
+    model, _ = _chain()
+    x = calib_for(model, 200)
+    tail = _tail(model, x, 200)
+    y = tail.forward(x)
+    rng = np.random.default_rng(2)
+    for layer in tail.weighted:
+        layer.params[0] += rng.normal(0, 0.3 * np.abs(layer.params[0]).mean(), layer.params[0].shape).astype(np.float32)
+    start = [p.copy() for layer in tail.weighted for p in layer.params]
+    # held-out targets that the perturbed weights already match: tuning towards y cannot help there
+    held = x[:20]
+    result = tune_tail(tail, x, y, np.arange(160, 200), seed=0, confirm=(held, tail.forward(held)))
+    assert not result.kept and result.error_before == result.error_after == 0
+    for p, q in zip(start, [p for layer in tail.weighted for p in layer.params]):
+        np.testing.assert_array_equal(p, q)
