@@ -71,9 +71,10 @@ def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
 class Calibration:
     """A fixed set of calibration samples, readable in batches by sample index."""
 
-    def __init__(self, arrays: dict[str, np.ndarray]):
+    def __init__(self, arrays: dict[str, np.ndarray], pairs: np.ndarray | None = None):
         self.arrays = arrays
         self.count = len(next(iter(arrays.values()))) if arrays else 0
+        self._pairs = pairs  # the two samples of each mixture, after the real samples (with_mixtures)
 
     def __len__(self) -> int:
         return self.count
@@ -96,7 +97,17 @@ class Calibration:
         pairs = rng.choice(np.asarray(among), size=(count, 2))
         lam = rng.uniform(MIX_LOW, 1.0 - MIX_LOW, size=count)
         arrays = {k: _Mixed(v, pairs, lam) for k, v in self.arrays.items()}
-        return Calibration(arrays), np.arange(self.count, self.count + count)
+        return Calibration(arrays, pairs), np.arange(self.count, self.count + count)
+
+    def sources(self, indices: Sequence[int]) -> np.ndarray:
+        """``[len(indices), 2]``: the real samples each sample is made of (a real one: itself twice)."""
+        idx = np.asarray(indices)
+        out = np.stack([idx, idx], axis=1)
+        if self._pairs is not None:
+            real = self.count - len(self._pairs)
+            mixed = idx >= real
+            out[mixed] = self._pairs[idx[mixed] - real]
+        return out
 
 
 # A mixture weighs each of its two samples at least this much: near 0 or 1 it would repeat one of them.

@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "their activations (a basic block's two convs; an inverted residual block's expand, "
                         "depthwise and project convs) on the calibration samples, kept only where held-out "
                         "images confirm it (default on; --no-refine saves its time)")
+    p.add_argument("--refine-tail", action=argparse.BooleanOptionalAction, default=True,
+                   help="then tune the model's last layers together on its output, where they form a plain "
+                        "chain to it (up to four convs and fully connected layers after the last residual join, "
+                        "e.g. a VGG-style network's last convs and classifier), kept only where fresh blends of "
+                        "images it did not fit confirm it and the held-out images do not contradict it "
+                        "(default on)")
     p.add_argument("--residual-target", action=argparse.BooleanOptionalAction, default=True,
                    help="branch-final layers also absorb the skip path's error (He et al.; default on)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of calibration data held out for verification")
@@ -305,7 +311,8 @@ def _run(args: argparse.Namespace) -> int:
                    speedup=args.speedup, params=args.params, size_mb=args.size_mb, latency=args.latency,
                    provider=args.provider, latency_batch=args.latency_batch, max_drop=args.max_drop, method=args.method, reconstruct=args.reconstruct,
                    residual_target=args.residual_target, prune_coupled=args.prune_coupled,
-                   refit_downstream=args.refit_downstream, refine=args.refine, allocation=args.allocation,
+                   refit_downstream=args.refit_downstream, refine=args.refine, refine_tail=args.refine_tail,
+                   allocation=args.allocation,
                    sensitivity_images=args.sensitivity_images, holdout=args.holdout,
                    samples_per_image=args.samples_per_image, mixtures=args.mixtures, seed=args.seed,
                    round_to=args.round_to if args.round_to is not None else default_round_to(args.provider),

@@ -47,6 +47,7 @@ from .sampling import Sampler
 from .select import Method
 from .sensitivity import output_scaled_curves
 from .summary import cost_table, model_macs
+from .tail import TailResult, refine_tail
 from .verify import OutputFidelity, compare, guard_loss
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Pruned:
 
     model: onnx.ModelProto  # the final model: quantized under --quantize
     groups: list[GroupResult]
+    tail: TailResult | None = None  # the tail refinement (onnxprune.tail), where the model has a tail
     float_model: onnx.ModelProto | None = None  # under --quantize, the pruned model before quantization
 
 
@@ -247,10 +249,18 @@ class Pruner:
         opts = options.validate() if options is not None else self.opts
         if opts.method is Method.AUTO:  # options made by a caller: the method this model resolved to
             opts = replace(opts, method=self.opts.method)
+        progress = self.progress if options is None else Progress(False)
         model, groups = prune_to(self.work, self.shapes, plan.widths, opts, self.sampler, self.bn_scales, keep,
-                                 self.progress if options is None else Progress(False),
-                                 self.ridges if options is None and reuse_ridges else None)
-        return Pruned(model, groups)
+                                 progress, self.ridges if options is None and reuse_ridges else None)
+        tail = None
+        if opts.refine_tail and opts.reconstruct and self.sampler:
+            with progress.phase("tail"):
+                tail = refine_tail(model, self.work, self.cal, self.fit_idx, self.hold_idx, opts.seed,
+                                   fitting_batch(self.shapes, opts.batch_size), opts.calibration_provider)
+            if tail is not None:
+                log.info("tail: %d layers tuned together, held-out error %.4f -> %.4f%s", tail.layers,
+                         tail.error_before, tail.error_after, "" if tail.kept else " (not kept)")
+        return Pruned(model, groups, tail)
 
     def architecture(self, plan: Plan) -> onnx.ModelProto:
         """The pruned architecture ``plan`` describes, without data (weights do not matter)."""
@@ -300,7 +310,7 @@ class Pruner:
                                          fitting_batch(shapes, self.opts.batch_size), self.opts.calibration_provider,
                                          self.opts.seed)
         self.sparse_layers = layers
-        return Pruned(model, pruned.groups, float_model=pruned.float_model)
+        return Pruned(model, pruned.groups, pruned.tail, float_model=pruned.float_model)
 
     def quantize(self, pruned: Pruned) -> Pruned:
         """``pruned`` quantized as ``--quantize`` asks (unchanged without it): ORT static QDQ
@@ -311,7 +321,7 @@ class Pruner:
         with self.progress.phase("quantize"):
             model = quantize_int8(pruned.model, self.cal, self.fit_idx, self.opts.calibrate_method,
                                   self.opts.batch_size, self.opts.provider)
-        return Pruned(model, pruned.groups, float_model=pruned.model)
+        return Pruned(model, pruned.groups, pruned.tail, float_model=pruned.model)
 
     def verify(self, model: onnx.ModelProto) -> list[OutputFidelity]:
         """Fidelity of ``model`` to the original on the held-out samples (the fit ones if none)."""
@@ -384,7 +394,7 @@ class Pruner:
             bn_folded=self.folded, targets_met=reached, provider=opts.provider, latency_batch=opts.latency_batch,
             targets={k: v for k, v in opts.targets.__dict__.items() if v is not None}
             | ({"latency": opts.latency} if opts.latency is not None else {}),
-            phases=dict(self.progress.seconds), quantization=quantization,
+            phases=dict(self.progress.seconds), quantization=quantization, tail=pruned.tail,
             sparsity=[asdict(layer) for layer in self.sparse_layers] if self.opts.sparsity else None)
         report.seconds = time.perf_counter() - self.start
         return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from .tail import TailResult
 from .verify import OutputFidelity
 
 
@@ -106,6 +107,7 @@ class Report:
     stripe: dict | None = None  # --method stripe: keep fraction, stripe MACs, per-layer form (see stripe.py)
     quantization: Quantization | None = None  # --quantize: float vs quantized pruned model
     sparsity: list[dict] | None = None  # --sparsity 2:4: each Conv/Gemm/MatMul, sparse or why it stayed dense
+    tail: TailResult | None = None  # the model's last layers tuned together (onnxprune.tail)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -139,8 +141,10 @@ class Report:
         t = self.totals
         lines.append("")
         refined = sum(grp.refined_error is not None for grp in self.groups)
+        tail = self.tail
         lines.append(f"method  {self.method}{', least-squares refit' if self.reconstruct else ', no refit'}"
-                     + (f", {refined} residual branches refined" if refined else ""))
+                     + (f", {refined} residual branches refined" if refined else "")
+                     + (f", last {tail.layers} layers tuned together" if tail is not None and tail.kept else ""))
         lines.append(f"MACs    {_si(t.macs[0]):>9} -> {_si(t.macs[1]):>9}   ({t.macs_speedup:.2f}x fewer)")
         lines.append(f"params  {_si(t.params[0]):>9} -> {_si(t.params[1]):>9}   ({t.params[1] / max(t.params[0], 1):.1%})")
         lines.append(f"size    {t.size_bytes[0] / 1e6:>8.2f}M -> {t.size_bytes[1] / 1e6:>8.2f}M")

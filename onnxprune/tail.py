@@ -1,0 +1,421 @@
+"""Tail refinement: the model's last layers tuned together on its output.
+
+Layer-wise least squares fits each layer to its own original output; the branch refinement
+(:mod:`onnxprune.refine`) tunes a residual branch on the branch's sum. Neither reaches the model's
+output: on a plain chain — VGG-style convs, then the classifier — each refit can make up for what
+the layers before it lost only by a linear map of the channels they kept, and the channels carry
+the rest of the loss forward. The *tail* is the chain of layers that ends at the model's only
+output and that only the output depends on: walked back from the output through convolutions,
+fully connected layers, elementwise activations, pooling and flattening, as long as every tensor
+on the way is read by the tail alone, over at most :data:`MAX_LAYERS` weighted layers. Where it
+holds two or more, their weights are tuned together by Adam on the relative squared error of the
+output against the original model's (before a final Softmax), on the fit samples and fresh blends
+of the fit images. A fifth of the real fit images is set aside; fresh blends of those check every
+few steps (the images themselves were fit by the layer-wise refits, which would be favoured on
+them): the weights with the lowest error there are kept, and only when they beat the layer-wise
+ones by :data:`MIN_GAIN`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .activations import run_batches, tensor_shapes
+from .calib import Calibration
+from .graphview import GraphView, attr
+from .ops import handler_for
+from .ops.base import LinearHandler
+from .ops.elementwise import activation_chain
+
+MAX_LAYERS = 5  # weighted layers a tail holds at most, counted from the output
+MAX_VALUES = 1 << 24  # input (and output) values the tail's samples hold (64 MiB of float32)
+MAX_MACS = 1 << 29  # the tail's multiply-adds per step (forward) at most: a step's cost stays bounded
+STEPS = 400
+CHECK_EVERY = 25
+BATCH = 64  # samples a step reads
+# Adam's first step, relative to the mean magnitude of each layer's weights (its bias takes the
+# same), decaying to 0 on a cosine over the steps: the last steps settle instead of wandering
+LEARNING_RATE = 0.015
+CHECK_SHARE = 0.2  # of the real fit images
+MIN_GAIN = 0.01
+MIN_CHECK = 8  # check images needed at least
+# held-out error the tuned weights may add and be kept: the held-out fifth is too few images to
+# confirm a gain of a few per cent, but enough to catch a large loss where blends misled the
+# check (docs/benchmarks.md, "Tuning the tail end to end")
+CONFIRM_SLACK = 0.05
+BLENDS = 3  # fresh blends of the fit images per fit image, for the tuning to read
+CHECK_BLENDS = 4  # fresh blends of the check images per check image: what the check reads
+
+
+class _Layer:
+    """One op of the tail: ``forward`` keeps what ``backward`` needs; ``backward`` takes the
+    gradient of the output and returns that of the input (and sets ``grads`` where weighted)."""
+
+    params: list[np.ndarray] = []
+    grads: list[np.ndarray] = []
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        raise NotImplementedError
+
+
+class _Linear(_Layer):
+    """A Conv (one group, 2-D) or fully connected layer, in the handler's ``[Cout, Cin·k]`` form;
+    a conv's patches and their input positions come from its handler too."""
+
+    def __init__(self, node: onnx.NodeProto, g: GraphView):
+        self.node, self.g, self.h = node, g, handler_for(node)
+        w = self.h.weight_matrix(node, g).astype(np.float32)
+        b = self.h.bias(node, g)
+        self.params = [w, np.zeros(w.shape[0], np.float32) if b is None else b.astype(np.float32)]
+        self.has_bias = b is not None or node.op_type != "MatMul"
+        self.spatial = node.op_type == "Conv"
+        self.out_shape = g.shape(node.output[0])
+
+    def macs(self) -> int:
+        w = self.params[0]
+        return int(w.size * (np.prod(self.out_shape[2:]) if self.spatial else 1))
+
+    def forward(self, x):
+        self.x_shape = x.shape
+        if self.spatial:
+            positions = int(np.prod(self.out_shape[2:]))
+            pos = np.broadcast_to(np.arange(positions), (len(x), positions))
+            self.cols = self.h.sample_patches(self.node, self.g, x, pos)  # [B·P, Cin·k]
+            y = self.cols @ self.params[0].T + self.params[1]
+            return y.reshape(len(x), positions, -1).transpose(0, 2, 1).reshape(len(x), -1, *self.out_shape[2:])
+        self.cols = x
+        return x @ self.params[0].T + self.params[1]
+
+    def backward(self, dy, need_dx=True):
+        w = self.params[0]
+        if not self.spatial:
+            self.grads = [dy.T @ self.cols, dy.sum(0) if self.has_bias else np.zeros_like(self.params[1])]
+            return dy @ w if need_dx else None
+        b, cout = len(dy), w.shape[0]
+        by_image = dy.reshape(b, cout, -1).transpose(0, 2, 1).reshape(-1, cout)  # rows as the patches: [B·P]
+        self.grads = [by_image.T @ self.cols, by_image.sum(0) if self.has_bias else np.zeros_like(self.params[1])]
+        if not need_dx:
+            return None
+        cin, size = self.x_shape[1], int(np.prod(self.x_shape[2:]))
+        if not hasattr(self, "_taps"):  # per tap, the input position each output position reads
+            positions = int(np.prod(self.out_shape[2:]))
+            flat, inside = self.h.input_positions(self.node, self.g, np.arange(positions)[None, :])
+            self._taps = np.where(inside[0], flat[0], size).T.copy()  # [taps, P]; padding -> a spare slot
+        taps = self._taps
+        # positions first: each tap's input gradient is one product, scattered as whole rows
+        by_position = dy.reshape(b, cout, -1).transpose(2, 0, 1).reshape(-1, cout)  # [P·B, Cout]
+        per_tap = w.reshape(cout, cin, len(taps))
+        dx = np.zeros((size + 1, b, cin), dy.dtype)
+        for tap in range(len(taps)):  # one tap reads each input position at most once
+            dx[taps[tap]] += (by_position @ per_tap[:, :, tap]).reshape(-1, b, cin)
+        return np.ascontiguousarray(dx[:size].transpose(1, 2, 0)).reshape(self.x_shape)
+
+    def store(self) -> None:
+        self.h.set_linear(self.node, self.params[0].astype(np.float64),
+                          self.params[1].astype(np.float64) if self.has_bias else None, self.g)
+
+
+class _Activation(_Layer):
+    def __init__(self, act):
+        self.f, self.df = act
+
+    def forward(self, x):
+        self.z = x
+        return self.f(x)
+
+    def backward(self, dy, need_dx=True):
+        return dy * self.df(self.z)
+
+
+class _Pool(_Layer):
+    """Max or average pooling over non-overlapping windows (kernel = stride, no padding), or
+    global average pooling."""
+
+    def __init__(self, node: onnx.NodeProto):
+        self.max = node.op_type == "MaxPool"
+        self.kernel = None if node.op_type == "GlobalAveragePool" else tuple(attr(node, "kernel_shape"))
+
+    def forward(self, x):
+        self.x_shape = x.shape
+        if self.kernel is None:
+            return x.mean(axis=(2, 3), keepdims=True)
+        (kh, kw), (b, c, h, w) = self.kernel, x.shape
+        oh, ow = h // kh, w // kw
+        blocks = x[:, :, :oh * kh, :ow * kw].reshape(b, c, oh, kh, ow, kw)
+        if not self.max:
+            return blocks.mean(axis=(3, 5))
+        y = blocks.max(axis=(3, 5))
+        hit = (blocks == y[:, :, :, None, :, None]).astype(x.dtype)
+        self.share = hit / hit.sum(axis=(3, 5), keepdims=True)  # ties split the gradient
+        return y
+
+    def backward(self, dy, need_dx=True):
+        b, c, h, w = self.x_shape
+        if self.kernel is None:
+            return np.broadcast_to(dy / (h * w), self.x_shape).copy()
+        kh, kw = self.kernel
+        oh, ow = dy.shape[2:]
+        share = self.share if self.max else 1.0 / (kh * kw)
+        blocks = share * dy[:, :, :, None, :, None]
+        dx = np.zeros(self.x_shape, dy.dtype)
+        dx[:, :, :oh * kh, :ow * kw] = np.broadcast_to(blocks, (b, c, oh, kh, ow, kw)).reshape(b, c, oh * kh, ow * kw)
+        return dx
+
+
+class _Flatten(_Layer):
+    """Flatten to ``[N, features]``."""
+
+    def forward(self, x):
+        self.x_shape = x.shape
+        return x.reshape(len(x), -1)
+
+    def backward(self, dy, need_dx=True):
+        return dy.reshape(self.x_shape)
+
+
+class _Shift(_Layer):
+    """Adds a constant (a bias as its own op; none: Identity, inference Dropout)."""
+
+    def __init__(self, shift: np.ndarray | None = None):
+        self.shift = None if shift is None else shift.astype(np.float32)
+
+    def forward(self, x):
+        return x if self.shift is None else x + self.shift
+
+    def backward(self, dy, need_dx=True):
+        return dy
+
+
+def _pool(node: onnx.NodeProto, g: GraphView) -> _Pool | None:
+    shape = g.shape(node.input[0])
+    if shape is None or len(shape) != 4 or (len(node.output) > 1 and node.output[1]):
+        return None
+    if node.op_type == "GlobalAveragePool":
+        return _Pool(node)
+    kernel = attr(node, "kernel_shape")
+    plain = (kernel is not None and len(kernel) == 2 and list(attr(node, "strides", [1, 1])) == list(kernel)
+             and not any(attr(node, "pads", [0, 0, 0, 0]))
+             and attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+             and not attr(node, "ceil_mode", 0) and all(d == 1 for d in attr(node, "dilations", [1, 1])))
+    return _Pool(node) if plain else None
+
+
+def _layer(node: onnx.NodeProto, g: GraphView) -> _Layer | None:
+    """The tail layer of ``node``, or None where the tail cannot pass it."""
+    h = handler_for(node)
+    if isinstance(h, LinearHandler):
+        shape = g.shape(node.input[0])
+        if node.op_type == "Conv":
+            ok = attr(node, "group", 1) == 1 and shape is not None and len(shape) == 4 and h.reconstructable(node, g)
+        else:  # fully connected on [N, K]
+            ok = (shape is not None and len(shape) == 2 and h.reconstructable(node, g)
+                  and g.input_const(node, 1) is not None and not attr(node, "transA", 0))
+        return _Linear(node, g) if ok and g.shape(node.output[0]) is not None else None
+    if node.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool"):
+        return _pool(node, g)
+    if node.op_type in ("Add", "Sub") and len(node.input) == 2 and g.is_const(node.input[1]) and \
+            g.shape(node.output[0]) == g.shape(node.input[0]):  # a constant bias (Paddle's MatMul + Add)
+        return _Shift(g.const(node.input[1]) * (1 if node.op_type == "Add" else -1))
+    if node.op_type in ("Identity", "Dropout") and len([o for o in node.output if o]) == 1:
+        return _Shift()
+    shape, out = g.shape(node.input[0]), g.shape(node.output[0])
+    if node.op_type in ("Flatten", "Reshape") and shape is not None and out is not None and \
+            len(out) == 2 and out == (shape[0], int(np.prod(shape[1:]))) and attr(node, "axis", 1) == 1:
+        return _Flatten()
+    return None
+
+
+@dataclass
+class Tail:
+    """The tail of a model: its input tensor, the tensor whose error is tuned (the output, or
+    a final Softmax's input), and its layers in order."""
+
+    input: str
+    output: str
+    layers: list[_Layer]
+
+    @property
+    def weighted(self) -> list[_Linear]:
+        return [layer for layer in self.layers if isinstance(layer, _Linear)]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy: np.ndarray) -> None:
+        first = self.layers.index(self.weighted[0])
+        for i in range(len(self.layers) - 1, first - 1, -1):
+            dy = self.layers[i].backward(dy, need_dx=i > first)
+
+
+def find_tail(g: GraphView, samples: int) -> Tail | None:
+    """The tail of ``g``'s model (:mod:`module docs <onnxprune.tail>`), whose input and output
+    for ``samples`` samples each fit :data:`MAX_VALUES`; None where it holds fewer than two
+    weighted layers or the model has more than one output."""
+    if len(g.graph.output) != 1:
+        return None
+    t = g.graph.output[0].name
+    while t in g.producer and g.producer[t].op_type == "Identity":  # Paddle2ONNX ends with one
+        t = g.producer[t].input[0]
+    last = g.producer.get(t)
+    if last is not None and last.op_type in ("Softmax", "LogSoftmax") and attr(last, "axis", -1) in (-1, 1):
+        t = last.input[0]
+    out_shape = g.shape(t)
+    if out_shape is None or int(np.prod(out_shape[1:])) * samples > MAX_VALUES:
+        return None  # the targets must fit as the inputs do
+    output, layers, outs, nodes, macs = t, [], [], set(), 0
+
+    def inside(node: onnx.NodeProto) -> bool:
+        # a tail node, a Shape (it reads no values, and the tail keeps shapes), or a node whose
+        # outputs only such nodes read: the gate of x · σ(x), or of x · relu6(x + 3) / 6
+        return id(node) in nodes or node.op_type == "Shape" or all(
+            o not in g.graph_outputs and g.consumers.get(o) and all(inside(c) for c in g.consumers[o])
+            for o in node.output if o)
+
+    while t in g.producer and t not in g.graph_inputs:
+        if t != output and not all(inside(c) for c in g.consumers.get(t, [])):
+            break  # something outside the tail reads it
+        node = g.producer[t]
+        chain = activation_chain(g, t)
+        if chain is not None:
+            act, source, chain_nodes = chain
+            layers.append(_Activation(act))
+            outs.append(t)
+            nodes.update(id(n) for n in chain_nodes)
+            t = source
+            continue
+        layer = _layer(node, g)
+        if layer is None:
+            break
+        if isinstance(layer, _Linear):
+            per_sample = int(np.prod(g.shape(node.input[0])[1:]))
+            if (len([x for x in layers if isinstance(x, _Linear)]) == MAX_LAYERS or per_sample * samples > MAX_VALUES
+                    or macs + layer.macs() * BATCH > MAX_MACS):
+                break
+            macs += layer.macs() * BATCH
+        layers.append(layer)
+        outs.append(t)
+        nodes.add(id(node))
+        t = node.input[0]
+    while layers and not isinstance(layers[-1], _Linear):  # the tail starts at a weighted layer
+        layers.pop()
+        t = outs.pop()
+    tail = Tail(t, output, layers[::-1])
+    return tail if len(tail.weighted) >= 2 else None
+
+
+@dataclass
+class TailResult:
+    """What the tail refinement did: weighted layers tuned, the held-out images' relative squared
+    output error with the layer-wise weights and with the tuned ones, and whether those were kept."""
+
+    layers: int
+    error_before: float
+    error_after: float
+    kept: bool
+
+
+def _error(tail: Tail, x: np.ndarray, y: np.ndarray, chunk: int = 256) -> float:
+    num = sum(float(np.square(tail.forward(x[i:i + chunk]) - y[i:i + chunk]).sum()) for i in range(0, len(x), chunk))
+    return num / max(float(np.square(y).sum()), 1e-30)
+
+
+def tune_tail(tail: Tail, x: np.ndarray, y: np.ndarray, check: np.ndarray, seed: int,
+              confirm: tuple[np.ndarray, np.ndarray]) -> TailResult:
+    """Adam on the tail's weights (in place) from inputs ``x`` to the original outputs ``y``; the
+    samples ``check`` (indices into them) only check, choosing the step. The weights end as the
+    best checked ones where those beat the starting ones there by :data:`MIN_GAIN` and are not
+    worse by more than :data:`CONFIRM_SLACK` on the inputs and outputs ``confirm``, else as they
+    began. The result's errors are on ``confirm``."""
+    rng = np.random.default_rng(seed + 5)
+    fit = np.setdiff1d(np.arange(len(x)), check)
+    xc, yc = x[check], y[check]
+    params = [p for layer in tail.weighted for p in layer.params]
+    start = [p.copy() for p in params]
+    rate = [LEARNING_RATE * (float(np.abs(layer.params[0]).mean()) or 1.0) for layer in tail.weighted
+            for _ in layer.params]
+    moment = [np.zeros_like(p) for p in params]
+    second = [np.zeros_like(p) for p in params]
+    before = best = _error(tail, xc, yc)
+    best_params = start
+    for step in range(1, STEPS + 1):
+        sel = rng.choice(fit, min(BATCH, len(fit)), replace=False)
+        target = y[sel]
+        tail.backward((tail.forward(x[sel]) - target) * np.float32(2.0 / max(float(np.square(target).sum()), 1e-30)))
+        grads = [gr for layer in tail.weighted for gr in layer.grads]
+        decay = np.float32(0.5 * (1 + np.cos(np.pi * (step - 1) / STEPS)))
+        for p, gr, m, v, r in zip(params, grads, moment, second, rate):
+            r = np.float32(r) * decay
+            m *= 0.9
+            m += 0.1 * gr
+            v *= 0.999
+            v += 0.001 * np.square(gr)
+            p -= r * (m / (1 - 0.9 ** step)) / (np.sqrt(v / (1 - 0.999 ** step)) + 1e-12)
+        if step % CHECK_EVERY == 0:
+            err = _error(tail, xc, yc)
+            if err < best:
+                best, best_params = err, [p.copy() for p in params]
+    for p, value in zip(params, start):
+        p[...] = value
+    confirmed_before = _error(tail, *confirm)
+    kept, confirmed = False, confirmed_before
+    if best < before * (1 - MIN_GAIN):
+        for p, value in zip(params, best_params):
+            p[...] = value
+        confirmed = _error(tail, *confirm)
+        kept = confirmed <= confirmed_before * (1 + CONFIRM_SLACK)
+    if not kept:
+        for p, value in zip(params, start):
+            p[...] = value
+    return TailResult(len(tail.weighted), confirmed_before, confirmed if kept else confirmed_before, kept)
+
+
+def refine_tail(pruned: onnx.ModelProto, original: onnx.ModelProto, cal: Calibration, fit_idx: np.ndarray,
+                hold_idx: np.ndarray, seed: int, batch: int, provider: str = "cpu") -> TailResult | None:
+    """Find the pruned model's tail and tune it (:func:`tune_tail`) on the fit samples ``fit_idx``
+    of ``cal`` and fresh blends of them, confirmed on the held-out samples ``hold_idx``, writing
+    the tuned weights into ``pruned``; None where it has no tail to tune or too few images to
+    check or confirm it."""
+    real = fit_idx[(cal.sources(fit_idx) == fit_idx[:, None]).all(axis=1)]
+    n_check = int(round(len(real) * CHECK_SHARE))
+    if n_check < MIN_CHECK or len(hold_idx) < MIN_CHECK:
+        return None
+    check_images = np.random.default_rng(seed + 4).choice(real, n_check, replace=False)
+    fit_real = np.setdiff1d(real, check_images)
+    # the fit: the fit samples that hold no check image (a blend of one would tell it what the
+    # check holds) and fresh blends; the check: fresh blends of the check images, points that
+    # neither the layer-wise refits (which fit the check images themselves, and would be favoured
+    # on them) nor the tuning have seen
+    fresh, fresh_idx = cal.with_mixtures(fit_real, BLENDS * len(fit_real), seed + 6)
+    checks, check_idx = cal.with_mixtures(check_images, CHECK_BLENDS * n_check, seed + 7)
+    parts = [(cal, fit_idx[~np.isin(cal.sources(fit_idx), check_images).any(axis=1)]),
+             (fresh, fresh_idx), (checks, check_idx)]
+    g = GraphView(pruned, tensor_shapes(pruned, cal))
+    tail = find_tail(g, sum(len(idx) for _, idx in parts))
+    if tail is None:
+        return None
+    x = np.concatenate([_gather(pruned, tail.input, c, idx, batch, provider) for c, idx in parts])
+    y = np.concatenate([_gather(original, tail.output, c, idx, batch, provider) for c, idx in parts])
+    # blends are not images: the one choice they make, the held-out images confirm
+    confirm = (_gather(pruned, tail.input, cal, hold_idx, batch, provider),
+               _gather(original, tail.output, cal, hold_idx, batch, provider))
+    result = tune_tail(tail, x, y, np.arange(len(x) - len(check_idx), len(x)), seed, confirm)
+    if result.kept:
+        for layer in tail.weighted:
+            layer.store()
+        g.drop_unused_initializers()
+    return result
+
+
+def _gather(model: onnx.ModelProto, name: str, cal: Calibration, idx: np.ndarray, batch: int,
+            provider: str) -> np.ndarray:
+    """``model``'s tensor ``name`` on the samples ``idx``, in their order."""
+    return np.concatenate([values[name].astype(np.float32, copy=False)
+                           for _, values in run_batches(model, [name], cal, idx, batch, provider)])
