@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "images confirm it (default on; --no-refine saves its time)")
     p.add_argument("--refine-tail", action=argparse.BooleanOptionalAction, default=True,
                    help="then tune the model's last layers together on its output, where they form a plain "
-                        "chain to it (up to four convs and fully connected layers after the last residual join, "
+                        "chain to it (up to five convs and fully connected layers after the last residual join, "
                         "e.g. a VGG-style network's last convs and classifier), kept only where fresh blends of "
                         "images it did not fit confirm it and the held-out images do not contradict it "
                         "(default on)")

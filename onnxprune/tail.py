@@ -8,12 +8,12 @@ the rest of the loss forward. The *tail* is the chain of layers that ends at the
 output and that only the output depends on: walked back from the output through convolutions,
 fully connected layers, elementwise activations, pooling and flattening, as long as every tensor
 on the way is read by the tail alone, over at most :data:`MAX_LAYERS` weighted layers. Where it
-holds two or more, their weights are tuned together by Adam on the relative squared error of the
-output against the original model's (before a final Softmax), on the fit samples and fresh blends
-of the fit images. A fifth of the real fit images is set aside; fresh blends of those check every
+holds two or more, their weights are tuned together by Adam (its step decaying on a cosine) on
+the relative squared error of the output against the original model's (before a final Softmax),
+on the fit samples and fresh blends of the fit images. A fifth of the real fit images is set aside; fresh blends of those check every
 few steps (the images themselves were fit by the layer-wise refits, which would be favoured on
 them): the weights with the lowest error there are kept, and only when they beat the layer-wise
-ones by :data:`MIN_GAIN`.
+ones by :data:`MIN_GAIN` and the held-out images do not contradict them (:data:`CONFIRM_SLACK`).
 """
 
 from __future__ import annotations
@@ -234,11 +234,22 @@ def _layer(node: onnx.NodeProto, g: GraphView) -> _Layer | None:
 @dataclass
 class Tail:
     """The tail of a model: its input tensor, the tensor whose error is tuned (the output, or
-    a final Softmax's input), and its layers in order."""
+    a final Softmax's input), its layers in order, and that final Softmax (or LogSoftmax)."""
 
     input: str
     output: str
     layers: list[_Layer]
+    final: onnx.NodeProto | None = None
+
+    def model_output(self, logits: np.ndarray) -> np.ndarray:
+        """What the model outputs for the tail's output ``logits``: the final Softmax applied."""
+        if self.final is None:
+            return logits
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        if self.final.op_type == "LogSoftmax":
+            return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        e = np.exp(shifted)
+        return e / e.sum(axis=-1, keepdims=True)
 
     @property
     def weighted(self) -> list[_Linear]:
@@ -265,8 +276,9 @@ def find_tail(g: GraphView, samples: int) -> Tail | None:
     while t in g.producer and g.producer[t].op_type == "Identity":  # Paddle2ONNX ends with one
         t = g.producer[t].input[0]
     last = g.producer.get(t)
+    final = None
     if last is not None and last.op_type in ("Softmax", "LogSoftmax") and attr(last, "axis", -1) in (-1, 1):
-        t = last.input[0]
+        t, final = last.input[0], last
     out_shape = g.shape(t)
     if out_shape is None or int(np.prod(out_shape[1:])) * samples > MAX_VALUES:
         return None  # the targets must fit as the inputs do
@@ -307,7 +319,7 @@ def find_tail(g: GraphView, samples: int) -> Tail | None:
     while layers and not isinstance(layers[-1], _Linear):  # the tail starts at a weighted layer
         layers.pop()
         t = outs.pop()
-    tail = Tail(t, output, layers[::-1])
+    tail = Tail(t, output, layers[::-1], final)
     return tail if len(tail.weighted) >= 2 else None
 
 
@@ -323,8 +335,14 @@ class TailResult:
 
 
 def _error(tail: Tail, x: np.ndarray, y: np.ndarray, chunk: int = 256) -> float:
-    num = sum(float(np.square(tail.forward(x[i:i + chunk]) - y[i:i + chunk]).sum()) for i in range(0, len(x), chunk))
-    return num / max(float(np.square(y).sum()), 1e-30)
+    """Relative squared error of what the model outputs (after a final Softmax: a smaller error of
+    its input can be a larger one of the class scores) on inputs ``x``, for tail outputs ``y``."""
+    num = den = 0.0
+    for i in range(0, len(x), chunk):
+        target = tail.model_output(y[i:i + chunk])
+        num += float(np.square(tail.model_output(tail.forward(x[i:i + chunk])) - target).sum())
+        den += float(np.square(target).sum())
+    return num / max(den, 1e-30)
 
 
 def tune_tail(tail: Tail, x: np.ndarray, y: np.ndarray, check: np.ndarray, seed: int,

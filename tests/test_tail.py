@@ -43,6 +43,16 @@ def test_the_tail_computes_the_model_output_before_its_softmax():
     np.testing.assert_allclose(tail.forward(x), run(probe, x)[1], rtol=1e-4, atol=1e-5)
 
 
+def test_the_tail_checks_what_the_model_outputs_after_its_softmax():
+    # a smaller error of the logits can be a larger one of the class scores: the check and the
+    # held-out veto judge the scores
+    model, _ = _chain()
+    x = calib_for(model, 16)
+    tail = _tail(model, x)
+    assert tail.final is not None and tail.final.op_type == "Softmax"
+    np.testing.assert_allclose(tail.model_output(tail.forward(x)), run(model, x)[0], rtol=1e-4, atol=1e-6)
+
+
 def test_tail_gradients_match_finite_differences():
     model, _ = _chain()
     x = calib_for(model, 4).astype(np.float64)
