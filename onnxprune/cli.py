@@ -79,12 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "their activations (a basic block's two convs; an inverted residual block's expand, "
                         "depthwise and project convs) on the calibration samples, kept only where held-out "
                         "images confirm it (default on; --no-refine saves its time)")
-    p.add_argument("--refine-tail", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--refine-tail", action=argparse.BooleanOptionalAction, default=False,
                    help="then tune the model's last layers together on its output, where they form a plain "
                         "chain to it (up to five convs and fully connected layers after the last residual join, "
                         "e.g. a VGG-style network's last convs and classifier), kept only where fresh blends of "
                         "images it did not fit confirm it and the held-out images do not contradict it "
-                        "(default on)")
+                        "(default off: it costs a VGG-style model about four times its prune time)")
     p.add_argument("--residual-target", action=argparse.BooleanOptionalAction, default=True,
                    help="branch-final layers also absorb the skip path's error (He et al.; default on)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of calibration data held out for verification")

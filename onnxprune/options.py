@@ -54,7 +54,7 @@ class PruneOptions:
     sensitivity_images: int = 256  # fit images the sensitivity curves are measured on (a random subset)
     refit_downstream: bool = True  # also refit unpruned layers whose inputs changed
     refine: bool = True  # refine residual branches' convs together (onnxprune/refine.py)
-    refine_tail: bool = True  # tune the last layers of a plain chain to the output together (onnxprune/tail.py)
+    refine_tail: bool = False  # tune the last layers of a plain chain to the output together (onnxprune/tail.py)
     slim_fallback: str = "error"  # what --method slim does when a group has no BatchNorm: error | l1
     measure_latency: bool = True
     progress: bool | None = None  # None: only when stderr is a terminal

@@ -81,14 +81,26 @@ class _Linear(_Layer):
         w = self.params[0]
         return int(w.size * (np.prod(self.out_shape[2:]) if self.spatial else 1))
 
+    def taps(self, size: int) -> np.ndarray:
+        """``[taps, P]``: the flat input position each tap reads for each output position, from the
+        handler; padding reads ``size``, a spare zero slot after the input's positions."""
+        if not hasattr(self, "_taps"):
+            positions = int(np.prod(self.out_shape[2:]))
+            flat, inside = self.h.input_positions(self.node, self.g, np.arange(positions)[None, :])
+            self._taps = np.where(inside[0], flat[0], size).T.copy()
+        return self._taps
+
     def forward(self, x):
         self.x_shape = x.shape
         if self.spatial:
-            positions = int(np.prod(self.out_shape[2:]))
-            pos = np.broadcast_to(np.arange(positions), (len(x), positions))
-            self.cols = self.h.sample_patches(self.node, self.g, x, pos)  # [B·P, Cin·k]
+            b, cin, size = len(x), x.shape[1], int(np.prod(x.shape[2:]))
+            taps = self.taps(size)
+            padded = np.zeros((b, cin, size + 1), x.dtype)
+            padded[:, :, :size] = x.reshape(b, cin, size)
+            # the handler's [B·P, Cin·k] patches, gathered at once: [B, Cin, taps, P] -> [B, P, Cin, taps]
+            self.cols = padded[:, :, taps].transpose(0, 3, 1, 2).reshape(b * taps.shape[1], -1)
             y = self.cols @ self.params[0].T + self.params[1]
-            return y.reshape(len(x), positions, -1).transpose(0, 2, 1).reshape(len(x), -1, *self.out_shape[2:])
+            return y.reshape(b, taps.shape[1], -1).transpose(0, 2, 1).reshape(b, -1, *self.out_shape[2:])
         self.cols = x
         return x @ self.params[0].T + self.params[1]
 
@@ -103,11 +115,7 @@ class _Linear(_Layer):
         if not need_dx:
             return None
         cin, size = self.x_shape[1], int(np.prod(self.x_shape[2:]))
-        if not hasattr(self, "_taps"):  # per tap, the input position each output position reads
-            positions = int(np.prod(self.out_shape[2:]))
-            flat, inside = self.h.input_positions(self.node, self.g, np.arange(positions)[None, :])
-            self._taps = np.where(inside[0], flat[0], size).T.copy()  # [taps, P]; padding -> a spare slot
-        taps = self._taps
+        taps = self.taps(size)
         # positions first: each tap's input gradient is one product, scattered as whole rows
         by_position = dy.reshape(b, cout, -1).transpose(2, 0, 1).reshape(-1, cout)  # [P·B, Cout]
         per_tap = w.reshape(cout, cin, len(taps))

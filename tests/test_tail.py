@@ -113,10 +113,10 @@ def test_tuning_lowers_the_check_error_of_a_perturbed_tail():
     assert result.kept and result.error_after < 0.8 * result.error_before
 
 
-def test_pruning_a_plain_chain_tunes_its_tail(models_dir):
+def test_pruning_a_plain_chain_with_refine_tail_tunes_its_tail(models_dir):
     x = np.load(models_dir / "fmnist_calib.npy")[:96]
     original = onnx.load(str(models_dir / "vgg_fmnist.onnx"))
-    result = onnxprune.prune(original, x, speedup=2.0, measure_latency=False)
+    result = onnxprune.prune(original, x, speedup=2.0, measure_latency=False, refine_tail=True)
     tail = result.report.tail
     assert tail is not None and tail.layers == 4
     assert tail.error_after <= tail.error_before

@@ -2,7 +2,7 @@
 with 128, 512 and 2048 calibration images (CLI defaults otherwise, no fine-tuning).
 
     python tools/bench_calibration.py [--sizes 128 512 2048] [--speedups 1.5 2] [--seeds 0] [--methods lasso obs]
-                                      [--no-refine] [--no-refine-tail] [--mixtures R] [--cli-rounding] [--allocation greedy]
+                                      [--no-refine] [--refine-tail] [--mixtures R] [--cli-rounding] [--allocation greedy]
 
 The images are the first N of ``models/fmnist_calib_2k.npz`` (2048 seeded training images).
 Prints a markdown table: accuracy, drop from the original, held-out top-1 agreement, the thinnest
@@ -35,8 +35,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["lasso"], help="channel selection methods to compare")
     ap.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                     help="refine residual branches' convs together (default on; --no-refine to compare)")
-    ap.add_argument("--refine-tail", action=argparse.BooleanOptionalAction, default=True,
-                    help="tune the last layers of a plain chain together (default on; --no-refine-tail to compare)")
+    ap.add_argument("--refine-tail", action=argparse.BooleanOptionalAction, default=False,
+                    help="tune the last layers of a plain chain together (the package's --refine-tail; default off)")
     ap.add_argument("--mixtures", type=float, default=1.0,
                     help="blends of two fit images added per fit image (default 1; 0 to compare)")
     ap.add_argument("--cli-rounding", action="store_true",
