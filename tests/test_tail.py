@@ -32,15 +32,20 @@ def _tail(model: onnx.ModelProto, x: np.ndarray, samples: int = 16):
     return find_tail(GraphView(model, tensor_shapes(model, Calibration({"input": x}))), samples)
 
 
+def _run_to(model: onnx.ModelProto, tensor: str, x: np.ndarray) -> np.ndarray:
+    """``model``'s tensor ``tensor`` on ``x`` (ONNX Runtime)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.ValueInfoProto(name=tensor))
+    return run(probe, x)[1]
+
+
 def test_the_tail_computes_the_model_output_before_its_softmax():
     model, logits = _chain()
     x = calib_for(model, 16)
     tail = _tail(model, x)
     assert tail.input == "input" and tail.output == logits and len(tail.weighted) == 4
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.append(onnx.ValueInfoProto(name=logits))
-    np.testing.assert_allclose(tail.forward(x), run(probe, x)[1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tail.forward(x), _run_to(model, logits, x), rtol=1e-4, atol=1e-5)
 
 
 def test_the_tail_checks_what_the_model_outputs_after_its_softmax():
@@ -101,7 +106,8 @@ def test_tuning_keeps_the_weights_where_it_cannot_beat_them():
         np.testing.assert_array_equal(p, q)
 
 
-def test_tuning_lowers_the_check_error_of_a_perturbed_tail():
+def _perturbed_tail():
+    """The test chain's tail, its inputs on 200 samples and its outputs, then its weights perturbed."""
     model, _ = _chain()
     x = calib_for(model, 200)
     tail = _tail(model, x, 200)
@@ -109,6 +115,11 @@ def test_tuning_lowers_the_check_error_of_a_perturbed_tail():
     rng = np.random.default_rng(2)
     for layer in tail.weighted:
         layer.params[0] += rng.normal(0, 0.3 * np.abs(layer.params[0]).mean(), layer.params[0].shape).astype(np.float32)
+    return tail, x, y
+
+
+def test_tuning_lowers_the_check_error_of_a_perturbed_tail():
+    tail, x, y = _perturbed_tail()
     result = tune_tail(tail, x, y, np.arange(160, 200), seed=0, confirm=(x[160:], y[160:]))
     assert result.kept and result.error_after < 0.8 * result.error_before
 
@@ -139,10 +150,7 @@ def test_a_paddle_style_head_is_a_tail():
     x = calib_for(model, 8)
     tail = _tail(model, x)
     assert tail.output == logits and [layer.node.op_type for layer in tail.weighted] == ["Conv", "Conv", "MatMul"]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.append(onnx.ValueInfoProto(name=logits))
-    np.testing.assert_allclose(tail.forward(x), run(probe, x)[1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tail.forward(x), _run_to(model, logits, x), rtol=1e-4, atol=1e-5)
 
 
 def test_no_tail_for_several_outputs_or_targets_too_large_to_hold():
@@ -156,13 +164,7 @@ def test_no_tail_for_several_outputs_or_targets_too_large_to_hold():
 
 
 def test_tuning_that_the_held_out_images_do_not_confirm_is_undone():
-    model, _ = _chain()
-    x = calib_for(model, 200)
-    tail = _tail(model, x, 200)
-    y = tail.forward(x)
-    rng = np.random.default_rng(2)
-    for layer in tail.weighted:
-        layer.params[0] += rng.normal(0, 0.3 * np.abs(layer.params[0]).mean(), layer.params[0].shape).astype(np.float32)
+    tail, x, y = _perturbed_tail()
     start = [p.copy() for layer in tail.weighted for p in layer.params]
     # held-out targets that the perturbed weights already match: tuning towards y cannot help there
     held = x[:20]
