@@ -10,10 +10,12 @@ fully connected layers, elementwise activations, pooling and flattening, as long
 on the way is read by the tail alone, over at most :data:`MAX_LAYERS` weighted layers. Where it
 holds two or more, their weights are tuned together by Adam (its step decaying on a cosine) on
 the relative squared error of the output against the original model's (before a final Softmax),
-on the fit samples and fresh blends of the fit images. A fifth of the real fit images is set aside; fresh blends of those check every
-few steps (the images themselves were fit by the layer-wise refits, which would be favoured on
-them): the weights with the lowest error there are kept, and only when they beat the layer-wise
-ones by :data:`MIN_GAIN` and the held-out images do not contradict them (:data:`CONFIRM_SLACK`).
+on the fit samples and fresh blends of the fit images. A fifth of the real fit images is set
+aside; fresh blends of those check every few steps (the images themselves were fit by the
+layer-wise refits, which would be favoured on them): the weights with the lowest error there
+are kept, and only when they beat the layer-wise ones by :data:`MIN_GAIN` and the held-out images
+do not contradict them (:data:`CONFIRM_SLACK`). The check and the held-out images judge what the
+model outputs: after its final Softmax, where it has one.
 """
 
 from __future__ import annotations
@@ -253,11 +255,12 @@ class Tail:
         """What the model outputs for the tail's output ``logits``: the final Softmax applied."""
         if self.final is None:
             return logits
-        shifted = logits - logits.max(axis=-1, keepdims=True)
+        axis = -1 if logits.ndim == 2 else attr(self.final, "axis", -1)  # find_tail admits -1 and 1
+        shifted = logits - logits.max(axis=axis, keepdims=True)
         if self.final.op_type == "LogSoftmax":
-            return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+            return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
         e = np.exp(shifted)
-        return e / e.sum(axis=-1, keepdims=True)
+        return e / e.sum(axis=axis, keepdims=True)
 
     @property
     def weighted(self) -> list[_Linear]:
