@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .adam import adam_step
 from .ops import Activation
 from .sampling import PairSamples
 
@@ -274,9 +275,7 @@ def refine_pair(samples: PairSamples, act: Activation, out_act: Activation | Non
     for t in range(1, STEPS + 1):
         _, grads = batches[t % len(batches)].loss(params, grad=True)
         grad = np.concatenate([gr.ravel() for gr in grads]).astype(np.float32)
-        m = 0.9 * m + 0.1 * grad
-        v = 0.999 * v + 0.001 * grad * grad
-        theta -= scale * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-12)
+        adam_step(theta, grad, m, v, t, scale)
         if t % CHECK_EVERY == 0:
             now, _ = check.loss(params)
             if now < best:

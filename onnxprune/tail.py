@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from .activations import run_batches, tensor_shapes
+from .adam import adam_step
 from .calib import Calibration
 from .graphview import GraphView, attr
 from .ops import handler_for
@@ -381,12 +382,7 @@ def tune_tail(tail: Tail, x: np.ndarray, y: np.ndarray, check: np.ndarray, seed:
         grads = [gr for layer in tail.weighted for gr in layer.grads]
         decay = np.float32(0.5 * (1 + np.cos(np.pi * (step - 1) / STEPS)))
         for p, gr, m, v, r in zip(params, grads, moment, second, rate):
-            r = np.float32(r) * decay
-            m *= 0.9
-            m += 0.1 * gr
-            v *= 0.999
-            v += 0.001 * np.square(gr)
-            p -= r * (m / (1 - 0.9 ** step)) / (np.sqrt(v / (1 - 0.999 ** step)) + 1e-12)
+            adam_step(p, gr, m, v, step, np.float32(r) * decay)
         if step % CHECK_EVERY == 0:
             err = _error(tail, xc, yc)
             if err < best:
