@@ -68,67 +68,75 @@ class _Layer:
 
 
 class _Linear(_Layer):
-    """A Conv (one group, 2-D) or fully connected layer, in the handler's ``[Cout, Cin·k]`` form;
-    a conv's patches and their input positions come from its handler too."""
+    """A Conv (one group, 2-D) or fully connected layer. A conv reads and writes channels last
+    (``[N, positions, channels]``) and holds its weights as ``[Cout, taps · Cin]``, tap-major, so
+    that its patches are one gather of whole channel rows and its output needs no transpose; the
+    patches' input positions come from its handler."""
 
     def __init__(self, node: onnx.NodeProto, g: GraphView):
         self.node, self.g, self.h = node, g, handler_for(node)
-        w = self.h.weight_matrix(node, g).astype(np.float32)
+        w = self.h.weight_matrix(node, g).astype(np.float32)  # [Cout, Cin · taps], channel-major
         b = self.h.bias(node, g)
-        self.params = [w, np.zeros(w.shape[0], np.float32) if b is None else b.astype(np.float32)]
-        self.has_bias = b is not None or node.op_type != "MatMul"
         self.spatial = node.op_type == "Conv"
         self.out_shape = g.shape(node.output[0])
+        if self.spatial:
+            cin = g.shape(node.input[0])[1]
+            w = np.ascontiguousarray(w.reshape(len(w), cin, -1).transpose(0, 2, 1).reshape(len(w), -1))
+        self.params = [w, np.zeros(w.shape[0], np.float32) if b is None else b.astype(np.float32)]
+        self.has_bias = b is not None or node.op_type != "MatMul"
 
     def macs(self) -> int:
         w = self.params[0]
         return int(w.size * (np.prod(self.out_shape[2:]) if self.spatial else 1))
 
-    def taps(self, size: int) -> np.ndarray:
-        """``[taps, P]``: the flat input position each tap reads for each output position, from the
-        handler; padding reads ``size``, a spare zero slot after the input's positions."""
+    def taps(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """``[P · taps]``: the flat input position each output position reads at each tap, from
+        the handler, padding reading ``size`` (a zero slot after the input's positions); and
+        ``[size · taps]``: the output position that reads each input position at each tap, or
+        ``P`` (a zero slot after the output's) where none does — the transposed conv's patches."""
         if not hasattr(self, "_taps"):
             positions = int(np.prod(self.out_shape[2:]))
             flat, inside = self.h.input_positions(self.node, self.g, np.arange(positions)[None, :])
-            self._taps = np.where(inside[0], flat[0], size).T.copy()
+            taps = np.where(inside[0], flat[0], size)  # [P, taps]
+            readers = np.full((size + 1, taps.shape[1]), positions)
+            readers[taps, np.arange(taps.shape[1])] = np.arange(positions)[:, None]  # one tap reads a position once
+            self._taps = taps.ravel(), readers[:size].ravel()
         return self._taps
 
     def forward(self, x):
+        if not self.spatial:
+            self.cols = x
+            return x @ self.params[0].T + self.params[1]
+        b, size, cin = x.shape
         self.x_shape = x.shape
-        if self.spatial:
-            b, cin, size = len(x), x.shape[1], int(np.prod(x.shape[2:]))
-            taps = self.taps(size)
-            padded = np.zeros((b, cin, size + 1), x.dtype)
-            padded[:, :, :size] = x.reshape(b, cin, size)
-            # the handler's [B·P, Cin·k] patches, gathered at once: [B, Cin, taps, P] -> [B, P, Cin, taps]
-            self.cols = padded[:, :, taps].transpose(0, 3, 1, 2).reshape(b * taps.shape[1], -1)
-            y = self.cols @ self.params[0].T + self.params[1]
-            return y.reshape(b, taps.shape[1], -1).transpose(0, 2, 1).reshape(b, -1, *self.out_shape[2:])
-        self.cols = x
-        return x @ self.params[0].T + self.params[1]
+        positions = int(np.prod(self.out_shape[2:]))
+        # the patches [B · P, taps · Cin]: one gather of channel rows
+        self.cols = np.take(_with_zero_slot(x), self.taps(size)[0], axis=1).reshape(b * positions, -1)
+        y = self.cols @ self.params[0].T
+        y += self.params[1]
+        return y.reshape(b, positions, -1)
 
     def backward(self, dy, need_dx=True):
         w = self.params[0]
-        if not self.spatial:
-            self.grads = [dy.T @ self.cols, dy.sum(0) if self.has_bias else np.zeros_like(self.params[1])]
-            return dy @ w if need_dx else None
-        b, cout = len(dy), w.shape[0]
-        by_image = dy.reshape(b, cout, -1).transpose(0, 2, 1).reshape(-1, cout)  # rows as the patches: [B·P]
-        self.grads = [by_image.T @ self.cols, by_image.sum(0) if self.has_bias else np.zeros_like(self.params[1])]
+        rows = dy.reshape(-1, w.shape[0])  # [B · P, Cout], as the patches
+        self.grads = [rows.T @ self.cols, rows.sum(0) if self.has_bias else np.zeros_like(self.params[1])]
         if not need_dx:
             return None
-        cin, size = self.x_shape[1], int(np.prod(self.x_shape[2:]))
-        taps = self.taps(size)
-        # positions first: each tap's input gradient is one product, scattered as whole rows
-        by_position = dy.reshape(b, cout, -1).transpose(2, 0, 1).reshape(-1, cout)  # [P·B, Cout]
-        per_tap = w.reshape(cout, cin, len(taps))
-        dx = np.zeros((size + 1, b, cin), dy.dtype)
-        for tap in range(len(taps)):  # one tap reads each input position at most once
-            dx[taps[tap]] += (by_position @ per_tap[:, :, tap]).reshape(-1, b, cin)
-        return np.ascontiguousarray(dx[:size].transpose(1, 2, 0)).reshape(self.x_shape)
+        if not self.spatial:
+            return dy @ w
+        # the transposed conv: dy's patches at the readers of each input position, times the
+        # weights tap by tap ([taps · Cout, Cin])
+        b, size, cin = self.x_shape
+        cols = np.take(_with_zero_slot(dy), self.taps(size)[1], axis=1).reshape(b * size, -1)
+        by_tap = w.reshape(len(w), -1, cin).transpose(1, 0, 2).reshape(-1, cin)
+        return (cols @ by_tap).reshape(self.x_shape)
 
     def store(self) -> None:
-        self.h.set_linear(self.node, self.params[0].astype(np.float64),
+        w = self.params[0]
+        if self.spatial:
+            cin = self.g.shape(self.node.input[0])[1]
+            w = w.reshape(len(w), -1, cin).transpose(0, 2, 1).reshape(len(w), -1)
+        self.h.set_linear(self.node, w.astype(np.float64),
                           self.params[1].astype(np.float64) if self.has_bias else None, self.g)
 
 
@@ -146,54 +154,60 @@ class _Activation(_Layer):
 
 class _Pool(_Layer):
     """Max or average pooling over non-overlapping windows (kernel = stride, no padding), or
-    global average pooling."""
+    global average pooling, channels last."""
 
-    def __init__(self, node: onnx.NodeProto):
+    def __init__(self, node: onnx.NodeProto, shape: tuple[int, ...]):
         self.max = node.op_type == "MaxPool"
         self.kernel = None if node.op_type == "GlobalAveragePool" else tuple(attr(node, "kernel_shape"))
+        self.hw = shape[2:]
 
     def forward(self, x):
         self.x_shape = x.shape
         if self.kernel is None:
-            return x.mean(axis=(2, 3), keepdims=True)
-        (kh, kw), (b, c, h, w) = self.kernel, x.shape
+            return x.mean(axis=1, keepdims=True)
+        (kh, kw), (h, w), (b, _, c) = self.kernel, self.hw, x.shape
         oh, ow = h // kh, w // kw
-        blocks = x[:, :, :oh * kh, :ow * kw].reshape(b, c, oh, kh, ow, kw)
+        blocks = x.reshape(b, h, w, c)[:, :oh * kh, :ow * kw].reshape(b, oh, kh, ow, kw, c)
         if not self.max:
-            return blocks.mean(axis=(3, 5))
-        y = blocks.max(axis=(3, 5))
-        hit = (blocks == y[:, :, :, None, :, None]).astype(x.dtype)
-        self.share = hit / hit.sum(axis=(3, 5), keepdims=True)  # ties split the gradient
-        return y
+            return blocks.mean(axis=(2, 4)).reshape(b, oh * ow, c)
+        y = blocks.max(axis=(2, 4))
+        hit = (blocks == y[:, :, None, :, None]).astype(x.dtype)
+        self.share = hit / hit.sum(axis=(2, 4), keepdims=True)  # ties split the gradient
+        return y.reshape(b, oh * ow, c)
 
     def backward(self, dy, need_dx=True):
-        b, c, h, w = self.x_shape
+        b, size, c = self.x_shape
         if self.kernel is None:
-            return np.broadcast_to(dy / (h * w), self.x_shape).copy()
-        kh, kw = self.kernel
-        oh, ow = dy.shape[2:]
+            return np.broadcast_to(dy / size, self.x_shape).copy()
+        (kh, kw), (h, w) = self.kernel, self.hw
+        oh, ow = h // kh, w // kw
         share = self.share if self.max else 1.0 / (kh * kw)
-        blocks = share * dy[:, :, :, None, :, None]
-        dx = np.zeros(self.x_shape, dy.dtype)
-        dx[:, :, :oh * kh, :ow * kw] = np.broadcast_to(blocks, (b, c, oh, kh, ow, kw)).reshape(b, c, oh * kh, ow * kw)
-        return dx
+        blocks = share * dy.reshape(b, oh, 1, ow, 1, c)
+        dx = np.zeros((b, h, w, c), dy.dtype)
+        dx[:, :oh * kh, :ow * kw] = np.broadcast_to(blocks, (b, oh, kh, ow, kw, c)).reshape(b, oh * kh, ow * kw, c)
+        return dx.reshape(self.x_shape)
 
 
 class _Flatten(_Layer):
-    """Flatten to ``[N, features]``."""
+    """Flatten to ``[N, features]`` in the model's (channels first) order."""
 
     def forward(self, x):
         self.x_shape = x.shape
-        return x.reshape(len(x), -1)
+        return x.transpose(0, 2, 1).reshape(len(x), -1) if x.ndim == 3 else x
 
     def backward(self, dy, need_dx=True):
-        return dy.reshape(self.x_shape)
+        if len(self.x_shape) == 2:
+            return dy
+        b, size, c = self.x_shape
+        return dy.reshape(b, c, size).transpose(0, 2, 1)
 
 
 class _Shift(_Layer):
     """Adds a constant (a bias as its own op; none: Identity, inference Dropout)."""
 
-    def __init__(self, shift: np.ndarray | None = None):
+    def __init__(self, shift: np.ndarray | None = None, shape: tuple[int, ...] | None = None):
+        if shift is not None and shape is not None and len(shape) == 4:  # to channels last
+            shift = channels_last(np.broadcast_to(shift, (1, *shape[1:])))
         self.shift = None if shift is None else shift.astype(np.float32)
 
     def forward(self, x):
@@ -203,18 +217,30 @@ class _Shift(_Layer):
         return dy
 
 
+def _with_zero_slot(x: np.ndarray) -> np.ndarray:
+    """``[B, n, C]`` with a row of zeros after its ``n`` positions."""
+    out = np.empty((x.shape[0], x.shape[1] + 1, x.shape[2]), x.dtype)
+    out[:, :-1], out[:, -1] = x, 0
+    return out
+
+
+def channels_last(x: np.ndarray) -> np.ndarray:
+    """``[N, C, H, W]`` as the tail holds it: ``[N, H · W, C]``; other ranks as they are."""
+    return np.ascontiguousarray(x.reshape(*x.shape[:2], -1).transpose(0, 2, 1)) if x.ndim == 4 else x
+
+
 def _pool(node: onnx.NodeProto, g: GraphView) -> _Pool | None:
     shape = g.shape(node.input[0])
     if shape is None or len(shape) != 4 or (len(node.output) > 1 and node.output[1]):
         return None
     if node.op_type == "GlobalAveragePool":
-        return _Pool(node)
+        return _Pool(node, shape)
     kernel = attr(node, "kernel_shape")
     plain = (kernel is not None and len(kernel) == 2 and list(attr(node, "strides", [1, 1])) == list(kernel)
              and not any(attr(node, "pads", [0, 0, 0, 0]))
              and attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
              and not attr(node, "ceil_mode", 0) and all(d == 1 for d in attr(node, "dilations", [1, 1])))
-    return _Pool(node) if plain else None
+    return _Pool(node, shape) if plain else None
 
 
 def _layer(node: onnx.NodeProto, g: GraphView) -> _Layer | None:
@@ -232,7 +258,7 @@ def _layer(node: onnx.NodeProto, g: GraphView) -> _Layer | None:
         return _pool(node, g)
     if node.op_type in ("Add", "Sub") and len(node.input) == 2 and g.is_const(node.input[1]) and \
             g.shape(node.output[0]) == g.shape(node.input[0]):  # a constant bias (Paddle's MatMul + Add)
-        return _Shift(g.const(node.input[1]) * (1 if node.op_type == "Add" else -1))
+        return _Shift(g.const(node.input[1]) * (1 if node.op_type == "Add" else -1), g.shape(node.output[0]))
     if node.op_type in ("Identity", "Dropout") and len([o for o in node.output if o]) == 1:
         return _Shift()
     shape, out = g.shape(node.input[0]), g.shape(node.output[0])
@@ -245,12 +271,14 @@ def _layer(node: onnx.NodeProto, g: GraphView) -> _Layer | None:
 @dataclass
 class Tail:
     """The tail of a model: its input tensor, the tensor whose error is tuned (the output, or
-    a final Softmax's input), its layers in order, and that final Softmax (or LogSoftmax)."""
+    a final Softmax's input), its layers in order, that final Softmax (or LogSoftmax), and the
+    shape of the tensor tuned."""
 
     input: str
     output: str
     layers: list[_Layer]
     final: onnx.NodeProto | None = None
+    out_shape: tuple[int, ...] = ()
 
     def model_output(self, logits: np.ndarray) -> np.ndarray:
         """What the model outputs for the tail's output ``logits``: the final Softmax applied."""
@@ -268,11 +296,15 @@ class Tail:
         return [layer for layer in self.layers if isinstance(layer, _Linear)]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """The tail's output for its input ``x``, both as the model holds them (channels first)."""
+        x = channels_last(x)
         for layer in self.layers:
             x = layer.forward(x)
-        return x
+        return x if x.ndim == 2 else np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(len(x), *self.out_shape[1:])
 
     def backward(self, dy: np.ndarray) -> None:
+        """Sets each weighted layer's ``grads`` from the gradient ``dy`` of the last output."""
+        dy = channels_last(dy)
         first = self.layers.index(self.weighted[0])
         for i in range(len(self.layers) - 1, first - 1, -1):
             dy = self.layers[i].backward(dy, need_dx=i > first)
@@ -331,7 +363,7 @@ def find_tail(g: GraphView, samples: int) -> Tail | None:
     while layers and not isinstance(layers[-1], _Linear):  # the tail starts at a weighted layer
         layers.pop()
         t = outs.pop()
-    tail = Tail(t, output, layers[::-1], final)
+    tail = Tail(t, output, layers[::-1], final, out_shape)
     return tail if len(tail.weighted) >= 2 else None
 
 
