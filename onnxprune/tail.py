@@ -35,10 +35,10 @@ from .ops.elementwise import activation_chain
 
 MAX_LAYERS = 5  # weighted layers a tail holds at most, counted from the output
 MAX_VALUES = 1 << 24  # input (and output) values the tail's samples hold (64 MiB of float32)
-MAX_MACS = 1 << 29  # the tail's multiply-adds per step (forward) at most: a step's cost stays bounded
+MAX_MACS = 1 << 28  # the tail's multiply-adds per step (forward) at most: a step's cost stays bounded
 STEPS = 400
-CHECK_EVERY = 25
-BATCH = 64  # samples a step reads
+CHECK_EVERY = 50
+BATCH = 32  # samples a step reads: 64 did as well per step at twice the cost (docs/benchmarks.md)
 # Adam's first step, relative to the mean magnitude of each layer's weights (its bias takes the
 # same), decaying to 0 on a cosine over the steps: the last steps settle instead of wandering
 LEARNING_RATE = 0.015
@@ -399,39 +399,52 @@ def tune_tail(tail: Tail, x: np.ndarray, y: np.ndarray, check: np.ndarray, seed:
     rng = np.random.default_rng(seed + 5)
     fit = np.setdiff1d(np.arange(len(x)), check)
     xc, yc = x[check], y[check]
-    params = [p for layer in tail.weighted for p in layer.params]
-    start = [p.copy() for p in params]
-    rate = [LEARNING_RATE * (float(np.abs(layer.params[0]).mean()) or 1.0) for layer in tail.weighted
-            for _ in layer.params]
-    moment = [np.zeros_like(p) for p in params]
-    second = [np.zeros_like(p) for p in params]
+    flat, rate = _flatten_params(tail.weighted)
+    start = flat.copy()
+    moment, second = np.zeros_like(flat), np.zeros_like(flat)
+    grad = np.empty_like(flat)
     before = best = _error(tail, xc, yc)
     best_params = start
     for step in range(1, STEPS + 1):
         sel = rng.choice(fit, min(BATCH, len(fit)), replace=False)
         target = y[sel]
         tail.backward((tail.forward(x[sel]) - target) * np.float32(2.0 / max(float(np.square(target).sum()), 1e-30)))
-        grads = [gr for layer in tail.weighted for gr in layer.grads]
+        np.concatenate([g.ravel() for layer in tail.weighted for g in layer.grads], out=grad)
         decay = np.float32(0.5 * (1 + np.cos(np.pi * (step - 1) / STEPS)))
-        for p, gr, m, v, r in zip(params, grads, moment, second, rate):
-            adam_step(p, gr, m, v, step, np.float32(r) * decay)
+        adam_step(flat, grad, moment, second, step, rate * decay)
         if step % CHECK_EVERY == 0:
             err = _error(tail, xc, yc)
             if err < best:
-                best, best_params = err, [p.copy() for p in params]
-    for p, value in zip(params, start):
-        p[...] = value
+                best, best_params = err, flat.copy()
+    flat[...] = start
     confirmed_before = _error(tail, *confirm)
     kept, confirmed = False, confirmed_before
     if best < before * (1 - MIN_GAIN):
-        for p, value in zip(params, best_params):
-            p[...] = value
+        flat[...] = best_params
         confirmed = _error(tail, *confirm)
         kept = confirmed <= confirmed_before * (1 + CONFIRM_SLACK)
     if not kept:
-        for p, value in zip(params, start):
-            p[...] = value
+        flat[...] = start
     return TailResult(len(tail.weighted), confirmed_before, confirmed if kept else confirmed_before, kept)
+
+
+def _flatten_params(layers: list[_Linear]) -> tuple[np.ndarray, np.ndarray]:
+    """All of ``layers``' weights and biases as one vector, their ``params`` rebound to views of
+    it (one Adam step per step instead of one per array), and Adam's first step for each entry:
+    :data:`LEARNING_RATE` times the mean magnitude of its layer's weights."""
+    params = [p for layer in layers for p in layer.params]
+    flat = np.concatenate([p.ravel() for p in params])
+    rate = np.empty_like(flat)
+    offset = 0
+    for layer in layers:
+        scale = LEARNING_RATE * (float(np.abs(layer.params[0]).mean()) or 1.0)
+        views = []
+        for p in layer.params:
+            views.append(flat[offset:offset + p.size].reshape(p.shape))
+            rate[offset:offset + p.size] = scale
+            offset += p.size
+        layer.params = views
+    return flat, rate
 
 
 def refine_tail(pruned: onnx.ModelProto, original: onnx.ModelProto, cal: Calibration, fit_idx: np.ndarray,
