@@ -209,7 +209,7 @@ class _Shift(_Layer):
 
     def __init__(self, shift: np.ndarray | None = None, shape: tuple[int, ...] | None = None):
         if shift is not None and shape is not None and len(shape) == 4:  # to channels last
-            shift = channels_last(np.broadcast_to(shift, (1, *shape[1:])))
+            shift = _channels_last(np.broadcast_to(shift, (1, *shape[1:])))
         self.shift = None if shift is None else shift.astype(np.float32)
 
     def forward(self, x):
@@ -226,7 +226,7 @@ def _with_zero_slot(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def channels_last(x: np.ndarray) -> np.ndarray:
+def _channels_last(x: np.ndarray) -> np.ndarray:
     """``[N, C, H, W]`` as the tail holds it: ``[N, H · W, C]``; other ranks as they are."""
     return np.ascontiguousarray(x.reshape(*x.shape[:2], -1).transpose(0, 2, 1)) if x.ndim == 4 else x
 
@@ -299,14 +299,14 @@ class Tail:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """The tail's output for its input ``x``, both as the model holds them (channels first)."""
-        x = channels_last(x)
+        x = _channels_last(x)
         for layer in self.layers:
             x = layer.forward(x)
         return x if x.ndim == 2 else np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(len(x), *self.out_shape[1:])
 
     def backward(self, dy: np.ndarray) -> None:
         """Sets each weighted layer's ``grads`` from the gradient ``dy`` of the last output."""
-        dy = channels_last(dy)
+        dy = _channels_last(dy)
         first = self.layers.index(self.weighted[0])
         for i in range(len(self.layers) - 1, first - 1, -1):
             dy = self.layers[i].backward(dy, need_dx=i > first)

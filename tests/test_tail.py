@@ -58,6 +58,21 @@ def test_the_tail_checks_what_the_model_outputs_after_its_softmax():
     np.testing.assert_allclose(tail.model_output(tail.forward(x)), run(model, x)[0], rtol=1e-4, atol=1e-6)
 
 
+def test_the_tail_holds_a_constant_bias_and_global_pooling_as_the_model_does():
+    # the tail holds activations channels last: a per-channel constant added to a conv's output
+    # and a global average must be laid out as the model's channels-first tensors are
+    b = Builder(in_shape=("N", 3, 6, 6), seed=5)
+    x = b.conv("input", 3, 4, k=3, pad=1)
+    x = b.node("Add", [x, b.const(np.random.default_rng(0).normal(size=(1, 4, 1, 1)).astype(np.float32))])
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [b.node("Relu", [x])])], axis=1)
+    logits = b.gemm(b.node("Relu", [b.gemm(x, 4, 6)]), 6, 3)
+    model = b.build(logits)
+    x = calib_for(model, 8)
+    tail = _tail(model, x)
+    assert tail is not None and tail.input == "input" and len(tail.weighted) == 3
+    np.testing.assert_allclose(tail.forward(x), run(model, x)[0], rtol=1e-4, atol=1e-5)
+
+
 def test_tail_gradients_match_finite_differences():
     model, _ = _chain()
     x = calib_for(model, 4).astype(np.float64)
