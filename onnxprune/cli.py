@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "chain to it (up to five convs and fully connected layers after the last residual join, "
                         "e.g. a VGG-style network's last convs and classifier), kept only where fresh blends of "
                         "images it did not fit confirm it and the held-out images do not contradict it "
-                        "(default off: it costs a VGG-style model about four times its prune time)")
+                        "(default off: it costs a VGG-style model about two and a half times its prune time)")
     p.add_argument("--residual-target", action=argparse.BooleanOptionalAction, default=True,
                    help="branch-final layers also absorb the skip path's error (He et al.; default on)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of calibration data held out for verification")
