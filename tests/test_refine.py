@@ -343,3 +343,23 @@ def test_hard_swish_as_paddle_writes_it_is_one_activation_chain():
     numeric = (ref(z.astype(np.float64) + 1e-4) - ref(z.astype(np.float64) - 1e-4)) / 2e-4
     assert np.abs(act[0](z) - ref(z)).max() < 1e-5 and np.abs(act[1](z) - numeric).max() < 1e-3
     assert activation_chain(g, x) is not None and activation_chain(g, "input") is None
+
+
+def test_adam_step_is_adams_update_in_place():
+    from onnxprune.adam import adam_step
+
+    rng = np.random.default_rng(0)
+    param = rng.standard_normal(50).astype(np.float32)
+    rate = rng.uniform(0.001, 0.01, 50).astype(np.float32)
+    m, v = np.zeros_like(param), np.zeros_like(param)
+    ref, ref_m, ref_v = param.astype(np.float64), np.zeros(50), np.zeros(50)
+    for step in range(1, 4):
+        grad = rng.standard_normal(50).astype(np.float32)
+        adam_step(param, grad, m, v, step, rate)
+        ref_m = 0.9 * ref_m + 0.1 * grad
+        ref_v = 0.999 * ref_v + 0.001 * grad.astype(np.float64) ** 2
+        ref -= rate * (ref_m / (1 - 0.9 ** step)) / (np.sqrt(ref_v / (1 - 0.999 ** step)) + 1e-12)
+    assert param.dtype == np.float32
+    np.testing.assert_allclose(param, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m, ref_m, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(v, ref_v, rtol=1e-5, atol=1e-9)
