@@ -14,6 +14,7 @@ from onnxprune.ops import handler_for
 from onnxprune.options import PruneOptions
 from onnxprune.pipeline import Pruner
 from onnxprune import sampling
+from onnxprune.adam import adam_step
 from onnxprune.refine import Middle, _Pair, refine_pair
 from onnxprune.sampling import PairSamples
 
@@ -346,8 +347,6 @@ def test_hard_swish_as_paddle_writes_it_is_one_activation_chain():
 
 
 def test_adam_step_is_adams_update_in_place():
-    from onnxprune.adam import adam_step
-
     rng = np.random.default_rng(0)
     param = rng.standard_normal(50).astype(np.float32)
     rate = rng.uniform(0.001, 0.01, 50).astype(np.float32)
