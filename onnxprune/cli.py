@@ -23,6 +23,7 @@ from .select import Method
 
 EXIT_OK, EXIT_TARGET, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 FEW_SAMPLES_PER_UNKNOWN = 1.0  # below this a refit is under-determined and leans on its ridge
+SLOWER = 0.9  # measured latency speedup below which the written model is called slower (timing noise stays above)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -339,6 +340,9 @@ def _run(args: argparse.Namespace) -> int:
         if unvouched and not poor:  # a broken result says so itself, below
             print(f"onnxprune: warning: {unvouched}", file=sys.stderr)
     goal, measured = result.report.targets.get("latency"), result.report.totals.latency_speedup
+    if goal is None and measured is not None and measured < SLOWER and not args.quiet:
+        print(f"onnxprune: warning: the written model measured {measured:.2f}x: slower than the original on "
+              f"ORT {result.report.provider}{_why_slower(result)}", file=sys.stderr)
     if goal is not None and measured is not None and measured < goal:
         print(f"onnxprune: warning: the written model measured {measured:.2f}x in the final check, below --latency "
               f"{goal:g} (the search measured it above; latency varies between runs on a busy machine): re-measure "
@@ -355,6 +359,17 @@ def _run(args: argparse.Namespace) -> int:
               f"own limit with --max-drop (model written to {output})", file=sys.stderr)
         return EXIT_TARGET
     return EXIT_OK
+
+
+def _why_slower(result) -> str:
+    from .summary import grouped_convs_cut_inside
+
+    cut = grouped_convs_cut_inside(result.model, result.report.layers)
+    if cut:
+        return (f": {len(cut)} grouped convs were cut inside their conv groups ('{cut[0]}'"
+                f"{', …' if len(cut) > 1 else ''}), which ONNX Runtime runs slower than whole ones; --exclude "
+                f"them keeps their groups whole and puts the cut on the other layers (docs/latency.md)")
+    return ": widths off the runtime's channel blocks or per-node overhead; --latency S targets measured speed"
 
 
 COMMANDS = {"prune": (build_parser, _run), "inspect": (build_inspect_parser, _inspect),

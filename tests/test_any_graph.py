@@ -76,6 +76,25 @@ def test_resnext_prunes_keeping_groups_equal(method, reconstruct):
         assert any("sampled" in why for _, why in result.report.skipped)
 
 
+def test_grouped_convs_cut_inside_their_groups_are_named():
+    from onnxprune.summary import grouped_convs_cut_inside
+
+    model = resnext()
+    x = calib_for(model, 80)
+    result = onnxprune.prune(model, x, speedup=1.5, method="l1", reconstruct=False, measure_latency=False)
+    check_pruned(result.model, model, x[:10], max_rel_err=10.0)
+    grouped = [n.name for n in result.model.graph.node
+               if n.op_type == "Conv" and any(a.name == "group" and a.i == 4 for a in n.attribute)]
+    cut = grouped_convs_cut_inside(result.model, result.report.layers)
+    assert cut and set(cut) <= set(grouped)
+    rows = {row.node: row for row in result.report.layers}
+    assert all(rows[name].in_channels[1] < rows[name].in_channels[0]
+               or rows[name].out_channels[1] < rows[name].out_channels[0] for name in cut)
+    untouched = onnxprune.prune(model, x, speedup=1.5, method="l1", reconstruct=False, measure_latency=False,
+                                exclude=tuple(grouped))
+    assert grouped_convs_cut_inside(untouched.model, untouched.report.layers) == []
+
+
 def test_grouped_conv_keeps_the_channels_of_each_group():
     model = resnext()
     g, groups = analyse(model)
