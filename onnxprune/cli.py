@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Only modules that load without ONNX Runtime here (the others are imported by the commands), so
 # that `onnxprune` can say in one line that none is installed.
@@ -21,9 +22,12 @@ from .runtime import (CALIBRATE_METHODS, PROVIDERS, QUANTIZE_FORMATS, MissingRun
                       import_ort)
 from .select import Method
 
+if TYPE_CHECKING:
+    from .options import PruneResult
+
 EXIT_OK, EXIT_TARGET, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 FEW_SAMPLES_PER_UNKNOWN = 1.0  # below this a refit is under-determined and leans on its ridge
-SLOWER = 0.9  # measured latency speedup below which the written model is called slower (timing noise stays above)
+SLOWER = 0.9  # measured latency speedup below which the written model is called slower, clear of timing noise
 
 
 class _Parser(argparse.ArgumentParser):
@@ -361,14 +365,15 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _why_slower(result) -> str:
+def _why_slower(result: PruneResult) -> str:
+    """The likely reason a written model runs slower than the original, for the warning that says so."""
     from .summary import grouped_convs_cut_inside
 
     cut = grouped_convs_cut_inside(result.model, result.report.layers)
     if cut:
         return (f": {len(cut)} grouped convs were cut inside their conv groups ('{cut[0]}'"
                 f"{', …' if len(cut) > 1 else ''}), which ONNX Runtime runs slower than whole ones; --exclude "
-                f"them keeps their groups whole and puts the cut on the other layers (docs/latency.md)")
+                f"them to keep their groups whole (the cut then falls on the other layers: docs/latency.md)")
     return ": widths off the runtime's channel blocks or per-node overhead; --latency S targets measured speed"
 
 

@@ -16,6 +16,7 @@ from onnxprune.graph import find_groups
 from onnxprune.graphview import GraphView
 from onnxprune.ops.shapes import fold_channel_ints
 from onnxprune.rewrite import prune_group
+from onnxprune.summary import grouped_convs_cut_inside
 
 
 def analyse_at(model: onnx.ModelProto, shape=(1, 3, 8, 8)):
@@ -77,8 +78,6 @@ def test_resnext_prunes_keeping_groups_equal(method, reconstruct):
 
 
 def test_grouped_convs_cut_inside_their_groups_are_named():
-    from onnxprune.summary import grouped_convs_cut_inside
-
     model = resnext()
     x = calib_for(model, 80)
     result = onnxprune.prune(model, x, speedup=1.5, method="l1", reconstruct=False, measure_latency=False)
