@@ -198,16 +198,11 @@ def grouped_convs_cut_inside(pruned: onnx.ModelProto, layers: list[LayerRow]) ->
     """The grouped convs (not depthwise) of ``pruned`` whose channels ``layers`` (the report's rows)
     show cut: their groups keep their count and lose channels each, and ONNX Runtime runs a conv
     with fewer channels per group slower than the whole one (docs/latency.md)."""
-    changed = {row.node for row in layers if row.op_type == "Conv"
-               and (row.in_channels[0] != row.in_channels[1] or row.out_channels[0] != row.out_channels[1])}
-    dims = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
-    cut = []
-    for node in pruned.graph.node:
-        weight = dims.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if weight is not None and len(weight) > 1 and group > 1 and weight[1] > 1 and node_name(node) in changed:
-            cut.append(node_name(node))
-    return cut
+    changed = {row.node for row in layers
+               if row.in_channels[0] != row.in_channels[1] or row.out_channels[0] != row.out_channels[1]}
+    g = GraphView(pruned)
+    return [node_name(node) for node in g.nodes_by_type("Conv")
+            if node_name(node) in changed and handler_for(node).is_grouped(node, g)]
 
 
 def load_checked(path) -> onnx.ModelProto:

@@ -81,15 +81,16 @@ class _Linear(_Layer):
         b = self.h.bias(node, g)
         self.spatial = node.op_type == "Conv"
         self.out_shape = g.shape(node.output[0])
+        self.positions = int(np.prod(self.out_shape[2:]))  # output positions per sample (1: fully connected)
         if self.spatial:
-            cin = g.shape(node.input[0])[1]
-            w = np.ascontiguousarray(w.reshape(len(w), cin, -1).transpose(0, 2, 1).reshape(len(w), -1))
+            self.cin = g.shape(node.input[0])[1]
+            w = np.ascontiguousarray(w.reshape(len(w), self.cin, -1).transpose(0, 2, 1).reshape(len(w), -1))
         self.params = [w, np.zeros(w.shape[0], np.float32) if b is None else b.astype(np.float32)]
         self.has_bias = b is not None or node.op_type != "MatMul"
 
     def macs(self) -> int:
         w = self.params[0]
-        return int(w.size * (np.prod(self.out_shape[2:]) if self.spatial else 1))
+        return int(w.size * self.positions)
 
     def taps(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """``[P · taps]``: the flat input position each output position reads at each tap, from
@@ -97,7 +98,7 @@ class _Linear(_Layer):
         ``[size · taps]``: the output position that reads each input position at each tap, or
         ``P`` (a zero slot after the output's) where none does — the transposed conv's patches."""
         if not hasattr(self, "_taps"):
-            positions = int(np.prod(self.out_shape[2:]))
+            positions = self.positions
             flat, inside = self.h.input_positions(self.node, self.g, np.arange(positions)[None, :])
             taps = np.where(inside[0], flat[0], size)  # [P, taps]
             readers = np.full((size + 1, taps.shape[1]), positions)
@@ -109,14 +110,13 @@ class _Linear(_Layer):
         if not self.spatial:
             self.cols = x
             return x @ self.params[0].T + self.params[1]
-        b, size, cin = x.shape
+        b, size, _ = x.shape
         self.x_shape = x.shape
-        positions = int(np.prod(self.out_shape[2:]))
         # the patches [B · P, taps · Cin]: one gather of channel rows
-        self.cols = np.take(_with_zero_slot(x), self.taps(size)[0], axis=1).reshape(b * positions, -1)
+        self.cols = np.take(_with_zero_slot(x), self.taps(size)[0], axis=1).reshape(b * self.positions, -1)
         y = self.cols @ self.params[0].T
         y += self.params[1]
-        return y.reshape(b, positions, -1)
+        return y.reshape(b, self.positions, -1)
 
     def backward(self, dy, need_dx=True):
         w = self.params[0]
@@ -135,9 +135,8 @@ class _Linear(_Layer):
 
     def store(self) -> None:
         w = self.params[0]
-        if self.spatial:
-            cin = self.g.shape(self.node.input[0])[1]
-            w = w.reshape(len(w), -1, cin).transpose(0, 2, 1).reshape(len(w), -1)
+        if self.spatial:  # back to the handler's channel-major [Cout, Cin · taps]
+            w = w.reshape(len(w), -1, self.cin).transpose(0, 2, 1).reshape(len(w), -1)
         self.h.set_linear(self.node, w.astype(np.float64),
                           self.params[1].astype(np.float64) if self.has_bias else None, self.g)
 

@@ -116,6 +116,11 @@ class Handler:
         """Whether the node filters each channel on its own over a spatial kernel (depthwise conv)."""
         return False
 
+    def is_grouped(self, node: onnx.NodeProto, g: GraphView) -> bool:
+        """Whether the node is a grouped conv that is not depthwise: pruning cuts each of its conv
+        groups equally, and it is sliced, never sampled or refit."""
+        return False
+
     def activation_input(self, node: onnx.NodeProto, g: GraphView) -> str:
         """The tensor :meth:`activation` is a function of."""
         return node.input[0]

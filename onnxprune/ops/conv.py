@@ -52,6 +52,9 @@ class Conv(LinearHandler):
         group = attr(node, "group", 1)
         return w is not None and group > 1 and w.shape[1] == 1 and w.shape[0] == group
 
+    def is_grouped(self, node, g) -> bool:
+        return attr(node, "group", 1) > 1 and not self.is_depthwise(node, g)
+
     def rule(self, node, g):
         w = self._weight(node, g)
         if w is None:
@@ -124,7 +127,7 @@ class Conv(LinearHandler):
     def input_positions(self, node, g, pos):
         w, in_shape = self._weight(node, g), g.shape(node.input[0])
         if w is None or w.ndim != 4 or in_shape is None or len(in_shape) != 4 or \
-                (attr(node, "group", 1) != 1 and not self.is_depthwise(node, g)):
+                self.is_grouped(node, g):
             return None
         h, wd = in_shape[2], in_shape[3]
         kernel = tuple(w.shape[2:])
