@@ -75,7 +75,7 @@ class Allocator:
         one uniform keep ratio goes down to a channel)."""
         finest = min((round_to, *FINER_ROUNDINGS)) if relax else round_to
         ratio = GRID[0] if curves else 0.0
-        narrowest = {u.index: round_width(u.channels, ratio, finest, u.segments) for u in self.candidates}
+        narrowest = {u.index: round_width(u.channels, ratio, finest, u.granule) for u in self.candidates}
         return not targets.shortfall(self.cost, narrowest)
 
     def plan(self, targets: Targets, round_to: int, relax: bool = False) -> Plan:
@@ -151,7 +151,7 @@ class _WidthSearch:
         width always among them: a floor is never above it)."""
         options: dict[int, float] = {}
         for j in range(len(ratios) - 1, -1, -1):
-            width = round_width(u.channels, ratios[j], round_to, u.segments)
+            width = round_width(u.channels, ratios[j], round_to, u.granule)
             if width >= floor and width not in options:
                 options[width] = curve[j] if curve else 0.0
         return list(options.items())

@@ -245,19 +245,19 @@ def _constant_floats(node: onnx.NodeProto) -> int:
     return 0
 
 
-def round_width(channels: int, ratio: float, multiple: int, segments: int = 1) -> int:
-    """Kept channels for ``ratio``, rounded up to a multiple of ``multiple`` and of ``segments``
-    (the groups of a grouped conv, which keep equally many each); never 0, never > C. A group
+def round_width(channels: int, ratio: float, multiple: int, granule: int = 1) -> int:
+    """Kept channels for ``ratio``, rounded up to a multiple of ``multiple`` and of ``granule``
+    (:attr:`ChannelGroup.granule`: its conv groups); never 0, never > C. A group
     no wider than ``multiple`` is rounded to the largest halving of it below its width (16
     channels under ``--round-to 16``: 8 or 16, not 6)."""
     kept = max(1, int(round(channels * ratio)))
     while multiple > 1 and channels <= multiple:
         multiple //= 2
-    step = math.lcm(multiple, segments)
+    step = math.lcm(multiple, granule)
     if step > 1 and channels > step:
         kept = max(step, int(math.ceil(kept / step) * step))
-    elif segments > 1:
-        kept = max(segments, int(math.ceil(kept / segments) * segments))
+    elif granule > 1:
+        kept = max(granule, int(math.ceil(kept / granule) * granule))
     return min(kept, channels)
 
 
@@ -266,7 +266,7 @@ def uniform_widths(cost: CostModel, candidates: list[ChannelGroup], targets: Tar
     """One keep ratio for every candidate group: the largest that meets every target."""
 
     def widths(r: float) -> dict[int, int]:
-        return {grp.index: round_width(grp.channels, r, round_to, grp.segments) for grp in candidates}
+        return {grp.index: round_width(grp.channels, r, round_to, grp.granule) for grp in candidates}
 
     if not targets.shortfall(cost, widths(1.0)):
         return widths(1.0)

@@ -7,7 +7,8 @@ tensors: the outputs of its producers (Conv, Gemm), everything the channels flow
 Every channel is an *atom* owned by the group whose layers produce it. A group made by a Concat
 holds the atoms of its parts; a Split or Slice output holds a range of its input's atoms. Pruning
 an owner's atoms removes them from every group that holds them (its *sites*). A group read or
-produced by a grouped Conv is cut into ``segments`` equal runs that keep equally many channels.
+produced by a grouped Conv is cut into ``segments`` equal runs that keep equally many channels,
+or, where the conv loses whole groups, loses its channels in whole aligned runs (``conv_group``).
 """
 
 from __future__ import annotations
@@ -77,11 +78,17 @@ class ChannelGroup:
     derived_from: str = ""  # 'Concat …' / 'Split …' when its atoms come from other groups
     sites: list["ChannelGroup"] = field(default_factory=list)  # groups holding its atoms (owners)
     segments: int = 1  # equal runs of channels that must keep equally many each (grouped Conv)
+    conv_group: int = 1  # channels go in whole aligned runs of this many (the groups of a grouped Conv)
 
     @property
     def name(self) -> str:
         names = [node_name(p) for p in self.producers]
         return "+".join(names) if names else self.tensors[0]
+
+    @property
+    def granule(self) -> int:
+        """The group's widths are multiples of this: its conv groups (equal runs or whole ones)."""
+        return math.lcm(self.segments, self.conv_group)
 
     @property
     def coupled(self) -> bool:
@@ -115,7 +122,7 @@ class ChannelGroup:
                 causes = sorted(set(site.blocked), key=lambda b: (not b.op_type, b))
                 return "; ".join(str(b) for b in causes[:3]) + where
         for site in self.sites:
-            if site.segments > 1 and site is not self:
+            if (site.segments > 1 or site.conv_group > 1) and site is not self:
                 return f"a grouped Conv reads them after {site.derived_from}"
         if not self.producers:
             return "no layer produces these channels"
@@ -283,6 +290,9 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
         for t, count in rule.segments.items():
             grp = group_of(t)
             grp.segments = math.lcm(grp.segments, count)
+        for t, count in rule.whole_groups.items():
+            grp = group_of(t)
+            grp.conv_group = math.lcm(grp.conv_group, count)
         for inp, outs, start in rule.slices:
             group_of(inp).throughs.append(node)
             offset = start
@@ -297,6 +307,10 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
             grp.blocked.append(Blocked.graph("channel count unknown"))
         elif grp.channels % grp.segments:
             grp.blocked.append(Blocked.graph(f"{grp.channels} channels do not split into {grp.segments} conv groups"))
+        elif grp.channels % grp.conv_group:
+            grp.blocked.append(Blocked.graph(f"{grp.channels} channels do not split into conv groups of {grp.conv_group}"))
+        elif grp.segments > 1 and grp.conv_group > 1:
+            grp.blocked.append(Blocked.graph("one grouped Conv keeps its groups whole, another cuts inside them"))
     return result
 
 

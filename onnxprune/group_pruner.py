@@ -84,40 +84,62 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, si
             raise OptionError(f"--method slim needs BatchNorm γ, but group '{grp.name}' has no BatchNorm "
                               "(folded away by the exporter?); pass --slim-fallback l1 or use --method l1")
         method = Method.L1
+    # what is chosen: channels, or whole conv groups (their channels' scores summed)
+    size = grp.conv_group
+    items = grp.channels // size
+    summed = (lambda v: v.reshape(items, size).sum(axis=1)) if size > 1 else (lambda v: v)  # noqa: E731
     if method is Method.SLIM:
+        scales = summed(np.abs(scales))
         choose = lambda run, n: slim_select(scales[run], n)  # noqa: E731
     elif method is Method.RANDOM:
         choose = lambda run, n: random_select(len(run), n, rng)  # noqa: E731
     elif method is Method.L1:
-        norms = _filter_norms(grp, g)
+        norms = summed(_filter_norms(grp, g))
         choose = lambda run, n: l1_select(norms[run], n)  # noqa: E731
-    elif method is Method.OBS and _obs_fits(sites, g):
-        choose = lambda run, n: _obs_keep(sites, g, grp.channels, run, n)  # noqa: E731
+    elif method is Method.OBS and _obs_fits(sites, g, size):
+        choose = lambda run, n: _obs_keep(sites, g, items, size, run, n)  # noqa: E731
     else:
         gram, corr = _contribution_problem(sites, g, grp.channels)
+        if size > 1:
+            gram, corr = gram.reshape(items, size, items, size).sum(axis=(1, 3)), summed(corr)
         if method is Method.THINET:
             choose = lambda run, n: thinet_select(gram[np.ix_(run, run)], n)  # noqa: E731
         else:
             choose = lambda run, n: lasso_select(gram[np.ix_(run, run)], corr[run], n)  # noqa: E731
+    if size > 1:  # whole conv groups, as many as come nearest keep_n channels
+        return expand_channels(per_segment(choose, items, 1, max(1, int(round(keep_n / size)))), size)
     return per_segment(choose, grp.channels, grp.segments, keep_n)  # equal per group of a grouped Conv
 
 
-def _obs_fits(sites: list["Site"], g: GraphView) -> bool:
+def _obs_fits(sites: list["Site"], g: GraphView, size: int = 1) -> bool:
+    """Whether :func:`_obs_keep` can choose items of ``size`` channels for these sites: each
+    consumer's input narrow enough for its inverse Gram, and each item whole columns of it."""
     return any(site.sampled for site in sites) and all(
         handler_for(c.node).weight_matrix(c.node, g).shape[1] < OBS_MAX_COLUMNS  # type: ignore[attr-defined]
-        for site in sites for c in site.sampled)
+        for site in sites for c in site.sampled) and all(
+        site.width % size == 0 and _aligned(site.unit_positions, size) and _aligned(site.unit_channels, size)
+        for site in sites)
 
 
-def _obs_keep(sites: list["Site"], g: GraphView, channels: int, run: np.ndarray, n: int) -> np.ndarray:
-    """Positions within ``run`` of the ``n`` channels :func:`obs_order` keeps."""
+def _aligned(channels: np.ndarray, size: int) -> bool:
+    """Whether ``channels`` are whole aligned runs of ``size`` (any list, for ``size`` 1)."""
+    if size == 1:
+        return True
+    runs = channels.reshape(-1, size) if len(channels) % size == 0 else None
+    return runs is not None and not (runs[:, 0] % size).any() and bool((runs == runs[:, :1] + np.arange(size)).all())
+
+
+def _obs_keep(sites: list["Site"], g: GraphView, items: int, size: int, run: np.ndarray, n: int) -> np.ndarray:
+    """Positions within ``run`` of the ``n`` items (of ``items``: channels, or whole conv groups of
+    ``size`` channels, each one block of columns of every consumer) :func:`obs_order` keeps."""
     problems = []
     for site in sites:
         for c, st in zip(site.sampled, site.stats):
             h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-            prob = RefitProblem(st, h.weight_matrix(c.node, g), h.bias(c.node, g), site.width, ESTIMATE_RIDGE,
-                                removals=len(run) - n)
-            problems.append((prob, site.unit_channels, site.unit_positions))
-    removed = obs_order(problems, channels, run, count=len(run) - n)
+            prob = RefitProblem(st, h.weight_matrix(c.node, g), h.bias(c.node, g), site.width // size,
+                                ESTIMATE_RIDGE, removals=len(run) - n)
+            problems.append((prob, site.unit_channels[::size] // size, site.unit_positions[::size] // size))
+    removed = obs_order(problems, items, run, count=len(run) - n)
     return np.flatnonzero(~np.isin(run, removed))
 
 

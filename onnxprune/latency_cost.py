@@ -77,9 +77,11 @@ def single_layer_model(node: onnx.NodeProto, weight: np.ndarray, in_shape: tuple
     if node.op_type == "Conv":
         group = attr(node, "group", 1)
         if group > 1:
-            if group != weight.shape[0] or weight.shape[1] != 1:
-                return None  # grouped (not depthwise): keep it simple, time it at full width only
-            group = cin = cout = min(cin, cout)
+            per_group = weight.shape[1]  # 1: depthwise
+            if weight.shape[0] != per_group * group:
+                return None  # cut inside its groups (not depthwise): keep it simple, time it at full width only
+            cin = cout = max(per_group, min(cin, cout) // per_group * per_group)  # whole groups go
+            group = cin // per_group
         w = np.zeros((cout, cin // group, *weight.shape[2:]), np.float32)
         shape[1] = cin
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "group"}

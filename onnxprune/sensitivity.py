@@ -12,6 +12,7 @@ import onnx
 from scipy.interpolate import PchipInterpolator
 
 from .activations import fitting_batch
+from .budget import round_width
 from .calib import random_subset
 from .candidates import Analysis, first_edited, node_key, positions, sampleable
 from .frontier import Frontier
@@ -36,18 +37,25 @@ EVERY_WIDTH = 32  # groups up to this wide are measured at every grid point
 
 
 def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels: int,
-                ratios=GRID, measured=MEASURED) -> list[float]:
+                ratios=GRID, measured=MEASURED, conv_group: int = 1) -> list[float]:
     """Mean relative error of the unit's consumers when keeping each ratio of channels (LASSO
     selection, then least squares), on images the refit did not see, from the original model's
-    statistics: measured at the widths ``measured`` gives, interpolated between them."""
+    statistics: measured at the widths ``measured`` gives, interpolated between them.
+    ``conv_group``: the channels go in whole aligned runs of this many (:attr:`ChannelGroup.conv_group`)."""
     gram, corr = np.zeros((channels, channels)), np.zeros(channels)
     for st, w, b in zip(stats, weights, biases):
         gr, co = normalized_contribution(st, w, b, channels)
         gram, corr = gram + gr, corr + co
+    size = conv_group  # whole conv groups go: the LASSO weighs their channels' summed contributions
+    items = channels // size
+    if size > 1:
+        gram, corr = gram.reshape(items, size, items, size).sum(axis=(1, 3)), corr.reshape(items, size).sum(axis=1)
     points = ratios if channels <= EVERY_WIDTH else measured  # narrow groups: every point is cheap
-    keeps = sorted({max(1, int(round(r * channels))) for r in points})
+    kept_items = sorted({max(1, int(round(r * items))) for r in points})
+    keeps = [n * size for n in kept_items]
     errors = []
-    for keep in lasso_selections(gram, corr, keeps):
+    for chosen in lasso_selections(gram, corr, kept_items):
+        keep = expand_channels(chosen, size)
         errs = []
         for st, w, b in zip(stats, weights, biases):
             k = w.shape[1] // channels
@@ -135,7 +143,7 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
             curves[u.index] = error_curve(u, cs, [stats[id(c)] for c in cs],
                                           [h.weight_matrix(c.node, g) for h, c in zip(hs, cs)],
                                           [h.bias(c.node, g) for h, c in zip(hs, cs)], u.channels,
-                                          measured=measured)
+                                          measured=measured, conv_group=u.conv_group)
             if on_curve:
                 on_curve(u, cs, [stats[id(c)] for c in cs], curves[u.index])
         needed = {id(c) for _, cs in waiting for c in cs}
@@ -187,7 +195,7 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
             fold = 1 if unseen is not None else None  # the probe images the output is measured on
             known = KnownStats(sampler, {id(c.node): st for c, st in zip(consumers, stats)})
             for j in at:
-                width = max(1, int(round(GRID[j] * unit.channels)))
+                width = round_width(unit.channels, GRID[j], 1, unit.conv_group)
                 if width >= unit.channels or curve[j] <= 0:
                     continue
                 with trial_edit(g):

@@ -196,13 +196,21 @@ def bench(models: list[onnx.ModelProto], cal: Calibration, provider: str, batche
 
 def grouped_convs_cut_inside(pruned: onnx.ModelProto, layers: list[LayerRow]) -> list[str]:
     """The grouped convs (not depthwise) of ``pruned`` whose channels ``layers`` (the report's rows)
-    show cut: their groups keep their count and lose channels each, and ONNX Runtime runs a conv
-    with fewer channels per group slower than the whole one (docs/latency.md)."""
+    show cut inside their conv groups: the groups keep their count and lose channels each, and ONNX
+    Runtime runs a conv with fewer channels per group slower than the whole one (docs/latency.md).
+    A conv that lost whole groups lost input and output channels alike, each output channel
+    costing what it did."""
     changed = {row.node for row in layers
-               if row.in_channels[0] != row.in_channels[1] or row.out_channels[0] != row.out_channels[1]}
+               if (row.in_channels[0] != row.in_channels[1] or row.out_channels[0] != row.out_channels[1])
+               and not _lost_whole_groups(row)}
     g = GraphView(pruned)
     return [node_name(node) for node in g.nodes_by_type("Conv")
             if node_name(node) in changed and handler_for(node).is_grouped(node, g)]
+
+
+def _lost_whole_groups(row: LayerRow) -> bool:
+    (in0, in1), (out0, out1), (macs0, macs1) = row.in_channels, row.out_channels, row.macs
+    return in1 * out0 == in0 * out1 and macs1 * out0 == macs0 * out1
 
 
 def load_checked(path) -> onnx.ModelProto:

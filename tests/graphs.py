@@ -170,11 +170,12 @@ def resnet50(size: int = 224, classes: int = 1000, seed: int = 0,
     return b.build(b.gemm(x, cin, classes))
 
 
-def resnext_block(b: Builder, x: str, c: int, mid: int, groups: int) -> str:
-    """1×1 conv → grouped 3×3 conv → 1×1 conv (ReLUs between), added to the input (ResNeXt)."""
+def resnext_block(b: Builder, x: str, c: int, mid: int, groups: int, expand: int = 1) -> str:
+    """1×1 conv → grouped 3×3 conv → 1×1 conv (ReLUs between), added to the input (ResNeXt);
+    ``expand``: the grouped conv writes that many times the channels it reads."""
     y = b.node("Relu", [b.conv(x, c, mid, k=1, pad=0)])
-    y = b.node("Relu", [b.conv(y, mid, mid, group=groups)])
-    return b.node("Relu", [b.node("Add", [b.conv(y, mid, c, k=1, pad=0), x])])
+    y = b.node("Relu", [b.conv(y, mid, mid * expand, group=groups)])
+    return b.node("Relu", [b.node("Add", [b.conv(y, mid * expand, c, k=1, pad=0), x])])
 
 
 def chunk2(b: Builder, x: str) -> tuple[str, str]:

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from conftest import check_pruned, run
 from graphs import Builder, calib_for, chunk2, resnext_block
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from test_graph import analyse
 
 import onnxprune
@@ -29,16 +29,25 @@ def head(b: Builder, x: str, c: int) -> onnx.ModelProto:
     return b.build(b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1), c, 5))
 
 
-def resnext(groups: int = 4) -> onnx.ModelProto:
-    """Stem, two ResNeXt blocks (16 wide, ``groups`` conv groups), GAP, Gemm."""
+def resnext(groups: int = 4, expand: int = 1) -> onnx.ModelProto:
+    """Stem, two ResNeXt blocks (16 wide, ``groups`` conv groups; ``expand``: their grouped convs
+    write that many times the channels they read), GAP, Gemm."""
     b = Builder()
     x = b.node("Relu", [b.conv("input", 3, 8)])
-    x = resnext_block(b, resnext_block(b, x, 8, 16, groups), 8, 16, groups)
+    x = resnext_block(b, resnext_block(b, x, 8, 16, groups, expand), 8, 16, groups, expand)
     return head(b, x, 8)
 
 
 def grouped_conv_groups(groups):
     return [grp for grp in groups if grp.segments > 1 and grp.owner]
+
+
+def grouped_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+
+
+def group_count(node: onnx.NodeProto) -> int:
+    return next(a.i for a in node.attribute if a.name == "group")
 
 
 def assert_equal_groups(model: onnx.ModelProto) -> None:
@@ -51,64 +60,122 @@ def assert_equal_groups(model: onnx.ModelProto) -> None:
 
 
 # ---------------------------------------------------------------- grouped conv
-def test_grouped_conv_groups_are_cut_into_equal_segments():
+def test_grouped_conv_reading_as_many_channels_as_it_writes_loses_whole_groups():
     g, groups = analyse(resnext())
+    whole = [grp for grp in groups if grp.owner and grp.conv_group > 1]
+    assert len(whole) == 2 and all(grp.conv_group == 4 and grp.channels == 16 and grp.segments == 1 for grp in whole)
+    for grp in whole:  # the 1×1 conv's output and the grouped conv's are one list of channels
+        assert grp.prunable and [n.op_type for n in grp.producers] == ["Conv"]
+        assert [group_count(n) for n in grp.throughs if n.op_type == "Conv"] == [4]
+        assert [(c.node.op_type, group_count(c.node)) for c in grp.consumers] == [("Conv", 1)]
+
+
+def test_grouped_conv_groups_are_cut_into_equal_segments():
+    g, groups = analyse(resnext(expand=2))
     segmented = grouped_conv_groups(groups)
-    assert len(segmented) == 4 and all(grp.segments == 4 and grp.channels == 16 for grp in segmented)
-    assert all(grp.prunable for grp in segmented)
-    into = [grp for grp in segmented if any(c.node.op_type == "Conv" and c.node.attribute for c in grp.consumers
-                                             if any(a.name == "group" and a.i == 4 for a in c.node.attribute))]
+    assert sorted(grp.channels for grp in segmented) == [16, 16, 32, 32]
+    assert all(grp.segments == 4 and grp.conv_group == 1 and grp.prunable for grp in segmented)
+    into = [grp for grp in segmented if any(group_count(c.node) == 4 for c in grp.consumers
+                                             if any(a.name == "group" for a in c.node.attribute))]
     assert len(into) == 2  # the 1×1 convs' outputs, read by the grouped convs
     out = [grp for grp in segmented if grp not in into]
-    assert all(any(a.name == "group" and a.i == 4 for a in grp.producers[0].attribute) for grp in out)
+    assert all(group_count(grp.producers[0]) == 4 for grp in out)
 
 
-@pytest.mark.parametrize("method,reconstruct", [("l1", False), ("random", False), ("lasso", True), ("thinet", True)])
-def test_resnext_prunes_keeping_groups_equal(method, reconstruct):
+@pytest.mark.parametrize("method,reconstruct", [("l1", False), ("random", False), ("lasso", True), ("thinet", True),
+                                                ("obs", True)])
+def test_resnext_prunes_whole_conv_groups(method, reconstruct):
     model = resnext()
     x = calib_for(model, 80)
     result = onnxprune.prune(model, x, speedup=1.5, method=method, reconstruct=reconstruct, measure_latency=False)
     assert result.report.totals.macs_speedup >= 1.5
     for res in result.report.groups:
         assert res.channels_after % 4 == 0, (res.name, res.channels_after)
-    assert_equal_groups(result.model)
+    g = GraphView(result.model)
+    convs = grouped_convs(result.model)
+    # every group keeps its 4 input and 4 output channels; some groups are gone
+    assert all(g.const(n.input[1]).shape[1] == 4 and g.const(n.input[1]).shape[0] == 4 * group_count(n) for n in convs)
+    assert sum(group_count(n) for n in convs) < 8
+    assert grouped_convs_cut_inside(result.model, result.report.layers) == []
     check_pruned(result.model, model, x[:10], max_rel_err=1.0 if reconstruct else 10.0)
-    if method == "lasso":  # the 1×1 convs feeding a grouped conv have no sampleable consumer
-        assert any("sampled" in why for _, why in result.report.skipped)
+    if reconstruct:  # the 1×1 conv after the grouped conv reads the whole groups: it is refit
+        assert not any("sampled" in why for _, why in result.report.skipped)
+
+
+@pytest.mark.parametrize("method", ["obs", "lasso", "l1"])
+def test_whole_conv_groups_are_chosen_by_what_they_contribute(method):
+    model = resnext()
+    x = calib_for(model, 80)
+    convs = grouped_convs(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    reader = {i: n for n in model.graph.node for i in n.input}
+    producer = {n.output[0]: n for n in model.graph.node}
+    # the 1×1 conv after the first grouped conv (past its ReLU) reads nothing of its third group:
+    # that group goes
+    after_conv = reader[reader[convs[0].output[0]].output[0]]
+    w = numpy_helper.to_array(inits[after_conv.input[1]]).copy()
+    w[:, 8:12] = 0
+    inits[after_conv.input[1]].CopyFrom(numpy_helper.from_array(w, after_conv.input[1]))
+    if method == "l1":  # l1 reads the producer's filters (the 1×1 conv before, past its ReLU): the third's weakest
+        before_conv = producer[producer[convs[0].input[0]].input[0]]
+        w1 = numpy_helper.to_array(inits[before_conv.input[1]]).copy()
+        w1[8:12] *= 0.01
+        inits[before_conv.input[1]].CopyFrom(numpy_helper.from_array(w1, before_conv.input[1]))
+    before = numpy_helper.to_array(inits[convs[0].input[1]])
+    result = onnxprune.prune(model, x, speedup=1.3, method=method, measure_latency=False, allocation="uniform",
+                             reconstruct=method != "l1")
+    check_pruned(result.model, model, x[:10], max_rel_err=1.0 if method != "l1" else 10.0)
+    conv = grouped_convs(result.model)[0]
+    after = GraphView(result.model).const(conv.input[1])
+    n = group_count(conv)
+    kept = [i for i in range(4) if any(np.array_equal(before[4 * i:4 * i + 4], after[4 * j:4 * j + 4]) for j in range(n))]
+    assert 1 < n < 4 and len(kept) == n and 2 not in kept
 
 
 def test_grouped_convs_cut_inside_their_groups_are_named():
-    model = resnext()
+    model = resnext(expand=2)
     x = calib_for(model, 80)
-    result = onnxprune.prune(model, x, speedup=1.5, method="l1", reconstruct=False, measure_latency=False)
+    result = onnxprune.prune(model, x, speedup=1.3, method="l1", reconstruct=False, measure_latency=False)
     check_pruned(result.model, model, x[:10], max_rel_err=10.0)
-    grouped = [n.name for n in result.model.graph.node
-               if n.op_type == "Conv" and any(a.name == "group" and a.i == 4 for a in n.attribute)]
+    grouped = [n.name for n in grouped_convs(result.model)]
     cut = grouped_convs_cut_inside(result.model, result.report.layers)
     assert cut and set(cut) <= set(grouped)
     rows = {row.node: row for row in result.report.layers}
     assert all(rows[name].in_channels[1] < rows[name].in_channels[0]
                or rows[name].out_channels[1] < rows[name].out_channels[0] for name in cut)
-    untouched = onnxprune.prune(model, x, speedup=1.5, method="l1", reconstruct=False, measure_latency=False,
+    untouched = onnxprune.prune(model, x, speedup=1.3, method="l1", reconstruct=False, measure_latency=False,
                                 exclude=tuple(grouped))
     check_pruned(untouched.model, model, x[:10], max_rel_err=10.0)
     assert grouped_convs_cut_inside(untouched.model, untouched.report.layers) == []
 
 
 def test_grouped_conv_keeps_the_channels_of_each_group():
-    model = resnext()
+    model = resnext(expand=2)
     g, groups = analyse(model)
     grp = grouped_conv_groups(groups)[0]  # first 1×1 conv's output, into the grouped conv
     conv = next(c.node for c in grp.consumers)
-    before = g.const(conv.input[1]).copy()  # [16, 4, 3, 3]
+    before = g.const(conv.input[1]).copy()  # [32, 4, 3, 3]
     keep = np.array([0, 3, 5, 6, 8, 9, 13, 15])  # two of each four
     prune_group(g, grp, keep, grp.channels)
     after = g.const(conv.input[1])
-    assert after.shape == (16, 2, 3, 3)
-    np.testing.assert_array_equal(after[:4], before[:4][:, [0, 3]])
-    np.testing.assert_array_equal(after[12:], before[12:][:, [1, 3]])
+    assert after.shape == (32, 2, 3, 3)
+    np.testing.assert_array_equal(after[:8], before[:8][:, [0, 3]])
+    np.testing.assert_array_equal(after[24:], before[24:][:, [1, 3]])
     with pytest.raises(ValueError, match="equally many"):
         prune_group(g, grp, np.array([0, 1, 2, 3, 4, 5]), 8)  # four from the first group, two from the second
+
+
+def test_grouped_conv_loses_whole_groups_only():
+    model = resnext()
+    g, groups = analyse(model)
+    grp = next(grp for grp in groups if grp.owner and grp.conv_group == 4)
+    conv = next(n for n in grp.throughs if n.op_type == "Conv")
+    before = g.const(conv.input[1]).copy()  # [16, 4, 3, 3]
+    prune_group(g, grp, np.array([4, 5, 6, 7, 12, 13, 14, 15]), grp.channels)  # the second and fourth groups
+    np.testing.assert_array_equal(g.const(conv.input[1]), before[[4, 5, 6, 7, 12, 13, 14, 15]])
+    assert group_count(conv) == 2
+    with pytest.raises(ValueError, match="whole groups"):
+        prune_group(g, grp, np.array([1, 2, 3, 4]), 8)  # not aligned to the groups
 
 
 def test_uneven_selection_is_balanced_per_group():

@@ -257,7 +257,7 @@ def test_round_width_halves_the_multiple_for_narrow_groups():
     assert round_width(64, 0.3, 16) == 32  # 19 rounded up to 32
     assert round_width(16, 0.4, 16) == 8  # a 16-wide group keeps 8 or 16, never 6
     assert round_width(12, 0.4, 16) == 8
-    assert round_width(48, 0.5, 16, segments=3) == 24  # lcm(16, 3) = 48 is the whole group: segments only
+    assert round_width(48, 0.5, 16, granule=3) == 24  # lcm(16, 3) = 48 is the whole group: conv groups only
     assert round_width(5, 0.4, 16) == 4  # multiple 16 -> 8 -> 4
 
 

@@ -37,7 +37,9 @@ class ChannelRule:
     slices: (input, outputs, start) triples where the outputs are consecutive ranges of the
         input's channels, the first beginning at channel ``start`` (Split, Slice on the channel axis).
     segments: tensors whose channels fall into this many equal consecutive runs that must keep
-        equally many channels each (the groups of a grouped Conv).
+        equally many channels each (the groups of a grouped Conv cut inside its groups).
+    whole_groups: tensors whose channels go only in whole aligned runs of this many (the conv
+        groups of a grouped Conv that loses whole groups).
     shape_only: inputs of which the node reads only the shape (Shape); they are not barriers.
     """
 
@@ -49,6 +51,7 @@ class ChannelRule:
     joins: list[tuple[list[str], str]] = field(default_factory=list)
     slices: list[tuple[str, list[str], int]] = field(default_factory=list)
     segments: dict[str, int] = field(default_factory=dict)
+    whole_groups: dict[str, int] = field(default_factory=dict)
     shape_only: list[str] = field(default_factory=list)
 
     def cost_tensors(self) -> list[str]:
@@ -117,8 +120,8 @@ class Handler:
         return False
 
     def is_grouped(self, node: onnx.NodeProto, g: GraphView) -> bool:
-        """Whether the node is a grouped conv that is not depthwise: pruning cuts each of its conv
-        groups equally, and it is sliced, never sampled or refit."""
+        """Whether the node is a grouped conv that is not depthwise: pruning removes whole conv
+        groups of it, or cuts each of them equally; it is sliced, never sampled or refit."""
         return False
 
     def activation_input(self, node: onnx.NodeProto, g: GraphView) -> str:

@@ -36,10 +36,14 @@ def conv_pads(node: onnx.NodeProto, in_hw: tuple[int, ...], kernel: tuple[int, .
 class Conv(LinearHandler):
     """Conv: consumes its input channels, produces its output channels.
 
-    Depthwise conv (one filter per channel) ties input and output channels. Other grouped
-    convs keep their groups equal: input and output channels are cut into ``group`` runs that
-    lose equally many channels each (``segments``), so ``group`` stays valid. Their weight is
-    block-diagonal, so they are sliced, never sampled or refit.
+    Depthwise conv (one filter per channel) ties input and output channels. A grouped conv with
+    as many output as input channels per group (ResNeXt, RegNet) ties them too, in whole conv
+    groups (``whole_groups``): a group goes with its input and output channels, so the conv keeps its
+    per-group widths and loses ``group`` — ONNX Runtime runs a conv with fewer channels per group
+    slower than the whole one (docs/latency.md), one with fewer groups faster. Other grouped convs
+    keep their groups equal: input and output channels are cut into ``group`` runs that lose
+    equally many channels each (``segments``), so ``group`` stays valid. A grouped conv's weight
+    is block-diagonal, so it is sliced, never sampled or refit.
     """
 
     spatial = True
@@ -55,6 +59,12 @@ class Conv(LinearHandler):
     def is_grouped(self, node, g) -> bool:
         return attr(node, "group", 1) > 1 and not self.is_depthwise(node, g)
 
+    def loses_whole_groups(self, node, g) -> bool:
+        """Whether pruning removes whole conv groups of this grouped conv (not depthwise): each
+        of its groups reads as many channels as it writes."""
+        w = self._weight(node, g)
+        return self.is_grouped(node, g) and w is not None and w.shape[0] == w.shape[1] * attr(node, "group", 1)
+
     def rule(self, node, g):
         w = self._weight(node, g)
         if w is None:
@@ -64,6 +74,9 @@ class Conv(LinearHandler):
             return ChannelRule(produces=[node.output[0]], consumes=[node.input[0]])
         if self.is_depthwise(node, g):
             return ChannelRule(ties=[(node.input[0], node.output[0])], scales=[node.output[0]])
+        if self.loses_whole_groups(node, g):
+            return ChannelRule(ties=[(node.input[0], node.output[0])], scales=[node.output[0]],
+                               whole_groups={node.output[0]: int(w.shape[1])})
         return ChannelRule(produces=[node.output[0]], consumes=[node.input[0]],
                            segments={node.input[0]: group, node.output[0]: group})
 
@@ -89,8 +102,10 @@ class Conv(LinearHandler):
             [w[i * per_out:(i + 1) * per_out][:, local[i] - i * per_in] for i in range(group)]))
 
     def prune_through(self, node, keep, g):
+        per_group = int(g.input_const(node, 1).shape[1])  # 1 for depthwise
+        _check_whole_groups(keep, per_group)
         self._keep_filters(node, keep, g)
-        set_attr(node, "group", int(len(keep)))
+        set_attr(node, "group", int(len(keep)) // per_group)
 
     def macs(self, node, g):
         w = self._weight(node, g)
@@ -181,6 +196,13 @@ def _check_equal_groups(keep: np.ndarray, channels: int, group: int) -> np.ndarr
     return keep.reshape(group, -1)
 
 
+def _check_whole_groups(keep: np.ndarray, per_group: int) -> None:
+    """An error unless ``keep`` is whole aligned runs of ``per_group`` channels (conv groups)."""
+    runs = np.asarray(keep).reshape(-1, per_group) if len(keep) % per_group == 0 else None
+    if runs is None or (runs[:, 0] % per_group).any() or (np.diff(runs, axis=1) != 1).any():
+        raise ValueError(f"a grouped conv keeps whole groups of {per_group} channels (got {np.asarray(keep).tolist()})")
+
+
 @register("ConvTranspose")
 class ConvTranspose(LinearHandler):
     """Transposed conv (group 1): weight is ``[Cin, Cout, k…]``; consumes and produces channels.
@@ -252,6 +274,12 @@ class ConvTranspose(LinearHandler):
         b, c, h, w = y.shape
         tiles = y.reshape(b, c, h // kh, kh, w // kw, kw).transpose(0, 2, 4, 1, 3, 5).reshape(b, -1, c * kh * kw)
         return np.take_along_axis(tiles, pos[:, :, None], axis=1).reshape(-1, c * kh * kw)
+
+    def loses_whole_groups(self, node, g) -> bool:
+        """Whether pruning removes whole conv groups of this grouped conv (not depthwise): each
+        of its groups reads as many channels as it writes."""
+        w = self._weight(node, g)
+        return self.is_grouped(node, g) and w is not None and w.shape[0] == w.shape[1] * attr(node, "group", 1)
 
     def rule(self, node, g):
         if g.input_const(node, 1) is None or attr(node, "group", 1) != 1:
