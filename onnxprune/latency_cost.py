@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper
 
 from .graphview import GraphView, attr, node_name
 from .latency import measure
+from .ops.conv import reads_as_many_as_it_writes
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ def single_layer_model(node: onnx.NodeProto, weight: np.ndarray, in_shape: tuple
         group = attr(node, "group", 1)
         if group > 1:
             per_group = weight.shape[1]  # 1: depthwise
-            if weight.shape[0] != per_group * group:
-                return None  # cut inside its groups (not depthwise): keep it simple, time it at full width only
+            if not reads_as_many_as_it_writes(weight, group):
+                return None  # cut inside its groups: keep it simple, time it at full width only
             cin = cout = max(per_group, min(cin, cout) // per_group * per_group)  # whole groups go
             group = cin // per_group
         w = np.zeros((cout, cin // group, *weight.shape[2:]), np.float32)

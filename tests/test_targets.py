@@ -109,7 +109,7 @@ def test_a_deep_cut_forced_by_kept_block_outputs_names_prune_residual(caplog):
     assert "--prune-residual (" not in caplog.text
 
 
-@pytest.mark.parametrize("kind", ["conv", "depthwise", "gemm"])
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "grouped", "gemm"])
 def test_single_layer_models_for_latency_timing_run(kind):
     """The one-node models timed for --latency compute the layer at the narrowed widths."""
     from onnx import helper
@@ -118,7 +118,7 @@ def test_single_layer_models_for_latency_timing_run(kind):
     if kind == "gemm":
         node, weight, shape = helper.make_node("Gemm", ["a", "b"], ["c"], transB=1), np.zeros((10, 32)), (1, 32)
     else:
-        group = 16 if kind == "depthwise" else 1
+        group = {"depthwise": 16, "grouped": 4}.get(kind, 1)  # grouped: 4 per group, it loses whole groups
         node = helper.make_node("Conv", ["a", "b"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2],
                                 group=group)
         weight, shape = np.zeros((16, 16 // group, 3, 3)), (1, 16, 12, 12)
@@ -126,6 +126,9 @@ def test_single_layer_models_for_latency_timing_run(kind):
     onnx.checker.check_model(model, full_check=True)
     out = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert out.shape == ((1, 10) if kind == "gemm" else (1, 8, 6, 6))
+    if kind == "grouped":  # two whole groups of four
+        conv = model.graph.node[0]
+        assert [a.i for a in conv.attribute if a.name == "group"] == [2] and model.graph.initializer[0].dims[1] == 4
 
 
 def test_latency_cost_interpolates_layer_timings():

@@ -32,6 +32,12 @@ def conv_pads(node: onnx.NodeProto, in_hw: tuple[int, ...], kernel: tuple[int, .
     return list(attr(node, "pads", [0] * (2 * n)))
 
 
+def reads_as_many_as_it_writes(weight: np.ndarray, group: int) -> bool:
+    """Whether each conv group of a conv with ``weight`` ``[Cout, Cin / group, k…]`` reads as many
+    channels as it writes: such a conv loses whole groups (depthwise: groups of one)."""
+    return weight.shape[0] == weight.shape[1] * group
+
+
 @register("Conv")
 class Conv(LinearHandler):
     """Conv: consumes its input channels, produces its output channels.
@@ -60,10 +66,9 @@ class Conv(LinearHandler):
         return attr(node, "group", 1) > 1 and not self.is_depthwise(node, g)
 
     def loses_whole_groups(self, node, g) -> bool:
-        """Whether pruning removes whole conv groups of this grouped conv (not depthwise): each
-        of its groups reads as many channels as it writes."""
+        """Whether pruning removes whole conv groups of this grouped conv (not depthwise)."""
         w = self._weight(node, g)
-        return self.is_grouped(node, g) and w is not None and w.shape[0] == w.shape[1] * attr(node, "group", 1)
+        return self.is_grouped(node, g) and w is not None and reads_as_many_as_it_writes(w, attr(node, "group", 1))
 
     def rule(self, node, g):
         w = self._weight(node, g)
@@ -276,10 +281,9 @@ class ConvTranspose(LinearHandler):
         return np.take_along_axis(tiles, pos[:, :, None], axis=1).reshape(-1, c * kh * kw)
 
     def loses_whole_groups(self, node, g) -> bool:
-        """Whether pruning removes whole conv groups of this grouped conv (not depthwise): each
-        of its groups reads as many channels as it writes."""
+        """Whether pruning removes whole conv groups of this grouped conv (not depthwise)."""
         w = self._weight(node, g)
-        return self.is_grouped(node, g) and w is not None and w.shape[0] == w.shape[1] * attr(node, "group", 1)
+        return self.is_grouped(node, g) and w is not None and reads_as_many_as_it_writes(w, attr(node, "group", 1))
 
     def rule(self, node, g):
         if g.input_const(node, 1) is None or attr(node, "group", 1) != 1:
