@@ -34,6 +34,7 @@ def architecture(report: Report) -> dict:
             "out_channels": row.out_channels[1],
             "original_in_channels": row.in_channels[0],
             "original_out_channels": row.out_channels[0],
+            **({"groups": row.groups[1], "original_groups": row.groups[0]} if row.groups != (1, 1) else {}),
         })
     return {
         "format": "onnxprune-architecture/1",

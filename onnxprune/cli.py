@@ -369,7 +369,7 @@ def _why_slower(result: PruneResult) -> str:
     """The likely reason a written model runs slower than the original, for the warning that says so."""
     from .summary import grouped_convs_cut_inside
 
-    cut = grouped_convs_cut_inside(result.model, result.report.layers)
+    cut = grouped_convs_cut_inside(result.report.layers)
     if cut:
         return (f": {len(cut)} grouped convs were cut inside their conv groups ('{cut[0]}'"
                 f"{', …' if len(cut) > 1 else ''}), which ONNX Runtime runs slower than whole ones; --exclude "

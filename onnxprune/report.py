@@ -36,6 +36,7 @@ class LayerRow:
     in_channels: tuple[int, int]
     out_channels: tuple[int, int]
     macs: tuple[int, int]
+    groups: tuple[int, int] = (1, 1)  # a conv's groups (its ``group`` attribute)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from .candidates import choose_candidates
 from .fold import constants_to_initializers, fold_batchnorm
 from .errors import CalibrationError, ModelError, OptionError
 from .graph import find_groups
-from .graphview import GraphView, node_name
+from .graphview import GraphView, attr, node_name
 from .io import check_opset, load_model, model_bytes
 from .latency import Latency, latency_ms, measure
 from .ops import handler_for
@@ -173,7 +173,8 @@ def cost_table(original: onnx.ModelProto, reference: onnx.ModelProto, pruned: on
         rows.append(LayerRow(node_name(node), node.op_type,
                              (_layer_channels(gb, node, node.input[0]), _layer_channels(ga, other, other.input[0])),
                              (_layer_channels(gb, node, node.output[0]), _layer_channels(ga, other, other.output[0])),
-                             (macs, handler_for(other).macs(other, ga))))
+                             (macs, handler_for(other).macs(other, ga)),
+                             (attr(node, "group", 1), attr(other, "group", 1))))
     latency = tuple(latency_ms([original, pruned], latency_feed, provider)) if latency_feed is not None else None
     totals = Totals(macs=(sum(r.macs[0] for r in rows), sum(r.macs[1] for r in rows)),
                     params=(count_params(GraphView(original)), count_params(GraphView(pruned))),
@@ -194,23 +195,13 @@ def bench(models: list[onnx.ModelProto], cal: Calibration, provider: str, batche
                        provider, repeats) for b in batches}
 
 
-def grouped_convs_cut_inside(pruned: onnx.ModelProto, layers: list[LayerRow]) -> list[str]:
-    """The grouped convs (not depthwise) of ``pruned`` whose channels ``layers`` (the report's rows)
-    show cut inside their conv groups: the groups keep their count and lose channels each, and ONNX
-    Runtime runs a conv with fewer channels per group slower than the whole one (docs/latency.md).
-    A conv that lost whole groups lost input and output channels alike, each output channel
-    costing what it did."""
-    changed = {row.node for row in layers
-               if (row.in_channels[0] != row.in_channels[1] or row.out_channels[0] != row.out_channels[1])
-               and not _lost_whole_groups(row)}
-    g = GraphView(pruned)
-    return [node_name(node) for node in g.nodes_by_type("Conv")
-            if node_name(node) in changed and handler_for(node).is_grouped(node, g)]
-
-
-def _lost_whole_groups(row: LayerRow) -> bool:
-    (in0, in1), (out0, out1), (macs0, macs1) = row.in_channels, row.out_channels, row.macs
-    return in1 * out0 == in0 * out1 and macs1 * out0 == macs0 * out1
+def grouped_convs_cut_inside(layers: list[LayerRow]) -> list[str]:
+    """The grouped convs whose channels ``layers`` (the report's rows) show cut inside their conv
+    groups: their channels changed and their group count did not. ONNX Runtime runs a conv with
+    fewer channels per group slower than the whole one (docs/latency.md); one that lost whole
+    groups (or a depthwise conv, whose groups are its channels) changed its group count."""
+    return [row.node for row in layers if row.groups[0] > 1 and row.groups[0] == row.groups[1]
+            and (row.in_channels[0] != row.in_channels[1] or row.out_channels[0] != row.out_channels[1])]
 
 
 def load_checked(path) -> onnx.ModelProto:

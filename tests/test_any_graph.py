@@ -11,6 +11,7 @@ from test_graph import analyse
 
 import onnxprune
 from onnxprune.activations import tensor_shapes
+from onnxprune.arch import architecture
 from onnxprune.calib import load_calibration
 from onnxprune.graph import find_groups
 from onnxprune.graphview import GraphView
@@ -96,7 +97,12 @@ def test_resnext_prunes_whole_conv_groups(method, reconstruct):
     # every group keeps its 4 input and 4 output channels; some groups are gone
     assert all(g.const(n.input[1]).shape[1] == 4 and g.const(n.input[1]).shape[0] == 4 * group_count(n) for n in convs)
     assert sum(group_count(n) for n in convs) < 8
-    assert grouped_convs_cut_inside(result.model, result.report.layers) == []
+    assert grouped_convs_cut_inside(result.report.layers) == []
+    # the architecture export says how many groups each grouped conv kept
+    exported = {layer["node"]: layer for layer in architecture(result.report)["layers"] if "groups" in layer}
+    pruned = {n.name: n for n in result.model.graph.node}
+    assert {name: (layer["original_groups"], layer["groups"]) for name, layer in exported.items()} == \
+        {n.name: (4, group_count(pruned[n.name])) for n in grouped_convs(model)}
     check_pruned(result.model, model, x[:10], max_rel_err=1.0 if reconstruct else 10.0)
     if reconstruct:  # the 1×1 conv after the grouped conv reads the whole groups: it is refit
         assert not any("sampled" in why for _, why in result.report.skipped)
@@ -138,7 +144,7 @@ def test_grouped_convs_cut_inside_their_groups_are_named():
     result = onnxprune.prune(model, x, speedup=1.3, method="l1", reconstruct=False, measure_latency=False)
     check_pruned(result.model, model, x[:10], max_rel_err=10.0)
     grouped = [n.name for n in grouped_convs(result.model)]
-    cut = grouped_convs_cut_inside(result.model, result.report.layers)
+    cut = grouped_convs_cut_inside(result.report.layers)
     assert cut and set(cut) <= set(grouped)
     rows = {row.node: row for row in result.report.layers}
     assert all(rows[name].in_channels[1] < rows[name].in_channels[0]
@@ -146,7 +152,7 @@ def test_grouped_convs_cut_inside_their_groups_are_named():
     untouched = onnxprune.prune(model, x, speedup=1.3, method="l1", reconstruct=False, measure_latency=False,
                                 exclude=tuple(grouped))
     check_pruned(untouched.model, model, x[:10], max_rel_err=10.0)
-    assert grouped_convs_cut_inside(untouched.model, untouched.report.layers) == []
+    assert grouped_convs_cut_inside(untouched.report.layers) == []
 
 
 def test_grouped_conv_keeps_the_channels_of_each_group():
