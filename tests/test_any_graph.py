@@ -138,6 +138,24 @@ def test_whole_conv_groups_are_chosen_by_what_they_contribute(method):
     assert 1 < n < 4 and len(kept) == n and 2 not in kept
 
 
+def test_chained_grouped_convs_lose_groups_of_both():
+    """Groups of 4 then of 2 channels on one list of channels: runs of 4 go, whole groups of both."""
+    b = Builder()
+    x = b.node("Relu", [b.conv(b.node("Relu", [b.conv("input", 3, 8)]), 8, 16, k=1, pad=0)])
+    x = b.node("Relu", [b.conv(b.node("Relu", [b.conv(x, 16, 16, group=4)]), 16, 16, group=8)])
+    model = head(b, b.node("Relu", [b.conv(x, 16, 8, k=1, pad=0)]), 8)
+    g, groups = analyse(model)
+    assert [grp.conv_group for grp in groups if grp.owner and grp.channels == 16] == [4]
+    x_cal = calib_for(model, 80)
+    result = onnxprune.prune(model, x_cal, speedup=1.5, measure_latency=False)
+    check_pruned(result.model, model, x_cal[:10], max_rel_err=1.0)
+    fours, twos = grouped_convs(model)
+    pruned = {n.name: n for n in result.model.graph.node}
+    kept = GraphView(result.model).const(pruned[fours.name].input[1]).shape[0]
+    assert kept < 16 and kept % 4 == 0
+    assert (group_count(pruned[fours.name]), group_count(pruned[twos.name])) == (kept // 4, kept // 2)
+
+
 def test_grouped_convs_cut_inside_their_groups_are_named():
     model = resnext(expand=2)
     x = calib_for(model, 80)
