@@ -195,7 +195,8 @@ def _is_channel_gate(g: GraphView, name: str, other: str) -> bool:
 @dataclass
 class Branch:
     """A residual branch :mod:`onnxprune.refine` tunes: ``producer`` → ``act`` → ``consumer``,
-    or, in an inverted residual block, ``producer`` → ``act`` → depthwise ``middle`` →
+    or, in an inverted residual block, ``producer`` → ``act`` → depthwise ``middle`` (or, in a
+    ResNeXt / RegNet block, a grouped conv losing whole groups) →
     ``middle_act`` (→ × ``gate``, held fixed) → ``consumer``; then ``join_act`` (where the
     consumer reaches the residual Add through an activation) and ``out_act`` after the Add."""
 
@@ -315,7 +316,7 @@ class GroupPruner:
         middle, middle_act = None, None
         act, t = self._activation_into(t, inner)
         node = g.producer.get(t)
-        if node is not None and handler_for(node).is_depthwise(node, g):
+        if node is not None and (handler_for(node).is_depthwise(node, g) or handler_for(node).loses_whole_groups(node, g)):
             middle, middle_act = node, act
             inner.append(node)
             act, t = self._activation_into(node.input[0], inner)
@@ -385,8 +386,8 @@ class GroupPruner:
         hp: LinearHandler = handler_for(producer)  # type: ignore[assignment]
         hc: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
         hm: LinearHandler | None = handler_for(branch.middle) if branch.middle is not None else None  # type: ignore[assignment]
-        middle = Middle(hm.weight_matrix(branch.middle, g), hm.bias(branch.middle, g), branch.middle_act) \
-            if hm else None
+        middle = Middle(hm.weight_matrix(branch.middle, g), hm.bias(branch.middle, g), branch.middle_act,
+                        hm.input_channels(branch.middle, g)) if hm else None
         done = refine_pair(samples, branch.act, branch.out_act, hp.weight_matrix(producer, g), hp.bias(producer, g),
                            hc.weight_matrix(c.node, g), hc.bias(c.node, g), middle, branch.join_act)
         if done is None:

@@ -50,12 +50,30 @@ MIN_GAIN = 0.01  # held-out relative error must fall by this fraction for the re
 @dataclass
 class Middle:
     """A depthwise conv between the producer and the consumer (an inverted residual block's
-    3×3): its per-channel filters ``[C, taps]`` over the producer's activations, its bias and the
-    activation after it (a squeeze-excite gate, where there is one, comes with the samples)."""
+    3×3), or a grouped conv that passes whole groups (a ResNeXt / RegNet block's): its filters
+    ``[C, per_group · taps]`` over the producer's activations (channel-major within a group), its
+    bias and the activation after it (a squeeze-excite gate, where there is one, comes with the
+    samples)."""
 
     weight: np.ndarray
     bias: np.ndarray | None
     act: Activation
+    per_group: int = 1  # channels each conv group reads and writes (1: depthwise)
+
+
+def _by_group(a: np.ndarray, per_group: int) -> np.ndarray:
+    """Tap-major samples ``[n, taps, C]`` as ``[groups, n, taps · per_group]`` (contiguous)."""
+    n, taps, c = a.shape
+    return np.ascontiguousarray(a.reshape(n, taps, c // per_group, per_group).transpose(2, 0, 1, 3)).reshape(
+        c // per_group, n, taps * per_group)
+
+
+def _group_filters(wm: np.ndarray, per_group: int, taps: int) -> np.ndarray:
+    """A grouped middle's ``[C, per_group · taps]`` (input channel-major) as ``[groups, taps ·
+    per_group, per_group]``: each group's filters as a matrix from its tap-major inputs to its outputs."""
+    groups = len(wm) // per_group
+    return np.ascontiguousarray(wm.reshape(groups, per_group, per_group, taps).transpose(0, 3, 2, 1)).reshape(
+        groups, taps * per_group, per_group)
 
 
 @dataclass
@@ -81,7 +99,8 @@ class _Pair:
     ``tap_index``), images."""
 
     def __init__(self, s: PairSamples, rows: slice, act: Activation, out_act: Activation | None,
-                 middle_act: Activation | None = None, join_act: Activation | None = None):
+                 middle_act: Activation | None = None, join_act: Activation | None = None, per_group: int = 1):
+        self.per_group = per_group
         self.x, self.y, self.offset = s.x[rows], s.y[rows], s.offset[rows]
         self.gate = None if s.gate is None else s.gate[rows]
         self.tap_index = s.tap_index
@@ -187,9 +206,13 @@ class _Pair:
             cols = a1.transpose(0, 2, 1).reshape(n, -1)  # channel-major, as the consumer's patch columns
         else:
             wm, bm = params[4:]
-            # tap-major like a1's taps: contiguous over channels, einsum and broadcasting run several times faster
-            wm_taps = np.ascontiguousarray(wm.T)
-            zm = np.einsum("ntk,tk->nk", a1, wm_taps)
+            if self.per_group == 1:
+                # tap-major like a1's taps: contiguous over channels, einsum and broadcasting run several times faster
+                wm_taps = np.ascontiguousarray(wm.T)
+                zm = np.einsum("ntk,tk->nk", a1, wm_taps)
+            else:  # one product per conv group: [groups, n, taps · per_group] @ [groups, taps · per_group, per_group]
+                a1_groups, wm_groups = _by_group(a1, self.per_group), _group_filters(wm, self.per_group, taps)
+                zm = np.ascontiguousarray(np.matmul(a1_groups, wm_groups).transpose(1, 0, 2)).reshape(n, k)
             zm += bm
             am = self.middle_act[0](zm)
             cols = am if gate is None else am * gate
@@ -214,7 +237,17 @@ class _Pair:
             extra = []
         else:
             dzm = (dr @ w2 if gate is None else (dr @ w2) * gate) * self.middle_act[1](zm)
-            extra = [np.einsum("nk,ntk->kt", dzm, a1), dzm.sum(axis=0)]
+            if self.per_group == 1:
+                extra = [np.einsum("nk,ntk->kt", dzm, a1), dzm.sum(axis=0)]
+            else:
+                groups, per = k // self.per_group, self.per_group
+                dzm_groups = np.ascontiguousarray(dzm.reshape(n, groups, per).transpose(1, 0, 2))  # [groups, n, per]
+                g_wm = np.matmul(a1_groups.transpose(0, 2, 1), dzm_groups)  # [groups, taps · per, per]
+                g_wm = g_wm.reshape(groups, taps, per, per).transpose(0, 3, 2, 1).reshape(k, per * taps)
+                extra = [g_wm, dzm.sum(axis=0)]
+                # what reaches each tap's activations, tap-major as a1: [n, taps, k]
+                reached_a1 = np.matmul(dzm_groups, wm_groups.transpose(0, 2, 1)).reshape(
+                    groups, n, taps, per).transpose(1, 2, 0, 3).reshape(n, taps, k)
         dz1 = self.act[1](z1)  # a fresh array: the gradient reaching a1 is multiplied into it in place
         if whole:  # each tap's gradient back to the map position it read, from a buffer with a spare zero
             flat = np.empty((n * taps + 1, k), np.float32)
@@ -222,8 +255,10 @@ class _Pair:
             reached = flat[:-1].reshape(n, taps, k)
             if tap_major:
                 np.matmul(dr, w2, out=reached.reshape(n, taps * k))
-            else:
+            elif self.per_group == 1:
                 np.multiply(dzm[:, None, :], wm_taps, out=reached)
+            else:
+                reached[...] = reached_a1
             # tap by tap (a reduction over the taps axis of one large gather is several times slower)
             index = self._flat_indices(rows)[1]
             reaching = np.take(flat, index[0], axis=0)
@@ -233,9 +268,11 @@ class _Pair:
         else:
             if self.middle_act is None:
                 dz1 *= (dr @ w2).reshape(n, -1, taps).transpose(0, 2, 1)
-            else:
+            elif self.per_group == 1:
                 dz1 *= dzm[:, None, :]
                 dz1 *= wm_taps
+            else:
+                dz1 *= reached_a1
             dz1 *= self.inside[:, :, None]
         g_w1 = dz1.reshape(-1, k).T @ self.x.reshape(-1, self.x.shape[2])
         return None, [g_w1, dz1.sum(axis=(0, 1)), g_w2, g_b2, *extra]
@@ -254,10 +291,11 @@ def refine_pair(samples: PairSamples, act: Activation, out_act: Activation | Non
     if min(cut, len(samples.image) - cut) * per_row < 16 or cut == 0 or cut == len(samples.image):
         return None
     middle_act = middle.act if middle else None
-    fit = _Pair(samples, slice(0, cut), act, out_act, middle_act, join_act)
+    per_group = middle.per_group if middle else 1
+    fit = _Pair(samples, slice(0, cut), act, out_act, middle_act, join_act, per_group)
     # the check reads every n-th held-out row, at most MAX_CHECK samples (it runs every CHECK_EVERY steps)
     check = _Pair(samples, slice(cut, None, -(-(len(samples.image) - cut) * per_row // MAX_CHECK)), act, out_act,
-                  middle_act, join_act)
+                  middle_act, join_act, per_group)
     given = [w1, b1, w2, b2] + ([middle.weight, middle.bias] if middle else [])
     initial = [np.asarray(p if p is not None else np.zeros(len(given[i - 1])), np.float32)
                for i, p in enumerate(given)]

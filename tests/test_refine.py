@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import check_pruned
-from graphs import Builder, calib_for, tiny_csp, tiny_mobile, tiny_resnet
+from graphs import Builder, calib_for, resnext_block, tiny_csp, tiny_mobile, tiny_resnet
 
 import onnxprune
 from onnxprune.graph import Consumer
@@ -362,3 +362,75 @@ def test_adam_step_is_adams_update_in_place():
     np.testing.assert_allclose(param, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m, ref_m, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(v, ref_v, rtol=1e-5, atol=1e-9)
+
+
+def resnext_model():
+    """Stem, one ResNeXt block (16 wide, 4 conv groups of 4), GAP, Gemm."""
+    b = Builder()
+    x = resnext_block(b, b.node("Relu", [b.conv("input", 3, 8)]), 8, 16, 4)
+    return b.build(b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1), 8, 5))
+
+
+def _resnext_branch(model, x):
+    """(sampler, graph, (first 1×1 conv, its ReLU, the grouped conv, its ReLU, the last 1×1 conv as a
+    Consumer)) of the first ResNeXt block of ``model``."""
+    pruner = Pruner(model, x, PruneOptions(allocation="uniform", measure_latency=False))
+    g = pruner.analysis.g
+    grouped = next(n for n in g.nodes_by_type("Conv") if handler_for(n).loses_whole_groups(n, g))
+    act_in = g.producer[grouped.input[0]]
+    act_out = g.consumers[grouped.output[0]][0]
+    last = g.consumers[act_out.output[0]][0]
+    return pruner.sampler, g, (g.producer[act_in.input[0]], handler_for(act_in).activation(act_in, g), grouped,
+                               handler_for(act_out).activation(act_out, g), Consumer(last, last.input[0], 1))
+
+
+def _predict_grouped(s, act, wm, bm, mact, w1, b1, w2, b2, per_group):
+    """The consumer's output through a grouped middle, group by group (a reference written apart
+    from refine.py's products)."""
+    a1 = act[0](s.x @ w1.T.astype(np.float32) + b1) * s.inside[:, :, None]  # [n, taps, k]
+    taps = a1.shape[1]
+    zm = np.concatenate([np.einsum("nti,oit->no", a1[:, :, i:i + per_group],
+                                   wm[i:i + per_group].reshape(per_group, per_group, taps))
+                         for i in range(0, a1.shape[2], per_group)], axis=1)
+    return mact[0](zm + bm) @ w2.T + b2
+
+
+def test_resnext_branches_are_refined_through_the_grouped_conv():
+    """Through a grouped conv that loses whole groups (ResNeXt, groups of 4): the first 1×1 conv's
+    input patches give the last 1×1 conv's output at the sampled positions; whole maps give the
+    same loss and gradients as those positions written out; the grouped filters' gradient is the
+    loss's slope; the refinement tunes all three convs from perturbed grouped filters; and pruning
+    refines the blocks."""
+    model = resnext_model()
+    x = calib_for(model, 64)
+    sampler, g, (first, act, grouped, mact, c) = _resnext_branch(model, x)
+    h1, hm, h2 = handler_for(first), handler_for(grouped), handler_for(c.node)
+    per_group = hm.input_channels(grouped, g)
+    assert per_group == 4
+    s = sampler.pair_samples(g, first, c, None, None, 1 << 24, middle=grouped, whole_values=1)
+    assert s.x.shape[1] == 9 and not s.inside.all()
+    w1, b1, w2, b2 = h1.weight_matrix(first, g), h1.bias(first, g), h2.weight_matrix(c.node, g), h2.bias(c.node, g)
+    wm, bm = hm.weight_matrix(grouped, g), hm.bias(grouped, g)
+    out = _predict_grouped(s, act, wm, bm, mact, w1, b1, w2, b2, per_group)
+    assert np.abs(out - s.y).max() <= 1e-4 * np.abs(s.y).max()
+    whole_s = sampler.pair_samples(g, first, c, None, None, 1 << 10, middle=grouped, whole_values=1 << 24)
+    assert whole_s.tap_index is not None
+    params = [np.asarray(p, np.float32) for p in (w1, b1, w2, b2, wm * 0.7, bm)]
+    whole, sampled = (_Pair(v, slice(None), act, None, mact, per_group=per_group) for v in (whole_s, _as_sampled(whole_s)))
+    assert np.isclose(whole.loss(params)[0], sampled.loss(params)[0], rtol=1e-5)
+    grads = whole.loss(params, grad=True)[1]
+    for a, b in zip(grads, sampled.loss(params, grad=True)[1]):
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+    for i, j in [(0, 0), (5, 17), (15, 35)]:  # the grouped filters' gradient against central differences
+        step = 1e-2 * float(np.abs(params[4]).mean())
+        up, down = [p.copy() for p in params], [p.copy() for p in params]
+        up[4][i, j] += step
+        down[4][i, j] -= step
+        slope = (whole.loss(up)[0] - whole.loss(down)[0]) / (2 * step)
+        assert np.isclose(grads[4][i, j], slope, rtol=0.05, atol=1e-3 * np.abs(grads[4]).max())
+    noisy = wm + np.random.default_rng(0).normal(0, 0.5 * np.abs(wm).mean(), wm.shape)
+    done = refine_pair(s, act, None, w1, b1, w2, b2, Middle(noisy, bm, mact, per_group))
+    assert done is not None and done.error_after < 0.7 * done.error_before and done.wm.shape == wm.shape
+    result = onnxprune.prune(model, x, speedup=1.3, measure_latency=False, allocation="uniform")
+    check_pruned(result.model, model, x[:32], max_rel_err=0.5)
+    assert any(grp.refined_error for grp in result.report.groups)

@@ -124,6 +124,11 @@ class Handler:
         groups of it, or cuts each of them equally; it is sliced, never sampled or refit."""
         return False
 
+    def loses_whole_groups(self, node: onnx.NodeProto, g: GraphView) -> bool:
+        """Whether the node is a grouped conv (not depthwise) that pruning removes whole conv groups
+        of: it passes each group's channels through, as a depthwise conv passes each channel."""
+        return False
+
     def activation_input(self, node: onnx.NodeProto, g: GraphView) -> str:
         """The tensor :meth:`activation` is a function of."""
         return node.input[0]

@@ -147,7 +147,7 @@ class Conv(LinearHandler):
     def input_positions(self, node, g, pos):
         w, in_shape = self._weight(node, g), g.shape(node.input[0])
         if w is None or w.ndim != 4 or in_shape is None or len(in_shape) != 4 or \
-                self.is_grouped(node, g):
+                (self.is_grouped(node, g) and not self.loses_whole_groups(node, g)):
             return None
         h, wd = in_shape[2], in_shape[3]
         kernel = tuple(w.shape[2:])
