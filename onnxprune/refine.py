@@ -4,12 +4,13 @@ Layer-wise least squares refits the consumer of a pruned group (its outputs from
 channels) and the producer's kept filters (their own outputs), each on its own. Where the two are
 convolutions joined only by an elementwise activation, or — in an inverted residual block — by
 activation, depthwise conv, activation (and a squeeze-excite gate, taken from the pruned model
-and held fixed), and the consumer's output joins a residual branch, directly or through an
+and held fixed), or — in a ResNeXt / RegNet block — by activation, a grouped conv that passes
+whole groups, activation, and the consumer's output joins a residual branch, directly or through an
 activation (conv → SiLU → Add in CSP / YOLO bottlenecks; the caller decides: ``GroupPruner``),
 all of them are then refined jointly: Adam steps over slices of the samples, on the error of the
 residual sum (after the activation that follows it, where one does), on sampled output positions
 (each with the producer's input patches at every tap of the consumer's kernel, or of the
-depthwise conv's) or on whole maps (each image's producer patches at every position, the taps
+middle conv's) or on whole maps (each image's producer patches at every position, the taps
 gathered from them: :class:`~onnxprune.sampling.PairSamples`). Four fifths of the calibration
 images fit, the last fifth decides: the weights with the lowest held-out error are kept, and only
 when they beat the least-squares ones.
