@@ -129,7 +129,7 @@ def test_whole_conv_groups_are_chosen_by_what_they_contribute(method):
         inits[before_conv.input[1]].CopyFrom(numpy_helper.from_array(w1, before_conv.input[1]))
     before = numpy_helper.to_array(inits[convs[0].input[1]])
     result = onnxprune.prune(model, x, speedup=1.3, method=method, measure_latency=False, allocation="uniform",
-                             reconstruct=method != "l1")
+                             reconstruct=method != "l1", refine=False)  # refined, the kept filters would move
     check_pruned(result.model, model, x[:10], max_rel_err=1.0 if method != "l1" else 10.0)
     conv = grouped_convs(result.model)[0]
     after = GraphView(result.model).const(conv.input[1])
