@@ -308,7 +308,8 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
         elif grp.channels % grp.segments:
             grp.blocked.append(Blocked.graph(f"{grp.channels} channels do not split into {grp.segments} conv groups"))
         elif grp.channels % grp.conv_group:
-            grp.blocked.append(Blocked.graph(f"{grp.channels} channels do not split into conv groups of {grp.conv_group}"))
+            grp.blocked.append(Blocked.graph(
+                f"{grp.channels} channels do not split into conv groups of {grp.conv_group}"))
         elif grp.segments > 1 and grp.conv_group > 1:
             grp.blocked.append(Blocked.graph("one grouped Conv keeps its groups whole, another cuts inside them"))
     return result

@@ -316,7 +316,8 @@ class GroupPruner:
         middle, middle_act = None, None
         act, t = self._activation_into(t, inner)
         node = g.producer.get(t)
-        if node is not None and (handler_for(node).is_depthwise(node, g) or handler_for(node).loses_whole_groups(node, g)):
+        hn = handler_for(node) if node is not None else None
+        if hn is not None and (hn.is_depthwise(node, g) or hn.loses_whole_groups(node, g)):  # channels pass through
             middle, middle_act = node, act
             inner.append(node)
             act, t = self._activation_into(node.input[0], inner)

@@ -44,7 +44,8 @@ def grouped_conv_groups(groups):
 
 
 def grouped_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    return [n for n in model.graph.node
+            if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
 
 
 def group_count(node: onnx.NodeProto) -> int:
@@ -134,7 +135,8 @@ def test_whole_conv_groups_are_chosen_by_what_they_contribute(method):
     conv = grouped_convs(result.model)[0]
     after = GraphView(result.model).const(conv.input[1])
     n = group_count(conv)
-    kept = [i for i in range(4) if any(np.array_equal(before[4 * i:4 * i + 4], after[4 * j:4 * j + 4]) for j in range(n))]
+    kept = [i for i in range(4)
+            if any(np.array_equal(before[4 * i:4 * i + 4], after[4 * j:4 * j + 4]) for j in range(n))]
     assert 1 < n < 4 and len(kept) == n and 2 not in kept
 
 
