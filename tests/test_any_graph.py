@@ -109,6 +109,22 @@ def test_resnext_prunes_whole_conv_groups(method, reconstruct):
         assert not any("sampled" in why for _, why in result.report.skipped)
 
 
+@pytest.mark.parametrize("method,reconstruct", [("l1", False), ("random", False), ("lasso", True), ("thinet", True)])
+def test_widening_grouped_convs_are_pruned_keeping_groups_equal(method, reconstruct):
+    """A grouped conv that writes twice the channels it reads is cut inside its groups, equally."""
+    model = resnext(expand=2)
+    x = calib_for(model, 80)
+    result = onnxprune.prune(model, x, speedup=1.3, method=method, reconstruct=reconstruct, measure_latency=False)
+    assert result.report.totals.macs_speedup >= 1.3
+    for res in result.report.groups:
+        assert res.channels_after % 4 == 0, (res.name, res.channels_after)
+    assert_equal_groups(result.model)
+    assert all(group_count(n) == 4 for n in grouped_convs(result.model))
+    check_pruned(result.model, model, x[:10], max_rel_err=1.0 if reconstruct else 10.0)
+    if method == "lasso":  # the 1×1 convs feeding a grouped conv have no sampleable consumer
+        assert any("sampled" in why for _, why in result.report.skipped)
+
+
 @pytest.mark.parametrize("method", ["obs", "lasso", "l1"])
 def test_whole_conv_groups_are_chosen_by_what_they_contribute(method):
     model = resnext()
