@@ -104,6 +104,9 @@ def test_resnext_prunes_whole_conv_groups(method, reconstruct):
     pruned = {n.name: n for n in result.model.graph.node}
     assert {name: (layer["original_groups"], layer["groups"]) for name, layer in exported.items()} == \
         {n.name: (4, group_count(pruned[n.name])) for n in grouped_convs(model)}
+    table = result.report.table()  # and so does the summary, on the grouped convs' rows
+    assert all(f"groups 4->{group_count(pruned[n.name])}" in table
+               for n in grouped_convs(model) if group_count(pruned[n.name]) < 4)
     check_pruned(result.model, model, x[:10], max_rel_err=1.0 if reconstruct else 10.0)
     if reconstruct:  # the 1×1 conv after the grouped conv reads the whole groups: it is refit
         assert not any("sampled" in why for _, why in result.report.skipped)
