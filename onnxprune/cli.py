@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-residual", dest="prune_coupled", action=argparse.BooleanOptionalAction, default=None,
                    help="also prune channels coupled across branches (residual joins), with one selection "
                         "over all their consumers; default: only where the target cannot be reached with "
-                        "block outputs at full width (with a warning); --no-prune-residual never")
+                        "block outputs at full width, or only by cutting a layer more than 4x (with a warning); "
+                        "--no-prune-residual never")
     p.add_argument("--allocation", choices=list(ALLOCATIONS), default="sensitivity",
                    help="per-group widths: searched over measured error curves (default; data-driven methods), "
                         "one keep ratio for all, or the greedy descent over the curves alone (to compare)")

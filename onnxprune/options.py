@@ -48,6 +48,7 @@ class PruneOptions:
     round_to: int = 1  # the CLI defaults to its provider's block: 16 on cpu, 8 on GPUs (see --round-to)
     relax_round_to: bool = False  # round_to is a default, not the user's: finer multiples where a target needs them
     prune_coupled: bool | None = None  # None: residual-joined groups shrink only where the targets need them
+    # or the plan keeping them would cut a group more than allocation.DEEP_CUT times
     residual_target: bool = True
     batch_size: int = 32
     allocation: str = "sensitivity"  # uniform | sensitivity | greedy (curves: need calibration data; else uniform)

@@ -84,6 +84,7 @@ class Pruner:
         # target reuse it; the --max-drop back-off, at other widths, cross-validates afresh)
         self.ridges: dict[tuple[str, int], float] = {}
         self.opts = opts = (options or PruneOptions()).validate()
+        self.inputs = (model, calib, opts, image_options)  # for a second session (_residual_instead)
         self.progress = Progress(opts.progress)
         with self.progress.phase("load"):
             self.original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
@@ -152,8 +153,34 @@ class Pruner:
             return prune_stripes(self.original, self.work, self.shapes, self.cal, self.fit_idx, self.hold_idx,
                                  self.opts, self.folded, self.start)
         plan = self.allocate()
+        if self._residual_instead(plan):
+            return self._with_residual_joined(plan).run()
         pruned, fidelity, reached = self.prune_verified(plan)
         return PruneResult(pruned.model, self.report(pruned, fidelity, reached))
+
+    def _residual_instead(self, plan: Plan) -> bool:
+        """Whether the residual-joined groups, kept at full width by default (``prune_coupled``
+        left unset), should shrink too because ``plan`` cuts some group more than
+        :data:`DEEP_CUT` times: spread over the block outputs the cut then costs less on the
+        residual models measured (docs/benchmarks.md). Not under ``--latency``, whose search
+        measures its own plans."""
+        if self.inputs[2].prune_coupled is not None or self.opts.prune_coupled or not self.residual_joined \
+                or self.opts.latency is not None:
+            return False
+        cut = deepest_cut(plan, self.candidates)
+        return cut is not None and cut[1] > DEEP_CUT
+
+    def _with_residual_joined(self, plan: Plan) -> "Pruner":
+        """A new session on the same inputs that prunes the residual-joined groups too, its time
+        counted from this one's start."""
+        model, calib, opts, image_options = self.inputs
+        grp, factor = deepest_cut(plan, self.candidates)  # type: ignore[misc]
+        log.warning("%s cuts '%s' %.1fx with the %d residual-joined groups at full width: pruning them too "
+                    "(--no-prune-residual keeps them)", opts.targets.asked(), grp.name, factor, len(self.residual_joined))
+        session = Pruner(model, calib, replace(opts, prune_coupled=True), image_options)
+        session.start = self.start
+        session.progress.seconds = {"first plan": sum(self.progress.seconds.values()), **session.progress.seconds}
+        return session
 
     # ------------------------------------------------------------------ stages
     def _calibration(self, calib, image_options):
@@ -226,7 +253,7 @@ class Pruner:
         """One warning where ``plan`` cuts a group more than :data:`DEEP_CUT` times, naming the
         barriers that hold the MACs pruning cannot reach when they are what forces it."""
         cut = deepest_cut(plan, self.candidates)
-        if cut is None or cut[1] <= DEEP_CUT:
+        if cut is None or cut[1] <= DEEP_CUT or self._residual_instead(plan):
             return
         grp, factor = cut
         reach = prunability(self.analysis.g, self.analysis.groups)
@@ -235,8 +262,8 @@ class Pruner:
             names = ", ".join(f"{b.op_type} '{b.node}'" for b in reach.barriers[:2] if b.op_type) or reach.barriers[0].why
             held = f"; {1 - reach.fraction:.0%} of the MACs are out of pruning's reach (behind {names})"
         kept = len(self.residual_joined) if not self.opts.prune_coupled else 0
-        # spreading the cut over the block outputs too can cost less than one layer cut this deep, or
-        # more, by model (docs/benchmarks.md): offered, not taken
+        # by default the residual-joined groups shrink instead (_residual_instead); kept at full
+        # width by --no-prune-residual, they are offered
         wider = f", or --prune-residual (the {kept} residual-joined groups keep their width)" if kept else ""
         log.warning("%s cuts '%s' from %d to %d channels (%.1fx)%s: expect a large accuracy loss; a milder target "
                     "or more prunable layers (onnxprune inspect lists the barriers) keep more%s",

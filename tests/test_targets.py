@@ -91,14 +91,27 @@ def test_a_target_that_cuts_a_layer_deep_is_warned_about_naming_the_barrier(capl
     assert "expect a large accuracy loss" not in caplog.text
 
 
-def test_a_deep_cut_forced_by_kept_block_outputs_names_prune_residual(caplog):
+def test_a_deep_cut_forced_by_kept_block_outputs_prunes_them_too(caplog):
     """With the residual-joined groups at full width, --speedup 2.6 can only be met by cutting a
-    block's inner channels 12 -> 2: the warning offers letting the block outputs shrink too, and
-    does not when they already may."""
+    block's inner channels 12 -> 2: by default the block outputs then shrink too (said in one
+    warning); with --no-prune-residual they keep their width and the deep-cut warning offers
+    --prune-residual; with --prune-residual neither is said."""
     model = tiny_resnet()
     x = calib_for(model, 64)
     with caplog.at_level("WARNING", logger="onnxprune"):
         result = onnxprune.prune(model, x, speedup=2.6, measure_latency=False)
+    check_pruned(result.model, model, x[:16], max_rel_err=1.0)
+    assert result.report.totals.macs_speedup >= 2.6
+    spread = [r.getMessage() for r in caplog.records if "residual-joined groups at full width: pruning them too" in r.getMessage()]
+    assert len(spread) == 1 and "--speedup 2.6 cuts" in spread[0] and "(--no-prune-residual keeps them)" in spread[0]
+    assert "--prune-residual (" not in caplog.text
+    assert "first plan" in result.report.phases
+    kept_whole = onnxprune.prune(model, x, speedup=2.6, prune_coupled=True, measure_latency=False)
+    assert [(g.name, g.channels_after) for g in result.report.groups] == \
+        [(g.name, g.channels_after) for g in kept_whole.report.groups]  # the same plan as asked for outright
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        result = onnxprune.prune(model, x, speedup=2.6, prune_coupled=False, measure_latency=False)
     check_pruned(result.model, model, x[:16], max_rel_err=1.0)
     warned = [r.getMessage() for r in caplog.records if "expect a large accuracy loss" in r.getMessage()]
     assert len(warned) == 1 and "or --prune-residual (the 2 residual-joined groups keep their width)" in warned[0]
@@ -106,7 +119,7 @@ def test_a_deep_cut_forced_by_kept_block_outputs_names_prune_residual(caplog):
     with caplog.at_level("WARNING", logger="onnxprune"):
         result = onnxprune.prune(model, x, speedup=2.6, prune_coupled=True, measure_latency=False)
     check_pruned(result.model, model, x[:16], max_rel_err=1.0)
-    assert "--prune-residual (" not in caplog.text
+    assert "--prune-residual (" not in caplog.text and "pruning them too" not in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["conv", "depthwise", "grouped", "gemm"])
