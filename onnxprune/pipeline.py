@@ -84,7 +84,7 @@ class Pruner:
         # target reuse it; the --max-drop back-off, at other widths, cross-validates afresh)
         self.ridges: dict[tuple[str, int], float] = {}
         self.opts = opts = (options or PruneOptions()).validate()
-        self.inputs = (model, calib, opts, image_options)  # for a second session (_residual_instead)
+        self.inputs = (model, calib, opts, image_options)  # for a second session (_with_residual_joined)
         self.progress = Progress(opts.progress)
         with self.progress.phase("load"):
             self.original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
@@ -199,6 +199,7 @@ class Pruner:
                                   "needs calibration data: pass --calib, or use --method l1 --no-reconstruct")
             return synthetic_calibration(self.original), np.arange(1), np.arange(0), 0
         cal = load_calibration(calib, self.original, image_options)
+        self.inputs = (self.inputs[0], cal, *self.inputs[2:])  # read once, also for a second session
         fit_idx, hold_idx = split_calibration(len(cal), opts.holdout if opts.needs_data else min(opts.holdout, 0.99),
                                               opts.seed)
         if opts.needs_data and len(fit_idx) < 2:
