@@ -106,6 +106,8 @@ def test_a_deep_cut_forced_by_kept_block_outputs_prunes_them_too(caplog):
     assert len(spread) == 1 and "--speedup 2.6 cuts" in spread[0] and "(--no-prune-residual keeps them)" in spread[0]
     assert "--prune-residual (" not in caplog.text
     assert "first plan" in result.report.phases
+    once = onnxprune.prune(model, ({"input": x[i:i + 1]} for i in range(len(x))), speedup=2.6, measure_latency=False)
+    assert once.report.phases.get("first plan")  # a one-shot feed, read once for both sessions
     kept_whole = onnxprune.prune(model, x, speedup=2.6, prune_coupled=True, measure_latency=False)
     assert [(g.name, g.channels_after) for g in result.report.groups] == \
         [(g.name, g.channels_after) for g in kept_whole.report.groups]  # the same plan as asked for outright
