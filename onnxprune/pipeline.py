@@ -84,7 +84,8 @@ class Pruner:
         # target reuse it; the --max-drop back-off, at other widths, cross-validates afresh)
         self.ridges: dict[tuple[str, int], float] = {}
         self.opts = opts = (options or PruneOptions()).validate()
-        self.inputs = (model, calib, opts, image_options)  # for a second session (_with_residual_joined)
+        # what this session was given, for a second one (_with_residual_joined)
+        self.asked, self.model_source, self.calib_source, self.image_options = opts, model, calib, image_options
         self.progress = Progress(opts.progress)
         with self.progress.phase("load"):
             self.original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
@@ -164,20 +165,23 @@ class Pruner:
         :data:`DEEP_CUT` times: spread over the block outputs the cut then costs less on the
         residual models measured (docs/benchmarks.md). Not under ``--latency``, whose search
         measures its own plans."""
-        if self.inputs[2].prune_coupled is not None or self.opts.prune_coupled or not self.residual_joined \
-                or self.opts.latency is not None:
-            return False
+        return (self.asked.prune_coupled is None and not self.opts.prune_coupled and bool(self.residual_joined)
+                and self.opts.latency is None and self._deep_cut(plan) is not None)
+
+    def _deep_cut(self, plan: Plan) -> tuple[ChannelGroup, float] | None:
+        """The group ``plan`` cuts most and by how many times, where that is more than :data:`DEEP_CUT`."""
         cut = deepest_cut(plan, self.candidates)
-        return cut is not None and cut[1] > DEEP_CUT
+        return cut if cut is not None and cut[1] > DEEP_CUT else None
 
     def _with_residual_joined(self, plan: Plan) -> "Pruner":
         """A new session on the same inputs that prunes the residual-joined groups too, its time
         counted from this one's start."""
-        model, calib, opts, image_options = self.inputs
-        grp, factor = deepest_cut(plan, self.candidates)  # type: ignore[misc]
+        grp, factor = self._deep_cut(plan)  # type: ignore[misc]
         log.warning("%s cuts '%s' %.1fx with the %d residual-joined groups at full width: pruning them too "
-                    "(--no-prune-residual keeps them)", opts.targets.asked(), grp.name, factor, len(self.residual_joined))
-        session = Pruner(model, calib, replace(opts, prune_coupled=True), image_options)
+                    "(--no-prune-residual keeps them)", self.asked.targets.asked(), grp.name, factor,
+                    len(self.residual_joined))
+        session = Pruner(self.model_source, self.calib_source, replace(self.asked, prune_coupled=True),
+                         self.image_options)
         session.start = self.start
         session.progress.seconds = {"first plan": sum(self.progress.seconds.values()), **session.progress.seconds}
         return session
@@ -199,7 +203,7 @@ class Pruner:
                                   "needs calibration data: pass --calib, or use --method l1 --no-reconstruct")
             return synthetic_calibration(self.original), np.arange(1), np.arange(0), 0
         cal = load_calibration(calib, self.original, image_options)
-        self.inputs = (self.inputs[0], cal, *self.inputs[2:])  # read once, also for a second session
+        self.calib_source = cal  # read once, also for a second session
         fit_idx, hold_idx = split_calibration(len(cal), opts.holdout if opts.needs_data else min(opts.holdout, 0.99),
                                               opts.seed)
         if opts.needs_data and len(fit_idx) < 2:
@@ -253,8 +257,8 @@ class Pruner:
     def _warn_deep_cut(self, plan: Plan) -> None:
         """One warning where ``plan`` cuts a group more than :data:`DEEP_CUT` times, naming the
         barriers that hold the MACs pruning cannot reach when they are what forces it."""
-        cut = deepest_cut(plan, self.candidates)
-        if cut is None or cut[1] <= DEEP_CUT or self._residual_instead(plan):
+        cut = self._deep_cut(plan)
+        if cut is None or self._residual_instead(plan):
             return
         grp, factor = cut
         reach = prunability(self.analysis.g, self.analysis.groups)
