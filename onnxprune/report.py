@@ -137,7 +137,7 @@ class Report:
         for r in rows[:max_rows]:
             lines.append(f"{r.node[:36]:<36} {r.op_type:<8} {_arrow(r.in_channels):>11} "
                          f"{_arrow(r.out_channels):>11} {_arrow(tuple(_si(m) for m in r.macs)):>19}"
-                         + (f"  groups {_arrow(r.groups)}" if r.groups != (1, 1) and r.groups[0] != r.groups[1] else ""))
+                         + (f"  groups {_arrow(r.groups)}" if r.groups[0] != r.groups[1] else ""))
         if len(rows) > max_rows:
             lines.append(f"... {len(rows) - max_rows} more layers (see --report JSON)")
         t = self.totals

@@ -19,7 +19,7 @@ from .candidates import choose_candidates
 from .fold import constants_to_initializers, fold_batchnorm
 from .errors import CalibrationError, ModelError, OptionError
 from .graph import find_groups
-from .graphview import GraphView, attr, node_name
+from .graphview import GraphView, node_name
 from .io import check_opset, load_model, model_bytes
 from .latency import Latency, latency_ms, measure
 from .ops import handler_for
@@ -174,7 +174,7 @@ def cost_table(original: onnx.ModelProto, reference: onnx.ModelProto, pruned: on
                              (_layer_channels(gb, node, node.input[0]), _layer_channels(ga, other, other.input[0])),
                              (_layer_channels(gb, node, node.output[0]), _layer_channels(ga, other, other.output[0])),
                              (macs, handler_for(other).macs(other, ga)),
-                             (attr(node, "group", 1), attr(other, "group", 1))))
+                             (handler_for(node).conv_groups(node, gb), handler_for(other).conv_groups(other, ga))))
     latency = tuple(latency_ms([original, pruned], latency_feed, provider)) if latency_feed is not None else None
     totals = Totals(macs=(sum(r.macs[0] for r in rows), sum(r.macs[1] for r in rows)),
                     params=(count_params(GraphView(original)), count_params(GraphView(pruned))),

@@ -108,7 +108,9 @@ def test_a_deep_cut_forced_by_kept_block_outputs_prunes_them_too(caplog):
     assert "first plan" in result.report.phases
     once = onnxprune.prune(model, ({"input": x[i:i + 1]} for i in range(len(x))), speedup=2.6, measure_latency=False)
     assert once.report.phases.get("first plan")  # a one-shot feed, read once for both sessions
+    check_pruned(once.model, model, x[:16], max_rel_err=1.0)
     kept_whole = onnxprune.prune(model, x, speedup=2.6, prune_coupled=True, measure_latency=False)
+    check_pruned(kept_whole.model, model, x[:16], max_rel_err=1.0)
     assert [(g.name, g.channels_after) for g in result.report.groups] == \
         [(g.name, g.channels_after) for g in kept_whole.report.groups]  # the same plan as asked for outright
     caplog.clear()

@@ -119,10 +119,9 @@ class Handler:
         """Whether the node filters each channel on its own over a spatial kernel (depthwise conv)."""
         return False
 
-    def is_grouped(self, node: onnx.NodeProto, g: GraphView) -> bool:
-        """Whether the node is a grouped conv that is not depthwise: pruning removes whole conv
-        groups of it, or cuts each of them equally; it is sliced, never sampled or refit."""
-        return False
+    def conv_groups(self, node: onnx.NodeProto, g: GraphView) -> int:
+        """The groups the node's channels are computed in (a conv's ``group``; 1 for other ops)."""
+        return 1
 
     def loses_whole_groups(self, node: onnx.NodeProto, g: GraphView) -> bool:
         """Whether the node is a grouped conv (not depthwise) that pruning removes whole conv groups

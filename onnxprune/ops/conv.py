@@ -63,7 +63,12 @@ class Conv(LinearHandler):
         return w is not None and group > 1 and w.shape[1] == 1 and w.shape[0] == group
 
     def is_grouped(self, node, g) -> bool:
+        """Whether it is a grouped conv that is not depthwise: pruning removes whole conv groups of
+        it, or cuts each of them equally; it is sliced, never sampled or refit."""
         return attr(node, "group", 1) > 1 and not self.is_depthwise(node, g)
+
+    def conv_groups(self, node, g) -> int:
+        return attr(node, "group", 1)
 
     def loses_whole_groups(self, node, g) -> bool:
         """Whether pruning removes whole conv groups of this grouped conv (not depthwise)."""
@@ -222,6 +227,9 @@ class ConvTranspose(LinearHandler):
 
     has_bias = False  # one bias per output channel cannot follow a refit per place in its tile
     semi_structured = False
+
+    def conv_groups(self, node, g) -> int:
+        return attr(node, "group", 1)
 
     def _tile(self, node, g) -> tuple[int, int] | None:
         w = g.input_const(node, 1)
