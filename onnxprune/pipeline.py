@@ -45,7 +45,7 @@ from .sparsity import SparseLayer, sparsify_2_4
 from .report import GroupResult, ModelForm, Quantization, Report
 from .sampling import Sampler
 from .select import Method
-from .sensitivity import output_scaled_curves
+from .sensitivity import CurveRecord, output_scaled_curves
 from .summary import cost_table, model_macs
 from .tail import TailResult, refine_tail
 from .verify import OutputFidelity, compare, guard_loss
@@ -83,6 +83,7 @@ class Pruner:
         # per layer problem, the ridge the first pruning cross-validated (re-prunes to a missed MACs
         # target reuse it; the --max-drop back-off, at other widths, cross-validates afresh)
         self.ridges: dict[tuple[str, int], float] = {}
+        self.measured_curves = CurveRecord()  # shared with a second session, which measures only groups new to it
         self.opts = opts = (options or PruneOptions()).validate()
         # what this session was given, for a second one (_with_residual_joined)
         self.asked, self.model_source, self.calib_source, self.image_options = opts, model, calib, image_options
@@ -175,14 +176,14 @@ class Pruner:
 
     def _with_residual_joined(self, plan: Plan) -> "Pruner":
         """A new session on the same inputs that prunes the residual-joined groups too, its time
-        counted from this one's start."""
+        counted from this one's start; it takes the curves of the groups both share from this one."""
         grp, factor = self._deep_cut(plan)  # type: ignore[misc]
         log.warning("%s cuts '%s' %.1fx with the %d residual-joined groups at full width: pruning them too "
                     "(--no-prune-residual keeps them)", self.asked.targets.asked(), grp.name, factor,
                     len(self.residual_joined))
         session = Pruner(self.model_source, self.calib_source, replace(self.asked, prune_coupled=True),
                          self.image_options)
-        session.start = self.start
+        session.start, session.measured_curves = self.start, self.measured_curves
         session.progress.seconds = {"first plan": sum(self.progress.seconds.values()), **session.progress.seconds}
         return session
 
@@ -235,7 +236,7 @@ class Pruner:
                 subset = random_subset(self.fit_idx, opts.sensitivity_images, opts.seed)
                 sampler = self.sampler if len(subset) == len(self.fit_idx) else self._sampler(subset)
                 curves = output_scaled_curves(self.analysis, sampler, self.shapes, opts, self.bn_scales,
-                                              self.progress)
+                                              self.progress, record=self.measured_curves)
         self.allocator = Allocator(self.cost, self.candidates, curves, search=opts.allocation != "greedy")
         try:
             plan = self.allocator.plan(opts.targets, opts.round_to, relax=opts.relax_round_to)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -102,9 +102,27 @@ def _stats_bytes(c, sampler, g) -> int:
     return 16 * (d + 1) * (d + 1 + cout)
 
 
+@dataclass
+class CurveRecord:
+    """Curves measured so far in one run, by what a group is (:func:`group_key`): a second session
+    on the same model and data (the residual rule's) measures only the groups the first did not
+    have. ``layer``: the consumers' error curves; ``scaled``: the same put on the output's scale."""
+
+    layer: dict[tuple, list[float]] = field(default_factory=dict)
+    scaled: dict[tuple, list[float]] = field(default_factory=dict)
+
+
+def group_key(unit: ChannelGroup) -> tuple:
+    """What makes two analyses' groups the same for their curves: the tensors holding the
+    channels, their number and conv groups, and the nodes reading them."""
+    return (tuple(unit.tensors), unit.channels, unit.conv_group,
+            tuple((node_key(c.node), c.tensor) for c in unit.consumers))
+
+
 def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int = 8,
                    frontier: Frontier | None = None, on_curve: OnCurve | None = None,
-                   measured: tuple[float, ...] = MEASURED) -> dict[int, list[float]]:
+                   measured: tuple[float, ...] = MEASURED,
+                   known: dict[int, list[float]] | None = None) -> dict[int, list[float]]:
     """Error curves of every unit, from the model before any pruning: one pass over the data per
     ``chunk`` consumers (fewer where their statistics would exceed :data:`STATS_BUDGET`); each
     unit's curve is computed as soon as its consumers' statistics are in, which are then dropped.
@@ -112,10 +130,12 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
     With ``frontier`` (over the sampler's images, on ``g``'s model) each pass runs only the
     segment from the previous one; ``on_curve(unit, consumers, stats, curve)`` is called while a
     unit's statistics are still held (the model must be as it was when it returns). ``measured``:
-    the ratios measured on groups wider than :data:`EVERY_WIDTH` (the rest interpolated)."""
+    the ratios measured on groups wider than :data:`EVERY_WIDTH` (the rest interpolated);
+    ``known``: curves by unit index measured before, taken as they are."""
     from .ops import handler_for
 
-    jobs = [(u, [c for c in u.consumers if sampleable(c, g)]) for u in units]
+    known = known or {}
+    jobs = [(u, [c for c in u.consumers if sampleable(c, g)] if u.index not in known else []) for u in units]
     flat = [c for _, cs in jobs for c in cs]
     parts, part, held = [], [], 0
     for c in flat:
@@ -148,7 +168,8 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
                 on_curve(u, cs, [stats[id(c)] for c in cs], curves[u.index])
         needed = {id(c) for _, cs in waiting for c in cs}
         stats = {k: v for k, v in stats.items() if k in needed}
-    curves = {u.index: curves[u.index] for u, cs in jobs if cs}  # in the units' order
+    curves = {**known, **curves}
+    curves = {u.index: curves[u.index] for u in units if u.index in curves}  # in the units' order
     if curves:
         neutral = list(np.mean([v for v in curves.values()], axis=0))
         for u in units:
@@ -158,7 +179,8 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
 
 def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str, tuple[int, ...]],
                          opts: PruneOptions, bn_scales: dict[str, np.ndarray], progress: Progress = QUIET,
-                         probes: tuple[float, ...] = PROBES, images: int | None = None) -> dict[int, list[float]]:
+                         probes: tuple[float, ...] = PROBES, images: int | None = None,
+                         record: CurveRecord | None = None) -> dict[int, list[float]]:
     """Error curves of the candidate groups put on one scale: each unit's curve is scaled so
     that, at each of the ``probes`` (fractions of its width), it equals the relative error of
     the *model output* measured with that unit alone pruned to it (on ``images`` of the sampler's
@@ -168,7 +190,8 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
 
     Each probe reuses the statistics its curve was measured from, edits the model in place
     (undone at once) and runs only the part of the model after the unit on carried activations,
-    so a probe costs a fraction of one forward pass over ``images`` images."""
+    so a probe costs a fraction of one forward pass over ``images`` images. ``record``: curves
+    measured before in this run are taken from it, not measured again; new ones are added."""
     g = analysis.g
     model = g.model
     solo = replace(opts, refit_downstream=False, refine=False, progress=False)
@@ -177,8 +200,11 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
     batch = fitting_batch(shapes, opts.batch_size)
     topo = positions(model)
     units = sorted(analysis.candidates, key=lambda u: first_edited(u, g, topo))
+    record = record if record is not None else CurveRecord()
+    keys = {u.index: group_key(u) for u in units}
+    known = {u.index: record.layer[keys[u.index]] for u in units if keys[u.index] in record.layer}
+    bar = progress.bar(iter(units), "sensitivity", total=len(units) - len(known)) if progress.show else None
     factors: dict[int, dict[int, float]] = {}  # unit -> grid index -> output error / curve there
-    bar = progress.bar(iter(units), "sensitivity", total=len(units)) if progress.show else None
     probe_idx = random_subset(sampler.indices, images or probe_images(model, shapes), opts.seed)
     with Frontier(model, sampler.calib, sampler.indices, batch, provider=sampler.provider) as data, \
             Frontier(model, sampler.calib, probe_idx, batch, provider=sampler.provider) as outs:
@@ -207,17 +233,23 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
 
         # the probes' widths are measured, not interpolated: the scale divides by the curve there
         measured = tuple(sorted({*MEASURED, *(GRID[j] for j in at)}))
-        curves = measure_curves(units, sampler, g, sampleable, frontier=data, on_curve=scale, measured=measured)
+        curves = measure_curves(units, sampler, g, sampleable, frontier=data, on_curve=scale, measured=measured,
+                                known=known)
     if bar is not None:
         bar.close()
     scaled = {}
     for i, curve in curves.items():
         probed = factors.get(i)
-        if not probed:
+        if i in known:
+            scaled[i] = record.scaled[keys[i]]
+        elif not probed:
             scaled[i] = curve
-            continue
-        scale_at = np.interp(GRID, [GRID[j] for j in probed], list(probed.values()))
-        scaled[i] = [float(v * f) for v, f in zip(curve, scale_at)]
+        else:
+            scale_at = np.interp(GRID, [GRID[j] for j in probed], list(probed.values()))
+            scaled[i] = [float(v * f) for v, f in zip(curve, scale_at)]
+    for u in units:  # measured, not the neutral curve of a unit no consumer of which was sampled
+        if u.index not in known and any(sampleable(c, g) for c in u.consumers):
+            record.layer[keys[u.index]], record.scaled[keys[u.index]] = curves[u.index], scaled[u.index]
     return scaled
 
 

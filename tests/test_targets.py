@@ -126,6 +126,37 @@ def test_a_deep_cut_forced_by_kept_block_outputs_prunes_them_too(caplog):
     assert "--prune-residual (" not in caplog.text and "pruning them too" not in caplog.text
 
 
+def test_the_second_session_measures_only_the_groups_new_to_it(monkeypatch):
+    """The residual rule's second session takes the curves of the groups both sessions have from
+    the first: it measures the residual-joined groups alone, and every curve equals what a session
+    measuring all of them afresh finds."""
+    from onnxprune import sensitivity
+    from onnxprune.options import PruneOptions
+    from onnxprune.pipeline import Pruner
+
+    model = tiny_resnet()
+    x = calib_for(model, 64)
+    measured = []
+    error_curve = sensitivity.error_curve
+    monkeypatch.setattr(sensitivity, "error_curve", lambda unit, *a, **k: measured.append(unit.name) or
+                        error_curve(unit, *a, **k))
+    options = PruneOptions(speedup=2.6, measure_latency=False)
+    first = Pruner(model, x, options)
+    assert first._residual_instead(first.allocate())
+    inner = sorted(measured)
+    second = first._with_residual_joined(first.allocator.plan(options.targets, options.round_to))
+    measured.clear()
+    shared = second.allocate()
+    joined = sorted(grp.name for grp in second.residual_joined)
+    assert sorted(measured) == joined and not set(joined) & set(inner)
+    fresh = Pruner(model, x, PruneOptions(speedup=2.6, measure_latency=False, prune_coupled=True))
+    measured.clear()
+    plan = fresh.allocate()
+    assert sorted(measured) == sorted(inner + joined)
+    assert second.allocator.curves == fresh.allocator.curves and shared.widths == plan.widths
+    check_pruned(second.prune(shared).model, model, x[:16], max_rel_err=1.0)
+
+
 @pytest.mark.parametrize("kind", ["conv", "depthwise", "grouped", "gemm"])
 def test_single_layer_models_for_latency_timing_run(kind):
     """The one-node models timed for --latency compute the layer at the narrowed widths."""
