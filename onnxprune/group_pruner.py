@@ -30,7 +30,7 @@ from .refine import MAX_VALUES, WHOLE_MAX_VALUES, Middle, refine_pair
 from .report import GroupResult
 from .rewrite import finalize, prune_group
 from .sampling import Runs, Sampler
-from .select import (OBS_MAX_COLUMNS, Method, RefitProblem, expand_channels, l1_select, lasso_select,
+from .select import (OBS_MAX_COLUMNS, Method, RefitProblem, add_unit_contribution, expand_channels, l1_select, lasso_select,
                      normalized_contribution, obs_order, per_segment, random_select, slim_select, thinet_select)
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,10 @@ def _contribution_problem(sites: list["Site"], g: GraphView, channels: int) -> t
     """
     gram, corr = np.zeros((channels, channels)), np.zeros(channels)
     for site in sites:
-        at = site.unit_channels
         for c, st in zip(site.sampled, site.stats):
             h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
             gr, co = normalized_contribution(st, h.weight_matrix(c.node, g), h.bias(c.node, g), site.width)
-            mine, other = site.unit_positions, site.other_positions
-            gram[np.ix_(at, at)] += gr[np.ix_(mine, mine)]
-            corr[at] += co[mine] - gr[np.ix_(mine, other)].sum(axis=1)
+            add_unit_contribution(gram, corr, gr, co, site.unit_channels, site.unit_positions, site.other_positions)
     return gram, corr
 
 
@@ -180,6 +177,20 @@ class Site:
     stats: list | None = None
 
 
+def unit_sites(unit: ChannelGroup, current: dict[int, np.ndarray], g: GraphView) -> list[Site]:
+    """Where ``unit``'s channels sit now: each group holding them (its own, and those after a
+    Concat or Split), with ``current`` the atoms each group holds (group index -> atoms)."""
+    sites = []
+    channel_of = {int(a): i for i, a in enumerate(unit.atoms)}
+    for grp in unit.sites:
+        now = current[grp.index]
+        mine = np.isin(now, unit.atoms)
+        unit_channels = np.array([channel_of[int(a)] for a in now[mine]], dtype=np.int64)
+        sites.append(Site(grp, len(now), np.flatnonzero(mine), unit_channels, np.flatnonzero(~mine),
+                          [c for c in grp.consumers if sampleable(c, g)]))
+    return sites
+
+
 IDENTITY: Activation = (lambda z: z, np.ones_like)
 _POOLS = ("GlobalAveragePool", "ReduceMean")  # what may read a branch tensor to compute its gate
 
@@ -231,20 +242,9 @@ class GroupPruner:
         # branch cost more time than filling them
         self.pair_buffer = np.empty(max(MAX_VALUES, WHOLE_MAX_VALUES), np.float32) if opts.refine else None
 
-    def _sites(self, unit: ChannelGroup) -> list[Site]:
-        sites = []
-        for grp in unit.sites:
-            now = self.current[grp.index]
-            mine = np.isin(now, unit.atoms)
-            channel_of = {int(a): i for i, a in enumerate(unit.atoms)}
-            unit_channels = np.array([channel_of[int(a)] for a in now[mine]], dtype=np.int64)
-            sites.append(Site(grp, len(now), np.flatnonzero(mine), unit_channels, np.flatnonzero(~mine),
-                               [c for c in grp.consumers if sampleable(c, self.g)]))
-        return sites
-
     def prune_unit(self, unit: ChannelGroup, keep_n: int, runs: Runs | None = None, tidy: bool = True) -> GroupResult:
         g, opts = self.g, self.opts
-        sites = self._sites(unit)
+        sites = unit_sites(unit, self.current, g)
         if self.sampler:
             for site in sites:
                 site.stats = self.sampler.stats(g, site.sampled, self.kept_outputs, runs) if site.sampled else []

@@ -71,6 +71,18 @@ def normalized_contribution(stats, weight: np.ndarray, bias: np.ndarray | None,
     return gram / energy, corr / energy
 
 
+def add_unit_contribution(gram: np.ndarray, corr: np.ndarray, consumer_gram: np.ndarray, consumer_corr: np.ndarray,
+                          unit_channels: np.ndarray, unit_positions: np.ndarray, other_positions: np.ndarray) -> None:
+    """Adds one consumer's contribution problem (over all the channels it reads) to a unit's
+    (``gram``, ``corr``, over the unit's channels), in place. The unit's channel
+    ``unit_channels[i]`` sits at ``unit_positions[i]`` among the consumer's; where it also reads
+    other groups' channels (after a Concat, at ``other_positions``), those stay fixed: the target
+    of the unit's channels is the output minus the others' contributions."""
+    gram[np.ix_(unit_channels, unit_channels)] += consumer_gram[np.ix_(unit_positions, unit_positions)]
+    corr[unit_channels] += (consumer_corr[unit_positions]
+                            - consumer_gram[np.ix_(unit_positions, other_positions)].sum(axis=1))
+
+
 GRAM_BUDGET = 1 << 30  # bytes: above this, per-channel contributions are summed from the kept samples
 
 

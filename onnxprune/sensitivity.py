@@ -16,7 +16,7 @@ from .budget import round_width
 from .calib import random_subset
 from .candidates import Analysis, first_edited, node_key, positions, sampleable
 from .frontier import Frontier
-from .group_pruner import GroupPruner, KnownStats
+from .group_pruner import GroupPruner, KnownStats, Site, unit_sites
 from .options import PruneOptions
 from .progress import QUIET, Progress
 from .rewrite import trial_edit
@@ -24,7 +24,7 @@ from .sampling import Sampler, image_fold
 from .verify import comparable
 from .graph import ChannelGroup
 from .reconstruct import ESTIMATE_RIDGE, held_out_error
-from .select import expand_channels, lasso_selections, normalized_contribution
+from .select import add_unit_contribution, expand_channels, lasso_selections, normalized_contribution
 
 # called with (unit, its sampled consumers, their statistics, its curve) once a curve is known
 OnCurve = Callable[[ChannelGroup, list, list, list[float]], None]
@@ -37,15 +37,20 @@ EVERY_WIDTH = 32  # groups up to this wide are measured at every grid point
 
 
 def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels: int,
-                ratios=GRID, measured=MEASURED, conv_group: int = 1) -> list[float]:
+                ratios=GRID, measured=MEASURED, conv_group: int = 1, sites: list[Site] | None = None) -> list[float]:
     """Mean relative error of the unit's consumers when keeping each ratio of channels (LASSO
     selection, then least squares), on images the refit did not see, from the original model's
     statistics: measured at the widths ``measured`` gives, interpolated between them.
-    ``conv_group``: the channels go in whole aligned runs of this many (:attr:`ChannelGroup.conv_group`)."""
+    ``conv_group``: the channels go in whole aligned runs of this many (:attr:`ChannelGroup.conv_group`).
+    ``sites``: per consumer, where the unit's channels sit among those it reads (a consumer after
+    a Concat reads other groups' channels too, which it keeps); None: it reads the unit's alone."""
+    whole = np.arange(channels)
+    places = [(site.width, site.unit_channels, site.unit_positions, site.other_positions) if site is not None
+              else (channels, whole, whole, whole[:0]) for site in (sites or [None] * len(stats))]
     gram, corr = np.zeros((channels, channels)), np.zeros(channels)
-    for st, w, b in zip(stats, weights, biases):
-        gr, co = normalized_contribution(st, w, b, channels)
-        gram, corr = gram + gr, corr + co
+    for st, w, b, (width, mine, at, other) in zip(stats, weights, biases, places):
+        gr, co = normalized_contribution(st, w, b, width)
+        add_unit_contribution(gram, corr, gr, co, mine, at, other)
     size = conv_group  # whole conv groups go: the LASSO weighs their channels' summed contributions
     items = channels // size
     if size > 1:
@@ -57,9 +62,9 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
     for chosen in lasso_selections(gram, corr, kept_items):
         keep = expand_channels(chosen, size)
         errs = []
-        for st, w, b in zip(stats, weights, biases):
-            k = w.shape[1] // channels
-            cols = expand_channels(keep, k)
+        for st, w, b, (width, mine, at, other) in zip(stats, weights, biases, places):
+            kept = np.sort(np.concatenate([at[np.isin(mine, keep)], other]))
+            cols = expand_channels(kept, w.shape[1] // width)
             errs.append(held_out_error(st, cols, w[:, cols], b, b is not None))
         errors.append(float(np.mean(errs)))
     if len(keeps) == 1:
@@ -119,13 +124,15 @@ def group_key(unit: ChannelGroup) -> tuple:
             tuple((node_key(c.node), c.tensor) for c in unit.consumers))
 
 
-def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int = 8,
+def measure_curves(units: list[ChannelGroup], sampler, g, chunk: int = 8,
                    frontier: Frontier | None = None, on_curve: OnCurve | None = None,
                    measured: tuple[float, ...] = MEASURED,
                    known: dict[int, list[float]] | None = None) -> dict[int, list[float]]:
     """Error curves of every unit, from the model before any pruning: one pass over the data per
     ``chunk`` consumers (fewer where their statistics would exceed :data:`STATS_BUDGET`); each
     unit's curve is computed as soon as its consumers' statistics are in, which are then dropped.
+    A unit's consumers are those of every group holding its channels (after a Concat too, where
+    several units share one consumer: its statistics are gathered once).
 
     With ``frontier`` (over the sampler's images, on ``g``'s model) each pass runs only the
     segment from the previous one; ``on_curve(unit, consumers, stats, curve)`` is called while a
@@ -135,8 +142,11 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
     from .ops import handler_for
 
     known = known or {}
-    jobs = [(u, [c for c in u.consumers if sampleable(c, g)] if u.index not in known else []) for u in units]
-    flat = [c for _, cs in jobs for c in cs]
+    atoms = {grp.index: grp.atoms for u in units for grp in u.sites}
+    placed = {u.index: [(c, site) for site in unit_sites(u, atoms, g) for c in site.sampled]
+              for u in units if u.index not in known}
+    jobs = [(u, [c for c, _ in placed.get(u.index, [])]) for u in units]
+    flat = list({_key(c): c for _, cs in jobs for c in cs}.values())
     parts, part, held = [], [], 0
     for c in flat:
         size = _stats_bytes(c, sampler, g)
@@ -154,19 +164,20 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
     for part, limit in zip(parts, limits):
         runs = functools.partial(frontier.run, advance_to=int(limit)) if frontier else None
         for c, st in zip(part, sampler.stats(g, part, runs=runs)):
-            stats[id(c)] = st
-        done = [all(id(c) in stats for c in cs) for _, cs in waiting]
+            stats[_key(c)] = st
+        done = [all(_key(c) in stats for c in cs) for _, cs in waiting]
         ready = [job for job, ok in zip(waiting, done) if ok]
         waiting = [job for job, ok in zip(waiting, done) if not ok]
         for u, cs in ready:
             hs = [handler_for(c.node) for c in cs]
-            curves[u.index] = error_curve(u, cs, [stats[id(c)] for c in cs],
-                                          [h.weight_matrix(c.node, g) for h, c in zip(hs, cs)],
+            held_stats = [stats[_key(c)] for c in cs]
+            curves[u.index] = error_curve(u, cs, held_stats, [h.weight_matrix(c.node, g) for h, c in zip(hs, cs)],
                                           [h.bias(c.node, g) for h, c in zip(hs, cs)], u.channels,
-                                          measured=measured, conv_group=u.conv_group)
+                                          measured=measured, conv_group=u.conv_group,
+                                          sites=[site for _, site in placed[u.index]])
             if on_curve:
-                on_curve(u, cs, [stats[id(c)] for c in cs], curves[u.index])
-        needed = {id(c) for _, cs in waiting for c in cs}
+                on_curve(u, cs, held_stats, curves[u.index])
+        needed = {_key(c) for _, cs in waiting for c in cs}
         stats = {k: v for k, v in stats.items() if k in needed}
     curves = {**known, **curves}
     curves = {u.index: curves[u.index] for u in units if u.index in curves}  # in the units' order
@@ -175,6 +186,11 @@ def measure_curves(units: list[ChannelGroup], sampler, g, sampleable, chunk: int
         for u in units:
             curves.setdefault(u.index, neutral)
     return curves
+
+
+def _key(c) -> tuple[str, str]:
+    """A consumer's statistics are the same whichever group lists it: by node and tensor read."""
+    return node_key(c.node), c.tensor
 
 
 def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str, tuple[int, ...]],
@@ -233,8 +249,7 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
 
         # the probes' widths are measured, not interpolated: the scale divides by the curve there
         measured = tuple(sorted({*MEASURED, *(GRID[j] for j in at)}))
-        curves = measure_curves(units, sampler, g, sampleable, frontier=data, on_curve=scale, measured=measured,
-                                known=known)
+        curves = measure_curves(units, sampler, g, frontier=data, on_curve=scale, measured=measured, known=known)
     if bar is not None:
         bar.close()
     scaled = {}
@@ -248,7 +263,7 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
             scale_at = np.interp(GRID, [GRID[j] for j in probed], list(probed.values()))
             scaled[i] = [float(v * f) for v, f in zip(curve, scale_at)]
     for u in units:  # measured, not the neutral curve of a unit no consumer of which was sampled
-        if u.index not in known and any(sampleable(c, g) for c in u.consumers):
+        if u.index not in known and any(sampleable(c, g) for c in u.all_consumers):
             record.layer[keys[u.index]], record.scaled[keys[u.index]] = curves[u.index], scaled[u.index]
     return scaled
 

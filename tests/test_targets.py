@@ -157,6 +157,54 @@ def test_the_second_session_measures_only_the_groups_new_to_it(monkeypatch):
     check_pruned(second.prune(shared).model, model, x[:16], max_rel_err=1.0)
 
 
+def _two_branch_concat(quiet: float) -> onnx.ModelProto:
+    """Stem conv, two 12-channel branches joined by a Concat, a conv reading all 24, GAP, Gemm; the
+    conv's weights on the second branch's channels scaled by ``quiet``."""
+    b = Builder(in_shape=("N", 3, 8, 8), seed=2)
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    left, right = b.node("Relu", [b.conv(x, 8, 12, k=1, pad=0)]), b.node("Relu", [b.conv(x, 8, 12)])
+    y = b.conv(b.node("Concat", [left, right], axis=1), 24, 16)
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [b.node("Relu", [y])])], axis=1)
+    model = b.build(b.gemm(x, 16, 10))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[0].startswith("concat"))
+    w = next(t for t in model.graph.initializer if t.name == conv.input[1])
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr[:, 12:] *= quiet
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    return model
+
+
+def test_groups_feeding_a_concat_get_measured_curves(monkeypatch):
+    """Each branch before a Concat gets its own curve, from the conv after the Concat (whose
+    statistics are gathered once for both): the branch that conv barely reads costs little to
+    cut, and the allocation cuts it rather than the other."""
+    from onnxprune import sensitivity
+    from onnxprune.options import PruneOptions
+    from onnxprune.pipeline import Pruner
+
+    model = _two_branch_concat(quiet=0.02)
+    x = calib_for(model, 64)
+    gathered = []
+    stats = sensitivity.Sampler.stats
+    monkeypatch.setattr(sensitivity.Sampler, "stats", lambda self, g, consumers, *a, **k: gathered.extend(
+        c.node.name for c in consumers) or stats(self, g, consumers, *a, **k))
+    session = Pruner(model, x, PruneOptions(speedup=1.3, measure_latency=False))
+    plan = session.allocate()
+    branches = [grp for grp in session.candidates if grp.channels == 12]
+    assert len(branches) == 2 and all(not grp.consumers and len(grp.sites) == 2 for grp in branches)
+    # the left branch is the 1x1 conv
+    kernel = {grp.index: next(list(a.ints) for a in grp.producers[0].attribute if a.name == "kernel_shape")
+              for grp in branches}
+    loud, quiet = sorted(branches, key=lambda grp: kernel[grp.index] != [1, 1])
+    curves = session.allocator.curves
+    assert curves[quiet.index][4] < 0.2 * curves[loud.index][4]  # half width: the branch barely read is cheap
+    assert curves[loud.index] != curves[quiet.index] and curves[loud.index][4] > 0
+    assert len(gathered) == len(set(gathered))  # the conv after the Concat: one set of statistics
+    assert plan.widths[quiet.index] < plan.widths[loud.index]
+    result = onnxprune.prune(model, x, speedup=1.3, measure_latency=False)
+    check_pruned(result.model, model, x[:16], max_rel_err=1.0)
+
+
 @pytest.mark.parametrize("kind", ["conv", "depthwise", "grouped", "gemm"])
 def test_single_layer_models_for_latency_timing_run(kind):
     """The one-node models timed for --latency compute the layer at the narrowed widths."""
