@@ -72,7 +72,7 @@ def _contribution_problem(sites: list["Site"], g: GraphView, channels: int) -> t
 
 
 def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, sites: list["Site"], rng,
-            bn_scales: dict[str, np.ndarray]) -> np.ndarray:
+            bn_scales: dict[str, np.ndarray], orders: dict[tuple, np.ndarray] | None = None) -> np.ndarray:
     method = opts.method
     assert method is not Method.AUTO, "Method.AUTO is resolved per model by the Pruner"
     scales = _bn_scales(grp, g, bn_scales) if method is Method.SLIM else None
@@ -94,7 +94,7 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, si
         norms = summed(_filter_norms(grp, g))
         choose = lambda run, n: l1_select(norms[run], n)  # noqa: E731
     elif method is Method.OBS and _obs_fits(sites, g, size):
-        choose = lambda run, n: _obs_keep(sites, g, items, size, run, n)  # noqa: E731
+        choose = lambda run, n: _obs_keep(sites, g, items, size, run, n, orders)  # noqa: E731
     else:
         gram, corr = _contribution_problem(sites, g, grp.channels)
         if size > 1:
@@ -126,9 +126,16 @@ def _aligned(channels: np.ndarray, size: int) -> bool:
     return runs is not None and not (runs[:, 0] % size).any() and bool((runs == runs[:, :1] + np.arange(size)).all())
 
 
-def _obs_keep(sites: list["Site"], g: GraphView, items: int, size: int, run: np.ndarray, n: int) -> np.ndarray:
+def _obs_keep(sites: list["Site"], g: GraphView, items: int, size: int, run: np.ndarray, n: int,
+              orders: dict[tuple, np.ndarray] | None = None) -> np.ndarray:
     """Positions within ``run`` of the ``n`` items (of ``items``: channels, or whole conv groups of
-    ``size`` channels, each one block of columns of every consumer) :func:`obs_order` keeps."""
+    ``size`` channels, each one block of columns of every consumer) :func:`obs_order` keeps.
+    ``orders``: removal orders found before for the same problems, by ``run``; the greedy order
+    is the same however far it goes, so a shorter one is a prefix of a longer one."""
+    count = len(run) - n
+    known = orders.get(tuple(run)) if orders is not None else None
+    if known is not None and len(known) >= count:
+        return np.flatnonzero(~np.isin(run, known[:count]))
     problems = []
     for site in sites:
         for c, st in zip(site.sampled, site.stats):
@@ -136,7 +143,9 @@ def _obs_keep(sites: list["Site"], g: GraphView, items: int, size: int, run: np.
             prob = RefitProblem(st, h.weight_matrix(c.node, g), h.bias(c.node, g), site.width // size,
                                 ESTIMATE_RIDGE, removals=len(run) - n)
             problems.append((prob, site.unit_channels[::size] // size, site.unit_positions[::size] // size))
-    removed = obs_order(problems, items, run, count=len(run) - n)
+    removed = obs_order(problems, items, run, count=count)
+    if orders is not None:
+        orders[tuple(run)] = removed
     return np.flatnonzero(~np.isin(run, removed))
 
 
@@ -226,8 +235,12 @@ class GroupPruner:
 
     def __init__(self, g: GraphView, groups: list[ChannelGroup], opts: PruneOptions, sampler: Sampler | None,
                  bn_scales: dict[str, np.ndarray], keep: dict[int, np.ndarray] | None = None,
-                 ridge: float | None = None, ridges: dict[tuple[str, int], float] | None = None):
+                 ridge: float | None = None, ridges: dict[tuple[str, int], float] | None = None,
+                 removal_orders: dict[tuple, np.ndarray] | None = None):
         self.g, self.opts, self.sampler, self.bn_scales = g, opts, sampler, bn_scales
+        # OBS removal orders of a unit's problems as they are now (probes of one unit at several
+        # widths share them; the model must not change between its prunings)
+        self.removal_orders = removal_orders
         self.ridge = ridge  # the refits' ridge; None: chosen per layer by cross-validation
         # ridges cross-validation chose per layer problem (output name, unknowns) in an earlier
         # pruning of the same model at nearly the same widths: used as they are, filled where missing.
@@ -251,7 +264,7 @@ class GroupPruner:
         if unit.index in self.keep:
             keep = _given_keep(unit, keep_n, self.keep[unit.index])
         else:
-            keep = _select(unit, keep_n, opts, g, sites, self.rng, self.bn_scales)
+            keep = _select(unit, keep_n, opts, g, sites, self.rng, self.bn_scales, self.removal_orders)
         removed = np.setdiff1d(unit.atoms, unit.atoms[keep])
         res = GroupResult(unit.name, unit.channels, len(keep),
                           [node_name(c.node) for c in unit.all_consumers])

@@ -119,9 +119,8 @@ class CurveRecord:
 
 def group_key(unit: ChannelGroup) -> tuple:
     """What makes two analyses' groups the same for their curves: the tensors holding the
-    channels, their number and conv groups, and the nodes reading them."""
-    return (tuple(unit.tensors), unit.channels, unit.conv_group,
-            tuple((node_key(c.node), c.tensor) for c in unit.consumers))
+    channels, their number and conv groups, and the nodes reading them (after a Concat too)."""
+    return (tuple(unit.tensors), unit.channels, unit.conv_group, tuple(_key(c) for c in unit.all_consumers))
 
 
 def measure_curves(units: list[ChannelGroup], sampler, g, chunk: int = 8,
@@ -236,13 +235,14 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
                 stats = unseen
             fold = 1 if unseen is not None else None  # the probe images the output is measured on
             known = KnownStats(sampler, {id(c.node): st for c, st in zip(consumers, stats)})
+            orders: dict[tuple, np.ndarray] = {}  # the milder probe keeps what the deeper one removed last
             for j in at:
                 width = round_width(unit.channels, GRID[j], 1, unit.conv_group)
                 if width >= unit.channels or curve[j] <= 0:
                     continue
                 with trial_edit(g):
-                    GroupPruner(g, analysis.groups, solo, known, bn_scales, ridge=ESTIMATE_RIDGE).prune_unit(
-                        unit, width, tidy=False)
+                    GroupPruner(g, analysis.groups, solo, known, bn_scales, ridge=ESTIMATE_RIDGE,
+                                removal_orders=orders).prune_unit(unit, width, tidy=False)
                     err = _output_error(reference, list(outs.run(names)), names, fold)
                 if err is not None:
                     factors.setdefault(unit.index, {})[j] = err / curve[j]

@@ -157,6 +157,33 @@ def test_the_second_session_measures_only_the_groups_new_to_it(monkeypatch):
     check_pruned(second.prune(shared).model, model, x[:16], max_rel_err=1.0)
 
 
+def test_a_groups_two_probes_share_one_obs_removal_order(monkeypatch):
+    """The probes at 0.3 and at half a group's width choose channels by one OBS removal order (the
+    milder probe keeps what the deeper one removed last): the same curves as two orders, one
+    order per group."""
+    from onnxprune import group_pruner, sensitivity
+    from onnxprune.options import PruneOptions
+    from onnxprune.pipeline import Pruner
+    from onnxprune.select import Method
+
+    model = tiny_vgg()
+    x = calib_for(model, 64)
+    counts = []
+    order = group_pruner.obs_order
+    monkeypatch.setattr(group_pruner, "obs_order", lambda *a, **k: counts.append(k["count"]) or order(*a, **k))
+    options = PruneOptions(speedup=1.5, method=Method.OBS, measure_latency=False)
+    shared = Pruner(model, x, options)
+    shared.allocate()
+    once = list(counts)
+    counts.clear()
+    pruner = sensitivity.GroupPruner
+    monkeypatch.setattr(sensitivity, "GroupPruner", lambda *a, removal_orders=None, **k: pruner(*a, **k))
+    apart = Pruner(model, x, options)
+    apart.allocate()
+    assert len(counts) == 2 * len(once) and counts[::2] == once  # each group: the deeper probe first
+    assert shared.allocator.curves == apart.allocator.curves
+
+
 def _two_branch_concat(quiet: float) -> onnx.ModelProto:
     """Stem conv, two 12-channel branches joined by a Concat, a conv reading all 24, GAP, Gemm; the
     conv's weights on the second branch's channels scaled by ``quiet``."""
