@@ -31,6 +31,23 @@ def test_cost_model_agrees_with_published_figures(build, gmacs, mparams):
     assert s.params / 1e6 == pytest.approx(mparams, rel=0.02)
 
 
+@pytest.mark.parametrize("hw,dilation,pad,auto_pad,taps", [
+    (10, 1, 1, None, 9), (10, 12, 12, None, 1), (32, 24, 24, None, 9), (32, 36, 36, None, 1),
+    (1, 1, 1, None, 1), (1, 1, 0, "SAME_UPPER", 1), (4, 1, 0, "SAME_UPPER", 9),
+])
+def test_conv_macs_count_the_taps_that_read_the_input(hw, dilation, pad, auto_pad, taps):
+    """A tap that only ever reads padding (a conv dilated past its map, as DeepLab's ASPP is at
+    small inputs; a 3x3 conv on a 1x1 map) is not counted: ORT's CPU kernels skip it."""
+    attrs = {"auto_pad": auto_pad} if auto_pad else {"pads": [pad] * 4}
+    b = Builder(in_shape=("N", 8, hw, hw), seed=0)
+    node = helper.make_node("Conv", ["input", b.const(np.ones((4, 8, 3, 3), np.float32))], ["y"],
+                            kernel_shape=[3, 3], dilations=[dilation] * 2, **attrs)
+    b.nodes.append(node)
+    model = b.build("y")
+    s = summarize(model, calibration_or_zeros(model, None, None))
+    assert s.macs == 4 * 8 * taps * hw * hw
+
+
 @pytest.fixture(scope="module")
 def vgg():
     model = tiny_vgg()

@@ -32,6 +32,22 @@ def conv_pads(node: onnx.NodeProto, in_hw: tuple[int, ...], kernel: tuple[int, .
     return list(attr(node, "pads", [0] * (2 * n)))
 
 
+def live_taps(node: onnx.NodeProto, in_hw: tuple[int, ...], out_hw: tuple[int, ...], kernel: tuple[int, ...]) -> int:
+    """Kernel taps that read the input, not only padding, at some output position. A conv dilated
+    past its map (DeepLab's ASPP at a small input) has taps that only ever read padding; ONNX
+    Runtime's CPU kernels skip them, so they cost no time (a 3×3 conv at dilation 12 on a 10×10
+    map ran in 0.55 ms against 9.65 ms at dilation 1)."""
+    n = len(kernel)
+    strides, dil = attr(node, "strides", [1] * n), attr(node, "dilations", [1] * n)
+    pads = conv_pads(node, in_hw, kernel)
+    taps = 1
+    for axis, (size, out, k) in enumerate(zip(in_hw, out_hw, kernel)):
+        first = -pads[axis]  # input row the first output's first tap reads
+        last = (out - 1) * strides[axis] - pads[axis]  # the last output's
+        taps *= sum(1 for i in range(k) if first + i * dil[axis] < size and last + i * dil[axis] >= 0)
+    return taps
+
+
 def reads_as_many_as_it_writes(weight: np.ndarray, group: int) -> bool:
     """Whether each conv group of a conv with ``weight`` ``[Cout, Cin / group, k…]`` reads as many
     channels as it writes: such a conv loses whole groups (depthwise: groups of one)."""
@@ -118,11 +134,16 @@ class Conv(LinearHandler):
         set_attr(node, "group", int(len(keep)) // per_group)
 
     def macs(self, node, g):
+        """Multiply-adds of the taps that read the input somewhere (:func:`live_taps`)."""
         w = self._weight(node, g)
-        out = g.shape(node.output[0])
+        out, inp = g.shape(node.output[0]), g.shape(node.input[0])
         if w is None or out is None:
             return 0
-        return int(np.prod(w.shape)) * int(np.prod(out[2:]))
+        kernel = tuple(int(k) for k in w.shape[2:])
+        spatial = [inp[2:], out[2:]] if inp is not None else []
+        known = spatial and all(isinstance(v, int) and v > 0 for dims in spatial for v in dims)
+        taps = live_taps(node, *spatial, kernel) if known else int(np.prod(kernel))
+        return int(w.shape[0] * w.shape[1]) * taps * int(np.prod(out[2:]))
 
     # ---- linear-layer view (group 1 only) ----
     def reconstructable(self, node, g):
