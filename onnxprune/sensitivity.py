@@ -220,6 +220,11 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
     known = {u.index: record.layer[keys[u.index]] for u in units if keys[u.index] in record.layer}
     bar = progress.bar(iter(units), "sensitivity", total=len(units) - len(known)) if progress.show else None
     factors: dict[int, dict[int, float]] = {}  # unit -> grid index -> output error / curve there
+    edits = {u.index: first_edited(u, g, topo) for u in units}
+    # units still to be probed: the carried activations may not pass a node one of them edits
+    # (a unit after a Concat is probed when the layers after the Concat have been sampled, which
+    # can be after units further on)
+    unprobed = {u.index for u in units if u.index not in known and any(sampleable(c, g) for c in u.all_consumers)}
     probe_idx = random_subset(sampler.indices, images or probe_images(model, shapes), opts.seed)
     with Frontier(model, sampler.calib, sampler.indices, batch, provider=sampler.provider) as data, \
             Frontier(model, sampler.calib, probe_idx, batch, provider=sampler.provider) as outs:
@@ -229,19 +234,20 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
         def scale(unit: ChannelGroup, consumers: list, stats: list, curve: list[float]) -> None:
             if bar is not None:
                 bar.update()
-            list(outs.run([], advance_to=first_edited(unit, g, topo)))
+            unprobed.discard(unit.index)
+            list(outs.run([], advance_to=min([edits[unit.index], *(edits[i] for i in unprobed)])))
             unseen = _unseen(consumers, stats, sampler) if has_fold_1 else None
             if unseen is not None:
                 stats = unseen
             fold = 1 if unseen is not None else None  # the probe images the output is measured on
-            known = KnownStats(sampler, {id(c.node): st for c, st in zip(consumers, stats)})
+            held = KnownStats(sampler, {id(c.node): st for c, st in zip(consumers, stats)})
             orders: dict[tuple, np.ndarray] = {}  # the milder probe keeps what the deeper one removed last
             for j in at:
                 width = round_width(unit.channels, GRID[j], 1, unit.conv_group)
                 if width >= unit.channels or curve[j] <= 0:
                     continue
                 with trial_edit(g):
-                    GroupPruner(g, analysis.groups, solo, known, bn_scales, ridge=ESTIMATE_RIDGE,
+                    GroupPruner(g, analysis.groups, solo, held, bn_scales, ridge=ESTIMATE_RIDGE,
                                 removal_orders=orders).prune_unit(unit, width, tidy=False)
                     err = _output_error(reference, list(outs.run(names)), names, fold)
                 if err is not None:

@@ -174,6 +174,41 @@ def test_the_second_session_measures_only_the_groups_new_to_it(monkeypatch):
     check_pruned(second.prune(shared).model, model, x[:16], max_rel_err=1.0)
 
 
+def test_a_unit_ready_before_an_earlier_one_does_not_move_the_probes_past_it(monkeypatch):
+    """Stem → A → B → C, Concat(A, C) → D: A's and C's curves both need D, so with one consumer
+    sampled per pass C is ready (and probed) before B. The probes' carried activations must not
+    move past B's conv then: B's probe runs from before it, and the curves are those of passes
+    taking all consumers at once."""
+    import functools
+
+    from onnxprune import sensitivity
+    from onnxprune.options import PruneOptions
+    from onnxprune.pipeline import Pruner
+
+    b = Builder(in_shape=("N", 3, 8, 8), seed=3)
+    stem = b.node("Relu", [b.conv("input", 3, 8)])
+    a = b.node("Relu", [b.conv(stem, 8, 8)])
+    c = b.node("Relu", [b.conv(b.node("Relu", [b.conv(a, 8, 8)]), 8, 8)])
+    d = b.node("Relu", [b.conv(b.node("Concat", [a, c], axis=1), 16, 8)])
+    model = b.build(b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [d])], axis=1), 8, 4))
+    x = calib_for(model, 32)
+    options = PruneOptions(speedup=1.3, measure_latency=False)
+    together = Pruner(model, x, options)
+    together.allocate()
+    probed = []
+    measure, error_curve = sensitivity.measure_curves, sensitivity.error_curve
+    monkeypatch.setattr(sensitivity, "measure_curves", functools.partial(measure, chunk=1))
+    monkeypatch.setattr(sensitivity, "error_curve", lambda unit, *a, **k: probed.append(unit.name) or
+                        error_curve(unit, *a, **k))
+    apart = Pruner(model, x, options)
+    apart.allocate()
+    order = [grp.name for grp in sorted(apart.candidates, key=lambda grp: int(grp.name.replace("conv", "")))]
+    assert probed != order[:len(probed)]  # one is ready before an earlier one
+    assert apart.allocator.curves.keys() == together.allocator.curves.keys()
+    for index, curve in together.allocator.curves.items():
+        np.testing.assert_allclose(apart.allocator.curves[index], curve, rtol=1e-6, atol=1e-9)
+
+
 def test_a_groups_two_probes_share_one_obs_removal_order(monkeypatch):
     """The probes at 0.3 and at half a group's width choose channels by one OBS removal order (the
     milder probe keeps what the deeper one removed last): the same curves as two orders, one
