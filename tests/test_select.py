@@ -138,3 +138,31 @@ def test_obs_removal_cost_is_the_exact_refit_error_increase():
     order = obs_order([(RefitProblem(st, w, np.zeros(cout), c, ridge=0.0), np.arange(c), np.arange(c))],
                       c, np.arange(c))
     assert set(order[:2]) == {4, 0} or set(order[:2]) == {4, 1}
+
+
+def test_obs_removes_several_channels_at_once_exactly(monkeypatch):
+    """Removing two channels in one update leaves the same problem as removing them one after the
+    other; a unit wider than OBS_STEPS loses several of its cheapest channels per step, and a
+    shorter order is a prefix of a longer one."""
+    from onnxprune import select
+    from onnxprune.select import RefitProblem, obs_order
+
+    rng = np.random.default_rng(5)
+    c, k, cout, n = 8, 2, 3, 2000
+    x = rng.normal(size=(n, c * k))
+    w = rng.normal(size=(cout, c * k))
+    y = x @ w.T + 0.1 * rng.normal(size=(n, cout))
+    st = _stats(x, y)
+    together, apart = RefitProblem(st, w, np.zeros(cout), c, ridge=1e-3), RefitProblem(st, w, np.zeros(cout), c, ridge=1e-3)
+    together.remove(np.array([2, 5]))
+    apart.remove(2)
+    apart.remove(5)
+    np.testing.assert_allclose(together.costs(), apart.costs(), rtol=1e-8)
+    np.testing.assert_allclose(together.w, apart.w, rtol=1e-8, atol=1e-12)
+    monkeypatch.setattr(select, "OBS_STEPS", 3)  # 8 channels: 3 per step
+    problem = lambda: [(RefitProblem(st, w, np.zeros(cout), c, ridge=1e-3), np.arange(c), np.arange(c))]  # noqa: E731
+    full = obs_order(problem(), c, np.arange(c))
+    first = RefitProblem(st, w, np.zeros(cout), c, ridge=1e-3).costs()
+    assert sorted(full[:3]) == sorted(np.argsort(first)[:3])  # the cheapest three, then one update
+    for count in (2, 4, 7):
+        np.testing.assert_array_equal(obs_order(problem(), c, np.arange(c), count=count), full[:count])
