@@ -295,7 +295,7 @@ class RefitProblem:
         cols = expand_channels(channels, k)
         v = self.v[:, :self.rank]
         hb = self.hinv0[:, cols] - v @ v[cols].T  # the current H⁻¹[:, B]
-        m = np.linalg.inv(hb[cols])
+        m = 1.0 / hb[cols] if len(cols) == 1 else np.linalg.inv(hb[cols])
         u = m @ self.w[cols]  # the weights move by −hb u
         c, d = self.channels, self.channels * k
         hc = hb[:d].reshape(c, k, len(cols))
@@ -306,7 +306,10 @@ class RefitProblem:
         self.w[cols] = 0.0
         self.gram[channels], self.cross[channels] = 0.0, 0.0
         try:
-            new = hb @ np.linalg.cholesky((m + m.T) / 2)  # v vᵀ = H⁻¹_:B (H⁻¹_BB)⁻¹ H⁻¹_B:
+            if len(cols) == 1 and m[0, 0] > 0:  # one column: no LAPACK call
+                new = hb * np.sqrt(m[0, 0])
+            else:
+                new = hb @ np.linalg.cholesky((m + m.T) / 2)  # v vᵀ = H⁻¹_:B (H⁻¹_BB)⁻¹ H⁻¹_B:
         except np.linalg.LinAlgError:
             evals, evecs = np.linalg.eigh((m + m.T) / 2)
             new = hb @ (evecs * np.sqrt(np.maximum(evals, 0.0)))

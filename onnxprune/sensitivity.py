@@ -43,14 +43,27 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
     statistics: measured at the widths ``measured`` gives, interpolated between them.
     ``conv_group``: the channels go in whole aligned runs of this many (:attr:`ChannelGroup.conv_group`).
     ``sites``: per consumer, where the unit's channels sit among those it reads (a consumer after
-    a Concat reads other groups' channels too, which it keeps); None: it reads the unit's alone."""
+    a Concat reads other groups' channels too: they are held fixed, and the unit's refit from
+    what is left of the output, which costs a solve over the unit's columns, not the layer's);
+    None: it reads the unit's alone."""
     whole = np.arange(channels)
     places = [(site.width, site.unit_channels, site.unit_positions, site.other_positions) if site is not None
               else (channels, whole, whole, whole[:0]) for site in (sites or [None] * len(stats))]
     gram, corr = np.zeros((channels, channels)), np.zeros(channels)
+    # per consumer: the statistics refit, their weights, the unit's channel at each of their channels
+    # (None: the unit's own), columns per channel, and the refit's energy over the consumer's
+    problems = []
     for st, w, b, (width, mine, at, other) in zip(stats, weights, biases, places):
         gr, co = normalized_contribution(st, w, b, width)
         add_unit_contribution(gram, corr, gr, co, mine, at, other)
+        k = w.shape[1] // width
+        if len(other):
+            order = np.argsort(at)
+            cols = expand_channels(at[order], k)
+            alone = st.frozen(cols, w)
+            problems.append((alone, w[:, cols], mine[order], k, alone.energy() / max(st.energy(), 1e-30)))
+        else:
+            problems.append((st, w, None, k, 1.0))
     size = conv_group  # whole conv groups go: the LASSO weighs their channels' summed contributions
     items = channels // size
     if size > 1:
@@ -62,10 +75,9 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
     for chosen in lasso_selections(gram, corr, kept_items):
         keep = expand_channels(chosen, size)
         errs = []
-        for st, w, b, (width, mine, at, other) in zip(stats, weights, biases, places):
-            kept = np.sort(np.concatenate([at[np.isin(mine, keep)], other]))
-            cols = expand_channels(kept, w.shape[1] // width)
-            errs.append(held_out_error(st, cols, w[:, cols], b, b is not None))
+        for (st, w, channel_at, k, share), b in zip(problems, biases):
+            cols = expand_channels(keep if channel_at is None else np.flatnonzero(np.isin(channel_at, keep)), k)
+            errs.append(share * held_out_error(st, cols, w[:, cols], b, b is not None))
         errors.append(float(np.mean(errs)))
     if len(keeps) == 1:
         return errors * len(ratios)

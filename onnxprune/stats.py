@@ -63,6 +63,29 @@ class LayerStats:
         sub.yy = self.yy[:, cols]
         return sub
 
+    def frozen(self, columns: np.ndarray, weight: np.ndarray) -> "LayerStats":
+        """The problem of the input ``columns`` alone, the other columns' contributions (their
+        weights in ``weight [Cout, D]``) taken out of the targets: a refit of ``columns`` with
+        the rest held fixed (a unit's channels after a Concat, the other inputs kept)."""
+        columns = np.asarray(columns)
+        others = np.setdiff1d(np.arange(self.dim), columns)
+        keep = np.append(columns, self.dim)  # and the constant column
+        w_other = weight[:, others].astype(np.float64).T  # [O, Cout]
+        sub = LayerStats(len(columns), self.outputs, self.filled if self.samples_kept else None)
+        if self.samples_kept:
+            x = self.x[:self.filled]
+            y = self.y[:self.filled] - (x[:, others].astype(np.float64) @ w_other).astype(np.float32)
+            sub.add(x[:, columns], y, self.fold[:self.filled])  # kept again only where still too few
+            return sub
+        for f in (0, 1):
+            xtx, xty = self.xtx[f], self.xty[f]
+            spread = xtx[np.ix_(others, others)] @ w_other  # XₒᵀXₒ Wₒᵀ
+            sub.xtx[f] = xtx[np.ix_(keep, keep)]
+            sub.xty[f] = xty[keep] - xtx[np.ix_(keep, others)] @ w_other
+            sub.yy[f] = self.yy[f] - 2 * np.einsum("io,io->o", w_other, xty[others]) + np.einsum("io,io->o", w_other, spread)
+        sub.n = self.n.copy()
+        return sub
+
     def fold_part(self, fold: int, per_image: int) -> "LayerStats":
         """The kept samples of ``fold`` alone, as a problem of their own, split again into two
         folds by image (``per_image`` consecutive rows per image, as the sampler adds them)."""

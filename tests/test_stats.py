@@ -104,3 +104,25 @@ def test_finite_tells_overflowing_statistics_in_both_forms():
     fresh = LayerStats(kept.dim, kept.outputs, rows=4)
     fresh.add(x * np.inf, y, np.array([0, 1, 0, 1]))
     assert not fresh.finite()
+
+
+@pytest.mark.parametrize("kept_samples", [False, True])
+def test_frozen_statistics_refit_some_columns_with_the_rest_held(kept_samples):
+    """``frozen(columns, weight)`` is the problem of those columns alone, the other columns'
+    contributions taken out of the targets: its error of any weights equals the full problem's
+    with the other columns at their weights."""
+    rng = np.random.default_rng(2)
+    n, d, cout = 10 if kept_samples else 400, 10, 3
+    x, w = rng.normal(size=(n, d)), rng.normal(size=(cout, d))
+    y = x @ w.T + 0.2 + 0.1 * rng.normal(size=(n, cout))
+    st = LayerStats(d, cout, n if kept_samples else None)
+    st.add(x.astype(np.float32), y.astype(np.float32), (np.arange(n) % 2).astype(np.int8))
+    cols = np.array([1, 4, 5, 8])
+    alone = st.frozen(cols, w)
+    assert alone.dim == 4 and st.samples_kept == kept_samples
+    trial = np.vstack([rng.normal(size=(4, cout)), rng.normal(size=(1, cout))])  # the columns' weights, bias
+    full = np.zeros((d + 1, cout))
+    full[np.setdiff1d(np.arange(d), cols)] = w[:, np.setdiff1d(np.arange(d), cols)].T
+    full[cols], full[d] = trial[:4], trial[4]
+    for fold in (0, 1):
+        assert alone.error(trial, fold) == pytest.approx(st.error(full, fold), rel=1e-4)
