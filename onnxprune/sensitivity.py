@@ -36,6 +36,14 @@ MEASURED = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
 EVERY_WIDTH = 32  # groups up to this wide are measured at every grid point
 
 
+# A consumer after a Concat is refit whole for a unit's curve where the other inputs are at most
+# this many times the unit's channels (a CSP block's halves); a narrow unit of a wide layer (a
+# DenseNet layer's 32 of up to 1024, an Inception branch) is refit alone with them held: the
+# whole layer's solve at every width made GoogLeNet's sensitivity stage 3.3x slower, while on
+# the YOLOX detector the whole refit's curves gave the more faithful plans (docs/benchmarks.md).
+FULL_REFIT_OTHERS = 3
+
+
 def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels: int,
                 ratios=GRID, measured=MEASURED, conv_group: int = 1, sites: list[Site] | None = None) -> list[float]:
     """Mean relative error of the unit's consumers when keeping each ratio of channels (LASSO
@@ -43,25 +51,30 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
     statistics: measured at the widths ``measured`` gives, interpolated between them.
     ``conv_group``: the channels go in whole aligned runs of this many (:attr:`ChannelGroup.conv_group`).
     ``sites``: per consumer, where the unit's channels sit among those it reads (a consumer after
-    a Concat reads other groups' channels too: they are held fixed, and the unit's refit from
-    what is left of the output, which costs a solve over the unit's columns, not the layer's);
-    None: it reads the unit's alone."""
+    a Concat reads other groups' channels too: the whole layer is refit where they are at most
+    :data:`FULL_REFIT_OTHERS` times the unit's, as the pruning will; past that, they are held
+    fixed and the unit's columns refit alone, a solve over its columns, not the layer's); None: it
+    reads the unit's alone."""
     whole = np.arange(channels)
     places = [(site.width, site.unit_channels, site.unit_positions, site.other_positions) if site is not None
               else (channels, whole, whole, whole[:0]) for site in (sites or [None] * len(stats))]
     gram, corr = np.zeros((channels, channels)), np.zeros(channels)
-    # per consumer: the statistics refit, their weights, the unit's channel at each of their channels
-    # (None: the unit's own), columns per channel, and the refit's energy over the consumer's
+    # per consumer: the statistics refit, their weights, the channels refit when the unit keeps
+    # ``keep`` (positions among the refit's channels), columns per channel, and the refit's
+    # energy over the consumer's
     problems = []
     for st, w, b, (width, mine, at, other) in zip(stats, weights, biases, places):
         gr, co = normalized_contribution(st, w, b, width)
         add_unit_contribution(gram, corr, gr, co, mine, at, other)
         k = w.shape[1] // width
-        if len(other):
+        if len(other) > FULL_REFIT_OTHERS * len(at):
             order = np.argsort(at)
             cols = expand_channels(at[order], k)
             alone = st.frozen(cols, w)
-            problems.append((alone, w[:, cols], mine[order], k, alone.energy() / max(st.energy(), 1e-30)))
+            problems.append((alone, w[:, cols], functools.partial(_kept_of, mine[order]), k,
+                             alone.energy() / max(st.energy(), 1e-30)))
+        elif len(other):
+            problems.append((st, w, functools.partial(_kept_with_others, mine, at, other), k, 1.0))
         else:
             problems.append((st, w, None, k, 1.0))
     size = conv_group  # whole conv groups go: the LASSO weighs their channels' summed contributions
@@ -75,14 +88,25 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
     for chosen in lasso_selections(gram, corr, kept_items):
         keep = expand_channels(chosen, size)
         errs = []
-        for (st, w, channel_at, k, share), b in zip(problems, biases):
-            cols = expand_channels(keep if channel_at is None else np.flatnonzero(np.isin(channel_at, keep)), k)
+        for (st, w, kept_of, k, share), b in zip(problems, biases):
+            cols = expand_channels(keep if kept_of is None else kept_of(keep), k)
             errs.append(share * held_out_error(st, cols, w[:, cols], b, b is not None))
         errors.append(float(np.mean(errs)))
     if len(keeps) == 1:
         return errors * len(ratios)
     curve = PchipInterpolator(keeps, errors)([max(1, int(round(r * channels))) for r in ratios])
     return [float(v) for v in curve]
+
+
+def _kept_of(channel_at: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Positions of the kept unit channels ``keep`` where ``channel_at`` names each position's."""
+    return np.flatnonzero(np.isin(channel_at, keep))
+
+
+def _kept_with_others(mine: np.ndarray, at: np.ndarray, other: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """A layer's kept input channels when a unit whose channel ``mine[i]`` sits at ``at[i]`` keeps
+    ``keep`` and the other inputs (at ``other``) stay."""
+    return np.sort(np.concatenate([at[np.isin(mine, keep)], other]))
 
 
 # Where the output probes scale the curves: half width, and the deeper cuts the floor still allows

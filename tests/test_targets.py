@@ -253,13 +253,18 @@ def _two_branch_concat(quiet: float) -> onnx.ModelProto:
     return model
 
 
-def test_groups_feeding_a_concat_get_measured_curves(monkeypatch):
+@pytest.mark.parametrize("whole_refit", [True, False])
+def test_groups_feeding_a_concat_get_measured_curves(monkeypatch, whole_refit):
     """Each branch before a Concat gets its own curve, from the conv after the Concat (whose
-    statistics are gathered once for both): the branch that conv barely reads costs little to
-    cut, and the allocation cuts it rather than the other."""
+    statistics are gathered once for both), refit whole or with the other branch's weights held
+    (``whole_refit``): the branch that conv barely reads costs little to cut, and the allocation
+    cuts it rather than the other."""
     from onnxprune import sensitivity
     from onnxprune.options import PruneOptions
     from onnxprune.pipeline import Pruner
+
+    if not whole_refit:
+        monkeypatch.setattr(sensitivity, "FULL_REFIT_OTHERS", 0)
 
     model = _two_branch_concat(quiet=0.02)
     x = calib_for(model, 64)
