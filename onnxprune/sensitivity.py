@@ -73,9 +73,9 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
             alone = st.frozen(cols, w)
             problems.append((alone, w[:, cols], functools.partial(_kept_of, mine[order]), k,
                              alone.energy() / max(st.energy(), 1e-30)))
-        elif len(other):
+        elif len(other) or width != channels or not np.array_equal(at, mine):  # after a Concat / Split
             problems.append((st, w, functools.partial(_kept_with_others, mine, at, other), k, 1.0))
-        else:
+        else:  # the unit's own consumer
             problems.append((st, w, None, k, 1.0))
     size = conv_group  # whole conv groups go: the LASSO weighs their channels' summed contributions
     items = channels // size
