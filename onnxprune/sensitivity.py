@@ -36,11 +36,11 @@ MEASURED = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
 EVERY_WIDTH = 32  # groups up to this wide are measured at every grid point
 
 
-# A consumer after a Concat is refit whole for a unit's curve where the other inputs are at most
-# this many times the unit's channels (a CSP block's halves); a narrow unit of a wide layer (a
-# DenseNet layer's 32 of up to 1024, an Inception branch) is refit alone with them held: the
-# whole layer's solve at every width made GoogLeNet's sensitivity stage 3.3x slower, while on
-# the YOLOX detector the whole refit's curves gave the more faithful plans (docs/benchmarks.md).
+# A consumer after a Concat is refit whole for a unit's curve, as the pruning will, where the other
+# inputs are at most this many times the unit's channels (a CSP block's halves, an SPP's pools);
+# for a narrow unit of a wide layer (a DenseNet layer's 32 of up to 1024 inputs, an Inception
+# branch) the unit's columns are refit alone with the others held: a whole-layer solve at every
+# width made GoogLeNet's sensitivity stage 3.3x slower.
 FULL_REFIT_OTHERS = 3
 
 
