@@ -347,5 +347,5 @@ def obs_order(problems: list[tuple[RefitProblem, np.ndarray, np.ndarray]], chann
         for prob, at, mine in problems:
             hits = [int(mine[np.flatnonzero(at == p)[0]]) for p in picks if (at == p).any()]
             if hits:
-                prob.remove(np.array(hits) if len(hits) > 1 else hits[0])
+                prob.remove(np.array(hits))
     return np.asarray(order, dtype=int)

@@ -260,7 +260,8 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
     # units still to be probed: the carried activations may not pass a node one of them edits
     # (a unit after a Concat is probed when the layers after the Concat have been sampled, which
     # can be after units further on)
-    unprobed = {u.index for u in units if u.index not in known and any(sampleable(c, g) for c in u.all_consumers)}
+    sampled = {u.index for u in units if u.index not in known and any(sampleable(c, g) for c in u.all_consumers)}
+    unprobed = set(sampled)
     probe_idx = random_subset(sampler.indices, images or probe_images(model, shapes), opts.seed)
     with Frontier(model, sampler.calib, sampler.indices, batch, provider=sampler.provider) as data, \
             Frontier(model, sampler.calib, probe_idx, batch, provider=sampler.provider) as outs:
@@ -304,9 +305,8 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
         else:
             scale_at = np.interp(GRID, [GRID[j] for j in probed], list(probed.values()))
             scaled[i] = [float(v * f) for v, f in zip(curve, scale_at)]
-    for u in units:  # measured, not the neutral curve of a unit no consumer of which was sampled
-        if u.index not in known and any(sampleable(c, g) for c in u.all_consumers):
-            record.layer[keys[u.index]], record.scaled[keys[u.index]] = curves[u.index], scaled[u.index]
+    for i in sampled:  # measured, not the neutral curve of a unit no consumer of which was sampled
+        record.layer[keys[i]], record.scaled[keys[i]] = curves[i], scaled[i]
     return scaled
 
 
