@@ -154,6 +154,65 @@ def with_batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
     return fixed
 
 
+def _batch_dims(model: onnx.ModelProto) -> list[onnx.TensorShapeProto.Dimension]:
+    """The first dim of every declared graph input (not initializers) and output."""
+    inits = {t.name for t in model.graph.initializer}
+    values = [v for v in model.graph.input if v.name not in inits] + list(model.graph.output)
+    return [v.type.tensor_type.shape.dim[0] for v in values
+            if v.type.HasField("tensor_type") and len(v.type.tensor_type.shape.dim)]
+
+
+FREED_BATCH = "onnxprune_batch"  # the symbolic batch dim free_batch declares
+
+
+def free_batch(model: onnx.ModelProto) -> None:
+    """Declare a symbolic batch dim, in place, on the graph inputs and outputs that declare batch 1."""
+    for dim in _batch_dims(model):
+        if dim.HasField("dim_value") and dim.dim_value == 1:
+            dim.Clear()
+            dim.dim_param = FREED_BATCH
+
+
+def declare_batch_as(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """Give ``model``'s graph inputs and outputs, in place, the first dim ``like`` declares for
+    the same names (undoes :func:`free_batch` on a model derived from the freed one)."""
+    inits = {t.name for t in like.graph.initializer}
+    declared = {v.name: v.type.tensor_type.shape.dim[0]
+                for v in [*(v for v in like.graph.input if v.name not in inits), *like.graph.output]
+                if v.type.HasField("tensor_type") and len(v.type.tensor_type.shape.dim)}
+    for v in [*model.graph.input, *model.graph.output]:
+        dims = v.type.tensor_type.shape.dim if v.type.HasField("tensor_type") else []
+        if v.name in declared and len(dims) and dims[0].dim_param == FREED_BATCH:
+            dims[0].CopyFrom(declared[v.name])
+
+
+def batches_like_singles(model: onnx.ModelProto, calib: Calibration) -> bool:
+    """Whether ``model`` run on two samples together gives every output as the two run one at a
+    time (rows stacked on the first dim, to float rounding). A graph exported at batch 1 can hold
+    the 1 inside (``x.view(1, -1)``, a Reshape to ``[1, C, H·W]``): it then fails at batch 2, folds
+    the batch away, or mixes the samples."""
+    if len(calib) < 2:
+        return False
+    names = [o.name for o in model.graph.output]
+    try:
+        ((_, two),) = run_batches(model, names, calib, [0, 1], 2)
+        ones = [values for _, values in run_batches(model, names, calib, [0, 1], 1)]
+    except ORT_ERRORS:
+        return False
+    for name in names:
+        single = np.concatenate([one[name] for one in ones]) if all(one[name].ndim for one in ones) else None
+        both = two[name]
+        if single is None or both.shape != single.shape or both.dtype != single.dtype:
+            return False
+        if both.dtype.kind == "f":
+            scale = float(np.abs(single).max()) if single.size else 0.0
+            if not np.allclose(both, single, rtol=1e-3, atol=1e-4 * max(scale, 1e-30)):
+                return False
+        elif not np.array_equal(both, single):
+            return False
+    return True
+
+
 def tensor_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple[int, ...]]:
     """Shapes of every tensor for one calibration sample (batch dim as run), found by running it."""
     names = [o for n in model.graph.node for o in n.output if o]

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import onnx
 
-from .activations import batch_size_for, fitting_batch, runs_batched, tensor_shapes, with_batch_one
+from .activations import (batch_size_for, batches_like_singles, declare_batch_as, fitting_batch, free_batch,
+                          runs_batched, static_batch, tensor_shapes, with_batch_one)
 from .allocation import DEEP_CUT, Allocator, Plan, deepest_cut
 from .budget import Targets, build_cost_model, relaxed_targets
 from .calib import ImageOptions, load_calibration, random_subset, split_calibration, synthetic_calibration
@@ -103,6 +104,8 @@ class Pruner:
                             "batch of 2 fails or is folded away inside): every pass runs one image, and the "
                             "pruned model declares batch 1")
                 self.original, self.work = with_batch_one(self.original), with_batch_one(self.work)
+            elif static_batch(self.work) == 1 and opts.method is not Method.STRIPE:
+                self._free_batch()
         if opts.method is Method.STRIPE:  # kernel positions of filters, not channels: its own pipeline
             return
         with self.progress.phase("analyse"):
@@ -124,6 +127,17 @@ class Pruner:
                     self.cost = build_cost_model(self.analysis.g, self.analysis.groups)
         with self.progress.phase("targets"):
             self.sampler = self._sampler(self.fit_idx, pairs=opts.refine) if opts.needs_data and self.candidates else None
+
+    def _free_batch(self) -> None:
+        """Let the working model run many samples per pass where it declares batch 1 (exporters'
+        default) but computes each sample alone: the calibration passes, probes and refits then
+        run batched instead of one image at a time. The pruned model declares batch 1 again
+        (:meth:`prune`); the original, timed and checked against, stays as declared."""
+        free_batch(self.work)
+        if batches_like_singles(self.work, self.cal):
+            log.info("the model declares batch 1 but runs batched: calibration passes run batched")
+        else:
+            declare_batch_as(self.work, self.original)
 
     @property
     def candidates(self) -> list[ChannelGroup]:
@@ -293,6 +307,7 @@ class Pruner:
             if tail is not None:
                 log.info("tail: %d layers tuned together, held-out error %.4f -> %.4f%s", tail.layers,
                          tail.error_before, tail.error_after, "" if tail.kept else " (not kept)")
+        declare_batch_as(model, self.original)  # the working model's batch may have been freed
         return Pruned(model, groups, tail)
 
     def architecture(self, plan: Plan) -> onnx.ModelProto:

@@ -633,6 +633,82 @@ def test_model_that_only_runs_batch_one_is_pruned_one_sample_at_a_time(caplog):
     check_pruned(result.model, model, x[:1], max_rel_err=1.0)
 
 
+def static_batch_one_classifier(hold_batch: bool = False) -> onnx.ModelProto:
+    """A conv classifier exported at batch 1 (torch's default): input and output declare 1 and
+    value_info says 1 all through. ``hold_batch``: its flatten writes the 1 (``x.view(1, -1)``)."""
+    b = Builder(in_shape=(1, 3, 8, 8))
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    x = b.node("Relu", [b.conv(x, 8, 8)])
+    x = b.node("Reshape", [x, b.const(i64(1, -1) if hold_batch else i64(-1, 512))])
+    return b.build(b.gemm(x, 512, 5))
+
+
+def test_model_declaring_batch_one_is_pruned_with_batched_passes_and_keeps_its_declaration(monkeypatch):
+    """Exporters declare batch 1 unless told otherwise; every pass (statistics, probes, refits)
+    then ran one image. A graph that computes each sample alone runs them batched, and the pruned
+    model declares batch 1 as the original does."""
+    from onnxprune import frontier as frontier_module
+    from onnxprune.pipeline import Pruner
+
+    model = static_batch_one_classifier()
+    assert model.graph.value_info and model.graph.output[0].type.tensor_type.shape.dim[0].dim_value == 1
+    x = RNG.normal(0, 1, (40, 3, 8, 8)).astype(np.float32)
+    fed = []
+    real_session = frontier_module.session
+
+    def recording_session(*args, **kwargs):
+        sess = real_session(*args, **kwargs)
+        run_ = sess.run
+        sess.run = lambda names, feed, *rest: fed.append(len(next(iter(feed.values())))) or run_(names, feed, *rest)
+        return sess
+
+    monkeypatch.setattr(frontier_module, "session", recording_session)
+    pruner = Pruner(model, x, PruneOptions(speedup=1.3, measure_latency=False))
+    assert [d.dim_param for d in (pruner.work.graph.input[0].type.tensor_type.shape.dim[0],
+                                  pruner.work.graph.output[0].type.tensor_type.shape.dim[0])] == ["onnxprune_batch"] * 2
+    result = pruner.run()
+    assert max(fed) > 1  # carried activations run several images per pass
+    for value in (result.model.graph.input[0], result.model.graph.output[0]):
+        assert value.type.tensor_type.shape.dim[0].dim_value == 1
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # the caller's model is untouched
+    assert result.report.totals.macs_speedup >= 1.3 * 0.97
+    check_pruned(result.model, model, x[:1], max_rel_err=1.0)
+
+
+def test_model_declaring_batch_one_that_holds_it_inside_runs_one_sample_at_a_time():
+    """``x.view(1, -1)`` at a declared batch 1: two samples fold into one row, so the passes stay
+    at one image and the pruned model is as declared."""
+    from onnxprune.pipeline import Pruner
+
+    model = static_batch_one_classifier(hold_batch=True)
+    x = RNG.normal(0, 1, (40, 3, 8, 8)).astype(np.float32)
+    pruner = Pruner(model, x, PruneOptions(speedup=1.3, measure_latency=False))
+    assert pruner.work.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    result = pruner.run()
+    assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    check_pruned(result.model, model, x[:1], max_rel_err=1.0)
+
+
+def test_batches_like_singles_finds_a_graph_that_mixes_samples():
+    """A Reshape writing the 1 of batch 1 into ``[1, N·C, H·W]`` before a Softmax over its second
+    axis, then back: at batch 2 the shape comes out right but the samples' values mix."""
+    from onnxprune.activations import batches_like_singles, free_batch
+    from onnxprune.calib import Calibration
+
+    def graph(mixing: bool):
+        b = Builder(in_shape=(1, 3, 8, 8))
+        x = b.node("Relu", [b.conv("input", 3, 8)])
+        if mixing:
+            x = b.node("Softmax", [b.node("Reshape", [x, b.const(i64(1, -1, 64))])], axis=1)
+        return b.build(b.node("Reshape", [x, b.const(i64(-1, 8, 8, 8))]))
+
+    cal = Calibration({"input": RNG.normal(0, 1, (4, 3, 8, 8)).astype(np.float32)})
+    for mixing in (False, True):
+        model = graph(mixing)
+        free_batch(model)
+        assert batches_like_singles(model, cal) is not mixing
+
+
 def test_latency_search_times_the_layers_it_can_rebuild_and_leaves_conv_transpose_to_the_rest(monkeypatch):
     """--latency on a detector-style head: the ConvTranspose is timed with the rest of the model
     (it was an internal error: its weight is [Cin, Cout, k, k])."""
