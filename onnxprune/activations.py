@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .calib import Calibration, model_inputs
 from .errors import ModelError
@@ -165,17 +166,55 @@ def _batch_dims(model: onnx.ModelProto) -> list[onnx.TensorShapeProto.Dimension]
 FREED_BATCH = "onnxprune_batch"  # the symbolic batch dim free_batch declares
 
 
-def free_batch(model: onnx.ModelProto) -> None:
-    """Declare a symbolic batch dim, in place, on the graph inputs and outputs that declare batch 1."""
+def free_batch(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Declare a symbolic batch dim, in place, on the graph inputs and outputs that declare batch
+    1, and let each named Reshape whose constant target writes that 1 first (exporters fold
+    ``x.view(x.size(0), -1)`` to ``[1, -1]`` at a static batch) copy the dim from its input
+    instead (ONNX's 0), which is the same at batch 1. Returns those Reshapes' names, for
+    :func:`declare_batch_as` to write their 1 back. ``shapes``: every tensor's at one sample."""
     for dim in _batch_dims(model):
         if dim.HasField("dim_value") and dim.dim_value == 1:
             dim.Clear()
             dim.dim_param = FREED_BATCH
+    inits = {t.name: t for t in model.graph.initializer}
+    freed = []
+    for node in model.graph.node:
+        target = inits.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
+        allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
+        if target is None or not node.name or allowzero or shapes.get(node.input[0], ())[:1] != (1,):
+            continue
+        value = numpy_helper.to_array(target)
+        if value.ndim == 1 and len(value) > 1 and value[0] == 1:
+            _set_first(model, node, value, 0)
+            freed.append(node.name)
+    return freed
 
 
-def declare_batch_as(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
-    """Give ``model``'s graph inputs and outputs, in place, the first dim ``like`` declares for
-    the same names (undoes :func:`free_batch` on a model derived from the freed one)."""
+def _set_first(model: onnx.ModelProto, node: onnx.NodeProto, value: np.ndarray, first: int) -> None:
+    """Give the Reshape ``node`` a target initializer of its own: ``value`` with ``first`` first
+    (others reading the old one keep it; unread, it goes). Freeing names it ``<old>_batch``,
+    writing the 1 back takes the old name again where it is free."""
+    value = value.copy()
+    value[0] = first
+    old = node.input[1]
+    names = {t.name for t in model.graph.initializer}
+    readers = sum(i == old for n in model.graph.node for i in inputs_of(n))
+    if readers == 1 and old not in {o.name for o in model.graph.output}:
+        model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == old))
+        names.discard(old)
+    base = old[:-len("_batch")] if old.endswith("_batch") else f"{old}_batch"
+    name, i = base, 0
+    while name in names:
+        i += 1
+        name = f"{base}{i}"
+    model.graph.initializer.append(numpy_helper.from_array(value, name))
+    node.input[1] = name
+
+
+def declare_batch_as(model: onnx.ModelProto, like: onnx.ModelProto, reshapes: Sequence[str] = ()) -> None:
+    """Undo :func:`free_batch`, in place, on a model derived from the freed one: its graph inputs
+    and outputs get the first dim ``like`` declares for the same names, and the ``reshapes`` it
+    returned write their 1 again."""
     inits = {t.name for t in like.graph.initializer}
     declared = {v.name: v.type.tensor_type.shape.dim[0]
                 for v in [*(v for v in like.graph.input if v.name not in inits), *like.graph.output]
@@ -184,6 +223,14 @@ def declare_batch_as(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
         dims = v.type.tensor_type.shape.dim if v.type.HasField("tensor_type") else []
         if v.name in declared and len(dims) and dims[0].dim_param == FREED_BATCH:
             dims[0].CopyFrom(declared[v.name])
+    if reshapes:
+        targets = {t.name: t for t in model.graph.initializer}
+        names = set(reshapes)
+        for node in model.graph.node:
+            if node.op_type == "Reshape" and node.name in names and node.input[1] in targets:
+                value = numpy_helper.to_array(targets[node.input[1]])
+                if value.ndim == 1 and len(value) and value[0] == 0:
+                    _set_first(model, node, value, 1)
 
 
 def batches_like_singles(model: onnx.ModelProto, calib: Calibration) -> bool:

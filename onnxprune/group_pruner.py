@@ -140,9 +140,10 @@ def _obs_keep(sites: list["Site"], g: GraphView, items: int, size: int, run: np.
     for site in sites:
         for c, st in zip(site.sampled, site.stats):
             h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
+            mine = site.unit_positions[::size] // size
             prob = RefitProblem(st, h.weight_matrix(c.node, g), h.bias(c.node, g), site.width // size,
-                                ESTIMATE_RIDGE, removals=len(run) - n)
-            problems.append((prob, site.unit_channels[::size] // size, site.unit_positions[::size] // size))
+                                ESTIMATE_RIDGE, removals=len(run) - n, removable=mine)
+            problems.append((prob, site.unit_channels[::size] // size, mine))
     removed = obs_order(problems, items, run, count=count)
     if orders is not None:
         orders[tuple(run)] = removed

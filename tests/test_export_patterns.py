@@ -633,24 +633,27 @@ def test_model_that_only_runs_batch_one_is_pruned_one_sample_at_a_time(caplog):
     check_pruned(result.model, model, x[:1], max_rel_err=1.0)
 
 
-def static_batch_one_classifier(hold_batch: bool = False) -> onnx.ModelProto:
+def static_batch_one_classifier(flatten: tuple[int, ...] = (-1, 512)) -> onnx.ModelProto:
     """A conv classifier exported at batch 1 (torch's default): input and output declare 1 and
-    value_info says 1 all through. ``hold_batch``: its flatten writes the 1 (``x.view(1, -1)``)."""
+    value_info says 1 all through; ``flatten``: its Reshape's constant target (the dynamo exporter
+    folds ``x.view(x.size(0), -1)`` to ``(1, 512)``)."""
     b = Builder(in_shape=(1, 3, 8, 8))
     x = b.node("Relu", [b.conv("input", 3, 8)])
     x = b.node("Relu", [b.conv(x, 8, 8)])
-    x = b.node("Reshape", [x, b.const(i64(1, -1) if hold_batch else i64(-1, 512))])
+    x = b.node("Reshape", [x, b.const(i64(*flatten))])
     return b.build(b.gemm(x, 512, 5))
 
 
-def test_model_declaring_batch_one_is_pruned_with_batched_passes_and_keeps_its_declaration(monkeypatch):
+@pytest.mark.parametrize("flatten", [(-1, 512), (1, 512), (1, -1)])
+def test_model_declaring_batch_one_is_pruned_with_batched_passes_and_keeps_its_declaration(monkeypatch, flatten):
     """Exporters declare batch 1 unless told otherwise; every pass (statistics, probes, refits)
-    then ran one image. A graph that computes each sample alone runs them batched, and the pruned
-    model declares batch 1 as the original does."""
+    then ran one image. A graph that computes each sample alone runs them batched (a Reshape
+    target writing the batch's 1 copies it from its input meanwhile), and the pruned model
+    declares batch 1 and writes its Reshape's 1 as the original does."""
     from onnxprune import frontier as frontier_module
     from onnxprune.pipeline import Pruner
 
-    model = static_batch_one_classifier()
+    model = static_batch_one_classifier(flatten)
     assert model.graph.value_info and model.graph.output[0].type.tensor_type.shape.dim[0].dim_value == 1
     x = RNG.normal(0, 1, (40, 3, 8, 8)).astype(np.float32)
     fed = []
@@ -671,27 +674,37 @@ def test_model_declaring_batch_one_is_pruned_with_batched_passes_and_keeps_its_d
     for value in (result.model.graph.input[0], result.model.graph.output[0]):
         assert value.type.tensor_type.shape.dim[0].dim_value == 1
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # the caller's model is untouched
+    (reshape,) = [n for n in result.model.graph.node if n.op_type == "Reshape"]
+    target = next(t for t in result.model.graph.initializer if t.name == reshape.input[1])
+    assert onnx.numpy_helper.to_array(target)[0] == flatten[0]
+    assert len({t.name for t in result.model.graph.initializer}) == len(result.model.graph.initializer)
     assert result.report.totals.macs_speedup >= 1.3 * 0.97
     check_pruned(result.model, model, x[:1], max_rel_err=1.0)
 
 
-def test_model_declaring_batch_one_that_holds_it_inside_runs_one_sample_at_a_time():
-    """``x.view(1, -1)`` at a declared batch 1: two samples fold into one row, so the passes stay
-    at one image and the pruned model is as declared."""
+def test_model_declaring_batch_one_that_folds_it_away_runs_one_sample_at_a_time():
+    """A Reshape to ``[8, 64]`` drops the batch dim (one sample's channels as rows): two samples
+    cannot pass, so the passes stay at one image and the pruned model is as declared."""
     from onnxprune.pipeline import Pruner
 
-    model = static_batch_one_classifier(hold_batch=True)
+    b = Builder(in_shape=(1, 3, 8, 8))
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    x = b.node("Relu", [b.conv(x, 8, 8)])
+    x = b.node("Reshape", [b.node("Reshape", [x, b.const(i64(8, 64))]), b.const(i64(1, 8, 8, 8))])
+    model = b.build(b.conv(x, 8, 4))
     x = RNG.normal(0, 1, (40, 3, 8, 8)).astype(np.float32)
-    pruner = Pruner(model, x, PruneOptions(speedup=1.3, measure_latency=False))
+    pruner = Pruner(model, x, PruneOptions(speedup=1.2, measure_latency=False))
     assert pruner.work.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert pruner.freed_reshapes == []
     result = pruner.run()
     assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     check_pruned(result.model, model, x[:1], max_rel_err=1.0)
 
 
 def test_batches_like_singles_finds_a_graph_that_mixes_samples():
-    """A Reshape writing the 1 of batch 1 into ``[1, N·C, H·W]`` before a Softmax over its second
-    axis, then back: at batch 2 the shape comes out right but the samples' values mix."""
+    """A Reshape to ``[-1, 64]`` stacks one sample's channels as rows, a Softmax runs over them,
+    and a Reshape back restores the shape: at batch 2 the shapes come out right but the
+    samples' values mix."""
     from onnxprune.activations import batches_like_singles, free_batch
     from onnxprune.calib import Calibration
 
@@ -699,13 +712,13 @@ def test_batches_like_singles_finds_a_graph_that_mixes_samples():
         b = Builder(in_shape=(1, 3, 8, 8))
         x = b.node("Relu", [b.conv("input", 3, 8)])
         if mixing:
-            x = b.node("Softmax", [b.node("Reshape", [x, b.const(i64(1, -1, 64))])], axis=1)
+            x = b.node("Softmax", [b.node("Reshape", [x, b.const(i64(-1, 64))])], axis=0)
         return b.build(b.node("Reshape", [x, b.const(i64(-1, 8, 8, 8))]))
 
     cal = Calibration({"input": RNG.normal(0, 1, (4, 3, 8, 8)).astype(np.float32)})
     for mixing in (False, True):
         model = graph(mixing)
-        free_batch(model)
+        free_batch(model, {})
         assert batches_like_singles(model, cal) is not mixing
 
 

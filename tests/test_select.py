@@ -166,3 +166,34 @@ def test_obs_removes_several_channels_at_once_exactly(monkeypatch):
     assert sorted(full[:3]) == sorted(np.argsort(first)[:3])  # the cheapest three, then one update
     for count in (2, 4, 7):
         np.testing.assert_array_equal(obs_order(problem(), c, np.arange(c), count=count), full[:count])
+
+
+def test_obs_on_a_few_removable_channels_solves_only_their_columns():
+    """A unit that is a small share of its consumer's inputs (after a Concat) has only its
+    channels' columns of H⁻¹ solved for: the same costs and weights as the full inverse, step
+    after step (one channel and several at once, k = 1 and k > 1), the same order."""
+    from onnxprune.select import RefitProblem, obs_order
+
+    rng = np.random.default_rng(7)
+    for c, k in ((12, 1), (10, 3)):
+        cout, n = 4, 3000
+        x = rng.normal(size=(n, c * k))
+        x[:, k:2 * k] = x[:, :k] + 0.05 * rng.normal(size=(n, k))
+        w = rng.normal(size=(cout, c * k))
+        y = x @ w.T + 0.2 + 0.1 * rng.normal(size=(n, cout))
+        st = _stats(x, y)
+        mine = np.array([1, 4, 6, 0])  # under half the channels: the partial solve
+        full = RefitProblem(st, w, np.zeros(cout), c, ridge=1e-3)
+        part = RefitProblem(st, w, np.zeros(cout), c, ridge=1e-3, removable=mine)
+        assert part.hinv0.shape[1] == len(mine) * k < full.hinv0.shape[1]
+        for step in (np.array([4]), np.array([0, 6])):
+            fc, pc = full.costs(), part.costs()
+            np.testing.assert_allclose(pc[mine], fc[mine], rtol=1e-7, atol=1e-12)
+            assert np.isinf(np.delete(pc, mine)).all()
+            full.remove(step)
+            part.remove(step)
+            np.testing.assert_allclose(part.w, full.w, rtol=1e-7, atol=1e-10)
+        order = lambda removable: obs_order(  # noqa: E731
+            [(RefitProblem(st, w, np.zeros(cout), c, ridge=1e-3, removable=removable), np.arange(c), np.arange(c))],
+            c, mine)
+        np.testing.assert_array_equal(order(mine), order(None))

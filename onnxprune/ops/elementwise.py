@@ -40,8 +40,12 @@ class Smooth(Unary):
 
     def activation(self, node, g) -> Activation:
         if node.op_type == "Sigmoid":
-            def sigmoid(z):
-                return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+            def sigmoid(z):  # in place on one fresh array: this runs on every refinement step
+                t = np.clip(z, -60, 60)
+                np.negative(t, out=t)
+                np.exp(t, out=t)
+                t += 1.0
+                return np.reciprocal(t, out=t)
 
             def sigmoid_slope(z):  # the sigmoid once, not twice: this runs on every refinement step
                 s = sigmoid(z)
