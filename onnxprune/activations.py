@@ -170,7 +170,8 @@ def free_batch(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> li
     """Declare a symbolic batch dim, in place, on the graph inputs and outputs that declare batch
     1, and let each named Reshape whose constant target writes that 1 first (exporters fold
     ``x.view(x.size(0), -1)`` to ``[1, -1]`` at a static batch) copy the dim from its input
-    instead (ONNX's 0), which is the same at batch 1. Returns those Reshapes' names, for
+    instead (ONNX's 0; -1 where ``allowzero`` makes 0 a size and no other entry is -1), which is
+    the same at batch 1. Returns those Reshapes' names, for
     :func:`declare_batch_as` to write their 1 back. ``shapes``: every tensor's at one sample."""
     for dim in _batch_dims(model):
         if dim.HasField("dim_value") and dim.dim_value == 1:
@@ -180,13 +181,18 @@ def free_batch(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> li
     freed = []
     for node in model.graph.node:
         target = inits.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
-        allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
-        if target is None or not node.name or allowzero or shapes.get(node.input[0], ())[:1] != (1,):
+        if target is None or not node.name or shapes.get(node.input[0], ())[:1] != (1,):
             continue
         value = numpy_helper.to_array(target)
-        if value.ndim == 1 and len(value) > 1 and value[0] == 1:
+        if value.ndim != 1 or len(value) < 2 or value[0] != 1:
+            continue
+        if not next((a.i for a in node.attribute if a.name == "allowzero"), 0):
             _set_first(model, node, value, 0)
-            freed.append(node.name)
+        elif not (value[1:] == -1).any() and not (value[1:] == 0).any():  # allowzero: 0 is a size
+            _set_first(model, node, value, -1)
+        else:
+            continue
+        freed.append(node.name)
     return freed
 
 
@@ -229,7 +235,7 @@ def declare_batch_as(model: onnx.ModelProto, like: onnx.ModelProto, reshapes: Se
         for node in model.graph.node:
             if node.op_type == "Reshape" and node.name in names and node.input[1] in targets:
                 value = numpy_helper.to_array(targets[node.input[1]])
-                if value.ndim == 1 and len(value) and value[0] == 0:
+                if value.ndim == 1 and len(value) and value[0] in (0, -1):
                     _set_first(model, node, value, 1)
 
 

@@ -633,19 +633,20 @@ def test_model_that_only_runs_batch_one_is_pruned_one_sample_at_a_time(caplog):
     check_pruned(result.model, model, x[:1], max_rel_err=1.0)
 
 
-def static_batch_one_classifier(flatten: tuple[int, ...] = (-1, 512)) -> onnx.ModelProto:
+def static_batch_one_classifier(flatten: tuple[int, ...] = (-1, 512), allowzero: int = 0) -> onnx.ModelProto:
     """A conv classifier exported at batch 1 (torch's default): input and output declare 1 and
     value_info says 1 all through; ``flatten``: its Reshape's constant target (the dynamo exporter
-    folds ``x.view(x.size(0), -1)`` to ``(1, 512)``)."""
-    b = Builder(in_shape=(1, 3, 8, 8))
+    folds ``x.view(x.size(0), -1)`` to ``(1, 512)``, with ``allowzero``)."""
+    b = Builder(in_shape=(1, 3, 8, 8), opset=14)
     x = b.node("Relu", [b.conv("input", 3, 8)])
     x = b.node("Relu", [b.conv(x, 8, 8)])
-    x = b.node("Reshape", [x, b.const(i64(*flatten))])
+    x = b.node("Reshape", [x, b.const(i64(*flatten))], allowzero=allowzero)
     return b.build(b.gemm(x, 512, 5))
 
 
-@pytest.mark.parametrize("flatten", [(-1, 512), (1, 512), (1, -1)])
-def test_model_declaring_batch_one_is_pruned_with_batched_passes_and_keeps_its_declaration(monkeypatch, flatten):
+@pytest.mark.parametrize("flatten,allowzero", [((-1, 512), 0), ((1, 512), 0), ((1, -1), 0), ((1, 512), 1)])
+def test_model_declaring_batch_one_is_pruned_with_batched_passes_and_keeps_its_declaration(monkeypatch, flatten,
+                                                                                          allowzero):
     """Exporters declare batch 1 unless told otherwise; every pass (statistics, probes, refits)
     then ran one image. A graph that computes each sample alone runs them batched (a Reshape
     target writing the batch's 1 copies it from its input meanwhile), and the pruned model
@@ -653,7 +654,7 @@ def test_model_declaring_batch_one_is_pruned_with_batched_passes_and_keeps_its_d
     from onnxprune import frontier as frontier_module
     from onnxprune.pipeline import Pruner
 
-    model = static_batch_one_classifier(flatten)
+    model = static_batch_one_classifier(flatten, allowzero)
     assert model.graph.value_info and model.graph.output[0].type.tensor_type.shape.dim[0].dim_value == 1
     x = RNG.normal(0, 1, (40, 3, 8, 8)).astype(np.float32)
     fed = []
@@ -669,6 +670,7 @@ def test_model_declaring_batch_one_is_pruned_with_batched_passes_and_keeps_its_d
     pruner = Pruner(model, x, PruneOptions(speedup=1.3, measure_latency=False))
     assert [d.dim_param for d in (pruner.work.graph.input[0].type.tensor_type.shape.dim[0],
                                   pruner.work.graph.output[0].type.tensor_type.shape.dim[0])] == ["onnxprune_batch"] * 2
+    assert pruner.freed_reshapes == ([] if flatten[0] == -1 else [model.graph.node[-2].name])
     result = pruner.run()
     assert max(fed) > 1  # carried activations run several images per pass
     for value in (result.model.graph.input[0], result.model.graph.output[0]):
@@ -676,7 +678,7 @@ def test_model_declaring_batch_one_is_pruned_with_batched_passes_and_keeps_its_d
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # the caller's model is untouched
     (reshape,) = [n for n in result.model.graph.node if n.op_type == "Reshape"]
     target = next(t for t in result.model.graph.initializer if t.name == reshape.input[1])
-    assert onnx.numpy_helper.to_array(target)[0] == flatten[0]
+    assert onnx.numpy_helper.to_array(target)[0] == flatten[0]  # the channel count may have been rewritten
     assert len({t.name for t in result.model.graph.initializer}) == len(result.model.graph.initializer)
     assert result.report.totals.macs_speedup >= 1.3 * 0.97
     check_pruned(result.model, model, x[:1], max_rel_err=1.0)
