@@ -7,7 +7,6 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .calib import Calibration, model_inputs
 from .errors import ModelError
@@ -153,117 +152,6 @@ def with_batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
             dims[0].Clear()
             dims[0].dim_value = 1
     return fixed
-
-
-def _batch_dims(model: onnx.ModelProto) -> list[onnx.TensorShapeProto.Dimension]:
-    """The first dim of every declared graph input (not initializers) and output."""
-    inits = {t.name for t in model.graph.initializer}
-    values = [v for v in model.graph.input if v.name not in inits] + list(model.graph.output)
-    return [v.type.tensor_type.shape.dim[0] for v in values
-            if v.type.HasField("tensor_type") and len(v.type.tensor_type.shape.dim)]
-
-
-FREED_BATCH = "onnxprune_batch"  # the symbolic batch dim free_batch declares
-
-
-def free_batch(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Declare a symbolic batch dim, in place, on the graph inputs and outputs that declare batch
-    1, and let each named Reshape whose constant target writes that 1 first (exporters fold
-    ``x.view(x.size(0), -1)`` to ``[1, -1]`` at a static batch) copy the dim from its input
-    instead (ONNX's 0; -1 where ``allowzero`` makes 0 a size and no other entry is -1), which is
-    the same at batch 1. Returns those Reshapes' names, for
-    :func:`declare_batch_as` to write their 1 back. ``shapes``: every tensor's at one sample."""
-    for dim in _batch_dims(model):
-        if dim.HasField("dim_value") and dim.dim_value == 1:
-            dim.Clear()
-            dim.dim_param = FREED_BATCH
-    inits = {t.name: t for t in model.graph.initializer}
-    freed = []
-    for node in model.graph.node:
-        target = inits.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
-        if target is None or not node.name or shapes.get(node.input[0], ())[:1] != (1,):
-            continue
-        value = numpy_helper.to_array(target)
-        if value.ndim != 1 or len(value) < 2 or value[0] != 1:
-            continue
-        if not next((a.i for a in node.attribute if a.name == "allowzero"), 0):
-            _set_first(model, node, value, 0)
-        elif not (value[1:] == -1).any() and not (value[1:] == 0).any():  # allowzero: 0 is a size
-            _set_first(model, node, value, -1)
-        else:
-            continue
-        freed.append(node.name)
-    return freed
-
-
-def _set_first(model: onnx.ModelProto, node: onnx.NodeProto, value: np.ndarray, first: int) -> None:
-    """Give the Reshape ``node`` a target initializer of its own: ``value`` with ``first`` first
-    (others reading the old one keep it; unread, it goes). Freeing names it ``<old>_batch``,
-    writing the 1 back takes the old name again where it is free."""
-    value = value.copy()
-    value[0] = first
-    old = node.input[1]
-    names = {t.name for t in model.graph.initializer}
-    readers = sum(i == old for n in model.graph.node for i in inputs_of(n))
-    if readers == 1 and old not in {o.name for o in model.graph.output}:
-        model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == old))
-        names.discard(old)
-    base = old[:-len("_batch")] if old.endswith("_batch") else f"{old}_batch"
-    name, i = base, 0
-    while name in names:
-        i += 1
-        name = f"{base}{i}"
-    model.graph.initializer.append(numpy_helper.from_array(value, name))
-    node.input[1] = name
-
-
-def declare_batch_as(model: onnx.ModelProto, like: onnx.ModelProto, reshapes: Sequence[str] = ()) -> None:
-    """Undo :func:`free_batch`, in place, on a model derived from the freed one: its graph inputs
-    and outputs get the first dim ``like`` declares for the same names, and the ``reshapes`` it
-    returned write their 1 again."""
-    inits = {t.name for t in like.graph.initializer}
-    declared = {v.name: v.type.tensor_type.shape.dim[0]
-                for v in [*(v for v in like.graph.input if v.name not in inits), *like.graph.output]
-                if v.type.HasField("tensor_type") and len(v.type.tensor_type.shape.dim)}
-    for v in [*model.graph.input, *model.graph.output]:
-        dims = v.type.tensor_type.shape.dim if v.type.HasField("tensor_type") else []
-        if v.name in declared and len(dims) and dims[0].dim_param == FREED_BATCH:
-            dims[0].CopyFrom(declared[v.name])
-    if reshapes:
-        targets = {t.name: t for t in model.graph.initializer}
-        names = set(reshapes)
-        for node in model.graph.node:
-            if node.op_type == "Reshape" and node.name in names and node.input[1] in targets:
-                value = numpy_helper.to_array(targets[node.input[1]])
-                if value.ndim == 1 and len(value) and value[0] in (0, -1):
-                    _set_first(model, node, value, 1)
-
-
-def batches_like_singles(model: onnx.ModelProto, calib: Calibration) -> bool:
-    """Whether ``model`` run on two samples together gives every output as the two run one at a
-    time (rows stacked on the first dim, to float rounding). A graph exported at batch 1 can hold
-    the 1 inside (``x.view(1, -1)``, a Reshape to ``[1, C, H·W]``): it then fails at batch 2, folds
-    the batch away, or mixes the samples."""
-    if len(calib) < 2:
-        return False
-    names = [o.name for o in model.graph.output]
-    try:
-        ((_, two),) = run_batches(model, names, calib, [0, 1], 2)
-        ones = [values for _, values in run_batches(model, names, calib, [0, 1], 1)]
-    except ORT_ERRORS:
-        return False
-    for name in names:
-        single = np.concatenate([one[name] for one in ones]) if all(one[name].ndim for one in ones) else None
-        both = two[name]
-        if single is None or both.shape != single.shape or both.dtype != single.dtype:
-            return False
-        if both.dtype.kind == "f":
-            scale = float(np.abs(single).max()) if single.size else 0.0
-            if not np.allclose(both, single, rtol=1e-3, atol=1e-4 * max(scale, 1e-30)):
-                return False
-        elif not np.array_equal(both, single):
-            return False
-    return True
 
 
 def tensor_shapes(model: onnx.ModelProto, calib: Calibration) -> dict[str, tuple[int, ...]]:

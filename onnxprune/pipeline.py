@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import onnx
 
-from .activations import (batch_size_for, batches_like_singles, declare_batch_as, fitting_batch, free_batch,
-                          runs_batched, static_batch, tensor_shapes, with_batch_one)
+from .activations import batch_size_for, fitting_batch, runs_batched, static_batch, tensor_shapes, with_batch_one
 from .allocation import DEEP_CUT, Allocator, Plan, deepest_cut
+from .batch import batches_like_singles, declare_batch_as, free_batch
 from .budget import Targets, build_cost_model, relaxed_targets
 from .calib import ImageOptions, load_calibration, random_subset, split_calibration, synthetic_calibration
 from .candidates import analyse, downstream_layers, positions, sampleable
@@ -84,7 +84,7 @@ class Pruner:
         # per layer problem, the ridge the first pruning cross-validated (re-prunes to a missed MACs
         # target reuse it; the --max-drop back-off, at other widths, cross-validates afresh)
         self.ridges: dict[tuple[str, int], float] = {}
-        self.freed_reshapes: list[str] = []  # Reshapes that write batch 1, freed while the passes run (_free_batch)
+        self.freed: list[str] = []  # nodes whose constant shapes write batch 1, freed while the passes run (_free_batch)
         self.measured_curves = CurveRecord()  # shared with a second session, which measures only groups new to it
         self.opts = opts = (options or PruneOptions()).validate()
         # what this session was given, for a second one (_with_residual_joined)
@@ -134,12 +134,12 @@ class Pruner:
         default) but computes each sample alone: the calibration passes, probes and refits then
         run batched instead of one image at a time. The pruned model declares batch 1 again
         (:meth:`prune`); the original, timed and checked against, stays as declared."""
-        self.freed_reshapes = free_batch(self.work, self.shapes)
+        self.freed = free_batch(self.work, self.shapes)
         if batches_like_singles(self.work, self.cal):
             log.info("the model declares batch 1 but runs batched: calibration passes run batched")
         else:
-            declare_batch_as(self.work, self.original, self.freed_reshapes)
-            self.freed_reshapes = []
+            declare_batch_as(self.work, self.original, self.freed)
+            self.freed = []
 
     @property
     def candidates(self) -> list[ChannelGroup]:
@@ -309,7 +309,7 @@ class Pruner:
             if tail is not None:
                 log.info("tail: %d layers tuned together, held-out error %.4f -> %.4f%s", tail.layers,
                          tail.error_before, tail.error_after, "" if tail.kept else " (not kept)")
-        declare_batch_as(model, self.original, self.freed_reshapes)  # the working model's batch may have been freed
+        declare_batch_as(model, self.original, self.freed)  # the working model's batch may have been freed
         return Pruned(model, groups, tail)
 
     def architecture(self, plan: Plan) -> onnx.ModelProto:

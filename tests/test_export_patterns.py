@@ -670,7 +670,7 @@ def test_model_declaring_batch_one_is_pruned_with_batched_passes_and_keeps_its_d
     pruner = Pruner(model, x, PruneOptions(speedup=1.3, measure_latency=False))
     assert [d.dim_param for d in (pruner.work.graph.input[0].type.tensor_type.shape.dim[0],
                                   pruner.work.graph.output[0].type.tensor_type.shape.dim[0])] == ["onnxprune_batch"] * 2
-    assert pruner.freed_reshapes == ([] if flatten[0] == -1 else [model.graph.node[-2].name])
+    assert pruner.freed == ([] if flatten[0] == -1 else [model.graph.node[-2].name])
     result = pruner.run()
     assert max(fed) > 1  # carried activations run several images per pass
     for value in (result.model.graph.input[0], result.model.graph.output[0]):
@@ -681,6 +681,33 @@ def test_model_declaring_batch_one_is_pruned_with_batched_passes_and_keeps_its_d
     assert onnx.numpy_helper.to_array(target)[0] == flatten[0]  # the channel count may have been rewritten
     assert len({t.name for t in result.model.graph.initializer}) == len(result.model.graph.initializer)
     assert result.report.totals.macs_speedup >= 1.3 * 0.97
+    check_pruned(result.model, model, x[:1], max_rel_err=1.0)
+
+
+def test_resize_to_constant_sizes_at_batch_one_runs_batched_and_keeps_its_sizes(monkeypatch):
+    """The dynamo exporter folds ``F.interpolate(x, size=...)`` to a Resize with constant sizes
+    ``[1, C, H, W]`` (a segmentation head): the sizes read the batch from the input's shape while
+    the passes run, and the pruned model has constant sizes again, its channel entry pruned."""
+    from onnxprune.pipeline import Pruner
+
+    b = Builder(in_shape=(1, 3, 8, 8), opset=18)
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    x = b.node("Relu", [b.conv(x, 8, 8)])
+    x = b.node("Resize", [x, "", "", b.const(i64(1, 8, 16, 16))], mode="linear")
+    model = b.build(b.conv(x, 8, 4))
+    x = RNG.normal(0, 1, (40, 3, 8, 8)).astype(np.float32)
+    pruner = Pruner(model, x, PruneOptions(speedup=1.3, measure_latency=False))
+    (resize,) = [n for n in pruner.work.graph.node if n.op_type == "Resize"]
+    assert pruner.freed == [resize.name] and pruner.work.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    result = pruner.run()
+    assert result.report.totals.macs_speedup >= 1.3 * 0.97
+    graph = result.model.graph
+    assert [n.op_type for n in graph.node].count("Concat") == 0 and not any("onnxprune" in t.name for t in graph.initializer)
+    (resize,) = [n for n in graph.node if n.op_type == "Resize"]
+    sizes = onnx.numpy_helper.to_array(next(t for t in graph.initializer if t.name == resize.input[3]))
+    kept = [grp.channels_after for grp in result.report.groups if grp.channels_before == 8]
+    assert list(sizes) == [1, sizes[1], 16, 16] and sizes[1] in kept and sizes[1] < 8
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     check_pruned(result.model, model, x[:1], max_rel_err=1.0)
 
 
@@ -697,7 +724,7 @@ def test_model_declaring_batch_one_that_folds_it_away_runs_one_sample_at_a_time(
     x = RNG.normal(0, 1, (40, 3, 8, 8)).astype(np.float32)
     pruner = Pruner(model, x, PruneOptions(speedup=1.2, measure_latency=False))
     assert pruner.work.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
-    assert pruner.freed_reshapes == []
+    assert pruner.freed == []
     result = pruner.run()
     assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     check_pruned(result.model, model, x[:1], max_rel_err=1.0)
@@ -707,7 +734,7 @@ def test_batches_like_singles_finds_a_graph_that_mixes_samples():
     """A Reshape to ``[-1, 64]`` stacks one sample's channels as rows, a Softmax runs over them,
     and a Reshape back restores the shape: at batch 2 the shapes come out right but the
     samples' values mix."""
-    from onnxprune.activations import batches_like_singles, free_batch
+    from onnxprune.batch import batches_like_singles, free_batch
     from onnxprune.calib import Calibration
 
     def graph(mixing: bool):
