@@ -201,6 +201,11 @@ def unit_sites(unit: ChannelGroup, current: dict[int, np.ndarray], g: GraphView)
     return sites
 
 
+def _refit_keys(unit: ChannelGroup, g: GraphView) -> set[tuple]:
+    """The layers :meth:`GroupPruner.prune_unit` refits for ``unit`` (by node key)."""
+    return {node_key(c.node) for grp in unit.sites for c in grp.consumers if sampleable(c, g)}
+
+
 IDENTITY: Activation = (lambda z: z, np.ones_like)
 _POOLS = ("GlobalAveragePool", "ReduceMean")  # what may read a branch tensor to compute its gate
 
@@ -251,14 +256,34 @@ class GroupPruner:
         self.keep = keep or {}  # unit index -> channels to keep, overriding the selection method
         self.rng = np.random.default_rng(opts.seed)
         self.current = {grp.index: grp.atoms.copy() for grp in groups}  # atoms each group holds now
+        # unit index -> layers whose refit waits for a later unit (defer_shared_refits); empty: none waits
+        self.deferred: dict[int, set[tuple]] = {}
         self.kept_outputs: dict[str, np.ndarray] = {}  # producer output -> original channels still there
         # one array for every branch's samples (refined one at a time): fresh pages of tens of MB per
         # branch cost more time than filling them
         self.pair_buffer = np.empty(max(MAX_VALUES, WHOLE_MAX_VALUES), np.float32) if opts.refine else None
 
+    def defer_shared_refits(self, steps: list[ChannelGroup | Consumer], topo: dict[str, int]) -> None:
+        """Refit a layer that several units feed (after a Concat: a DenseNet layer reads every
+        earlier layer of its block, a CSP block's last conv both halves) once, when the last of
+        them is pruned, instead of after each: the earlier ones only drop its columns (their
+        selections read its statistics all the same). A refit is deferred only past steps that
+        sample nothing after that layer, so no statistics ever see its output unrefit.
+        ``steps``: :func:`pruning_steps`, in order; ``topo``: node positions."""
+        reach = [max((topo[key] for key in _refit_keys(step, self.g)), default=-1) if isinstance(step, ChannelGroup)
+                 else topo[node_key(step.node)] for step in steps]
+        refits = [_refit_keys(step, self.g) if isinstance(step, ChannelGroup) else set() for step in steps]
+        self.deferred = {}
+        for a, step in enumerate(steps):
+            for key in refits[a]:
+                b = next((j for j in range(a + 1, len(steps)) if key in refits[j]), None)
+                if b is not None and max(reach[a + 1:b], default=-1) < topo[key]:
+                    self.deferred.setdefault(step.index, set()).add(key)
+
     def prune_unit(self, unit: ChannelGroup, keep_n: int, runs: Runs | None = None, tidy: bool = True) -> GroupResult:
         g, opts = self.g, self.opts
         sites = unit_sites(unit, self.current, g)
+        later = self.deferred.get(unit.index, set())  # layers a unit still to be pruned refits
         if self.sampler:
             for site in sites:
                 site.stats = self.sampler.stats(g, site.sampled, self.kept_outputs, runs) if site.sampled else []
@@ -279,13 +304,15 @@ class GroupPruner:
             prune_group(g, site.group, site_keep, site.width)
             self.current[site.group.index] = now[site_keep]
             for c, st, k in zip(site.sampled, site.stats or [], ks):
+                if node_key(c.node) in later:
+                    continue
                 if node_key(c.node) in produced:  # it reads and writes the group (a block inside a residual join)
                     cols = handler_for(c.node).output_columns(c.node, g, keep)  # type: ignore[attr-defined]
                     st = st.with_outputs(cols)
                 fit = self._refit(c, st, expand_channels(site_keep, k), res)
                 befores.append(fit.error_before)
                 afters.append(fit.error_after)
-        if opts.refine and opts.reconstruct and self.sampler and befores:
+        if opts.refine and opts.reconstruct and self.sampler and befores and not later:
             res.refined_error = self._refine(unit, sites, runs)
         for node in unit.producers:
             self.kept_outputs[node.output[0]] = keep
@@ -463,6 +490,7 @@ def prune_to(work: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], widths: 
     sampler = sampler if opts.needs_data else None
     steps = pruning_steps(analysis, widths, topo, opts.reconstruct and opts.refit_downstream and sampler is not None)
     pruner = GroupPruner(g, analysis.groups, opts, sampler, bn_scales, keep, ridges=ridges)
+    pruner.defer_shared_refits(steps, topo)
     # the frontier's cut may move up to the first node that this or a later step edits
     limits = np.minimum.accumulate([first_edited(step, g, topo) for step in steps][::-1])[::-1]
     results = []
