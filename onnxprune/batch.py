@@ -37,8 +37,9 @@ def free_batch(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> li
             dim.Clear()
             dim.dim_param = FREED_BATCH
     inits = {t.name: t for t in model.graph.initializer}
-    freed = []
-    for node in list(model.graph.node):
+    freed, nodes = [], []  # the node list with what Resizes add (repeated fields are rebuilt once)
+    for node in model.graph.node:
+        nodes.append(node)
         index = {"Reshape": 1, "Resize": 3}.get(node.op_type)
         target = inits.get(node.input[index]) if index is not None and len(node.input) > index else None
         if target is None or not node.name or shapes.get(node.input[0], ())[:1] != (1,):
@@ -49,7 +50,9 @@ def free_batch(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> li
         if node.op_type == "Resize":
             if any(a.name == "axes" for a in node.attribute):  # sizes of some axes only
                 continue
-            shapes.update(_read_batch(model, node, value))
+            added, added_shapes = _read_batch(model, node, value)
+            nodes[-1:-1] = added
+            shapes.update(added_shapes)
         elif not next((a.i for a in node.attribute if a.name == "allowzero"), 0):
             _set_target(model, node, value, 0)
         elif not (value[1:] == -1).any() and not (value[1:] == 0).any():  # allowzero: 0 is a size
@@ -57,6 +60,8 @@ def free_batch(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> li
         else:
             continue
         freed.append(node.name)
+    if len(nodes) > len(model.graph.node):
+        _set_nodes(model, nodes)
     return freed
 
 
@@ -72,15 +77,21 @@ def declare_batch_as(model: onnx.ModelProto, like: onnx.ModelProto, freed: Seque
         dims = v.type.tensor_type.shape.dim if v.type.HasField("tensor_type") else []
         if v.name in declared and len(dims) and dims[0].dim_param == FREED_BATCH:
             dims[0].CopyFrom(declared[v.name])
-    names = set(freed)
-    for node in [n for n in model.graph.node if n.name in names]:
+    names, added = set(freed), set()
+    for node in model.graph.node:
+        if node.name not in names:
+            continue
         targets = {t.name: t for t in model.graph.initializer}
         if node.op_type == "Reshape" and node.input[1] in targets:
             value = numpy_helper.to_array(targets[node.input[1]])
             if value.ndim == 1 and len(value) and value[0] in (0, -1):
                 _set_target(model, node, value, 1)
         elif node.op_type == "Resize":
-            _write_batch(model, node)
+            added |= _write_batch(model, node)
+    if added:
+        gone = [i for n in model.graph.node if n.name in added for i in n.input]
+        _set_nodes(model, [n for n in model.graph.node if n.name not in added])
+        _drop_unread(model, gone)
 
 
 def batches_like_singles(model: onnx.ModelProto, calib: Calibration) -> bool:
@@ -127,9 +138,10 @@ def _set_target(model: onnx.ModelProto, node: onnx.NodeProto, value: np.ndarray,
     _drop_unread(model, [old])
 
 
-def _read_batch(model: onnx.ModelProto, node: onnx.NodeProto, sizes: np.ndarray) -> dict[str, tuple[int, ...]]:
-    """The Resize ``node``'s constant ``sizes`` (batch 1 first) made ``Concat(Shape(x)[0:1], rest)``,
-    its nodes inserted before it (the channel entry stays a constant pruning can rewrite); returns
+def _read_batch(model: onnx.ModelProto, node: onnx.NodeProto, sizes: np.ndarray
+                ) -> tuple[list[onnx.NodeProto], dict[str, tuple[int, ...]]]:
+    """The Resize ``node``'s constant ``sizes`` (batch 1 first) made ``Concat(Shape(x)[0:1], rest)``
+    (the channel entry stays a constant pruning can rewrite): the nodes to insert before it, and
     the shapes of the tensors they add."""
     base = node.name + _SUFFIX
     first, old = f"{base}_first", node.input[3]
@@ -138,30 +150,32 @@ def _read_batch(model: onnx.ModelProto, node: onnx.NodeProto, sizes: np.ndarray)
     added = [helper.make_node("Shape", [node.input[0]], [f"{base}_shape"], name=f"{base}_shape"),
              helper.make_node("Gather", [f"{base}_shape", index], [first], name=f"{base}_gather", axis=0),
              helper.make_node("Concat", [first, rest], [f"{base}_sizes"], name=f"{base}_sizes", axis=0)]
-    at = list(model.graph.node).index(node)
-    for offset, new in enumerate(added):
-        model.graph.node.insert(at + offset, new)
     node.input[3] = f"{base}_sizes"
     _drop_unread(model, [old])
-    return {f"{base}_shape": (len(sizes),), first: (1,), f"{base}_sizes": (len(sizes),)}
+    return added, {f"{base}_shape": (len(sizes),), first: (1,), f"{base}_sizes": (len(sizes),)}
 
 
-def _write_batch(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+def _write_batch(model: onnx.ModelProto, node: onnx.NodeProto) -> set[str]:
     """Undo :func:`_read_batch` on the Resize ``node``: constant sizes again, with the rest as
-    they are now (a pruned channel count included)."""
+    they are now (a pruned channel count included); returns the names of the nodes it had added
+    (for the caller to remove)."""
     base = node.name + _SUFFIX
     concat = next((n for n in model.graph.node if n.name == f"{base}_sizes"), None)
     targets = {t.name: t for t in model.graph.initializer}
     if concat is None or concat.output[0] != node.input[3] or concat.input[1] not in targets:
-        return
+        return set()
     rest = numpy_helper.to_array(targets[concat.input[1]])
     node.input[3] = _add_initializer(model, np.concatenate([np.array([1], dtype=rest.dtype), rest]), f"{node.name}_sizes")
-    ours = {f"{base}_shape", f"{base}_gather", f"{base}_sizes"}
-    dropped = [i for n in model.graph.node if n.name in ours for i in n.input]
-    kept = [n for n in model.graph.node if n.name not in ours]
+    return {f"{base}_shape", f"{base}_gather", f"{base}_sizes"}
+
+
+def _set_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+    """Make ``nodes`` (copied first: they may be the graph's own) the graph's node list."""
+    copies = [onnx.NodeProto() for _ in nodes]
+    for copy, node in zip(copies, nodes):
+        copy.CopyFrom(node)
     del model.graph.node[:]
-    model.graph.node.extend(kept)
-    _drop_unread(model, dropped)
+    model.graph.node.extend(copies)
 
 
 def _add_initializer(model: onnx.ModelProto, value: np.ndarray, name: str) -> str:

@@ -686,27 +686,30 @@ def test_model_declaring_batch_one_is_pruned_with_batched_passes_and_keeps_its_d
 
 def test_resize_to_constant_sizes_at_batch_one_runs_batched_and_keeps_its_sizes(monkeypatch):
     """The dynamo exporter folds ``F.interpolate(x, size=...)`` to a Resize with constant sizes
-    ``[1, C, H, W]`` (a segmentation head): the sizes read the batch from the input's shape while
-    the passes run, and the pruned model has constant sizes again, its channel entry pruned."""
+    ``[1, C, H, W]`` (a segmentation head, two of them here): the sizes read the batch from the
+    input's shape while the passes run, and the pruned model has constant sizes again, a channel
+    entry pruned where its channels were."""
     from onnxprune.pipeline import Pruner
 
     b = Builder(in_shape=(1, 3, 8, 8), opset=18)
     x = b.node("Relu", [b.conv("input", 3, 8)])
     x = b.node("Relu", [b.conv(x, 8, 8)])
     x = b.node("Resize", [x, "", "", b.const(i64(1, 8, 16, 16))], mode="linear")
-    model = b.build(b.conv(x, 8, 4))
+    model = b.build(b.node("Resize", [b.conv(x, 8, 4), "", "", b.const(i64(1, 4, 20, 20))], mode="linear"))
     x = RNG.normal(0, 1, (40, 3, 8, 8)).astype(np.float32)
     pruner = Pruner(model, x, PruneOptions(speedup=1.3, measure_latency=False))
-    (resize,) = [n for n in pruner.work.graph.node if n.op_type == "Resize"]
-    assert pruner.freed == [resize.name] and pruner.work.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    resizes = [n.name for n in pruner.work.graph.node if n.op_type == "Resize"]
+    assert pruner.freed == resizes and len(resizes) == 2
+    assert pruner.work.graph.input[0].type.tensor_type.shape.dim[0].dim_param
     result = pruner.run()
     assert result.report.totals.macs_speedup >= 1.3 * 0.97
     graph = result.model.graph
     assert [n.op_type for n in graph.node].count("Concat") == 0 and not any("onnxprune" in t.name for t in graph.initializer)
-    (resize,) = [n for n in graph.node if n.op_type == "Resize"]
+    resize, last = [n for n in graph.node if n.op_type == "Resize"]
     sizes = onnx.numpy_helper.to_array(next(t for t in graph.initializer if t.name == resize.input[3]))
     kept = [grp.channels_after for grp in result.report.groups if grp.channels_before == 8]
     assert list(sizes) == [1, sizes[1], 16, 16] and sizes[1] in kept and sizes[1] < 8
+    assert list(onnx.numpy_helper.to_array(next(t for t in graph.initializer if t.name == last.input[3]))) == [1, 4, 20, 20]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     check_pruned(result.model, model, x[:1], max_rel_err=1.0)
 
