@@ -193,7 +193,6 @@ def _drop_unread(model: onnx.ModelProto, names: Sequence[str]) -> None:
     """Remove the initializers among ``names`` that no node reads and no graph output names."""
     read = {i for n in model.graph.node for i in inputs_of(n)} | {o.name for o in model.graph.output}
     gone = set(names) - read
-    if gone:
-        kept = [t for t in model.graph.initializer if t.name not in gone]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
+    # by index, from the end: neither a copy of the other (large) initializers nor a value compare
+    for i in reversed([i for i, t in enumerate(model.graph.initializer) if t.name in gone]):
+        del model.graph.initializer[i]
