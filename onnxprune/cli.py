@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -399,7 +400,29 @@ def configure_logging(level: int) -> logging.Logger:
     return logger
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, a container stopping) raised in the main thread, so that
+    every ``with`` and ``finally`` on the way out runs as for Ctrl-C: the carried activations'
+    temporary folder and a half-written output go. Not an ``Exception``: nothing may swallow it."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:  # only the main thread may set handlers (an embedding caller's thread keeps its own)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:  # every command runs models: without ONNX Runtime, say so first (--help included), in one line
         import_ort()
@@ -427,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxprune: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("onnxprune: terminated; nothing was written", file=sys.stderr)
+        return 143
     except Exception as exc:  # a bug: say so, keep the traceback for -v
         if args.verbose:
             raise

@@ -367,22 +367,29 @@ def test_large_model_path_round_trips(tmp_path: Path, monkeypatch):
         [onnx.numpy_helper.to_array(t).tobytes() for t in VGG.graph.initializer]
 
 
-def test_sigint_midway_leaves_no_file(tmp_path: Path):
-    """A real Ctrl-C while pruning: exit 130, one line, no output, input unchanged. The signal is
-    sent once the run logs its first pruning step (``-v``), so it lands mid-run on any machine."""
+@pytest.mark.parametrize("sig,code,line", [(signal.SIGINT, 130, "onnxprune: interrupted; nothing was written"),
+                                           (signal.SIGTERM, 143, "onnxprune: terminated; nothing was written")])
+def test_signal_midway_leaves_no_file(tmp_path: Path, sig, code, line):
+    """A real Ctrl-C, or a ``kill`` / ``timeout`` / container stop (SIGTERM), while pruning: its
+    exit code, one line, no output, input unchanged, no temporary folder left. The signal is sent
+    once the run logs its first pruning step (``-v``), so it lands mid-run on any machine."""
     model, calib = _save(VGG, tmp_path), _calib(tmp_path, calib_for(VGG, 20000))
     before = _snapshot(tmp_path)
+    temp = tmp_path.parent / f"{tmp_path.name}-tmp"
+    temp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "onnxprune", str(model), "--calib", str(calib), "-o",
                              str(tmp_path / "out.onnx"), "-v", "--no-latency", "--max-drop", "0.99"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(temp)})
     first = proc.stderr.readline()  # the first log line: pruning is under way
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
-        pytest.skip("the run finished before the interrupt")
-    assert proc.returncode == 130, first + err
-    assert err.strip().splitlines()[-1] == "onnxprune: interrupted; nothing was written"
+        pytest.skip("the run finished before the signal")
+    assert proc.returncode == code, first + err
+    assert err.strip().splitlines()[-1] == line
     assert _snapshot(tmp_path) == before
+    assert [p.name for p in temp.iterdir() if p.name.startswith("onnxprune")] == []  # ORT keeps its own .ses there
 
 
 def test_real_process_prints_one_line(tmp_path: Path):
