@@ -270,9 +270,9 @@ class GroupPruner:
         selections read its statistics all the same). A refit is deferred only past steps that
         sample nothing after that layer, so no statistics ever see its output unrefit.
         ``steps``: :func:`pruning_steps`, in order; ``topo``: node positions."""
-        reach = [max((topo[key] for key in _refit_keys(step, self.g)), default=-1) if isinstance(step, ChannelGroup)
-                 else topo[node_key(step.node)] for step in steps]
         refits = [_refit_keys(step, self.g) if isinstance(step, ChannelGroup) else set() for step in steps]
+        reach = [max((topo[key] for key in keys), default=-1) if isinstance(step, ChannelGroup)
+                 else topo[node_key(step.node)] for step, keys in zip(steps, refits)]
         self.deferred = {}
         for a, step in enumerate(steps):
             for key in refits[a]:

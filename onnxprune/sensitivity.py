@@ -351,10 +351,10 @@ SUM_BLOCK = 1 << 20  # values per float64 block of _squared_sums: a segmentation
 def _squared_sums(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """``Σ (b − a)²`` and ``Σ a²`` in float64, a block of rows at a time where the arrays are large
     (whole-batch float64 copies of a dense output made the probes memory-bound)."""
-    rows = max(1, SUM_BLOCK // max(int(np.prod(a.shape[1:])), 1)) if a.ndim else 1
+    a, b = np.atleast_1d(a), np.atleast_1d(b)
+    rows = max(1, SUM_BLOCK // max(int(np.prod(a.shape[1:])), 1))
     err = ref = 0.0
-    for start in range(0, max(len(a), 1) if a.ndim else 1, rows):
-        x = (a[start:start + rows] if a.ndim else a).astype(np.float64)
-        y = (b[start:start + rows] if b.ndim else b).astype(np.float64)
+    for start in range(0, len(a), rows):
+        x, y = a[start:start + rows].astype(np.float64), b[start:start + rows].astype(np.float64)
         err, ref = err + float(((y - x) ** 2).sum()), ref + float((x ** 2).sum())
     return err, ref
