@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import onnx
 
-from .calib import Calibration, model_inputs
+from .calib import Calibration, format_shape, model_inputs
 from .errors import ModelError
 from .graphview import inputs_of
 from .io import add_initializers, copy_fields, inference_session
@@ -139,6 +139,24 @@ def runs_batched(model: onnx.ModelProto, calib: Calibration, shapes: dict[str, t
     except ORT_ERRORS:
         return False
     return all(not (shapes.get(n) or ())[:1] == (1,) or (two[n].ndim and two[n].shape[0] == 2) for n in names)
+
+
+def check_batch_axis(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise :class:`ModelError` unless every Conv runs one row of its batch axis (ONNX's N) per
+    sample fed, given the :func:`tensor_shapes` of one feed: the passes take a layer's rows as the
+    samples. An input without a batch axis (``[3, H, W]``: torchvision's detectors) feeds its
+    first axis as samples while the convs run batch 1; a graph that folds frames into the batch
+    runs several rows per sample."""
+    fed = static_batch(model) or 1
+    for node in model.graph.node:
+        rows = (shapes.get(node.input[0]) or (fed,))[0] if node.op_type == "Conv" and node.input else fed
+        if rows != fed:
+            first = model_inputs(model)[0]
+            raise ModelError(
+                f"Conv '{node.name or node.output[0]}' runs {rows} rows on its batch axis for {fed} sample(s) fed "
+                f"along the first axis of input '{first.name}' {format_shape(first.shape)}: onnxprune feeds samples along "
+                "the batch axis the layers run on; export the model with a batch axis on its inputs that its "
+                "convs keep (a detector: without its pre- and post-processing)")
 
 
 def with_batch_one(model: onnx.ModelProto) -> onnx.ModelProto:

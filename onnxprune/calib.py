@@ -296,13 +296,17 @@ def _validate(arrays: dict[str, object], inputs: list[ModelInput]) -> dict[str, 
             out[inp.name] = arr
             continue
         arr = np.asarray(arr) if not isinstance(arr, np.memmap) else arr
+        if arr.ndim == len(inp.shape) + 1 and tuple(arr.shape[1:]) == tuple(inp.shape):
+            raise CalibrationError(f"input '{inp.name}' takes one sample without a batch axis ({format_shape(inp.shape)}; "
+                                   f"calibration data {tuple(arr.shape)}): onnxprune feeds samples along a batch "
+                                   "axis; export the model with one (a detector: without its pre- and post-processing)")
         if arr.ndim != len(inp.shape):
             raise CalibrationError(f"calibration data for '{inp.name}' has shape {tuple(arr.shape)} (rank {arr.ndim}); "
-                                   f"the model expects rank {len(inp.shape)} like {_fmt(inp.shape)}")
+                                   f"the model expects rank {len(inp.shape)} like {format_shape(inp.shape)}")
         for axis, (have, want) in enumerate(zip(arr.shape[1:], inp.shape[1:]), start=1):
             if want is not None and have != want:
                 raise CalibrationError(f"calibration data for '{inp.name}' has shape {tuple(arr.shape)}; "
-                                       f"the model expects {_fmt(inp.shape)} (axis {axis} differs)")
+                                       f"the model expects {format_shape(inp.shape)} (axis {axis} differs)")
         if arr.dtype != inp.dtype:
             both_float = np.issubdtype(arr.dtype, np.floating) and np.issubdtype(inp.dtype, np.floating)
             if not both_float:
@@ -334,7 +338,8 @@ def _scan(arr: np.ndarray, chunk_bytes: int = 1 << 26) -> tuple[bool, float]:
     return True, peak
 
 
-def _fmt(shape: tuple[int | None, ...]) -> str:
+def format_shape(shape: tuple[int | None, ...]) -> str:
+    """A shape as users read it: ``[?, 3, 224, 224]`` (? for a dynamic dim)."""
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
@@ -412,10 +417,10 @@ def parse_shapes(specs: Sequence[str], model: onnx.ModelProto) -> dict[str, tupl
             raise OptionError(f"--shape {spec}: dims must be positive integers joined by 'x', e.g. 1x3x224x224")
         want = inputs[name].shape
         if want and len(want) != len(shape):
-            raise OptionError(f"--shape {spec}: input '{name}' has rank {len(want)} ({_fmt(want)}), not {len(shape)}")
+            raise OptionError(f"--shape {spec}: input '{name}' has rank {len(want)} ({format_shape(want)}), not {len(shape)}")
         for axis, (have, fixed) in enumerate(zip(shape, want)):
             if fixed is not None and have != fixed:
-                raise OptionError(f"--shape {spec}: input '{name}' fixes axis {axis} to {fixed} ({_fmt(want)})")
+                raise OptionError(f"--shape {spec}: input '{name}' fixes axis {axis} to {fixed} ({format_shape(want)})")
         shapes[name] = shape
     return shapes
 

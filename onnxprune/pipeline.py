@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import onnx
 
-from .activations import batch_size_for, fitting_batch, runs_batched, static_batch, tensor_shapes, with_batch_one
+from .activations import (batch_size_for, check_batch_axis, fitting_batch, runs_batched, static_batch, tensor_shapes,
+                          with_batch_one)
 from .allocation import DEEP_CUT, Allocator, Plan, deepest_cut
 from .batch import batches_like_singles, declare_batch_as, free_batch
 from .budget import Targets, build_cost_model, relaxed_targets
@@ -89,6 +90,7 @@ class Pruner:
         self.opts = opts = (options or PruneOptions()).validate()
         # what this session was given, for a second one (_with_residual_joined)
         self.asked, self.model_source, self.calib_source, self.image_options = opts, model, calib, image_options
+        self.asked_calib = calib  # None: a data-free run
         self.progress = Progress(opts.progress)
         with self.progress.phase("load"):
             self.original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
@@ -100,6 +102,8 @@ class Pruner:
             self.folded = fold_batchnorm(self.work, self.bn_scales)
             self.cal, self.fit_idx, self.hold_idx, self.mixtures = self._calibration(calib, image_options)
             self.shapes = tensor_shapes(self.work, self.cal)
+            if opts.needs_data:
+                check_batch_axis(self.work, self.shapes)
             if not runs_batched(self.work, self.cal, self.shapes):
                 log.warning("the model runs one sample at a time (its batch dim is declared dynamic, but a "
                             "batch of 2 fails or is folded away inside): every pass runs one image, and the "
@@ -374,7 +378,10 @@ class Pruner:
         return Pruned(model, pruned.groups, pruned.tail, float_model=pruned.model)
 
     def verify(self, model: onnx.ModelProto) -> list[OutputFidelity]:
-        """Fidelity of ``model`` to the original on the held-out samples (the fit ones if none)."""
+        """Fidelity of ``model`` to the original on the held-out samples (the fit ones if none);
+        none for a data-free run, whose one all-zeros sample only fixes the shapes."""
+        if self.asked_calib is None:
+            return []
         with self.progress.phase("verify"):
             check_idx = self.hold_idx if len(self.hold_idx) else self.fit_idx
             return compare(self.original, model, self.cal, check_idx, fitting_batch(self.shapes, self.opts.batch_size),

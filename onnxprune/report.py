@@ -170,11 +170,14 @@ class Report:
                          "the written graph's")
             for k in s["kept_dense"]:
                 lines.append(f"  kept dense (dropped stripes zeroed): {k['node'][:40]}: {k['reason']}")
+        held = self.calibration.get("holdout", 0)
+        checked_on = f"{held} held-out samples" if held else f"{self.calibration.get('fit', 0)} fit samples, none held out"
         for f in self.fidelity:
             agree = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
             iou = f", marked-region IoU {f.marked_iou:.3f}" if f.marked_iou is not None else ""
-            lines.append(f"output '{f.name}': relative error {f.relative_error:.4f}{agree}{iou} "
-                         f"({self.calibration.get('holdout', 0)} held-out samples)")
+            lines.append(f"output '{f.name}': relative error {f.relative_error:.4f}{agree}{iou} ({checked_on})")
+        if not self.fidelity:
+            lines.append("outputs not checked against the original: no calibration data (pass --calib to check)")
         if self.skipped:
             lines.append(f"{len(self.skipped)} channel groups left unpruned (reasons in the JSON report)")
         return "\n".join(lines)

@@ -776,3 +776,78 @@ def test_latency_search_times_the_layers_it_can_rebuild_and_leaves_conv_transpos
         assert calls
         return
     check_pruned(result.model, model, x[:8], max_rel_err=1.0)
+
+
+def conv3d_clip_model() -> onnx.ModelProto:
+    """A video-style network: two 3-D convs (3×3×3, the second strided in space) on ``[N, 3, 4, 6, 6]``
+    clips, global pooling and a classifier."""
+    b = Builder(in_shape=("N", 3, 4, 6, 6))
+
+    def conv3d(x, cin, cout, **attrs):
+        w = b.const(RNG.normal(0, (2.0 / (cin * 27)) ** 0.5, (cout, cin, 3, 3, 3)).astype(np.float32), "w")
+        return b.node("Relu", [b.node("Conv", [x, w, b.const(RNG.normal(0, 0.1, cout).astype(np.float32), "b")],
+                                      kernel_shape=[3, 3, 3], **attrs)])
+
+    x = conv3d("input", 3, 16, pads=[1] * 6)
+    x = conv3d(x, 16, 16, pads=[1, 1, 1, 1, 0, 1], strides=[1, 2, 2])
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])])
+    return b.build(b.gemm(x, 16, 5))
+
+
+def test_3d_convs_are_sampled_and_refit():
+    """A conv over three spatial dims (video, volumes) is a linear layer of its 3-D patches like a
+    2-D one: its sampled patches reproduce the op, and pruning refits it."""
+    model = conv3d_clip_model()
+    x = RNG.normal(0, 1, (48, 3, 4, 6, 6)).astype(np.float32)
+    g, _ = analyse_at(model, (1, 3, 4, 6, 6))
+    second = [n for n in g.graph.node if n.op_type == "Conv"][1]
+    h = handler_for(second)
+    assert h.reconstructable(second, g)
+    xin = RNG.normal(0, 1, (2, 16, 4, 6, 6)).astype(np.float32)
+    import onnxruntime as ort
+    single = onnx.helper.make_model(onnx.helper.make_graph(
+        [second], "c", [onnx.helper.make_tensor_value_info(second.input[0], onnx.TensorProto.FLOAT, [2, 16, 4, 6, 6])],
+        [onnx.helper.make_tensor_value_info(second.output[0], onnx.TensorProto.FLOAT, None)],
+        [t for t in model.graph.initializer if t.name in second.input]), opset_imports=model.opset_import)
+    y = ort.InferenceSession(single.SerializeToString()).run(None, {second.input[0]: xin})[0]
+    pos = RNG.integers(0, int(np.prod(y.shape[2:])), (2, 9))
+    patches = h.sample_patches(second, g, xin, pos)
+    assert np.allclose(patches @ h.weight_matrix(second, g).T + h.bias(second, g), h.sample_outputs(second, g, y, pos),
+                       atol=1e-4)
+    flat, inside = h.input_positions(second, g, pos)
+    assert flat.shape == inside.shape == (2, 9, 27) and not inside.all()  # the padded border is read
+    refit = onnxprune.prune(model, x, speedup=1.5, measure_latency=False, allocation="uniform")
+    plain = onnxprune.prune(model, x, speedup=1.5, measure_latency=False, allocation="uniform", reconstruct=False)
+    assert refit.report.totals.macs_speedup >= 1.5 * 0.97
+    err = check_pruned(refit.model, model, x[:16], max_rel_err=1.0)
+    assert err < check_pruned(plain.model, model, x[:16], max_rel_err=10.0)
+
+
+def unbatched_input_model() -> onnx.ModelProto:
+    """A model that takes one image without a batch axis (``[3, 8, 8]``, as torchvision's
+    detectors export) and adds it inside."""
+    b = Builder(in_shape=(3, 8, 8))
+    x = b.node("Unsqueeze", ["input", b.const(i64(0))])
+    x = b.node("Relu", [b.conv(x, 3, 8)])
+    x = b.node("Relu", [b.conv(x, 8, 8)])
+    return b.build(b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [x])]), 8, 4))
+
+
+def test_input_without_a_batch_axis_is_refused_in_one_line(tmp_path, capsys):
+    """Samples are fed along an input's first axis: a model without a batch axis would take its
+    channels as samples. Calibration images stacked on a new axis, or one image, give a one-line
+    error naming the problem (exit 2, nothing written); a data-free run needs no samples and prunes."""
+    from onnxprune.cli import main
+
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(unbatched_input_model(), src)
+    for name, data in (("stacked", RNG.normal(0, 1, (16, 3, 8, 8))), ("one", RNG.normal(0, 1, (3, 8, 8)))):
+        np.save(tmp_path / f"{name}.npy", data.astype(np.float32))
+        assert main([str(src), "--speedup", "1.3", "--calib", str(tmp_path / f"{name}.npy"), "-o", str(out)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "batch axis" in lines[0] and "'input'" in lines[0], lines
+        assert not out.exists()
+    assert main([str(src), "--speedup", "1.3", "--method", "l1", "--no-reconstruct", "--no-latency", "-o", str(out)]) == 0
+    assert "not checked against the original: no calibration data" in capsys.readouterr().out
+    check_pruned(onnx.load(out), unbatched_input_model(), RNG.normal(0, 1, (3, 8, 8)).astype(np.float32),
+                 max_rel_err=2.0)

@@ -147,8 +147,8 @@ class Conv(LinearHandler):
 
     # ---- linear-layer view (group 1 only) ----
     def reconstructable(self, node, g):
-        return (attr(node, "group", 1) == 1 and g.shape(node.input[0]) is not None
-                and g.shape(node.output[0]) is not None and len(g.shape(node.input[0])) in (3, 4))
+        shape, out = g.shape(node.input[0]), g.shape(node.output[0])
+        return attr(node, "group", 1) == 1 and shape is not None and out is not None and len(shape) >= 3
 
     def weight_matrix(self, node, g):
         w = self._weight(node, g)
@@ -171,51 +171,43 @@ class Conv(LinearHandler):
         return int(np.prod(g.shape(node.output[0])[2:]))
 
     def input_positions(self, node, g, pos):
-        w, in_shape = self._weight(node, g), g.shape(node.input[0])
-        if w is None or w.ndim != 4 or in_shape is None or len(in_shape) != 4 or \
+        w, in_shape, out_shape = self._weight(node, g), g.shape(node.input[0]), g.shape(node.output[0])
+        if w is None or in_shape is None or out_shape is None or len(in_shape) < 3 or \
                 (self.is_grouped(node, g) and not self.loses_whole_groups(node, g)):
             return None
-        h, wd = in_shape[2], in_shape[3]
-        kernel = tuple(w.shape[2:])
-        pads = conv_pads(node, (h, wd), kernel)
-        strides, dil = attr(node, "strides", [1, 1]), attr(node, "dilations", [1, 1])
-        iy, ix = _tap_coords(pos, g.shape(node.output[0])[3], kernel, pads, strides, dil)
-        inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < wd)
-        flat = np.clip(iy, 0, h - 1) * wd + np.clip(ix, 0, wd - 1)
+        flat, inside = _tap_positions(node, pos, tuple(in_shape[2:]), tuple(out_shape[2:]), tuple(w.shape[2:]))
         return flat.reshape(*pos.shape, -1), inside.reshape(*pos.shape, -1)
 
     def sample_patches(self, node, g, x, pos):
         w = self._weight(node, g)
-        if x.ndim == 3:  # 1-D conv: treat as H = 1
-            x = x[:, :, None, :]
-            kernel = (1, w.shape[2])
-            pads1 = conv_pads(node, (x.shape[3],), (w.shape[2],))
-            pads = [0, pads1[0], 0, pads1[1]]
-            strides = [1] + list(attr(node, "strides", [1]))
-            dil = [1] + list(attr(node, "dilations", [1]))
-            out_w = g.shape(node.output[0])[2]
-        else:
-            kernel = tuple(w.shape[2:])
-            pads = conv_pads(node, x.shape[2:], kernel)
-            strides = list(attr(node, "strides", [1, 1]))
-            dil = list(attr(node, "dilations", [1, 1]))
-            out_w = g.shape(node.output[0])[3]
-        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-        xp = xp.transpose(0, 2, 3, 1)  # B, H, W, C
-        iy, ix = _tap_coords(pos, out_w, kernel, pads, strides, dil)
-        b = np.arange(x.shape[0])[:, None, None, None]
-        patches = xp[b, iy + pads[0], ix + pads[1]]  # B, P, kh, kw, C (in the padded map)
-        patches = patches.transpose(0, 1, 4, 2, 3)
-        return patches.reshape(pos.shape[0] * pos.shape[1], -1)
+        flat, inside = _tap_positions(node, pos, x.shape[2:], tuple(g.shape(node.output[0])[2:]), tuple(w.shape[2:]))
+        rows = x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)  # channels last
+        if flat.shape[1] * flat.shape[2] >= rows.shape[1]:
+            # reading each position several times: one contiguous copy makes each read one row
+            rows = np.ascontiguousarray(rows)
+        b = np.arange(x.shape[0])[:, None, None]
+        patches = rows[b, flat]  # B, P, taps, C
+        if not inside.all():
+            patches[~inside] = 0  # taps on the padding
+        return patches.transpose(0, 1, 3, 2).reshape(pos.shape[0] * pos.shape[1], -1)
 
 
-def _tap_coords(pos: np.ndarray, out_w: int, kernel, pads, strides, dil) -> tuple[np.ndarray, np.ndarray]:
-    """Input row and column (before padding) of each kernel tap read by the outputs at flat
-    positions ``pos``: ``[*pos.shape, kh, 1]`` and ``[*pos.shape, 1, kw]``."""
-    oy, ox = pos // out_w, pos % out_w
-    iy = (oy * strides[0] - pads[0])[..., None, None] + (np.arange(kernel[0]) * dil[0])[:, None]
-    ix = (ox * strides[1] - pads[1])[..., None, None] + (np.arange(kernel[1]) * dil[1])[None, :]
-    return iy, ix
+def _tap_positions(node: onnx.NodeProto, pos: np.ndarray, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                   kernel: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """For output positions ``pos`` (flat over ``out_shape``, any number of spatial dims): the flat
+    input position each kernel tap reads, clipped into the map, and whether it lies inside it
+    (False: padding); both ``[*pos.shape, taps]``, taps in the weight's (row-major) order."""
+    n = len(kernel)
+    pads = conv_pads(node, in_shape, kernel)
+    strides, dil = attr(node, "strides", [1] * n), attr(node, "dilations", [1] * n)
+    out_coords = np.unravel_index(pos, out_shape)
+    flat = np.zeros((*pos.shape, 1), np.int64)
+    inside = np.ones((*pos.shape, 1), bool)
+    for axis in range(n):
+        coord = (out_coords[axis] * strides[axis] - pads[axis])[..., None] + np.arange(kernel[axis]) * dil[axis]
+        inside = (inside[..., :, None] & ((coord >= 0) & (coord < in_shape[axis]))[..., None, :]).reshape(*pos.shape, -1)
+        flat = (flat[..., :, None] * in_shape[axis] + np.clip(coord, 0, in_shape[axis] - 1)[..., None, :]).reshape(*pos.shape, -1)
+    return flat, inside
 
 
 def _check_equal_groups(keep: np.ndarray, channels: int, group: int) -> np.ndarray:
