@@ -136,6 +136,29 @@ class Handler:
         """L1 norm of the weights producing each output channel (producers only)."""
         raise NotImplementedError(f"{node.op_type} does not produce channels")
 
+    def free_batch(self, node: onnx.NodeProto, g: GraphView) -> list[onnx.NodeProto] | None:
+        """Where a constant input of the node writes a batch of 1 (an export at batch 1 folds the
+        batch into shapes: :func:`batch_one_constant`), make the node take the batch from its
+        tensors instead, the same at batch 1. Returns the nodes to insert before it (``[]`` for
+        none), or None where the node holds no such 1. Undone by :meth:`declare_batch`."""
+        return None
+
+    def declare_batch(self, node: onnx.NodeProto, g: GraphView) -> list[str]:
+        """Undo :meth:`free_batch` on the node: its constant writes 1 again (an entry pruning
+        rewrote meanwhile stays rewritten). Returns the names of the nodes ``free_batch`` added,
+        for the caller to remove."""
+        return []
+
+
+def batch_one_constant(node: onnx.NodeProto, g: GraphView, index: int) -> np.ndarray | None:
+    """The node's constant shape input ``index`` where it writes a batch of 1 first and the node's
+    data input runs at batch 1 (``g.shapes``); None otherwise."""
+    value = g.input_const(node, index)
+    if value is None or value.ndim != 1 or len(value) < 2 or value[0] != 1 or \
+            (g.shape(node.input[0]) or ())[:1] != (1,):
+        return None
+    return value
+
 
 class LinearHandler(Handler):
     """A handler for a layer that is a linear map of input patches: Conv, Gemm, MatMul.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graphview import attr
-from .base import ChannelRule, Handler, register
+from .base import ChannelRule, Handler, batch_one_constant, register
 from .shapes import (
     Element,
     ShapeValues,
@@ -96,6 +96,28 @@ class Reshape(Handler):
         entry = entries[1]
         if entry.constant and entry.value not in (-1, 0):
             rewrite_channel_entry(g, entry, len(keep) * block, node)
+
+    def free_batch(self, node, g):
+        """A constant target writing batch 1 first (the dynamo exporter's folded ``[1, -1]``, a
+        channel shuffle's ``[1, 2, 24, 20, 20]``) copies the dim instead: ONNX's 0, or -1 where
+        ``allowzero`` makes 0 a size and no other entry is -1 or 0."""
+        target = batch_one_constant(node, g, 1)
+        if target is None:
+            return None
+        if not attr(node, "allowzero", 0):
+            first = 0
+        elif not (target[1:] == -1).any() and not (target[1:] == 0).any():
+            first = -1
+        else:
+            return None
+        g.set_const(node, 1, np.concatenate([np.array([first], target.dtype), target[1:]]))
+        return []
+
+    def declare_batch(self, node, g):
+        target = g.input_const(node, 1)
+        if target is not None and target.ndim == 1 and len(target) and target[0] in (0, -1):
+            g.set_const(node, 1, np.concatenate([np.ones(1, target.dtype), target[1:]]))
+        return []
 
 
 @register("Expand")

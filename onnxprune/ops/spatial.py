@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from onnx import helper
 
 from ..graphview import attr
-from .base import ChannelRule, Handler, register
+from .base import ChannelRule, Handler, batch_one_constant, register
 from .layout import channel_entry_rule, rewrite_channel_entry
 from .shapes import ShapeValues, axes_of, constant_elements, reads_channels
 
@@ -58,6 +59,9 @@ class Pad(Handler):
         return _tie(node)
 
 
+_FREED = "_onnxprune_batch"  # names of what Resize.free_batch adds for one node
+
+
 @register("Resize", "Upsample")
 class Resize(Handler):
     """Resizing keeps channels when the channel scale is 1 or the channel size is the count itself
@@ -107,6 +111,32 @@ class Resize(Handler):
         _, sizes = self._entries(node, g)
         if sizes is not None:
             rewrite_channel_entry(g, sizes[1], len(keep), node)
+
+    def free_batch(self, node, g):
+        """Constant ``sizes`` writing batch 1 first (a folded ``F.interpolate(x, size=...)``) become
+        ``Concat(Shape(x)[0:1], rest)``: the channel entry stays a constant pruning can rewrite."""
+        sizes = batch_one_constant(node, g, 3) if node.op_type == "Resize" else None
+        if sizes is None or attr(node, "axes") is not None:
+            return None
+        base = node.name + _FREED
+        shape = helper.make_node("Shape", [node.input[0]], [f"{base}_shape"], name=f"{base}_shape")
+        first = helper.make_node("Gather", [shape.output[0], ""], [f"{base}_first"], name=f"{base}_gather", axis=0)
+        joined = helper.make_node("Concat", [first.output[0], ""], [f"{base}_sizes"], name=f"{base}_sizes", axis=0)
+        g.set_const(first, 1, np.zeros(1, np.int64))
+        g.set_const(joined, 1, sizes[1:])
+        node.input[3] = joined.output[0]
+        g.shapes.update({shape.output[0]: (len(sizes),), first.output[0]: (1,), joined.output[0]: (len(sizes),)})
+        return [shape, first, joined]
+
+    def declare_batch(self, node, g):
+        base = node.name + _FREED
+        joined = g.producer.get(node.input[3]) if len(node.input) > 3 else None
+        rest = g.input_const(joined, 1) if joined is not None and joined.name == f"{base}_sizes" else None
+        if rest is None:
+            return []
+        node.input[3] = ""  # a fresh name, not one derived from what free_batch added
+        g.set_const(node, 3, np.concatenate([np.ones(1, rest.dtype), rest]))
+        return [f"{base}_shape", f"{base}_gather", f"{base}_sizes"]
 
 
 @register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceProd")
