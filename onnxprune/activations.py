@@ -127,20 +127,6 @@ def fitting_batch(shapes: dict[str, tuple[int, ...]], wanted: int) -> int:
     return max(1, min(wanted, ACTIVATION_BUDGET // max(per_sample, 1)))
 
 
-def runs_batched(model: onnx.ModelProto, calib: Calibration, shapes: dict[str, tuple[int, ...]]) -> bool:
-    """Whether a model whose inputs declare a dynamic batch really runs two samples in one pass,
-    given its :func:`tensor_shapes` (one sample). Some exports hard-code batch 1 inside
-    (``x.view(1, -1)``): at batch 2 they fail, or fold the batch away (1 row for 2 samples)."""
-    if static_batch(model) is not None or len(calib) < 2:
-        return True
-    names = [o.name for o in model.graph.output]
-    try:
-        ((_, two),) = run_batches(model, names, calib, [0, 1], 2)
-    except ORT_ERRORS:
-        return False
-    return all(not (shapes.get(n) or ())[:1] == (1,) or (two[n].ndim and two[n].shape[0] == 2) for n in names)
-
-
 def check_batch_axis(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
     """Raise :class:`ModelError` unless every Conv runs one row of its batch axis (ONNX's N) per
     sample fed, given the :func:`tensor_shapes` of one feed: the passes take a layer's rows as the

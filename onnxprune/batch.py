@@ -19,7 +19,7 @@ import onnx
 from .activations import ORT_ERRORS, run_batches
 from .calib import Calibration
 from .graphview import GraphView
-from .ops import handler_for
+from .ops import LinearHandler, handler_for
 
 FREED_BATCH = "onnxprune_batch"  # the symbolic batch dim free_batch declares
 
@@ -74,31 +74,53 @@ def declare_batch_as(model: onnx.ModelProto, like: onnx.ModelProto, freed: Seque
     g.drop_unused_initializers()
 
 
-def batches_like_singles(model: onnx.ModelProto, calib: Calibration) -> bool:
-    """Whether ``model`` run on two samples together gives every output as the two run one at a
-    time (rows stacked on the first dim, to float rounding). A graph exported at batch 1 can hold
-    the 1 inside where :func:`free_batch` does not reach (a Reshape to ``[8, 64]`` dropping it, a
-    Gather of fixed positions): it then fails at batch 2, folds the batch away, or mixes samples."""
+def batches_like_singles(model: onnx.ModelProto, calib: Calibration, names: Sequence[str] = ()) -> bool:
+    """Whether ``model`` run on two samples together gives the tensors ``names`` (default: the
+    graph outputs) as the two run one at a time (to float rounding): stacked on the batch axis — the axis one sample gives 1
+    and two give 2, the first where there are several (axis 1 of a time-major ``[T, N, C]``) —
+    or the same for both where an output does not depend on the batch. A graph can hold the batch
+    inside where its declared batch does not show it (a Reshape to ``[8, 64]`` dropping it, a
+    Gather of fixed positions, ``x.view(1, -1)`` under a dynamic batch): it then fails at batch
+    2, folds the batch away, or mixes samples."""
     if len(calib) < 2:
         return False
-    names = [o.name for o in model.graph.output]
+    names = list(names) or [o.name for o in model.graph.output]
     try:
         ((_, two),) = run_batches(model, names, calib, [0, 1], 2)
         ones = [values for _, values in run_batches(model, names, calib, [0, 1], 1)]
     except ORT_ERRORS:
         return False
-    for name in names:
-        single = np.concatenate([one[name] for one in ones]) if all(one[name].ndim for one in ones) else None
-        both = two[name]
-        if single is None or both.shape != single.shape or both.dtype != single.dtype:
-            return False
-        if both.dtype.kind == "f":
-            scale = float(np.abs(single).max()) if single.size else 0.0
-            if not np.allclose(both, single, rtol=1e-3, atol=1e-4 * max(scale, 1e-30)):
-                return False
-        elif not np.array_equal(both, single):
-            return False
-    return True
+    return all(_stacks(two[name], [one[name] for one in ones]) for name in names)
+
+
+def layer_outputs(model: onnx.ModelProto) -> list[str]:
+    """The outputs of the layers the passes sample and refit (Conv, Gemm, MatMul, …): a graph
+    output may reduce over the batch by design (a batch mean); these must not."""
+    return [n.output[0] for n in model.graph.node if n.output and isinstance(handler_for(n), LinearHandler)]
+
+
+def _stacks(both: np.ndarray, singles: list[np.ndarray]) -> bool:
+    """Whether ``both`` is ``singles`` stacked on their batch axis, equal to each of them, or —
+    where the batch is merged into another axis (``[T·N, C]`` token rows) — their values in
+    another order."""
+    first = singles[0]
+    if any(one.shape != first.shape or one.dtype != both.dtype for one in singles):
+        return False
+    if both.shape == first.shape:
+        return all(_close(both, one) for one in singles)
+    axes = [a for a in range(first.ndim) if first.shape[a] == 1 and both.shape == first.shape[:a] + (2,) + first.shape[a + 1:]]
+    if axes:
+        return _close(both, np.concatenate(singles, axis=axes[0]))
+    # sorting moves each value by at most the largest difference: rounding stays rounding
+    return both.size == 2 * first.size and _close(np.sort(both, axis=None), np.sort(np.concatenate(singles, axis=None)))
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.dtype.kind != "f":
+        return np.array_equal(a, b)
+    finite = np.isfinite(b)  # an overflowing model is stopped later, by the check that names the layer
+    scale = float(np.abs(b[finite]).max()) if finite.any() else 0.0
+    return bool(np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1e-30), equal_nan=True))
 
 
 def _batch_dims(model: onnx.ModelProto) -> list[onnx.TensorShapeProto.Dimension]:

@@ -23,10 +23,9 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import onnx
 
-from .activations import (batch_size_for, check_batch_axis, fitting_batch, runs_batched, static_batch, tensor_shapes,
-                          with_batch_one)
+from .activations import batch_size_for, check_batch_axis, fitting_batch, static_batch, tensor_shapes, with_batch_one
 from .allocation import DEEP_CUT, Allocator, Plan, deepest_cut
-from .batch import batches_like_singles, declare_batch_as, free_batch
+from .batch import batches_like_singles, declare_batch_as, free_batch, layer_outputs
 from .budget import Targets, build_cost_model, relaxed_targets
 from .calib import ImageOptions, load_calibration, random_subset, split_calibration, synthetic_calibration
 from .candidates import analyse, downstream_layers, positions, sampleable
@@ -104,10 +103,11 @@ class Pruner:
             self.shapes = tensor_shapes(self.work, self.cal)
             if opts.needs_data:
                 check_batch_axis(self.work, self.shapes)
-            if not runs_batched(self.work, self.cal, self.shapes):
-                log.warning("the model runs one sample at a time (its batch dim is declared dynamic, but a "
-                            "batch of 2 fails or is folded away inside): every pass runs one image, and the "
-                            "pruned model declares batch 1")
+            dynamic = static_batch(self.work) is None and len(self.cal) >= 2  # one sample tells nothing
+            if dynamic and not batches_like_singles(self.work, self.cal, layer_outputs(self.work)):
+                log.warning("the model runs one sample at a time (its batch dim is declared dynamic, but "
+                            "inside a batch of 2 fails, is folded away or mixes the samples): every pass runs "
+                            "one image, and the pruned model declares batch 1")
                 self.original, self.work = with_batch_one(self.original), with_batch_one(self.work)
             elif static_batch(self.work) == 1 and opts.method is not Method.STRIPE:
                 self._free_batch()

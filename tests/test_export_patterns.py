@@ -851,3 +851,30 @@ def test_input_without_a_batch_axis_is_refused_in_one_line(tmp_path, capsys):
     assert "not checked against the original: no calibration data" in capsys.readouterr().out
     check_pruned(onnx.load(out), unbatched_input_model(), RNG.normal(0, 1, (3, 8, 8)).astype(np.float32),
                  max_rel_err=2.0)
+
+
+def test_dynamic_batch_model_that_mixes_samples_is_pruned_one_sample_at_a_time(caplog):
+    """A model declaring a dynamic batch whose graph mixes the samples of a batch (a Softmax over
+    one sample's channels stacked as rows: at batch 2 the shapes come out right): its statistics
+    would mix images, so every pass runs one sample, as for a model that fails at batch 2. A
+    time-major output (``[T, N, C]``: the batch on axis 1) batches as it should."""
+    from onnxprune.batch import batches_like_singles
+    from onnxprune.calib import Calibration
+
+    b = Builder(in_shape=("N", 3, 8, 8))
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    x = b.node("Relu", [b.conv(x, 8, 8)])
+    x = b.node("Softmax", [b.node("Reshape", [x, b.const(i64(-1, 64))])], axis=0)
+    x = b.node("Reshape", [x, b.const(i64(-1, 512))])
+    model = b.build(b.gemm(x, 512, 5))
+    x = RNG.normal(0, 1, (40, 3, 8, 8)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        result = onnxprune.prune(model, x, speedup=1.3, measure_latency=False)
+    assert "mixes the samples" in caplog.text
+    assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    check_pruned(result.model, model, x[:1], max_rel_err=1.0)
+
+    b = Builder(in_shape=("N", 3, 8, 8))
+    x = b.node("ReduceMean", [b.node("Relu", [b.conv("input", 3, 8)])], axes=[2], keepdims=0)  # [N, 8, W]
+    model = b.build(b.node("Transpose", [x], perm=[2, 0, 1]))  # [W, N, 8]
+    assert batches_like_singles(model, Calibration({"input": RNG.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)}))
