@@ -446,7 +446,7 @@ class Pruner:
             method=opts.method.value, reconstruct=opts.reconstruct, target_speedup=opts.speedup or 1.0, totals=totals,
             groups=pruned.groups, layers=layers, skipped=self.analysis.skipped, fidelity=fidelity,
             calibration={"fit": int(len(self.fit_idx)), "mixtures": self.mixtures,  # fit: blends included
-                         "holdout": int(len(self.hold_idx)),
+                         "holdout": int(len(self.hold_idx)), "given": self.asked_calib is not None,
                          "samples_per_image": opts.samples_per_image},
             bn_folded=self.folded, targets_met=reached, provider=opts.provider, latency_batch=opts.latency_batch,
             targets={k: v for k, v in opts.targets.__dict__.items() if v is not None}

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .tail import TailResult
-from .verify import OutputFidelity
+from .verify import OutputFidelity, label
 
 
 @dataclass
@@ -175,9 +175,11 @@ class Report:
         for f in self.fidelity:
             agree = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
             iou = f", marked-region IoU {f.marked_iou:.3f}" if f.marked_iou is not None else ""
-            lines.append(f"output '{f.name}': relative error {f.relative_error:.4f}{agree}{iou} ({checked_on})")
+            lines.append(f"{label(f)}: relative error {f.relative_error:.4f}{agree}{iou} ({checked_on})")
         if not self.fidelity:
-            lines.append("outputs not checked against the original: no calibration data (pass --calib to check)")
+            why = "no calibration data (pass --calib to check)" if not self.calibration.get("given", True) else \
+                "none of them is a floating-point tensor whose shape the data leaves alone"
+            lines.append(f"outputs not checked against the original: {why}")
         if self.skipped:
             lines.append(f"{len(self.skipped)} channel groups left unpruned (reasons in the JSON report)")
         return "\n".join(lines)

@@ -21,7 +21,7 @@ from .options import PruneOptions
 from .progress import QUIET, Progress
 from .rewrite import trial_edit
 from .sampling import Sampler, image_fold
-from .verify import comparable
+from .verify import checked_tensors, comparable
 from .graph import ChannelGroup
 from .reconstruct import ESTIMATE_RIDGE, held_out_error
 from .select import add_unit_contribution, expand_channels, lasso_selections, normalized_contribution
@@ -247,7 +247,7 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
     model = g.model
     solo = replace(opts, refit_downstream=False, refine=False, progress=False)
     at = sorted({min(range(len(GRID)), key=lambda i: abs(GRID[i] - p)) for p in probes})
-    names = [o.name for o in model.graph.output]
+    names = checked_tensors(model)
     batch = fitting_batch(shapes, opts.batch_size)
     topo = positions(model)
     units = sorted(analysis.candidates, key=lambda u: first_edited(u, g, topo))

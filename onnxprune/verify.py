@@ -29,6 +29,8 @@ class OutputFidelity:
     # for probability maps (see probability_outputs): IoU of the elements above MARKED in the pruned
     # and in the original output; None where the original marks fewer than MIN_MARKED of them
     marked_iou: float | None = None
+    # False: a tensor a selecting op reads in place of the graph outputs it feeds (checked_tensors)
+    graph_output: bool = True
 
 
 # A probability map marks what lies above its sigmoid's own decision boundary; an IoU over fewer
@@ -39,7 +41,35 @@ MIN_MARKED = 100
 _LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Concat"}
 
 
-def probability_outputs(model: onnx.ModelProto) -> set[str]:
+# Ops that pick elements by their values: what comes out of them (kept boxes, indices, a class
+# map) is sized by the data or integer, so it cannot be compared with the original's element by
+# element; the float tensors they pick from can. Data inputs per op (the others are thresholds).
+_SELECTING_OPS = {"NonMaxSuppression": (0, 1), "NonZero": (0,), "Compress": (0,), "Unique": (0,), "TopK": (0,),
+                  "ArgMax": (0,), "ArgMin": (0,)}
+
+
+def checked_tensors(model: onnx.ModelProto) -> list[str]:
+    """The tensors fidelity is measured on: the graph outputs, except that an output computed
+    through an op that picks elements by value (a built-in NMS, ``TopK``, ``ArgMax``…) is
+    replaced by the float tensors those ops pick from — a detector's boxes and scores before its
+    NMS, a segmentation net's logits before its arg-max."""
+    picked_from: dict[str, list[str]] = {}  # tensor -> the selecting ops' data inputs above it
+    computed = {out for node in model.graph.node for out in node.output if out}  # not inputs, not constants
+    for node in model.graph.node:  # in topological order, as ONNX requires
+        if node.domain in ("", "ai.onnx") and node.op_type in _SELECTING_OPS:
+            found = [node.input[i] for i in _SELECTING_OPS[node.op_type] if i < len(node.input) and node.input[i] in computed]
+        else:
+            found = [t for i in node.input if i for t in picked_from.get(i, ())]
+        for out in node.output:
+            if out and found:
+                picked_from[out] = list(dict.fromkeys(found))
+    names: list[str] = []
+    for o in model.graph.output:
+        names += picked_from.get(o.name) or [o.name]
+    return list(dict.fromkeys(names))
+
+
+def probability_outputs(model: onnx.ModelProto, names: Sequence[str] | None = None) -> set[str]:
     """Graph outputs that are probability maps: computed by a ``Sigmoid`` (through layout ops only),
     such as a text detector's probability map or a segmentation mask. Their relative error counts
     every boundary that moves by a pixel, which their thresholded regions do not: they are judged
@@ -60,7 +90,8 @@ def probability_outputs(model: onnx.ModelProto) -> set[str]:
                 seen[name] = bool(live) and all(from_sigmoid(i) for i in live)
         return seen[name]
 
-    return {o.name for o in model.graph.output if from_sigmoid(o.name)}
+    return {name for name in (names if names is not None else [o.name for o in model.graph.output])
+            if from_sigmoid(name)}
 
 
 def comparable(reference: np.ndarray, output: np.ndarray) -> bool:
@@ -71,11 +102,11 @@ def comparable(reference: np.ndarray, output: np.ndarray) -> bool:
 
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibration,
             indices: Sequence[int], batch: int | None = None, provider: str = "cpu") -> list[OutputFidelity]:
-    """Run both models on ``calib[indices]`` and compare every graph output that can be compared:
-    floating-point ones whose shape the data does not change. Integer outputs (indices, counts) and
-    outputs sized by the data (boxes kept by a built-in NMS) are left out and logged."""
-    names = [o.name for o in original.graph.output]
-    maps = probability_outputs(original)
+    """Run both models on ``calib[indices]`` and compare the :func:`checked_tensors` that can be
+    compared: floating-point ones whose shape the data does not change. Integer outputs (indices,
+    counts) and outputs sized by the data are left out and logged."""
+    names = checked_tensors(original)
+    maps = probability_outputs(original, names)
     acc = {n: [0.0, 0.0, 0.0, 0, 0, 0, 0, 0] for n in names}  # err², ref², maxdiff, agree, count, ∩, ∪, marked
     left_out: set[str] = set()
     runs = zip(run_batches(original, names, calib, indices, batch, provider),
@@ -100,9 +131,16 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
     if left_out:
         log.warning("held-out check leaves out outputs it cannot compare (integer, or sized by the data): %s",
                     ", ".join(sorted(left_out)))
+    outputs = {o.name for o in original.graph.output}
     return [OutputFidelity(n, (s[0] / s[1]) ** 0.5 if s[1] > 0 else float(s[0] > 0), s[2],
-                           s[3] / s[4] if s[4] else None, s[4], s[5] / s[6] if s[7] >= MIN_MARKED else None)
+                           s[3] / s[4] if s[4] else None, s[4], s[5] / s[6] if s[7] >= MIN_MARKED else None,
+                           n in outputs)
             for n, s in acc.items() if n not in left_out]
+
+
+def label(f: OutputFidelity) -> str:
+    """How reports name what ``f`` measured: a graph output, or a tensor checked in its place."""
+    return f"output '{f.name}'" if f.graph_output else f"tensor '{f.name}' (read by the post-processing)"
 
 
 def output_loss(f: OutputFidelity) -> float:
@@ -173,12 +211,12 @@ def poor_fidelity(fidelity: list[OutputFidelity]) -> str:
     """Why held-out fidelity is too poor to call the run a success ('' when it is not)."""
     for f in fidelity:
         if f.top1_agreement is not None and agreement_upper_bound(f.top1_agreement, f.samples) < POOR_AGREEMENT:
-            return f"output '{f.name}' keeps {f.top1_agreement:.1%} top-1 agreement with the original " \
+            return f"{label(f)} keeps {f.top1_agreement:.1%} top-1 agreement with the original " \
                    f"(clearly below {POOR_AGREEMENT:.0%})"
         if f.marked_iou is not None and f.marked_iou < POOR_MARKED_IOU:
-            return f"output '{f.name}' marks a region (above {MARKED:g}) overlapping the original's by IoU " \
+            return f"{label(f)} marks a region (above {MARKED:g}) overlapping the original's by IoU " \
                    f"{f.marked_iou:.2f} (below {POOR_MARKED_IOU:.2f})"
         if f.top1_agreement is None and f.marked_iou is None and f.relative_error > POOR_RELATIVE_ERROR:
-            return f"output '{f.name}' is off by a relative error of {f.relative_error:.2f} " \
+            return f"{label(f)} is off by a relative error of {f.relative_error:.2f} " \
                    f"(above {POOR_RELATIVE_ERROR:.2f})"
     return ""
