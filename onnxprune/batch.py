@@ -74,23 +74,38 @@ def declare_batch_as(model: onnx.ModelProto, like: onnx.ModelProto, freed: Seque
     g.drop_unused_initializers()
 
 
-def batches_like_singles(model: onnx.ModelProto, calib: Calibration, names: Sequence[str] = ()) -> bool:
+COMPARED_BYTES = 1 << 27  # bytes per sample of the tensors one comparison run fetches
+
+
+def batches_like_singles(model: onnx.ModelProto, calib: Calibration, names: Sequence[str] = (),
+                         shapes: dict[str, tuple[int, ...]] | None = None) -> bool:
     """Whether ``model`` run on two samples together gives the tensors ``names`` (default: the
-    graph outputs) as the two run one at a time (to float rounding): stacked on the batch axis — the axis one sample gives 1
-    and two give 2, the first where there are several (axis 1 of a time-major ``[T, N, C]``) —
-    or the same for both where an output does not depend on the batch. A graph can hold the batch
-    inside where its declared batch does not show it (a Reshape to ``[8, 64]`` dropping it, a
-    Gather of fixed positions, ``x.view(1, -1)`` under a dynamic batch): it then fails at batch
-    2, folds the batch away, or mixes samples."""
+    graph outputs) as the two run one at a time (to float rounding): stacked on the batch axis —
+    the axis one sample gives 1 and two give 2, the first where there are several (axis 1 of a
+    time-major ``[T, N, C]``) — or the same for both where an output does not depend on the batch.
+    A graph can hold the batch inside where its declared batch does not show it (a Reshape to
+    ``[8, 64]`` dropping it, a Gather of fixed positions, ``x.view(1, -1)`` under a dynamic
+    batch): it then fails at batch 2, folds the batch away, or mixes samples. With ``shapes`` (one
+    sample's), the tensors are fetched a part of about ``COMPARED_BYTES`` per sample at a time."""
     if len(calib) < 2:
         return False
     names = list(names) or [o.name for o in model.graph.output]
-    try:
-        ((_, two),) = run_batches(model, names, calib, [0, 1], 2)
-        ones = [values for _, values in run_batches(model, names, calib, [0, 1], 1)]
-    except ORT_ERRORS:
-        return False
-    return all(_stacks(two[name], [one[name] for one in ones]) for name in names)
+    parts, size = [[]], 0
+    for name in names:
+        nbytes = 4 * int(np.prod((shapes or {}).get(name, ())))
+        if parts[-1] and size + nbytes > COMPARED_BYTES:
+            parts, size = parts + [[]], 0
+        parts[-1].append(name)
+        size += nbytes
+    for part in parts:
+        try:
+            ((_, two),) = run_batches(model, part, calib, [0, 1], 2)
+            ones = [values for _, values in run_batches(model, part, calib, [0, 1], 1)]
+        except ORT_ERRORS:
+            return False
+        if not all(_stacks(two[name], [one[name] for one in ones]) for name in part):
+            return False
+    return True
 
 
 def layer_outputs(model: onnx.ModelProto) -> list[str]:

@@ -104,7 +104,7 @@ class Pruner:
             if opts.needs_data:
                 check_batch_axis(self.work, self.shapes)
             dynamic = static_batch(self.work) is None and len(self.cal) >= 2  # one sample tells nothing
-            if dynamic and not batches_like_singles(self.work, self.cal, layer_outputs(self.work)):
+            if dynamic and not batches_like_singles(self.work, self.cal, layer_outputs(self.work), self.shapes):
                 log.warning("the model runs one sample at a time (its batch dim is declared dynamic, but "
                             "inside a batch of 2 fails, is folded away or mixes the samples): every pass runs "
                             "one image, and the pruned model declares batch 1")

@@ -853,14 +853,17 @@ def test_input_without_a_batch_axis_is_refused_in_one_line(tmp_path, capsys):
                  max_rel_err=2.0)
 
 
-def test_dynamic_batch_model_that_mixes_samples_is_pruned_one_sample_at_a_time(caplog):
+@pytest.mark.parametrize("compared_bytes", [1 << 27, 1])  # all layers in one comparison run, or one each
+def test_dynamic_batch_model_that_mixes_samples_is_pruned_one_sample_at_a_time(caplog, monkeypatch, compared_bytes):
     """A model declaring a dynamic batch whose graph mixes the samples of a batch (a Softmax over
     one sample's channels stacked as rows: at batch 2 the shapes come out right): its statistics
     would mix images, so every pass runs one sample, as for a model that fails at batch 2. A
     time-major output (``[T, N, C]``: the batch on axis 1) batches as it should."""
+    from onnxprune import batch
     from onnxprune.batch import batches_like_singles
     from onnxprune.calib import Calibration
 
+    monkeypatch.setattr(batch, "COMPARED_BYTES", compared_bytes)
     b = Builder(in_shape=("N", 3, 8, 8))
     x = b.node("Relu", [b.conv("input", 3, 8)])
     x = b.node("Relu", [b.conv(x, 8, 8)])
