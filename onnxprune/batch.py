@@ -138,6 +138,62 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1e-30), equal_nan=True))
 
 
+_UNBATCHED = "_onnxprune_unbatched"  # the name an input without a batch axis takes inside, while pruned
+
+
+def with_batch_axis(model: onnx.ModelProto, names: frozenset[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs ``names``, declared without a batch axis (``[3, H, W]``),
+    take one of size 1 that a ``Squeeze`` removes at once: every pass then feeds samples as for a
+    model exported at batch 1. Undone by :func:`without_batch_axis`."""
+    batched = onnx.ModelProto()
+    batched.CopyFrom(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    squeezes = []
+    for vi in batched.graph.input:
+        if vi.name not in names:
+            continue
+        inner = vi.name + _UNBATCHED
+        _rename_reads(batched.graph, vi.name, inner)
+        dims = [onnx.TensorShapeProto.Dimension(dim_value=1), *vi.type.tensor_type.shape.dim]
+        del vi.type.tensor_type.shape.dim[:]
+        vi.type.tensor_type.shape.dim.extend(dims)
+        if opset >= 13:  # axes became an input
+            axes = inner + "_axes"
+            batched.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0], np.int64), axes))
+            squeezes.append(onnx.helper.make_node("Squeeze", [vi.name, axes], [inner], name=inner))
+        else:
+            squeezes.append(onnx.helper.make_node("Squeeze", [vi.name], [inner], name=inner, axes=[0]))
+    _set_nodes(batched, [*squeezes, *batched.graph.node])
+    return batched
+
+
+def without_batch_axis(model: onnx.ModelProto, names: frozenset[str]) -> None:
+    """Undo :func:`with_batch_axis`, in place, on a model derived from the batched one."""
+    for vi in model.graph.input:
+        if vi.name not in names:
+            continue
+        inner = vi.name + _UNBATCHED
+        for i in reversed([i for i, n in enumerate(model.graph.node) if n.name == inner]):
+            del model.graph.node[i]
+        _rename_reads(model.graph, inner, vi.name)
+        dims = list(vi.type.tensor_type.shape.dim)[1:]
+        del vi.type.tensor_type.shape.dim[:]
+        vi.type.tensor_type.shape.dim.extend(dims)
+    if names:
+        GraphView(model).drop_unused_initializers()
+
+
+def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Make every node of ``graph`` and of its subgraphs (If/Loop bodies) read ``new`` for ``old``."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                _rename_reads(sub, old, new)
+
+
 def _batch_dims(model: onnx.ModelProto) -> list[onnx.TensorShapeProto.Dimension]:
     """The first dim of every declared graph input (not initializers) and output."""
     inits = {t.name for t in model.graph.initializer}

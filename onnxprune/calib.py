@@ -71,10 +71,13 @@ def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
 class Calibration:
     """A fixed set of calibration samples, readable in batches by sample index."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], pairs: np.ndarray | None = None):
+    def __init__(self, arrays: dict[str, np.ndarray], pairs: np.ndarray | None = None,
+                 unbatched: frozenset[str] = frozenset()):
         self.arrays = arrays
         self.count = len(next(iter(arrays.values()))) if arrays else 0
         self._pairs = pairs  # the two samples of each mixture, after the real samples (with_mixtures)
+        # inputs the model takes one sample of without a batch axis (their samples are stacked on one)
+        self.unbatched = unbatched
 
     def __len__(self) -> int:
         return self.count
@@ -97,7 +100,7 @@ class Calibration:
         pairs = rng.choice(np.asarray(among), size=(count, 2))
         lam = rng.uniform(MIX_LOW, 1.0 - MIX_LOW, size=count)
         arrays = {k: _Mixed(v, pairs, lam) for k, v in self.arrays.items()}
-        return Calibration(arrays, pairs), np.arange(self.count, self.count + count)
+        return Calibration(arrays, pairs, self.unbatched), np.arange(self.count, self.count + count)
 
     def sources(self, indices: Sequence[int]) -> np.ndarray:
         """``[len(indices), 2]``: the real samples each sample is made of (a real one: itself twice)."""
@@ -296,15 +299,13 @@ def _validate(arrays: dict[str, object], inputs: list[ModelInput]) -> dict[str, 
             out[inp.name] = arr
             continue
         arr = np.asarray(arr) if not isinstance(arr, np.memmap) else arr
-        if arr.ndim == len(inp.shape) + 1 and tuple(arr.shape[1:]) == tuple(inp.shape):
-            raise CalibrationError(f"input '{inp.name}' takes one sample without a batch axis ({format_shape(inp.shape)}; "
-                                   f"calibration data {tuple(arr.shape)}): onnxprune feeds samples along a batch "
-                                   "axis; export the model with one (a detector: without its pre- and post-processing)")
-        if arr.ndim != len(inp.shape):
+        if unbatched(arr, inp):
+            pass  # samples of an input that has no batch axis, stacked on one (Pruner adds the axis)
+        elif arr.ndim != len(inp.shape):
             raise CalibrationError(f"calibration data for '{inp.name}' has shape {tuple(arr.shape)} (rank {arr.ndim}); "
                                    f"the model expects rank {len(inp.shape)} like {format_shape(inp.shape)}")
         for axis, (have, want) in enumerate(zip(arr.shape[1:], inp.shape[1:]), start=1):
-            if want is not None and have != want:
+            if want is not None and have != want and not unbatched(arr, inp):
                 raise CalibrationError(f"calibration data for '{inp.name}' has shape {tuple(arr.shape)}; "
                                        f"the model expects {format_shape(inp.shape)} (axis {axis} differs)")
         if arr.dtype != inp.dtype:
@@ -336,6 +337,12 @@ def _scan(arr: np.ndarray, chunk_bytes: int = 1 << 26) -> tuple[bool, float]:
             return False, peak
         peak = max(peak, float(np.abs(part).max()) if part.size else 0.0)
     return True, peak
+
+
+def unbatched(arr, inp: ModelInput) -> bool:
+    """Whether ``arr`` holds samples of ``inp`` stacked on an axis the input does not have: one
+    more axis than it, the rest its (static) shape (torchvision's detectors take ``[3, H, W]``)."""
+    return len(arr.shape) == len(inp.shape) + 1 and tuple(arr.shape[1:]) == tuple(inp.shape)
 
 
 def format_shape(shape: tuple[int | None, ...]) -> str:
@@ -371,9 +378,10 @@ def load_calibration(source, model: onnx.ModelProto, image_options: ImageOptions
     else:
         arrays = _from_reader(source, inputs)
     arrays = _validate(arrays, inputs)
+    stacked = frozenset(i.name for i in inputs if not isinstance(arrays[i.name], _LazyImages) and unbatched(arrays[i.name], i))
     arrays = {k: (_Cast(v, i.dtype) if not isinstance(v, _LazyImages) and v.dtype != i.dtype else v)
               for (k, v), i in zip(arrays.items(), inputs)}
-    return Calibration(arrays)
+    return Calibration(arrays, unbatched=stacked)
 
 
 def split_calibration(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

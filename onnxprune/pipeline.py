@@ -25,7 +25,8 @@ import onnx
 
 from .activations import batch_size_for, check_batch_axis, fitting_batch, static_batch, tensor_shapes, with_batch_one
 from .allocation import DEEP_CUT, Allocator, Plan, deepest_cut
-from .batch import batches_like_singles, declare_batch_as, free_batch, layer_outputs
+from .batch import (batches_like_singles, declare_batch_as, free_batch, layer_outputs, with_batch_axis,
+                    without_batch_axis)
 from .budget import Targets, build_cost_model, relaxed_targets
 from .calib import ImageOptions, load_calibration, random_subset, split_calibration, synthetic_calibration
 from .candidates import analyse, downstream_layers, positions, sampleable
@@ -100,6 +101,10 @@ class Pruner:
             self.bn_scales: dict[str, np.ndarray] = {}
             self.folded = fold_batchnorm(self.work, self.bn_scales)
             self.cal, self.fit_idx, self.hold_idx, self.mixtures = self._calibration(calib, image_options)
+            if self.cal.unbatched:  # inputs without a batch axis get one while pruned (run() takes it away)
+                log.info("inputs without a batch axis: %s (samples fed one at a time)", ", ".join(sorted(self.cal.unbatched)))
+                self.original = with_batch_axis(self.original, self.cal.unbatched)
+                self.work = with_batch_axis(self.work, self.cal.unbatched)
             self.shapes = tensor_shapes(self.work, self.cal)
             if opts.needs_data:
                 check_batch_axis(self.work, self.shapes)
@@ -172,13 +177,16 @@ class Pruner:
         if self.opts.method is Method.STRIPE:
             from .stripe import prune_stripes
 
-            return prune_stripes(self.original, self.work, self.shapes, self.cal, self.fit_idx, self.hold_idx,
-                                 self.opts, self.folded, self.start)
-        plan = self.allocate()
-        if self._residual_instead(plan):
-            return self._with_residual_joined(plan).run()
-        pruned, fidelity, reached = self.prune_verified(plan)
-        return PruneResult(pruned.model, self.report(pruned, fidelity, reached))
+            result = prune_stripes(self.original, self.work, self.shapes, self.cal, self.fit_idx, self.hold_idx,
+                                   self.opts, self.folded, self.start)
+        else:
+            plan = self.allocate()
+            if self._residual_instead(plan):
+                return self._with_residual_joined(plan).run()
+            pruned, fidelity, reached = self.prune_verified(plan)
+            result = PruneResult(pruned.model, self.report(pruned, fidelity, reached))
+        without_batch_axis(result.model, self.cal.unbatched)
+        return result
 
     def _residual_instead(self, plan: Plan) -> bool:
         """Whether the residual-joined groups, kept at full width by default (``prune_coupled``

@@ -13,6 +13,8 @@ import onnx
 
 from .activations import run_batches
 from .calib import Calibration
+from .graphview import inputs_of
+from .ops import LinearHandler, handler_for
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ class OutputFidelity:
     # for probability maps (see probability_outputs): IoU of the elements above MARKED in the pruned
     # and in the original output; None where the original marks fewer than MIN_MARKED of them
     marked_iou: float | None = None
-    # False: a tensor a selecting op reads in place of the graph outputs it feeds (checked_tensors)
+    # False: a layer's output checked in place of the graph outputs it feeds (checked_tensors)
     graph_output: bool = True
 
 
@@ -43,29 +45,42 @@ _LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Ident
 
 # Ops that pick elements by their values: what comes out of them (kept boxes, indices, a class
 # map) is sized by the data or integer, so it cannot be compared with the original's element by
-# element; the float tensors they pick from can. Data inputs per op (the others are thresholds).
-_SELECTING_OPS = {"NonMaxSuppression": (0, 1), "NonZero": (0,), "Compress": (0,), "Unique": (0,), "TopK": (0,),
-                  "ArgMax": (0,), "ArgMin": (0,)}
+# element, and neither can what is computed from it.
+_SELECTING_OPS = {"NonMaxSuppression", "NonZero", "Compress", "Unique", "TopK", "ArgMax", "ArgMin"}
+_SHAPE_READERS = {"Shape", "Size"}  # read no values: not a path from a layer's values
 
 
 def checked_tensors(model: onnx.ModelProto) -> list[str]:
     """The tensors fidelity is measured on: the graph outputs, except that an output computed
     through an op that picks elements by value (a built-in NMS, ``TopK``, ``ArgMax``…) is
-    replaced by the float tensors those ops pick from — a detector's boxes and scores before its
-    NMS, a segmentation net's logits before its arg-max."""
-    picked_from: dict[str, list[str]] = {}  # tensor -> the selecting ops' data inputs above it
-    computed = {out for node in model.graph.node for out in node.output if out}  # not inputs, not constants
+    replaced by the outputs of the last layers (Conv, Gemm, MatMul…) its values come from — a
+    detector's head convs before its decoding and NMS, a segmenter's logits before its arg-max.
+    What lies between is fixed post-processing; the layers are what pruning changes."""
+    producer = {out: node for node in model.graph.node for out in node.output if out}
+    position = {id(node): i for i, node in enumerate(model.graph.node)}
+    picked: set[str] = set()  # tensors computed through a selecting op
     for node in model.graph.node:  # in topological order, as ONNX requires
-        if node.domain in ("", "ai.onnx") and node.op_type in _SELECTING_OPS:
-            found = [node.input[i] for i in _SELECTING_OPS[node.op_type] if i < len(node.input) and node.input[i] in computed]
-        else:
-            found = [t for i in node.input if i for t in picked_from.get(i, ())]
-        for out in node.output:
-            if out and found:
-                picked_from[out] = list(dict.fromkeys(found))
+        if (node.domain in ("", "ai.onnx") and node.op_type in _SELECTING_OPS) or \
+                any(i in picked for i in inputs_of(node)):
+            picked.update(o for o in node.output if o)
+
+    def layers_above(name: str) -> list[str]:
+        found, seen, stack = [], set(), [name]
+        while stack:
+            tensor = stack.pop()
+            node = producer.get(tensor)
+            if tensor in seen or node is None:
+                continue
+            seen.add(tensor)
+            if isinstance(handler_for(node), LinearHandler) and tensor == node.output[0]:
+                found.append(tensor)
+            elif node.op_type not in _SHAPE_READERS:
+                stack.extend(inputs_of(node))
+        return sorted(found, key=lambda t: position[id(producer[t])])
+
     names: list[str] = []
     for o in model.graph.output:
-        names += picked_from.get(o.name) or [o.name]
+        names += (layers_above(o.name) if o.name in picked else []) or [o.name]
     return list(dict.fromkeys(names))
 
 
@@ -140,7 +155,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
 
 def label(f: OutputFidelity) -> str:
     """How reports name what ``f`` measured: a graph output, or a tensor checked in its place."""
-    return f"output '{f.name}'" if f.graph_output else f"tensor '{f.name}' (read by the post-processing)"
+    return f"output '{f.name}'" if f.graph_output else f"layer output '{f.name}' (before the post-processing)"
 
 
 def output_loss(f: OutputFidelity) -> float:

@@ -415,11 +415,12 @@ def test_mixtures_join_the_fit_samples_and_never_the_held_out_ones():
         onnxprune.prune(model, x, mixtures=-1, measure_latency=False)
 
 
-def test_a_detector_with_its_nms_built_in_is_measured_on_the_boxes_and_scores_it_picks_from():
-    """A detector whose only output is its built-in NMS's indices (integers, as many as the data
-    keeps), or a segmentation net that outputs its arg-max class map: the probes and the held-out
-    check measure the float tensors those ops pick from instead of nothing, and the report names
-    them as such."""
+def test_a_detector_with_its_nms_built_in_is_measured_on_its_head_layers():
+    """A detector whose outputs are its built-in NMS's indices and a thresholded NonZero (integers,
+    as many as the data keeps), or a segmentation net that outputs its arg-max class map: the
+    probes and the held-out check measure the outputs of the last layers their values come from
+    (the box and class convs; not the backbone conv whose shape the decoding reads) instead of
+    nothing, and the report names them as such."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -429,34 +430,38 @@ def test_a_detector_with_its_nms_built_in_is_measured_on_the_boxes_and_scores_it
     x = b.node("Relu", [b.conv("input", 3, 16)])
     x = b.node("Relu", [b.conv(x, 16, 32, stride=2)])
     x = b.node("Relu", [b.conv(x, 32, 32)])
-    boxes = b.node("Transpose", [b.node("Reshape", [b.conv(x, 32, 4, k=1, pad=0), b.const(np.array([0, 4, -1]))])],
-                   perm=[0, 2, 1])  # [N, 64, 4]
-    scores = b.node("Reshape", [b.node("Sigmoid", [b.conv(x, 32, 3, k=1, pad=0)]), b.const(np.array([0, 3, -1]))])
+    box_conv, cls_conv = b.conv(x, 32, 4, k=1, pad=0), b.conv(x, 32, 3, k=1, pad=0)
+    boxes = b.node("Transpose", [b.node("Reshape", [box_conv, b.const(np.array([0, 4, -1]))])], perm=[0, 2, 1])
+    boxes = b.node("Mul", [boxes, b.node("Cast", [b.node("Shape", [x])], to=TensorProto.FLOAT)])  # scaled by a shape
+    scores = b.node("Reshape", [b.node("Sigmoid", [cls_conv]), b.const(np.array([0, 3, -1]))])
     limits = [b.const(np.array([10])), b.const(np.array([0.5], np.float32)), b.const(np.array([0.3], np.float32))]
     picked = b.node("NonMaxSuppression", [boxes, scores, *limits])
+    confident = b.node("NonZero", [b.node("Greater", [scores, b.const(np.array(0.9, np.float32))])])
     classes = b.node("ArgMax", [scores], axis=1, keepdims=0)
-    graph = helper.make_graph(b.nodes, "det", [b.input], [helper.make_tensor_value_info(picked, TensorProto.INT64, [None, 3])],
-                              b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    outputs = [helper.make_tensor_value_info(picked, TensorProto.INT64, [None, 3]),
+               helper.make_tensor_value_info(confident, TensorProto.INT64, [3, None])]
+    model = helper.make_model(helper.make_graph(b.nodes, "det", [b.input], outputs, b.inits),
+                              opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model, full_check=True)
-    assert checked_tensors(model) == [boxes, scores]
+    assert checked_tensors(model) == [box_conv, cls_conv]
     segmenter = onnx.ModelProto()
     segmenter.CopyFrom(model)
-    segmenter.graph.output[0].CopyFrom(helper.make_tensor_value_info(classes, TensorProto.INT64, ["N", None]))
-    assert checked_tensors(segmenter) == [scores]
+    del segmenter.graph.output[:]
+    segmenter.graph.output.extend([helper.make_tensor_value_info(classes, TensorProto.INT64, ["N", None])])
+    assert checked_tensors(segmenter) == [cls_conv]
 
     x = np.random.default_rng(0).normal(size=(64, 3, 16, 16)).astype(np.float32)
     result = onnxprune.prune(model, x, speedup=1.3, measure_latency=False)
-    assert [(f.name, f.graph_output) for f in result.report.fidelity] == [(boxes, False), (scores, False)]
-    assert "tensor '" + boxes + "' (read by the post-processing)" in result.report.table()
+    assert [(f.name, f.graph_output) for f in result.report.fidelity] == [(box_conv, False), (cls_conv, False)]
+    assert f"layer output '{box_conv}' (before the post-processing)" in result.report.table()
     assert result.report.totals.macs_speedup >= 1.3 * 0.97
     onnx.checker.check_model(result.model, full_check=True)
-    # what the report measured, checked here too: both models with the picked-from tensors as outputs
+    # what the report measured, checked here too: both models with the head layers' outputs as outputs
     exposed = []
     for m in (model, result.model):
         m2 = onnx.ModelProto()
         m2.CopyFrom(m)
         del m2.graph.output[:]
-        m2.graph.output.extend([helper.make_tensor_value_info(t, TensorProto.FLOAT, [None] * 3) for t in (boxes, scores)])
+        m2.graph.output.extend([helper.make_tensor_value_info(t, TensorProto.FLOAT, [None] * 4) for t in (box_conv, cls_conv)])
         exposed.append(m2)
     check_pruned(exposed[1], exposed[0], x[:16], max_rel_err=1.0)
