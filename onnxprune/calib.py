@@ -174,7 +174,7 @@ class _LazyImages:
 
 def _image_options(inp: ModelInput, opts: ImageOptions) -> ImageOptions:
     """Fill unset image options from the model input's shape."""
-    shape = inp.shape
+    shape = (1, *inp.shape) if len(inp.shape) == 3 else inp.shape  # one image without a batch axis
     if len(shape) != 4:
         raise CalibrationError(f"input '{inp.name}' has rank {len(shape)}; image folders need a 4-D input")
     layout = opts.layout
@@ -378,7 +378,8 @@ def load_calibration(source, model: onnx.ModelProto, image_options: ImageOptions
     else:
         arrays = _from_reader(source, inputs)
     arrays = _validate(arrays, inputs)
-    stacked = frozenset(i.name for i in inputs if not isinstance(arrays[i.name], _LazyImages) and unbatched(arrays[i.name], i))
+    stacked = frozenset(i.name for i in inputs if (len(i.shape) == 3 if isinstance(arrays[i.name], _LazyImages)
+                                                    else unbatched(arrays[i.name], i)))
     arrays = {k: (_Cast(v, i.dtype) if not isinstance(v, _LazyImages) and v.dtype != i.dtype else v)
               for (k, v), i in zip(arrays.items(), inputs)}
     return Calibration(arrays, unbatched=stacked)

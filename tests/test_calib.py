@@ -51,6 +51,26 @@ def test_image_folder(tmp_path):
     assert -2.01 <= batch.min() and batch.max() <= 2.01
 
 
+def test_image_folder_and_stacked_arrays_for_an_input_without_a_batch_axis(tmp_path):
+    """An input declared ``[3, 8, 8]`` (one image, no batch axis): an image folder or an array of
+    images stacked on a new axis are its samples, and the calibration says which inputs lack the
+    axis (the pruner adds it while it prunes)."""
+    from onnx import TensorProto, helper
+    from PIL import Image
+
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["y"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    for source in (tmp_path, rng.normal(size=(4, 3, 8, 8)).astype(np.float32)):
+        cal = load_calibration(source, model)
+        assert len(cal) == 4 and cal.unbatched == {"input"} and cal.take([0, 1])["input"].shape == (2, 3, 8, 8)
+    assert load_calibration(rng.normal(size=(4, 3, 8, 8)).astype(np.float32), MODEL).unbatched == frozenset()
+
+
 @pytest.mark.parametrize("make,msg", [
     (lambda p: np.save(p / "x.npy", np.zeros((4, 3, 9, 8), np.float32)), "axis 2 differs"),
     (lambda p: np.save(p / "x.npy", np.zeros((4, 8, 8), np.float32)), "rank"),
