@@ -190,9 +190,12 @@ def fidelity(reference: onnx.ModelProto, model: onnx.ModelProto, cal: Calibratio
 
 def bench(models: list[onnx.ModelProto], cal: Calibration, provider: str, batches: list[int],
           repeats: int) -> dict[int, list[Latency]]:
-    """Latency of each model at each batch size (runs alternating across models in blocks)."""
-    return {b: measure(models, cal.take([i % len(cal) for i in range(batch_size_for(models[0], b))]),
-                       provider, repeats) for b in batches}
+    """Latency of each model at each batch size it runs (alternating across models in blocks),
+    keyed by that size: a model with a static batch runs its own whatever size was asked."""
+    results: dict[int, list[Latency]] = {}
+    for size in dict.fromkeys(batch_size_for(models[0], b) for b in batches):
+        results[size] = measure(models, cal.take([i % len(cal) for i in range(size)]), provider, repeats)
+    return results
 
 
 def grouped_convs_cut_inside(layers: list[LayerRow]) -> list[str]:

@@ -499,10 +499,17 @@ def test_gate_bounds_the_iou_of_a_probability_maps_marked_region(files, tmp_path
     assert "--min-iou needs a probability map" in capsys.readouterr().err
 
 
-def test_bench_reports_every_model_and_batch(files, capsys):
+def test_bench_reports_every_model_and_batch(files, capsys, tmp_path):
     assert main(["bench", str(files / "m.onnx"), str(files / "p.onnx"), "--batch", "1", "4", "--repeats", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 + 2 * 2 and lines[0].split()[:2] == ["model", "batch"]
+    # a model exported at batch 1 runs one sample whatever --batch asks: one row per model, batch 1
+    fixed = onnx.load(files / "m.onnx")
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(fixed, tmp_path / "fixed.onnx")
+    assert main(["bench", str(tmp_path / "fixed.onnx"), "--batch", "1", "4", "--repeats", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[1].split()[1] == "1"
 
 
 def test_sensitivity_curves_use_a_bounded_random_subset(monkeypatch):
