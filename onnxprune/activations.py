@@ -141,8 +141,9 @@ def check_batch_axis(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]])
             raise ModelError(
                 f"Conv '{node.name or node.output[0]}' runs {rows} rows on its batch axis for {fed} sample(s) fed "
                 f"along the first axis of input '{first.name}' {format_shape(first.shape)}: onnxprune feeds samples along "
-                "the batch axis the layers run on; export the model with a batch axis on its inputs that its "
-                "convs keep (a detector: without its pre- and post-processing)")
+                "the batch axis the layers run on; for an input that takes one sample without a batch axis, give the "
+                f"samples stacked on a new first axis (e.g. [N, {', '.join(str(d) for d in first.shape)}]), else export "
+                "the model with a batch axis its convs keep")
 
 
 def with_batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
