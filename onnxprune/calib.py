@@ -174,7 +174,7 @@ class _LazyImages:
 
 def _image_options(inp: ModelInput, opts: ImageOptions) -> ImageOptions:
     """Fill unset image options from the model input's shape."""
-    shape = (1, *inp.shape) if len(inp.shape) == 3 else inp.shape  # one image without a batch axis
+    shape = (1, *inp.shape) if takes_one_image(inp) else inp.shape
     if len(shape) != 4:
         raise CalibrationError(f"input '{inp.name}' has rank {len(shape)}; image folders need a 4-D input")
     layout = opts.layout
@@ -299,15 +299,14 @@ def _validate(arrays: dict[str, object], inputs: list[ModelInput]) -> dict[str, 
             out[inp.name] = arr
             continue
         arr = np.asarray(arr) if not isinstance(arr, np.memmap) else arr
-        if unbatched(arr, inp):
-            pass  # samples of an input that has no batch axis, stacked on one (Pruner adds the axis)
-        elif arr.ndim != len(inp.shape):
-            raise CalibrationError(f"calibration data for '{inp.name}' has shape {tuple(arr.shape)} (rank {arr.ndim}); "
-                                   f"the model expects rank {len(inp.shape)} like {format_shape(inp.shape)}")
-        for axis, (have, want) in enumerate(zip(arr.shape[1:], inp.shape[1:]), start=1):
-            if want is not None and have != want and not unbatched(arr, inp):
-                raise CalibrationError(f"calibration data for '{inp.name}' has shape {tuple(arr.shape)}; "
-                                       f"the model expects {format_shape(inp.shape)} (axis {axis} differs)")
+        if not unbatched(arr, inp):  # else: samples of an input without a batch axis, stacked on one
+            if arr.ndim != len(inp.shape):
+                raise CalibrationError(f"calibration data for '{inp.name}' has shape {tuple(arr.shape)} (rank "
+                                       f"{arr.ndim}); the model expects rank {len(inp.shape)} like {format_shape(inp.shape)}")
+            for axis, (have, want) in enumerate(zip(arr.shape[1:], inp.shape[1:]), start=1):
+                if want is not None and have != want:
+                    raise CalibrationError(f"calibration data for '{inp.name}' has shape {tuple(arr.shape)}; "
+                                           f"the model expects {format_shape(inp.shape)} (axis {axis} differs)")
         if arr.dtype != inp.dtype:
             both_float = np.issubdtype(arr.dtype, np.floating) and np.issubdtype(inp.dtype, np.floating)
             if not both_float:
@@ -345,6 +344,11 @@ def unbatched(arr, inp: ModelInput) -> bool:
     return len(arr.shape) == len(inp.shape) + 1 and tuple(arr.shape[1:]) == tuple(inp.shape)
 
 
+def takes_one_image(inp: ModelInput) -> bool:
+    """Whether an image folder feeds ``inp`` one image without a batch axis: a static ``[C, H, W]``."""
+    return len(inp.shape) == 3 and None not in inp.shape
+
+
 def format_shape(shape: tuple[int | None, ...]) -> str:
     """A shape as users read it: ``[?, 3, 224, 224]`` (? for a dynamic dim)."""
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
@@ -378,7 +382,7 @@ def load_calibration(source, model: onnx.ModelProto, image_options: ImageOptions
     else:
         arrays = _from_reader(source, inputs)
     arrays = _validate(arrays, inputs)
-    stacked = frozenset(i.name for i in inputs if (len(i.shape) == 3 if isinstance(arrays[i.name], _LazyImages)
+    stacked = frozenset(i.name for i in inputs if (takes_one_image(i) if isinstance(arrays[i.name], _LazyImages)
                                                     else unbatched(arrays[i.name], i)))
     arrays = {k: (_Cast(v, i.dtype) if not isinstance(v, _LazyImages) and v.dtype != i.dtype else v)
               for (k, v), i in zip(arrays.items(), inputs)}
