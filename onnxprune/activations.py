@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import onnx
 
-from .calib import Calibration, format_shape, model_inputs
+from .calib import Calibration, model_inputs
 from .errors import ModelError
 from .graphview import inputs_of
 from .io import add_initializers, copy_fields, inference_session
@@ -125,25 +125,6 @@ def fitting_batch(shapes: dict[str, tuple[int, ...]], wanted: int) -> int:
     """The largest batch (≤ ``wanted``) whose activations, summed over every tensor, fit the budget."""
     per_sample = sum(4 * int(np.prod(s[1:])) for s in shapes.values() if len(s) > 1)
     return max(1, min(wanted, ACTIVATION_BUDGET // max(per_sample, 1)))
-
-
-def check_batch_axis(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Raise :class:`ModelError` unless every Conv runs one row of its batch axis (ONNX's N) per
-    sample fed, given the :func:`tensor_shapes` of one feed: the passes take a layer's rows as the
-    samples. An input without a batch axis (``[3, H, W]``: torchvision's detectors) feeds its
-    first axis as samples while the convs run batch 1; a graph that folds frames into the batch
-    runs several rows per sample."""
-    fed = static_batch(model) or 1
-    for node in model.graph.node:
-        rows = (shapes.get(node.input[0]) or (fed,))[0] if node.op_type == "Conv" and node.input else fed
-        if rows != fed:
-            first = model_inputs(model)[0]
-            raise ModelError(
-                f"Conv '{node.name or node.output[0]}' runs {rows} rows on its batch axis for {fed} sample(s) fed "
-                f"along the first axis of input '{first.name}' {format_shape(first.shape)}: onnxprune feeds samples along "
-                "the batch axis the layers run on; for an input that takes one sample without a batch axis, give the "
-                f"samples stacked on a new first axis (e.g. [N, {', '.join(str(d) for d in first.shape)}]), else export "
-                "the model with a batch axis its convs keep")
 
 
 def with_batch_one(model: onnx.ModelProto) -> onnx.ModelProto:

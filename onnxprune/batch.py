@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from .activations import ORT_ERRORS, run_batches
-from .calib import Calibration
+from .activations import ORT_ERRORS, run_batches, static_batch
+from .calib import Calibration, format_shape, model_inputs
+from .errors import ModelError
 from .graphview import GraphView
 from .ops import LinearHandler, handler_for
 
@@ -106,6 +107,27 @@ def batches_like_singles(model: onnx.ModelProto, calib: Calibration, names: Sequ
         if not all(_stacks(two[name], [one[name] for one in ones]) for name in part):
             return False
     return True
+
+
+def check_batch_axis(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise :class:`ModelError` unless every conv runs one row of its batch axis (ONNX's N) per
+    sample fed, given the :func:`tensor_shapes` of one feed: the passes take a layer's rows as the
+    samples. An input without a batch axis (``[3, H, W]``: torchvision's detectors) feeds its
+    first axis as samples while the convs run batch 1; a graph that folds frames into the batch
+    runs several rows per sample."""
+    fed = static_batch(model) or 1
+    for node in model.graph.node:
+        handler = handler_for(node)
+        spatial = isinstance(handler, LinearHandler) and handler.spatial  # axis 0 is ONNX's N
+        rows = (shapes.get(node.input[0]) or (fed,))[0] if spatial else fed
+        if rows != fed:
+            first = model_inputs(model)[0]
+            raise ModelError(
+                f"Conv '{node.name or node.output[0]}' runs {rows} rows on its batch axis for {fed} sample(s) fed "
+                f"along the first axis of input '{first.name}' {format_shape(first.shape)}: onnxprune feeds samples along "
+                "the batch axis the layers run on; for an input that takes one sample without a batch axis, give the "
+                f"samples stacked on a new first axis (e.g. [N, {', '.join(str(d) for d in first.shape)}]), else export "
+                "the model with a batch axis its convs keep")
 
 
 def layer_outputs(model: onnx.ModelProto) -> list[str]:

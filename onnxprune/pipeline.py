@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import onnx
 
-from .activations import batch_size_for, check_batch_axis, fitting_batch, static_batch, tensor_shapes, with_batch_one
+from .activations import batch_size_for, fitting_batch, static_batch, tensor_shapes, with_batch_one
 from .allocation import DEEP_CUT, Allocator, Plan, deepest_cut
-from .batch import (batches_like_singles, declare_batch_as, free_batch, layer_outputs, with_batch_axis,
-                    without_batch_axis)
+from .batch import (batches_like_singles, check_batch_axis, declare_batch_as, free_batch, layer_outputs,
+                    with_batch_axis, without_batch_axis)
 from .budget import Targets, build_cost_model, relaxed_targets
 from .calib import ImageOptions, load_calibration, random_subset, split_calibration, synthetic_calibration
 from .candidates import analyse, downstream_layers, positions, sampleable
@@ -90,7 +90,7 @@ class Pruner:
         self.opts = opts = (options or PruneOptions()).validate()
         # what this session was given, for a second one (_with_residual_joined)
         self.asked, self.model_source, self.calib_source, self.image_options = opts, model, calib, image_options
-        self.asked_calib = calib  # None: a data-free run
+        self.data_free = calib is None  # the one all-zeros sample only fixes the shapes
         self.progress = Progress(opts.progress)
         with self.progress.phase("load"):
             self.original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
@@ -101,21 +101,7 @@ class Pruner:
             self.bn_scales: dict[str, np.ndarray] = {}
             self.folded = fold_batchnorm(self.work, self.bn_scales)
             self.cal, self.fit_idx, self.hold_idx, self.mixtures = self._calibration(calib, image_options)
-            if self.cal.unbatched:  # inputs without a batch axis get one while pruned (run() takes it away)
-                log.info("inputs without a batch axis: %s (samples fed one at a time)", ", ".join(sorted(self.cal.unbatched)))
-                self.original = with_batch_axis(self.original, self.cal.unbatched)
-                self.work = with_batch_axis(self.work, self.cal.unbatched)
-            self.shapes = tensor_shapes(self.work, self.cal)
-            if opts.needs_data:
-                check_batch_axis(self.work, self.shapes)
-            dynamic = static_batch(self.work) is None and len(self.cal) >= 2  # one sample tells nothing
-            if dynamic and not batches_like_singles(self.work, self.cal, layer_outputs(self.work), self.shapes):
-                log.warning("the model runs one sample at a time (its batch dim is declared dynamic, but "
-                            "inside a batch of 2 fails, is folded away or mixes the samples): every pass runs "
-                            "one image, and the pruned model declares batch 1")
-                self.original, self.work = with_batch_one(self.original), with_batch_one(self.work)
-            elif static_batch(self.work) == 1 and opts.method is not Method.STRIPE:
-                self._free_batch()
+            self._settle_batch()
         if opts.method is Method.STRIPE:  # kernel positions of filters, not channels: its own pipeline
             return
         with self.progress.phase("analyse"):
@@ -137,6 +123,27 @@ class Pruner:
                     self.cost = build_cost_model(self.analysis.g, self.analysis.groups)
         with self.progress.phase("targets"):
             self.sampler = self._sampler(self.fit_idx, pairs=opts.refine) if opts.needs_data and self.candidates else None
+
+    def _settle_batch(self) -> None:
+        """How the passes feed samples: inputs without a batch axis get one (:meth:`run` takes it
+        away); a dynamic batch that does not batch like single samples runs one at a time; a
+        declared batch of 1 is freed where the graph batches (:meth:`_free_batch`). Also measures
+        the tensor shapes at one sample."""
+        if self.cal.unbatched:
+            log.info("inputs without a batch axis: %s (samples fed one at a time)", ", ".join(sorted(self.cal.unbatched)))
+            self.original = with_batch_axis(self.original, self.cal.unbatched)
+            self.work = with_batch_axis(self.work, self.cal.unbatched)
+        self.shapes = tensor_shapes(self.work, self.cal)
+        if self.opts.needs_data:
+            check_batch_axis(self.work, self.shapes)
+        dynamic = static_batch(self.work) is None and len(self.cal) >= 2  # one sample tells nothing
+        if dynamic and not batches_like_singles(self.work, self.cal, layer_outputs(self.work), self.shapes):
+            log.warning("the model runs one sample at a time (its batch dim is declared dynamic, but "
+                        "inside a batch of 2 fails, is folded away or mixes the samples): every pass runs "
+                        "one image, and the pruned model declares batch 1")
+            self.original, self.work = with_batch_one(self.original), with_batch_one(self.work)
+        elif static_batch(self.work) == 1 and self.opts.method is not Method.STRIPE:
+            self._free_batch()
 
     def _free_batch(self) -> None:
         """Let the working model run many samples per pass where it declares batch 1 (exporters'
@@ -388,7 +395,7 @@ class Pruner:
     def verify(self, model: onnx.ModelProto) -> list[OutputFidelity]:
         """Fidelity of ``model`` to the original on the held-out samples (the fit ones if none);
         none for a data-free run, whose one all-zeros sample only fixes the shapes."""
-        if self.asked_calib is None:
+        if self.data_free:
             return []
         with self.progress.phase("verify"):
             check_idx = self.hold_idx if len(self.hold_idx) else self.fit_idx
@@ -454,7 +461,7 @@ class Pruner:
             method=opts.method.value, reconstruct=opts.reconstruct, target_speedup=opts.speedup or 1.0, totals=totals,
             groups=pruned.groups, layers=layers, skipped=self.analysis.skipped, fidelity=fidelity,
             calibration={"fit": int(len(self.fit_idx)), "mixtures": self.mixtures,  # fit: blends included
-                         "holdout": int(len(self.hold_idx)), "given": self.asked_calib is not None,
+                         "holdout": int(len(self.hold_idx)), "given": not self.data_free,
                          "samples_per_image": opts.samples_per_image},
             bn_folded=self.folded, targets_met=reached, provider=opts.provider, latency_batch=opts.latency_batch,
             targets={k: v for k, v in opts.targets.__dict__.items() if v is not None}

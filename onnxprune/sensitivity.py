@@ -21,7 +21,7 @@ from .options import PruneOptions
 from .progress import QUIET, Progress
 from .rewrite import trial_edit
 from .sampling import Sampler, image_fold
-from .verify import checked_tensors, comparable
+from .verify import checked_tensors, comparable, squared_sums
 from .graph import ChannelGroup
 from .reconstruct import ESTIMATE_RIDGE, held_out_error
 from .select import add_unit_contribution, expand_channels, lasso_selections, normalized_contribution
@@ -338,23 +338,8 @@ def _output_error(reference: list, pruned: list, names: list[str], fold: int | N
             if fold is not None and a.ndim and a.shape[0] == len(idx):
                 rows = image_fold(idx) == fold
                 a, b = a[rows], b[rows]
-            part_err, part_ref = _squared_sums(a, b)
+            part_err, part_ref = squared_sums(a, b)
             err, ref = err + part_err, ref + part_ref
         else:
             errors.append(err ** 0.5 / max(ref ** 0.5, 1e-30))
     return max(errors) if errors else None
-
-
-SUM_BLOCK = 1 << 20  # values per float64 block of _squared_sums: a segmentation map batch is 10⁷–10⁸
-
-
-def _squared_sums(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """``Σ (b − a)²`` and ``Σ a²`` in float64, a block of rows at a time where the arrays are large
-    (whole-batch float64 copies of a dense output made the probes memory-bound)."""
-    a, b = np.atleast_1d(a), np.atleast_1d(b)
-    rows = max(1, SUM_BLOCK // max(int(np.prod(a.shape[1:])), 1))
-    err = ref = 0.0
-    for start in range(0, len(a), rows):
-        x, y = a[start:start + rows].astype(np.float64), b[start:start + rows].astype(np.float64)
-        err, ref = err + float(((y - x) ** 2).sum()), ref + float((x ** 2).sum())
-    return err, ref

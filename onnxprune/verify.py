@@ -115,6 +115,21 @@ def comparable(reference: np.ndarray, output: np.ndarray) -> bool:
     return np.issubdtype(reference.dtype, np.floating) and reference.shape == output.shape
 
 
+SUM_BLOCK = 1 << 20  # values per float64 block of squared_sums: a segmentation map batch is 10⁷–10⁸
+
+
+def squared_sums(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """``Σ (b − a)²`` and ``Σ a²`` in float64, a block of rows at a time where the arrays are large
+    (whole-batch float64 copies of a dense output made the probes memory-bound)."""
+    a, b = np.atleast_1d(a), np.atleast_1d(b)
+    rows = max(1, SUM_BLOCK // max(int(np.prod(a.shape[1:])), 1))
+    err = ref = 0.0
+    for start in range(0, len(a), rows):
+        x, y = a[start:start + rows].astype(np.float64), b[start:start + rows].astype(np.float64)
+        err, ref = err + float(((y - x) ** 2).sum()), ref + float((x ** 2).sum())
+    return err, ref
+
+
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibration,
             indices: Sequence[int], batch: int | None = None, provider: str = "cpu") -> list[OutputFidelity]:
     """Run both models on ``calib[indices]`` and compare the :func:`checked_tensors` that can be
@@ -131,10 +146,11 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
             if n in left_out or not comparable(ref[n], out[n]):
                 left_out.add(n)
                 continue
+            part_err, part_ref = squared_sums(ref[n], out[n])
             a, b = ref[n].astype(np.float64), out[n].astype(np.float64)
             s = acc[n]
-            s[0] += float(((b - a) ** 2).sum())
-            s[1] += float((a ** 2).sum())
+            s[0] += part_err
+            s[1] += part_ref
             s[2] = max(s[2], float(np.abs(b - a).max()) if a.size else 0.0)
             if n in maps:
                 s[5] += int(np.count_nonzero((a > MARKED) & (b > MARKED)))

@@ -128,17 +128,17 @@ def test_frozen_statistics_refit_some_columns_with_the_rest_held(kept_samples):
         assert alone.error(trial, fold) == pytest.approx(st.error(full, fold), rel=1e-4)
 
 
-def test_probe_output_error_sums_large_outputs_in_blocks(monkeypatch):
-    """The probes' squared sums over a dense output (a segmentation map: 10⁷ values per batch) go
-    a block of rows at a time in float64; they equal the whole-array sums, scalars and empty
-    selections included."""
-    from onnxprune import sensitivity
+def test_output_error_sums_large_outputs_in_blocks(monkeypatch):
+    """The squared sums of an output's error (the probes', the held-out check's) over a dense
+    output (a segmentation map: 10⁷ values per batch) go a block of rows at a time in float64;
+    they equal the whole-array sums, scalars and empty selections included."""
+    from onnxprune import verify
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(7, 3, 5, 5)).astype(np.float32)
     b = a + rng.normal(scale=0.1, size=a.shape).astype(np.float32)
     whole = (float(((b.astype(np.float64) - a) ** 2).sum()), float((a.astype(np.float64) ** 2).sum()))
-    monkeypatch.setattr(sensitivity, "SUM_BLOCK", 160)  # two rows of 75 values per block
-    np.testing.assert_allclose(sensitivity._squared_sums(a, b), whole, rtol=1e-12)
-    assert sensitivity._squared_sums(a[:0], b[:0]) == (0.0, 0.0)
-    assert sensitivity._squared_sums(np.float32(2.0), np.float32(3.0)) == (1.0, 4.0)
+    monkeypatch.setattr(verify, "SUM_BLOCK", 160)  # two rows of 75 values per block
+    np.testing.assert_allclose(verify.squared_sums(a, b), whole, rtol=1e-12)
+    assert verify.squared_sums(a[:0], b[:0]) == (0.0, 0.0)
+    assert verify.squared_sums(np.float32(2.0), np.float32(3.0)) == (1.0, 4.0)
