@@ -72,7 +72,8 @@ def _contribution_problem(sites: list["Site"], g: GraphView, channels: int) -> t
 
 
 def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, sites: list["Site"], rng,
-            bn_scales: dict[str, np.ndarray], orders: dict[tuple, np.ndarray] | None = None) -> np.ndarray:
+            bn_scales: dict[str, np.ndarray], orders: dict[tuple, np.ndarray] | None = None,
+            lasso_keeps: dict[int, np.ndarray] | None = None) -> np.ndarray:
     method = opts.method
     assert method is not Method.AUTO, "Method.AUTO is resolved per model by the Pruner"
     scales = _bn_scales(grp, g, bn_scales) if method is Method.SLIM else None
@@ -95,6 +96,8 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, si
         choose = lambda run, n: l1_select(norms[run], n)  # noqa: E731
     elif method is Method.OBS and _obs_fits(sites, g, size):
         choose = lambda run, n: _obs_keep(sites, g, items, size, run, n, orders)  # noqa: E731
+    elif method is not Method.THINET and grp.segments == 1 and lasso_keeps and keep_n in lasso_keeps:
+        return lasso_keeps[keep_n]  # the same path was followed for this problem already
     else:
         gram, corr = _contribution_problem(sites, g, grp.channels)
         if size > 1:
@@ -242,11 +245,15 @@ class GroupPruner:
     def __init__(self, g: GraphView, groups: list[ChannelGroup], opts: PruneOptions, sampler: Sampler | None,
                  bn_scales: dict[str, np.ndarray], keep: dict[int, np.ndarray] | None = None,
                  ridge: float | None = None, ridges: dict[tuple[str, int], float] | None = None,
-                 removal_orders: dict[tuple, np.ndarray] | None = None):
+                 removal_orders: dict[tuple, np.ndarray] | None = None,
+                 lasso_keeps: dict[int, np.ndarray] | None = None):
         self.g, self.opts, self.sampler, self.bn_scales = g, opts, sampler, bn_scales
         # OBS removal orders of a unit's problems as they are now (probes of one unit at several
         # widths share them; the model must not change between its prunings)
         self.removal_orders = removal_orders
+        # LASSO selections on a unit's problems as they are now, by channels kept (its sensitivity
+        # curve followed the path already): taken instead of following it again
+        self.lasso_keeps = lasso_keeps
         self.ridge = ridge  # the refits' ridge; None: chosen per layer by cross-validation
         # ridges cross-validation chose per layer problem (output name, unknowns) in an earlier
         # pruning of the same model at nearly the same widths: used as they are, filled where missing.
@@ -290,7 +297,8 @@ class GroupPruner:
         if unit.index in self.keep:
             keep = _given_keep(unit, keep_n, self.keep[unit.index])
         else:
-            keep = _select(unit, keep_n, opts, g, sites, self.rng, self.bn_scales, self.removal_orders)
+            keep = _select(unit, keep_n, opts, g, sites, self.rng, self.bn_scales, self.removal_orders,
+                           self.lasso_keeps)
         removed = np.setdiff1d(unit.atoms, unit.atoms[keep])
         res = GroupResult(unit.name, unit.channels, len(keep),
                           [node_name(c.node) for c in unit.all_consumers])

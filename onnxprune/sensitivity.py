@@ -26,8 +26,9 @@ from .graph import ChannelGroup
 from .reconstruct import ESTIMATE_RIDGE, held_out_error
 from .select import add_unit_contribution, expand_channels, lasso_selections, normalized_contribution
 
-# called with (unit, its sampled consumers, their statistics, its curve) once a curve is known
-OnCurve = Callable[[ChannelGroup, list, list, list[float]], None]
+# called with (unit, its sampled consumers, their statistics, its curve, the curve's LASSO
+# selections by channels kept) once a curve is known
+OnCurve = Callable[[ChannelGroup, list, list, list[float], dict[int, np.ndarray]], None]
 
 GRID = tuple(i / 10 for i in range(1, 11))
 # Where curves are measured; the other grid points are interpolated (shape-preserving). A refit's
@@ -45,7 +46,8 @@ FULL_REFIT_OTHERS = 3
 
 
 def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels: int,
-                ratios=GRID, measured=MEASURED, conv_group: int = 1, sites: list[Site] | None = None) -> list[float]:
+                ratios=GRID, measured=MEASURED, conv_group: int = 1, sites: list[Site] | None = None,
+                selections: dict[int, np.ndarray] | None = None) -> list[float]:
     """Mean relative error of the unit's consumers when keeping each ratio of channels (LASSO
     selection, then least squares), on images the refit did not see, from the original model's
     statistics: measured at the widths ``measured`` gives, interpolated between them.
@@ -54,7 +56,8 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
     a Concat reads other groups' channels too: the whole layer is refit where they are at most
     :data:`FULL_REFIT_OTHERS` times the unit's, as the pruning will; past that, they are held
     fixed and the unit's columns refit alone, a solve over its columns, not the layer's); None: it
-    reads the unit's alone."""
+    reads the unit's alone. ``selections``, where given, receives the LASSO selection at each
+    measured width (channels kept -> which), the one :class:`GroupPruner` makes on the same problem."""
     whole = np.arange(channels)
     places = [(site.width, site.unit_channels, site.unit_positions, site.other_positions) if site is not None
               else (channels, whole, whole, whole[:0]) for site in (sites or [None] * len(stats))]
@@ -87,6 +90,8 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
     errors = []
     for chosen in lasso_selections(gram, corr, kept_items):
         keep = expand_channels(chosen, size)
+        if selections is not None:
+            selections[len(keep)] = keep
         errs = []
         for (st, w, kept_of, k, share), b in zip(problems, biases):
             cols = expand_channels(keep if kept_of is None else kept_of(keep), k)
@@ -170,7 +175,7 @@ def measure_curves(units: list[ChannelGroup], sampler, g, chunk: int = 8,
     several units share one consumer: its statistics are gathered once).
 
     With ``frontier`` (over the sampler's images, on ``g``'s model) each pass runs only the
-    segment from the previous one; ``on_curve(unit, consumers, stats, curve)`` is called while a
+    segment from the previous one; ``on_curve(unit, consumers, stats, curve, selections)`` is called while a
     unit's statistics are still held (the model must be as it was when it returns). ``measured``:
     the ratios measured on groups wider than :data:`EVERY_WIDTH` (the rest interpolated);
     ``known``: curves by unit index measured before, taken as they are."""
@@ -206,12 +211,13 @@ def measure_curves(units: list[ChannelGroup], sampler, g, chunk: int = 8,
         for u, cs in ready:
             hs = [handler_for(c.node) for c in cs]
             held_stats = [stats[_key(c)] for c in cs]
+            chosen: dict[int, np.ndarray] = {}
             curves[u.index] = error_curve(u, cs, held_stats, [h.weight_matrix(c.node, g) for h, c in zip(hs, cs)],
                                           [h.bias(c.node, g) for h, c in zip(hs, cs)], u.channels,
                                           measured=measured, conv_group=u.conv_group,
-                                          sites=[site for _, site in placed[u.index]])
+                                          sites=[site for _, site in placed[u.index]], selections=chosen)
             if on_curve:
-                on_curve(u, cs, held_stats, curves[u.index])
+                on_curve(u, cs, held_stats, curves[u.index], chosen)
         needed = {_key(c) for _, cs in waiting for c in cs}
         stats = {k: v for k, v in stats.items() if k in needed}
     curves = {**known, **curves}
@@ -268,7 +274,8 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
         reference = list(outs.run(names))
         has_fold_1 = bool((image_fold(probe_idx) == 1).any())
 
-        def scale(unit: ChannelGroup, consumers: list, stats: list, curve: list[float]) -> None:
+        def scale(unit: ChannelGroup, consumers: list, stats: list, curve: list[float],
+                  selections: dict[int, np.ndarray]) -> None:
             if bar is not None:
                 bar.update()
             unprobed.discard(unit.index)
@@ -278,6 +285,8 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
                 stats = unseen
             fold = 1 if unseen is not None else None  # the probe images the output is measured on
             held = KnownStats(sampler, {id(c.node): st for c, st in zip(consumers, stats)})
+            known_keeps = selections if unseen is None else None  # the curve's problem is the probes'
+
             orders: dict[tuple, np.ndarray] = {}  # the milder probe keeps what the deeper one removed last
             for j in at:
                 width = round_width(unit.channels, GRID[j], 1, unit.conv_group)
@@ -285,7 +294,7 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
                     continue
                 with trial_edit(g):
                     GroupPruner(g, analysis.groups, solo, held, bn_scales, ridge=ESTIMATE_RIDGE,
-                                removal_orders=orders).prune_unit(unit, width, tidy=False)
+                                removal_orders=orders, lasso_keeps=known_keeps).prune_unit(unit, width, tidy=False)
                     err = _output_error(reference, list(outs.run(names)), names, fold)
                 if err is not None:
                     factors.setdefault(unit.index, {})[j] = err / curve[j]

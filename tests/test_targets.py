@@ -236,6 +236,34 @@ def test_a_groups_two_probes_share_one_obs_removal_order(monkeypatch):
     assert shared.allocator.curves == apart.allocator.curves
 
 
+def test_probes_take_the_lasso_selections_their_curve_made(monkeypatch):
+    """A group's probes keep the channels its curve's LASSO path chose at the probe widths instead
+    of following the same path again: the same curves as selections made anew, fewer paths."""
+    from onnxprune import select, sensitivity
+    from onnxprune.options import PruneOptions
+    from onnxprune.pipeline import Pruner
+    from onnxprune.select import Method
+
+    model = tiny_vgg()
+    x = calib_for(model, 64)
+    paths = []
+    follow = select.lasso_selections
+    monkeypatch.setattr(select, "lasso_selections", lambda *a, **k: paths.append(1) or follow(*a, **k))
+    options = PruneOptions(speedup=1.5, method=Method.LASSO, measure_latency=False)
+    shared = Pruner(model, x, options)
+    shared.allocate()
+    taken = len(paths)
+    paths.clear()
+    pruner = sensitivity.GroupPruner
+    monkeypatch.setattr(sensitivity, "GroupPruner", lambda *a, lasso_keeps=None, **k: pruner(*a, **k))
+    anew = Pruner(model, x, options)
+    anew.allocate()
+    # two probes a group, each its own path; the group feeding the Flatten -> Gemm is probed on
+    # the statistics of half its images (not its curve's problem) and follows its own either way
+    assert len(paths) == 2 * len(anew.allocator.curves) and taken == 2
+    assert shared.allocator.curves == anew.allocator.curves
+
+
 def _two_branch_concat(quiet: float) -> onnx.ModelProto:
     """Stem conv, two 12-channel branches joined by a Concat, a conv reading all 24, GAP, Gemm; the
     conv's weights on the second branch's channels scaled by ``quiet``."""
