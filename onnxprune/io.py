@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -9,12 +11,17 @@ from contextlib import contextmanager
 from math import prod
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import ModelError, OutputError
 
-MIN_OPSET = 11
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 11  # older models are converted to it on load (upgraded)
+# IR version from which an initializer need not also be a graph input
+INITIALIZERS_APART_IR = 4
 # A model whose protobuf is larger than this must keep its weights in an external file.
 PROTOBUF_LIMIT = 2**31 - 1
 # Refuse inputs whose declared static dims make one sample larger than this.
@@ -131,7 +138,7 @@ def load_model(path: str | os.PathLike, *, allow_quantized: bool = False) -> onn
         raise ModelError(f"'{path}' fails the ONNX checker: {first}") from None
     onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     check_tensor_data(model)
-    return model
+    return upgraded(model)
 
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
@@ -152,16 +159,67 @@ def default_opset(model: onnx.ModelProto) -> int | None:
 
 
 def check_opset(model: onnx.ModelProto) -> int:
-    """Return the default-domain opset, refusing ones older than MIN_OPSET."""
+    """Return the default-domain opset, refusing a model that imports none."""
     version = default_opset(model)
     if version is None:
-        raise ModelError("the model imports no default ONNX opset; re-export it with opset >= 11")
-    if version < MIN_OPSET:
-        raise ModelError(
-            f"the model uses opset {version}; onnxprune needs opset {MIN_OPSET} or newer — "
-            "re-export it or convert it with onnx.version_converter"
-        )
+        raise ModelError(f"the model imports no default ONNX opset; re-export it with opset >= {MIN_OPSET}")
     return version
+
+
+def upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` in the form the pipeline works on: an opset older than :data:`MIN_OPSET` (ONNX
+    Model Zoo classics are opset 7-10) converted to it by ``onnx.version_converter`` (the
+    experimental ``ImageScaler`` written as ``Mul`` and ``Add`` first: the converter has no schema
+    for it), and weights that an old exporter also listed as graph inputs (IR version 3 requires
+    it) made plain initializers — constants ORT can fold, which the pruned weights' new shapes
+    need. The model itself where nothing changes, else a new one; one line refuses a conversion
+    that fails."""
+    version = check_opset(model)
+    inits = {t.name for t in model.graph.initializer}
+    weight_inputs = [i for i in model.graph.input if i.name in inits]
+    if version >= MIN_OPSET and not weight_inputs and model.ir_version >= INITIALIZERS_APART_IR:
+        return model
+    model = copy.deepcopy(model)
+    kept = [i for i in model.graph.input if i.name not in inits]
+    if len(kept) < len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+    model.ir_version = max(model.ir_version, INITIALIZERS_APART_IR)
+    if version < MIN_OPSET:
+        from onnx import version_converter
+
+        _standard_image_scalers(model.graph)
+        try:
+            model = version_converter.convert_version(model, MIN_OPSET)
+            onnx.checker.check_model(model)
+        except Exception as exc:  # noqa: BLE001 - the converter raises many kinds; one line for the user
+            raise ModelError(f"the model uses opset {version}; converting it to opset {MIN_OPSET} (onnx.version_converter) "
+                             f"failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); re-export it with "
+                             f"opset >= {MIN_OPSET}") from None
+        log.warning("the model uses opset %d: converted to opset %d (onnx.version_converter); the pruned model is "
+                    "written at opset %d", version, MIN_OPSET, MIN_OPSET)
+    return model
+
+
+def _standard_image_scalers(graph: onnx.GraphProto) -> None:
+    """Rewrite the experimental ``ImageScaler`` (``y = scale·x + bias[c]``, opsets before 10) as
+    ``Mul`` and ``Add`` on constants, in place."""
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "ImageScaler" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        scale_name, bias_name, scaled = (f"{node.output[0]}_imagescaler_{part}" for part in ("scale", "bias", "scaled"))
+        graph.initializer.extend([
+            onnx.numpy_helper.from_array(np.asarray(attrs.get("scale", 1.0), dtype=np.float32), scale_name),
+            onnx.numpy_helper.from_array(np.asarray(attrs.get("bias", [0.0]), dtype=np.float32).reshape(-1, 1, 1),
+                                         bias_name)])
+        nodes.append(onnx.helper.make_node("Mul", [node.input[0], scale_name], [scaled], name=f"{node.name}_scale"))
+        nodes.append(onnx.helper.make_node("Add", [scaled, bias_name], list(node.output), name=f"{node.name}_bias"))
+    if len(nodes) > len(graph.node):
+        del graph.node[:]
+        graph.node.extend(nodes)
 
 
 def _default_mode() -> int:

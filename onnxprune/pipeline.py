@@ -35,7 +35,7 @@ from .fold import constants_to_initializers, fold_batchnorm
 from .graph import ChannelGroup
 from .graphview import GraphView
 from .group_pruner import prune_to
-from .io import check_not_quantized, check_opset, load_model, model_bytes
+from .io import check_not_quantized, load_model, model_bytes, upgraded
 from .latency import latency_ms
 from .latency_search import LatencySearch
 from .ops import handler_for
@@ -93,8 +93,7 @@ class Pruner:
         self.data_free = calib is None  # the one all-zeros sample only fixes the shapes
         self.progress = Progress(opts.progress)
         with self.progress.phase("load"):
-            self.original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
-            check_opset(self.original)
+            self.original = load_model(model) if not isinstance(model, onnx.ModelProto) else upgraded(model)
             check_not_quantized(self.original)
             self.work = copy.deepcopy(self.original)
             constants_to_initializers(self.work)

@@ -20,7 +20,7 @@ from .fold import constants_to_initializers, fold_batchnorm
 from .errors import CalibrationError, ModelError, OptionError
 from .graph import find_groups
 from .graphview import GraphView, node_name
-from .io import check_opset, load_model, model_bytes
+from .io import load_model, model_bytes
 from .latency import Latency, latency_ms, measure
 from .ops import handler_for
 from .prunable import Barrier, prunability
@@ -210,6 +210,4 @@ def grouped_convs_cut_inside(layers: list[LayerRow]) -> list[str]:
 def load_checked(path) -> onnx.ModelProto:
     """A model for inspect, gate and bench: checked as for pruning, quantized graphs allowed
     (``--quantize`` writes them; these commands run models and prune none)."""
-    model = load_model(path, allow_quantized=True)
-    check_opset(model)
-    return model
+    return load_model(path, allow_quantized=True)

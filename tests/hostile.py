@@ -27,10 +27,11 @@ def _w(name: str, shape, seed: int = 0) -> onnx.TensorProto:
     return numpy_helper.from_array(np.random.default_rng(seed).normal(0, 0.3, shape).astype(np.float32), name)
 
 
-def old_opset() -> onnx.ModelProto:
-    b = Builder(opset=9)
-    b.node("Relu", [b.conv("input", 3, 4)])
-    return b.build(b.nodes[-1].output[0])
+def old_unconvertible() -> onnx.ModelProto:
+    """Opset 8 with an experimental op (ScaledTanh) that onnx.version_converter has no schema for."""
+    b = Builder(opset=8)
+    y = b.node("ScaledTanh", [b.conv("input", 3, 4)], alpha=1.0, beta=1.0)
+    return _model(b.nodes, [b.input], [_y(y)], inits=b.inits, opset=8)
 
 
 def no_default_opset() -> onnx.ModelProto:

@@ -5,7 +5,7 @@ import pytest
 from graphs import Builder, tiny_vgg
 
 from onnxprune.errors import ModelError, OutputError
-from onnxprune.io import load_model, save_model_atomic
+from onnxprune.io import default_opset, load_model, save_model_atomic
 
 
 def test_round_trip_and_no_leftovers(tmp_path):
@@ -39,14 +39,13 @@ def test_truncated_model(tmp_path):
         load_model(p)
 
 
-def test_old_opset_and_missing_file(tmp_path):
+def test_old_opset_is_converted_and_missing_file(tmp_path):
     b = Builder(opset=9)
     b.node("Relu", [b.conv("input", 3, 4)])
     model = b.build(b.nodes[-1].output[0])
     p = tmp_path / "old.onnx"
     onnx.save(model, p)
-    with pytest.raises(ModelError, match="opset 9"):
-        load_model(p)
+    assert default_opset(load_model(p)) == 11
     with pytest.raises(ModelError, match="does not exist"):
         load_model(tmp_path / "missing.onnx")
     with pytest.raises(ModelError, match="not a file"):
