@@ -84,6 +84,14 @@ def test_old_models_are_converted_and_pruned(name):
     check_pruned(pruned, model, calib_for(model, 16, seed=5), 0.5)  # against the old model, run as it is
 
 
+def test_inspect_names_why_lrn_is_a_barrier(tmp_path, capsys):
+    path = tmp_path / "lrn.onnx"
+    onnx.save(lrn_net(), path)
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "LRN 'lrn" in out and "normalises over the channels" in out and "no handler for LRN" not in out
+
+
 def test_conversion_keeps_the_outputs():
     """The converted model (before any pruning) computes what the old one does."""
     from conftest import run

@@ -300,9 +300,10 @@ class InstanceNorm(Handler):
             g.set_const(node, i, g.input_const(node, i)[keep])
 
 
-@register("LayerNormalization", "GroupNormalization")
+@register("LayerNormalization", "GroupNormalization", "LRN")
 class ChannelNorm(Handler):
-    """Normalisation over the channels (LayerNorm of channels-last blocks, GroupNorm): a barrier
+    """Normalisation over the channels (LayerNorm of channels-last blocks, GroupNorm, the local
+    response normalisation of AlexNet-era nets over neighbouring channels): a barrier
     to the channels it normalises, whose axis it keeps (so a channels-last ``MatMul`` after it
     still knows where its channels are)."""
 
