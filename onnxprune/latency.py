@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from functools import cache
@@ -70,7 +71,11 @@ def physical_cores() -> int:
 
 MIN_TIMED_SECONDS = 1.0  # per model: sub-millisecond models get more repeats, or the median is noise
 WARMUP_SECONDS = 0.3
-BLOCK_SECONDS = 0.05  # runs of one model are timed in blocks about this long, the models taking turns
+BLOCK_SECONDS = 0.2  # runs of one model are timed in blocks about this long, the models taking turns
+# untimed runs at the start of each block, for at least this long: the other session's intra-op
+# threads go on spinning for about 25 ms after its last run (2-core VM), and runs meanwhile are
+# up to 4x slower
+SETTLE_SECONDS = 0.04
 
 
 def measure(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], provider: str = "cpu",
@@ -82,8 +87,9 @@ def measure(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], prov
 
     Blocks rather than alternating single runs: ORT's intra-op threads spin for a while after a
     run, and a run of the other session that starts meanwhile competes with them for the cores
-    (on a 2-core machine that hid a 1.7x speedup as 1.2x). The first run of each block of a
-    fast model is not timed, for the same reason."""
+    (on a 2-core machine that hid a 1.7x speedup as 1.2x). The runs at the start of each block,
+    while the other session's threads still spin (:data:`SETTLE_SECONDS`), are not timed, for
+    the same reason."""
     sessions = [provider_session(m, provider, threads) for m in models]
     # warm up for a while, not only a few runs: caches, allocators, and BLAS threads still
     # spinning from the work just before (pruning) settle first
@@ -98,7 +104,7 @@ def measure(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], prov
             s.run(None, feed)
     repeats = max(repeats, min(2000, int(seconds / once)))
     block = max(1, min(repeats, int(BLOCK_SECONDS / once)))
-    untimed = 1 if block > 1 else 0
+    untimed = max(1, math.ceil(SETTLE_SECONDS / once)) if block > 1 else 0
     times: list[list[float]] = [[] for _ in sessions]
     while len(times[0]) < repeats:
         for s, t in zip(sessions, times):
