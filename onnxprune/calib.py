@@ -322,6 +322,24 @@ def _validate(arrays: dict[str, object], inputs: list[ModelInput]) -> dict[str, 
     return out
 
 
+def check_varied(cal: Calibration) -> None:
+    """Refuse calibration whose samples are all one sample repeated (in every input given as
+    arrays): the refits learn from how the samples differ, and the held-out check would compare
+    the one sample the model was fit on."""
+    arrays = [a for a in cal.arrays.values() if isinstance(a, np.ndarray)]
+    if len(cal) > 1 and arrays and len(arrays) == len(cal.arrays) and all(_all_alike(a) for a in arrays):
+        raise CalibrationError(f"the {len(cal)} calibration samples are all the same sample; give varied images (the "
+                               "refits learn from how the samples differ)")
+
+
+def _all_alike(arr: np.ndarray, chunk_bytes: int = 1 << 26) -> bool:
+    """Whether every sample of ``arr`` equals the first, compared a chunk of samples at a time
+    (stops at the first that differs: at once, for real data)."""
+    step = max(1, chunk_bytes // max(arr[:1].nbytes, 1))
+    return all(np.array_equal(arr[start:start + step], np.broadcast_to(arr[:1], arr[start:start + step].shape))
+               for start in range(1, len(arr), step))
+
+
 def _scan(arr: np.ndarray, chunk_bytes: int = 1 << 26) -> tuple[bool, float]:
     """Whether a float array is free of NaN/Inf, and its largest |value| (0 for non-numbers),
     read in chunks of samples: no full-size temporary beside the data (nor a memmap read whole)."""

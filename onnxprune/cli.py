@@ -306,7 +306,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .arch import architecture
     from .pipeline import prune
-    from .verify import poor_fidelity, too_few_to_vouch
+    from .verify import poor_fidelity, too_few_to_vouch, uninformative
 
     output = args.output or args.model.with_name(args.model.stem + ".pruned.onnx")
     check_output(output, force=args.force, protected=(args.model,))  # before any work is done
@@ -345,6 +345,9 @@ def _run(args: argparse.Namespace) -> int:
         unvouched = too_few_to_vouch(result.report.calibration.get("holdout", 0), args.holdout) if args.calib else ""
         if unvouched and not poor:  # a broken result says so itself, below
             print(f"onnxprune: warning: {unvouched}", file=sys.stderr)
+        blind = uninformative(result.report.fidelity)
+        if blind:
+            print(f"onnxprune: warning: {blind}", file=sys.stderr)
     goal, measured = result.report.targets.get("latency"), result.report.totals.latency_speedup
     if goal is None and measured is not None and measured < SLOWER and not args.quiet:
         print(f"onnxprune: warning: the written model measured {measured:.2f}x: slower than the original on "

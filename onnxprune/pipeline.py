@@ -28,7 +28,8 @@ from .allocation import DEEP_CUT, Allocator, Plan, deepest_cut
 from .batch import (batches_like_singles, check_batch_axis, declare_batch_as, free_batch, layer_outputs,
                     with_batch_axis, without_batch_axis)
 from .budget import Targets, build_cost_model, relaxed_targets
-from .calib import ImageOptions, load_calibration, random_subset, split_calibration, synthetic_calibration
+from .calib import (ImageOptions, check_varied, load_calibration, random_subset, split_calibration,
+                    synthetic_calibration)
 from .candidates import analyse, downstream_layers, positions, sampleable
 from .errors import NothingToPrune, OptionError, TargetNotMetError
 from .fold import constants_to_initializers, fold_batchnorm
@@ -238,6 +239,8 @@ class Pruner:
                                   "needs calibration data: pass --calib, or use --method l1 --no-reconstruct")
             return synthetic_calibration(self.original), np.arange(1), np.arange(0), 0
         cal = load_calibration(calib, self.original, image_options)
+        if opts.needs_data:
+            check_varied(cal)
         self.calib_source = cal  # read once, also for a second session
         fit_idx, hold_idx = split_calibration(len(cal), opts.holdout if opts.needs_data else min(opts.holdout, 0.99),
                                               opts.seed)

@@ -33,6 +33,9 @@ class OutputFidelity:
     marked_iou: float | None = None
     # False: a layer's output checked in place of the graph outputs it feeds (checked_tensors)
     graph_output: bool = True
+    # ‖y − ȳ‖ / ‖y‖ of the original's output over the held-out samples (ȳ: their mean): how much it
+    # depends on the input at all; None where it has no sample axis or one sample was compared
+    variation: float | None = None
 
 
 # A probability map marks what lies above its sigmoid's own decision boundary; an IoU over fewer
@@ -138,10 +141,11 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
     names = checked_tensors(original)
     maps = probability_outputs(original, names)
     acc = {n: [0.0, 0.0, 0.0, 0, 0, 0, 0, 0] for n in names}  # err², ref², maxdiff, agree, count, ∩, ∪, marked
+    sums: dict[str, list] = {n: [None, 0] for n in names}  # per output: Σ over samples of y, samples
     left_out: set[str] = set()
     runs = zip(run_batches(original, names, calib, indices, batch, provider),
                run_batches(pruned, names, calib, indices, batch, provider))
-    for (_, ref), (_, out) in runs:
+    for (idx, ref), (_, out) in runs:
         for n in names:
             if n in left_out or not comparable(ref[n], out[n]):
                 left_out.add(n)
@@ -152,6 +156,11 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
             s[0] += part_err
             s[1] += part_ref
             s[2] = max(s[2], float(np.abs(b - a).max()) if a.size else 0.0)
+            if a.ndim and a.shape[0] == len(idx) and sums[n][1] >= 0:  # one row per sample
+                total = a.sum(axis=0)
+                sums[n] = [total if sums[n][0] is None else sums[n][0] + total, sums[n][1] + len(idx)]
+            else:
+                sums[n][1] = -1  # no sample axis: not measured
             if n in maps:
                 s[5] += int(np.count_nonzero((a > MARKED) & (b > MARKED)))
                 s[6] += int(np.count_nonzero((a > MARKED) | (b > MARKED)))
@@ -165,8 +174,34 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
     outputs = {o.name for o in original.graph.output}
     return [OutputFidelity(n, (s[0] / s[1]) ** 0.5 if s[1] > 0 else float(s[0] > 0), s[2],
                            s[3] / s[4] if s[4] else None, s[4], s[5] / s[6] if s[7] >= MIN_MARKED else None,
-                           n in outputs)
+                           n in outputs, _variation(s[1], *sums[n]))
             for n, s in acc.items() if n not in left_out]
+
+
+def _variation(squares: float, total: np.ndarray | None, samples: int) -> float | None:
+    """``‖y − ȳ‖ / ‖y‖`` over ``samples`` rows from ``Σ‖y‖²`` and the per-element sum of the rows:
+    ``Σ‖y − ȳ‖² = Σ‖y‖² − ‖Σy‖² / n``."""
+    if total is None or samples < 2 or squares <= 0:
+        return None
+    spread = max(squares - float((total ** 2).sum()) / samples, 0.0)
+    return (spread / squares) ** 0.5
+
+
+# An output that varies across the held-out samples by less than this share of its size barely
+# depends on its input (all-alike or wrongly scaled calibration samples, untrained weights): its
+# relative error cannot tell whether the pruned model keeps what the original computes from it.
+UNINFORMATIVE_VARIATION = 1e-3
+
+
+def uninformative(fidelity: list[OutputFidelity]) -> str:
+    """Why the held-out check says little ('' when it does not): an output nearly the same for
+    every held-out sample."""
+    for f in fidelity:
+        if f.variation is not None and f.variation < UNINFORMATIVE_VARIATION:
+            return (f"{label(f)} is nearly the same for every held-out sample (it varies by {f.variation:.1e} of its "
+                    "size), so the check cannot tell whether the pruned model keeps what the original computes from "
+                    "its input; check that the calibration samples differ and are scaled as the model expects")
+    return ""
 
 
 def label(f: OutputFidelity) -> str:

@@ -236,6 +236,7 @@ CASES: list[tuple[str, Build, int, str]] = [
     ("calib_nan", C(_with_values(np.nan)), 2, "NaN or Inf"),
     ("calib_inf", C(_with_values(np.inf)), 2, "NaN or Inf"),
     ("calib_huge_values", C(_with_values(1e30)), 2, "values up to 1e\\+30; normalise"),
+    ("calib_all_alike", C(np.repeat(calib_for(VGG, 1), 8, axis=0)), 2, "8 calibration samples are all the same sample; give varied"),
     ("calib_one_sample", C(calib_for(VGG, 1)), 2, "only 1 calibration sample"),
     ("calib_no_samples", C(np.zeros((0, 3, 8, 8), np.float32)), 2, "no samples"),
     ("calib_pickle", C(np.array([{"a": 1}], dtype=object)), 2, "cannot read .* as a .npy"),

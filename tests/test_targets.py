@@ -48,6 +48,34 @@ def test_conv_macs_count_the_taps_that_read_the_input(hw, dilation, pad, auto_pa
     assert s.macs == 4 * 8 * taps * hw * hw
 
 
+def test_a_check_on_outputs_that_ignore_the_input_says_it_cannot_tell(tmp_path, capsys, models_dir):
+    """Calibration samples nearly alike (one image, noise of 10⁻⁶ added): the relative error reads
+    small whatever the pruning did, and the run warns in one line that the check cannot tell. Real,
+    varied images: no such warning. (Samples all exactly alike are refused before any work.)"""
+    from onnxprune.verify import UNINFORMATIVE_VARIATION
+
+    path = models_dir / "vgg_fmnist.onnx"
+    model, pool = onnx.load(path), np.load(models_dir / "fmnist_calib.npy")
+    alike = pool[:1] + np.random.default_rng(0).normal(0, 1e-6, (160, *pool.shape[1:])).astype(np.float32)
+    for x, warned in ((alike, True), (pool[:160], False)):
+        np.save(tmp_path / "x.npy", x)
+        assert main([str(path), "--calib", str(tmp_path / "x.npy"), "-o", str(tmp_path / "p.onnx"),
+                     "--speedup", "1.3", "--no-latency", "--force", "--mixtures", "0"]) == 0
+        pruned = onnx.load(tmp_path / "p.onnx")
+        if warned:  # right on the one image it saw, far off on others: what the check could not tell
+            check_pruned(pruned, model, x[:8], max_rel_err=0.05)
+            with pytest.raises(AssertionError):
+                check_pruned(pruned, model, pool[-8:], max_rel_err=1.0)
+        else:
+            check_pruned(pruned, model, pool[-8:], max_rel_err=0.5)
+        lines = [line for line in capsys.readouterr().err.splitlines() if "nearly the same for every" in line]
+        assert len(lines) == int(warned), lines
+        if warned:
+            assert lines[0].startswith("onnxprune: warning: output 'logits'") and "calibration samples differ" in lines[0]
+    result = onnxprune.prune(model, pool[:160], speedup=1.3, measure_latency=False)
+    assert result.report.fidelity[0].variation > 100 * UNINFORMATIVE_VARIATION
+
+
 @pytest.fixture(scope="module")
 def vgg():
     model = tiny_vgg()
