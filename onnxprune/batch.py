@@ -117,9 +117,7 @@ def check_batch_axis(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]])
     runs several rows per sample."""
     fed = static_batch(model) or 1
     for node in model.graph.node:
-        handler = handler_for(node)
-        spatial = isinstance(handler, LinearHandler) and handler.spatial  # axis 0 is ONNX's N
-        rows = (shapes.get(node.input[0]) or (fed,))[0] if spatial else fed
+        rows = (shapes.get(node.input[0]) or (fed,))[0] if _reads_patches(node) else fed  # axis 0 is ONNX's N
         if rows != fed:
             first = model_inputs(model)[0]
             raise ModelError(
@@ -128,6 +126,43 @@ def check_batch_axis(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]])
                 "the batch axis the layers run on; for an input that takes one sample without a batch axis, give the "
                 f"samples stacked on a new first axis (e.g. [N, {', '.join(str(d) for d in first.shape)}]), else export "
                 "the model with a batch axis its convs keep")
+
+
+def inputs_without_batch_axis(model: onnx.ModelProto) -> frozenset[str]:
+    """Inputs of static shape whose values reach a conv (axis 0 is ONNX's N) that has one more axis
+    than they do: the model takes one sample without a batch axis and adds it inside (torchvision's
+    detectors take ``[3, H, W]``). Read from the graph (ONNX shape inference), for runs without
+    calibration data, which otherwise tell it (:func:`~onnxprune.calib.unbatched`)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference fails on some valid graphs; then none is known
+        return frozenset()
+    graph = inferred.graph
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in [*graph.value_info, *graph.input]
+             if vi.type.tensor_type.HasField("shape")}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    found = set()
+    for inp in model_inputs(model):
+        if None in inp.shape:
+            continue
+        seen, frontier = {inp.name}, [inp.name]
+        while frontier:
+            node = next((n for t in frontier for n in readers.get(t, []) if _reads_patches(n)), None)
+            if node is not None:
+                if ranks.get(node.input[0]) == len(inp.shape) + 1:
+                    found.add(inp.name)
+                break
+            frontier = [o for t in frontier for n in readers.get(t, []) for o in n.output if o and o not in seen]
+            seen.update(frontier)
+    return frozenset(found)
+
+
+def _reads_patches(node: onnx.NodeProto) -> bool:
+    handler = handler_for(node)
+    return isinstance(handler, LinearHandler) and handler.spatial
 
 
 def layer_outputs(model: onnx.ModelProto) -> list[str]:

@@ -457,20 +457,23 @@ def parse_shapes(specs: Sequence[str], model: onnx.ModelProto) -> dict[str, tupl
 
 
 def zeros_calibration(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None,
-                      size: int | None = None) -> Calibration:
+                      size: int | None = None, unbatched: frozenset[str] = frozenset()) -> Calibration:
     """All-zeros input: at ``shapes[name]`` where given (as many samples as its batch dim), else
     one sample at the input's static dims, a dynamic one set to ``size`` (CalibrationError when
-    ``size`` is None)."""
+    ``size`` is None). Inputs ``unbatched`` take one sample without a batch axis: it is stacked on one."""
     shapes = shapes or {}
     arrays = {}
     for inp in model_inputs(model):
         if inp.name in shapes:
             arrays[inp.name] = np.zeros(shapes[inp.name], dtype=inp.dtype)
             continue
+        if inp.name in unbatched:
+            arrays[inp.name] = np.zeros((1, *inp.shape), dtype=inp.dtype)
+            continue
         if size is None and any(d is None for d in inp.shape[1:]):
             raise CalibrationError(f"input '{inp.name}' has dynamic dims; pass --calib so shapes can be measured")
         arrays[inp.name] = np.zeros((1, *[size if d is None else d for d in inp.shape[1:]]), dtype=inp.dtype)
-    return Calibration(arrays)
+    return Calibration(arrays, unbatched=frozenset(n for n in unbatched if n not in shapes))
 
 
 def dynamic_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None) -> list[str]:
@@ -478,6 +481,7 @@ def dynamic_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]
     return [i.name for i in model_inputs(model) if i.name not in (shapes or {}) and None in i.shape[1:]]
 
 
-def synthetic_calibration(model: onnx.ModelProto) -> Calibration:
-    """One all-zeros sample, for data-free runs on models with static input shapes."""
-    return zeros_calibration(model)
+def synthetic_calibration(model: onnx.ModelProto, unbatched: frozenset[str] = frozenset()) -> Calibration:
+    """One all-zeros sample, for data-free runs on models with static input shapes (``unbatched``:
+    inputs without a batch axis)."""
+    return zeros_calibration(model, unbatched=unbatched)

@@ -229,7 +229,7 @@ def _gate(args: argparse.Namespace) -> int:
     from .budget import count_params
     from .graphview import GraphView
     from .quantize import dequantized
-    from .summary import fidelity, load_checked, model_macs
+    from .summary import fidelity, load_checked, model_macs, runnable
     from .verify import MARKED, MIN_MARKED
 
     needs_ref = [f for f in ("min_agreement", "min_iou", "max_error", "min_speedup") if getattr(args, f) is not None]
@@ -247,7 +247,7 @@ def _gate(args: argparse.Namespace) -> int:
         size = args.model.stat().st_size / 1e6
         checks.append(("size MB", size, args.max_size_mb, size <= args.max_size_mb))
     if args.max_macs is not None:
-        macs = model_macs(model, cal) / 1e9
+        macs = model_macs(runnable(model, cal), cal) / 1e9
         checks.append(("GMACs", macs, args.max_macs, macs <= args.max_macs))
     if args.max_params is not None:
         params = count_params(GraphView(dequantized(model))) / 1e6  # QDQ: the weights it dequantizes
@@ -274,7 +274,7 @@ def _gate(args: argparse.Namespace) -> int:
                 err = max(f.relative_error for f in fid)
                 checks.append(("relative error", err, args.max_error, err <= args.max_error))
         if args.min_speedup is not None:
-            before, after = latency_ms([reference, model], cal.take([0]), args.provider)
+            before, after = latency_ms([runnable(reference, cal), runnable(model, cal)], cal.take([0]), args.provider)
             checks.append((f"latency speedup ({args.provider})", before / after, args.min_speedup,
                            before / after >= args.min_speedup))
     failed = [c for c in checks if not c[3]]

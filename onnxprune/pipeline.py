@@ -25,8 +25,8 @@ import onnx
 
 from .activations import batch_size_for, fitting_batch, static_batch, tensor_shapes, with_batch_one
 from .allocation import DEEP_CUT, Allocator, Plan, deepest_cut
-from .batch import (batches_like_singles, check_batch_axis, declare_batch_as, free_batch, layer_outputs,
-                    with_batch_axis, without_batch_axis)
+from .batch import (batches_like_singles, check_batch_axis, declare_batch_as, free_batch, inputs_without_batch_axis,
+                    layer_outputs, with_batch_axis, without_batch_axis)
 from .budget import Targets, build_cost_model, relaxed_targets
 from .calib import (ImageOptions, check_varied, load_calibration, random_subset, split_calibration,
                     synthetic_calibration)
@@ -237,7 +237,8 @@ class Pruner:
             if opts.needs_data or opts.max_drop is not None:
                 raise OptionError(f"method '{opts.method.value}'{' with reconstruction' if opts.reconstruct else ''} "
                                   "needs calibration data: pass --calib, or use --method l1 --no-reconstruct")
-            return synthetic_calibration(self.original), np.arange(1), np.arange(0), 0
+            return synthetic_calibration(self.original, inputs_without_batch_axis(self.original)), np.arange(1), \
+                np.arange(0), 0
         cal = load_calibration(calib, self.original, image_options)
         if opts.needs_data:
             check_varied(cal)

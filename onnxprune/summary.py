@@ -12,6 +12,7 @@ import onnx
 
 from .activations import (ORT_ERRORS, batch_size_for, fitting_batch, padded_feed, session, static_batch,
                           tensor_shapes)
+from .batch import inputs_without_batch_axis, with_batch_axis
 from .budget import count_params, graph_macs
 from .calib import (Calibration, ImageOptions, dynamic_inputs, load_calibration, model_inputs,
                     zeros_calibration)
@@ -99,7 +100,7 @@ def calibration_or_zeros(model: onnx.ModelProto, calib, image_options: ImageOpti
         return load_calibration(calib, model, image_options)
     dynamic = dynamic_inputs(model, shapes)
     if not dynamic:
-        return zeros_calibration(model, shapes)
+        return zeros_calibration(model, shapes, unbatched=inputs_without_batch_axis(model))
     try:
         sess = session(model)
     except ORT_ERRORS as exc:
@@ -122,11 +123,19 @@ def calibration_or_zeros(model: onnx.ModelProto, calib, image_options: ImageOpti
                            f"{', '.join(map(str, DEFAULT_SIZES))} ({last}); pass --shape NAME:1x3xHxW or --calib")
 
 
+def runnable(model: onnx.ModelProto, cal: Calibration) -> onnx.ModelProto:
+    """``model`` as the commands run it on ``cal``: inputs that take one sample without a batch
+    axis (their samples stacked on one in ``cal``) get a batch axis of 1 (:func:`with_batch_axis`)."""
+    return with_batch_axis(model, cal.unbatched) if cal.unbatched else model
+
+
 def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
     """MACs, params, size, channel groups, prunable MACs and barriers of ``model`` (BN folded
-    for the analysis, as pruning does); a QDQ model as the float graph it computes, at its own size."""
+    for the analysis, as pruning does); a QDQ model as the float graph it computes, at its own size.
+    An input without a batch axis is listed as the model declares it."""
     size = model_bytes(model)
-    model = dequantized(model)
+    declared = {i.name: list(i.shape) for i in model_inputs(model) if i.name in cal.unbatched}
+    model = runnable(dequantized(model), cal)
     work = copy.deepcopy(model)
     constants_to_initializers(work)
     fold_batchnorm(work, {})
@@ -137,7 +146,7 @@ def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
     rows = [(grp.name, grp.channels, "") for grp in candidates if grp.producers and grp.owner]
     rows += [(name, next(x.channels for x in groups if x.name == name), reason) for name, reason in skipped]
     reach = prunability(g, groups)
-    inputs = {i.name: list(shapes.get(i.name, ())) for i in model_inputs(model)}
+    inputs = {i.name: declared.get(i.name) or list(shapes.get(i.name, ())) for i in model_inputs(model)}
     return ModelSummary(reach.total_macs, count_params(GraphView(model)), size, rows, inputs,
                         reach.prunable_macs, reach.residual_macs, reach.barriers)
 
@@ -184,6 +193,7 @@ def cost_table(original: onnx.ModelProto, reference: onnx.ModelProto, pruned: on
 
 def fidelity(reference: onnx.ModelProto, model: onnx.ModelProto, cal: Calibration) -> list[OutputFidelity]:
     """Compare ``model`` with ``reference`` on every calibration sample."""
+    reference, model = runnable(reference, cal), runnable(model, cal)
     shapes = tensor_shapes(reference, cal)
     return compare(reference, model, cal, np.arange(len(cal)), fitting_batch(shapes, 32))
 
@@ -193,6 +203,7 @@ def bench(models: list[onnx.ModelProto], cal: Calibration, provider: str, batche
     """Latency of each model at each batch size it runs (alternating across models in blocks),
     keyed by that size: a model with a static batch runs its own whatever size was asked."""
     results: dict[int, list[Latency]] = {}
+    models = [runnable(m, cal) for m in models]  # an input without a batch axis runs one sample
     for size in dict.fromkeys(batch_size_for(models[0], b) for b in batches):
         results[size] = measure(models, cal.take([i % len(cal) for i in range(size)]), provider, repeats)
     return results

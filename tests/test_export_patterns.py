@@ -864,6 +864,29 @@ def test_input_without_a_batch_axis_gets_one_while_pruned(tmp_path, capsys):
     check_pruned(onnx.load(out), unbatched_input_model(), x[0], max_rel_err=2.0)
 
 
+def test_inspect_bench_and_gate_run_a_model_without_a_batch_axis(tmp_path, capsys):
+    """``inspect``, ``bench`` and ``gate`` on a model whose input has no batch axis, with its samples
+    stacked on a new axis or with no data (the axis read from the graph): the input is listed as
+    declared, and the model runs one sample at batch 1. Before, ``bench`` with data stopped in an
+    internal error (rank 4 fed to a rank-3 input), and without data listed the channels as a batch
+    of 3 (its samples/s three times too high)."""
+    from onnxprune.batch import inputs_without_batch_axis
+    from onnxprune.cli import main
+
+    src = tmp_path / "m.onnx"
+    model = unbatched_input_model()
+    onnx.save(model, src)
+    assert inputs_without_batch_axis(model) == {"input"} and not inputs_without_batch_axis(tiny_vgg())
+    np.save(tmp_path / "stacked.npy", RNG.normal(0, 1, (4, 3, 8, 8)).astype(np.float32))
+    for data in ([], ["--calib", str(tmp_path / "stacked.npy")]):
+        assert main(["inspect", str(src), *data]) == 0
+        assert "input   input 3x8x8" in capsys.readouterr().out
+        assert main(["bench", str(src), str(src), "--batch", "1", "8", "--repeats", "3", *data]) == 0
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+        assert len(rows) == 2 and all(row[1] == "1" for row in rows), rows
+        assert main(["gate", str(src), "--reference", str(src), "--max-macs", "1", "--min-speedup", "0.5", *data]) == 0
+
+
 @pytest.mark.parametrize("compared_bytes", [1 << 27, 1])  # all layers in one comparison run, or one each
 def test_dynamic_batch_model_that_mixes_samples_is_pruned_one_sample_at_a_time(caplog, monkeypatch, compared_bytes):
     """A model declaring a dynamic batch whose graph mixes the samples of a batch (a Softmax over

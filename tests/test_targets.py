@@ -237,59 +237,56 @@ def test_a_unit_ready_before_an_earlier_one_does_not_move_the_probes_past_it(mon
         np.testing.assert_allclose(apart.allocator.curves[index], curve, rtol=1e-6, atol=1e-9)
 
 
+def _probe_calls(monkeypatch, module, function: str, method, memo: str):
+    """Calls of ``module.function`` (their ``count`` argument, None where not given) over one
+    allocation of tiny_vgg by ``method`` with the probes sharing ``memo`` as usual, then over one
+    with ``GroupPruner`` given no ``memo``; and the two allocations' curves."""
+    from onnxprune import sensitivity
+    from onnxprune.options import PruneOptions
+    from onnxprune.pipeline import Pruner
+
+    model = tiny_vgg()
+    x = calib_for(model, 64)
+    calls = []
+    wrapped = getattr(module, function)
+    monkeypatch.setattr(module, function, lambda *a, **k: calls.append(k.get("count")) or wrapped(*a, **k))
+    options = PruneOptions(speedup=1.5, method=method, measure_latency=False)
+    shared = Pruner(model, x, options)
+    shared.allocate()
+    once = list(calls)
+    calls.clear()
+    pruner = sensitivity.GroupPruner
+    monkeypatch.setattr(sensitivity, "GroupPruner", lambda *a, **k: pruner(*a, **{**k, memo: None}))
+    apart = Pruner(model, x, options)
+    apart.allocate()
+    return once, calls, shared.allocator.curves, apart.allocator.curves
+
+
 def test_a_groups_two_probes_share_one_obs_removal_order(monkeypatch):
     """The probes at 0.3 and at half a group's width choose channels by one OBS removal order (the
     milder probe keeps what the deeper one removed last): the same curves as two orders, one
     order per group."""
-    from onnxprune import group_pruner, sensitivity
-    from onnxprune.options import PruneOptions
-    from onnxprune.pipeline import Pruner
+    from onnxprune import group_pruner
     from onnxprune.select import Method
 
-    model = tiny_vgg()
-    x = calib_for(model, 64)
-    counts = []
-    order = group_pruner.obs_order
-    monkeypatch.setattr(group_pruner, "obs_order", lambda *a, **k: counts.append(k["count"]) or order(*a, **k))
-    options = PruneOptions(speedup=1.5, method=Method.OBS, measure_latency=False)
-    shared = Pruner(model, x, options)
-    shared.allocate()
-    once = list(counts)
-    counts.clear()
-    pruner = sensitivity.GroupPruner
-    monkeypatch.setattr(sensitivity, "GroupPruner", lambda *a, removal_orders=None, **k: pruner(*a, **k))
-    apart = Pruner(model, x, options)
-    apart.allocate()
-    assert len(counts) == 2 * len(once) and counts[::2] == once  # each group: the deeper probe first
-    assert shared.allocator.curves == apart.allocator.curves
+    once, apart, shared_curves, apart_curves = _probe_calls(monkeypatch, group_pruner, "obs_order", Method.OBS,
+                                                            "removal_orders")
+    assert len(apart) == 2 * len(once) and apart[::2] == once  # each group: the deeper probe first
+    assert shared_curves == apart_curves
 
 
 def test_probes_take_the_lasso_selections_their_curve_made(monkeypatch):
     """A group's probes keep the channels its curve's LASSO path chose at the probe widths instead
     of following the same path again: the same curves as selections made anew, fewer paths."""
-    from onnxprune import select, sensitivity
-    from onnxprune.options import PruneOptions
-    from onnxprune.pipeline import Pruner
+    from onnxprune import select
     from onnxprune.select import Method
 
-    model = tiny_vgg()
-    x = calib_for(model, 64)
-    paths = []
-    follow = select.lasso_selections
-    monkeypatch.setattr(select, "lasso_selections", lambda *a, **k: paths.append(1) or follow(*a, **k))
-    options = PruneOptions(speedup=1.5, method=Method.LASSO, measure_latency=False)
-    shared = Pruner(model, x, options)
-    shared.allocate()
-    taken = len(paths)
-    paths.clear()
-    pruner = sensitivity.GroupPruner
-    monkeypatch.setattr(sensitivity, "GroupPruner", lambda *a, lasso_keeps=None, **k: pruner(*a, **k))
-    anew = Pruner(model, x, options)
-    anew.allocate()
+    once, apart, shared_curves, apart_curves = _probe_calls(monkeypatch, select, "lasso_selections", Method.LASSO,
+                                                            "lasso_keeps")
     # two probes a group, each its own path; the group feeding the Flatten -> Gemm is probed on
     # the statistics of half its images (not its curve's problem) and follows its own either way
-    assert len(paths) == 2 * len(anew.allocator.curves) and taken == 2
-    assert shared.allocator.curves == anew.allocator.curves
+    assert len(apart) == 2 * len(apart_curves) and len(once) == 2
+    assert shared_curves == apart_curves
 
 
 def _two_branch_concat(quiet: float) -> onnx.ModelProto:
