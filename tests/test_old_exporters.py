@@ -50,6 +50,19 @@ def upsample_net() -> onnx.ModelProto:
     return _head(b, b.node("Relu", [b.conv(b.node("Concat", [x, early], axis=1), 32, 24)]), 24)
 
 
+def resize_net(opset: int) -> onnx.ModelProto:
+    """A U-Net-style skip (opset 10: ``Resize`` by scales, no roi; opset 7: ``Upsample`` with its
+    scales as an attribute) joined by Concat."""
+    b = Builder(in_shape=("N", 3, 16, 16), opset=opset)
+    early = b.node("Relu", [b.conv("input", 3, 16)])
+    x = b.node("Relu", [b.conv(b.node("MaxPool", [early], kernel_shape=[2, 2], strides=[2, 2]), 16, 16)])
+    if opset >= 10:
+        x = b.node("Resize", [x, b.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    else:
+        x = b.node("Upsample", [x], mode="nearest", scales=[1.0, 1.0, 2.0, 2.0])
+    return _head(b, b.node("Relu", [b.conv(b.node("Concat", [x, early], axis=1), 32, 24)]), 24)
+
+
 def weights_as_inputs_net() -> onnx.ModelProto:
     """ResNet from the zoo (opset 7, IR version 3: every initializer also a graph input): a
     residual Sum of three and an inference-mode Dropout."""
@@ -66,6 +79,7 @@ def weights_as_inputs_net() -> onnx.ModelProto:
 
 
 OLD = {"lrn": lrn_net, "image_scaler": image_scaler_net, "upsample": upsample_net,
+       "resize_opset10": lambda: resize_net(10), "upsample_opset7": lambda: resize_net(7),
        "weights_as_inputs": weights_as_inputs_net}
 
 
