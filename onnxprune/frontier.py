@@ -40,10 +40,13 @@ def cut_tensors(model: onnx.ModelProto, position: int) -> set[str]:
     return produced & read
 
 
-def segment_model(model: onnx.ModelProto, start: int, available: dict[str, np.dtype],
+def segment_model(model: onnx.ModelProto, start: int, available: dict[str, tuple[np.dtype, int]],
                   outputs: Sequence[str]) -> onnx.ModelProto | None:
-    """A model computing ``outputs`` from the tensors in ``available`` (their element types given),
-    with nodes from ``start`` on only; None where some output needs a node before ``start``."""
+    """A model computing ``outputs`` from the tensors in ``available`` (their element types and
+    ranks given), with nodes from ``start`` on only; None where some output needs a node before
+    ``start``. The inputs declare their ranks: ONNX Runtime's shape inference misreads some shape
+    arithmetic on inputs of unknown rank (a Resize whose sizes concatenate scalars read
+    ``size()``-wise: "Number of elements of input 'sizes' (0)")."""
     nodes = list(model.graph.node)
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     inits = {t.name for t in model.graph.initializer}
@@ -72,8 +75,9 @@ def segment_model(model: onnx.ModelProto, start: int, available: dict[str, np.dt
     kept = [nodes[i] for i in sorted(live)]
     graph.node.extend(kept)
     for name in sorted(used_inputs):
+        dtype, rank = available[name]
         graph.input.append(onnx.helper.make_tensor_value_info(
-            name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(available[name])), None))
+            name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [None] * rank))
     for name in outputs:
         vi = onnx.ValueInfoProto()
         vi.name = name
@@ -99,7 +103,7 @@ class Frontier:
         self.batches = [self.indices[s:s + self.batch] for s in range(0, len(self.indices), self.batch)]
         self.position = 0
         self.store: list[dict[str, np.ndarray | str]] = [{} for _ in self.batches]
-        self.dtypes: dict[str, np.dtype] = {}
+        self.kinds: dict[str, tuple[np.dtype, int]] = {}  # carried tensor -> (element type, rank)
         self._dir: str | None = None
         self._files = 0
 
@@ -146,9 +150,9 @@ class Frontier:
             new_cut = cut_tensors(self.model, advance_to) - graph_inputs
         else:
             advance_to = None
-        available = dict(self.dtypes)
+        available = dict(self.kinds)
         feed0 = self.calib.take(self.batches[0][:1]) if self.batches else {}
-        available.update({name: v.dtype for name, v in feed0.items() if name in graph_inputs})
+        available.update({name: (v.dtype, v.ndim) for name, v in feed0.items() if name in graph_inputs})
         computed = [t for t in outputs if t not in available]
         computed += sorted(t for t in new_cut if t not in available and t not in computed)
         seg = segment_model(self.model, self.position, available, computed) if computed else None
@@ -157,7 +161,7 @@ class Frontier:
         sess = session(seg, provider=self.provider, source=self.model) if seg is not None else None
         names = [i.name for i in seg.graph.input] if seg is not None else []
         new_store: list[dict[str, np.ndarray | str]] = []
-        spill, new_dtypes = False, {}
+        spill, new_kinds = False, {}
         for b, idx in enumerate(self.batches):
             needs_inputs = any(n in graph_inputs for n in [*names, *outputs])
             feed = padded_feed(self.calib, idx, self.static) if needs_inputs else {}
@@ -178,16 +182,16 @@ class Frontier:
                     part = {t: v if isinstance(v, str) else self.spill(v) for t, v in part.items()}
                 new_store.append(part)
                 if b == 0:
-                    new_dtypes = {t: values[t].dtype if t in values else self.dtypes[t] for t in new_cut}
+                    new_kinds = {t: (values[t].dtype, values[t].ndim) if t in values else self.kinds[t] for t in new_cut}
             yield idx, {t: values[t][:len(idx)] if values[t].ndim else values[t] for t in outputs}
         if advance_to is not None:
-            self._replace(new_store, new_dtypes if self.batches else {}, advance_to)
+            self._replace(new_store, new_kinds if self.batches else {}, advance_to)
 
-    def _replace(self, new_store: list[dict[str, np.ndarray | str]], dtypes: dict[str, np.dtype],
+    def _replace(self, new_store: list[dict[str, np.ndarray | str]], kinds: dict[str, tuple[np.dtype, int]],
                  position: int) -> None:
         kept = {v for part in new_store for v in part.values() if isinstance(v, str)}
         for part in self.store:
             for v in part.values():
                 if isinstance(v, str) and v not in kept:
                     os.remove(v)
-        self.store, self.position, self.dtypes = new_store, position, dtypes
+        self.store, self.position, self.kinds = new_store, position, kinds
