@@ -58,7 +58,9 @@ def checked_tensors(model: onnx.ModelProto) -> list[str]:
     through an op that picks elements by value (a built-in NMS, ``TopK``, ``ArgMax``…) is
     replaced by the outputs of the last layers (Conv, Gemm, MatMul…) its values come from — a
     detector's head convs before its decoding and NMS, a segmenter's logits before its arg-max.
-    What lies between is fixed post-processing; the layers are what pruning changes."""
+    What lies between is fixed post-processing; the layers are what pruning changes. A layer that
+    itself runs on picked rows (a two-stage detector's box head on the proposals its NMS kept) is
+    not compared, as the two models pick different rows: the layers its values come from are."""
     producer = {out: node for node in model.graph.node for out in node.output if out}
     position = {id(node): i for i, node in enumerate(model.graph.node)}
     picked: set[str] = set()  # tensors computed through a selecting op
@@ -75,9 +77,9 @@ def checked_tensors(model: onnx.ModelProto) -> list[str]:
             if tensor in seen or node is None:
                 continue
             seen.add(tensor)
-            if isinstance(handler_for(node), LinearHandler) and tensor == node.output[0]:
+            if isinstance(handler_for(node), LinearHandler) and tensor == node.output[0] and tensor not in picked:
                 found.append(tensor)
-            elif node.op_type not in _SHAPE_READERS:
+            elif node.op_type not in _SHAPE_READERS:  # a layer on picked rows (a two-stage detector's RoI head) too
                 stack.extend(inputs_of(node))
         return sorted(found, key=lambda t: position[id(producer[t])])
 

@@ -384,6 +384,34 @@ def test_probability_maps_are_judged_by_the_regions_they_mark():
     assert few.relative_error > POOR_RELATIVE_ERROR and "relative error" in poor_fidelity([few])
 
 
+def test_a_two_stage_detectors_box_head_on_picked_proposals_is_not_compared():
+    """Faster R-CNN's box head runs on the proposals its first NMS kept: the pruned model keeps
+    other proposals, so the head's rows are not the original's and are not compared. The check
+    measures the layers its values come from: the proposal convs, and the backbone map the
+    proposals' features are gathered from."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from onnxprune.verify import checked_tensors
+
+    b = Builder(in_shape=(1, 3, 16, 16), opset=13)
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    feats = b.conv(x, 16, 8, k=1, pad=0)  # the map the head reads rows of
+    box_conv, cls_conv = b.conv(x, 16, 4, k=1, pad=0), b.conv(x, 16, 1, k=1, pad=0)
+    boxes = b.node("Transpose", [b.node("Reshape", [box_conv, b.const(np.array([1, 4, -1]))])], perm=[0, 2, 1])
+    scores = b.node("Reshape", [b.node("Sigmoid", [cls_conv]), b.const(np.array([1, 1, -1]))])
+    limits = [b.const(np.array([10])), b.const(np.array([0.5], np.float32)), b.const(np.array([0.0], np.float32))]
+    kept = b.node("Gather", [b.node("NonMaxSuppression", [boxes, scores, *limits]), b.const(np.array(2))], axis=1)
+    rows = b.node("Gather", [b.node("Reshape", [b.node("Transpose", [feats], perm=[0, 2, 3, 1]),
+                                                 b.const(np.array([-1, 8]))]), kept], axis=0)
+    head = b.gemm(rows, 8, 3)  # a box head on the kept rows
+    model = helper.make_model(helper.make_graph(b.nodes, "two_stage", [b.input],
+                                                [helper.make_tensor_value_info(head, TensorProto.FLOAT, [None, 3])],
+                                                b.inits), opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model, full_check=True)
+    assert checked_tensors(model) == [feats, box_conv, cls_conv]
+
+
 def test_layers_with_many_unknowns_sample_more_positions_per_image():
     """Few images: each conv samples every position its map has (64 and 16 here), up to
     MIN_SAMPLES_PER_UNKNOWN per unknown; many images: the default 10 are enough."""
