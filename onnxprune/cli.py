@@ -247,7 +247,7 @@ def _gate(args: argparse.Namespace) -> int:
         size = args.model.stat().st_size / 1e6
         checks.append(("size MB", size, args.max_size_mb, size <= args.max_size_mb))
     if args.max_macs is not None:
-        macs = model_macs(runnable(model, cal), cal) / 1e9
+        macs = model_macs(model, cal) / 1e9
         checks.append(("GMACs", macs, args.max_macs, macs <= args.max_macs))
     if args.max_params is not None:
         params = count_params(GraphView(dequantized(model))) / 1e6  # QDQ: the weights it dequantizes

@@ -176,14 +176,13 @@ def upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
     that fails."""
     version = check_opset(model)
     inits = {t.name for t in model.graph.initializer}
-    weight_inputs = [i for i in model.graph.input if i.name in inits]
-    if version >= MIN_OPSET and not weight_inputs and model.ir_version >= INITIALIZERS_APART_IR:
+    weights_as_inputs = any(i.name in inits for i in model.graph.input)
+    if version >= MIN_OPSET and not weights_as_inputs and model.ir_version >= INITIALIZERS_APART_IR:
         return model
     model = copy.deepcopy(model)
     kept = [i for i in model.graph.input if i.name not in inits]
-    if len(kept) < len(model.graph.input):
-        del model.graph.input[:]
-        model.graph.input.extend(kept)
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
     model.ir_version = max(model.ir_version, INITIALIZERS_APART_IR)
     if version < MIN_OPSET:
         from onnx import version_converter

@@ -124,9 +124,15 @@ def calibration_or_zeros(model: onnx.ModelProto, calib, image_options: ImageOpti
 
 
 def runnable(model: onnx.ModelProto, cal: Calibration) -> onnx.ModelProto:
-    """``model`` as the commands run it on ``cal``: inputs that take one sample without a batch
-    axis (their samples stacked on one in ``cal``) get a batch axis of 1 (:func:`with_batch_axis`)."""
-    return with_batch_axis(model, cal.unbatched) if cal.unbatched else model
+    """``model`` as it runs on ``cal``: inputs that take one sample without a batch axis (their
+    samples stacked on one in ``cal``) get a batch axis of 1 (:func:`with_batch_axis`). A model
+    that has it already (the pipeline's) is returned as it is, so callers need not know."""
+    if not cal.unbatched:
+        return model
+    sample = cal.take([0])
+    missing = frozenset(i.name for i in model_inputs(model)
+                        if i.name in cal.unbatched and len(i.shape) == sample[i.name].ndim - 1)
+    return with_batch_axis(model, missing) if missing else model
 
 
 def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
@@ -153,7 +159,7 @@ def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
 
 def model_macs(model: onnx.ModelProto, cal: Calibration) -> int:
     """MACs of one sample through ``model`` at the calibration input shape (QDQ: of its float graph)."""
-    model = dequantized(model)
+    model = runnable(dequantized(model), cal)
     return graph_macs(GraphView(model, tensor_shapes(model, cal)))
 
 

@@ -877,6 +877,11 @@ def test_inspect_bench_and_gate_run_a_model_without_a_batch_axis(tmp_path, capsy
     model = unbatched_input_model()
     onnx.save(model, src)
     assert inputs_without_batch_axis(model) == {"input"} and not inputs_without_batch_axis(tiny_vgg())
+    from onnxprune.calib import load_calibration
+    from onnxprune.summary import runnable
+
+    once = runnable(model, load_calibration(RNG.normal(0, 1, (2, 3, 8, 8)).astype(np.float32), model))
+    assert runnable(once, load_calibration(np.zeros((2, 3, 8, 8), np.float32), model)) is once  # has the axis
     np.save(tmp_path / "stacked.npy", RNG.normal(0, 1, (4, 3, 8, 8)).astype(np.float32))
     for data in ([], ["--calib", str(tmp_path / "stacked.npy")]):
         assert main(["inspect", str(src), *data]) == 0
