@@ -17,7 +17,7 @@ from .budget import count_params, graph_macs
 from .calib import (Calibration, ImageOptions, dynamic_inputs, load_calibration, model_inputs,
                     zeros_calibration)
 from .candidates import choose_candidates
-from .fold import constants_to_initializers, fold_batchnorm
+from .fold import constants_to_initializers, fold_batchnorm, subnormal_weights
 from .errors import CalibrationError, ModelError, OptionError
 from .graph import find_groups
 from .graphview import GraphView, node_name
@@ -45,6 +45,7 @@ class ModelSummary:
     prunable_macs: int = 0  # of Conv/Gemm/MatMul layers a default run can narrow (see prunable.py)
     residual_macs: int = 0  # further MACs --prune-residual reaches
     barriers: list[Barrier] = field(default_factory=list)  # most locked MACs first
+    subnormal_weights: int = 0  # nonzero weights below float's smallest normal (slow on CPUs; pruning zeroes them)
 
     @property
     def prunable_fraction(self) -> float:
@@ -60,6 +61,8 @@ class ModelSummary:
                  f"MACs    {self.macs / 1e6:12.2f} M (one sample)",
                  f"params  {self.params / 1e6:12.3f} M",
                  f"size    {self.size_bytes / 1e6:12.2f} MB",
+                 *([f"subnormal weights: {self.subnormal_weights} (nonzero, below 1.2e-38: many times slower on "
+                    "CPUs; the pruned model has them as zeros)"] if self.subnormal_weights else []),
                  f"prunable MACs: {100 * self.prunable_fraction:.1f} % of Conv/Gemm/MatMul MACs "
                  f"({self.prunable_macs / 1e6:.2f} M)"
                  + (f"; residual joins keep {100 * self.residual_macs / self.macs:.1f} % more "
@@ -154,7 +157,7 @@ def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
     reach = prunability(g, groups)
     inputs = {i.name: declared.get(i.name) or list(shapes.get(i.name, ())) for i in model_inputs(model)}
     return ModelSummary(reach.total_macs, count_params(GraphView(model)), size, rows, inputs,
-                        reach.prunable_macs, reach.residual_macs, reach.barriers)
+                        reach.prunable_macs, reach.residual_macs, reach.barriers, sum(subnormal_weights(work).values()))
 
 
 def model_macs(model: onnx.ModelProto, cal: Calibration) -> int:

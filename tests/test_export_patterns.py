@@ -920,3 +920,55 @@ def test_dynamic_batch_model_that_mixes_samples_is_pruned_one_sample_at_a_time(c
     x = b.node("ReduceMean", [b.node("Relu", [b.conv("input", 3, 8)])], axes=[2], keepdims=0)  # [N, 8, W]
     model = b.build(b.node("Transpose", [x], perm=[2, 0, 1]))  # [W, N, 8]
     assert batches_like_singles(model, Calibration({"input": RNG.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)}))
+
+
+def _with_subnormal_weights(model: onnx.ModelProto, share: float = 0.5) -> tuple[onnx.ModelProto, str]:
+    """``model`` with ``share`` of its second conv's weights subnormal (as weight decay leaves
+    them); and that weight's name."""
+    model = copy.deepcopy(model)
+    conv = [n for n in model.graph.node if n.op_type == "Conv"][1]
+    init = next(t for t in model.graph.initializer if t.name == conv.input[1])
+    w = onnx.numpy_helper.to_array(init).copy()
+    tiny = RNG.random(w.shape) < share
+    w[tiny] = np.sign(w[tiny]) * 1e-40
+    init.CopyFrom(onnx.numpy_helper.from_array(w.astype(np.float32), init.name))
+    return model, init.name
+
+
+def test_subnormal_weights_are_counted_and_flushed_in_initializers_and_constants():
+    from onnxprune.fold import flush_subnormal_weights, subnormal_weights
+
+    b = Builder(in_shape=("N", 2))
+    w = b.const(np.array([[1e-40, -1e-39, 0.0], [np.finfo(np.float32).tiny, 1.0, -2e-45]], np.float32), "w")
+    h = b.const(np.array([3e-8, 1e-3, 0.0], np.float16), "h")  # float16's smallest normal is 6.1e-5
+    k = b.const(np.array([0, 1], np.int64), "k")
+    c = b.node("Constant", [], value=onnx.numpy_helper.from_array(np.array([1e-41, 5.0], np.float32), "cv"))
+    y = b.node("Add", [b.node("MatMul", ["input", w]), b.node("Cast", [b.node("Mul", [h, h])], to=1)])
+    model = b.build(y, b.node("Add", [c, b.node("Cast", [k], to=1)]))
+    before = copy.deepcopy(model)
+    assert subnormal_weights(model) == {w: 3, h: 1, "cv": 1}
+    assert model == before  # counting leaves the model as it is
+    assert flush_subnormal_weights(model) == {w: 3, h: 1, "cv": 1}
+    assert subnormal_weights(model) == {}
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert values[w].tolist() == [[0.0, 0.0, 0.0], [np.finfo(np.float32).tiny, 1.0, 0.0]]
+    assert values[h].tolist() == [0.0, np.float16(1e-3), 0.0] and values[k].tolist() == [0, 1]
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_subnormal_weights_are_zero_in_the_pruned_model_and_the_given_one_is_untouched(caplog):
+    from onnxprune.fold import subnormal_weights
+
+    model, name = _with_subnormal_weights(tiny_vgg())
+    given = copy.deepcopy(model)
+    x = calib_for(model)
+    with caplog.at_level("WARNING"):
+        result = onnxprune.prune(model, x, speedup=1.3, seed=0)
+    assert model == given
+    assert subnormal_weights(model)[name] > 100 and subnormal_weights(result.model) == {}
+    assert f"subnormal weights (nonzero, below 1.2e-38; {subnormal_weights(model)[name]} of them in '{name}')" in caplog.text
+    check_pruned(result.model, model, x, 0.5)  # against the model as given, subnormal weights and all
+    summary = summarize(model, calibration_or_zeros(model, None, None))  # as inspect reads it
+    assert model == given
+    assert summary.subnormal_weights == subnormal_weights(model)[name]
+    assert f"subnormal weights: {summary.subnormal_weights} (" in summary.text()
