@@ -56,7 +56,6 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     return moved
 
 
-
 def subnormal_weights(model: onnx.ModelProto) -> dict[str, int]:
     """How many weights (floating-point initializers and ``Constant`` values) are subnormal —
     nonzero but below the format's smallest normal number, 1.2e-38 in float32 — per tensor, where
@@ -89,7 +88,9 @@ def _float_weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 
 def _subnormal(value: np.ndarray) -> np.ndarray:
+    """Where ``value`` is nonzero and below its dtype's smallest normal number."""
     return (value != 0) & (np.abs(value) < np.finfo(value.dtype).tiny)
+
 
 def _evaluate(node: onnx.NodeProto, inputs: list[onnx.TensorProto], opsets) -> list[np.ndarray] | None:
     """The outputs of ``node`` on constant ``inputs``, or None where it cannot or should not be

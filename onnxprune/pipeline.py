@@ -135,11 +135,11 @@ class Pruner:
             self.original = copy.deepcopy(self.original)
             flush_subnormal_weights(self.original)
             worst = max(counts, key=counts.get)
-            log.warning("the model holds %d subnormal weights (nonzero, below 1.2e-38; %d of them in '%s'): CPUs "
-                        "compute with them many times slower, so the pruned model has them as zeros and its latency "
-                        "is measured against the original with them zeroed too (zeroing them alone speeds the "
-                        "original up: `onnxprune bench` compares the two files)", sum(counts.values()),
-                        counts[worst], worst)
+            log.warning("the model holds %d subnormal weights (nonzero, below the smallest normal float, 1.2e-38 in "
+                        "float32; %d of them in '%s'): CPUs compute with them many times slower, so the pruned "
+                        "model has them as zeros and its latency is measured against the original with them zeroed "
+                        "too (zeroing them alone speeds the original up: `onnxprune bench` compares the two files)",
+                        sum(counts.values()), counts[worst], worst)
 
     def _settle_batch(self) -> None:
         """How the passes feed samples: inputs without a batch axis get one (:meth:`run` takes it

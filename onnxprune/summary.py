@@ -61,8 +61,8 @@ class ModelSummary:
                  f"MACs    {self.macs / 1e6:12.2f} M (one sample)",
                  f"params  {self.params / 1e6:12.3f} M",
                  f"size    {self.size_bytes / 1e6:12.2f} MB",
-                 *([f"subnormal weights: {self.subnormal_weights} (nonzero, below 1.2e-38: many times slower on "
-                    "CPUs; the pruned model has them as zeros)"] if self.subnormal_weights else []),
+                 *([f"subnormal weights: {self.subnormal_weights} (nonzero, below the smallest normal float: many "
+                    "times slower on CPUs; the pruned model has them as zeros)"] if self.subnormal_weights else []),
                  f"prunable MACs: {100 * self.prunable_fraction:.1f} % of Conv/Gemm/MatMul MACs "
                  f"({self.prunable_macs / 1e6:.2f} M)"
                  + (f"; residual joins keep {100 * self.residual_macs / self.macs:.1f} % more "

@@ -13,7 +13,7 @@ from test_any_graph import analyse_at
 
 import onnxprune
 from onnxprune.errors import TargetNotMetError
-from onnxprune.fold import constants_to_initializers
+from onnxprune.fold import constants_to_initializers, flush_subnormal_weights, subnormal_weights
 from onnxprune.graph import find_groups
 from onnxprune.graphview import GraphView
 from onnxprune.ops import handler_for
@@ -936,8 +936,6 @@ def _with_subnormal_weights(model: onnx.ModelProto, share: float = 0.5) -> tuple
 
 
 def test_subnormal_weights_are_counted_and_flushed_in_initializers_and_constants():
-    from onnxprune.fold import flush_subnormal_weights, subnormal_weights
-
     b = Builder(in_shape=("N", 2))
     w = b.const(np.array([[1e-40, -1e-39, 0.0], [np.finfo(np.float32).tiny, 1.0, -2e-45]], np.float32), "w")
     h = b.const(np.array([3e-8, 1e-3, 0.0], np.float16), "h")  # float16's smallest normal is 6.1e-5
@@ -957,8 +955,6 @@ def test_subnormal_weights_are_counted_and_flushed_in_initializers_and_constants
 
 
 def test_subnormal_weights_are_zero_in_the_pruned_model_and_the_given_one_is_untouched(caplog):
-    from onnxprune.fold import subnormal_weights
-
     model, name = _with_subnormal_weights(tiny_vgg())
     given = copy.deepcopy(model)
     x = calib_for(model)
@@ -966,7 +962,8 @@ def test_subnormal_weights_are_zero_in_the_pruned_model_and_the_given_one_is_unt
         result = onnxprune.prune(model, x, speedup=1.3, seed=0)
     assert model == given
     assert subnormal_weights(model)[name] > 100 and subnormal_weights(result.model) == {}
-    assert f"subnormal weights (nonzero, below 1.2e-38; {subnormal_weights(model)[name]} of them in '{name}')" in caplog.text
+    assert f"subnormal weights (nonzero, below the smallest normal float, 1.2e-38 in float32; " \
+           f"{subnormal_weights(model)[name]} of them in '{name}')" in caplog.text
     check_pruned(result.model, model, x, 0.5)  # against the model as given, subnormal weights and all
     summary = summarize(model, calibration_or_zeros(model, None, None))  # as inspect reads it
     assert model == given
