@@ -119,18 +119,24 @@ def _kept_with_others(mine: np.ndarray, at: np.ndarray, other: np.ndarray, keep:
 PROBES = (0.3, 0.5)
 # Images the probes run on: 64 at 3 x 224 x 224 input values or fewer, fewer for larger inputs so a
 # probe's cost stays that of 64 such images (at least 8: 8 at 640 x 640). A large input's dense
-# output (a detector's map) gives many values per image to measure the error on.
+# output (a detector's map) gives many values per image to measure the error on. The outputs the
+# probes compare are held to as many values: a recogniser's CTC scores over thousands of characters
+# at every time step (PP-OCRv6: 3 M per line) cost more to compute and compare than its layers.
 PROBE_IMAGES = 64
 PROBE_INPUT_VALUES = PROBE_IMAGES * 3 * 224 * 224
+PROBE_OUTPUT_VALUES = PROBE_INPUT_VALUES
 MIN_PROBE_IMAGES = 8
 
 
 def probe_images(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
-    """How many images the output probes run on, by the size of one sample's inputs."""
+    """How many images the output probes run on, by the size of one sample's inputs and of the
+    outputs they compare (:func:`~onnxprune.verify.checked_tensors`)."""
     consts = {init.name for init in model.graph.initializer}
     values = sum(int(np.prod(shapes[i.name][1:])) for i in model.graph.input
                  if i.name not in consts and len(shapes.get(i.name, ())) > 1)
-    return int(np.clip(PROBE_INPUT_VALUES // max(values, 1), MIN_PROBE_IMAGES, PROBE_IMAGES))
+    compared = sum(int(np.prod(shapes[name][1:])) for name in checked_tensors(model) if len(shapes.get(name, ())) > 1)
+    return int(np.clip(min(PROBE_INPUT_VALUES // max(values, 1), PROBE_OUTPUT_VALUES // max(compared, 1)),
+                       MIN_PROBE_IMAGES, PROBE_IMAGES))
 
 
 STATS_BUDGET = 1 << 29  # bytes of statistics one pass of measure_curves may gather

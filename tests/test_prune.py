@@ -322,15 +322,18 @@ def test_held_out_check_leaves_out_integer_and_data_sized_outputs():
     assert guard_loss([]) == 0.0
 
 
-def test_output_probes_run_on_fewer_images_where_inputs_are_large():
+def test_output_probes_run_on_fewer_images_where_inputs_or_outputs_are_large():
     """64 probe images up to 3 x 224 x 224 input values per sample, fewer above (a 640 x 640
-    detector: 8), never fewer than 8."""
+    detector: 8), never fewer than 8; and as many values in the outputs they compare (a CTC
+    recogniser's scores over 6 625 characters at 40 steps: 36 images; over 18 710 at 160: 8)."""
     from onnxprune.sensitivity import probe_images
 
     model = tiny_vgg()
-    name = model.graph.input[0].name
+    name, out = model.graph.input[0].name, model.graph.output[0].name
     assert [probe_images(model, {name: shape}) for shape in
             ((1, 1, 28, 28), (1, 3, 224, 224), (1, 3, 416, 416), (1, 3, 640, 640), (1, 3, 2048, 2048))] == [64, 64, 18, 8, 8]
+    assert [probe_images(model, {name: (1, 3, 48, 320), out: shape}) for shape in
+            ((1, 10), (1, 40, 6625), (1, 160, 18710))] == [64, 36, 8]
 
 
 def test_probability_maps_are_judged_by_the_regions_they_mark():
