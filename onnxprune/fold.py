@@ -80,8 +80,10 @@ def flush_subnormal_weights(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _float_weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """The floating-point initializers and ``Constant`` values held in the file (not external data)."""
-    tensors = list(model.graph.initializer) + [a.t for node in model.graph.node if node.op_type == "Constant"
+    """The floating-point initializers and ``Constant`` values held in the file (not external data;
+    not bfloat16, which numpy's ``finfo`` does not know)."""
+    tensors = list(model.graph.initializer) + [a.t for node in model.graph.node
+                                               if node.op_type == "Constant" and node.domain in ("", "ai.onnx")
                                                for a in node.attribute if a.name == "value"]
     return [t for t in tensors if t.data_location != onnx.TensorProto.EXTERNAL and
             t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)]
