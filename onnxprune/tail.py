@@ -379,9 +379,11 @@ class TailResult:
     kept: bool
 
 
-def _error(tail: Tail, x: np.ndarray, y: np.ndarray, chunk: int = 256) -> float:
+def _error(tail: Tail, x: np.ndarray, y: np.ndarray, chunk: int = BATCH) -> float:
     """Relative squared error of what the model outputs (after a final Softmax: a smaller error of
     its input can be a larger one of the class scores) on inputs ``x``, for tail outputs ``y``."""
+    # in chunks of a step's size: a conv's patches for 256 samples are tens of MB, fresh memory
+    # from the system at every check, which cost more than the products themselves
     num = den = 0.0
     for i in range(0, len(x), chunk):
         target = tail.model_output(y[i:i + chunk])
