@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--latency-batch", type=int, default=1, help="batch size of latency measurements (default 1)")
     tg.add_argument("--max-drop", type=float, metavar="D",
                     help="accuracy guard on held-out data: top-1 disagreement (class scores), 1 - IoU of the "
-                         "regions a probability map (a Sigmoid output) marks above 0.5, or relative output error, "
+                         "regions a probability map (a Sigmoid output, or a Softmax over a map's classes, less its "
+                         "background) marks above 0.5, or relative output error, "
                          "at most D; width is given back until it holds")
     p.add_argument("--method", choices=[m.value for m in Method], default=Method.AUTO.value,
                    help="channel selection (default auto: obs on networks with depthwise convs and on plain "
@@ -182,8 +183,8 @@ def build_gate_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-params", type=float, metavar="M", help="at most M·10^6 parameters")
     p.add_argument("--min-agreement", type=float, metavar="A", help="top-1 agreement with --reference at least A "
                    "(fraction) on every class-score output")
-    p.add_argument("--min-iou", type=float, metavar="U", help="on every probability map (a Sigmoid output), IoU "
-                   "of the regions above 0.5 in the model and in --reference at least U")
+    p.add_argument("--min-iou", type=float, metavar="U", help="on every probability map (a Sigmoid output, or a Softmax "
+                   "over a map's classes), IoU of the regions above 0.5 in the model and in --reference at least U")
     p.add_argument("--max-error", type=float, metavar="E", help="relative output error vs --reference at most E")
     p.add_argument("--min-speedup", type=float, metavar="S", help="measured latency speedup vs --reference")
     p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
@@ -267,7 +268,8 @@ def _gate(args: argparse.Namespace) -> int:
             if args.min_iou is not None:
                 iou = min((f.marked_iou for f in fid if f.marked_iou is not None), default=None)
                 if iou is None:
-                    raise PruneError(f"--min-iou needs a probability map (a Sigmoid output) whose reference marks "
+                    raise PruneError(f"--min-iou needs a probability map (a Sigmoid output, or a Softmax over a map's "
+                                     f"classes) whose reference marks "
                                      f"at least {MIN_MARKED} elements above {MARKED:g} on --calib; use --max-error")
                 checks.append(("marked-region IoU", iou, args.min_iou, iou >= args.min_iou))
             if args.max_error is not None:

@@ -38,8 +38,9 @@ class OutputFidelity:
     variation: float | None = None
 
 
-# A probability map marks what lies above its sigmoid's own decision boundary; an IoU over fewer
-# marked elements than this (a detector's class map where little fires) is too noisy to judge by.
+# A probability map marks what lies above its sigmoid's own decision boundary (a Softmax map: what a
+# class wins outright); an IoU over fewer marked elements than this (a detector's class map where
+# little fires) is too noisy to judge by.
 MARKED = 0.5
 MIN_MARKED = 100
 # Ops that move or select a tensor's elements without changing their values.
@@ -89,11 +90,14 @@ def checked_tensors(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def probability_outputs(model: onnx.ModelProto, names: Sequence[str] | None = None) -> set[str]:
-    """Graph outputs that are probability maps: computed by a ``Sigmoid`` (through layout ops only),
-    such as a text detector's probability map or a segmentation mask. Their relative error counts
-    every boundary that moves by a pixel, which their thresholded regions do not: they are judged
-    by the overlap of the regions they mark (:func:`poor_fidelity`, :func:`guard_loss`)."""
+def probability_outputs(model: onnx.ModelProto, names: Sequence[str] | None = None) -> dict[str, int | None]:
+    """Graph outputs that are probability maps, each with its class axis: computed by a ``Sigmoid``
+    (through layout ops only; class axis None), such as a text detector's probability map or a
+    segmentation mask, or by a ``Softmax`` over one axis of a map with positions besides it
+    (``[N, anchors, classes]``: an SSD-style detector's scores, a recogniser's per-step character
+    scores). Their relative error counts every boundary that moves by a pixel, or is mostly the
+    certain background's, which their thresholded regions do not: they are judged by the overlap
+    of the regions they mark (:func:`compare`, :func:`poor_fidelity`, :func:`guard_loss`)."""
     producer = {out: node for node in model.graph.node for out in node.output}
     consts = {init.name for init in model.graph.initializer}
     seen: dict[str, bool] = {}
@@ -110,8 +114,53 @@ def probability_outputs(model: onnx.ModelProto, names: Sequence[str] | None = No
                 seen[name] = bool(live) and all(from_sigmoid(i) for i in live)
         return seen[name]
 
-    return {name for name in (names if names is not None else [o.name for o in model.graph.output])
-            if from_sigmoid(name)}
+    ranks = {o.name: len(o.type.tensor_type.shape.dim) for o in model.graph.output
+             if o.type.tensor_type.HasField("shape")}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    maps: dict[str, int | None] = {}
+    for name in (names if names is not None else [o.name for o in model.graph.output]):
+        if from_sigmoid(name):
+            maps[name] = None
+        elif (axis := _softmax_axis(name, producer, ranks.get(name), opset)) is not None:
+            maps[name] = axis
+    return maps
+
+
+def _softmax_axis(name: str, producer: dict[str, onnx.NodeProto], rank: int | None, opset: int) -> int | None:
+    """The class axis of ``name`` where it is a Softmax's output (through Identity) over one axis
+    of a map of rank ≥ 3 (a batch axis, a class axis and positions); None otherwise — a
+    classifier's ``[N, K]`` is judged by top-1 agreement, and before opset 13 a Softmax whose axis
+    is not the last normalises over all the axes from it on."""
+    node = producer.get(name)
+    while node is not None and node.op_type == "Identity":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Softmax" or node.domain not in ("", "ai.onnx") or rank is None or rank < 3:
+        return None
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+    axis = axis + rank if axis < 0 else axis
+    if not 0 < axis < rank or (opset < 13 and axis != rank - 1):
+        return None
+    return axis
+
+
+def _marked_by_class(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
+    """``[3, K]``: per class along ``axis``, the elements above :data:`MARKED` in both maps, in
+    either, and in the original ``a``."""
+    a, b = np.moveaxis(a > MARKED, axis, -1), np.moveaxis(b > MARKED, axis, -1)
+    k = a.shape[-1]
+    a, b = a.reshape(-1, k), b.reshape(-1, k)
+    return np.stack([(a & b).sum(0), (a | b).sum(0), a.sum(0)]).astype(np.int64)
+
+
+def _without_background(counts: np.ndarray) -> tuple[int, int, int]:
+    """Intersection, union and original marks over the classes, less the class that holds more
+    than half the original's marks where one does (the background of a detector's scores, the
+    blank of a recogniser's: certain almost everywhere, it would make any two maps agree)."""
+    inter, union, marks = counts
+    if marks.sum() and marks.max() * 2 > marks.sum():
+        keep = np.arange(len(marks)) != marks.argmax()
+        inter, union, marks = inter[keep], union[keep], marks[keep]
+    return int(inter.sum()), int(union.sum()), int(marks.sum())
 
 
 def comparable(reference: np.ndarray, output: np.ndarray) -> bool:
@@ -144,6 +193,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
     maps = probability_outputs(original, names)
     acc = {n: [0.0, 0.0, 0.0, 0, 0, 0, 0, 0] for n in names}  # err², ref², maxdiff, agree, count, ∩, ∪, marked
     sums: dict[str, list] = {n: [None, 0] for n in names}  # per output: Σ over samples of y, samples
+    classes: dict[str, np.ndarray] = {}  # Softmax maps: ∩, ∪, marked per class (_marked_by_class)
     left_out: set[str] = set()
     runs = zip(run_batches(original, names, calib, indices, batch, provider),
                run_batches(pruned, names, calib, indices, batch, provider))
@@ -163,7 +213,10 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
                 sums[n] = [total if sums[n][0] is None else sums[n][0] + total, sums[n][1] + len(idx)]
             else:
                 sums[n][1] = -1  # no sample axis: not measured
-            if n in maps:
+            if n in maps and maps[n] is not None:
+                part = _marked_by_class(a, b, maps[n])
+                classes[n] = part if n not in classes else classes[n] + part
+            elif n in maps:
                 s[5] += int(np.count_nonzero((a > MARKED) & (b > MARKED)))
                 s[6] += int(np.count_nonzero((a > MARKED) | (b > MARKED)))
                 s[7] += int(np.count_nonzero(a > MARKED))
@@ -174,6 +227,8 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
         log.warning("held-out check leaves out outputs it cannot compare (integer, or sized by the data): %s",
                     ", ".join(sorted(left_out)))
     outputs = {o.name for o in original.graph.output}
+    for n, counts in classes.items():
+        acc[n][5:8] = _without_background(counts)
     return [OutputFidelity(n, (s[0] / s[1]) ** 0.5 if s[1] > 0 else float(s[0] > 0), s[2],
                            s[3] / s[4] if s[4] else None, s[4], s[5] / s[6] if s[7] >= MIN_MARKED else None,
                            n in outputs, _variation(s[1], *sums[n]))

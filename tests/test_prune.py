@@ -364,7 +364,7 @@ def test_probability_maps_are_judged_by_the_regions_they_mark():
         return helper.make_model(helper.make_graph(nodes, "m", [x], outs, inits),
                                  opset_imports=[helper.make_opsetid("", 13)])
 
-    assert probability_outputs(model(0.0)) == {"prob", "moved"}
+    assert probability_outputs(model(0.0)) == {"prob": None, "moved": None}
     data = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
     cal = load_calibration(data, model(0.0))
 
@@ -385,6 +385,53 @@ def test_probability_maps_are_judged_by_the_regions_they_mark():
     few, _ = judged(3.0, base=-2.5)  # it marks a few elements (< MIN_MARKED): too few for an IoU
     assert np.count_nonzero(data > 2.5) < MIN_MARKED and few.marked_iou is None
     assert few.relative_error > POOR_RELATIVE_ERROR and "relative error" in poor_fidelity([few])
+
+
+def test_softmax_score_maps_are_judged_by_the_regions_their_classes_win():
+    """A Softmax over the classes of a map with positions besides them (an SSD-style detector's
+    ``[N, anchors, classes]`` scores, a recogniser's per-step characters) is a probability map too:
+    judged by the IoU of the elements above 0.5, less the class that wins most of them (the
+    background), which would make any two maps agree. A classifier's ``[N, K]`` keeps its top-1
+    agreement; before opset 13 a Softmax over a middle axis normalises the axes after it as well,
+    and is left to its relative error."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.calib import load_calibration
+    from onnxprune.verify import MIN_MARKED, POOR_MARKED_IOU, compare, guard_loss, poor_fidelity, probability_outputs
+
+    def model(shift: float, opset: int = 13):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64, 2])
+        outs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 64, 2]),
+                helper.make_tensor_value_info("classes", TensorProto.FLOAT, ["N", 2]),
+                helper.make_tensor_value_info("middle", TensorProto.FLOAT, ["N", 64, 2])]
+        inits = [numpy_helper.from_array(np.array([0.0, shift], np.float32), "shift"),
+                 numpy_helper.from_array(np.array([0, 1], np.int64), "axes")]
+        nodes = [helper.make_node("Add", ["x", "shift"], ["z"]),
+                 helper.make_node("Softmax", ["z"], ["s"], axis=-1 if opset >= 13 else 2),
+                 helper.make_node("Identity", ["s"], ["scores"]),  # as exporters leave it
+                 helper.make_node("ReduceMean", ["z"], ["pooled"], axes=[1], keepdims=0),
+                 helper.make_node("Softmax", ["pooled"], ["classes"], axis=1),
+                 helper.make_node("Softmax", ["z"], ["middle"], axis=1)]
+        return helper.make_model(helper.make_graph(nodes, "m", [x], outs, inits),
+                                 opset_imports=[helper.make_opsetid("", opset)])
+
+    assert probability_outputs(model(0.0)) == {"scores": 2, "middle": 1}
+    assert probability_outputs(model(0.0, opset=11)) == {"scores": 2}
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(16, 64, 2)).astype(np.float32)
+    data[..., 0] += 1.0  # the background wins most positions
+    cal = load_calibration(data, model(0.0))
+    fid = {f.name: f for f in compare(model(0.0), model(0.5), cal, np.arange(16))}
+    margin = data[..., 1] - data[..., 0]  # class 1 wins where its logit is larger
+    expected = np.count_nonzero(margin > 0) / np.count_nonzero(margin > -0.5)
+    assert np.count_nonzero(margin > 0) >= MIN_MARKED
+    assert fid["scores"].marked_iou == pytest.approx(expected) and fid["scores"].top1_agreement is None
+    assert guard_loss([fid["scores"]]) == pytest.approx(1 - expected)
+    assert fid["classes"].marked_iou is None and fid["classes"].top1_agreement is not None
+    lost = {f.name: f for f in compare(model(0.0), model(-1.5), cal, np.arange(16))}["scores"]
+    assert lost.marked_iou < POOR_MARKED_IOU and "IoU" in poor_fidelity([lost])
+    old = {f.name: f for f in compare(model(0.0, 11), model(0.5, 11), cal, np.arange(16))}
+    assert old["middle"].marked_iou is None and old["scores"].marked_iou == pytest.approx(expected)
 
 
 def test_a_two_stage_detectors_box_head_on_picked_proposals_is_not_compared():

@@ -79,7 +79,8 @@ FONTS = sorted(Path("/usr/share/fonts/truetype/dejavu").glob("DejaVu*.ttf"))
 ALPHABET = string.ascii_letters + string.digits
 
 
-def _literal(text: str):
+def literal(text: str):
+    """``text`` as a Python literal where it is one (``False``, ``20``), else the string."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -326,7 +327,7 @@ def layout_boxes(outputs: list[np.ndarray], score: float = 0.5, nms: float = 0.5
         order = np.argsort(-cand_scores)
         while order.size:
             found.append((float(cand_scores[order[0]]), c, cand[order[0]]))
-            order = order[1:][_iou(cand[order[0]], cand[order[1:]]) <= nms]
+            order = order[1:][box_iou(cand[order[0]], cand[order[1:]]) <= nms]
     found.sort(key=lambda f: -f[0])
     return [(c, b) for _, c, b in found[:keep]]
 
@@ -393,7 +394,8 @@ class DetTask(Task):
         return found / max(total, 1)
 
 
-def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """IoU of ``box`` ``[x0, y0, x1, y1]`` with each row of ``others``."""
     x0, y0 = np.maximum(box[0], others[:, 0]), np.maximum(box[1], others[:, 1])
     x1, y1 = np.minimum(box[2], others[:, 2]), np.minimum(box[3], others[:, 3])
     inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
@@ -418,7 +420,7 @@ def yolox_boxes(out: np.ndarray, size: int = 416, score: float = 0.1, nms: float
     order, kept = np.argsort(-scores[keep]), []
     while order.size:
         kept.append(order[0])
-        order = order[1:][_iou(boxes[order[0]], boxes[order[1:]]) <= nms]
+        order = order[1:][box_iou(boxes[order[0]], boxes[order[1:]]) <= nms]
     return boxes[kept]
 
 
@@ -439,7 +441,7 @@ class LayoutTask(Task):
             for kind, box in regions:
                 same = [i for i, (c, _) in enumerate(free) if c == kind]
                 if same:
-                    overlap = _iou(np.asarray(box, float), np.array([free[i][1] for i in same]))
+                    overlap = box_iou(np.asarray(box, float), np.array([free[i][1] for i in same]))
                     if overlap.max() >= 0.5:
                         free.pop(same[int(overlap.argmax())])
                         matched += 1
@@ -453,7 +455,7 @@ class CharsTask(Task):
             found_boxes = yolox_boxes(out)
             for box in boxes:
                 total += 1
-                found += len(found_boxes) > 0 and _iou(np.array(box, float), found_boxes).max() >= 0.5
+                found += len(found_boxes) > 0 and box_iou(np.array(box, float), found_boxes).max() >= 0.5
         return found / max(total, 1)
 
 
@@ -502,7 +504,8 @@ def outputs_of(model: onnx.ModelProto | str, x: np.ndarray, batch: int = 16,
     return outputs if every else outputs[0]
 
 
-def _latency(report) -> str:
+def latency_cell(report) -> str:
+    """The report's measured latency, original → pruned (speedup), for a table cell."""
     before, after = report.totals.latency_ms
     return f"{before:.1f} → {after:.1f} ({before / after:.2f}×)"
 
@@ -522,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prune-args", default="", help="extra onnxprune.prune keyword arguments, k=v,k=v")
     args = ap.parse_args(argv)
     # values as Python literals where they are (refine=False, samples_per_image=20), else strings
-    extra = {k: _literal(v) for k, v in (kv.split("=", 1) for kv in args.prune_args.split(",") if kv)}
+    extra = {k: literal(v) for k, v in (kv.split("=", 1) for kv in args.prune_args.split(",") if kv)}
     if args.latency:
         extra = {"round_to": default_round_to("cpu"), "relax_round_to": True, **extra}
     print("| model | target | calib images | MACs speedup | original | pruned | change | characters (rec) "
@@ -561,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {name} ({task.metric}) | {speedup}x | {n_calib} | {result.report.totals.macs_speedup:.2f} "
                       f"| {100 * base:.1f} | {100 * got:.1f} | {100 * (got - base):+.1f} | {characters} | {rel:.3f} "
                       f"| {test_rel:.3f} | {took:.0f} |"
-                      + (f" {_latency(result.report)} |" if args.latency else ""), flush=True)
+                      + (f" {latency_cell(result.report)} |" if args.latency else ""), flush=True)
     return 0
 
 
