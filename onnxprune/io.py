@@ -180,6 +180,11 @@ def upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
     if version >= MIN_OPSET and not weights_as_inputs and model.ir_version >= INITIALIZERS_APART_IR:
         return model
     model = copy.deepcopy(model)
+    if weights_as_inputs:
+        log.warning("the model lists its weights as graph inputs too (an old exporter's form), where ONNX Runtime "
+                    "can neither fold nor fuse them: the pruned model holds them as constants only, and latency "
+                    "here is measured with the original in that form too, so a speedup shown is pruning's alone "
+                    "(the file as given can run several times slower in ONNX Runtime: docs/latency.md)")
     kept = [i for i in model.graph.input if i.name not in inits]
     del model.graph.input[:]
     model.graph.input.extend(kept)
