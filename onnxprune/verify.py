@@ -220,7 +220,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
                 s[5] += int(np.count_nonzero((a > MARKED) & (b > MARKED)))
                 s[6] += int(np.count_nonzero((a > MARKED) | (b > MARKED)))
                 s[7] += int(np.count_nonzero(a > MARKED))
-            elif a.ndim == 2 and a.shape[1] > 1:
+            elif a.ndim == 2 and a.shape[1] > 1 and a.shape[0] == len(idx):  # one row of scores per sample
                 s[3] += int((a.argmax(1) == b.argmax(1)).sum())
                 s[4] += a.shape[0]
     if left_out:

@@ -434,6 +434,32 @@ def test_softmax_score_maps_are_judged_by_the_regions_their_classes_win():
     assert old["middle"].marked_iou is None and old["scores"].marked_iou == pytest.approx(expected)
 
 
+def test_rows_that_are_not_samples_are_not_class_scores():
+    """A detector exported at batch 1 that writes ``[anchors, 4 + 1 + classes]`` (YOLO-FastestV2)
+    has a 2-D output whose rows are anchors, not samples: top-1 agreement across its rows would
+    call a good model broken. Only an output with one row per sample is judged as class scores."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.calib import load_calibration
+    from onnxprune.verify import compare, poor_fidelity
+
+    def model(shift: float):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+        out = helper.make_tensor_value_info("rows", TensorProto.FLOAT, [64, 3])
+        inits = [numpy_helper.from_array(np.array([0.0, shift, 0.0], np.float32).reshape(1, 3, 1, 1), "shift"),
+                 numpy_helper.from_array(np.array([64, 3], np.int64), "shape")]
+        nodes = [helper.make_node("Add", ["x", "shift"], ["z"]),
+                 helper.make_node("Transpose", ["z"], ["t"], perm=[0, 2, 3, 1]),
+                 helper.make_node("Reshape", ["t", "shape"], ["rows"])]
+        return helper.make_model(helper.make_graph(nodes, "m", [x], [out], inits),
+                                 opset_imports=[helper.make_opsetid("", 13)])
+
+    data = np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype(np.float32) * 10
+    cal = load_calibration(data, model(0.0))
+    (rows,) = compare(model(0.0), model(1.0), cal, np.arange(8))
+    assert rows.top1_agreement is None and rows.relative_error < 0.3 and poor_fidelity([rows]) == ""
+
+
 def test_a_two_stage_detectors_box_head_on_picked_proposals_is_not_compared():
     """Faster R-CNN's box head runs on the proposals its first NMS kept: the pruned model keeps
     other proposals, so the head's rows are not the original's and are not compared. The check
