@@ -14,6 +14,7 @@ import onnx
 from .activations import run_batches
 from .calib import Calibration
 from .graphview import inputs_of
+from .io import default_opset
 from .ops import LinearHandler, handler_for
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def probability_outputs(model: onnx.ModelProto, names: Sequence[str] | None = No
 
     ranks = {o.name: len(o.type.tensor_type.shape.dim) for o in model.graph.output
              if o.type.tensor_type.HasField("shape")}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = default_opset(model) or 13
     maps: dict[str, int | None] = {}
     for name in (names if names is not None else [o.name for o in model.graph.output]):
         if from_sigmoid(name):
