@@ -504,6 +504,29 @@ def outputs_of(model: onnx.ModelProto | str, x: np.ndarray, batch: int = 16,
     return outputs if every else outputs[0]
 
 
+def add_prune_options(ap: argparse.ArgumentParser) -> None:
+    """``--latency`` and ``--prune-args``, read by :func:`prune_kwargs`."""
+    ap.add_argument("--latency", action="store_true",
+                    help="also measure ORT CPU latency at batch 1, original and pruned (the report's own "
+                         "measurement), with the CLI's rounding")
+    ap.add_argument("--prune-args", default="", help="extra onnxprune.prune keyword arguments, k=v,k=v")
+
+
+def prune_kwargs(args: argparse.Namespace) -> dict:
+    """``onnxprune.prune``'s extra arguments from :func:`add_prune_options`' options: the values of
+    ``--prune-args`` as Python literals where they are (refine=False, samples_per_image=20), else
+    strings; with ``--latency``, the CLI's rounding unless given."""
+    extra = {k: literal(v) for k, v in (kv.split("=", 1) for kv in args.prune_args.split(",") if kv)}
+    if args.latency:
+        extra = {"round_to": default_round_to("cpu"), "relax_round_to": True, **extra}
+    return extra
+
+
+def largest_relative_error(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """The largest relative error ‖y' − y‖ / ‖y‖ over the outputs, as the report's check takes it."""
+    return max(float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30)) for o, r in zip(outputs, reference))
+
+
 def latency_cell(report) -> str:
     """The report's measured latency, original → pruned (speedup), for a table cell."""
     before, after = report.totals.latency_ms
@@ -520,14 +543,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="test images (default: cls/rec/orient 500, det 32, layout 64, chars 100)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "onnxprune_ocr_models")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--latency", action="store_true",
-                    help="also measure ORT CPU latency at batch 1, original and pruned (the report's own measurement)")
-    ap.add_argument("--prune-args", default="", help="extra onnxprune.prune keyword arguments, k=v,k=v")
+    add_prune_options(ap)
     args = ap.parse_args(argv)
-    # values as Python literals where they are (refine=False, samples_per_image=20), else strings
-    extra = {k: literal(v) for k, v in (kv.split("=", 1) for kv in args.prune_args.split(",") if kv)}
-    if args.latency:
-        extra = {"round_to": default_round_to("cpu"), "relax_round_to": True, **extra}
+    extra = prune_kwargs(args)
     print("| model | target | calib images | MACs speedup | original | pruned | change | characters (rec) "
           "| held-out rel. error | test rel. error | prune s |" + (" latency ms (speedup) |" if args.latency else ""))
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.latency else ""))
@@ -557,8 +575,8 @@ def main(argv: list[str] | None = None) -> int:
                 rel = max(f.relative_error for f in result.report.fidelity)
                 # the test images' relative output error: steadier than a task metric on a few hundred images
                 # (several outputs: the largest, as the report's held-out check takes)
-                test_rel = max(float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30))
-                               for o, r in zip(*((outputs, reference) if task.every_output else ([outputs], [reference]))))
+                test_rel = largest_relative_error(*((outputs, reference) if task.every_output
+                                                    else ([outputs], [reference])))
                 characters = ("–" if base_characters is None
                               else f"{100 * (task.character_score(outputs, chars) - base_characters):+.1f}")
                 print(f"| {name} ({task.metric}) | {speedup}x | {n_calib} | {result.report.totals.macs_speedup:.2f} "
