@@ -10,9 +10,10 @@ The repository (MIT) carries its trained detectors as ONNX files exported by PyT
 MobileNet-like backbone of depthwise convs, the RFB version with receptive-field blocks; 3×240×320
 in, batch 1; ``scores`` ``[1, 4420, 2]`` after a Softmax and decoded ``boxes`` out), and the
 photos its demo runs on (``imgs/*.jpg``: group photos, about 30 faces each at this size). The
-second repository carries InsightFace's SCRFD detectors with keypoints (``weights/scrfd_500m_kps.onnx``,
-``scrfd_2.5g_kps.onnx``: 3×640×640 in, sigmoid scores, box distances and keypoints at strides
-8 / 16 / 32 out), scored on the same photos.
+second repository (no license stated; InsightFace releases its pretrained SCRFD models for
+non-commercial research, which a benchmark is) carries InsightFace's SCRFD detectors with keypoints
+(``weights/scrfd_500m_kps.onnx``, ``scrfd_2.5g_kps.onnx``: 3×640×640 in, sigmoid scores, box
+distances and keypoints at strides 8 / 16 / 32 out), scored on the same photos.
 
 Data: the photos split by ``--seed`` into 16 for calibration and the rest for testing;
 calibration samples are random crops (35–100 % of the area, mirrored half the time) of the 16,
@@ -21,11 +22,12 @@ model's input, RGB, ``(x − 127) / 128`` as the repository's ``detect_imgs_onnx
 (SCRFD: ``(x − 127.5) / 128``, as hpc203's ``main.py``). The score: F1 of the pruned model's faces
 against the original model's own on the test samples (probability above 0.7, NMS at IoU 0.3 as
 that script decodes them; SCRFD: above 0.5, NMS at 0.4, boxes from the anchor centres and the
-distances times the stride; a face matches at IoU ≥ 0.5). The photos
-have no labels the detector was trained to; what the pruned model must keep is what the original
-finds. Also printed: the report's held-out check (the largest relative error over the outputs
-and the smallest IoU of the anchors a score map marks as faces, the region above 0.5) and the test
-samples' largest relative error over the outputs. ``onnxprune.prune`` with its API defaults unless ``--prune-args`` says otherwise.
+distances times the stride; a face matches at IoU ≥ 0.5). The photos have no labels the
+detectors were trained to; what the pruned model must keep is what the original finds. Also
+printed: the report's held-out check (the largest relative error over the outputs and the
+smallest IoU of the anchors a score map marks as faces, the region above 0.5) and the test
+samples' largest relative error over the outputs. ``onnxprune.prune`` with its API defaults
+unless ``--prune-args`` says otherwise.
 """
 
 from __future__ import annotations
