@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--max-drop", type=float, metavar="D",
                     help="accuracy guard on held-out data: top-1 disagreement (class scores), 1 - IoU of the "
                          "regions a probability map (a Sigmoid output, or a Softmax over a map's classes, less its "
-                         "background) marks above 0.5, or relative output error, "
-                         "at most D; width is given back until it holds")
+                         "background) marks above 0.5 (its logits' relative error where it marks too little), "
+                         "or relative output error, at most D; width is given back until it holds")
     p.add_argument("--method", choices=[m.value for m in Method], default=Method.AUTO.value,
                    help="channel selection (default auto: obs on networks with depthwise convs and on plain "
                         "chains whose layers have < 2048 input columns, lasso otherwise)")

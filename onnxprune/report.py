@@ -175,7 +175,9 @@ class Report:
         for f in self.fidelity:
             agree = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
             iou = f", marked-region IoU {f.marked_iou:.3f}" if f.marked_iou is not None else ""
-            lines.append(f"{label(f)}: relative error {f.relative_error:.4f}{agree}{iou} ({checked_on})")
+            # a probability map without enough marks for an IoU is judged by its logits' error instead
+            logits = f" (of its logits {f.logit_error:.4f})" if f.logit_error is not None and not iou else ""
+            lines.append(f"{label(f)}: relative error {f.relative_error:.4f}{logits}{agree}{iou} ({checked_on})")
         if not self.fidelity:
             why = "no calibration data (pass --calib to check)" if not self.calibration.get("given", True) else \
                 "none of them is a floating-point tensor whose shape the data leaves alone"

@@ -37,6 +37,9 @@ class OutputFidelity:
     # ‖y − ȳ‖ / ‖y‖ of the original's output over the held-out samples (ȳ: their mean): how much it
     # depends on the input at all; None where it has no sample axis or one sample was compared
     variation: float | None = None
+    # for a Sigmoid's probability map: the relative error of its logits (the Sigmoid's input, recovered
+    # from the probabilities), what judges it where too few elements are marked for an IoU
+    logit_error: float | None = None
 
 
 # A probability map marks what lies above its sigmoid's own decision boundary (a Softmax map: what a
@@ -44,6 +47,9 @@ class OutputFidelity:
 # little fires) is too noisy to judge by.
 MARKED = 0.5
 MIN_MARKED = 100
+# Probabilities are clipped this far from 0 and 1 before their logits are taken: float32 Sigmoids
+# saturate to exactly 0 or 1, whose logits would be infinite (±13.8 here).
+LOGIT_CLIP = 1e-6
 # Ops that move or select a tensor's elements without changing their values.
 _LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Concat"}
 
@@ -192,7 +198,8 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
     counts) and outputs sized by the data are left out and logged."""
     names = checked_tensors(original)
     maps = probability_outputs(original, names)
-    acc = {n: [0.0, 0.0, 0.0, 0, 0, 0, 0, 0] for n in names}  # err², ref², maxdiff, agree, count, ∩, ∪, marked
+    # err², ref², maxdiff, agree, count, ∩, ∪, marked, then for Sigmoid maps their logits' err², ref²
+    acc = {n: [0.0, 0.0, 0.0, 0, 0, 0, 0, 0, 0.0, 0.0] for n in names}
     sums: dict[str, list] = {n: [None, 0] for n in names}  # per output: Σ over samples of y, samples
     classes: dict[str, np.ndarray] = {}  # Softmax maps: ∩, ∪, marked per class (_marked_by_class)
     left_out: set[str] = set()
@@ -221,6 +228,9 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
                 s[5] += int(np.count_nonzero((a > MARKED) & (b > MARKED)))
                 s[6] += int(np.count_nonzero((a > MARKED) | (b > MARKED)))
                 s[7] += int(np.count_nonzero(a > MARKED))
+                logit_a = _logits(a)
+                s[8] += float(((_logits(b) - logit_a) ** 2).sum())
+                s[9] += float((logit_a ** 2).sum())
             elif a.ndim == 2 and a.shape[1] > 1 and a.shape[0] == len(idx):  # one row of scores per sample
                 s[3] += int((a.argmax(1) == b.argmax(1)).sum())
                 s[4] += a.shape[0]
@@ -230,10 +240,22 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
     outputs = {o.name for o in original.graph.output}
     for n, counts in classes.items():
         acc[n][5:8] = _without_background(counts)
-    return [OutputFidelity(n, (s[0] / s[1]) ** 0.5 if s[1] > 0 else float(s[0] > 0), s[2],
+    return [OutputFidelity(n, _relative(s[0], s[1]), s[2],
                            s[3] / s[4] if s[4] else None, s[4], s[5] / s[6] if s[7] >= MIN_MARKED else None,
-                           n in outputs, _variation(s[1], *sums[n]))
+                           n in outputs, _variation(s[1], *sums[n]),
+                           _relative(s[8], s[9]) if n in maps and maps[n] is None else None)
             for n, s in acc.items() if n not in left_out]
+
+
+def _relative(err2: float, ref2: float) -> float:
+    """``‖y' − y‖ / ‖y‖`` from the two sums of squares (1 where ``y`` is zero and ``y'`` is not)."""
+    return (err2 / ref2) ** 0.5 if ref2 > 0 else float(err2 > 0)
+
+
+def _logits(p: np.ndarray) -> np.ndarray:
+    """The logits a Sigmoid made ``p`` from (float64), its saturated ends clipped (:data:`LOGIT_CLIP`)."""
+    p = np.clip(p, LOGIT_CLIP, 1 - LOGIT_CLIP)
+    return np.log(p) - np.log1p(-p)
 
 
 def _variation(squares: float, total: np.ndarray | None, samples: int) -> float | None:
@@ -274,7 +296,14 @@ def output_loss(f: OutputFidelity) -> float:
         return 1 - f.top1_agreement
     if f.marked_iou is not None:
         return 1 - f.marked_iou
-    return f.relative_error
+    return judged_error(f)
+
+
+def judged_error(f: OutputFidelity) -> float:
+    """The relative error an output is judged by: its logits' for a Sigmoid's probability map (a
+    map of near-zero probabilities changes by a large fraction of its small size where its logits,
+    what the network computes, barely move), otherwise its own."""
+    return f.logit_error if f.logit_error is not None else f.relative_error
 
 
 def guard_loss(fidelity: list[OutputFidelity]) -> float:
@@ -340,7 +369,8 @@ def poor_fidelity(fidelity: list[OutputFidelity]) -> str:
         if f.marked_iou is not None and f.marked_iou < POOR_MARKED_IOU:
             return f"{label(f)} marks a region (above {MARKED:g}) overlapping the original's by IoU " \
                    f"{f.marked_iou:.2f} (below {POOR_MARKED_IOU:.2f})"
-        if f.top1_agreement is None and f.marked_iou is None and f.relative_error > POOR_RELATIVE_ERROR:
-            return f"{label(f)} is off by a relative error of {f.relative_error:.2f} " \
+        if f.top1_agreement is None and f.marked_iou is None and judged_error(f) > POOR_RELATIVE_ERROR:
+            logits = " (its logits)" if f.logit_error is not None else ""
+            return f"{label(f)}{logits} is off by a relative error of {judged_error(f):.2f} " \
                    f"(above {POOR_RELATIVE_ERROR:.2f})"
     return ""

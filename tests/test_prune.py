@@ -380,11 +380,16 @@ def test_probability_maps_are_judged_by_the_regions_they_mark():
     assert guard_loss([grown]) == pytest.approx(1 - expected)
     lost, _ = judged(-2.0)  # most of the region is gone
     assert lost.marked_iou < POOR_MARKED_IOU and "IoU" in poor_fidelity([lost])
-    none, _ = judged(-0.5, base=-10.0)  # the original marks nothing: judged by its relative error
-    assert none.marked_iou is None and guard_loss([none]) == none.relative_error
+    # the original marks nothing: judged by the relative error of its logits (the Sigmoid's input),
+    # not of its near-zero probabilities, which fall by 40 % where the logits move by 0.5 of ~10
+    none, _ = judged(-0.5, base=-10.0)
+    expected = 0.5 / np.sqrt(np.mean((data.astype(np.float64) - 10) ** 2))
+    assert none.marked_iou is None and none.logit_error == pytest.approx(expected, rel=0.01)
+    assert none.relative_error > POOR_RELATIVE_ERROR > none.logit_error
+    assert guard_loss([none]) == none.logit_error and poor_fidelity([none]) == ""
     few, _ = judged(3.0, base=-2.5)  # it marks a few elements (< MIN_MARKED): too few for an IoU
     assert np.count_nonzero(data > 2.5) < MIN_MARKED and few.marked_iou is None
-    assert few.relative_error > POOR_RELATIVE_ERROR and "relative error" in poor_fidelity([few])
+    assert few.logit_error > POOR_RELATIVE_ERROR and "(its logits) is off by a relative error" in poor_fidelity([few])
 
 
 def test_softmax_score_maps_are_judged_by_the_regions_their_classes_win():

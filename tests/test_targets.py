@@ -64,8 +64,8 @@ def test_a_check_on_outputs_that_ignore_the_input_says_it_cannot_tell(tmp_path, 
         pruned = onnx.load(tmp_path / "p.onnx")
         if warned:  # right on the one image it saw, far off on others: what the check could not tell
             check_pruned(pruned, model, x[:8], max_rel_err=0.05)
-            with pytest.raises(AssertionError):
-                check_pruned(pruned, model, pool[-8:], max_rel_err=1.0)
+            with pytest.raises(AssertionError):  # ten times the bound that holds on the image it saw
+                check_pruned(pruned, model, pool[-8:], max_rel_err=0.5)
         else:
             check_pruned(pruned, model, pool[-8:], max_rel_err=0.5)
         lines = [line for line in capsys.readouterr().err.splitlines() if "nearly the same for every" in line]
