@@ -1,9 +1,11 @@
-"""Pruning trained mobile face detectors from GitHub: Ultra-Light-Fast-Generic-Face-Detector-1MB and SCRFD.
+"""Pruning trained mobile face detectors from GitHub: Ultra-Light-Fast-Generic-Face-Detector-1MB,
+SCRFD and YuNet.
 
     git clone --depth 1 https://github.com/Linzaer/Ultra-Light-Fast-Generic-Face-Detector-1MB /tmp/ulfd
     git clone --depth 1 https://github.com/hpc203/scrfd-opencv /tmp/scrfd    # for the SCRFD models
-    python tools/bench_face.py --repo /tmp/ulfd [--scrfd /tmp/scrfd] [--models RFB-320 slim-320 scrfd_500m_kps]
-                               [--speedups 1.2 1.5 2] [--latency]
+    git clone --depth 1 https://github.com/ShiqiYu/libfacedetection.train /tmp/lfd    # for YuNet
+    python tools/bench_face.py --repo /tmp/ulfd [--scrfd /tmp/scrfd] [--lfd /tmp/lfd]
+                               [--models RFB-320 slim-320 scrfd_500m_kps yunet_n_320] [--speedups 1.2 1.5 2] [--latency]
 
 The repository (MIT) carries its trained detectors as ONNX files exported by PyTorch at opset 9
 (``models/onnx/version-RFB-320.onnx``, ``version-slim-320.onnx``: SSD-style heads on a
@@ -13,26 +15,33 @@ photos its demo runs on (``imgs/*.jpg``: group photos, about 30 faces each at th
 second repository (no license stated; InsightFace releases its pretrained SCRFD models for
 non-commercial research, which a benchmark is) carries InsightFace's SCRFD detectors with keypoints
 (``weights/scrfd_500m_kps.onnx``, ``scrfd_2.5g_kps.onnx``: 3×640×640 in, sigmoid scores, box
-distances and keypoints at strides 8 / 16 / 32 out), scored on the same photos.
+distances and keypoints at strides 8 / 16 / 32 out), scored on the same photos. The third
+(Apache-2.0) trains YuNet, the face detector OpenCV's ``FaceDetectorYN`` runs, and carries it as
+ONNX files exported by PyTorch at opset 11 (``onnx/yunet_n_320_320.onnx``, ``yunet_n_640_640.onnx``:
+depthwise-separable convs, anchor-free heads with sigmoid class and object scores, box offsets and
+log sizes, keypoints at strides 8 / 16 / 32).
 
 Data: the photos split by ``--seed`` into 16 for calibration and the rest for testing;
 calibration samples are random crops (35–100 % of the area, mirrored half the time) of the 16,
 test samples each test photo whole, mirrored, and in three random crops; all resized to the
 model's input, RGB, ``(x − 127) / 128`` as the repository's ``detect_imgs_onnx.py`` prepares them
-(SCRFD: ``(x − 127.5) / 128``, as hpc203's ``main.py``). The score: F1 of the pruned model's faces
-against the original model's own on the test samples (probability above 0.7, NMS at IoU 0.3 as
-that script decodes them; SCRFD: above 0.5, NMS at 0.4, boxes from the anchor centres and the
-distances times the stride; a face matches at IoU ≥ 0.5). The photos have no labels the
-detectors were trained to; what the pruned model must keep is what the original finds. Also
-printed: the report's held-out check (the largest relative error over the outputs and the
-smallest IoU of the anchors a score map marks as faces, the region above 0.5) and the test
-samples' largest relative error over the outputs. ``onnxprune.prune`` with its API defaults
-unless ``--prune-args`` says otherwise.
+(SCRFD: ``(x − 127.5) / 128``, as hpc203's ``main.py``; YuNet: BGR, 0–255, as the repository's
+``tools/compare_inference.py``). The score: F1 of the pruned model's faces against the original
+model's own on the test samples (probability above 0.7, NMS at IoU 0.3 as that script decodes
+them; SCRFD: above 0.5, NMS at 0.4, boxes from the anchor centres and the distances times the
+stride; YuNet: class × object score above 0.5, NMS at 0.5; a face matches at IoU ≥ 0.5). The
+photos have no labels the detectors were trained to; what the pruned model must keep is what the
+original finds. Also printed: the report's held-out check (the largest relative error over the
+outputs and the smallest IoU of the anchors a score map marks as faces, the region above 0.5),
+what the CLI's safety net makes of it (the output it fails on, exit 1) and the test samples'
+largest relative error over the outputs. ``onnxprune.prune`` with its API defaults unless
+``--prune-args`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +51,7 @@ import numpy as np
 from PIL import Image
 
 import onnxprune
+from onnxprune.verify import poor_fidelity
 from bench_ocr import add_prune_options, box_iou, largest_relative_error, latency_cell, outputs_of, prune_kwargs
 
 CALIB_PHOTOS = 16
@@ -51,11 +61,13 @@ CALIB_PHOTOS = 16
 class Detector:
     """Where a model lives, what it reads and how its faces are decoded."""
 
-    repo: str  # "ulfd" or "scrfd": which clone holds it
+    repo: str  # "ulfd", "scrfd" or "lfd": which clone holds it
     file: str
     size: tuple[int, int]  # width, height
-    mean: float
+    mean: float  # what the demo subtracts from the 0–255 pixels …
     faces: Callable[[list[np.ndarray]], list[np.ndarray]]  # the outputs -> per sample, face boxes
+    std: float = 128.0  # … and divides them by
+    bgr: bool = False  # channels in OpenCV's order
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, overlap: float) -> np.ndarray:
@@ -91,18 +103,41 @@ def scrfd_faces(outputs: list[np.ndarray], size: int = 640) -> list[np.ndarray]:
     return found
 
 
+def yunet_faces(outputs: list[np.ndarray], size: int = 320) -> list[np.ndarray]:
+    """YuNet's class and object scores, box offsets and log sizes at strides 8 / 16 / 32 (one
+    point per position): class × object score above 0.5, NMS at IoU 0.5, as the repository's
+    ``tools/compare_inference.py`` decodes them."""
+    found = []
+    for k in range(len(outputs[0])):
+        boxes, scores = [], []
+        for i, stride in enumerate((8, 16, 32)):
+            score, reg = (outputs[i][k] * outputs[3 + i][k])[:, 0], outputs[6 + i][k]
+            n = size // stride
+            ys, xs = np.mgrid[:n, :n]
+            centres = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32) * stride
+            keep = score > 0.5
+            middle, half = reg[keep, :2] * stride + centres[keep], np.exp(reg[keep, 2:]) * stride / 2
+            boxes.append(np.concatenate([middle - half, middle + half], 1))
+            scores.append(score[keep])
+        found.append(nms(np.concatenate(boxes), np.concatenate(scores), 0.5))
+    return found
+
+
 DETECTORS = {
     "RFB-320": Detector("ulfd", "models/onnx/version-RFB-320.onnx", (320, 240), 127.0, ssd_faces),
     "slim-320": Detector("ulfd", "models/onnx/version-slim-320.onnx", (320, 240), 127.0, ssd_faces),
     "scrfd_500m_kps": Detector("scrfd", "weights/scrfd_500m_kps.onnx", (640, 640), 127.5, scrfd_faces),
     "scrfd_2.5g_kps": Detector("scrfd", "weights/scrfd_2.5g_kps.onnx", (640, 640), 127.5, scrfd_faces),
+    "yunet_n_320": Detector("lfd", "onnx/yunet_n_320_320.onnx", (320, 320), 0.0, yunet_faces, std=1.0, bgr=True),
+    "yunet_n_640": Detector("lfd", "onnx/yunet_n_640_640.onnx", (640, 640), 0.0,
+                            lambda outputs: yunet_faces(outputs, 640), std=1.0, bgr=True),
 }
 
 
-def prepare(img: Image.Image, size: tuple[int, int], mean: float) -> np.ndarray:
+def prepare(img: Image.Image, det: Detector) -> np.ndarray:
     """``[3, H, W]`` float32 as the repositories' demos feed the models."""
-    rgb = np.asarray(img.convert("RGB").resize(size, Image.BILINEAR), np.float32)
-    return ((rgb - mean) / 128).transpose(2, 0, 1)
+    rgb = np.asarray(img.convert("RGB").resize(det.size, Image.BILINEAR), np.float32)
+    return ((rgb[:, :, ::-1] if det.bgr else rgb) - det.mean).transpose(2, 0, 1) / det.std
 
 
 def crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -115,7 +150,7 @@ def crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return part.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else part
 
 
-def data(repo: Path, n_calib: int, seed: int, size: tuple[int, int], mean: float) -> tuple[np.ndarray, np.ndarray]:
+def data(repo: Path, n_calib: int, seed: int, det: Detector) -> tuple[np.ndarray, np.ndarray]:
     """Calibration and test samples (module docs)."""
     photos = [Image.open(p) for p in sorted((repo / "imgs").glob("*.jpg"))]
     if len(photos) <= CALIB_PHOTOS:
@@ -123,11 +158,11 @@ def data(repo: Path, n_calib: int, seed: int, size: tuple[int, int], mean: float
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(photos))
     calib = [photos[i] for i in order[:CALIB_PHOTOS]]
-    x = np.stack([prepare(crop(calib[i % CALIB_PHOTOS], rng), size, mean) for i in range(n_calib)])
+    x = np.stack([prepare(crop(calib[i % CALIB_PHOTOS], rng), det) for i in range(n_calib)])
     test = []
     for i in order[CALIB_PHOTOS:]:
-        test += [prepare(photos[i], size, mean), prepare(photos[i].transpose(Image.FLIP_LEFT_RIGHT), size, mean)]
-        test += [prepare(crop(photos[i], rng), size, mean) for _ in range(3)]
+        test += [prepare(photos[i], det), prepare(photos[i].transpose(Image.FLIP_LEFT_RIGHT), det)]
+        test += [prepare(crop(photos[i], rng), det) for _ in range(3)]
     return x, np.stack(test)
 
 
@@ -146,10 +181,20 @@ def f1(reference: list[np.ndarray], found: list[np.ndarray]) -> float:
     return 2 * matched / max(total, 1)
 
 
+def _verdict(held: list) -> str:
+    """What the CLI's safety net makes of the held-out check: the output it fails on (exit 1), or "passes"."""
+    why = poor_fidelity(held)
+    if not why:
+        return "passes"
+    failing = re.search(r"'([^']*)'", why)
+    return f"exit 1 ({failing[1] if failing else why})"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", type=Path, required=True, help="a clone of Ultra-Light's repository (module docs)")
     ap.add_argument("--scrfd", type=Path, help="a clone of hpc203/scrfd-opencv, for the SCRFD models")
+    ap.add_argument("--lfd", type=Path, help="a clone of ShiqiYu/libfacedetection.train, for the YuNet models")
     ap.add_argument("--models", nargs="+", default=["RFB-320", "slim-320"], choices=list(DETECTORS))
     ap.add_argument("--speedups", nargs="+", type=float, default=[1.2, 1.5, 2.0])
     ap.add_argument("--calib", type=int, default=128, help="calibration samples (crops of 16 photos; default 128)")
@@ -158,15 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     extra = prune_kwargs(args)
     print("| model | target | MACs speedup | faces (original) | F1 vs original % | held-out rel. error / IoU "
-          "| test rel. error | prune s |" + (" latency ms (speedup) |" if args.latency else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.latency else ""))
+          "| safety net | test rel. error | prune s |" + (" latency ms (speedup) |" if args.latency else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.latency else ""))
     for name in args.models:
         det = DETECTORS[name]
-        clone = args.scrfd if det.repo == "scrfd" else args.repo
+        clone = {"ulfd": args.repo, "scrfd": args.scrfd, "lfd": args.lfd}[det.repo]
         if clone is None:
-            raise SystemExit(f"{name} needs --scrfd (a clone of hpc203/scrfd-opencv)")
+            raise SystemExit(f"{name} needs --{det.repo} (a clone of "
+                             f"{'hpc203/scrfd-opencv' if det.repo == 'scrfd' else 'ShiqiYu/libfacedetection.train'})")
         path = str(clone / det.file)
-        calib, test = data(args.repo, args.calib, args.seed, det.size, det.mean)
+        calib, test = data(args.repo, args.calib, args.seed, det)
         original = outputs_of(path, test, every=True)
         reference = det.faces(original)
         for speedup in args.speedups:
@@ -181,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             test_rel = largest_relative_error(outputs, original)
             print(f"| {name} | {speedup:g}x | {result.report.totals.macs_speedup:.2f} | "
                   f"{sum(len(r) for r in reference)} | {100 * f1(reference, det.faces(outputs)):.1f} | "
-                  f"{max(f.relative_error for f in held):.3f} / {iou} | {test_rel:.3f} | {took:.0f} |"
+                  f"{max(f.relative_error for f in held):.3f} / {iou} | {_verdict(held)} | {test_rel:.3f} | "
+                  f"{took:.0f} |"
                   + (f" {latency_cell(result.report)} |" if args.latency else ""), flush=True)
     return 0
 
