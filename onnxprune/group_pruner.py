@@ -29,7 +29,7 @@ from .reconstruct import ESTIMATE_RIDGE, refit
 from .refine import MAX_VALUES, WHOLE_MAX_VALUES, Middle, refine_pair
 from .report import GroupResult
 from .rewrite import finalize, prune_group
-from .sampling import Runs, Sampler
+from .sampling import Runs, Sampler, reads_grouped_conv
 from .select import (OBS_MAX_COLUMNS, Method, RefitProblem, add_unit_contribution, expand_channels, l1_select, lasso_select,
                      normalized_contribution, obs_order, per_segment, random_select, slim_select, thinet_select)
 
@@ -342,8 +342,12 @@ class GroupPruner:
         targets = self.sampler.targets
         joined = [c for c in sites[0].sampled
                   if targets[c.node.output[0]].residual_other or targets[c.node.output[0]].activated]
+        if not joined and len(sites[0].sampled) == 1 and reads_grouped_conv(g, sites[0].sampled[0].tensor):
+            # a depthwise-separable block in a plain chain: refined through its depthwise conv
+            # (sampled positions alone overfit: the sampler caches more targets for it, as for a residual branch)
+            joined = list(sites[0].sampled)
         if len(joined) != 1:
-            return None  # a plain chain: the next group's refit makes up for the pair (measured: no gain)
+            return None  # a plain conv chain: the next group's refit makes up for the pair (measured: no gain)
         c = joined[0]
         inner: list[onnx.NodeProto] = [c.node]  # the branch's nodes, from the consumer back
         checked = 1  # inner[checked:] must be read by the branch alone (the consumer's output goes to the Add)

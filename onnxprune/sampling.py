@@ -88,6 +88,20 @@ def _residual_partner(g: GraphView, node: onnx.NodeProto) -> tuple[str, str] | N
 _MAX_JOIN_DEPTH = 6
 
 
+def reads_grouped_conv(g: GraphView, tensor: str) -> bool:
+    """Whether ``tensor`` is a depthwise conv's output, or a grouped conv's that passes whole groups
+    (channels in, the same channels out), through elementwise activations alone: what a
+    depthwise-separable block's pointwise conv reads. Such a consumer's branch — producer, grouped
+    conv, consumer — is refined together (:mod:`onnxprune.refine`) in plain chains as well as in
+    residual blocks."""
+    chain = activation_chain(g, tensor)
+    node = g.producer.get(chain[1] if chain else tensor)
+    if node is None:
+        return False
+    handler = handler_for(node)
+    return handler.is_depthwise(node, g) or handler.loses_whole_groups(node, g)
+
+
 def activated_join(g: GraphView, node: onnx.NodeProto) -> tuple[str, str, str] | None:
     """Where ``node``'s output reaches a residual Add through elementwise activations alone (conv
     → SiLU → Add, as the bottlenecks of CSP / YOLO backbones have it): (the activation chain's
@@ -179,7 +193,7 @@ class Sampler:
             self.positions[name] = (np.tile(np.arange(per_image), (len(calib), 1)) if per_image <= count
                                     else rng.integers(0, per_image, size=(len(calib), count)))
             self.counts[name] = self.positions[name].shape[1]
-            if not pairs or not (partner or activated):
+            if not pairs or not (partner or activated or reads_grouped_conv(g, c.tensor)):
                 continue
             if per_image <= count:
                 in_cache[name] = 0

@@ -10,6 +10,7 @@ from graphs import Builder, calib_for, resnext_block, tiny_csp, tiny_mobile, tin
 
 import onnxprune
 from onnxprune.graph import Consumer
+from onnxprune.graphview import node_name
 from onnxprune.ops import handler_for
 from onnxprune.options import PruneOptions
 from onnxprune.pipeline import Pruner
@@ -434,3 +435,34 @@ def test_resnext_branches_are_refined_through_the_grouped_conv():
     result = onnxprune.prune(model, x, speedup=1.3, measure_latency=False, allocation="uniform")
     check_pruned(result.model, model, x[:32], max_rel_err=0.5)
     assert any(grp.refined_error for grp in result.report.groups)
+
+
+def separable_chain(seed: int = 0) -> onnx.ModelProto:
+    """A plain chain of depthwise-separable blocks on 12×12 maps (depthwise 3×3, ReLU, pointwise
+    1×1, ReLU; no residual Add), as MobileNetV1, YuNet and PP-LCNet have them, after a full 3×3 conv."""
+    b = Builder(in_shape=("N", 3, 12, 12), seed=seed)
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    x = b.node("Relu", [b.conv(x, 16, 16)])  # a full conv: the conv after it is not refined with it
+    for _ in range(3):
+        x = b.node("Relu", [b.conv(b.node("Relu", [b.conv(x, 16, 16, group=16)]), 16, 16, k=1)])
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    return b.build(b.gemm(x, 16, 4))
+
+
+def test_plain_depthwise_separable_blocks_are_refined_through_the_depthwise_conv():
+    """Without a residual Add, a pointwise conv that reads a depthwise conv through its activation
+    is refined with the conv before the depthwise one, through the depthwise filters (their
+    sampled positions alone overfit: its targets are cached at more positions, as a residual
+    branch's are); a conv that reads a full conv is not."""
+    model = separable_chain()
+    x = calib_for(model, 256)
+    pruner = Pruner(model, x, PruneOptions(allocation="uniform", measure_latency=False))
+    g = pruner.analysis.g
+    convs = list(g.nodes_by_type("Conv"))
+    reads = [sampling.reads_grouped_conv(g, c.input[0]) for c in convs]
+    assert reads == [False, False] + [False, True] * 3  # the pointwise convs
+    result = onnxprune.prune(model, x, speedup=1.5, measure_latency=False, allocation="uniform")
+    check_pruned(result.model, model, x[:64], max_rel_err=0.5)
+    by_name = {node_name(c): c for c in convs}
+    refined = [by_name[grp.consumers[0]] for grp in result.report.groups if grp.refined_error]
+    assert refined and all(sampling.reads_grouped_conv(g, c.input[0]) for c in refined)

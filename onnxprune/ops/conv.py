@@ -301,11 +301,6 @@ class ConvTranspose(LinearHandler):
         tiles = y.reshape(b, c, h // kh, kh, w // kw, kw).transpose(0, 2, 4, 1, 3, 5).reshape(b, -1, c * kh * kw)
         return np.take_along_axis(tiles, pos[:, :, None], axis=1).reshape(-1, c * kh * kw)
 
-    def loses_whole_groups(self, node, g) -> bool:
-        """Whether pruning removes whole conv groups of this grouped conv (not depthwise)."""
-        w = self._weight(node, g)
-        return self.is_grouped(node, g) and w is not None and reads_as_many_as_it_writes(w, attr(node, "group", 1))
-
     def rule(self, node, g):
         if g.input_const(node, 1) is None or attr(node, "group", 1) != 1:
             return None
