@@ -6,9 +6,11 @@ convolutions joined only by an elementwise activation, or — in an inverted res
 activation, depthwise conv, activation (and a squeeze-excite gate, taken from the pruned model
 and held fixed), or — in a ResNeXt / RegNet block — by activation, a grouped conv that passes
 whole groups, activation, and the consumer's output joins a residual branch, directly or through an
-activation (conv → SiLU → Add in CSP / YOLO bottlenecks; the caller decides: ``GroupPruner``),
-all of them are then refined jointly: Adam steps over slices of the samples, on the error of the
-residual sum (after the activation that follows it, where one does), on sampled output positions
+activation (conv → SiLU → Add in CSP / YOLO bottlenecks), or — in a plain chain's
+depthwise-separable block — the two are joined through a depthwise or whole-group conv (the
+caller decides: ``GroupPruner``), all of them are then refined jointly: Adam steps over slices of
+the samples, on the error of the residual sum (after the activation that follows it, where one
+does; in a plain chain, of the consumer's own output), on sampled output positions
 (each with the producer's input patches at every tap of the consumer's kernel, or of the
 middle conv's) or on whole maps (each image's producer patches at every position, the taps
 gathered from them: :class:`~onnxprune.sampling.PairSamples`). Four fifths of the calibration
