@@ -198,6 +198,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
     counts) and outputs sized by the data are left out and logged."""
     names = checked_tensors(original)
     maps = probability_outputs(original, names)
+    sigmoid_maps = {n for n, axis in maps.items() if axis is None}  # the rest are Softmax maps, by class
     # err², ref², maxdiff, agree, count, ∩, ∪, marked, then for Sigmoid maps their logits' err², ref²
     acc = {n: [0.0, 0.0, 0.0, 0, 0, 0, 0, 0, 0.0, 0.0] for n in names}
     sums: dict[str, list] = {n: [None, 0] for n in names}  # per output: Σ over samples of y, samples
@@ -221,16 +222,16 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
                 sums[n] = [total if sums[n][0] is None else sums[n][0] + total, sums[n][1] + len(idx)]
             else:
                 sums[n][1] = -1  # no sample axis: not measured
-            if n in maps and maps[n] is not None:
-                part = _marked_by_class(a, b, maps[n])
-                classes[n] = part if n not in classes else classes[n] + part
-            elif n in maps:
+            if n in sigmoid_maps:
                 s[5] += int(np.count_nonzero((a > MARKED) & (b > MARKED)))
                 s[6] += int(np.count_nonzero((a > MARKED) | (b > MARKED)))
                 s[7] += int(np.count_nonzero(a > MARKED))
                 logit_a = _logits(a)
                 s[8] += float(((_logits(b) - logit_a) ** 2).sum())
                 s[9] += float((logit_a ** 2).sum())
+            elif n in maps:
+                part = _marked_by_class(a, b, maps[n])
+                classes[n] = part if n not in classes else classes[n] + part
             elif a.ndim == 2 and a.shape[1] > 1 and a.shape[0] == len(idx):  # one row of scores per sample
                 s[3] += int((a.argmax(1) == b.argmax(1)).sum())
                 s[4] += a.shape[0]
@@ -243,7 +244,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
     return [OutputFidelity(n, _relative(s[0], s[1]), s[2],
                            s[3] / s[4] if s[4] else None, s[4], s[5] / s[6] if s[7] >= MIN_MARKED else None,
                            n in outputs, _variation(s[1], *sums[n]),
-                           _relative(s[8], s[9]) if n in maps and maps[n] is None else None)
+                           _relative(s[8], s[9]) if n in sigmoid_maps else None)
             for n, s in acc.items() if n not in left_out]
 
 
