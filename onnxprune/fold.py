@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graphview import GraphView, attr
+from .graphview import GraphView, attr, set_attr
 
 
 # ops never evaluated ahead of time: random, quantization (the model would stop reading as
@@ -161,3 +161,66 @@ def fold_batchnorm(model: onnx.ModelProto, scales: dict[str, np.ndarray] | None 
         model.graph.node.extend(nodes)
         GraphView(model).drop_unused_initializers()
     return folded
+
+
+def fold_pads(model: onnx.ModelProto) -> int:
+    """Fold every zero, constant-mode ``Pad`` of spatial axes into the ``Conv``\\ s that alone read
+    it (PyTorch's exports of TF "same" padding with its amounts known ahead of run time, Keras'
+    ``ZeroPadding2D`` before a strided conv): the conv pads itself, so a depthwise-separable block
+    reads as conv → activation → conv, the shape the refinement walks, and the model runs one op
+    less. Pads computed from a dynamic input size stay. Returns how many were folded."""
+    from .ops.shapes import ShapeValues
+    from .rewrite import drop_dead_nodes
+
+    g = GraphView(model)
+    values = ShapeValues(g)
+    drop = set()
+    for pad in g.nodes_by_type("Pad"):
+        out = pad.output[0] if pad.output else ""
+        readers = g.consumers.get(out, [])
+        if not readers or out in g.graph_outputs or pad.domain not in ("", "ai.onnx") or \
+                attr(pad, "mode", b"constant") not in (b"constant", "constant"):
+            continue
+        convs_read_it = all(r.op_type == "Conv" and r.domain in ("", "ai.onnx") and r.input[0] == out and
+                            out not in r.input[1:] and attr(r, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+                            for r in readers)
+        amounts = _spatial_pads(pad, g, values) if convs_read_it else None
+        if amounts is None:
+            continue
+        own = [list(attr(conv, "pads", [0] * len(amounts))) for conv in readers]
+        if any(len(p) != len(amounts) for p in own):
+            continue
+        for conv, p in zip(readers, own):
+            set_attr(conv, "pads", [int(a + b) for a, b in zip(p, amounts)])
+            conv.input[0] = pad.input[0]
+        drop.add(id(pad))
+    if drop:
+        nodes = [n for n in model.graph.node if id(n) not in drop]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        drop_dead_nodes(model)
+        GraphView(model).drop_unused_initializers()
+    return len(drop)
+
+
+def _spatial_pads(pad: onnx.NodeProto, g: GraphView, values) -> list[int] | None:
+    """``pad``'s amounts on the spatial axes, begins then ends, as a conv's ``pads`` lists them,
+    where it pads nothing but them, by known non-negative amounts, with zeros; else None."""
+    if len(pad.input) > 1 and pad.input[1]:  # opset 11 on: amounts, value and axes are inputs
+        known = values.known(pad.input[1])
+        value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] and g.is_const(pad.input[2]) else None
+        if len(pad.input) > 2 and pad.input[2] and (value is None or np.any(value != 0)):
+            return None
+        if len(pad.input) > 3 and pad.input[3]:
+            return None  # explicit axes: rare, left to the Pad
+    else:
+        known = attr(pad, "pads")
+        if float(attr(pad, "value", 0.0)) != 0.0:
+            return None
+    if known is None:
+        return None
+    known = [int(v) for v in np.asarray(known).reshape(-1)]
+    half = len(known) // 2
+    if half < 3 or len(known) != 2 * half or min(known) < 0 or any(known[i] or known[i + half] for i in (0, 1)):
+        return None
+    return known[2:half] + known[half + 2:]

@@ -32,7 +32,7 @@ from .calib import (ImageOptions, check_varied, load_calibration, random_subset,
                     synthetic_calibration)
 from .candidates import analyse, downstream_layers, positions, sampleable
 from .errors import NothingToPrune, OptionError, TargetNotMetError
-from .fold import constants_to_initializers, flush_subnormal_weights, fold_batchnorm, subnormal_weights
+from .fold import constants_to_initializers, flush_subnormal_weights, fold_batchnorm, fold_pads, subnormal_weights
 from .graph import ChannelGroup
 from .graphview import GraphView
 from .group_pruner import prune_to
@@ -101,6 +101,7 @@ class Pruner:
             constants_to_initializers(self.work)
             self.bn_scales: dict[str, np.ndarray] = {}
             self.folded = fold_batchnorm(self.work, self.bn_scales)
+            fold_pads(self.work)
             self.cal, self.fit_idx, self.hold_idx, self.mixtures = self._calibration(calib, image_options)
             self._settle_batch()
         if opts.method is Method.STRIPE:  # kernel positions of filters, not channels: its own pipeline

@@ -13,7 +13,7 @@ from test_any_graph import analyse_at
 
 import onnxprune
 from onnxprune.errors import TargetNotMetError
-from onnxprune.fold import constants_to_initializers, flush_subnormal_weights, subnormal_weights
+from onnxprune.fold import constants_to_initializers, flush_subnormal_weights, fold_pads, subnormal_weights
 from onnxprune.graph import find_groups
 from onnxprune.graphview import GraphView
 from onnxprune.ops import handler_for
@@ -63,14 +63,20 @@ def same_pad(b: Builder, x: str, k: int, s: int, torch_style: bool) -> str:
         zeros = b.const(i64(0, 0))
         pads = b.node("Concat", [zeros, top, left, zeros, bottom, right], axis=0)
     else:
-        fpad = b.node("Concat", [left, right, top, bottom], axis=0)  # F.pad order: last dim first
-        missing = b.node("Sub", [b.const(i64(8)), b.node("Shape", [fpad])])  # 2 · rank − len(pads)
-        extra = b.node("ConstantOfShape", [missing], value=onnx.numpy_helper.from_array(i64(0)))
-        pairs = b.node("Reshape", [b.node("Concat", [fpad, extra], axis=0), b.const(i64(-1, 2))])
-        flipped = b.node("Slice", [pairs, b.const(i64(-1)), b.const(i64(-(2 ** 62))), b.const(i64(0)),
-                                   b.const(i64(-1))])
-        pads = b.node("Reshape", [b.node("Transpose", [flipped], perm=[1, 0]), b.const(i64(-1))])
+        pads = torch_pads(b, top, left, bottom, right)
     return b.node("Pad", [x, pads])
+
+
+def torch_pads(b: Builder, top: str, left: str, bottom: str, right: str) -> str:
+    """ONNX pads from ``F.pad``'s list as torch's exporter reorders it (ConstantOfShape,
+    Reshape(-1, 2), reversed Slice, Transpose, Reshape(-1))."""
+    fpad = b.node("Concat", [left, right, top, bottom], axis=0)  # F.pad order: last dim first
+    missing = b.node("Sub", [b.const(i64(8)), b.node("Shape", [fpad])])  # 2 · rank − len(pads)
+    extra = b.node("ConstantOfShape", [missing], value=onnx.numpy_helper.from_array(i64(0)))
+    pairs = b.node("Reshape", [b.node("Concat", [fpad, extra], axis=0), b.const(i64(-1, 2))])
+    flipped = b.node("Slice", [pairs, b.const(i64(-1)), b.const(i64(-(2 ** 62))), b.const(i64(0)),
+                               b.const(i64(-1))])
+    return b.node("Reshape", [b.node("Transpose", [flipped], perm=[1, 0]), b.const(i64(-1))])
 
 
 def head(b: Builder, x: str, c: int, classes: int = 5) -> onnx.ModelProto:
@@ -969,3 +975,61 @@ def test_subnormal_weights_are_zero_in_the_pruned_model_and_the_given_one_is_unt
     assert model == given
     assert summary.subnormal_weights == subnormal_weights(model)[name]
     assert f"subnormal weights: {summary.subnormal_weights} (" in summary.text()
+
+
+def mbconv_static_pad(pads: str, opset: int = 13, mode: str = "constant", value: float = 0.0,
+                      reader: str = "Conv") -> onnx.ModelProto:
+    """A depthwise-separable block whose TF "same" padding is a ``Pad`` with amounts known ahead
+    of run time (12×12 maps, stride 2: 0 before, 1 after): ``pads`` "const" (an initializer, as
+    Keras' ``ZeroPadding2D``), "torch" (computed from constants, as the export of
+    EfficientNet-Lite's static same padding has it) or "attr" (opset 10's attribute)."""
+    b = Builder(in_shape=("N", 3, 12, 12), opset=opset)
+    x = b.node("Clip", [b.conv("input", 3, 16), b.const(np.float32(0)), b.const(np.float32(6))]) \
+        if opset >= 11 else b.node("Relu", [b.conv("input", 3, 16)])
+    amounts = i64(0, 0, 0, 0, 0, 0, 1, 1)
+    if pads == "attr":
+        padded = b.node("Pad", [x], pads=list(amounts), mode=mode, value=value)
+    else:
+        given = b.const(amounts) if pads == "const" else \
+            torch_pads(b, b.const(i64(0)), b.const(i64(0)), b.const(i64(1)), b.const(i64(1)))
+        padded = b.node("Pad", [x, given, b.const(np.float32(value))], mode=mode)
+    if reader == "Conv":
+        x = b.node("Relu", [b.conv(padded, 16, 16, stride=2, group=16, pad=0)])
+    else:
+        x = b.node("MaxPool", [padded], kernel_shape=[3, 3], strides=[2, 2])
+    return head(b, b.node("Relu", [b.conv(x, 16, 12, k=1, pad=0)]), 12)
+
+
+@pytest.mark.parametrize("pads,opset", [("const", 13), ("torch", 13), ("attr", 10)])
+def test_zero_padding_known_ahead_folds_into_the_conv_and_the_block_is_refined(pads, opset):
+    """A zero ``Pad`` before a depthwise conv, its amounts known ahead of run time, becomes the
+    conv's own padding (same outputs); the pointwise conv then reads the depthwise conv through
+    its activation alone, so the block is refined through it, and the pruned model has no Pad."""
+    model = mbconv_static_pad(pads, opset)
+    x = calib_for(model, 128)
+    folded = copy.deepcopy(model)
+    constants_to_initializers(folded)
+    assert fold_pads(folded) == 1
+    onnx.checker.check_model(folded, full_check=True)
+    assert not any(n.op_type in ("Pad", "ConstantOfShape") for n in folded.graph.node)
+    assert np.allclose(run(folded, x[:8])[0], run(model, x[:8])[0], atol=1e-5)
+    result = onnxprune.prune(model, x, speedup=1.4, measure_latency=False, allocation="uniform")
+    check_pruned(result.model, model, x[:64], max_rel_err=0.5)
+    assert not any(n.op_type == "Pad" for n in result.model.graph.node)
+    assert any(grp.refined_error for grp in result.report.groups)
+
+
+@pytest.mark.parametrize("kind", ["reflect", "value", "maxpool", "run-time"])
+def test_pads_that_are_not_a_convs_zero_padding_stay(kind):
+    """Reflection, a non-zero value, a pooling reader (it pads with −∞ itself) and amounts computed
+    from the run-time size keep their ``Pad``."""
+    if kind == "run-time":
+        model = mbconv_same(torch_style=True)
+    else:
+        model = mbconv_static_pad("const", mode="reflect" if kind == "reflect" else "constant",
+                                  value=1.0 if kind == "value" else 0.0,
+                                  reader="MaxPool" if kind == "maxpool" else "Conv")
+    work = copy.deepcopy(model)
+    constants_to_initializers(work)
+    assert fold_pads(work) == 0
+    assert sum(n.op_type == "Pad" for n in work.graph.node) == 1
