@@ -168,11 +168,16 @@ def fold_pads(model: onnx.ModelProto) -> int:
     it (PyTorch's exports of TF "same" padding with its amounts known ahead of run time, Keras'
     ``ZeroPadding2D`` before a strided conv): the conv pads itself, so a depthwise-separable block
     reads as conv → activation → conv, the shape the refinement walks, and the model runs one op
-    less. Pads computed from a dynamic input size stay. Returns how many were folded."""
+    less. Amounts computed at run time fold where the sizes they are computed from are declared
+    static (timm's ``pad_same`` exported at a fixed size); from a dynamic size they stay. Returns
+    how many were folded."""
     from .ops.shapes import ShapeValues
     from .rewrite import drop_dead_nodes
 
-    g = GraphView(model)
+    if not any(n.op_type == "Pad" for n in model.graph.node):
+        return 0
+    shapes, static = _declared_shapes(model)
+    g = GraphView(model, shapes)
     values = ShapeValues(g)
     drop = set()
     for pad in g.nodes_by_type("Pad"):
@@ -184,7 +189,7 @@ def fold_pads(model: onnx.ModelProto) -> int:
         convs_read_it = all(r.op_type == "Conv" and r.domain in ("", "ai.onnx") and r.input[0] == out and
                             out not in r.input[1:] and attr(r, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
                             for r in readers)
-        amounts = _spatial_pads(pad, g, values) if convs_read_it else None
+        amounts = _spatial_pads(pad, g, values, static) if convs_read_it else None
         if amounts is None:
             continue
         own = [list(attr(conv, "pads", [0] * len(amounts))) for conv in readers]
@@ -203,11 +208,34 @@ def fold_pads(model: onnx.ModelProto) -> int:
     return len(drop)
 
 
-def _spatial_pads(pad: onnx.NodeProto, g: GraphView, values) -> list[int] | None:
+def _declared_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], set[tuple[str, int]]]:
+    """The tensor shapes ONNX's shape inference finds from the declared inputs (a dim it cannot fix
+    read as 1) and the dims among them that are fixed for every input the model accepts. A batch
+    axis never counts as fixed: a declared batch of 1 may be freed later."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a graph inference rejects folds nothing run-time
+        return {}, set()
+    shapes, static = {}, set()
+    graph = inferred.graph
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        t = info.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+        shapes[info.name] = tuple(d or 1 for d in dims)
+        static.update((info.name, a) for a, d in enumerate(dims) if d and a > 0)
+    return shapes, static
+
+
+def _spatial_pads(pad: onnx.NodeProto, g: GraphView, values, static: set[tuple[str, int]]) -> list[int] | None:
     """``pad``'s amounts on the spatial axes, begins then ends, as a conv's ``pads`` lists them,
-    where it pads nothing but them, by known non-negative amounts, with zeros; else None."""
+    where it pads nothing but them, by non-negative amounts fixed ahead of run time (constants,
+    or computed from ``static`` dims alone), with zeros; else None."""
     if len(pad.input) > 1 and pad.input[1]:  # opset 11 on: amounts, value and axes are inputs
-        known = values.known(pad.input[1])
+        elems = values.of(pad.input[1])
+        fixed = elems is not None and all(e.value is not None and e.dims <= static for e in elems.flat)
+        known = [e.value for e in elems.flat] if fixed else None
         value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] and g.is_const(pad.input[2]) else None
         if len(pad.input) > 2 and pad.input[2] and (value is None or np.any(value != 0)):
             return None

@@ -83,9 +83,9 @@ def head(b: Builder, x: str, c: int, classes: int = 5) -> onnx.ModelProto:
     return b.build(b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1), c, classes))
 
 
-def mbconv_same(torch_style: bool = False, opset: int = 13) -> onnx.ModelProto:
+def mbconv_same(torch_style: bool = False, opset: int = 13, in_shape=("N", 3, "H", "W")) -> onnx.ModelProto:
     """conv → ReLU → run-time same pad → depthwise 3×3 stride 2 → ReLU → 1×1 → GAP → Gemm."""
-    b = Builder(in_shape=("N", 3, "H", "W"), opset=opset)
+    b = Builder(in_shape=in_shape, opset=opset)
     x = b.node("Relu", [b.conv("input", 3, 16)])
     x = b.node("Relu", [b.conv(same_pad(b, x, 3, 2, torch_style), 16, 16, stride=2, group=16, pad=0)])
     return head(b, b.node("Relu", [b.conv(x, 16, 12, k=1, pad=0)]), 12)
@@ -1000,18 +1000,22 @@ def mbconv_static_pad(pads: str, opset: int = 13, mode: str = "constant", value:
     return head(b, b.node("Relu", [b.conv(x, 16, 12, k=1, pad=0)]), 12)
 
 
-@pytest.mark.parametrize("pads,opset", [("const", 13), ("torch", 13), ("attr", 10)])
+@pytest.mark.parametrize("pads,opset", [("const", 13), ("torch", 13), ("attr", 10), ("run-time, fixed size", 13)])
 def test_zero_padding_known_ahead_folds_into_the_conv_and_the_block_is_refined(pads, opset):
-    """A zero ``Pad`` before a depthwise conv, its amounts known ahead of run time, becomes the
-    conv's own padding (same outputs); the pointwise conv then reads the depthwise conv through
-    its activation alone, so the block is refined through it, and the pruned model has no Pad."""
-    model = mbconv_static_pad(pads, opset)
+    """A zero ``Pad`` before a depthwise conv, its amounts known ahead of run time (constants, or
+    computed from a size the model declares fixed), becomes the conv's own padding (same
+    outputs); the pointwise conv then reads the depthwise conv through its activation alone, so
+    the block is refined through it, and the pruned model has no Pad."""
+    if pads.startswith("run-time"):
+        model = mbconv_same(torch_style=True, in_shape=("N", 3, 12, 12))
+    else:
+        model = mbconv_static_pad(pads, opset)
     x = calib_for(model, 128)
     folded = copy.deepcopy(model)
     constants_to_initializers(folded)
     assert fold_pads(folded) == 1
     onnx.checker.check_model(folded, full_check=True)
-    assert not any(n.op_type in ("Pad", "ConstantOfShape") for n in folded.graph.node)
+    assert not any(n.op_type in ("Pad", "ConstantOfShape", "Shape") for n in folded.graph.node)
     assert np.allclose(run(folded, x[:8])[0], run(model, x[:8])[0], atol=1e-5)
     result = onnxprune.prune(model, x, speedup=1.4, measure_latency=False, allocation="uniform")
     check_pruned(result.model, model, x[:64], max_rel_err=0.5)
@@ -1022,7 +1026,7 @@ def test_zero_padding_known_ahead_folds_into_the_conv_and_the_block_is_refined(p
 @pytest.mark.parametrize("kind", ["reflect", "value", "maxpool", "run-time"])
 def test_pads_that_are_not_a_convs_zero_padding_stay(kind):
     """Reflection, a non-zero value, a pooling reader (it pads with −∞ itself) and amounts computed
-    from the run-time size keep their ``Pad``."""
+    from a dynamic size keep their ``Pad``."""
     if kind == "run-time":
         model = mbconv_same(torch_style=True)
     else:
