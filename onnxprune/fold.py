@@ -1,5 +1,6 @@
 """Graph clean-ups done before analysis: constants (nodes and what is computed from them alone)
-to initializers, subnormal weights to zero, BN folded into Conv."""
+to initializers, subnormal weights to zero, BN folded into Conv, zero padding into the Conv
+that reads it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import onnx
 from onnx import numpy_helper
 
 from .graphview import GraphView, attr, set_attr
+from .ops.shapes import ShapeValues
+from .rewrite import drop_dead_nodes
 
 
 # ops never evaluated ahead of time: random, quantization (the model would stop reading as
@@ -171,15 +174,12 @@ def fold_pads(model: onnx.ModelProto) -> int:
     less. Amounts computed at run time fold where the sizes they are computed from are declared
     static (timm's ``pad_same`` exported at a fixed size); from a dynamic size they stay. Returns
     how many were folded."""
-    from .ops.shapes import ShapeValues
-    from .rewrite import drop_dead_nodes
-
     if not any(n.op_type == "Pad" for n in model.graph.node):
         return 0
     shapes, static = _declared_shapes(model)
     g = GraphView(model, shapes)
     values = ShapeValues(g)
-    drop = set()
+    folded = 0
     for pad in g.nodes_by_type("Pad"):
         out = pad.output[0] if pad.output else ""
         readers = g.consumers.get(out, [])
@@ -198,14 +198,11 @@ def fold_pads(model: onnx.ModelProto) -> int:
         for conv, p in zip(readers, own):
             set_attr(conv, "pads", [int(a + b) for a, b in zip(p, amounts)])
             conv.input[0] = pad.input[0]
-        drop.add(id(pad))
-    if drop:
-        nodes = [n for n in model.graph.node if id(n) not in drop]
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
+        folded += 1
+    if folded:  # the Pads and what computed their amounts go, unless a subgraph still reads them
         drop_dead_nodes(model)
         GraphView(model).drop_unused_initializers()
-    return len(drop)
+    return folded
 
 
 def _declared_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], set[tuple[str, int]]]:
@@ -214,7 +211,7 @@ def _declared_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]]
     axis never counts as fixed: a declared batch of 1 may be freed later."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - a graph inference rejects folds nothing run-time
+    except Exception:  # noqa: BLE001 - where inference fails, only constant amounts fold
         return {}, set()
     shapes, static = {}, set()
     graph = inferred.graph
@@ -228,7 +225,8 @@ def _declared_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]]
     return shapes, static
 
 
-def _spatial_pads(pad: onnx.NodeProto, g: GraphView, values, static: set[tuple[str, int]]) -> list[int] | None:
+def _spatial_pads(pad: onnx.NodeProto, g: GraphView, values: ShapeValues,
+                  static: set[tuple[str, int]]) -> list[int] | None:
     """``pad``'s amounts on the spatial axes, begins then ends, as a conv's ``pads`` lists them,
     where it pads nothing but them, by non-negative amounts fixed ahead of run time (constants,
     or computed from ``static`` dims alone), with zeros; else None."""
