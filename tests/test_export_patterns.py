@@ -1037,3 +1037,25 @@ def test_pads_that_are_not_a_convs_zero_padding_stay(kind):
     constants_to_initializers(work)
     assert fold_pads(work) == 0
     assert sum(n.op_type == "Pad" for n in work.graph.node) == 1
+
+
+def test_a_pad_a_subgraph_also_reads_is_not_folded():
+    """A Pad that an ``If`` branch reads besides the conv is a reader other than a conv: it stays,
+    and the model keeps every name its branch reads."""
+    b = Builder(in_shape=("N", 3, 12, 12))
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    padded = b.node("Pad", [x, b.const(i64(0, 0, 1, 1, 0, 0, 1, 1))])
+    y = b.node("Relu", [b.conv(padded, 8, 8, group=8, pad=0)])
+    branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("ReduceMax", [padded], ["side_max"], keepdims=0)], "side", [],
+        [onnx.helper.make_tensor_value_info("side_max", onnx.TensorProto.FLOAT, [])])
+    side = b.node("If", [b.const(np.array(True))], then_branch=branch, else_branch=branch)
+    model = head(b, y, 8)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(side, onnx.TensorProto.FLOAT, []))
+    x_in = calib_for(model, 4)
+    work = copy.deepcopy(model)
+    constants_to_initializers(work)
+    assert fold_pads(work) == 0
+    onnx.checker.check_model(work, full_check=True)
+    assert [n.op_type for n in work.graph.node].count("Pad") == 1
+    assert all(np.allclose(a, c, atol=1e-5) for a, c in zip(run(work, x_in), run(model, x_in)))
