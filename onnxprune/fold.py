@@ -9,6 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from .graphview import GraphView, attr, set_attr
+from .ops import handler_for
 from .ops.shapes import ShapeValues
 from .rewrite import drop_dead_nodes
 
@@ -230,23 +231,21 @@ def _spatial_pads(pad: onnx.NodeProto, g: GraphView, values: ShapeValues,
     """``pad``'s amounts on the spatial axes, begins then ends, as a conv's ``pads`` lists them,
     where it pads nothing but them, by non-negative amounts fixed ahead of run time (constants,
     or computed from ``static`` dims alone), with zeros; else None."""
-    if len(pad.input) > 1 and pad.input[1]:  # opset 11 on: amounts, value and axes are inputs
-        elems = values.of(pad.input[1])
-        fixed = elems is not None and all(e.value is not None and e.dims <= static for e in elems.flat)
-        known = [e.value for e in elems.flat] if fixed else None
-        value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] and g.is_const(pad.input[2]) else None
-        if len(pad.input) > 2 and pad.input[2] and (value is None or np.any(value != 0)):
-            return None
-        if len(pad.input) > 3 and pad.input[3]:
-            return None  # explicit axes: rare, left to the Pad
-    else:
-        known = attr(pad, "pads")
-        if float(attr(pad, "value", 0.0)) != 0.0:
-            return None
-    if known is None:
+    value = pad.input[2] if len(pad.input) > 2 and pad.input[2] else None
+    if value is not None and (not g.is_const(value) or np.any(g.const(value) != 0)) or \
+            float(attr(pad, "value", 0.0)) != 0.0:  # opset 11 on: an input; before: an attribute
         return None
-    known = [int(v) for v in np.asarray(known).reshape(-1)]
+    # where shape inference failed, the amounts (every axis' begin and end) give the rank
+    given = values.of(pad.input[1]) if len(pad.input) > 1 and pad.input[1] else attr(pad, "pads")
+    rank = None if g.shape(pad.input[0]) or given is None else len(given) // 2
+    found = handler_for(pad).amounts(pad, g, values, rank)
+    if found is None:
+        return None
+    entries, axes = found
+    if not all(e.value is not None and e.dims <= static for e in entries):
+        return None
+    known = [int(e.value) for e in entries]
     half = len(known) // 2
-    if half < 3 or len(known) != 2 * half or min(known) < 0 or any(known[i] or known[i + half] for i in (0, 1)):
+    if half < 3 or axes != list(range(half)) or min(known) < 0 or any(known[i] or known[i + half] for i in (0, 1)):
         return None
     return known[2:half] + known[half + 2:]

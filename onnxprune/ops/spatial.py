@@ -31,10 +31,16 @@ class Pad(Handler):
     """Pad keeps channels as long as it provably pads no channels: the pads may be computed at run
     time (TF-style "same" padding) as long as the channel entries are constant zeros."""
 
-    def rule(self, node, g):
-        rank = len(g.shape(node.input[0]) or ())
+    @staticmethod
+    def amounts(node, g, values: ShapeValues | None = None, rank: int | None = None
+                ) -> tuple[list, list[int]] | None:
+        """The pad amounts as shape entries (every axis' begin, then every end) and the axes they
+        pad, or None where they cannot be tracked. ``rank``: the input's, where its shape is not
+        known to ``g``."""
+        values = values or ShapeValues(g)
+        rank = len(g.shape(node.input[0]) or ()) if rank is None else rank
         if len(node.input) > 1 and node.input[1]:
-            pads = ShapeValues(g).of(node.input[1])
+            pads = values.of(node.input[1])
         else:
             value = attr(node, "pads")
             pads = None if value is None else constant_elements(value)
@@ -44,12 +50,20 @@ class Pad(Handler):
         half = len(pads) // 2
         axes = list(range(half))
         if len(node.input) > 3 and node.input[3]:
-            known = ShapeValues(g).known(node.input[3])
+            known = values.known(node.input[3])
             if known is None:
                 return None
             axes = [int(a) % rank for a in known]
         if len(axes) != half:
             return None
+        return pads, axes
+
+    def rule(self, node, g):
+        found = self.amounts(node, g)
+        if found is None:
+            return None
+        pads, axes = found
+        half = len(pads) // 2
         for i, axis in enumerate(axes):
             for entry in (pads[i], pads[i + half]):
                 if axis == 1 and not (entry.constant and entry.value == 0):
