@@ -32,7 +32,8 @@ class OutputFidelity:
     # for probability maps (see probability_outputs): IoU of the elements above MARKED in the pruned
     # and in the original output; None where the original marks fewer than MIN_MARKED of them
     marked_iou: float | None = None
-    # False: a layer's output checked in place of the graph outputs it feeds (checked_tensors)
+    # False: a layer's output checked in place of the graph outputs it feeds, or a part a Concat joins
+    # into a graph output (checked_tensors)
     graph_output: bool = True
     # ‖y − ȳ‖ / ‖y‖ of the original's output over the held-out samples (ȳ: their mean): how much it
     # depends on the input at all; None where it has no sample axis or one sample was compared
@@ -40,6 +41,8 @@ class OutputFidelity:
     # for a Sigmoid's probability map: the relative error of its logits (the Sigmoid's input, recovered
     # from the probabilities), what judges it where too few elements are marked for an IoU
     logit_error: float | None = None
+    # the graph output a Concat joins this part into ('' where it is not such a part)
+    part_of: str = ""
 
 
 # A probability map marks what lies above its sigmoid's own decision boundary (a Softmax map: what a
@@ -62,13 +65,26 @@ _SHAPE_READERS = {"Shape", "Size"}  # read no values: not a path from a layer's 
 
 
 def checked_tensors(model: onnx.ModelProto) -> list[str]:
-    """The tensors fidelity is measured on: the graph outputs, except that an output computed
-    through an op that picks elements by value (a built-in NMS, ``TopK``, ``ArgMax``…) is
-    replaced by the outputs of the last layers (Conv, Gemm, MatMul…) its values come from — a
-    detector's head convs before its decoding and NMS, a segmenter's logits before its arg-max.
-    What lies between is fixed post-processing; the layers are what pruning changes. A layer that
-    itself runs on picked rows (a two-stage detector's box head on the proposals its NMS kept) is
-    not compared, as the two models pick different rows: the layers its values come from are."""
+    """The tensors fidelity is measured on (:func:`checked_parts`, in order)."""
+    return list(checked_parts(model))
+
+
+def checked_parts(model: onnx.ModelProto) -> dict[str, str]:
+    """The tensors fidelity is measured on, each with the graph output it is a part of ('' where
+    it is not a part).
+
+    The graph outputs, except that an output computed through an op that picks elements by value
+    (a built-in NMS, ``TopK``, ``ArgMax``…) is replaced by the outputs of the last layers (Conv,
+    Gemm, MatMul…) its values come from — a detector's head convs before its decoding and NMS, a
+    segmenter's logits before its arg-max. What lies between is fixed post-processing; the layers
+    are what pruning changes. A layer that itself runs on picked rows (a two-stage detector's box
+    head on the proposals its NMS kept) is not compared, as the two models pick different rows:
+    the layers its values come from are.
+
+    And an output that a ``Concat`` joins (through layout ops) from parts computed apart — a YOLO
+    export's ``[boxes, objectness, classes]`` columns, its levels' rows — is measured part by part:
+    one relative error over the whole is mostly its largest values' (box coordinates in pixels,
+    offsets near 0.5) and stays small while the scores beside them, near 0 or 1, are lost."""
     producer = {out: node for node in model.graph.node for out in node.output if out}
     position = {id(node): i for i, node in enumerate(model.graph.node)}
     picked: set[str] = set()  # tensors computed through a selecting op
@@ -91,10 +107,43 @@ def checked_tensors(model: onnx.ModelProto) -> list[str]:
                 stack.extend(inputs_of(node))
         return sorted(found, key=lambda t: position[id(producer[t])])
 
-    names: list[str] = []
+    checked: dict[str, str] = {}
     for o in model.graph.output:
-        names += (layers_above(o.name) if o.name in picked else []) or [o.name]
-    return list(dict.fromkeys(names))
+        layers = layers_above(o.name) if o.name in picked else []
+        parts = [] if layers else _joined_parts(o.name, producer)
+        for name in parts:
+            checked.setdefault(name, o.name)
+        for name in [] if parts else layers or [o.name]:
+            checked.setdefault(name, "")
+    return checked
+
+
+# Ops that move a tensor's elements without changing their values or joining others to them.
+_MOVING_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+
+
+def _joined_parts(name: str, producer: dict[str, onnx.NodeProto]) -> list[str]:
+    """The computed tensors a ``Concat`` joins into ``name`` (through :data:`_MOVING_OPS`), each
+    split the same way in turn, in order; [] where ``name`` is not such a join. Constant inputs
+    (anchors, a grid) and graph inputs are left out: they are the same in both models, and would
+    only dilute a part's error."""
+    parts: list[str] = []
+    stack, seen = [(name, True)], set()
+    while stack:
+        tensor, top = stack.pop()
+        if tensor in seen:  # a part joined twice, or by two joins: once (and no blow-up on nested joins)
+            continue
+        seen.add(tensor)
+        node = producer.get(tensor)
+        while node is not None and node.op_type in _MOVING_OPS and node.input:
+            node = producer.get(node.input[0])
+        joined = [] if node is None or node.op_type != "Concat" else \
+            [i for i in node.input if i and i in producer and producer[i].op_type != "Constant"]
+        if joined and len([i for i in node.input if i]) > 1:  # a join, if only of one part and constants
+            stack.extend((i, False) for i in reversed(joined))
+        elif not top:
+            parts.append(tensor)
+    return parts
 
 
 def probability_outputs(model: onnx.ModelProto, names: Sequence[str] | None = None) -> dict[str, int | None]:
@@ -196,7 +245,8 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
     """Run both models on ``calib[indices]`` and compare the :func:`checked_tensors` that can be
     compared: floating-point ones whose shape the data does not change. Integer outputs (indices,
     counts) and outputs sized by the data are left out and logged."""
-    names = checked_tensors(original)
+    parts = checked_parts(original)
+    names = list(parts)
     maps = probability_outputs(original, names)
     sigmoid_maps = {n for n, axis in maps.items() if axis is None}  # the rest are Softmax maps, by class
     # err², ref², maxdiff, agree, count, ∩, ∪, marked, then for Sigmoid maps their logits' err², ref²
@@ -244,7 +294,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
     return [OutputFidelity(n, _relative(s[0], s[1]), s[2],
                            s[3] / s[4] if s[4] else None, s[4], s[5] / s[6] if s[7] >= MIN_MARKED else None,
                            n in outputs, _variation(s[1], *sums[n]),
-                           _relative(s[8], s[9]) if n in sigmoid_maps else None)
+                           _relative(s[8], s[9]) if n in sigmoid_maps else None, parts[n])
             for n, s in acc.items() if n not in left_out]
 
 
@@ -287,6 +337,8 @@ def uninformative(fidelity: list[OutputFidelity]) -> str:
 
 def label(f: OutputFidelity) -> str:
     """How reports name what ``f`` measured: a graph output, or a tensor checked in its place."""
+    if f.part_of:
+        return f"part '{f.name}' of output '{f.part_of}'"
     return f"output '{f.name}'" if f.graph_output else f"layer output '{f.name}' (before the post-processing)"
 
 

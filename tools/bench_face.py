@@ -1,11 +1,13 @@
 """Pruning trained mobile face detectors from GitHub: Ultra-Light-Fast-Generic-Face-Detector-1MB,
-SCRFD and YuNet.
+SCRFD and YuNet (and YOLO-FastestV2, a COCO object detector, on the same photos).
 
     git clone --depth 1 https://github.com/Linzaer/Ultra-Light-Fast-Generic-Face-Detector-1MB /tmp/ulfd
     git clone --depth 1 https://github.com/hpc203/scrfd-opencv /tmp/scrfd    # for the SCRFD models
     git clone --depth 1 https://github.com/ShiqiYu/libfacedetection.train /tmp/lfd    # for YuNet
-    python tools/bench_face.py --repo /tmp/ulfd [--scrfd /tmp/scrfd] [--lfd /tmp/lfd]
-                               [--models RFB-320 slim-320 scrfd_500m_kps yunet_n_320] [--speedups 1.2 1.5 2] [--latency]
+    git clone --depth 1 https://github.com/hpc203/yolo-fastestv2-opencv /tmp/yfv2    # for YOLO-FastestV2
+    python tools/bench_face.py --repo /tmp/ulfd [--scrfd /tmp/scrfd] [--lfd /tmp/lfd] [--yolo /tmp/yfv2]
+                               [--models RFB-320 slim-320 scrfd_500m_kps yunet_n_320 yolo-fastestv2]
+                               [--speedups 1.2 1.5 2] [--latency]
 
 The repository (MIT) carries its trained detectors as ONNX files exported by PyTorch at opset 9
 (``models/onnx/version-RFB-320.onnx``, ``version-slim-320.onnx``: SSD-style heads on a
@@ -19,7 +21,11 @@ distances and keypoints at strides 8 / 16 / 32 out), scored on the same photos. 
 (Apache-2.0) trains YuNet, the face detector OpenCV's ``FaceDetectorYN`` runs, and carries it as
 ONNX files exported by PyTorch at opset 11 (``onnx/yunet_n_320_320.onnx``, ``yunet_n_640_640.onnx``:
 depthwise-separable convs, anchor-free heads with sigmoid class and object scores, box offsets and
-log sizes, keypoints at strides 8 / 16 / 32).
+log sizes, keypoints at strides 8 / 16 / 32). The fourth (no license stated) carries
+YOLO-FastestV2 trained on COCO (``model.onnx``: a ShuffleNetV2 backbone, 3×352×352 in at batch 1,
+one ``[605, 95]`` output joining per anchor row the sigmoid box offsets, the sigmoid objectness of
+three anchors and the Softmax over 80 classes, at strides 16 and 32); on these photos it finds
+people, ties, chairs.
 
 Data: the photos split by ``--seed`` into 16 for calibration and the rest for testing;
 calibration samples are random crops (35–100 % of the area, mirrored half the time) of the 16,
@@ -29,7 +35,9 @@ model's input, RGB, ``(x − 127) / 128`` as the repository's ``detect_imgs_onnx
 ``tools/compare_inference.py``). The score: F1 of the pruned model's faces against the original
 model's own on the test samples (probability above 0.7, NMS at IoU 0.3 as that script decodes
 them; SCRFD: above 0.5, NMS at 0.4, boxes from the anchor centres and the distances times the
-stride; YuNet: class × object score above 0.5, NMS at 0.5; a face matches at IoU ≥ 0.5). The
+stride; YuNet: class × object score above 0.5, NMS at 0.5; YOLO-FastestV2: objectness and class
+probability each above 0.3, NMS at 0.4 over all classes, as the repository's ``main.py`` decodes
+them, BGR, ``x / 255``; a face or object matches at IoU ≥ 0.5). The
 photos have no labels the detectors were trained to; what the pruned model must keep is what the
 original finds. Also printed: the report's held-out check (the largest relative error over the
 outputs and the smallest IoU of the anchors a score map marks as faces, the region above 0.5),
@@ -61,7 +69,7 @@ CALIB_PHOTOS = 16
 class Detector:
     """Where a model lives, what it reads and how its faces are decoded."""
 
-    repo: str  # "ulfd", "scrfd" or "lfd": which clone holds it
+    repo: str  # "ulfd", "scrfd", "lfd" or "yolo": which clone holds it
     file: str
     size: tuple[int, int]  # width, height
     mean: float  # what the demo subtracts from the 0–255 pixels …
@@ -123,6 +131,36 @@ def yunet_faces(outputs: list[np.ndarray], size: int = 320) -> list[np.ndarray]:
     return found
 
 
+YOLO_ANCHORS = np.array([[[12.64, 19.39], [37.88, 51.48], [55.71, 138.31]],  # the repository's main.py
+                         [[126.91, 78.23], [131.57, 214.55], [279.92, 258.87]]], np.float32)
+
+
+def yolo_fastest_objects(outputs: list[np.ndarray], size: int = 352) -> list[np.ndarray]:
+    """YOLO-FastestV2's rows (one per position, strides 16 then 32; per row four box offsets of
+    each of three anchors, their objectness, then 80 class probabilities) of each image: objectness
+    and class probability above 0.3, NMS at IoU 0.4 over all classes, as the repository's ``main.py``
+    decodes them."""
+    rows = outputs[0].reshape(-1, sum((size // s) ** 2 for s in (16, 32)), outputs[0].shape[-1])
+    found = []
+    for image in rows:
+        boxes, scores, start = [], [], 0
+        for level, stride in enumerate((16, 32)):
+            n = size // stride
+            part, start = image[start:start + n * n], start + n * n
+            ys, xs = np.mgrid[:n, :n]
+            grid = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
+            classes = part[:, 15:]
+            for a in range(3):
+                objectness, best = part[:, 12 + a], classes.max(1)
+                keep = (objectness > 0.3) & (best > 0.3)
+                middle = (part[keep, 4 * a:4 * a + 2] * 2 - 0.5 + grid[keep]) * stride
+                half = (part[keep, 4 * a + 2:4 * a + 4] * 2) ** 2 * YOLO_ANCHORS[level, a] / 2
+                boxes.append(np.concatenate([middle - half, middle + half], 1))
+                scores.append(objectness[keep] * best[keep])
+        found.append(nms(np.concatenate(boxes), np.concatenate(scores), 0.4))
+    return found
+
+
 DETECTORS = {
     "RFB-320": Detector("ulfd", "models/onnx/version-RFB-320.onnx", (320, 240), 127.0, ssd_faces),
     "slim-320": Detector("ulfd", "models/onnx/version-slim-320.onnx", (320, 240), 127.0, ssd_faces),
@@ -131,6 +169,7 @@ DETECTORS = {
     "yunet_n_320": Detector("lfd", "onnx/yunet_n_320_320.onnx", (320, 320), 0.0, yunet_faces, std=1.0, bgr=True),
     "yunet_n_640": Detector("lfd", "onnx/yunet_n_640_640.onnx", (640, 640), 0.0,
                             lambda outputs: yunet_faces(outputs, 640), std=1.0, bgr=True),
+    "yolo-fastestv2": Detector("yolo", "model.onnx", (352, 352), 0.0, yolo_fastest_objects, std=255.0, bgr=True),
 }
 
 
@@ -195,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repo", type=Path, required=True, help="a clone of Ultra-Light's repository (module docs)")
     ap.add_argument("--scrfd", type=Path, help="a clone of hpc203/scrfd-opencv, for the SCRFD models")
     ap.add_argument("--lfd", type=Path, help="a clone of ShiqiYu/libfacedetection.train, for the YuNet models")
+    ap.add_argument("--yolo", type=Path, help="a clone of hpc203/yolo-fastestv2-opencv, for YOLO-FastestV2")
     ap.add_argument("--models", nargs="+", default=["RFB-320", "slim-320"], choices=list(DETECTORS))
     ap.add_argument("--speedups", nargs="+", type=float, default=[1.2, 1.5, 2.0])
     ap.add_argument("--calib", type=int, default=128, help="calibration samples (crops of 16 photos; default 128)")
@@ -207,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.latency else ""))
     for name in args.models:
         det = DETECTORS[name]
-        clone = {"ulfd": args.repo, "scrfd": args.scrfd, "lfd": args.lfd}[det.repo]
+        clone = {"ulfd": args.repo, "scrfd": args.scrfd, "lfd": args.lfd, "yolo": args.yolo}[det.repo]
         if clone is None:
-            raise SystemExit(f"{name} needs --{det.repo} (a clone of "
-                             f"{'hpc203/scrfd-opencv' if det.repo == 'scrfd' else 'ShiqiYu/libfacedetection.train'})")
+            source = {"scrfd": "hpc203/scrfd-opencv", "lfd": "ShiqiYu/libfacedetection.train",
+                      "yolo": "hpc203/yolo-fastestv2-opencv"}[det.repo]
+            raise SystemExit(f"{name} needs --{det.repo} (a clone of {source})")
         path = str(clone / det.file)
         calib, test = data(args.repo, args.calib, args.seed, det)
         original = outputs_of(path, test, every=True)
