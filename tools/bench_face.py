@@ -5,8 +5,10 @@ SCRFD and YuNet (and YOLO-FastestV2, a COCO object detector, on the same photos)
     git clone --depth 1 https://github.com/hpc203/scrfd-opencv /tmp/scrfd    # for the SCRFD models
     git clone --depth 1 https://github.com/ShiqiYu/libfacedetection.train /tmp/lfd    # for YuNet
     git clone --depth 1 https://github.com/hpc203/yolo-fastestv2-opencv /tmp/yfv2    # for YOLO-FastestV2
+    git clone --depth 1 https://github.com/hpc203/yolov8-face-landmarks-opencv-dnn /tmp/y8f    # YOLOv8-lite
     python tools/bench_face.py --repo /tmp/ulfd [--scrfd /tmp/scrfd] [--lfd /tmp/lfd] [--yolo /tmp/yfv2]
-                               [--models RFB-320 slim-320 scrfd_500m_kps yunet_n_320 yolo-fastestv2]
+                               [--yolo8 /tmp/y8f]
+                               [--models RFB-320 slim-320 scrfd_500m_kps yunet_n_320 yolo-fastestv2 yolov8-lite-t]
                                [--speedups 1.2 1.5 2] [--latency]
 
 The repository (MIT) carries its trained detectors as ONNX files exported by PyTorch at opset 9
@@ -25,7 +27,10 @@ log sizes, keypoints at strides 8 / 16 / 32). The fourth (no license stated) car
 YOLO-FastestV2 trained on COCO (``model.onnx``: a ShuffleNetV2 backbone, 3×352×352 in at batch 1,
 one ``[605, 95]`` output joining per anchor row the sigmoid box offsets, the sigmoid objectness of
 three anchors and the Softmax over 80 classes, at strides 16 and 32); on these photos it finds
-people, ties, chairs.
+people, ties, chairs. The fifth (no license stated; trained by derronqi/yolov8-face) carries a
+YOLOv8-lite face detector with keypoints (``weights/yolov8-lite-t.onnx``: 3×640×640 in, per stride
+8 / 16 / 32 one ``[1, 80, H, W]`` output joining 64 box-distance logits, one face logit and 15
+keypoint values).
 
 Data: the photos split by ``--seed`` into 16 for calibration and the rest for testing;
 calibration samples are random crops (35–100 % of the area, mirrored half the time) of the 16,
@@ -37,7 +42,9 @@ model's own on the test samples (probability above 0.7, NMS at IoU 0.3 as that s
 them; SCRFD: above 0.5, NMS at 0.4, boxes from the anchor centres and the distances times the
 stride; YuNet: class × object score above 0.5, NMS at 0.5; YOLO-FastestV2: objectness and class
 probability each above 0.3, NMS at 0.4 over all classes, as the repository's ``main.py`` decodes
-them, BGR, ``x / 255``; a face or object matches at IoU ≥ 0.5). The
+them, BGR, ``x / 255``; YOLOv8-lite: the face logit's sigmoid above 0.45, the box sides' expected
+distance over 16 bins, NMS at 0.5, as that repository's ``main.py``, RGB, ``x / 255``; a face or
+object matches at IoU ≥ 0.5). The
 photos have no labels the detectors were trained to; what the pruned model must keep is what the
 original finds. Also printed: the report's held-out check (the largest relative error over the
 outputs and the smallest IoU of the anchors a score map marks as faces, the region above 0.5),
@@ -69,7 +76,7 @@ CALIB_PHOTOS = 16
 class Detector:
     """Where a model lives, what it reads and how its faces are decoded."""
 
-    repo: str  # "ulfd", "scrfd", "lfd" or "yolo": which clone holds it
+    repo: str  # "ulfd", "scrfd", "lfd", "yolo" or "yolo8": which clone holds it
     file: str
     size: tuple[int, int]  # width, height
     mean: float  # what the demo subtracts from the 0–255 pixels …
@@ -161,6 +168,31 @@ def yolo_fastest_objects(outputs: list[np.ndarray], size: int = 352) -> list[np.
     return found
 
 
+def yolov8_faces(outputs: list[np.ndarray], size: int = 640) -> list[np.ndarray]:
+    """YOLOv8-lite's ``[N, 80, H, W]`` per stride (64 box-distance logits: 16 bins per side, the face
+    logit, 15 keypoint values): the face logit's sigmoid above 0.45, each side the expected
+    distance over its bins times the stride from the cell's centre, NMS at IoU 0.5, as the
+    repository's ``main.py`` decodes them."""
+    found = []
+    for k in range(len(outputs[0])):
+        boxes, scores = [], []
+        for level in outputs:
+            rows, cols = level.shape[2:]
+            stride = size // rows
+            pred = level[k].reshape(level.shape[1], -1).T
+            score = 1 / (1 + np.exp(-pred[:, 64]))
+            keep = score > 0.45
+            bins = pred[keep, :64].reshape(-1, 4, 16)
+            prob = np.exp(bins - bins.max(-1, keepdims=True))
+            distance = (prob / prob.sum(-1, keepdims=True) * np.arange(16)).sum(-1)
+            ys, xs = np.mgrid[:rows, :cols]
+            centre = np.stack([xs.ravel(), ys.ravel()], 1)[keep] + 0.5
+            boxes.append(np.concatenate([centre - distance[:, :2], centre + distance[:, 2:]], 1) * stride)
+            scores.append(score[keep])
+        found.append(nms(np.concatenate(boxes), np.concatenate(scores), 0.5))
+    return found
+
+
 DETECTORS = {
     "RFB-320": Detector("ulfd", "models/onnx/version-RFB-320.onnx", (320, 240), 127.0, ssd_faces),
     "slim-320": Detector("ulfd", "models/onnx/version-slim-320.onnx", (320, 240), 127.0, ssd_faces),
@@ -170,6 +202,7 @@ DETECTORS = {
     "yunet_n_640": Detector("lfd", "onnx/yunet_n_640_640.onnx", (640, 640), 0.0,
                             lambda outputs: yunet_faces(outputs, 640), std=1.0, bgr=True),
     "yolo-fastestv2": Detector("yolo", "model.onnx", (352, 352), 0.0, yolo_fastest_objects, std=255.0, bgr=True),
+    "yolov8-lite-t": Detector("yolo8", "weights/yolov8-lite-t.onnx", (640, 640), 0.0, yolov8_faces, std=255.0),
 }
 
 
@@ -235,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scrfd", type=Path, help="a clone of hpc203/scrfd-opencv, for the SCRFD models")
     ap.add_argument("--lfd", type=Path, help="a clone of ShiqiYu/libfacedetection.train, for the YuNet models")
     ap.add_argument("--yolo", type=Path, help="a clone of hpc203/yolo-fastestv2-opencv, for YOLO-FastestV2")
+    ap.add_argument("--yolo8", type=Path, help="a clone of hpc203/yolov8-face-landmarks-opencv-dnn, for YOLOv8-lite")
     ap.add_argument("--models", nargs="+", default=["RFB-320", "slim-320"], choices=list(DETECTORS))
     ap.add_argument("--speedups", nargs="+", type=float, default=[1.2, 1.5, 2.0])
     ap.add_argument("--calib", type=int, default=128, help="calibration samples (crops of 16 photos; default 128)")
@@ -247,10 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.latency else ""))
     for name in args.models:
         det = DETECTORS[name]
-        clone = {"ulfd": args.repo, "scrfd": args.scrfd, "lfd": args.lfd, "yolo": args.yolo}[det.repo]
+        clone = {"ulfd": args.repo, "scrfd": args.scrfd, "lfd": args.lfd, "yolo": args.yolo,
+                 "yolo8": args.yolo8}[det.repo]
         if clone is None:
             source = {"scrfd": "hpc203/scrfd-opencv", "lfd": "ShiqiYu/libfacedetection.train",
-                      "yolo": "hpc203/yolo-fastestv2-opencv"}[det.repo]
+                      "yolo": "hpc203/yolo-fastestv2-opencv",
+                      "yolo8": "hpc203/yolov8-face-landmarks-opencv-dnn"}[det.repo]
             raise SystemExit(f"{name} needs --{det.repo} (a clone of {source})")
         path = str(clone / det.file)
         calib, test = data(args.repo, args.calib, args.seed, det)
