@@ -111,6 +111,8 @@ def checked_parts(model: onnx.ModelProto) -> dict[str, str]:
     for o in model.graph.output:
         layers = layers_above(o.name) if o.name in picked else []
         parts = [] if layers else _joined_parts(o.name, producer)
+        if len(parts) > MAX_PARTS:  # each part is a line of the report and an output of every probe run
+            parts = []
         for name in parts:
             checked.setdefault(name, o.name)
         for name in [] if parts else layers or [o.name]:
@@ -118,6 +120,10 @@ def checked_parts(model: onnx.ModelProto) -> dict[str, str]:
     return checked
 
 
+# An output joined from more parts than this is checked whole: a detector's joins hold a few per
+# level (YOLO: boxes, objectness, classes at three strides), while a join of hundreds of slices
+# would make as many report lines and probe outputs.
+MAX_PARTS = 64
 # Ops that move a tensor's elements without changing their values or joining others to them.
 _MOVING_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
 

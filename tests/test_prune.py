@@ -475,7 +475,7 @@ def test_an_output_a_concat_joins_is_judged_part_by_part():
     from onnx import TensorProto, helper, numpy_helper
 
     from onnxprune.calib import load_calibration
-    from onnxprune.verify import POOR_RELATIVE_ERROR, checked_parts, compare, poor_fidelity
+    from onnxprune.verify import MAX_PARTS, POOR_RELATIVE_ERROR, checked_parts, compare, poor_fidelity
 
     rng = np.random.default_rng(0)
     w_box, w_score = rng.normal(size=(4, 3, 1, 1)), rng.normal(size=(2, 3, 1, 1))
@@ -515,6 +515,13 @@ def test_an_output_a_concat_joins_is_judged_part_by_part():
     whole_error = np.linalg.norm(whole_b - whole_a) / np.linalg.norm(whole_a)
     assert whole_error < 0.05 * POOR_RELATIVE_ERROR  # the output as a whole looks fine
     assert poor_fidelity(list(fid.values())).startswith("part 'scores' of output 'det' marks a region")
+    many = onnx.ModelProto()  # joined from more parts than a report should list: checked whole
+    many.CopyFrom(original)
+    relus = [helper.make_node("Relu", ["boxes"], [f"r{i}"]) for i in range(MAX_PARTS + 1)]
+    many.graph.node.extend(relus + [helper.make_node("Concat", [f"r{i}" for i in range(MAX_PARTS + 1)], ["wide"],
+                                                     axis=1)])
+    many.graph.output.extend([helper.make_tensor_value_info("wide", TensorProto.FLOAT, None)])
+    assert checked_parts(many) == {"boxes": "det", "scores": "det", "wide": ""}
 
 
 def test_a_two_stage_detectors_box_head_on_picked_proposals_is_not_compared():
