@@ -1,6 +1,6 @@
 """Graph clean-ups done before analysis: constants (nodes and what is computed from them alone)
 to initializers, subnormal weights to zero, BN folded into Conv, zero padding into the Conv
-that reads it."""
+that reads it, channel shuffles as channel Gathers."""
 
 from __future__ import annotations
 
@@ -249,3 +249,114 @@ def _spatial_pads(pad: onnx.NodeProto, g: GraphView, values: ShapeValues,
     if half < 3 or axes != list(range(half)) or min(known) < 0 or any(known[i] or known[i + half] for i in (0, 1)):
         return None
     return known[2:half] + known[half + 2:]
+
+
+
+# Ops a channel shuffle is spelled with: they move elements, their other inputs constant.
+_SHUFFLE_OPS = {"Reshape", "Transpose", "Gather", "Squeeze", "Unsqueeze", "Identity"}
+SHUFFLE_MAX_VALUES = 1 << 22  # the map a shuffle is run on, as element indices, holds at most this many
+
+
+def fold_channel_shuffles(model: onnx.ModelProto) -> int:
+    """Rewrite every channel shuffle as one ``Gather`` of channels per map it makes, which the
+    channel analysis follows (the shuffle's ``Reshape`` to more axes would stop it). A shuffle is a
+    region of layout ops with constant parameters (``Reshape``, ``Transpose``, ``Gather``,
+    ``Squeeze``, ``Unsqueeze``) from a ``[N, C, H, W]`` map to maps ``[N, C', H, W]`` that each hold
+    some of its channels, each at most once, at the same positions: ShuffleNetV2's
+    ``view → transpose → view`` (torchvision) or its halves taken by ``Gather`` (the original
+    release, YOLO-FastestV2). The region is run on the map's element indices themselves, so any
+    spelling folds and nothing else does. Returns how many maps were rewritten."""
+    if not any(n.op_type == "Reshape" for n in model.graph.node):
+        return 0
+    shapes, static = _declared_shapes(model)
+    g = GraphView(model, shapes)
+    rewrites: list[tuple[str, str, np.ndarray]] = []  # (map made, map it selects from, channels)
+    for start in dict.fromkeys(n.input[0] for n in g.nodes_by_type("Reshape") if n.input and n.input[0]):
+        shape = g.shape(start)
+        # channels and positions fixed (the batch may vary: the shuffle is run at the declared one)
+        if shape is None or len(shape) != 4 or g.is_const(start) or int(np.prod(shape)) > SHUFFLE_MAX_VALUES or \
+                not all((start, axis) in static for axis in (1, 2, 3)):
+            continue
+        found = _shuffle_region(g, start, shape)
+        rewrites += [(end, start, channels) for end, channels in (found or {}).items()]
+    for end, start, channels in rewrites:
+        node = g.producer[end]
+        node.op_type, node.domain = "Gather", ""
+        del node.input[:], node.attribute[:]
+        node.input.extend([start, ""])
+        node.attribute.append(onnx.helper.make_attribute("axis", 1))
+        g.set_const(node, 1, channels)
+    if rewrites:  # the shuffles' other ops go, unless something else reads them
+        drop_dead_nodes(model)
+        GraphView(model).drop_unused_initializers()
+    return len(rewrites)
+
+
+def _shuffle_region(g: GraphView, start: str, shape: tuple[int, ...]) -> dict[str, np.ndarray] | None:
+    """The maps a shuffle makes from ``start`` (read only through :data:`_SHUFFLE_OPS` with
+    constant parameters, to maps ``[N, C', H, W]`` that something else reads), each with the
+    channels of ``start`` it holds; None where ``start`` is not read that way."""
+    n, c, h, w = shape
+    values = {start: np.arange(n * c * h * w, dtype=np.int64).reshape(shape)}
+    ends: dict[str, np.ndarray] = {}
+    stack, inside = [start], set()
+    while stack:
+        tensor = stack.pop()
+        for node in g.consumers.get(tensor, []):
+            if node.op_type not in _SHUFFLE_OPS or node.domain not in ("", "ai.onnx") or node.input[0] != tensor \
+                    or any(i and not g.is_const(i) for i in node.input[1:]) or id(node) in inside:
+                if tensor != start:
+                    return None  # a shuffle's inner tensor read by something else
+                continue
+            inside.add(id(node))
+            try:
+                out = _move(node, g, values[tensor])
+            except (ValueError, IndexError):
+                return None
+            name = node.output[0]
+            values[name] = out
+            if out.ndim == 4 and out.shape[0] == n and out.shape[2:] == (h, w):
+                ends[name] = out
+            else:
+                if name in g.graph_outputs:
+                    return None
+                stack.append(name)
+    if not ends or any(t in g.graph_outputs or not g.consumers.get(t) for t in ends):
+        return None
+    positions = np.arange(h * w, dtype=np.int64).reshape(1, 1, h, w)
+    samples = np.arange(n, dtype=np.int64).reshape(n, 1, 1, 1) * c * h * w
+    found = {}
+    for name, out in ends.items():
+        channels = out[0, :, 0, 0] // (h * w)
+        if len(np.unique(channels)) != len(channels) or \
+                not np.array_equal(out, samples + channels.reshape(1, -1, 1, 1) * h * w + positions):
+            return None
+        if not np.array_equal(channels, np.arange(c)):  # the map unchanged: nothing to rewrite there
+            found[name] = channels
+    return found or None
+
+
+def _move(node: onnx.NodeProto, g: GraphView, x: np.ndarray) -> np.ndarray:
+    """What a layout op makes of ``x`` (its other inputs constants)."""
+    op = node.op_type
+    if op == "Identity":
+        return x
+    if op == "Transpose":
+        perm = attr(node, "perm")
+        return np.transpose(x, perm if perm is not None else None)
+    if op == "Gather":
+        return np.take(x, g.const(node.input[1]).astype(np.int64), axis=attr(node, "axis", 0))
+    if op == "Reshape":
+        target = [int(v) for v in g.const(node.input[1])]
+        if not attr(node, "allowzero", 0):
+            target = [x.shape[i] if v == 0 else v for i, v in enumerate(target)]
+        return x.reshape(target)
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = [int(v) for v in g.const(node.input[1])]
+    if op == "Squeeze":
+        return np.squeeze(x, axis=tuple(axes)) if axes else np.squeeze(x)
+    out = x
+    for axis in sorted(a % (x.ndim + len(axes)) for a in axes):
+        out = np.expand_dims(out, axis)
+    return out

@@ -5,7 +5,8 @@ tensors: the outputs of its producers (Conv, Gemm), everything the channels flow
 (BN, activations, pooling, residual Add, Flatten…) and the inputs its consumers reduce over.
 
 Every channel is an *atom* owned by the group whose layers produce it. A group made by a Concat
-holds the atoms of its parts; a Split or Slice output holds a range of its input's atoms. Pruning
+holds the atoms of its parts; a Split or Slice output holds a range of its input's atoms, a
+channel Gather's output the atoms at its indices. Pruning
 an owner's atoms removes them from every group that holds them (its *sites*). A group read or
 produced by a grouped Conv is cut into ``segments`` equal runs that keep equally many channels,
 or, where the conv loses whole groups, loses its channels in whole aligned runs (``conv_group``).
@@ -233,6 +234,8 @@ def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[Bl
             covered |= set(ins) | {out}
         for inp, outs, _ in rule.slices:
             covered |= {inp} | set(outs)
+        for inp, out, _ in rule.selects:
+            covered |= {inp, out}
         for t in covered:
             spaces.add(t)
         for t in acts:
@@ -267,7 +270,7 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
             if grp.channels and grp.channels != ch:
                 grp.blocked.append(Blocked.graph(f"channel counts disagree at '{t}'"))
             grp.channels = ch
-    derived: dict[int, tuple[onnx.NodeProto, list[tuple[ChannelGroup, int, int]]]] = {}
+    derived: dict[int, tuple[onnx.NodeProto, list[tuple[ChannelGroup, np.ndarray]]]] = {}
     for node, rule in rules:
         if rule is None:
             continue
@@ -285,7 +288,7 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
                 grp.throughs.append(node)
                 seen.add(id(grp))
         for ins, out in rule.joins:
-            parts = [(group_of(i), 0, g.channels(i) or 0) for i in ins]
+            parts = [(group_of(i), np.arange(g.channels(i) or 0)) for i in ins]
             _define(derived, group_of(out), node, parts, spaces, ins + [out])
         for t, count in rule.segments.items():
             grp = group_of(t)
@@ -298,8 +301,13 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
             offset = start
             for o in outs:
                 size = g.channels(o) or 0
-                _define(derived, group_of(o), node, [(group_of(inp), offset, size)], spaces, [inp, o])
+                part = [(group_of(inp), np.arange(offset, offset + size))]
+                _define(derived, group_of(o), node, part, spaces, [inp, o])
                 offset += size
+        for inp, out, indices in rule.selects:
+            group_of(inp).throughs.append(node)
+            part = [(group_of(inp), np.asarray(indices, np.int64))]
+            _define(derived, group_of(out), node, part, spaces, [inp, out])
     result = sorted(groups.values(), key=lambda grp: grp.index)
     _assign_atoms(result, derived)
     for grp in result:
@@ -316,8 +324,8 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
 
 
 def _define(derived, grp: ChannelGroup, node: onnx.NodeProto, parts, spaces: _Spaces, tensors: list[str]) -> None:
-    """Record that ``grp``'s channels are ``parts`` (group, offset, length) of other groups, as ``node`` joins or
-    slices them."""
+    """Record that ``grp``'s channels are ``parts`` (group, the channels of it taken) of other groups, as
+    ``node`` joins, slices or selects them."""
     if any(spaces.block.get(t, 1) != 1 for t in tensors):
         grp.blocked.append(Blocked.at(node, "joins flattened tensors"))
     if grp.index in derived:
@@ -338,11 +346,17 @@ def _assign_atoms(groups: list[ChannelGroup], derived) -> None:
             node, parts = derived[grp.index]
             grp.derived_from = node_label(node)
             pieces = []
-            for part, offset, length in parts:
+            fits = True
+            for part, taken in parts:
                 a = atoms(part, depth + 1)
-                pieces.append(a[offset:offset + length] if part is not grp else a)
+                if part is grp:
+                    pieces.append(a)
+                    continue
+                inside = taken[(taken >= 0) & (taken < len(a))]
+                fits = fits and len(inside) == len(taken)
+                pieces.append(a[inside])
             result = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-            if len(result) != grp.channels:
+            if len(result) != grp.channels or not fits:
                 grp.blocked.append(Blocked.at(node, "has channel counts that do not add up"))
             if grp.producers:
                 grp.blocked.append(Blocked.at(node, "output is also produced by a layer"))

@@ -32,7 +32,8 @@ from .calib import (ImageOptions, check_varied, load_calibration, random_subset,
                     synthetic_calibration)
 from .candidates import analyse, downstream_layers, positions, sampleable
 from .errors import NothingToPrune, OptionError, TargetNotMetError
-from .fold import constants_to_initializers, flush_subnormal_weights, fold_batchnorm, fold_pads, subnormal_weights
+from .fold import (constants_to_initializers, flush_subnormal_weights, fold_batchnorm, fold_channel_shuffles, fold_pads,
+                   subnormal_weights)
 from .graph import ChannelGroup
 from .graphview import GraphView
 from .group_pruner import prune_to
@@ -102,6 +103,7 @@ class Pruner:
             self.bn_scales: dict[str, np.ndarray] = {}
             self.folded = fold_batchnorm(self.work, self.bn_scales)
             fold_pads(self.work)
+            fold_channel_shuffles(self.work)
             self.cal, self.fit_idx, self.hold_idx, self.mixtures = self._calibration(calib, image_options)
             self._settle_batch()
         if opts.method is Method.STRIPE:  # kernel positions of filters, not channels: its own pipeline

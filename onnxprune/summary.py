@@ -17,7 +17,7 @@ from .budget import count_params, graph_macs
 from .calib import (Calibration, ImageOptions, dynamic_inputs, load_calibration, model_inputs,
                     zeros_calibration)
 from .candidates import choose_candidates
-from .fold import constants_to_initializers, fold_batchnorm, subnormal_weights
+from .fold import constants_to_initializers, fold_batchnorm, fold_channel_shuffles, fold_pads, subnormal_weights
 from .errors import CalibrationError, ModelError, OptionError
 from .graph import find_groups
 from .graphview import GraphView, node_name
@@ -139,15 +139,17 @@ def runnable(model: onnx.ModelProto, cal: Calibration) -> onnx.ModelProto:
 
 
 def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
-    """MACs, params, size, channel groups, prunable MACs and barriers of ``model`` (BN folded
-    for the analysis, as pruning does); a QDQ model as the float graph it computes, at its own size.
-    An input without a batch axis is listed as the model declares it."""
+    """MACs, params, size, channel groups, prunable MACs and barriers of ``model`` (BN, zero pads
+    and channel shuffles folded for the analysis, as pruning does); a QDQ model as the float graph
+    it computes, at its own size. An input without a batch axis is listed as the model declares it."""
     size = model_bytes(model)
     declared = {i.name: list(i.shape) for i in model_inputs(model) if i.name in cal.unbatched}
     model = runnable(dequantized(model), cal)
     work = copy.deepcopy(model)
     constants_to_initializers(work)
     fold_batchnorm(work, {})
+    fold_pads(work)
+    fold_channel_shuffles(work)
     shapes = tensor_shapes(work, cal)
     g = GraphView(work, shapes)
     groups = find_groups(g)

@@ -13,7 +13,8 @@ from test_any_graph import analyse_at
 
 import onnxprune
 from onnxprune.errors import TargetNotMetError
-from onnxprune.fold import constants_to_initializers, flush_subnormal_weights, fold_pads, subnormal_weights
+from onnxprune.fold import (constants_to_initializers, flush_subnormal_weights, fold_channel_shuffles, fold_pads,
+                            subnormal_weights)
 from onnxprune.graph import find_groups
 from onnxprune.graphview import GraphView
 from onnxprune.ops import handler_for
@@ -1059,3 +1060,74 @@ def test_a_pad_a_subgraph_also_reads_is_not_folded():
     onnx.checker.check_model(work, full_check=True)
     assert [n.op_type for n in work.graph.node].count("Pad") == 1
     assert all(np.allclose(a, c, atol=1e-5) for a, c in zip(run(work, x_in), run(model, x_in)))
+
+
+def shufflenet_v2(style: str) -> onnx.ModelProto:
+    """A ShuffleNetV2 stem, a stride-2 block and two stride-1 blocks whose input is shuffled and
+    halved: torchvision's ``view → transpose → view`` then ``chunk`` (a ``Split``), or the original
+    release's ``reshape(N·C/2, 2, H·W) → permute(1, 0, 2) → reshape(2, N, C/2, H, W)`` and ``x[0]``,
+    ``x[1]`` (``Gather``s on axis 0, batch 1: YOLO-FastestV2's export)."""
+    batch = "N" if style == "torchvision" else 1
+    b = Builder(in_shape=(batch, 3, 16, 16))
+    x = b.node("Relu", [b.conv("input", 3, 16, stride=2)])  # 16 × 8 × 8
+    proj = b.node("Relu", [b.conv(b.conv(x, 16, 16, stride=2, group=16), 16, 8, k=1, pad=0)])
+    main = b.node("Relu", [b.conv(x, 16, 8, k=1, pad=0)])
+    main = b.node("Relu", [b.conv(b.conv(main, 8, 8, stride=2, group=8), 8, 8, k=1, pad=0)])
+    y = b.node("Concat", [proj, main], axis=1)  # 16 × 4 × 4
+    for _ in range(2):
+        if style == "torchvision":
+            t = b.node("Transpose", [b.node("Reshape", [y, b.const(i64(-1, 2, 8, 4, 4))])], perm=[0, 2, 1, 3, 4])
+            kept, branch = b.node("Split", [b.node("Reshape", [t, b.const(i64(-1, 16, 4, 4))]), b.const(i64(8, 8))],
+                                  n_out=2, axis=1)
+        else:
+            t = b.node("Transpose", [b.node("Reshape", [y, b.const(i64(8, 2, 16))])], perm=[1, 0, 2])
+            t = b.node("Reshape", [t, b.const(i64(2, -1, 8, 4, 4))])
+            kept, branch = (b.node("Gather", [t, b.const(np.array(k))], axis=0) for k in (0, 1))
+        m = b.node("Relu", [b.conv(branch, 8, 8, k=1, pad=0)])
+        m = b.node("Relu", [b.conv(b.conv(m, 8, 8, group=8), 8, 8, k=1, pad=0)])
+        y = b.node("Concat", [kept, m], axis=1)
+    return head(b, y, 16)
+
+
+@pytest.mark.parametrize("style", ["torchvision", "original"])
+def test_channel_shuffles_become_channel_gathers_and_the_trunk_is_pruned(style):
+    """A channel shuffle (layout ops that only reorder or pick a map's channels) is rewritten as
+    one ``Gather`` of channels per map it makes (same outputs), which the analysis follows: the
+    blocks' trunk channels, which the shuffle's ``Reshape`` to five axes stopped, are pruned too,
+    and the pruned model's Gathers pick the kept channels."""
+    model = shufflenet_v2(style)
+    x = calib_for(model, 96)
+    folded = copy.deepcopy(model)
+    constants_to_initializers(folded)
+    assert fold_channel_shuffles(folded) == (2 if style == "torchvision" else 4)
+    onnx.checker.check_model(folded, full_check=True)
+    assert not any(n.op_type in ("Reshape", "Transpose") for n in folded.graph.node)
+    assert np.array_equal(run(folded, x[:1])[0], run(model, x[:1])[0])
+    prunable_before = sum(grp.prunable for grp in analyse_at(model, (1, 3, 16, 16))[1])
+    result = onnxprune.prune(model, x, speedup=1.5, measure_latency=False, allocation="uniform")
+    check_pruned(result.model, model, x[:32] if style == "torchvision" else x[:1], max_rel_err=0.5)
+    picked = [numpy_len(result.model, n.input[1]) for n in result.model.graph.node if n.op_type == "Gather"]
+    assert len(picked) == (2 if style == "torchvision" else 4) and sum(picked) < 32  # 32 before: trunk channels went
+    assert sum(grp.channels_after < grp.channels_before for grp in result.report.groups) > prunable_before
+
+
+def numpy_len(model: onnx.ModelProto, name: str) -> int:
+    return next(len(onnx.numpy_helper.to_array(t)) for t in model.graph.initializer if t.name == name)
+
+
+def test_layout_ops_that_are_not_a_channel_shuffle_stay():
+    """A pixel shuffle (channels into positions), a flatten before a classifier, and a shuffle
+    whose inner tensor is read elsewhere are not channel selections: nothing is rewritten."""
+    b = Builder(in_shape=(1, 3, 8, 8))
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    t = b.node("Transpose", [b.node("Reshape", [x, b.const(i64(1, 4, 2, 2, 8, 8))])], perm=[0, 1, 4, 2, 5, 3])
+    up = b.node("Relu", [b.conv(b.node("Reshape", [t, b.const(i64(1, 4, 16, 16))]), 4, 8)])
+    inner = b.node("Reshape", [up, b.const(i64(1, 2, 4, 16, 16))])
+    shuffled = b.node("Reshape", [b.node("Transpose", [inner], perm=[0, 2, 1, 3, 4]), b.const(i64(1, 8, 16, 16))])
+    flat = b.node("Reshape", [b.node("Relu", [b.conv(shuffled, 8, 4, stride=4)]), b.const(i64(1, 64))])
+    model = b.build(b.gemm(flat, 64, 5))
+    model.graph.output.append(onnx.helper.make_tensor_value_info(inner, onnx.TensorProto.FLOAT, None))
+    work = copy.deepcopy(model)
+    constants_to_initializers(work)
+    assert fold_channel_shuffles(work) == 0
+    assert [n.op_type for n in work.graph.node] == [n.op_type for n in model.graph.node]

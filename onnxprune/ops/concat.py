@@ -1,4 +1,5 @@
-"""Concat, Split and Slice on the channel axis: channels are joined or cut into consecutive ranges.
+"""Concat, Split, Slice and Gather on the channel axis: channels are joined, cut into consecutive
+ranges or selected.
 
 Split sizes and Slice bounds may be constants or computed from the channel count (``Shape``
 arithmetic, see :mod:`.shapes`); either way they are rewritten as constants when channels go.
@@ -139,6 +140,50 @@ class Slice(Handler):
             bounds = np.array(np.atleast_1d(fold_channel_ints(g, node.input[index])))
             bounds[axes.index(axis)] = value
             g.set_const(node, index, bounds)
+
+
+@register("Gather")
+class Gather(Handler):
+    """Gather on the channel axis with constant indices, each channel at most once (a channel
+    shuffle's halves, as :func:`~onnxprune.fold.fold_channel_shuffles` writes them): the output's
+    channels are the input's at those indices, which are rewritten when channels go. Anything
+    else is a barrier."""
+
+    any_axis = True
+
+    def output_axis(self, node, g, axis):
+        rank = len(g.shape(node.input[0]) or ())
+        return axis if rank >= 2 and attr(node, "axis", 0) % rank == axis else None  # else not followed
+
+    def input_axis(self, node, g, axis):
+        return self.output_axis(node, g, axis)
+
+    def _indices(self, node, g) -> np.ndarray | None:
+        data = node.input[0]
+        channels = g.channels(data)
+        if len(node.input) < 2 or g.is_const(data) or channels is None or g.shape(data) is None \
+                or not _is_channel_axis(attr(node, "axis", 0), data, g):
+            return None
+        indices = g.input_const(node, 1)
+        if indices is None or indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+            return None
+        indices = np.where(indices < 0, indices + channels, indices).astype(np.int64)
+        if ((indices < 0) | (indices >= channels)).any() or len(np.unique(indices)) != len(indices):
+            return None
+        return indices
+
+    def rule(self, node, g):
+        indices = self._indices(node, g)
+        if indices is None or g.channels(node.output[0]) != len(indices):
+            return None
+        return ChannelRule(selects=[(node.input[0], node.output[0], indices)])
+
+    def prune_through(self, node, keep, g):
+        indices = self._indices(node, g)
+        position = np.full(g.channels(node.input[0]), -1, dtype=np.int64)
+        position[keep] = np.arange(len(keep))
+        moved = position[indices]
+        g.set_const(node, 1, moved[moved >= 0])
 
 
 def _opset(g) -> int:
