@@ -311,7 +311,7 @@ def _shuffle_region(g: GraphView, start: str, shape: tuple[int, ...]) -> dict[st
             inside.add(id(node))
             try:
                 out = _move(node, g, values[tensor])
-            except (ValueError, IndexError):
+            except (ValueError, IndexError, TypeError):  # parameters that do not fit the map: no shuffle
                 return None
             name = node.output[0]
             values[name] = out
