@@ -251,7 +251,6 @@ def _spatial_pads(pad: onnx.NodeProto, g: GraphView, values: ShapeValues,
     return known[2:half] + known[half + 2:]
 
 
-
 # Ops a channel shuffle is spelled with: they move elements, their other inputs constant.
 _SHUFFLE_OPS = {"Reshape", "Transpose", "Gather", "Squeeze", "Unsqueeze", "Identity"}
 SHUFFLE_MAX_VALUES = 1 << 22  # the map a shuffle is run on, as element indices, holds at most this many
@@ -263,9 +262,11 @@ def fold_channel_shuffles(model: onnx.ModelProto) -> int:
     region of layout ops with constant parameters (``Reshape``, ``Transpose``, ``Gather``,
     ``Squeeze``, ``Unsqueeze``) from a ``[N, C, H, W]`` map to maps ``[N, C', H, W]`` that each hold
     some of its channels, each at most once, at the same positions: ShuffleNetV2's
-    ``view → transpose → view`` (torchvision) or its halves taken by ``Gather`` (the original
-    release, YOLO-FastestV2). The region is run on the map's element indices themselves, so any
-    spelling folds and nothing else does. Returns how many maps were rewritten."""
+    ``view → transpose → view`` (YOLOv8-lite's backbone) or its halves taken by ``Gather`` (the
+    original release, YOLO-FastestV2). The region is run on the map's element indices themselves,
+    so any spelling folds and nothing else does. Targets computed at run time (torchvision's
+    ``x.view(x.size(0), …)`` exported as ``Shape`` arithmetic) are not followed: such a shuffle
+    stays. Returns how many maps were rewritten."""
     if not any(n.op_type == "Reshape" for n in model.graph.node):
         return 0
     shapes, static = _declared_shapes(model)
