@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from .graphview import GraphView, attr, set_attr
 from .ops import handler_for
-from .ops.shapes import ShapeValues
+from .ops.shapes import ShapeValues, is_channel_dim
 from .rewrite import drop_dead_nodes
 
 
@@ -256,29 +256,29 @@ _SHUFFLE_OPS = {"Reshape", "Transpose", "Gather", "Squeeze", "Unsqueeze", "Ident
 SHUFFLE_MAX_VALUES = 1 << 22  # the map a shuffle is run on, as element indices, holds at most this many
 
 
-def fold_channel_shuffles(model: onnx.ModelProto) -> int:
+def fold_channel_shuffles(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
     """Rewrite every channel shuffle as one ``Gather`` of channels per map it makes, which the
     channel analysis follows (the shuffle's ``Reshape`` to more axes would stop it). A shuffle is a
-    region of layout ops with constant parameters (``Reshape``, ``Transpose``, ``Gather``,
-    ``Squeeze``, ``Unsqueeze``) from a ``[N, C, H, W]`` map to maps ``[N, C', H, W]`` that each hold
-    some of its channels, each at most once, at the same positions: ShuffleNetV2's
-    ``view → transpose → view`` (YOLOv8-lite's backbone) or its halves taken by ``Gather`` (the
-    original release, YOLO-FastestV2). The region is run on the map's element indices themselves,
-    so any spelling folds and nothing else does. Targets computed at run time (torchvision's
-    ``x.view(x.size(0), …)`` exported as ``Shape`` arithmetic) are not followed: such a shuffle
-    stays. Returns how many maps were rewritten."""
+    region of layout ops (``Reshape``, ``Transpose``, ``Gather``, ``Squeeze``, ``Unsqueeze``) from a
+    ``[N, C, H, W]`` map to maps ``[N, C', H, W]`` that each hold some of its channels, each at most
+    once, at the same positions: ShuffleNetV2's ``view → transpose → view`` (torchvision,
+    YOLOv8-lite's backbone) or its halves taken by ``Gather`` (the original release,
+    YOLO-FastestV2). The region is run on the map's element indices at ``shapes`` (measured), so
+    any spelling folds and nothing else does. Its parameters are constants, except a ``Reshape``
+    target computed at run time whose every entry is a constant, a copy of a dim (``x.size(0)``)
+    or computed from channel counts alone (``x.size(1) // 2``): such a target follows the batch
+    and the positions, and the channels it moves are the same at every size. Returns how many
+    maps were rewritten."""
     if not any(n.op_type == "Reshape" for n in model.graph.node):
         return 0
-    shapes, static = _declared_shapes(model)
     g = GraphView(model, shapes)
+    values = ShapeValues(g)
     rewrites: list[tuple[str, str, np.ndarray]] = []  # (map made, map it selects from, channels)
     for start in dict.fromkeys(n.input[0] for n in g.nodes_by_type("Reshape") if n.input and n.input[0]):
         shape = g.shape(start)
-        # channels and positions fixed (the batch may vary: the shuffle is run at the declared one)
-        if shape is None or len(shape) != 4 or g.is_const(start) or int(np.prod(shape)) > SHUFFLE_MAX_VALUES or \
-                not all((start, axis) in static for axis in (1, 2, 3)):
+        if shape is None or len(shape) != 4 or g.is_const(start) or int(np.prod(shape)) > SHUFFLE_MAX_VALUES:
             continue
-        found = _shuffle_region(g, start, shape)
+        found = _shuffle_region(g, values, start, shape)
         rewrites += [(end, start, channels) for end, channels in (found or {}).items()]
     for end, start, channels in rewrites:
         node = g.producer[end]
@@ -287,35 +287,37 @@ def fold_channel_shuffles(model: onnx.ModelProto) -> int:
         node.input.extend([start, ""])
         node.attribute.append(onnx.helper.make_attribute("axis", 1))
         g.set_const(node, 1, channels)
-    if rewrites:  # the shuffles' other ops go, unless something else reads them
+    if rewrites:  # the shuffles' other ops go (their shape arithmetic too), unless something else reads them
         drop_dead_nodes(model)
         GraphView(model).drop_unused_initializers()
     return len(rewrites)
 
 
-def _shuffle_region(g: GraphView, start: str, shape: tuple[int, ...]) -> dict[str, np.ndarray] | None:
+def _shuffle_region(g: GraphView, values: ShapeValues, start: str,
+                    shape: tuple[int, ...]) -> dict[str, np.ndarray] | None:
     """The maps a shuffle makes from ``start`` (read only through :data:`_SHUFFLE_OPS` with
-    constant parameters, to maps ``[N, C', H, W]`` that something else reads), each with the
-    channels of ``start`` it holds; None where ``start`` is not read that way."""
+    parameters :func:`_layout_params` knows, to maps ``[N, C', H, W]`` that something else reads),
+    each with the channels of ``start`` it holds; None where ``start`` is not read that way."""
     n, c, h, w = shape
-    values = {start: np.arange(n * c * h * w, dtype=np.int64).reshape(shape)}
+    maps = {start: np.arange(n * c * h * w, dtype=np.int64).reshape(shape)}
     ends: dict[str, np.ndarray] = {}
     stack, inside = [start], set()
     while stack:
         tensor = stack.pop()
         for node in g.consumers.get(tensor, []):
-            if node.op_type not in _SHUFFLE_OPS or node.domain not in ("", "ai.onnx") or node.input[0] != tensor \
-                    or any(i and not g.is_const(i) for i in node.input[1:]) or id(node) in inside:
+            params = _layout_params(node, g, values) if node.op_type in _SHUFFLE_OPS and node.input[0] == tensor \
+                and node.domain in ("", "ai.onnx") and id(node) not in inside else None
+            if params is None:
                 if tensor != start:
                     return None  # a shuffle's inner tensor read by something else
                 continue
             inside.add(id(node))
             try:
-                out = _move(node, g, values[tensor])
+                out = _move(node, maps[tensor], params)
             except (ValueError, IndexError, TypeError):  # parameters that do not fit the map: no shuffle
                 return None
             name = node.output[0]
-            values[name] = out
+            maps[name] = out
             if out.ndim == 4 and out.shape[0] == n and out.shape[2:] == (h, w):
                 ends[name] = out
             else:
@@ -337,8 +339,29 @@ def _shuffle_region(g: GraphView, start: str, shape: tuple[int, ...]) -> dict[st
     return found or None
 
 
-def _move(node: onnx.NodeProto, g: GraphView, x: np.ndarray) -> np.ndarray:
-    """What a layout op makes of ``x`` (its other inputs constants)."""
+def _layout_params(node: onnx.NodeProto, g: GraphView, values: ShapeValues) -> np.ndarray | None:
+    """A layout op's parameters as :func:`_move` takes them (a ``Reshape`` target, ``Gather``
+    indices, ``Squeeze`` / ``Unsqueeze`` axes; empty for ``Transpose`` and ``Identity``), where the
+    graph fixes them (see :func:`fold_channel_shuffles`); else None."""
+    rest = [i for i in node.input[1:] if i]
+    if node.op_type == "Reshape" and rest and not g.is_const(rest[0]):
+        entries = values.of(rest[0])
+        if entries is None or entries.ndim != 1 or not all(
+                e.value is not None and (e.constant or e.exact is not None or all(is_channel_dim(g, d) for d in e.dims))
+                for e in entries.flat):
+            return None
+        return np.array([int(e.value) for e in entries.flat], dtype=np.int64)
+    if any(not g.is_const(i) for i in rest):
+        return None
+    if rest:
+        return np.asarray(g.const(rest[0])).astype(np.int64)
+    if node.op_type in ("Reshape", "Gather"):
+        return None
+    return np.asarray(attr(node, "axes") or [], dtype=np.int64)
+
+
+def _move(node: onnx.NodeProto, x: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """What a layout op makes of ``x``, given its :func:`_layout_params`."""
     op = node.op_type
     if op == "Identity":
         return x
@@ -346,15 +369,13 @@ def _move(node: onnx.NodeProto, g: GraphView, x: np.ndarray) -> np.ndarray:
         perm = attr(node, "perm")
         return np.transpose(x, perm if perm is not None else None)
     if op == "Gather":
-        return np.take(x, g.const(node.input[1]).astype(np.int64), axis=attr(node, "axis", 0))
+        return np.take(x, params, axis=attr(node, "axis", 0))
     if op == "Reshape":
-        target = [int(v) for v in g.const(node.input[1])]
+        target = [int(v) for v in params]
         if not attr(node, "allowzero", 0):
             target = [x.shape[i] if v == 0 else v for i, v in enumerate(target)]
         return x.reshape(target)
-    axes = attr(node, "axes")
-    if axes is None and len(node.input) > 1 and node.input[1]:
-        axes = [int(v) for v in g.const(node.input[1])]
+    axes = [int(a) for a in params]
     if op == "Squeeze":
         return np.squeeze(x, axis=tuple(axes)) if axes else np.squeeze(x)
     out = x

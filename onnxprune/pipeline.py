@@ -103,7 +103,6 @@ class Pruner:
             self.bn_scales: dict[str, np.ndarray] = {}
             self.folded = fold_batchnorm(self.work, self.bn_scales)
             fold_pads(self.work)
-            fold_channel_shuffles(self.work)
             self.cal, self.fit_idx, self.hold_idx, self.mixtures = self._calibration(calib, image_options)
             self._settle_batch()
         if opts.method is Method.STRIPE:  # kernel positions of filters, not channels: its own pipeline
@@ -154,6 +153,7 @@ class Pruner:
             self.original = with_batch_axis(self.original, self.cal.unbatched)
             self.work = with_batch_axis(self.work, self.cal.unbatched)
         self.shapes = tensor_shapes(self.work, self.cal)
+        fold_channel_shuffles(self.work, self.shapes)  # at the measured shapes; the maps it makes keep theirs
         if self.opts.needs_data:
             check_batch_axis(self.work, self.shapes)
         dynamic = static_batch(self.work) is None and len(self.cal) >= 2  # one sample tells nothing

@@ -1064,10 +1064,10 @@ def test_a_pad_a_subgraph_also_reads_is_not_folded():
 
 def shufflenet_v2(style: str) -> onnx.ModelProto:
     """A ShuffleNetV2 stem, a stride-2 block and two stride-1 blocks whose input is shuffled and
-    halved: torchvision's ``view → transpose → view`` then ``chunk`` (a ``Split``), or the original
-    release's ``reshape(N·C/2, 2, H·W) → permute(1, 0, 2) → reshape(2, N, C/2, H, W)`` and ``x[0]``,
+    halved: torchvision's ``view → transpose → view`` then ``chunk`` (a ``Split``; its targets
+    constant, or computed from ``x.size()`` as torch exports them), or the original release's ``reshape(N·C/2, 2, H·W) → permute(1, 0, 2) → reshape(2, N, C/2, H, W)`` and ``x[0]``,
     ``x[1]`` (``Gather``s on axis 0, batch 1: YOLO-FastestV2's export)."""
-    batch = "N" if style == "torchvision" else 1
+    batch = 1 if style == "original" else "N"
     b = Builder(in_shape=(batch, 3, 16, 16))
     x = b.node("Relu", [b.conv("input", 3, 16, stride=2)])  # 16 × 8 × 8
     proj = b.node("Relu", [b.conv(b.conv(x, 16, 16, stride=2, group=16), 16, 8, k=1, pad=0)])
@@ -1075,10 +1075,18 @@ def shufflenet_v2(style: str) -> onnx.ModelProto:
     main = b.node("Relu", [b.conv(b.conv(main, 8, 8, stride=2, group=8), 8, 8, k=1, pad=0)])
     y = b.node("Concat", [proj, main], axis=1)  # 16 × 4 × 4
     for _ in range(2):
-        if style == "torchvision":
-            t = b.node("Transpose", [b.node("Reshape", [y, b.const(i64(-1, 2, 8, 4, 4))])], perm=[0, 2, 1, 3, 4])
-            kept, branch = b.node("Split", [b.node("Reshape", [t, b.const(i64(-1, 16, 4, 4))]), b.const(i64(8, 8))],
-                                  n_out=2, axis=1)
+        if style.startswith("torchvision"):
+            if style == "torchvision":
+                grouped, flat = b.const(i64(-1, 2, 8, 4, 4)), b.const(i64(-1, 16, 4, 4))
+            else:  # batchsize, num_channels, height, width = x.size(), as torch exports it
+                shape = b.node("Shape", [y])
+                n, c, h, w = (b.node("Unsqueeze", [b.node("Gather", [shape, b.const(np.array(i))], axis=0),
+                                                   b.const(i64(0))]) for i in range(4))
+                half = b.node("Div", [c, b.const(i64(2))])
+                grouped = b.node("Concat", [n, b.const(i64(2)), half, h, w], axis=0)
+                flat = b.node("Concat", [n, b.const(i64(-1)), h, w], axis=0)
+            t = b.node("Transpose", [b.node("Reshape", [y, grouped])], perm=[0, 2, 1, 3, 4])
+            kept, branch = b.node("Split", [b.node("Reshape", [t, flat]), b.const(i64(8, 8))], n_out=2, axis=1)
         else:
             t = b.node("Transpose", [b.node("Reshape", [y, b.const(i64(8, 2, 16))])], perm=[1, 0, 2])
             t = b.node("Reshape", [t, b.const(i64(2, -1, 8, 4, 4))])
@@ -1089,7 +1097,7 @@ def shufflenet_v2(style: str) -> onnx.ModelProto:
     return head(b, y, 16)
 
 
-@pytest.mark.parametrize("style", ["torchvision", "original"])
+@pytest.mark.parametrize("style", ["torchvision", "torchvision, sizes at run time", "original"])
 def test_channel_shuffles_become_channel_gathers_and_the_trunk_is_pruned(style):
     """A channel shuffle (layout ops that only reorder or pick a map's channels) is rewritten as
     one ``Gather`` of channels per map it makes (same outputs), which the analysis follows: the
@@ -1099,15 +1107,15 @@ def test_channel_shuffles_become_channel_gathers_and_the_trunk_is_pruned(style):
     x = calib_for(model, 96)
     folded = copy.deepcopy(model)
     constants_to_initializers(folded)
-    assert fold_channel_shuffles(folded) == (2 if style == "torchvision" else 4)
+    assert fold_channel_shuffles(folded, analyse_at(folded, (1, 3, 16, 16))[0].shapes) == (4 if style == "original" else 2)
     onnx.checker.check_model(folded, full_check=True)
-    assert not any(n.op_type in ("Reshape", "Transpose") for n in folded.graph.node)
+    assert not any(n.op_type in ("Reshape", "Transpose", "Shape") for n in folded.graph.node)
     assert np.array_equal(run(folded, x[:1])[0], run(model, x[:1])[0])
     prunable_before = sum(grp.prunable for grp in analyse_at(model, (1, 3, 16, 16))[1])
     result = onnxprune.prune(model, x, speedup=1.5, measure_latency=False, allocation="uniform")
-    check_pruned(result.model, model, x[:32] if style == "torchvision" else x[:1], max_rel_err=0.5)
+    check_pruned(result.model, model, x[:1] if style == "original" else x[:32], max_rel_err=0.5)
     picked = [numpy_len(result.model, n.input[1]) for n in result.model.graph.node if n.op_type == "Gather"]
-    assert len(picked) == (2 if style == "torchvision" else 4) and sum(picked) < 32  # 32 before: trunk channels went
+    assert len(picked) == (4 if style == "original" else 2) and sum(picked) < 32  # 32 before: trunk channels went
     assert sum(grp.channels_after < grp.channels_before for grp in result.report.groups) > prunable_before
 
 
@@ -1129,5 +1137,5 @@ def test_layout_ops_that_are_not_a_channel_shuffle_stay():
     model.graph.output.append(onnx.helper.make_tensor_value_info(inner, onnx.TensorProto.FLOAT, None))
     work = copy.deepcopy(model)
     constants_to_initializers(work)
-    assert fold_channel_shuffles(work) == 0
+    assert fold_channel_shuffles(work, analyse_at(work)[0].shapes) == 0
     assert [n.op_type for n in work.graph.node] == [n.op_type for n in model.graph.node]
