@@ -11,6 +11,9 @@ This script produces the reference models used by onnxprune's examples and tests
 * ``mobilenet_fmnist.onnx`` - MobileNetV2/V3-style network: inverted-residual blocks
   (expand 1x1, depthwise 3x3, squeeze-excite with a Hardsigmoid gate, linear project 1x1),
   ReLU6 then Hardswish activations, BN folded into Conv by the exporter.
+* ``shufflenet_fmnist.onnx`` (with ``--only shufflenet`` only; not shipped) - ShuffleNetV2-style
+  network with torchvision's blocks and channel shuffle (``x.size()``, exported as run-time shape
+  arithmetic), for measuring pruning through channel shuffles (docs/benchmarks.md).
 * ``fmnist_calib.npy``   - 512 normalised training images (seeded random choice),
   float32 ``[512, 1, 28, 28]``, for calibration / activation statistics.
 * ``fmnist_calib_2k.npz`` - 2048 normalised training images (another seeded choice),
@@ -34,6 +37,7 @@ Example::
     python tools/train_fashion_mnist.py --out-dir models
     python tools/train_fashion_mnist.py --only resnet --epochs 12
     python tools/train_fashion_mnist.py --only mobilenet --epochs 15 --no-data-files
+    python tools/train_fashion_mnist.py --only shufflenet --out-dir /tmp/shf --no-data-files
 """
 
 from __future__ import annotations
@@ -255,8 +259,62 @@ class MobileNetFMnist(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
+def channel_shuffle(x, groups: int):
+    """torchvision's: its sizes read with ``x.size()``, which the exporter computes at run time."""
+    batch, channels, height, width = x.size()
+    x = x.view(batch, groups, channels // groups, height, width)
+    return torch.transpose(x, 1, 2).contiguous().view(batch, -1, height, width)
+
+
+class ShuffleBlock(nn.Module):
+    """torchvision's ShuffleNetV2 block: stride 2 runs both branches on the whole input, stride 1
+    passes one half through and runs the other; the two halves are then shuffled."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        half = cout // 2
+        self.stride = stride
+        if stride == 2:
+            self.branch1 = nn.Sequential(nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                                         nn.Conv2d(cin, half, 1, bias=False), nn.BatchNorm2d(half),
+                                         nn.ReLU(inplace=True))
+        inner = cin if stride == 2 else half
+        self.branch2 = nn.Sequential(nn.Conv2d(inner, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+                                     nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+                                     nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNetFMnist(nn.Module):
+    """ShuffleNetV2-style (torchvision's blocks and channel shuffle): stem, 28 → 14 → 7 in two
+    stages of 3 and 4 blocks, 1×1 head conv. Trained on request only (``--only shufflenet``): not
+    among the shipped models."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, widths=(48, 96), repeats=(3, 4), head: int = 192):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True))
+        blocks, cin = [], 24
+        for width, repeat in zip(widths, repeats):
+            blocks += [ShuffleBlock(cin, width, 2)] + [ShuffleBlock(width, width, 1) for _ in range(repeat - 1)]
+            cin = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(cin, head, 1, bias=False), nn.BatchNorm2d(head), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(head, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.head(self.blocks(self.stem(x))).mean((2, 3)))
+
+
 MODELS = {"vgg": ("vgg_fmnist", VGGFMnist), "resnet": ("resnet_fmnist", ResNetFMnist),
           "mobilenet": ("mobilenet_fmnist", MobileNetFMnist)}
+EXTRA_MODELS = {"shufflenet": ("shufflenet_fmnist", ShuffleNetFMnist)}  # --only trains these; not shipped
 
 
 # --------------------------------------------------------------------------- training
@@ -430,7 +488,7 @@ def main(argv=None) -> int:
                    help="epochs per model (default: 10)")
     p.add_argument("--out-dir", default="models")
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
-    p.add_argument("--only", choices=sorted(MODELS), default=None, help="train only one model")
+    p.add_argument("--only", choices=sorted({**MODELS, **EXTRA_MODELS}), default=None, help="train only one model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
@@ -470,7 +528,7 @@ def main(argv=None) -> int:
 
     results = {}
     for key in ([args.only] if args.only else list(MODELS)):
-        name, cls = MODELS[key]
+        name, cls = {**MODELS, **EXTRA_MODELS}[key]
         set_seeds(args.seed)
         model = cls()
         epochs = args.epochs if args.epochs is not None else 10
