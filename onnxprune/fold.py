@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from .graphview import GraphView, attr, set_attr
 from .ops import handler_for
-from .ops.shapes import ShapeValues, is_channel_dim
+from .ops.shapes import MOVE_OPS, ShapeValues, is_channel_dim, move
 from .rewrite import drop_dead_nodes
 
 
@@ -251,8 +251,6 @@ def _spatial_pads(pad: onnx.NodeProto, g: GraphView, values: ShapeValues,
     return known[2:half] + known[half + 2:]
 
 
-# Ops a channel shuffle is spelled with: they move elements, their other inputs constant.
-_SHUFFLE_OPS = {"Reshape", "Transpose", "Gather", "Squeeze", "Unsqueeze", "Identity"}
 SHUFFLE_MAX_VALUES = 1 << 22  # the map a shuffle is run on, as element indices, holds at most this many
 
 
@@ -295,7 +293,7 @@ def fold_channel_shuffles(model: onnx.ModelProto, shapes: dict[str, tuple[int, .
 
 def _shuffle_region(g: GraphView, values: ShapeValues, start: str,
                     shape: tuple[int, ...]) -> dict[str, np.ndarray] | None:
-    """The maps a shuffle makes from ``start`` (read only through :data:`_SHUFFLE_OPS` with
+    """The maps a shuffle makes from ``start`` (read only through ops that move entries with
     parameters :func:`_layout_params` knows, to maps ``[N, C', H, W]`` that something else reads),
     each with the channels of ``start`` it holds; None where ``start`` is not read that way."""
     n, c, h, w = shape
@@ -305,15 +303,15 @@ def _shuffle_region(g: GraphView, values: ShapeValues, start: str,
     while stack:
         tensor = stack.pop()
         for node in g.consumers.get(tensor, []):
-            params = _layout_params(node, g, values) if node.op_type in _SHUFFLE_OPS and node.input[0] == tensor \
+            param = _layout_params(node, g, values) if node.op_type in MOVE_OPS and node.input[0] == tensor \
                 and node.domain in ("", "ai.onnx") and id(node) not in inside else None
-            if params is None:
+            if param is None:
                 if tensor != start:
                     return None  # a shuffle's inner tensor read by something else
                 continue
             inside.add(id(node))
             try:
-                out = _move(node, maps[tensor], params)
+                out = move(node, maps[tensor], param[0])
             except (ValueError, IndexError, TypeError):  # parameters that do not fit the map: no shuffle
                 return None
             name = node.output[0]
@@ -339,10 +337,10 @@ def _shuffle_region(g: GraphView, values: ShapeValues, start: str,
     return found or None
 
 
-def _layout_params(node: onnx.NodeProto, g: GraphView, values: ShapeValues) -> np.ndarray | None:
-    """A layout op's parameters as :func:`_move` takes them (a ``Reshape`` target, ``Gather``
-    indices, ``Squeeze`` / ``Unsqueeze`` axes; empty for ``Transpose`` and ``Identity``), where the
-    graph fixes them (see :func:`fold_channel_shuffles`); else None."""
+def _layout_params(node: onnx.NodeProto, g: GraphView, values: ShapeValues) -> tuple | None:
+    """A layout op's parameter as :func:`~onnxprune.ops.shapes.move` takes it (a ``Reshape``
+    target, ``Gather`` indices, ``Squeeze`` / ``Unsqueeze`` axes, None where it has none), in a
+    1-tuple, where the graph fixes it (see :func:`fold_channel_shuffles`); else None."""
     rest = [i for i in node.input[1:] if i]
     if node.op_type == "Reshape" and rest and not g.is_const(rest[0]):
         entries = values.of(rest[0])
@@ -350,35 +348,9 @@ def _layout_params(node: onnx.NodeProto, g: GraphView, values: ShapeValues) -> n
                 e.value is not None and (e.constant or e.exact is not None or all(is_channel_dim(g, d) for d in e.dims))
                 for e in entries.flat):
             return None
-        return np.array([int(e.value) for e in entries.flat], dtype=np.int64)
-    if any(not g.is_const(i) for i in rest):
+        return (np.array([int(e.value) for e in entries.flat], dtype=np.int64),)
+    if any(not g.is_const(i) for i in rest) or (not rest and node.op_type in ("Reshape", "Gather")):
         return None
     if rest:
-        return np.asarray(g.const(rest[0])).astype(np.int64)
-    if node.op_type in ("Reshape", "Gather"):
-        return None
-    return np.asarray(attr(node, "axes") or [], dtype=np.int64)
-
-
-def _move(node: onnx.NodeProto, x: np.ndarray, params: np.ndarray) -> np.ndarray:
-    """What a layout op makes of ``x``, given its :func:`_layout_params`."""
-    op = node.op_type
-    if op == "Identity":
-        return x
-    if op == "Transpose":
-        perm = attr(node, "perm")
-        return np.transpose(x, perm if perm is not None else None)
-    if op == "Gather":
-        return np.take(x, params, axis=attr(node, "axis", 0))
-    if op == "Reshape":
-        target = [int(v) for v in params]
-        if not attr(node, "allowzero", 0):
-            target = [x.shape[i] if v == 0 else v for i, v in enumerate(target)]
-        return x.reshape(target)
-    axes = [int(a) for a in params]
-    if op == "Squeeze":
-        return np.squeeze(x, axis=tuple(axes)) if axes else np.squeeze(x)
-    out = x
-    for axis in sorted(a % (x.ndim + len(axes)) for a in axes):
-        out = np.expand_dims(out, axis)
-    return out
+        return (np.asarray(g.const(rest[0])),)
+    return (attr(node, "axes") if node.op_type in ("Squeeze", "Unsqueeze") else None,)

@@ -124,8 +124,8 @@ def checked_parts(model: onnx.ModelProto) -> dict[str, str]:
 # level (YOLO: boxes, objectness, classes at three strides), while a join of hundreds of slices
 # would make as many report lines and probe outputs.
 MAX_PARTS = 64
-# Ops that move a tensor's elements without changing their values or joining others to them.
-_MOVING_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+# Layout ops that neither join nor cut: a part keeps its values through them.
+_MOVING_OPS = _LAYOUT_OPS - {"Slice", "Concat"}
 
 
 def _joined_parts(name: str, producer: dict[str, onnx.NodeProto]) -> list[str]:

@@ -91,6 +91,34 @@ def _apply(fn, elements: list[Element]) -> Element:
     return _derived(value, *elements)
 
 
+# Ops that only move a tensor's entries, given their parameters: :func:`move`.
+MOVE_OPS = ("Identity", "Gather", "Transpose", "Squeeze", "Unsqueeze", "Reshape")
+
+
+def move(node: onnx.NodeProto, data: np.ndarray, param) -> np.ndarray:
+    """What one of :data:`MOVE_OPS` makes of ``data`` (shape entries, or a map's element indices),
+    ``param`` its parameter input or attribute: ``Gather`` indices, a ``Reshape`` target, ``Squeeze``
+    / ``Unsqueeze`` axes (None: a ``Squeeze`` of every unit axis)."""
+    op = node.op_type
+    if op == "Identity":
+        return data
+    if op == "Gather":
+        return np.take(data, np.asarray(param).astype(np.int64), axis=attr(node, "axis", 0))
+    if op == "Transpose":
+        return np.transpose(data, attr(node, "perm"))
+    if op == "Squeeze":
+        return np.squeeze(data, axis=None if param is None else tuple(int(a) for a in param))
+    if op == "Unsqueeze":
+        out, rank = data, data.ndim + len(param)
+        for a in sorted(int(a) % rank for a in param):
+            out = np.expand_dims(out, a)
+        return out
+    target = [int(t) for t in param]
+    if not attr(node, "allowzero", 0):
+        target = [data.shape[i] if t == 0 else t for i, t in enumerate(target)]
+    return data.reshape(target)
+
+
 class ShapeValues:
     """Element-wise values of the small integer tensors of one graph (memoised per instance)."""
 
@@ -243,38 +271,17 @@ class ShapeValues:
         op, data = node.op_type, args[0]
         if data is None:
             return None
-        if op == "Identity":
-            return data
-        if op == "Gather":
-            idx = self.known(node.input[1])
-            return None if idx is None else np.take(data, idx.astype(np.int64), axis=attr(node, "axis", 0))
+        if op in MOVE_OPS:
+            param = attr(node, "axes")  # Squeeze / Unsqueeze before opset 13; else an input, if any
+            if param is None and len(node.input) > 1 and node.input[1]:  # indices, target, axes
+                param = self.known(node.input[1])
+                if param is None:
+                    return None
+            return move(node, data, param)
         if op == "Concat":
             if any(a is None for a in args):
                 return None
             return np.concatenate([np.atleast_1d(a) for a in args], axis=attr(node, "axis", 0))
-        if op == "Transpose":
-            return np.transpose(data, attr(node, "perm"))
-        if op in ("Unsqueeze", "Squeeze"):
-            axes = attr(node, "axes")
-            if axes is None and len(node.input) > 1 and node.input[1]:
-                axes = self.known(node.input[1])
-                if axes is None:
-                    return None
-            if op == "Squeeze":
-                return np.squeeze(data, axis=None if axes is None else tuple(int(a) for a in axes))
-            out = data
-            rank = data.ndim + len(axes)
-            for a in sorted(int(a) % rank for a in axes):
-                out = np.expand_dims(out, a)
-            return out
-        if op == "Reshape":
-            target = self.known(node.input[1])
-            if target is None:
-                return None
-            target = [int(t) for t in target]
-            if not attr(node, "allowzero", 0):
-                target = [data.shape[i] if t == 0 else t for i, t in enumerate(target)]
-            return data.reshape(target)
         if op == "Expand":
             shape = self.known(node.input[1])
             if shape is None:
