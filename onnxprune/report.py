@@ -177,6 +177,8 @@ class Report:
             iou = f", marked-region IoU {f.marked_iou:.3f}" if f.marked_iou is not None else ""
             # a probability map without enough marks for an IoU is judged by its logits' error instead
             logits = f" (of its logits {f.logit_error:.4f})" if f.logit_error is not None and not iou else ""
+            if f.sparse_iou is not None:  # too few marks to judge by alone (verify.poor_fidelity bounds it)
+                iou = f", IoU {f.sparse_iou:.3f} of the {f.sparse_marks} elements either marks"
             lines.append(f"{label(f)}: relative error {f.relative_error:.4f}{logits}{agree}{iou} ({checked_on})")
         if not self.fidelity:
             why = "no calibration data (pass --calib to check)" if not self.calibration.get("given", True) else \

@@ -43,6 +43,10 @@ class OutputFidelity:
     logit_error: float | None = None
     # the graph output a Concat joins this part into ('' where it is not such a part)
     part_of: str = ""
+    # for probability maps that mark too few elements for marked_iou: the IoU of what they mark and
+    # how many elements either map marks (what the safety net bounds it by); None where none is marked
+    sparse_iou: float | None = None
+    sparse_marks: int = 0
 
 
 # A probability map marks what lies above its sigmoid's own decision boundary (a Softmax map: what a
@@ -50,6 +54,10 @@ class OutputFidelity:
 # little fires) is too noisy to judge by.
 MARKED = 0.5
 MIN_MARKED = 100
+# Fewer marks than MIN_MARKED still show a map that lost them, where even the IoU's upper confidence
+# bound is poor; below this many marked elements (in either map) they are not read at all: a few
+# marks are one object, which one borderline score decides.
+MIN_SPARSE_MARKS = 10
 # Probabilities are clipped this far from 0 and 1 before their logits are taken: float32 Sigmoids
 # saturate to exactly 0 or 1, whose logits would be infinite (±13.8 here).
 LOGIT_CLIP = 1e-6
@@ -297,11 +305,16 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
     outputs = {o.name for o in original.graph.output}
     for n, counts in classes.items():
         acc[n][5:8] = _without_background(counts)
-    return [OutputFidelity(n, _relative(s[0], s[1]), s[2],
-                           s[3] / s[4] if s[4] else None, s[4], s[5] / s[6] if s[7] >= MIN_MARKED else None,
-                           n in outputs, _variation(s[1], *sums[n]),
-                           _relative(s[8], s[9]) if n in sigmoid_maps else None, parts[n])
-            for n, s in acc.items() if n not in left_out]
+    fidelity = []
+    for n, s in acc.items():
+        if n in left_out:
+            continue
+        enough = s[7] >= MIN_MARKED
+        fidelity.append(OutputFidelity(
+            n, _relative(s[0], s[1]), s[2], s[3] / s[4] if s[4] else None, s[4], s[5] / s[6] if enough else None,
+            n in outputs, _variation(s[1], *sums[n]), _relative(s[8], s[9]) if n in sigmoid_maps else None,
+            parts[n], s[5] / s[6] if s[6] and not enough else None, s[6] if not enough else 0))
+    return fidelity
 
 
 def _relative(err2: float, ref2: float) -> float:
@@ -372,7 +385,8 @@ def guard_loss(fidelity: list[OutputFidelity]) -> float:
 
 # What the CLI treats as a broken result when no --max-drop is given: a pruned classifier that
 # changes more than one held-out decision in ten, a probability map whose marked region overlaps
-# the original's by an IoU below one half (objects lost or made up, not edges moved), or another
+# the original's by an IoU below one half (objects lost or made up, not edges moved; where it marks
+# only a few elements, an IoU whose upper confidence bound is below one half), or another
 # output (boxes, embeddings) whose error is about a third of its own size, is not a model to hand
 # on silently. Agreement counted on a few held-out images is noisy, so it is judged by its upper
 # confidence bound.
@@ -428,6 +442,10 @@ def poor_fidelity(fidelity: list[OutputFidelity]) -> str:
         if f.marked_iou is not None and f.marked_iou < POOR_MARKED_IOU:
             return f"{label(f)} marks a region (above {MARKED:g}) overlapping the original's by IoU " \
                    f"{f.marked_iou:.2f} (below {POOR_MARKED_IOU:.2f})"
+        if (f.sparse_iou is not None and f.sparse_marks >= MIN_SPARSE_MARKS
+                and agreement_upper_bound(f.sparse_iou, f.sparse_marks) < POOR_MARKED_IOU):
+            return f"{label(f)} marks few elements (above {MARKED:g}) and overlaps the original's by IoU " \
+                   f"{f.sparse_iou:.2f} over the {f.sparse_marks} either marks (clearly below {POOR_MARKED_IOU:.2f})"
         if f.top1_agreement is None and f.marked_iou is None and judged_error(f) > POOR_RELATIVE_ERROR:
             logits = " (its logits)" if f.logit_error is not None else ""
             return f"{label(f)}{logits} is off by a relative error of {judged_error(f):.2f} " \

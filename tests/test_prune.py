@@ -344,8 +344,8 @@ def test_probability_maps_are_judged_by_the_regions_they_mark():
     from onnx import TensorProto, helper, numpy_helper
 
     from onnxprune.calib import load_calibration
-    from onnxprune.verify import (MIN_MARKED, POOR_MARKED_IOU, POOR_RELATIVE_ERROR, compare, guard_loss,
-                                  poor_fidelity, probability_outputs)
+    from onnxprune.verify import (MIN_MARKED, MIN_SPARSE_MARKS, POOR_MARKED_IOU, POOR_RELATIVE_ERROR, compare,
+                                  guard_loss, poor_fidelity, probability_outputs)
 
     def model(shift: float):
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])
@@ -387,9 +387,30 @@ def test_probability_maps_are_judged_by_the_regions_they_mark():
     assert none.marked_iou is None and none.logit_error == pytest.approx(expected, rel=0.01)
     assert none.relative_error > POOR_RELATIVE_ERROR > none.logit_error
     assert guard_loss([none]) == none.logit_error and poor_fidelity([none]) == ""
-    few, _ = judged(3.0, base=-2.5)  # it marks a few elements (< MIN_MARKED): too few for an IoU
+    few, _ = judged(3.0, base=-2.5)  # it marks a few elements (< MIN_MARKED): too few for an IoU alone
     assert np.count_nonzero(data > 2.5) < MIN_MARKED and few.marked_iou is None
-    assert few.logit_error > POOR_RELATIVE_ERROR and "(its logits) is off by a relative error" in poor_fidelity([few])
+    assert few.logit_error > POOR_RELATIVE_ERROR and guard_loss([few]) == few.logit_error
+    assert "IoU 0.00 over the" in poor_fidelity([few])  # hundreds of elements marked that the original does not
+    # a few marks (MIN_SPARSE_MARKS or more, fewer than MIN_MARKED) on a strongly negative background, all
+    # lost while the background holds: the logits' error is the background's, the IoU's upper
+    # confidence bound shows the loss
+    def sparse(spikes: int):
+        rng = np.random.default_rng(1)
+        z = (rng.normal(size=(16, 1, 8, 8)) * 0.5 - 10.0).astype(np.float32)
+        z.flat[rng.choice(z.size, spikes, replace=False)] = 1.0
+        return load_calibration(z, model(0.0))
+
+    def judged_sparse(shift: float, spikes: int):
+        return {f.name: f for f in compare(model(0.0), model(shift), sparse(spikes), np.arange(16))}["prob"]
+
+    gone = judged_sparse(-1.5, 20)
+    assert MIN_SPARSE_MARKS <= 20 < MIN_MARKED
+    assert gone.marked_iou is None and gone.sparse_iou == 0.0 and gone.sparse_marks == 20
+    assert gone.logit_error < POOR_RELATIVE_ERROR and "marks few elements" in poor_fidelity([gone])
+    kept = judged_sparse(-0.3, 20)  # the same few marks, all kept
+    assert kept.sparse_iou == 1.0 and poor_fidelity([kept]) == ""
+    single = judged_sparse(-1.5, MIN_SPARSE_MARKS - 1)  # fewer: one object, which one borderline score decides
+    assert single.sparse_iou == 0.0 and poor_fidelity([single]) == ""
 
 
 def test_softmax_score_maps_are_judged_by_the_regions_their_classes_win():
