@@ -443,9 +443,9 @@ def poor_fidelity(fidelity: list[OutputFidelity]) -> str:
             return f"{label(f)} marks a region (above {MARKED:g}) overlapping the original's by IoU " \
                    f"{f.marked_iou:.2f} (below {POOR_MARKED_IOU:.2f})"
         if (f.sparse_iou is not None and f.sparse_marks >= MIN_SPARSE_MARKS
-                and agreement_upper_bound(f.sparse_iou, f.sparse_marks) < POOR_MARKED_IOU):
-            return f"{label(f)} marks few elements (above {MARKED:g}) and overlaps the original's by IoU " \
-                   f"{f.sparse_iou:.2f} over the {f.sparse_marks} either marks (clearly below {POOR_MARKED_IOU:.2f})"
+                and _wilson(f.sparse_iou, f.sparse_marks, +1) < POOR_MARKED_IOU):
+            return f"{label(f)} overlaps the original's few marks (above {MARKED:g}) by IoU {f.sparse_iou:.2f} " \
+                   f"over the {f.sparse_marks} elements either marks (clearly below {POOR_MARKED_IOU:.2f})"
         if f.top1_agreement is None and f.marked_iou is None and judged_error(f) > POOR_RELATIVE_ERROR:
             logits = " (its logits)" if f.logit_error is not None else ""
             return f"{label(f)}{logits} is off by a relative error of {judged_error(f):.2f} " \

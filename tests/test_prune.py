@@ -406,7 +406,7 @@ def test_probability_maps_are_judged_by_the_regions_they_mark():
     gone = judged_sparse(-1.5, 20)
     assert MIN_SPARSE_MARKS <= 20 < MIN_MARKED
     assert gone.marked_iou is None and gone.sparse_iou == 0.0 and gone.sparse_marks == 20
-    assert gone.logit_error < POOR_RELATIVE_ERROR and "marks few elements" in poor_fidelity([gone])
+    assert gone.logit_error < POOR_RELATIVE_ERROR and "the original's few marks" in poor_fidelity([gone])
     kept = judged_sparse(-0.3, 20)  # the same few marks, all kept
     assert kept.sparse_iou == 1.0 and poor_fidelity([kept]) == ""
     single = judged_sparse(-1.5, MIN_SPARSE_MARKS - 1)  # fewer: one object, which one borderline score decides
