@@ -91,6 +91,20 @@ class ChannelGroup:
         """The group's widths are multiples of this: its conv groups (equal runs or whole ones)."""
         return math.lcm(self.segments, self.conv_group)
 
+    def cells(self) -> list[np.ndarray]:
+        """The group's channels (positions among its atoms) parted by which groups hold them: a
+        Split or channel Gather after it gives its parts different ones. The cost model takes
+        every group holding them to keep the owner's share of its atoms; a selection that keeps
+        that share in each cell makes it so. One cell where every group holds all of them."""
+        held = [np.isin(self.atoms, site.atoms) for site in self.sites if site is not self]
+        held = [h for h in held if not h.all()]
+        if not held:
+            return [np.arange(len(self.atoms))]
+        _, cell_of = np.unique(np.stack(held, axis=1), axis=0, return_inverse=True)
+        cell_of = cell_of.ravel()
+        firsts = sorted(range(cell_of.max() + 1), key=lambda c: int(np.argmax(cell_of == c)))
+        return [np.flatnonzero(cell_of == c) for c in firsts]
+
     @property
     def coupled(self) -> bool:
         """True when branches from several producers are summed (a residual join).

@@ -1119,6 +1119,27 @@ def test_channel_shuffles_become_channel_gathers_and_the_trunk_is_pruned(style):
     assert sum(grp.channels_after < grp.channels_before for grp in result.report.groups) > prunable_before
 
 
+@pytest.mark.parametrize("method", ["lasso", "obs", "l1"])
+def test_split_parts_keep_their_share_and_the_macs_estimate_holds(method):
+    """A unit whose channels a shuffle and a Split spread over several groups keeps each part's
+    share of its width, so the MACs the allocation planned are the pruned model's own: one
+    pruning, no second one to a raised target."""
+    from onnxprune.options import PruneOptions
+    from onnxprune.pipeline import Pruner
+    from onnxprune.summary import model_macs
+
+    model = shufflenet_v2("torchvision")
+    x = calib_for(model, 96)
+    pruner = Pruner(model, x, PruneOptions(speedup=1.7, method=method, measure_latency=False, progress=False))
+    spread = [grp for grp in pruner.candidates if len(grp.cells()) > 1]
+    assert spread  # the blocks' branch outputs: half shuffled into the next branch, half passed on
+    plan = pruner.allocate()
+    pruned = pruner.prune(plan)
+    macs = model_macs(pruned.model, pruner.cal)
+    assert macs == pytest.approx(pruner.cost.macs(plan.widths), rel=1e-9) and pruner.cost.total / macs >= 1.7
+    check_pruned(pruned.model, model, x[:32], max_rel_err=0.5)
+
+
 def numpy_len(model: onnx.ModelProto, name: str) -> int:
     return next(len(onnx.numpy_helper.to_array(t)) for t in model.graph.initializer if t.name == name)
 
