@@ -7,6 +7,7 @@ batches by index, checked against the model's inputs before any work starts.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +39,16 @@ class Color(str, enum.Enum):
 
 @dataclass(frozen=True)
 class ImageOptions:
-    """How a folder of images becomes model input: resize, [0,1] scale, mean/std, layout."""
+    """How a folder of images becomes model input: resize, [0,1] scale, mean/std, layout; and
+    ``fixed``, the values of inputs the calibration data does not feed (an exposure, a Paddle
+    detector's ``scale_factor``), the same in every sample: (input name, its values) pairs."""
 
     size: tuple[int, int] | None = None
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     layout: Layout | None = None
     color: Color | None = None
+    fixed: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -229,7 +233,10 @@ def _arrays_from_path(path: Path, inputs: list[ModelInput], opts: ImageOptions) 
         return merged
     if images:
         if len(inputs) != 1:
-            raise CalibrationError("an image folder can only feed a single-input model; use .npz with one array per input")
+            others = ", ".join(f"{i.name} {format_shape(i.shape)}" for i in inputs)
+            raise CalibrationError(f"an image folder feeds one input, but the model takes {len(inputs)} ({others}); "
+                                   "give the others a value with --fixed-input NAME=VALUE, or use .npz with one "
+                                   "array per input")
         filled = _image_options(inputs[0], opts)
         return {inputs[0].name: _LazyImages(images, filled, inputs[0].dtype)}
     raise CalibrationError(f"calibration folder '{path}' holds no .npy/.npz files or images")
@@ -391,20 +398,63 @@ def load_calibration(source, model: onnx.ModelProto, image_options: ImageOptions
     opts = image_options or ImageOptions()
     if isinstance(source, Calibration):
         return source
+    fixed = _fixed_samples(opts.fixed, inputs)
+    fed = [i for i in inputs if i.name not in fixed]
     if isinstance(source, (str, Path)):
-        arrays = _arrays_from_path(Path(source), inputs, opts)
+        arrays = _arrays_from_path(Path(source), fed, opts)
     elif isinstance(source, np.ndarray):
-        arrays = _single(inputs, source, Path("<array>"))
+        arrays = _single(fed, source, Path("<array>"))
     elif isinstance(source, dict) and all(isinstance(v, np.ndarray) for v in source.values()):
-        arrays = _match_npz(source, inputs, Path("<dict>"))
+        arrays = _match_npz({k: v for k, v in source.items() if k not in fixed}, fed, Path("<dict>"))
     else:
-        arrays = _from_reader(source, inputs)
+        arrays = _from_reader(source, fed)
+    count = len(next(iter(arrays.values())))
+    arrays.update({name: np.broadcast_to(sample, (count, *sample.shape)) for name, sample in fixed.items()})
     arrays = _validate(arrays, inputs)
     stacked = frozenset(i.name for i in inputs if (takes_one_image(i) if isinstance(arrays[i.name], _LazyImages)
                                                     else unbatched(arrays[i.name], i)))
     arrays = {k: (_Cast(v, i.dtype) if not isinstance(v, _LazyImages) and v.dtype != i.dtype else v)
               for (k, v), i in zip(arrays.items(), inputs)}
     return Calibration(arrays, unbatched=stacked)
+
+
+def _fixed_samples(fixed: Sequence[tuple[str, Sequence[float]]], inputs: list[ModelInput]) -> dict[str, np.ndarray]:
+    """One sample of each input ``fixed`` gives values for: its shape less the batch axis, filled
+    with one value or with as many as it holds."""
+    by_name = {i.name: i for i in inputs}
+    samples = {}
+    for name, values in fixed:
+        inp = by_name.get(name)
+        if inp is None:
+            raise CalibrationError(f"--fixed-input '{name}': the model has no such input (its inputs: "
+                                   f"{', '.join(by_name)})")
+        shape = inp.shape[1:]
+        if None in shape:
+            raise CalibrationError(f"--fixed-input '{name}': its shape {format_shape(inp.shape)} has dynamic dims "
+                                   "past the batch axis; give its values in a .npz instead")
+        size = math.prod(shape)
+        if len(values) not in (1, size):
+            raise CalibrationError(f"--fixed-input '{name}': {len(values)} values do not fill one sample of "
+                                   f"{format_shape(inp.shape)} (give {'1' if size == 1 else f'1 or {size}'})")
+        samples[name] = np.broadcast_to(np.asarray(values, dtype=inp.dtype), (size,)).reshape(shape)
+    if samples and len(samples) == len(inputs):
+        raise CalibrationError("--fixed-input gives every input a value: the calibration data must feed one")
+    return samples
+
+
+def parse_fixed_inputs(specs: Sequence[str]) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """``--fixed-input`` values, ``NAME=V`` or ``NAME=V1,V2,…``, as :attr:`ImageOptions.fixed`."""
+    parsed = []
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        try:
+            numbers = tuple(float(v) for v in values.split(","))
+        except ValueError:
+            numbers = ()
+        if not sep or not name or not numbers:
+            raise OptionError(f"--fixed-input '{spec}' is not NAME=VALUE or NAME=V1,V2,… (numbers)")
+        parsed.append((name, numbers))
+    return tuple(parsed)
 
 
 def split_calibration(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,12 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 
 
-def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+def run(model: onnx.ModelProto, x: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The model's outputs on ``x``: its first input's array, or a feed of every input."""
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})
+    return sess.run(None, x if isinstance(x, dict) else {sess.get_inputs()[0].name: x})
 
 
-def check_pruned(pruned: onnx.ModelProto, original: onnx.ModelProto, x: np.ndarray, max_rel_err: float) -> float:
+def check_pruned(pruned: onnx.ModelProto, original: onnx.ModelProto, x: np.ndarray | dict[str, np.ndarray],
+                 max_rel_err: float) -> float:
     """Full checker, ORT run, same output shapes and types, relative error of the floating-point
     outputs below ``max_rel_err``."""
     onnx.checker.check_model(pruned, full_check=True)

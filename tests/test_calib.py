@@ -125,3 +125,59 @@ def test_mixtures_blend_two_fit_samples_and_leave_the_rest_alone(tmp_path):
     images, mixed = load_calibration(tmp_path, MODEL).with_mixtures(np.arange(3), 2, seed=1)
     blend = images.take(mixed)["input"]
     assert blend.shape == (2, 3, 8, 8) and np.allclose(blend, blend[:, :1, :1, :1])  # a flat grey between two
+
+
+def _image_and_gain_model():
+    """An image input and a ``gain [1]`` input scaling its features (an exposure, say)."""
+    import onnx
+    from graphs import Builder
+
+    b = Builder(in_shape=(1, 3, 8, 8))
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    x = b.node("Mul", [x, "gain"])
+    y = b.conv(b.node("Relu", [b.conv(x, 16, 16)]), 16, 3)
+    gain = onnx.helper.make_tensor_value_info("gain", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph(b.nodes, "g", [b.input, gain],
+                                   [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [1, 3, 8, 8])], b.inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_fixed_inputs_fill_what_the_images_do_not_feed(tmp_path):
+    """``--fixed-input gain=0.5``: an image folder feeds the image input and every sample takes
+    gain 0.5; the pruned model is checked on images with that gain. Without it the error names the
+    other input and the option; a wrong name, a count that does not fill a sample, or a malformed
+    value is one line each."""
+    import onnx
+    from conftest import check_pruned
+    from PIL import Image
+
+    from onnxprune.calib import parse_fixed_inputs
+    from onnxprune.cli import main
+    from onnxprune.errors import OptionError
+
+    model = _image_and_gain_model()
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    cal = load_calibration(images, model, ImageOptions(fixed=parse_fixed_inputs(["gain=0.5"])))
+    assert len(cal) == 60 and cal.take([0, 1])["gain"].tolist() == [0.5, 0.5]
+    out = tmp_path / "out.onnx"
+    assert main([str(src), "--speedup", "1.5", "--calib", str(images), "--fixed-input", "gain=0.5", "-o", str(out),
+                 "-q", "--no-latency"]) == 0
+    x = cal.take(np.arange(8))["input"]
+    feeds = [{"input": x[i:i + 1], "gain": np.array([0.5], np.float32)} for i in range(8)]
+    for feed in feeds:
+        check_pruned(onnx.load(out), model, feed, max_rel_err=0.5)
+    for fixed, msg in [((), "--fixed-input NAME=VALUE"), ((("gane", (1.0,)),), "no such input"),
+                       ((("gain", (1.0, 2.0)),), "do not fill one sample")]:
+        with pytest.raises(CalibrationError, match=msg) as info:
+            load_calibration(images, model, ImageOptions(fixed=fixed))
+        assert "\n" not in str(info.value)
+    with pytest.raises(OptionError, match="is not NAME=VALUE"):
+        parse_fixed_inputs(["gain"])
