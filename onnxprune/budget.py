@@ -252,7 +252,7 @@ def _held_by_width(groups: list[ChannelGroup]) -> dict[tuple[int, int], np.ndarr
     channels each group holding some of them keeps at every width of the owner."""
     held = {}
     for owner in groups:
-        cells = owner.cells() if owner.owner and owner.segments == 1 and owner.conv_group == 1 else []
+        cells = owner.cells() if owner.owner else []
         if len(cells) < 2:
             continue
         quotas = np.array([apportion([len(c) for c in cells], w) for w in range(owner.channels + 1)], np.float64)

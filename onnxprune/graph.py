@@ -93,13 +93,17 @@ class ChannelGroup:
 
     def cells(self) -> list[np.ndarray]:
         """The group's channels (positions among its atoms) parted by which groups hold them: a
-        Split or channel Gather after it gives its parts different ones. The cost model takes
-        every group holding them to keep the owner's share of its atoms; a selection that keeps
-        that share in each cell makes it so. One cell where every group holds all of them."""
+        Split or channel Gather after it gives its parts different ones. Each cell keeps its share
+        of the group's width (:func:`onnxprune.select.apportion`), in the selection and in the cost
+        model alike. One cell where every group holds all of them, and for a grouped Conv's
+        channels (they keep equally many per conv group, or whole groups, instead)."""
+        whole = [np.arange(len(self.atoms))]
+        if self.segments > 1 or self.conv_group > 1:
+            return whole
         held = [np.isin(self.atoms, site.atoms) for site in self.sites if site is not self]
         held = [h for h in held if not h.all()]
         if not held:
-            return [np.arange(len(self.atoms))]
+            return whole
         _, cell_of = np.unique(np.stack(held, axis=1), axis=0, return_inverse=True)
         cell_of = cell_of.ravel()
         firsts = sorted(range(cell_of.max() + 1), key=lambda c: int(np.argmax(cell_of == c)))

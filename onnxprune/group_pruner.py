@@ -109,7 +109,7 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, si
     if size > 1:  # whole conv groups, as many as come nearest keep_n channels
         return expand_channels(per_segment(choose, items, 1, max(1, int(round(keep_n / size)))), size)
     cells = grp.cells()
-    if grp.segments == 1 and len(cells) > 1:  # parts of a Split / channel Gather keep their shares
+    if len(cells) > 1:  # parts of a Split / channel Gather keep their shares
         return per_cell(choose, cells, keep_n)
     return per_segment(choose, grp.channels, grp.segments, keep_n)  # equal per group of a grouped Conv
 

@@ -88,8 +88,7 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
     kept_items = sorted({max(1, int(round(r * items))) for r in points})
     keeps = [n * size for n in kept_items]
     errors = []
-    # a Split's parts keep their shares of the unit's channels, as GroupPruner selects them
-    cells = unit.cells() if unit is not None and size == 1 and unit.segments == 1 else [np.arange(items)]
+    cells = unit.cells() if unit is not None and size == 1 else [np.arange(items)]  # a Split's parts keep their shares
     for chosen in lasso_selections_per_cell(gram, corr, kept_items, cells):
         keep = expand_channels(chosen, size)
         if selections is not None:
