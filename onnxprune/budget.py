@@ -14,7 +14,6 @@ from .graphview import GraphView, node_name
 from .io import model_bytes
 from .latency_cost import LatencyCost
 from .ops import handler_for
-from .select import apportion
 
 
 @dataclass
@@ -255,7 +254,7 @@ def _held_by_width(groups: list[ChannelGroup]) -> dict[tuple[int, int], np.ndarr
         cells = owner.cells() if owner.owner else []
         if len(cells) < 2:
             continue
-        quotas = np.array([apportion([len(c) for c in cells], w) for w in range(owner.channels + 1)], np.float64)
+        quotas = np.array([owner.cell_quotas(w) for w in range(owner.channels + 1)], np.float64)
         for site in owner.sites:
             inside = np.array([bool(np.isin(owner.atoms[c[0]], site.atoms)) for c in cells])
             if site is not owner and not inside.all():

@@ -110,7 +110,7 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, si
         return expand_channels(per_segment(choose, items, 1, max(1, int(round(keep_n / size)))), size)
     cells = grp.cells()
     if len(cells) > 1:  # parts of a Split / channel Gather keep their shares
-        return per_cell(choose, cells, keep_n)
+        return per_cell(choose, cells, grp.cell_quotas(keep_n))
     return per_segment(choose, grp.channels, grp.segments, keep_n)  # equal per group of a grouped Conv
 
 

@@ -132,10 +132,18 @@ def per_segment(select: Callable[[np.ndarray, int], np.ndarray], channels: int, 
     return np.sort(np.concatenate([run[select(run, per_run)] for run in runs]))
 
 
-def apportion(sizes: Sequence[int], keep: int) -> np.ndarray:
+def apportion(sizes: Sequence[int], keep: int, read: Sequence[bool] | None = None) -> np.ndarray:
     """How many of ``keep`` channels each of several cells of ``sizes`` channels keeps: in
-    proportion to its size (largest remainders), at least one each where ``keep`` allows."""
+    proportion to its size (largest remainders), at least one each where ``keep`` allows; cells
+    not ``read`` (no layer reads them) only once every read channel is kept."""
     sizes = np.asarray(sizes, dtype=np.int64)
+    read = np.ones(len(sizes), bool) if read is None else np.asarray(read, bool)
+    if not read.all():
+        live = int(sizes[read].sum())
+        quota = np.zeros(len(sizes), np.int64)
+        quota[read] = apportion(sizes[read], min(keep, live))
+        quota[~read] = apportion(sizes[~read], max(keep - live, 0))
+        return quota
     exact = keep * sizes / max(int(sizes.sum()), 1)
     floor = 1 if keep >= len(sizes) else 0
     quota = np.clip(np.floor(exact).astype(np.int64), floor, sizes)
@@ -146,10 +154,10 @@ def apportion(sizes: Sequence[int], keep: int) -> np.ndarray:
     return quota
 
 
-def per_cell(select: Callable[[np.ndarray, int], np.ndarray], cells: Sequence[np.ndarray], keep: int) -> np.ndarray:
-    """Keep ``keep`` channels, each cell (positions) its :func:`apportion`'d share, chosen within
-    it by ``select(run, n)`` (positions within ``run`` of the ``n`` it keeps)."""
-    quotas = apportion([len(c) for c in cells], keep)
+def per_cell(select: Callable[[np.ndarray, int], np.ndarray], cells: Sequence[np.ndarray],
+             quotas: Sequence[int]) -> np.ndarray:
+    """Keep ``quotas[i]`` channels of each cell (positions), chosen within it by
+    ``select(run, n)`` (positions within ``run`` of the ``n`` it keeps)."""
     return np.sort(np.concatenate([cell if n == len(cell) else cell[select(cell, n)]
                                    for cell, n in zip(cells, quotas) if n > 0]))
 
@@ -205,11 +213,14 @@ def lasso_selections(gram: np.ndarray, corr: np.ndarray, keeps: Sequence[int]) -
 
 
 def lasso_selections_per_cell(gram: np.ndarray, corr: np.ndarray, keeps: Sequence[int],
-                              cells: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """:func:`lasso_selections` keeping each cell's :func:`apportion`'d share (one path per cell)."""
+                              cells: Sequence[np.ndarray],
+                              quotas: Callable[[int], Sequence[int]] | None = None) -> list[np.ndarray]:
+    """:func:`lasso_selections` keeping ``quotas(keep)[i]`` channels of each cell (one path per
+    cell; by default :func:`apportion`'d shares)."""
     if len(cells) <= 1:
         return lasso_selections(gram, corr, keeps)
-    quotas = [apportion([len(c) for c in cells], k) for k in keeps]
+    share = quotas or (lambda keep: apportion([len(c) for c in cells], keep))
+    quotas = [share(k) for k in keeps]
     chosen = [lasso_selections(gram[np.ix_(cell, cell)], corr[cell], [int(q[i]) for q in quotas])
               for i, cell in enumerate(cells)]
     return [np.sort(np.concatenate([cell[chosen[i][j]] for i, cell in enumerate(cells)])) for j in range(len(keeps))]

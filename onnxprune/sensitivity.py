@@ -89,7 +89,8 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
     keeps = [n * size for n in kept_items]
     errors = []
     cells = unit.cells() if unit is not None and size == 1 else [np.arange(items)]  # a Split's parts keep their shares
-    for chosen in lasso_selections_per_cell(gram, corr, kept_items, cells):
+    for chosen in lasso_selections_per_cell(gram, corr, kept_items, cells,
+                                            unit.cell_quotas if unit is not None else None):
         keep = expand_channels(chosen, size)
         if selections is not None:
             selections[len(keep)] = keep

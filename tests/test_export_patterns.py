@@ -1140,6 +1140,27 @@ def test_split_parts_keep_their_share_and_the_macs_estimate_holds(method):
     check_pruned(pruned.model, model, x[:32], max_rel_err=0.5)
 
 
+def test_channels_no_layer_reads_go_first():
+    """A conv whose output a ``Slice`` halves, the other half read by nothing: those channels are
+    dropped before any that a layer reads (free MACs), and the plan's MACs are the pruned model's."""
+    from onnxprune.options import PruneOptions
+    from onnxprune.pipeline import Pruner
+    from onnxprune.summary import model_macs
+
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    half = b.node("Slice", [x, b.const(i64(0)), b.const(i64(8)), b.const(i64(1))])
+    model = b.build(b.conv(b.node("Relu", [b.conv(half, 8, 8)]), 8, 4))
+    x = calib_for(model, 64)
+    pruner = Pruner(model, x, PruneOptions(speedup=1.5, measure_latency=False, progress=False))
+    plan = pruner.allocate()
+    pruned = pruner.prune(plan)
+    sliced = next(grp for grp in pruned.groups if grp.channels_before == 16)
+    assert sliced.channels_after <= 8  # the unread half went first
+    assert model_macs(pruned.model, pruner.cal) == pytest.approx(pruner.cost.macs(plan.widths), rel=1e-9)
+    check_pruned(pruned.model, model, x[:32], max_rel_err=0.5)
+
+
 def numpy_len(model: onnx.ModelProto, name: str) -> int:
     return next(len(onnx.numpy_helper.to_array(t)) for t in model.graph.initializer if t.name == name)
 

@@ -69,8 +69,12 @@ def test_cells_keep_their_proportional_share():
     whole = select.lasso_selections_per_cell(gram, corr, [4, 7], [np.arange(12)])
     assert all(np.array_equal(a, b) for a, b in zip(whole, lasso_selections(gram, corr, [4, 7])))
     scores = np.arange(12.0)
-    kept = select.per_cell(lambda run, n: np.argsort(-scores[run])[:n], cells, 5)
+    kept = select.per_cell(lambda run, n: np.argsort(-scores[run])[:n], cells, select.apportion([6, 6], 5))
     assert list(kept) == [6, 8, 9, 10, 11]
+    # channels no layer reads go last: the read cell keeps all it can before the other keeps any
+    assert select.apportion([8, 8], 6, read=[False, True]).tolist() == [0, 6]
+    assert select.apportion([8, 4, 4], 11, read=[True, False, True]).tolist() == [7, 0, 4]
+    assert select.apportion([8, 4, 4], 14, read=[True, False, True]).tolist() == [8, 2, 4]
 
 
 def test_groups_wider_than_lars_allows_take_the_greedy_order(monkeypatch):
