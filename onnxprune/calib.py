@@ -252,7 +252,8 @@ def _maybe_batch(arr: np.ndarray, inp: ModelInput) -> np.ndarray:
 def _single(inputs: list[ModelInput], arr: np.ndarray, path: Path) -> dict[str, np.ndarray]:
     if len(inputs) != 1:
         names = ", ".join(i.name for i in inputs)
-        raise CalibrationError(f"the model has {len(inputs)} inputs ({names}); give a .npz with one array per input name")
+        raise CalibrationError(f"the model has {len(inputs)} inputs ({names}); give a .npz with one array per input "
+                               "name, or the others a value with --fixed-input NAME=VALUE")
     return {inputs[0].name: _maybe_batch(arr, inputs[0])}
 
 
