@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -43,10 +43,6 @@ class CostModel:
     total_params: int = 0
     total_bytes: int = 0
     latency: LatencyCost | None = None  # per-layer measured latency, for --latency
-    # (group, owner) -> the owner's channels the group holds at each owner width 0..channels,
-    # where the group holds some of the owner's cells (ChannelGroup.cells): the selection keeps
-    # each cell's apportioned share, which rounds away from a share in proportion
-    held: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
 
     @property
@@ -65,15 +61,8 @@ class CostModel:
 
     def fraction(self, group: int, widths: dict[int, int]) -> float:
         """Share of ``group``'s channels left when each owner keeps ``widths[owner]``."""
-        kept = sum(self._held(group, o, n, widths.get(o, self.channels[o])) for o, n in self.composition[group])
+        kept = sum(n * widths.get(o, self.channels[o]) / self.channels[o] for o, n in self.composition[group])
         return kept / self.channels[group]
-
-    def _held(self, group: int, owner: int, n: int, width: float) -> float:
-        """Channels of ``owner`` (of which ``group`` holds ``n``) left in ``group`` at ``width``."""
-        table = self.held.get((group, owner))
-        if table is None:
-            return n * width / self.channels[owner]
-        return float(np.interp(width, np.arange(len(table)), table))
 
     def macs(self, widths: dict[int, int]) -> float:
         return sum(e.macs * self._factor(e, widths) for e in self.entries)
@@ -109,14 +98,6 @@ class WidthCosts:
                     self._share[unit_at[owner], groups[g]] += n / cost.channels[owner] / cost.channels[g]
                 else:
                     self._fixed[groups[g]] += n / cost.channels[g]
-        # where a unit's cells round away from its share: what to add, by the unit's width
-        self._rounding: dict[int, np.ndarray] = {}
-        for (g, owner), table in cost.held.items():
-            if owner in unit_at:
-                i = unit_at[owner]
-                widths = np.arange(len(table))
-                extra = self._rounding.setdefault(i, np.zeros((len(table), len(groups))))
-                extra[:, groups[g]] += (table - widths * self._share[i, groups[g]] * cost.channels[g]) / cost.channels[g]
         # an entry's kept fraction is the product of its groups': exp of a sum of logs
         self._uses = np.zeros((len(groups), len(cost.entries)))
         for j, e in enumerate(cost.entries):
@@ -128,13 +109,7 @@ class WidthCosts:
 
     def factors(self, widths: np.ndarray) -> np.ndarray:
         """Kept fraction of each entry's MACs and weights, ``[rows, entries]``."""
-        widths = np.asarray(widths, np.float64)
-        fractions = self._fixed + widths @ self._share
-        for i, extra in self._rounding.items():
-            w = np.clip(widths[:, i], 0, len(extra) - 1)
-            lo = np.minimum(np.floor(w).astype(np.int64), len(extra) - 2)
-            t = (w - lo)[:, None]
-            fractions = fractions + extra[lo] * (1 - t) + extra[lo + 1] * t
+        fractions = self._fixed + np.asarray(widths, np.float64) @ self._share
         return np.exp(np.log(np.maximum(fractions, 1e-300)) @ self._uses)
 
     def macs(self, widths: np.ndarray) -> np.ndarray:
@@ -243,23 +218,7 @@ def build_cost_model(g: GraphView, groups: list[ChannelGroup]) -> CostModel:
             counts[owner_of[int(a)]] = counts.get(owner_of[int(a)], 0) + 1
         composition[grp.index] = list(counts.items()) or [(grp.index, max(grp.channels, 1))]
     return CostModel(entries, {grp.index: max(grp.channels, 1) for grp in groups}, composition,
-                     count_params(g), model_bytes(g.model), held=_held_by_width(groups))
-
-
-def _held_by_width(groups: list[ChannelGroup]) -> dict[tuple[int, int], np.ndarray]:
-    """:attr:`CostModel.held`: for each owner whose channels fall into several cells, the
-    channels each group holding some of them keeps at every width of the owner."""
-    held = {}
-    for owner in groups:
-        cells = owner.cells() if owner.owner else []
-        if len(cells) < 2:
-            continue
-        quotas = np.array([owner.cell_quotas(w) for w in range(owner.channels + 1)], np.float64)
-        for site in owner.sites:
-            inside = np.array([bool(np.isin(owner.atoms[c[0]], site.atoms)) for c in cells])
-            if site is not owner and not inside.all():
-                held[site.index, owner.index] = quotas[:, inside].sum(axis=1)
-    return held
+                     count_params(g), model_bytes(g.model))
 
 
 def count_params(g: GraphView) -> int:

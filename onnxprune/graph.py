@@ -23,7 +23,6 @@ import onnx
 
 from .graphview import GraphView, node_name
 from .ops import ChannelRule, handler_for
-from .select import apportion
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +80,6 @@ class ChannelGroup:
     sites: list["ChannelGroup"] = field(default_factory=list)  # groups holding its atoms (owners)
     segments: int = 1  # equal runs of channels that must keep equally many each (grouped Conv)
     conv_group: int = 1  # channels go in whole aligned runs of this many (the groups of a grouped Conv)
-    _cells: list[np.ndarray] | None = field(default=None, repr=False, compare=False)  # cells(), once found
-    _cells_read: list[bool] = field(default_factory=list, repr=False, compare=False)  # whether a layer reads each
 
     @property
     def name(self) -> str:
@@ -93,38 +90,6 @@ class ChannelGroup:
     def granule(self) -> int:
         """The group's widths are multiples of this: its conv groups (equal runs or whole ones)."""
         return math.lcm(self.segments, self.conv_group)
-
-    def cells(self) -> list[np.ndarray]:
-        """The group's channels (positions among its atoms) parted by which groups hold them: a
-        Split or channel Gather after it gives its parts different ones. Each cell keeps its share
-        of the group's width (:meth:`cell_quotas`), in the selection and in the cost model alike.
-        One cell where every group holds all of them, and for a grouped Conv's channels (they
-        keep equally many per conv group, or whole groups, instead). Read after the analysis."""
-        if self._cells is None:
-            self._cells, self._cells_read = self._find_cells()
-        return self._cells
-
-    def cell_quotas(self, keep: int) -> np.ndarray:
-        """How many of ``keep`` channels each of :meth:`cells` keeps: shares in proportion to their
-        sizes, channels no layer reads (a Split part or a Slice's remainder that nothing reads) last."""
-        cells = self.cells()
-        return apportion([len(c) for c in cells], keep, self._cells_read)
-
-    def _find_cells(self) -> tuple[list[np.ndarray], list[bool]]:
-        whole = [np.arange(len(self.atoms))]
-        if self.segments > 1 or self.conv_group > 1:
-            return whole, [True]
-        held = [np.isin(self.atoms, site.atoms) for site in self.sites if site is not self]
-        held = [h for h in held if not h.all()]
-        if not held:
-            return whole, [True]
-        _, cell_of = np.unique(np.stack(held, axis=1), axis=0, return_inverse=True)
-        cell_of = cell_of.ravel()
-        firsts = sorted(range(cell_of.max() + 1), key=lambda c: int(np.argmax(cell_of == c)))
-        cells = [np.flatnonzero(cell_of == c) for c in firsts]
-        read = [any(site.consumers and bool(np.isin(self.atoms[c[0]], site.atoms)) for site in self.sites or [self])
-                for c in cells]
-        return cells, read if any(read) else [True] * len(cells)
 
     @property
     def coupled(self) -> bool:

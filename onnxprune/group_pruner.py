@@ -31,7 +31,7 @@ from .report import GroupResult
 from .rewrite import finalize, prune_group
 from .sampling import Runs, Sampler, reads_grouped_conv
 from .select import (OBS_MAX_COLUMNS, Method, RefitProblem, add_unit_contribution, expand_channels, l1_select, lasso_select,
-                     normalized_contribution, obs_order, per_cell, per_segment, random_select, slim_select, thinet_select)
+                     normalized_contribution, obs_order, per_segment, random_select, slim_select, thinet_select)
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,6 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, si
             choose = lambda run, n: lasso_select(gram[np.ix_(run, run)], corr[run], n)  # noqa: E731
     if size > 1:  # whole conv groups, as many as come nearest keep_n channels
         return expand_channels(per_segment(choose, items, 1, max(1, int(round(keep_n / size)))), size)
-    cells = grp.cells()
-    if len(cells) > 1:  # parts of a Split / channel Gather keep their shares
-        return per_cell(choose, cells, grp.cell_quotas(keep_n))
     return per_segment(choose, grp.channels, grp.segments, keep_n)  # equal per group of a grouped Conv
 
 

@@ -359,10 +359,9 @@ class Pruner:
         return self.prune(plan, replace(self.opts, method=Method.L1, reconstruct=False, progress=False)).model
 
     def prune_to_targets(self, plan: Plan, tries: int = 3) -> Pruned:
-        """:meth:`prune`, then check the MACs reached on the pruned model itself: the estimate
-        counts what the selection keeps (a Split's parts keep their shares of a unit's channels),
-        but where it still misses, the MACs target is raised by the miss and the model pruned
-        again (only with widths that differ)."""
+        """:meth:`prune`, then check the MACs reached on the pruned model itself: where a Split's
+        parts kept unequal shares of a unit's channels the estimate can miss, and the MACs target
+        is raised by the miss and the model pruned again (only with widths that differ)."""
         asked = targets = self.opts.targets
         for attempt in range(tries):
             with self.progress.phase("pruning"):

@@ -132,36 +132,6 @@ def per_segment(select: Callable[[np.ndarray, int], np.ndarray], channels: int, 
     return np.sort(np.concatenate([run[select(run, per_run)] for run in runs]))
 
 
-def apportion(sizes: Sequence[int], keep: int, read: Sequence[bool] | None = None) -> np.ndarray:
-    """How many of ``keep`` channels each of several cells of ``sizes`` channels keeps: in
-    proportion to its size (largest remainders), at least one each where ``keep`` allows; cells
-    not ``read`` (no layer reads them) only once every read channel is kept."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    read = np.ones(len(sizes), bool) if read is None else np.asarray(read, bool)
-    if not read.all():
-        live = int(sizes[read].sum())
-        quota = np.zeros(len(sizes), np.int64)
-        quota[read] = apportion(sizes[read], min(keep, live))
-        quota[~read] = apportion(sizes[~read], max(keep - live, 0))
-        return quota
-    exact = keep * sizes / max(int(sizes.sum()), 1)
-    floor = 1 if keep >= len(sizes) else 0
-    quota = np.clip(np.floor(exact).astype(np.int64), floor, sizes)
-    while quota.sum() < keep:
-        quota[np.argmax(np.where(quota < sizes, exact - quota, -np.inf))] += 1
-    while quota.sum() > keep:
-        quota[np.argmin(np.where(quota > floor, exact - quota, np.inf))] -= 1
-    return quota
-
-
-def per_cell(select: Callable[[np.ndarray, int], np.ndarray], cells: Sequence[np.ndarray],
-             quotas: Sequence[int]) -> np.ndarray:
-    """Keep ``quotas[i]`` channels of each cell (positions), chosen within it by
-    ``select(run, n)`` (positions within ``run`` of the ``n`` it keeps)."""
-    return np.sort(np.concatenate([cell if n == len(cell) else cell[select(cell, n)]
-                                   for cell, n in zip(cells, quotas) if n > 0]))
-
-
 LARS_MAX_CHANNELS = 1024
 """Wider groups (VGG-16's 4096-wide classifier) are chosen by :func:`thinet_order` on the same
 contribution Gram: sklearn's LARS costs O(C³) with a Python step per variable (about 5 minutes
@@ -210,20 +180,6 @@ def lasso_selections(gram: np.ndarray, corr: np.ndarray, keeps: Sequence[int]) -
         order = np.lexsort((-np.diag(g), -np.abs(beta)))
         chosen.append(np.sort(order[:keep]))
     return chosen
-
-
-def lasso_selections_per_cell(gram: np.ndarray, corr: np.ndarray, keeps: Sequence[int],
-                              cells: Sequence[np.ndarray],
-                              quotas: Callable[[int], Sequence[int]] | None = None) -> list[np.ndarray]:
-    """:func:`lasso_selections` keeping ``quotas(keep)[i]`` channels of each cell (one path per
-    cell; by default :func:`apportion`'d shares)."""
-    if len(cells) <= 1:
-        return lasso_selections(gram, corr, keeps)
-    share = quotas or (lambda keep: apportion([len(c) for c in cells], keep))
-    quotas = [share(k) for k in keeps]
-    chosen = [lasso_selections(gram[np.ix_(cell, cell)], corr[cell], [int(q[i]) for q in quotas])
-              for i, cell in enumerate(cells)]
-    return [np.sort(np.concatenate([cell[chosen[i][j]] for i, cell in enumerate(cells)])) for j in range(len(keeps))]
 
 
 def thinet_order(gram: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from .sampling import Sampler, image_fold
 from .verify import checked_tensors, comparable, squared_sums
 from .graph import ChannelGroup
 from .reconstruct import ESTIMATE_RIDGE, held_out_error
-from .select import add_unit_contribution, expand_channels, lasso_selections_per_cell, normalized_contribution
+from .select import add_unit_contribution, expand_channels, lasso_selections, normalized_contribution
 
 # called with (unit, its sampled consumers, their statistics, its curve, the curve's LASSO
 # selections by channels kept) once a curve is known
@@ -88,9 +88,7 @@ def error_curve(unit: ChannelGroup, consumers, stats, weights, biases, channels:
     kept_items = sorted({max(1, int(round(r * items))) for r in points})
     keeps = [n * size for n in kept_items]
     errors = []
-    cells = unit.cells() if unit is not None and size == 1 else [np.arange(items)]  # a Split's parts keep their shares
-    for chosen in lasso_selections_per_cell(gram, corr, kept_items, cells,
-                                            unit.cell_quotas if unit is not None else None):
+    for chosen in lasso_selections(gram, corr, kept_items):
         keep = expand_channels(chosen, size)
         if selections is not None:
             selections[len(keep)] = keep

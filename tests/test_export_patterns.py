@@ -1119,48 +1119,6 @@ def test_channel_shuffles_become_channel_gathers_and_the_trunk_is_pruned(style):
     assert sum(grp.channels_after < grp.channels_before for grp in result.report.groups) > prunable_before
 
 
-@pytest.mark.parametrize("method", ["lasso", "obs", "l1"])
-def test_split_parts_keep_their_share_and_the_macs_estimate_holds(method):
-    """A unit whose channels a shuffle and a Split spread over several groups keeps each part's
-    share of its width, so the MACs the allocation planned are the pruned model's own: one
-    pruning, no second one to a raised target."""
-    from onnxprune.options import PruneOptions
-    from onnxprune.pipeline import Pruner
-    from onnxprune.summary import model_macs
-
-    model = shufflenet_v2("torchvision")
-    x = calib_for(model, 96)
-    pruner = Pruner(model, x, PruneOptions(speedup=1.7, method=method, measure_latency=False, progress=False))
-    spread = [grp for grp in pruner.candidates if len(grp.cells()) > 1]
-    assert spread  # the blocks' branch outputs: half shuffled into the next branch, half passed on
-    plan = pruner.allocate()
-    pruned = pruner.prune(plan)
-    macs = model_macs(pruned.model, pruner.cal)
-    assert macs == pytest.approx(pruner.cost.macs(plan.widths), rel=1e-9) and pruner.cost.total / macs >= 1.7
-    check_pruned(pruned.model, model, x[:32], max_rel_err=0.5)
-
-
-def test_channels_no_layer_reads_go_first():
-    """A conv whose output a ``Slice`` halves, the other half read by nothing: those channels are
-    dropped before any that a layer reads (free MACs), and the plan's MACs are the pruned model's."""
-    from onnxprune.options import PruneOptions
-    from onnxprune.pipeline import Pruner
-    from onnxprune.summary import model_macs
-
-    b = Builder()
-    x = b.node("Relu", [b.conv("input", 3, 16)])
-    half = b.node("Slice", [x, b.const(i64(0)), b.const(i64(8)), b.const(i64(1))])
-    model = b.build(b.conv(b.node("Relu", [b.conv(half, 8, 8)]), 8, 4))
-    x = calib_for(model, 64)
-    pruner = Pruner(model, x, PruneOptions(speedup=1.5, measure_latency=False, progress=False))
-    plan = pruner.allocate()
-    pruned = pruner.prune(plan)
-    sliced = next(grp for grp in pruned.groups if grp.channels_before == 16)
-    assert sliced.channels_after <= 8  # the unread half went first
-    assert model_macs(pruned.model, pruner.cal) == pytest.approx(pruner.cost.macs(plan.widths), rel=1e-9)
-    check_pruned(pruned.model, model, x[:32], max_rel_err=0.5)
-
-
 def numpy_len(model: onnx.ModelProto, name: str) -> int:
     return next(len(onnx.numpy_helper.to_array(t)) for t in model.graph.initializer if t.name == name)
 

@@ -53,30 +53,6 @@ def test_one_lasso_path_gives_what_a_path_per_keep_gives():
         assert len(kept) == keep
 
 
-def test_cells_keep_their_proportional_share():
-    """A unit's cells (parts of a Split) keep ``keep`` channels in proportion to their sizes, at
-    least one each; each cell's channels are chosen within it."""
-    for sizes, keep, want in [((8, 8), 6, (3, 3)), ((29, 29, 29, 29), 58, (15, 15, 14, 14)),
-                              ((58, 29, 15, 7, 4, 2, 1), 70, (35, 18, 9, 4, 2, 1, 1)), ((3, 1), 1, (1, 0))]:
-        quota = select.apportion(sizes, keep)
-        assert tuple(quota) == want and quota.sum() == keep
-    gram, corr = _random_problem()
-    gram, corr = gram[:12, :12], corr[:12]
-    cells = [np.arange(0, 12, 2), np.arange(1, 12, 2)]
-    for chosen in select.lasso_selections_per_cell(gram, corr, [4, 7], cells):
-        counts = [np.isin(chosen, cell).sum() for cell in cells]
-        assert sorted(counts) == ([2, 2] if len(chosen) == 4 else [3, 4])
-    whole = select.lasso_selections_per_cell(gram, corr, [4, 7], [np.arange(12)])
-    assert all(np.array_equal(a, b) for a, b in zip(whole, lasso_selections(gram, corr, [4, 7])))
-    scores = np.arange(12.0)
-    kept = select.per_cell(lambda run, n: np.argsort(-scores[run])[:n], cells, select.apportion([6, 6], 5))
-    assert list(kept) == [6, 8, 9, 10, 11]
-    # channels no layer reads go last: the read cell keeps all it can before the other keeps any
-    assert select.apportion([8, 8], 6, read=[False, True]).tolist() == [0, 6]
-    assert select.apportion([8, 4, 4], 11, read=[True, False, True]).tolist() == [7, 0, 4]
-    assert select.apportion([8, 4, 4], 14, read=[True, False, True]).tolist() == [8, 2, 4]
-
-
 def test_groups_wider_than_lars_allows_take_the_greedy_order(monkeypatch):
     gram, corr = _random_problem()
     monkeypatch.setattr(select, "LARS_MAX_CHANNELS", 16)

@@ -278,10 +278,10 @@ def test_a_groups_two_probes_share_one_obs_removal_order(monkeypatch):
 def test_probes_take_the_lasso_selections_their_curve_made(monkeypatch):
     """A group's probes keep the channels its curve's LASSO path chose at the probe widths instead
     of following the same path again: the same curves as selections made anew, fewer paths."""
-    from onnxprune import group_pruner
+    from onnxprune import select
     from onnxprune.select import Method
 
-    once, apart, shared_curves, apart_curves = _probe_calls(monkeypatch, group_pruner, "lasso_select", Method.LASSO,
+    once, apart, shared_curves, apart_curves = _probe_calls(monkeypatch, select, "lasso_selections", Method.LASSO,
                                                             "lasso_keeps")
     # two probes a group, each its own path; the group feeding the Flatten -> Gemm is probed on
     # the statistics of half its images (not its curve's problem) and follows its own either way
