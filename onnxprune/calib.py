@@ -35,6 +35,16 @@ class Color(str, enum.Enum):
     RGB = "rgb"
     BGR = "bgr"
     GRAY = "gray"
+    RGBA = "rgba"
+    BGRA = "bgra"
+
+    @property
+    def channels(self) -> int:
+        return {"gray": 1, "rgb": 3, "bgr": 3}.get(self.value, 4)
+
+
+#: the channel counts an image folder can feed, and the colour each one is read as by default
+_COLOR_OF_CHANNELS = {1: Color.GRAY, 3: Color.RGB, 4: Color.RGBA}
 
 
 @dataclass(frozen=True)
@@ -161,15 +171,15 @@ class _LazyImages:
         o = self.opts
         try:
             with Image.open(path) as im:
-                im = im.convert("L" if o.color is Color.GRAY else "RGB")
+                im = im.convert({1: "L", 3: "RGB", 4: "RGBA"}[o.color.channels])
                 im = im.resize((o.size[1], o.size[0]), Image.BILINEAR)
                 arr = np.asarray(im, dtype=np.float32) / 255.0
         except (UnidentifiedImageError, OSError) as exc:
             raise CalibrationError(f"cannot read image '{path}' ({exc}); remove it from the folder") from None
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        if o.color is Color.BGR:
-            arr = arr[:, :, ::-1]
+        if o.color in (Color.BGR, Color.BGRA):
+            arr[:, :, :3] = arr[:, :, 2::-1].copy()
         arr = (arr - np.asarray(o.mean, np.float32)) / np.asarray(o.std, np.float32)
         if o.layout is Layout.NCHW:
             arr = arr.transpose(2, 0, 1)
@@ -183,13 +193,26 @@ def _image_options(inp: ModelInput, opts: ImageOptions) -> ImageOptions:
         raise CalibrationError(f"input '{inp.name}' has rank {len(shape)}; image folders need a 4-D input")
     layout = opts.layout
     if layout is None:
-        layout = Layout.NHWC if shape[3] in (1, 3) and shape[1] not in (1, 3) else Layout.NCHW
+        layout = (Layout.NHWC if shape[3] in _COLOR_OF_CHANNELS and shape[1] not in _COLOR_OF_CHANNELS
+                  else Layout.NCHW)
     chans = shape[1] if layout is Layout.NCHW else shape[3]
     hw = (shape[2], shape[3]) if layout is Layout.NCHW else (shape[1], shape[2])
     size = opts.size or (hw if None not in hw else None)
     if size is None:
         raise CalibrationError(f"input '{inp.name}' has dynamic height/width; pass --size H W for the images")
-    color = opts.color or (Color.GRAY if chans == 1 else Color.RGB)
+    color = opts.color or (_COLOR_OF_CHANNELS.get(chans) if chans is not None else Color.RGB)
+    if color is None or chans not in (None, color.channels):
+        reads = f"--color {opts.color.value} reads {opts.color.channels}" if opts.color else \
+            "an image folder feeds 1 (gray), 3 (RGB) or 4 (RGBA)"
+        raise CalibrationError(f"input '{inp.name}' {format_shape(inp.shape)} takes {chans} channels as "
+                               f"{layout.value.upper()}, but {reads}; check --layout and --color, or give a .npy/.npz")
+    for name, values in (("--mean", opts.mean), ("--std", opts.std)):
+        if len(values) not in (1, color.channels):
+            raise CalibrationError(f"{name} has {len(values)} values for {color.channels}-channel images; "
+                                   f"give one, or one per channel")
+    if not all(np.isfinite(opts.std)) or 0.0 in opts.std:
+        raise CalibrationError(f"--std {' '.join(f'{v:g}' for v in opts.std)} has a zero or non-finite value; "
+                               "give the scale the model was trained with")
     return ImageOptions(size=tuple(size), mean=opts.mean, std=opts.std, layout=layout, color=color)
 
 

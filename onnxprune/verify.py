@@ -84,8 +84,11 @@ def checked_parts(model: onnx.ModelProto) -> dict[str, str]:
     The graph outputs, except that an output computed through an op that picks elements by value
     (a built-in NMS, ``TopK``, ``ArgMax``…) is replaced by the outputs of the last layers (Conv,
     Gemm, MatMul…) its values come from — a detector's head convs before its decoding and NMS, a
-    segmenter's logits before its arg-max. What lies between is fixed post-processing; the layers
-    are what pruning changes. A layer that itself runs on picked rows (a two-stage detector's box
+    segmenter's logits before its arg-max — or of a ``Sigmoid`` where they pass one: a score map
+    the selection thresholds or ranks is judged as a probability map (:func:`probability_outputs`),
+    as its few high scores are what is picked, while its logits' error is mostly the certain
+    background's.
+    What lies between is fixed post-processing; the layers are what pruning changes. A layer that itself runs on picked rows (a two-stage detector's box
     head on the proposals its NMS kept) is not compared, as the two models pick different rows:
     the layers its values come from are.
 
@@ -109,7 +112,8 @@ def checked_parts(model: onnx.ModelProto) -> dict[str, str]:
             if tensor in seen or node is None:
                 continue
             seen.add(tensor)
-            if isinstance(handler_for(node), LinearHandler) and tensor == node.output[0] and tensor not in picked:
+            if tensor not in picked and (node.op_type == "Sigmoid" or (
+                    isinstance(handler_for(node), LinearHandler) and tensor == node.output[0])):
                 found.append(tensor)
             elif node.op_type not in _SHAPE_READERS:  # a layer on picked rows (a two-stage detector's RoI head) too
                 stack.extend(inputs_of(node))

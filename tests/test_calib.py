@@ -1,10 +1,13 @@
 """Calibration sources and their validation: every bad input is a one-line CalibrationError."""
 
+import re
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from graphs import calib_for, tiny_vgg
 
-from onnxprune.calib import ImageOptions, load_calibration
+from onnxprune.calib import Color, ImageOptions, load_calibration
 from onnxprune.errors import CalibrationError
 
 MODEL = tiny_vgg()
@@ -49,6 +52,44 @@ def test_image_folder(tmp_path):
     batch = cal.take([0, 1])["input"]
     assert batch.shape == (2, 3, 8, 8) and batch.dtype == np.float32
     assert -2.01 <= batch.min() and batch.max() <= 2.01
+
+
+def _image_input_model(shape):
+    """A graph that only declares an image input of ``shape`` (what the loaders read)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["out"])], "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_image_folder_for_a_four_channel_channels_last_input(tmp_path):
+    """An input ``[1, 8, 8, 4]`` (M-LSD's RGB and a channel of ones, exported by tf2onnx): read as
+    channels-last RGBA, opaque images giving an alpha of one; ``--color bgra`` swaps the colours,
+    a mean and std per channel scale them (here to 0–255 and the alpha left at one). Channel
+    counts an image cannot give, a colour of another count, and a mean or std of the wrong length
+    are one-line errors."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "0.png")
+    model = _image_input_model([1, 8, 8, 4])
+    scale = ImageOptions(std=(1 / 255, 1 / 255, 1 / 255, 1.0))
+    rgba = load_calibration(tmp_path, model, scale).take([0])["image"]
+    assert rgba.shape == (1, 8, 8, 4)
+    np.testing.assert_allclose(rgba[0, :, :, :3], pixels, atol=1e-3)
+    np.testing.assert_array_equal(rgba[0, :, :, 3], 1.0)
+    bgra = load_calibration(tmp_path, model, replace(scale, color=Color.BGRA)).take([0])["image"]
+    np.testing.assert_array_equal(bgra[..., :3], rgba[..., 2::-1])
+    np.testing.assert_array_equal(bgra[..., 3], rgba[..., 3])
+    bad = [(_image_input_model([1, 8, 8, 2]), ImageOptions(), "[1, 8, 8, 2] takes 8 channels as NCHW, but an image folder feeds"),
+           (model, ImageOptions(color=Color.RGB), "takes 4 channels as NHWC, but --color rgb reads 3"),
+           (model, ImageOptions(std=(0.5, 0.5)), "--std has 2 values for 4-channel images"),
+           (model, ImageOptions(std=(0.0,)), "--std 0 has a zero or non-finite value")]
+    for bad_model, opts, message in bad:
+        with pytest.raises(CalibrationError, match=re.escape(message)):
+            load_calibration(tmp_path, bad_model, opts)
 
 
 def test_image_folder_and_stacked_arrays_for_an_input_without_a_batch_axis(tmp_path):

@@ -548,8 +548,8 @@ def test_an_output_a_concat_joins_is_judged_part_by_part():
 def test_a_two_stage_detectors_box_head_on_picked_proposals_is_not_compared():
     """Faster R-CNN's box head runs on the proposals its first NMS kept: the pruned model keeps
     other proposals, so the head's rows are not the original's and are not compared. The check
-    measures the layers its values come from: the proposal convs, and the backbone map the
-    proposals' features are gathered from."""
+    measures what its values come from: the proposals' box conv and score map, and the backbone
+    map the proposals' features are gathered from."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -570,7 +570,8 @@ def test_a_two_stage_detectors_box_head_on_picked_proposals_is_not_compared():
                                                 [helper.make_tensor_value_info(head, TensorProto.FLOAT, [None, 3])],
                                                 b.inits), opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model, full_check=True)
-    assert checked_tensors(model) == [feats, box_conv, cls_conv]
+    score_map = next(n.output[0] for n in b.nodes if n.op_type == "Sigmoid")
+    assert checked_tensors(model) == [feats, box_conv, score_map]
 
 
 def test_layers_with_many_unknowns_sample_more_positions_per_image():
@@ -608,8 +609,9 @@ def test_a_detector_with_its_nms_built_in_is_measured_on_its_head_layers():
     """A detector whose outputs are its built-in NMS's indices and a thresholded NonZero (integers,
     as many as the data keeps), or a segmentation net that outputs its arg-max class map: the
     probes and the held-out check measure the outputs of the last layers their values come from
-    (the box and class convs; not the backbone conv whose shape the decoding reads) instead of
-    nothing, and the report names them as such."""
+    (the box conv; not the backbone conv whose shape the decoding reads), or the Sigmoid's score
+    map the selection reads (judged as a probability map), instead of nothing, and the report
+    names them as such."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -632,16 +634,18 @@ def test_a_detector_with_its_nms_built_in_is_measured_on_its_head_layers():
     model = helper.make_model(helper.make_graph(b.nodes, "det", [b.input], outputs, b.inits),
                               opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model, full_check=True)
-    assert checked_tensors(model) == [box_conv, cls_conv]
+    score_map = next(n.output[0] for n in b.nodes if n.op_type == "Sigmoid")
+    assert checked_tensors(model) == [box_conv, score_map]
     segmenter = onnx.ModelProto()
     segmenter.CopyFrom(model)
     del segmenter.graph.output[:]
     segmenter.graph.output.extend([helper.make_tensor_value_info(classes, TensorProto.INT64, ["N", None])])
-    assert checked_tensors(segmenter) == [cls_conv]
+    assert checked_tensors(segmenter) == [score_map]
 
     x = np.random.default_rng(0).normal(size=(64, 3, 16, 16)).astype(np.float32)
     result = onnxprune.prune(model, x, speedup=1.3, measure_latency=False)
-    assert [(f.name, f.graph_output) for f in result.report.fidelity] == [(box_conv, False), (cls_conv, False)]
+    assert [(f.name, f.graph_output) for f in result.report.fidelity] == [(box_conv, False), (score_map, False)]
+    assert result.report.fidelity[1].logit_error is not None  # judged as a Sigmoid's map
     assert f"layer output '{box_conv}' (before the post-processing)" in result.report.table()
     assert result.report.totals.macs_speedup >= 1.3 * 0.97
     onnx.checker.check_model(result.model, full_check=True)
@@ -651,6 +655,6 @@ def test_a_detector_with_its_nms_built_in_is_measured_on_its_head_layers():
         m2 = onnx.ModelProto()
         m2.CopyFrom(m)
         del m2.graph.output[:]
-        m2.graph.output.extend([helper.make_tensor_value_info(t, TensorProto.FLOAT, [None] * 4) for t in (box_conv, cls_conv)])
+        m2.graph.output.extend([helper.make_tensor_value_info(t, TensorProto.FLOAT, [None] * 4) for t in (box_conv, score_map)])
         exposed.append(m2)
     check_pruned(exposed[1], exposed[0], x[:16], max_rel_err=1.0)
