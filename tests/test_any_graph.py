@@ -254,6 +254,20 @@ def test_grouped_conv_after_concat_blocks_the_parts():
     assert len(parts) == 2 and all("grouped Conv reads them after Concat" in grp.reason for grp in parts)
 
 
+def test_a_concat_added_to_a_layers_output_keeps_its_parts_and_says_why():
+    """M-LSD's decoder: ``Add(Relu(conv(cat)), cat)`` with ``cat = Concat(a, b)`` — a residual join
+    across a Concat, not followed: both parts keep their width, the reason naming it."""
+    b = Builder()
+    xa = b.node("Relu", [b.conv("input", 3, 4)])
+    xb = b.node("Relu", [b.conv("input", 3, 4)])
+    cat = b.node("Concat", [xa, xb], axis=1)
+    joined = b.node("Add", [b.node("Relu", [b.conv(cat, 8, 8)]), cat])
+    g, groups = analyse(b.build(b.conv(joined, 8, 2, k=1, pad=0)))
+    parts = [grp for grp in groups if grp.owner and grp.channels == 4]
+    assert len(parts) == 2
+    assert all("output is joined elementwise with a layer's (a residual join across it" in grp.reason for grp in parts)
+
+
 # ---------------------------------------------------------------- Slice
 def slice_model(start: int, end: int, axis: int = 1, step: int | None = None) -> onnx.ModelProto:
     """conv 3→8, Slice, conv on the slice (+ a conv on the whole tensor, so both are consumed)."""
