@@ -202,13 +202,15 @@ def probability_outputs(model: onnx.ModelProto, names: Sequence[str] | None = No
 
 def _softmax_axis(name: str, producer: dict[str, onnx.NodeProto], rank: int | None, opset: int) -> int | None:
     """The class axis of ``name`` where it is a Softmax's output (through Identity) over one axis
-    of a map of rank ≥ 3 (a batch axis, a class axis and positions); None otherwise — a
-    classifier's ``[N, K]`` is judged by top-1 agreement, and before opset 13 a Softmax whose axis
-    is not the last normalises over all the axes from it on."""
+    of a map: rank ≥ 3 (a batch axis, a class axis and positions), or rank 2, ``[anchors, classes]``
+    from an exporter that dropped a batch of 1 (a classifier's ``[N, K]``, whose rows are the
+    samples, is judged by top-1 agreement instead: :func:`compare` tells them apart by the rows);
+    None otherwise — before opset 13 a Softmax whose axis is not the last normalises over all the
+    axes from it on."""
     node = producer.get(name)
     while node is not None and node.op_type == "Identity":
         node = producer.get(node.input[0])
-    if node is None or node.op_type != "Softmax" or node.domain not in ("", "ai.onnx") or rank is None or rank < 3:
+    if node is None or node.op_type != "Softmax" or node.domain not in ("", "ai.onnx") or rank is None or rank < 2:
         return None
     axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
     axis = axis + rank if axis < 0 else axis
@@ -297,7 +299,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
                 logit_a = _logits(a)
                 s[8] += float(((_logits(b) - logit_a) ** 2).sum())
                 s[9] += float((logit_a ** 2).sum())
-            elif n in maps:
+            elif n in maps and not (a.ndim == 2 and a.shape[0] == len(idx)):
                 part = _marked_by_class(a, b, maps[n])
                 classes[n] = part if n not in classes else classes[n] + part
             elif a.ndim == 2 and a.shape[1] > 1 and a.shape[0] == len(idx):  # one row of scores per sample

@@ -441,8 +441,8 @@ def test_softmax_score_maps_are_judged_by_the_regions_their_classes_win():
         return helper.make_model(helper.make_graph(nodes, "m", [x], outs, inits),
                                  opset_imports=[helper.make_opsetid("", opset)])
 
-    assert probability_outputs(model(0.0)) == {"scores": 2, "middle": 1}
-    assert probability_outputs(model(0.0, opset=11)) == {"scores": 2}
+    assert probability_outputs(model(0.0)) == {"scores": 2, "classes": 1, "middle": 1}
+    assert probability_outputs(model(0.0, opset=11)) == {"scores": 2, "classes": 1}
     rng = np.random.default_rng(0)
     data = rng.normal(size=(16, 64, 2)).astype(np.float32)
     data[..., 0] += 1.0  # the background wins most positions
@@ -484,6 +484,37 @@ def test_rows_that_are_not_samples_are_not_class_scores():
     cal = load_calibration(data, model(0.0))
     (rows,) = compare(model(0.0), model(1.0), cal, np.arange(8))
     assert rows.top1_agreement is None and rows.relative_error < 0.3 and poor_fidelity([rows]) == ""
+
+
+def test_anchor_scores_without_a_batch_axis_are_a_probability_map():
+    """A plate detector (RetinaFace-style, exported at batch 1) writes ``conf [anchors, 2]``, a
+    Softmax over background and plate: its rows are anchors, so it is judged as a probability map
+    by the region its plate class marks, not by a relative error that the certain background keeps
+    near zero while every plate is lost."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.calib import load_calibration
+    from onnxprune.verify import POOR_RELATIVE_ERROR, compare, poor_fidelity
+
+    def model(shift: float):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 32, 32])
+        out = helper.make_tensor_value_info("conf", TensorProto.FLOAT, [1024, 2])
+        inits = [numpy_helper.from_array(np.array([0.0, shift], np.float32).reshape(1, 2, 1, 1), "shift"),
+                 numpy_helper.from_array(np.array([1024, 2], np.int64), "shape")]
+        nodes = [helper.make_node("Add", ["x", "shift"], ["z"]),
+                 helper.make_node("Transpose", ["z"], ["t"], perm=[0, 2, 3, 1]),
+                 helper.make_node("Reshape", ["t", "shape"], ["rows"]),
+                 helper.make_node("Softmax", ["rows"], ["conf"], axis=1)]
+        return helper.make_model(helper.make_graph(nodes, "m", [x], [out], inits),
+                                 opset_imports=[helper.make_opsetid("", 13)])
+
+    data = np.random.default_rng(0).normal(size=(16, 2, 32, 32)).astype(np.float32)
+    data[:, 0] += 3.0  # the background wins almost every anchor
+    cal = load_calibration(data, model(0.0))
+    (kept,) = compare(model(0.0), model(0.1), cal, np.arange(16))
+    (lost,) = compare(model(0.0), model(-4.0), cal, np.arange(16))
+    assert kept.marked_iou > 0.8 and kept.top1_agreement is None and poor_fidelity([kept]) == ""
+    assert lost.relative_error < POOR_RELATIVE_ERROR and lost.marked_iou < 0.1 and "IoU" in poor_fidelity([lost])
 
 
 def test_an_output_a_concat_joins_is_judged_part_by_part():
