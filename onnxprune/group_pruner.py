@@ -22,6 +22,7 @@ from .errors import OptionError
 from .frontier import Frontier
 from .graph import ChannelGroup, Consumer
 from .graphview import GraphView, node_name
+from .liveness import read_problem
 from .ops import Activation, LinearHandler, activation_chain, handler_for
 from .options import PruneOptions
 from .progress import QUIET, Progress
@@ -66,7 +67,8 @@ def _contribution_problem(sites: list["Site"], g: GraphView, channels: int) -> t
     for site in sites:
         for c, st in zip(site.sampled, site.stats):
             h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-            gr, co = normalized_contribution(st, h.weight_matrix(c.node, g), h.bias(c.node, g), site.width)
+            gr, co = normalized_contribution(*read_problem(c.node, g, st, h.weight_matrix(c.node, g), h.bias(c.node, g)),
+                                             site.width)
             add_unit_contribution(gram, corr, gr, co, site.unit_channels, site.unit_positions, site.other_positions)
     return gram, corr
 
@@ -144,8 +146,8 @@ def _obs_keep(sites: list["Site"], g: GraphView, items: int, size: int, run: np.
         for c, st in zip(site.sampled, site.stats):
             h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
             mine = site.unit_positions[::size] // size
-            prob = RefitProblem(st, h.weight_matrix(c.node, g), h.bias(c.node, g), site.width // size,
-                                ESTIMATE_RIDGE, removals=len(run) - n, removable=mine)
+            prob = RefitProblem(*read_problem(c.node, g, st, h.weight_matrix(c.node, g), h.bias(c.node, g)),
+                                site.width // size, ESTIMATE_RIDGE, removals=len(run) - n, removable=mine)
             problems.append((prob, site.unit_channels[::size] // size, mine))
     removed = obs_order(problems, items, run, count=count)
     if orders is not None:

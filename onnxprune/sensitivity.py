@@ -23,6 +23,7 @@ from .rewrite import trial_edit
 from .sampling import Sampler, image_fold
 from .verify import checked_tensors, comparable, squared_sums
 from .graph import ChannelGroup
+from .liveness import read_problem
 from .reconstruct import ESTIMATE_RIDGE, held_out_error
 from .select import add_unit_contribution, expand_channels, lasso_selections, normalized_contribution
 
@@ -218,8 +219,10 @@ def measure_curves(units: list[ChannelGroup], sampler, g, chunk: int = 8,
             hs = [handler_for(c.node) for c in cs]
             held_stats = [stats[_key(c)] for c in cs]
             chosen: dict[int, np.ndarray] = {}
-            curves[u.index] = error_curve(u, cs, held_stats, [h.weight_matrix(c.node, g) for h, c in zip(hs, cs)],
-                                          [h.bias(c.node, g) for h, c in zip(hs, cs)], u.channels,
+            problems = [read_problem(c.node, g, st, h.weight_matrix(c.node, g), h.bias(c.node, g))
+                        for h, c, st in zip(hs, cs, held_stats)]
+            curves[u.index] = error_curve(u, cs, [p[0] for p in problems], [p[1] for p in problems],
+                                          [p[2] for p in problems], u.channels,
                                           measured=measured, conv_group=u.conv_group,
                                           sites=[site for _, site in placed[u.index]], selections=chosen)
             if on_curve:
