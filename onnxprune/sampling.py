@@ -31,6 +31,22 @@ Runs = Callable[[list[str]], Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]]
 # Counted before pruning, so a refit at half width sees about twice as many (docs/benchmarks.md).
 MIN_SAMPLES_PER_UNKNOWN = 25
 
+# A layer with very many unknowns (PAN's 7×7 conv over 576 channels: 28 224) cannot hold ``XᵀX``:
+# where its two folds would take more than MAX_GRAM_BYTES, it draws at most as many positions as
+# fit MAX_SAMPLE_BYTES of samples, which are then kept instead (fewer than its unknowns; the refit
+# solves in sample space and its ridge is cross-validated, see onnxprune/stats.py).
+MAX_GRAM_BYTES = 1 << 31
+MAX_SAMPLE_BYTES = 1 << 29
+
+
+def affordable_positions(count: int, images: int, unknowns: int, outputs: int) -> int:
+    """``count`` positions per image, or fewer where the layer's statistics would not fit in
+    memory (:data:`MAX_GRAM_BYTES`, :data:`MAX_SAMPLE_BYTES`)."""
+    if 16 * unknowns * (unknowns + outputs) <= MAX_GRAM_BYTES:
+        return count
+    return max(1, min(count, MAX_SAMPLE_BYTES // (4 * max(images, 1) * (unknowns + outputs))))
+
+
 # A consumer whose output joins a residual Add may be refined with its producer (onnxprune/refine.py),
 # whose unknowns are shared by every output position: its targets are cached at more positions per
 # image than its own refit samples, up to this many values. Ten positions per image were too few
@@ -187,9 +203,10 @@ class Sampler:
             per_image = handler.positions(c.node, g)
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
             # enough positions for a well-posed refit where the feature map has them
-            unknowns = handler.weight_matrix(c.node, g).shape[1] + 1  # type: ignore[attr-defined]
-            wanted = max(samples_per_image, -(-MIN_SAMPLES_PER_UNKNOWN * unknowns // max(len(self.indices), 1)))
-            count = min(wanted, per_image) if per_image > 1 else 1
+            outputs, unknowns = handler.weight_matrix(c.node, g).shape  # type: ignore[attr-defined]
+            unknowns += 1
+            wanted = max(samples_per_image, -(-MIN_SAMPLES_PER_UNKNOWN * unknowns // max(images, 1)))
+            count = affordable_positions(min(wanted, per_image) if per_image > 1 else 1, images, unknowns, outputs)
             self.positions[name] = (np.tile(np.arange(per_image), (len(calib), 1)) if per_image <= count
                                     else rng.integers(0, per_image, size=(len(calib), count)))
             self.counts[name] = self.positions[name].shape[1]
@@ -198,7 +215,6 @@ class Sampler:
             if per_image <= count:
                 in_cache[name] = 0
             else:  # the branch's refinement (pair_samples) reads more
-                outputs = handler.weight_matrix(c.node, g).shape[0]  # type: ignore[attr-defined]
                 room = PAIR_TARGET_VALUES // max(images * outputs, 1)
                 extra = min(per_image, room) - count
                 subset = PAIR_TARGET_VALUES // max(per_image * outputs, 1)

@@ -620,6 +620,30 @@ def test_layers_with_many_unknowns_sample_more_positions_per_image():
     assert counts[40 * MIN_SAMPLES_PER_UNKNOWN] == [1, 10, 10]
 
 
+def test_a_layer_too_wide_for_its_gram_matrix_keeps_fewer_samples(monkeypatch):
+    """A layer whose ``XᵀX`` would not fit in memory (PAN's 7×7 conv over 576 channels: 28 224
+    unknowns, 13 GB of statistics, killed for memory) draws only the positions whose samples fit
+    the budget and keeps them instead; the model still prunes and runs. The budgets are shrunk here
+    so that a tiny graph's 3×3 conv over 16 channels stands for it."""
+    import onnxprune.sampling as sampling
+    from onnxprune.pipeline import Pruner
+
+    monkeypatch.setattr(sampling, "MAX_GRAM_BYTES", 16 * 145 * 150)  # the 3×3 conv: 145 unknowns, 8 outputs
+    monkeypatch.setattr(sampling, "MAX_SAMPLE_BYTES", 4 * 40 * 153 * 3)  # three positions of 40 images
+    assert sampling.affordable_positions(64, 40, 145, 8) == 3
+    assert sampling.affordable_positions(64, 40, 20, 8) == 64  # a narrow layer keeps its count
+    b = Builder(in_shape=("N", 3, 8, 8))
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    model = b.build(b.conv(x, 16, 8))
+    data = calib_for(model, 50)
+    pruner = Pruner(model, data, PruneOptions(speedup=1.5, mixtures=0, holdout=0.2, progress=False,
+                                              measure_latency=False))
+    wide = next(node.output[0] for node in model.graph.node if node.op_type == "Conv" and node.input[0] == x)
+    assert pruner.sampler.counts[wide] == 3
+    result = pruner.run()
+    check_pruned(result.model, model, data[:20], max_rel_err=1.0)
+
+
 def test_mixtures_join_the_fit_samples_and_never_the_held_out_ones():
     """--mixtures R: R blends per fit sample are fit on; the held-out check reads real samples only."""
     from onnxprune.pipeline import Pruner
