@@ -188,6 +188,7 @@ class Sampler:
         self.whole: dict[str, np.ndarray] = {}
         in_cache: dict[str, int] = {}  # … where they are all the images: the cache's column of the first
         self.layers: dict[str, tuple[onnx.NodeProto, LinearHandler]] = {}  # output name -> (layer, handler)
+        self.capped: set[str] = set()  # layers whose positions memory limits (affordable_positions)
         self.g = g
         images = len(self.indices)
         for c in consumers:
@@ -206,7 +207,10 @@ class Sampler:
             outputs, unknowns = handler.weight_matrix(c.node, g).shape  # type: ignore[attr-defined]
             unknowns += 1
             wanted = max(samples_per_image, -(-MIN_SAMPLES_PER_UNKNOWN * unknowns // max(images, 1)))
-            count = affordable_positions(min(wanted, per_image) if per_image > 1 else 1, images, unknowns, outputs)
+            drawn = min(wanted, per_image) if per_image > 1 else 1
+            count = affordable_positions(drawn, images, unknowns, outputs)
+            if count < drawn:  # more images would not give it more samples
+                self.capped.add(name)
             self.positions[name] = (np.tile(np.arange(per_image), (len(calib), 1)) if per_image <= count
                                     else rng.integers(0, per_image, size=(len(calib), count)))
             self.counts[name] = self.positions[name].shape[1]
