@@ -359,7 +359,8 @@ def _assign_atoms(groups: list[ChannelGroup], derived) -> None:
             if len(result) != grp.channels or not fits:
                 grp.blocked.append(Blocked.at(node, "has channel counts that do not add up"))
             if grp.producers:
-                grp.blocked.append(Blocked.at(node, "output is joined elementwise with a layer's (a residual join across it is not followed)"))
+                grp.blocked.append(Blocked.at(
+                    node, "output is joined elementwise with a layer's (a residual join across it is not followed)"))
         else:
             result = np.arange(counter[0], counter[0] + grp.channels, dtype=np.int64)
             counter[0] += grp.channels

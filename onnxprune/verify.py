@@ -87,10 +87,10 @@ def checked_parts(model: onnx.ModelProto) -> dict[str, str]:
     segmenter's logits before its arg-max — or of a ``Sigmoid`` where they pass one: a score map
     the selection thresholds or ranks is judged as a probability map (:func:`probability_outputs`),
     as its few high scores are what is picked, while its logits' error is mostly the certain
-    background's.
-    What lies between is fixed post-processing; the layers are what pruning changes. A layer that itself runs on picked rows (a two-stage detector's box
-    head on the proposals its NMS kept) is not compared, as the two models pick different rows:
-    the layers its values come from are.
+    background's. What lies between is fixed post-processing; the layers are what pruning
+    changes. A layer that itself runs on picked rows (a two-stage detector's box head on the
+    proposals its NMS kept) is not compared, as the two models pick different rows: the layers
+    its values come from are.
 
     And an output that a ``Concat`` joins (through layout ops) from parts computed apart — a YOLO
     export's ``[boxes, objectness, classes]`` columns, its levels' rows — is measured part by part:
