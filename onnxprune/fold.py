@@ -265,14 +265,19 @@ def fold_channel_shuffles(model: onnx.ModelProto, shapes: dict[str, tuple[int, .
     any spelling folds and nothing else does. Its parameters are constants, except a ``Reshape``
     target computed at run time whose every entry is a constant, a copy of a dim (``x.size(0)``)
     or computed from channel counts alone (``x.size(1) // 2``): such a target follows the batch
-    and the positions, and the channels it moves are the same at every size. Returns how many
-    maps were rewritten."""
-    if not any(n.op_type == "Reshape" for n in model.graph.node):
-        return 0
+    and the positions, and the channels it moves are the same at every size. A pooling op whose
+    window is one element only subsamples, and is read as a strided slice: LPRNet's ``MaxPool3d``,
+    exported as ``Transpose → MaxPool`` (kernel 1, stride 2 along the channels) ``→ Transpose``,
+    picks every second channel. Returns how many maps were rewritten."""
     g = GraphView(model, shapes)
+    starts = [n.input[0] for n in g.nodes_by_type("Reshape")]
+    starts += [n.input[0] for n in g.nodes_by_type("Transpose")
+               if any(_unit_window_strides(r) for r in g.consumers.get(n.output[0], []))]
+    if not starts:
+        return 0
     values = ShapeValues(g)
     rewrites: list[tuple[str, str, np.ndarray]] = []  # (map made, map it selects from, channels)
-    for start in dict.fromkeys(n.input[0] for n in g.nodes_by_type("Reshape") if n.input and n.input[0]):
+    for start in dict.fromkeys(t for t in starts if t):
         shape = g.shape(start)
         if shape is None or len(shape) != 4 or g.is_const(start) or int(np.prod(shape)) > SHUFFLE_MAX_VALUES:
             continue
@@ -298,43 +303,68 @@ def _shuffle_region(g: GraphView, values: ShapeValues, start: str,
     each with the channels of ``start`` it holds; None where ``start`` is not read that way."""
     n, c, h, w = shape
     maps = {start: np.arange(n * c * h * w, dtype=np.int64).reshape(shape)}
+    positions = np.arange(h * w, dtype=np.int64).reshape(1, 1, h, w)
+    samples = np.arange(n, dtype=np.int64).reshape(n, 1, 1, 1) * c * h * w
+
+    def selected(out: np.ndarray) -> np.ndarray | None:
+        """The channels of ``start`` a map holds, each once, at their positions; else None."""
+        if out.ndim != 4 or out.shape[0] != n or out.shape[2:] != (h, w):
+            return None
+        channels = out[0, :, 0, 0] // (h * w)
+        same = len(np.unique(channels)) == len(channels) and \
+            np.array_equal(out, samples + channels.reshape(1, -1, 1, 1) * h * w + positions)
+        return channels if same else None
+
     ends: dict[str, np.ndarray] = {}
     stack, inside = [start], set()
     while stack:
         tensor = stack.pop()
         for node in g.consumers.get(tensor, []):
-            param = _layout_params(node, g, values) if node.op_type in MOVE_OPS and node.input[0] == tensor \
-                and node.domain in ("", "ai.onnx") and id(node) not in inside else None
-            if param is None:
+            readable = node.input[0] == tensor and node.domain in ("", "ai.onnx") and id(node) not in inside
+            strides = _unit_window_strides(node) if readable else None
+            param = _layout_params(node, g, values) if readable and node.op_type in MOVE_OPS else None
+            if param is None and strides is None:
                 if tensor != start:
                     return None  # a shuffle's inner tensor read by something else
                 continue
             inside.add(id(node))
             try:
-                out = move(node, maps[tensor], param[0])
+                out = move(node, maps[tensor], param[0]) if param is not None else \
+                    maps[tensor][(Ellipsis, *(slice(None, None, s) for s in strides))]
             except (ValueError, IndexError, TypeError):  # parameters that do not fit the map: no shuffle
+                return None
+            if strides is not None and g.shape(node.output[0]) not in (None, out.shape):
                 return None
             name = node.output[0]
             maps[name] = out
-            if out.ndim == 4 and out.shape[0] == n and out.shape[2:] == (h, w):
-                ends[name] = out
-            else:
+            channels = selected(out)
+            if channels is not None:
+                ends[name] = channels
+            else:  # inside the region (a map of the end's shape that is not a selection, too)
                 if name in g.graph_outputs:
                     return None
                 stack.append(name)
     if not ends or any(t in g.graph_outputs or not g.consumers.get(t) for t in ends):
         return None
-    positions = np.arange(h * w, dtype=np.int64).reshape(1, 1, h, w)
-    samples = np.arange(n, dtype=np.int64).reshape(n, 1, 1, 1) * c * h * w
-    found = {}
-    for name, out in ends.items():
-        channels = out[0, :, 0, 0] // (h * w)
-        if len(np.unique(channels)) != len(channels) or \
-                not np.array_equal(out, samples + channels.reshape(1, -1, 1, 1) * h * w + positions):
-            return None
-        if not np.array_equal(channels, np.arange(c)):  # the map unchanged: nothing to rewrite there
-            found[name] = channels
+    # a map unchanged has nothing to rewrite
+    found = {name: channels for name, channels in ends.items() if not np.array_equal(channels, np.arange(c))}
     return found or None
+
+
+def _unit_window_strides(node: onnx.NodeProto) -> list[int] | None:
+    """The strides of a ``MaxPool`` / ``AveragePool`` whose window is one element — kernel 1 on
+    every axis, no padding, dilation or ceil mode — which only subsamples the axes it pools;
+    None for any other node."""
+    if node.op_type not in ("MaxPool", "AveragePool") or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+        return None
+    kernel = list(attr(node, "kernel_shape", []))
+    pads = list(attr(node, "pads", [0] * 2 * len(kernel)))
+    if not kernel or any(k != 1 for k in kernel) or any(pads) or attr(node, "ceil_mode", 0) or \
+            any(d != 1 for d in attr(node, "dilations", [1] * len(kernel))) or \
+            attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        return None
+    strides = [int(v) for v in attr(node, "strides", [1] * len(kernel))]
+    return strides if len(strides) == len(kernel) and min(strides) >= 1 else None
 
 
 def _layout_params(node: onnx.NodeProto, g: GraphView, values: ShapeValues) -> tuple | None:

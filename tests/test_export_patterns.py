@@ -1119,6 +1119,33 @@ def test_channel_shuffles_become_channel_gathers_and_the_trunk_is_pruned(style):
     assert sum(grp.channels_after < grp.channels_before for grp in result.report.groups) > prunable_before
 
 
+def test_a_pool_with_a_one_element_window_along_the_channels_becomes_a_channel_gather():
+    """LPRNet's ``MaxPool3d`` over ``[N, C, H, W]``, exported as ``Transpose → MaxPool`` (kernel 1,
+    stride 2 along the last axis, the channels) ``→ Transpose``, keeps every second channel: it is
+    rewritten as a ``Gather`` of channels 0, 2, 4, … (same outputs), which the analysis follows, so
+    the conv before it is pruned; a spatial stride (kernel 1, stride 2 over H and W) is left alone."""
+    b = Builder(in_shape=("N", 3, 8, 8))
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    t = b.node("Transpose", [x], perm=[0, 2, 3, 1])  # [N, H, W, C]
+    picked = b.node("Transpose", [b.node("MaxPool", [t], kernel_shape=[1, 1], strides=[1, 2])], perm=[0, 3, 1, 2])
+    spatial = b.node("MaxPool", [b.node("Relu", [b.conv(picked, 8, 8)])], kernel_shape=[1, 1], strides=[2, 2])
+    model = b.build(b.conv(spatial, 8, 4))
+    folded = copy.deepcopy(model)
+    constants_to_initializers(folded)
+    assert fold_channel_shuffles(folded, analyse_at(folded, (1, 3, 8, 8))[0].shapes) == 1
+    onnx.checker.check_model(folded, full_check=True)
+    gather = next(n for n in folded.graph.node if n.op_type == "Gather")
+    assert gather.input[0] == x and onnx.numpy_helper.to_array(
+        next(t for t in folded.graph.initializer if t.name == gather.input[1])).tolist() == list(range(0, 16, 2))
+    assert [n.op_type for n in folded.graph.node].count("MaxPool") == 1  # the spatial one stays
+    data = calib_for(model, 96)
+    assert np.array_equal(run(folded, data[:4])[0], run(model, data[:4])[0])
+    assert not analyse_at(model, (1, 3, 8, 8))[1][0].prunable
+    result = onnxprune.prune(model, data, speedup=1.4, measure_latency=False, allocation="uniform")
+    assert result.report.groups[0].channels_after < 16  # the conv before the pool
+    check_pruned(result.model, model, data[:32], max_rel_err=0.5)
+
+
 def numpy_len(model: onnx.ModelProto, name: str) -> int:
     return next(len(onnx.numpy_helper.to_array(t)) for t in model.graph.initializer if t.name == name)
 
