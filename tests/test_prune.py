@@ -325,7 +325,8 @@ def test_held_out_check_leaves_out_integer_and_data_sized_outputs():
 def test_output_probes_run_on_fewer_images_where_inputs_or_outputs_are_large():
     """64 probe images up to 3 x 224 x 224 input values per sample, fewer above (a 640 x 640
     detector: 8), never fewer than 8; and as many values in the outputs they compare (a CTC
-    recogniser's scores over 6 625 characters at 40 steps: 36 images; over 18 710 at 160: 8)."""
+    recogniser's scores over 6 625 characters at 40 steps: 36 images; over 18 710 at 160: 8); and
+    the MACs of 64 ResNet-50 images where the outputs compared hold 64 000 values without them."""
     from onnxprune.sensitivity import probe_images
 
     model = tiny_vgg()
@@ -334,6 +335,11 @@ def test_output_probes_run_on_fewer_images_where_inputs_or_outputs_are_large():
             ((1, 1, 28, 28), (1, 3, 224, 224), (1, 3, 416, 416), (1, 3, 640, 640), (1, 3, 2048, 2048))] == [64, 64, 18, 8, 8]
     assert [probe_images(model, {name: (1, 3, 48, 320), out: shape}) for shape in
             ((1, 10), (1, 40, 6625), (1, 160, 18710))] == [64, 36, 8]
+    # and by cost, where the outputs are large enough: a 26 G-MAC image enhancer whose every pixel is
+    # an output (PairLIE at 240 x 320) runs 10; a 15.5 G-MAC classifier's 1 000 logits still need 64
+    enhancer = {name: (1, 3, 240, 320), out: (1, 3, 240, 320)}
+    assert [probe_images(model, enhancer, macs) for macs in (0, 4_100_000_000, 26_000_000_000)] == [41, 41, 10]
+    assert probe_images(model, {name: (1, 3, 224, 224), out: (1, 1000)}, 15_500_000_000) == 64
 
 
 def test_probability_maps_are_judged_by_the_regions_they_mark():
