@@ -204,8 +204,9 @@ def _image_options(inp: ModelInput, opts: ImageOptions) -> ImageOptions:
     if color is None or chans not in (None, color.channels):
         reads = f"--color {opts.color.value} reads {opts.color.channels}" if opts.color else \
             "an image folder feeds 1 (gray), 3 (RGB) or 4 (RGBA)"
-        raise CalibrationError(f"input '{inp.name}' {format_shape(inp.shape)} takes {chans} channels as "
-                               f"{layout.value.upper()}, but {reads}; check --layout and --color, or give a .npy/.npz")
+        takes = f"{chans} channel{'s' * (chans != 1)}"
+        raise CalibrationError(f"input '{inp.name}' {format_shape(inp.shape)} takes {takes} as {layout.value.upper()}, "
+                               f"but {reads}; check --layout and --color, or give a .npy/.npz")
     for name, values in (("--mean", opts.mean), ("--std", opts.std)):
         if len(values) not in (1, color.channels):
             raise CalibrationError(f"{name} has {len(values)} values for {color.channels}-channel images; "
