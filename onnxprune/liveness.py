@@ -113,5 +113,8 @@ def read_problem(node: onnx.NodeProto, g: GraphView, stats, weight: np.ndarray, 
     read = read_outputs(g, node.output[0])
     if read is None or not read.any():
         return stats, weight, bias
+    every = h.output_columns(node, g, np.arange(len(read)))
+    if not len(every) == weight.shape[0] == stats.outputs:  # the problem is not over all its outputs: as it is
+        return stats, weight, bias
     cols = h.output_columns(node, g, np.flatnonzero(read))
     return stats.with_outputs(cols), weight[cols], None if bias is None else bias[cols]
