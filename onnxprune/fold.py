@@ -272,7 +272,8 @@ def fold_channel_shuffles(model: onnx.ModelProto, shapes: dict[str, tuple[int, .
     g = GraphView(model, shapes)
     starts = [n.input[0] for n in g.nodes_by_type("Reshape")]
     starts += [n.input[0] for n in g.nodes_by_type("Transpose")
-               if any(_unit_window_strides(r) for r in g.consumers.get(n.output[0], []))]
+               if any(r.domain in ("", "ai.onnx") and handler_for(r).subsample_strides(r)
+                      for r in g.consumers.get(n.output[0], []))]
     if not starts:
         return 0
     values = ShapeValues(g)
@@ -321,7 +322,7 @@ def _shuffle_region(g: GraphView, values: ShapeValues, start: str,
         tensor = stack.pop()
         for node in g.consumers.get(tensor, []):
             readable = node.input[0] == tensor and node.domain in ("", "ai.onnx") and id(node) not in inside
-            strides = _unit_window_strides(node) if readable else None
+            strides = handler_for(node).subsample_strides(node) if readable else None
             param = _layout_params(node, g, values) if readable and node.op_type in MOVE_OPS else None
             if param is None and strides is None:
                 if tensor != start:
@@ -349,22 +350,6 @@ def _shuffle_region(g: GraphView, values: ShapeValues, start: str,
     # a map unchanged has nothing to rewrite
     found = {name: channels for name, channels in ends.items() if not np.array_equal(channels, np.arange(c))}
     return found or None
-
-
-def _unit_window_strides(node: onnx.NodeProto) -> list[int] | None:
-    """The strides of a ``MaxPool`` / ``AveragePool`` whose window is one element — kernel 1 on
-    every axis, no padding, dilation or ceil mode — which only subsamples the axes it pools;
-    None for any other node."""
-    if node.op_type not in ("MaxPool", "AveragePool") or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
-        return None
-    kernel = list(attr(node, "kernel_shape", []))
-    pads = list(attr(node, "pads", [0] * 2 * len(kernel)))
-    if not kernel or any(k != 1 for k in kernel) or any(pads) or attr(node, "ceil_mode", 0) or \
-            any(d != 1 for d in attr(node, "dilations", [1] * len(kernel))) or \
-            attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-        return None
-    strides = [int(v) for v in attr(node, "strides", [1] * len(kernel))]
-    return strides if len(strides) == len(kernel) and min(strides) >= 1 else None
 
 
 def _layout_params(node: onnx.NodeProto, g: GraphView, values: ShapeValues) -> tuple | None:

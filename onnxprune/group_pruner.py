@@ -66,9 +66,7 @@ def _contribution_problem(sites: list["Site"], g: GraphView, channels: int) -> t
     gram, corr = np.zeros((channels, channels)), np.zeros(channels)
     for site in sites:
         for c, st in zip(site.sampled, site.stats):
-            h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
-            gr, co = normalized_contribution(*read_problem(c.node, g, st, h.weight_matrix(c.node, g), h.bias(c.node, g)),
-                                             site.width)
+            gr, co = normalized_contribution(*read_problem(c.node, g, st), site.width)
             add_unit_contribution(gram, corr, gr, co, site.unit_channels, site.unit_positions, site.other_positions)
     return gram, corr
 
@@ -144,10 +142,9 @@ def _obs_keep(sites: list["Site"], g: GraphView, items: int, size: int, run: np.
     problems = []
     for site in sites:
         for c, st in zip(site.sampled, site.stats):
-            h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
             mine = site.unit_positions[::size] // size
-            prob = RefitProblem(*read_problem(c.node, g, st, h.weight_matrix(c.node, g), h.bias(c.node, g)),
-                                site.width // size, ESTIMATE_RIDGE, removals=len(run) - n, removable=mine)
+            prob = RefitProblem(*read_problem(c.node, g, st), site.width // size, ESTIMATE_RIDGE,
+                                removals=len(run) - n, removable=mine)
             problems.append((prob, site.unit_channels[::size] // size, mine))
     removed = obs_order(problems, items, run, count=count)
     if orders is not None:

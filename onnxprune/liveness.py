@@ -106,10 +106,11 @@ def _read_through(g: GraphView, node: onnx.NodeProto, rule: ChannelRule, tensor:
     return mask if covered else every
 
 
-def read_problem(node: onnx.NodeProto, g: GraphView, stats, weight: np.ndarray, bias: np.ndarray | None):
-    """A consumer's selection problem (its statistics, ``weight [Cout, D]`` and bias) over the
-    outputs something reads (:func:`read_outputs`): the same objects where all are read."""
+def read_problem(node: onnx.NodeProto, g: GraphView, stats) -> tuple:
+    """A consumer's selection problem — its statistics, ``weight [Cout, D]`` and bias — over the
+    outputs something reads (:func:`read_outputs`); over all of them where all are read."""
     h: LinearHandler = handler_for(node)  # type: ignore[assignment]
+    weight, bias = h.weight_matrix(node, g), h.bias(node, g)
     read = read_outputs(g, node.output[0])
     if read is None or not read.any():
         return stats, weight, bias

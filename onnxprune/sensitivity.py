@@ -194,8 +194,6 @@ def measure_curves(units: list[ChannelGroup], sampler, g, chunk: int = 8,
     unit's statistics are still held (the model must be as it was when it returns). ``measured``:
     the ratios measured on groups wider than :data:`EVERY_WIDTH` (the rest interpolated);
     ``known``: curves by unit index measured before, taken as they are."""
-    from .ops import handler_for
-
     known = known or {}
     atoms = {grp.index: grp.atoms for u in units for grp in u.sites}
     placed = {u.index: [(c, site) for site in unit_sites(u, atoms, g) for c in site.sampled]
@@ -224,11 +222,9 @@ def measure_curves(units: list[ChannelGroup], sampler, g, chunk: int = 8,
         ready = [job for job, ok in zip(waiting, done) if ok]
         waiting = [job for job, ok in zip(waiting, done) if not ok]
         for u, cs in ready:
-            hs = [handler_for(c.node) for c in cs]
             held_stats = [stats[_key(c)] for c in cs]
             chosen: dict[int, np.ndarray] = {}
-            problems = [read_problem(c.node, g, st, h.weight_matrix(c.node, g), h.bias(c.node, g))
-                        for h, c, st in zip(hs, cs, held_stats)]
+            problems = [read_problem(c.node, g, st) for c, st in zip(cs, held_stats)]
             curves[u.index] = error_curve(u, cs, [p[0] for p in problems], [p[1] for p in problems],
                                           [p[2] for p in problems], u.channels,
                                           measured=measured, conv_group=u.conv_group,

@@ -292,6 +292,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
                 sums[n] = [total if sums[n][0] is None else sums[n][0] + total, sums[n][1] + len(idx)]
             else:
                 sums[n][1] = -1  # no sample axis: not measured
+            scores = a.ndim == 2 and a.shape[0] == len(idx)  # one row per sample: class scores, if any
             if n in sigmoid_maps:
                 s[5] += int(np.count_nonzero((a > MARKED) & (b > MARKED)))
                 s[6] += int(np.count_nonzero((a > MARKED) | (b > MARKED)))
@@ -299,10 +300,10 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibrati
                 logit_a = _logits(a)
                 s[8] += float(((_logits(b) - logit_a) ** 2).sum())
                 s[9] += float((logit_a ** 2).sum())
-            elif n in maps and not (a.ndim == 2 and a.shape[0] == len(idx)):
+            elif n in maps and not scores:  # a map by class ([anchors, classes] too, rows not samples)
                 part = _marked_by_class(a, b, maps[n])
                 classes[n] = part if n not in classes else classes[n] + part
-            elif a.ndim == 2 and a.shape[1] > 1 and a.shape[0] == len(idx):  # one row of scores per sample
+            elif scores and a.shape[1] > 1:  # one row of scores per sample
                 s[3] += int((a.argmax(1) == b.argmax(1)).sum())
                 s[4] += a.shape[0]
     if left_out:

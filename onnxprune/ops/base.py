@@ -113,6 +113,11 @@ class Handler:
         """Per-channel scale factors (BatchNorm γ) of a node the channels pass through, if any."""
         return None
 
+    def subsample_strides(self, node: onnx.NodeProto) -> list[int] | None:
+        """The strides, per axis it acts on, where the node only subsamples its input (a pool with a
+        one-element window): None for a node that computes anything."""
+        return None
+
     def activation(self, node: onnx.NodeProto, g: GraphView) -> Activation | None:
         """The elementwise function the node applies and its derivative, where gradients may pass
         through it (:mod:`onnxprune.refine`); None otherwise."""

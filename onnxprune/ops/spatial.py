@@ -25,6 +25,20 @@ class Pool(Handler):
             return None
         return _tie(node)
 
+    def subsample_strides(self, node):
+        """A ``MaxPool`` / ``AveragePool`` whose window is one element — kernel 1 on every axis, no
+        padding, dilation, ceil mode or indices output — only subsamples the axes it pools (read as
+        a strided slice by :func:`~onnxprune.fold.fold_channel_shuffles`)."""
+        if node.op_type not in ("MaxPool", "AveragePool") or (len(node.output) > 1 and node.output[1]):
+            return None
+        kernel = list(attr(node, "kernel_shape", []))
+        if not kernel or any(k != 1 for k in kernel) or any(attr(node, "pads", [])) or attr(node, "ceil_mode", 0) or \
+                any(d != 1 for d in attr(node, "dilations", [])) or \
+                attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+            return None
+        strides = [int(v) for v in attr(node, "strides", [1] * len(kernel))]
+        return strides if len(strides) == len(kernel) and min(strides) >= 1 else None
+
 
 @register("Pad")
 class Pad(Handler):
