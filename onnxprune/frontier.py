@@ -40,13 +40,17 @@ def cut_tensors(model: onnx.ModelProto, position: int) -> set[str]:
     return produced & read
 
 
-def segment_model(model: onnx.ModelProto, start: int, available: dict[str, tuple[np.dtype, int]],
+Shape = tuple[int | None, ...]
+
+
+def segment_model(model: onnx.ModelProto, start: int, available: dict[str, tuple[np.dtype, Shape]],
                   outputs: Sequence[str]) -> onnx.ModelProto | None:
     """A model computing ``outputs`` from the tensors in ``available`` (their element types and
-    ranks given), with nodes from ``start`` on only; None where some output needs a node before
-    ``start``. The inputs declare their ranks: ONNX Runtime's shape inference misreads some shape
-    arithmetic on inputs of unknown rank (a Resize whose sizes concatenate scalars read
-    ``size()``-wise: "Number of elements of input 'sizes' (0)")."""
+    shapes given, None for a dim not fixed), with nodes from ``start`` on only; None where some
+    output needs a node before ``start``. The inputs declare their shapes: ONNX Runtime's shape
+    inference misreads shape arithmetic on inputs of unknown rank or length (a Resize whose
+    sizes concatenate scalars read ``size()``-wise, or a carried ``Shape(x)[0:2]``: "Number of
+    elements of input 'sizes' (0)")."""
     nodes = list(model.graph.node)
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     inits = {t.name for t in model.graph.initializer}
@@ -75,9 +79,9 @@ def segment_model(model: onnx.ModelProto, start: int, available: dict[str, tuple
     kept = [nodes[i] for i in sorted(live)]
     graph.node.extend(kept)
     for name in sorted(used_inputs):
-        dtype, rank = available[name]
+        dtype, shape = available[name]
         graph.input.append(onnx.helper.make_tensor_value_info(
-            name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [None] * rank))
+            name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), list(shape)))
     for name in outputs:
         vi = onnx.ValueInfoProto()
         vi.name = name
@@ -103,7 +107,8 @@ class Frontier:
         self.batches = [self.indices[s:s + self.batch] for s in range(0, len(self.indices), self.batch)]
         self.position = 0
         self.store: list[dict[str, np.ndarray | str]] = [{} for _ in self.batches]
-        self.kinds: dict[str, tuple[np.dtype, int]] = {}  # carried tensor -> (element type, rank)
+        # carried tensor -> (element type, shape over this frontier's batches, None where they differ)
+        self.kinds: dict[str, tuple[np.dtype, Shape]] = {}
         self._dir: str | None = None
         self._files = 0
 
@@ -152,7 +157,7 @@ class Frontier:
             advance_to = None
         available = dict(self.kinds)
         feed0 = self.calib.take(self.batches[0][:1]) if self.batches else {}
-        available.update({name: (v.dtype, v.ndim) for name, v in feed0.items() if name in graph_inputs})
+        available.update({name: (v.dtype, (None,) * v.ndim) for name, v in feed0.items() if name in graph_inputs})
         computed = [t for t in outputs if t not in available]
         computed += sorted(t for t in new_cut if t not in available and t not in computed)
         seg = segment_model(self.model, self.position, available, computed) if computed else None
@@ -181,13 +186,16 @@ class Frontier:
                 if spill:
                     part = {t: v if isinstance(v, str) else self.spill(v) for t, v in part.items()}
                 new_store.append(part)
-                if b == 0:
-                    new_kinds = {t: (values[t].dtype, values[t].ndim) if t in values else self.kinds[t] for t in new_cut}
+                for t in new_cut:
+                    if t in values:
+                        new_kinds[t] = _seen(new_kinds.get(t), values[t])
+                    elif b == 0:
+                        new_kinds[t] = self.kinds[t]
             yield idx, {t: values[t][:len(idx)] if values[t].ndim else values[t] for t in outputs}
         if advance_to is not None:
             self._replace(new_store, new_kinds if self.batches else {}, advance_to)
 
-    def _replace(self, new_store: list[dict[str, np.ndarray | str]], kinds: dict[str, tuple[np.dtype, int]],
+    def _replace(self, new_store: list[dict[str, np.ndarray | str]], kinds: dict[str, tuple[np.dtype, Shape]],
                  position: int) -> None:
         kept = {v for part in new_store for v in part.values() if isinstance(v, str)}
         for part in self.store:
@@ -195,3 +203,14 @@ class Frontier:
                 if isinstance(v, str) and v not in kept:
                     os.remove(v)
         self.store, self.position, self.kinds = new_store, position, kinds
+
+
+def _seen(kind: tuple[np.dtype, Shape] | None, value: np.ndarray) -> tuple[np.dtype, Shape]:
+    """A carried tensor's (element type, shape) once ``value`` was seen too: a dim that differs
+    between batches (the last, shorter one) is not fixed."""
+    if kind is None:
+        return value.dtype, tuple(value.shape)
+    shape = kind[1]
+    if len(shape) != value.ndim:
+        return value.dtype, (None,) * value.ndim
+    return value.dtype, tuple(d if d == v else None for d, v in zip(shape, value.shape))

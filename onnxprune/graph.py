@@ -189,7 +189,10 @@ def assign_channel_axes(g: GraphView) -> None:
         handler = handler_for(node)
         ins = _activations(node, g)
         out = node.output[0] if node.output else ""
-        if handler.any_axis and ins and ins[0] not in axes and out in axes:
+        if not handler.any_axis:
+            axis = handler.layer_axis(node, g)
+            axes.update((t, axis) for t in ins if t not in axes)
+        elif ins and ins[0] not in axes and out in axes:
             axis = handler.input_axis(node, g, axes[out])
             if axis is not None:
                 axes.update((t, axis) for t in ins if t not in axes)

@@ -361,6 +361,16 @@ def test_channels_last_graph_passes_channels_through_transposes(residual):
     assert_passes_through(model, 12, sizes=((2, 8, 8, 3), (3, 10, 6, 3)))
 
 
+def test_channels_last_input_is_kept_as_the_model_input():
+    """The NHWC input reaches its first conv through a Transpose only: its channels are on axis 3,
+    so its group is kept as the model input, not as a disagreement of 8 against 3 channels."""
+    model = tf2onnx_nhwc(residual=False)
+    g, groups = analyse_at(model, (2, 8, 8, 3))
+    assert g.channel_axis("input") == 3
+    first = next(grp for grp in groups if "input" in grp.tensors)
+    assert first.channels == 3 and first.reason == "model input", first.reason
+
+
 def test_channels_last_graph_prunes():
     assert_prunes(tf2onnx_nhwc(residual=False), size=(8, 8, 3))
 
