@@ -195,6 +195,7 @@ def upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
         _standard_image_scalers(model.graph)
         try:
             model = version_converter.convert_version(model, MIN_OPSET)
+            _asymmetric_resizes(model.graph)
             onnx.checker.check_model(model)
         except Exception as exc:  # noqa: BLE001 - the converter raises many kinds; one line for the user
             raise ModelError(f"the model uses opset {version}; converting it to opset {MIN_OPSET} (onnx.version_converter) "
@@ -203,6 +204,23 @@ def upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
         log.warning("the model uses opset %d: converted to opset %d (onnx.version_converter); the pruned model is "
                     "written at opset %d", version, MIN_OPSET, MIN_OPSET)
     return model
+
+
+def _asymmetric_resizes(graph: onnx.GraphProto) -> None:
+    """Give each ``Resize`` of a converted graph the coordinate rule its source had, in place:
+    ``Upsample`` and ``Resize``-10 map output pixel ``x`` to ``x / scale`` (and take the pixel
+    below for nearest), while the converter leaves opset 11's defaults (half-pixel centres,
+    rounding): a bilinear upsample would shift by half a pixel, a nearest one pick other pixels."""
+    for node in graph.node:
+        if node.op_type == "Resize" and node.domain in ("", "ai.onnx"):
+            names = {a.name for a in node.attribute}
+            if "coordinate_transformation_mode" not in names:
+                node.attribute.append(onnx.helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+            if "nearest_mode" not in names:
+                node.attribute.append(onnx.helper.make_attribute("nearest_mode", "floor"))
+        for a in node.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                _asymmetric_resizes(sub)
 
 
 def _standard_image_scalers(graph: onnx.GraphProto) -> None:

@@ -50,6 +50,17 @@ def upsample_net() -> onnx.ModelProto:
     return _head(b, b.node("Relu", [b.conv(b.node("Concat", [x, early], axis=1), 32, 24)]), 24)
 
 
+def deeplab_upsample_net() -> onnx.ModelProto:
+    """DeepLabV3 through tf2onnx at opset 9: the logits upsampled by a bilinear ``Upsample`` (a
+    scale of 2), and a map upsampled nearest by 1.5, whose output positions change with the
+    coordinate rule."""
+    b = Builder(in_shape=("N", 3, 16, 16), opset=9)
+    x = b.node("Relu", [b.conv(b.node("Relu", [b.conv("input", 3, 16, stride=2)]), 16, 16)])
+    x = b.node("Upsample", [x, b.const(np.array([1, 1, 1.5, 1.5], np.float32))], mode="nearest")
+    logits = b.conv(b.node("Relu", [b.conv(x, 16, 16)]), 16, 5, k=1, pad=0)
+    return b.build(b.node("Upsample", [logits, b.const(np.array([1, 1, 2, 2], np.float32))], mode="linear"))
+
+
 def resize_net(opset: int) -> onnx.ModelProto:
     """A U-Net-style skip (opset 10: ``Resize`` by scales, no roi; opset 7: ``Upsample`` with its
     scales as an attribute) joined by Concat."""
@@ -78,7 +89,7 @@ def weights_as_inputs_net() -> onnx.ModelProto:
     return model
 
 
-OLD = {"lrn": lrn_net, "image_scaler": image_scaler_net, "upsample": upsample_net,
+OLD = {"lrn": lrn_net, "image_scaler": image_scaler_net, "upsample": upsample_net, "upsample_linear": deeplab_upsample_net,
        "resize_opset10": lambda: resize_net(10), "upsample_opset7": lambda: resize_net(7),
        "weights_as_inputs": weights_as_inputs_net}
 
