@@ -482,7 +482,7 @@ class GroupPruner:
             h.set_linear(c.node, fit.weight, fit.bias, self.g)
         self._remember(c, len(cols), fit)
         if c.node.output[0] not in self.sampler.capped:  # what more images would help: not a memory cap
-            res.samples_per_unknown = min(res.samples_per_unknown or np.inf, st.n.sum() / (len(cols) + 1))
+            res.samples_per_unknown = min(res.samples_per_unknown or np.inf, st.samples_per_unknown(cols))
         res.residual_target |= bool(self.sampler.targets[c.node.output[0]].residual_other)
         return fit
 

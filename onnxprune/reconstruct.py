@@ -156,11 +156,10 @@ def refit(stats: LayerStats, cols: np.ndarray, weight: np.ndarray, bias: np.ndar
     idx, start, rows_of = _layout(stats.dim, cols, weight, bias, fit_bias)
     n_x = len(cols)
     energy = max(stats.energy(), 1e-30)
-    n = int(stats.n.sum())
     before = stats.error_of(*rows_of(start)) / energy
     if ridge is not None:
         best_ridge = ridge
-    elif n >= WELL_DETERMINED * len(idx):
+    elif stats.samples_per_unknown(cols, fit_bias) >= WELL_DETERMINED:
         best_ridge = RIDGES[0]
     else:
         rows = rows_of(start)[0]

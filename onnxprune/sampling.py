@@ -422,7 +422,7 @@ class Sampler:
                     rows = len(self.indices) * count
                     result[i] = LayerStats(x.shape[1], y.shape[1], rows if self.keep_samples else None)
                 fold = np.repeat(image_fold(idx), pos.shape[1])
-                result[i].add(x, y, fold)
+                result[i].add(x, y, fold, per_image=pos.shape[1])
         for c, st in zip(consumers, result):
             if st is not None and not st.finite():
                 raise ModelError(f"the model's activations overflow on the calibration data (NaN or Inf reach "

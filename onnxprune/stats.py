@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+SAME_VALUE = 1e-4  # relative spread below which an input's positions in one image hold one value
+
+
 @dataclass
 class LayerStats:
     """``XᵀX``, ``XᵀY``, ``ΣY²`` and counts for fold 0 and fold 1 (last row/col: the constant 1).
@@ -39,6 +42,13 @@ class LayerStats:
     y: np.ndarray | None = field(init=False, default=None)  # [rows, Cout] float32
     fold: np.ndarray | None = field(init=False, default=None)  # [rows] 0 or 1
     filled: int = field(init=False, default=0)
+    images: int = field(init=False, default=0)  # images the rows came from (rows per image given to add)
+    # inputs that are one value per image (a pooled map broadcast back, as DeepLab's image
+    # pooling): where an image's rows never differ while images do; None until rows per image are known
+    per_image_constant: np.ndarray | None = field(init=False, default=None)
+    _within: np.ndarray | None = field(init=False, default=None)
+    _across: np.ndarray | None = field(init=False, default=None)
+    _first: np.ndarray | None = field(init=False, default=None)
 
     def __post_init__(self):
         d = self.dim + 1
@@ -72,6 +82,9 @@ class LayerStats:
         keep = np.append(columns, self.dim)  # and the constant column
         w_other = weight[:, others].astype(np.float64).T  # [O, Cout]
         sub = LayerStats(len(columns), self.outputs, self.filled if self.samples_kept else None)
+        sub.images = self.images
+        if self.per_image_constant is not None:
+            sub.per_image_constant = self.per_image_constant[columns]
         if self.samples_kept:
             x = self.x[:self.filled]
             y = self.y[:self.filled] - (x[:, others].astype(np.float64) @ w_other).astype(np.float32)
@@ -110,8 +123,11 @@ class LayerStats:
             arrays = (np.diagonal(self.xtx, axis1=1, axis2=2),)
         return all(bool(np.isfinite(a).all()) for a in (*arrays, self.yy))
 
-    def add(self, x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> None:
-        """Accumulate rows ``x [n, D]``, ``y [n, Cout]``, each row in fold 0 or 1."""
+    def add(self, x: np.ndarray, y: np.ndarray, fold: np.ndarray, per_image: int = 0) -> None:
+        """Accumulate rows ``x [n, D]``, ``y [n, Cout]``, each row in fold 0 or 1; with
+        ``per_image``, the rows are that many consecutive positions of each image."""
+        if per_image:
+            self._note_images(x, per_image)
         if self.samples_kept:
             self._keep(x, y, fold)
             return
@@ -130,6 +146,33 @@ class LayerStats:
                 self.xty[f] += xf.T @ yf
             self.yy[f] += np.einsum("ij,ij->j", yf, yf, dtype=np.float64)
             self.n[f] += rows.sum()
+
+    def _note_images(self, x: np.ndarray, per_image: int) -> None:
+        images = x.reshape(-1, per_image, x.shape[1])
+        self.images += len(images)
+        if per_image < 2:
+            return
+        if self._first is None:
+            self._first = images[0, 0].copy()
+            self._within = np.zeros(x.shape[1], bool)
+            self._across = np.zeros(x.shape[1], bool)
+        high, low = images.max(1), images.min(1)
+        # a broadcast value is equal at every position up to the rounding of the op that spread it
+        self._within |= (high - low > SAME_VALUE * np.maximum(np.abs(high), np.abs(low))).any(0)
+        self._across |= (images[:, 0] != self._first).any(0)
+        self.per_image_constant = ~self._within & self._across
+
+    def samples_per_unknown(self, cols: np.ndarray, fit_bias: bool = True) -> float:
+        """Samples per unknown of a refit on the input columns ``cols``: the rows over all its
+        unknowns, or the images over the unknowns of inputs that hold one value per image,
+        whichever is fewer (those weights see one sample per image however many positions do)."""
+        extra = int(fit_bias)
+        spu = float(self.n.sum()) / max(len(cols) + extra, 1)
+        if self.per_image_constant is not None:
+            constant = int(self.per_image_constant[np.asarray(cols, dtype=np.int64)].sum())
+            if constant:
+                spu = min(spu, self.images / (constant + extra))
+        return spu
 
     def _keep(self, x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> None:
         start, stop = self.filled, self.filled + x.shape[0]

@@ -478,3 +478,20 @@ def test_a_layer_fed_by_several_units_is_refit_once_when_the_last_is_pruned(monk
     assert len(set(once)) == len(once) < len(refits) and set(once) == set(refits)  # each layer refit once
     errors = [check_pruned(result.model, model, x[:32], max_rel_err=1.0) for result in (deferred, every)]
     assert abs(errors[0] - errors[1]) <= 0.05 * errors[1], errors
+
+
+def test_image_pooling_branch_prunes():
+    """DeepLabV3's ASPP head: the map's global average, through a 1×1 conv, resized back over the
+    map and concatenated with a 1×1 branch before the projection, whose pooled inputs hold one
+    value per image (their refits count images: tests/test_stats.py). The pruned model is checked."""
+    b = Builder(in_shape=("N", 3, 8, 8))
+    x = b.node("Relu", [b.conv(b.node("Relu", [b.conv("input", 3, 16)]), 16, 16)])
+    pooled = b.node("Relu", [b.conv(b.node("GlobalAveragePool", [x]), 16, 8, k=1, pad=0)])
+    spread = b.node("Resize", [pooled, b.const(np.zeros(0, np.float32)), b.const(np.array([1, 1, 8, 8], np.float32))],
+                    mode="linear")
+    branch = b.node("Relu", [b.conv(x, 16, 8, k=1, pad=0)])
+    head = b.node("Relu", [b.conv(b.node("Concat", [spread, branch], axis=1), 16, 12, k=1, pad=0)])
+    model = b.build(b.conv(head, 12, 5, k=1, pad=0))
+    result = onnxprune.prune(model, calib_for(model, 40), speedup=1.3, measure_latency=False, seed=0)
+    assert result.report.totals.macs_speedup >= 1.3 * 0.97
+    check_pruned(result.model, model, calib_for(model, 8, seed=3), max_rel_err=0.5)
