@@ -80,6 +80,9 @@ class ChannelGroup:
     sites: list["ChannelGroup"] = field(default_factory=list)  # groups holding its atoms (owners)
     segments: int = 1  # equal runs of channels that must keep equally many each (grouped Conv)
     conv_group: int = 1  # channels go in whole aligned runs of this many (the groups of a grouped Conv)
+    # inputs of element-wise ops on several maps that hold fewer values than the op's output: one
+    # value per channel spread over the map (a gate, a conditioning branch's scale or shift)
+    broadcast: set[str] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -96,11 +99,37 @@ class ChannelGroup:
         """True when branches from several producers are summed (a residual join).
 
         A gate multiplied onto its trunk (squeeze-excite) also ties producers together but is
-        not a residual join: such groups are pruned by default.
+        not a residual join, nor is a per-channel shift added over the map (a conditioning
+        branch's, as in FiLM), nor a sum of two maps that come from the same producer
+        (``y·(1 + scale) + shift`` written as ``y·scale + shift + y``): such groups are pruned by
+        default.
         """
-        return len(self.producers) > 1 and any(
-            handler_for(n).joins_branches and sum(1 for i in n.input if i in self.tensors) > 1
-            for n in self.throughs)
+        if len(self.producers) < 2:
+            return False
+        made_by = {o: n for n in [*self.producers, *self.throughs] for o in n.output if o}
+        producers = {id(p) for p in self.producers}
+        maps_in = set(self.tensors) - self.broadcast
+        sources: dict[str, frozenset[int]] = {}
+
+        def sources_of(t: str) -> frozenset[int]:  # the producers whose maps reach t (not via spreads)
+            if t not in sources:
+                sources[t] = frozenset()  # a cycle guard; graphs are acyclic
+                node = made_by.get(t)
+                if node is None:
+                    found = frozenset()
+                elif id(node) in producers:
+                    found = frozenset({id(node)})
+                else:
+                    found = frozenset().union(*(sources_of(i) for i in node.input if i in maps_in))
+                sources[t] = found
+            return sources[t]
+
+        for n in self.throughs:
+            if handler_for(n).joins_branches:
+                maps = {sources_of(i) for i in n.input if i in maps_in}
+                if len(maps) > 1:
+                    return True
+        return False
 
     @property
     def all_consumers(self) -> list[Consumer]:
@@ -199,6 +228,12 @@ def assign_channel_axes(g: GraphView) -> None:
     g.channel_axes = {t: a for t, a in axes.items() if a != 1}
 
 
+def _spread(g: GraphView, t: str, out: str) -> bool:
+    """Whether the join input ``t`` holds fewer values than the join's output ``out`` (known shapes)."""
+    a, b = g.shape(t) if t else None, g.shape(out)
+    return a is not None and b is not None and len(a) == len(b) and int(np.prod(a)) < int(np.prod(b))
+
+
 def _rule(node: onnx.NodeProto, g: GraphView) -> ChannelRule | None:
     handler = handler_for(node)
     if not handler.any_axis and any(g.channel_axis(t) != handler.layer_axis(node, g) for t in _activations(node, g)):
@@ -290,6 +325,8 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
             if id(grp) not in seen:
                 grp.throughs.append(node)
                 seen.add(id(grp))
+                if len(_activations(node, g)) > 1:  # a join or a product of maps
+                    grp.broadcast.update(i for i in node.input if _spread(g, i, node.output[0]))
         for ins, out in rule.joins:
             parts = [(group_of(i), np.arange(g.channels(i) or 0)) for i in ins]
             _define(derived, group_of(out), node, parts, spaces, ins + [out])

@@ -495,3 +495,26 @@ def test_image_pooling_branch_prunes():
     result = onnxprune.prune(model, calib_for(model, 40), speedup=1.3, measure_latency=False, seed=0)
     assert result.report.totals.macs_speedup >= 1.3 * 0.97
     check_pruned(result.model, model, calib_for(model, 8, seed=3), max_rel_err=0.5)
+
+
+def test_conditioning_scale_and_shift_do_not_make_a_residual_join():
+    """CSRNet's modulation: a conv's map times a per-channel scale plus a per-channel shift, both
+    ``Gemm``s of a condition branch, plus the map again (``y·(1 + s) + t``). The shift is spread
+    over the map and both maps summed come from the same conv: its channels and the two Gemms'
+    rows are pruned together by default, not kept as a residual join."""
+    b = Builder(in_shape=("N", 3, 8, 8))
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    cond = b.node("Relu", [b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", ["input"])], axis=1), 3, 8)])
+    shape = b.const(np.array([-1, 16, 1, 1], np.int64))
+    scale, shift = (b.node("Reshape", [b.gemm(cond, 8, 16), shape]) for _ in range(2))
+    y = b.conv(x, 16, 16)
+    y = b.node("Add", [b.node("Add", [b.node("Mul", [y, scale]), shift]), y])
+    model = b.build(b.conv(b.node("Relu", [y]), 16, 4))
+    g, groups = analyse_at(model, (2, 3, 8, 8))
+    film = next(grp for grp in groups if len(grp.producers) == 3)
+    assert {p.op_type for p in film.producers} == {"Conv", "Gemm"}
+    assert not film.coupled and film.prunable, film.reason
+    xs = calib_for(model, 48)
+    result = onnxprune.prune(model, xs, speedup=1.3, measure_latency=False, seed=0)
+    assert any(g.name == film.name and g.channels_after < 16 for g in result.report.groups)
+    check_pruned(result.model, model, calib_for(model, 8, seed=3), max_rel_err=0.5)
