@@ -229,7 +229,7 @@ def assign_channel_axes(g: GraphView) -> None:
 
 
 def _spread(g: GraphView, t: str, out: str) -> bool:
-    """Whether the join input ``t`` holds fewer values than the join's output ``out`` (known shapes)."""
+    """Whether ``t``, an input of an element-wise op, holds fewer values than its output ``out`` (known shapes)."""
     a, b = g.shape(t) if t else None, g.shape(out)
     return a is not None and b is not None and len(a) == len(b) and int(np.prod(a)) < int(np.prod(b))
 

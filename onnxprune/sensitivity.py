@@ -126,24 +126,29 @@ PROBES = (0.3, 0.5)
 # Their cost is also held to that of 64 ResNet-50 images at 224² (4.1 G MACs each) where the outputs
 # compared still hold PROBE_MIN_OUTPUT_VALUES: a full-resolution image-to-image model (PairLIE,
 # 26 G MACs an image and every pixel an output) needs a few images, a classifier's 1 000 logits an
-# image need all 64 whatever its cost (VGG-16 at 224²).
+# image need all 64 whatever its cost (VGG-16 at 224²). All of a run's probes together are held to
+# PROBE_RUNS such probes (ResNet-50's units at two widths) where the outputs allow: a full-resolution
+# enhancer with a hundred groups (AGLLNet: 113 at 18.7 G MACs an image) probes on the fewest images.
 PROBE_IMAGES = 64
 PROBE_INPUT_VALUES = PROBE_IMAGES * 3 * 224 * 224
 PROBE_OUTPUT_VALUES = PROBE_INPUT_VALUES
 PROBE_MACS = PROBE_IMAGES * 4_100_000_000
 PROBE_MIN_OUTPUT_VALUES = PROBE_IMAGES * 1000
 MIN_PROBE_IMAGES = 8
+PROBE_RUNS = 64
 
 
-def probe_images(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], macs: int = 0) -> int:
+def probe_images(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], macs: int = 0, probes: int = 0) -> int:
     """How many images the output probes run on, by the size of one sample's inputs and of the
     outputs they compare (:func:`~onnxprune.verify.checked_tensors`), and by ``macs``, one
-    sample's MACs, where those outputs are large enough for fewer images."""
+    sample's MACs, and ``probes``, how many probes the run makes, where those outputs are large
+    enough for fewer images."""
     consts = {init.name for init in model.graph.initializer}
     values = sum(int(np.prod(shapes[i.name][1:])) for i in model.graph.input
                  if i.name not in consts and len(shapes.get(i.name, ())) > 1)
     compared = sum(int(np.prod(shapes[name][1:])) for name in checked_tensors(model) if len(shapes.get(name, ())) > 1)
-    by_cost = max(PROBE_MACS // max(macs, 1), -(-PROBE_MIN_OUTPUT_VALUES // max(compared, 1)))
+    affordable = PROBE_MACS * min(1, PROBE_RUNS / max(probes, 1)) // max(macs, 1)
+    by_cost = max(int(affordable), -(-PROBE_MIN_OUTPUT_VALUES // max(compared, 1)))
     return int(np.clip(min(PROBE_INPUT_VALUES // max(values, 1), PROBE_OUTPUT_VALUES // max(compared, 1), by_cost),
                        MIN_PROBE_IMAGES, PROBE_IMAGES))
 
@@ -281,7 +286,8 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
     # can be after units further on)
     sampled = {u.index for u in units if u.index not in known and any(sampleable(c, g) for c in u.all_consumers)}
     unprobed = set(sampled)
-    probe_idx = random_subset(sampler.indices, images or probe_images(model, shapes, graph_macs(g)), opts.seed)
+    probe_idx = random_subset(sampler.indices, images or probe_images(model, shapes, graph_macs(g), len(sampled) * len(at)),
+                              opts.seed)
     with Frontier(model, sampler.calib, sampler.indices, batch, provider=sampler.provider) as data, \
             Frontier(model, sampler.calib, probe_idx, batch, provider=sampler.provider) as outs:
         reference = list(outs.run(names))

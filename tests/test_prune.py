@@ -326,7 +326,8 @@ def test_output_probes_run_on_fewer_images_where_inputs_or_outputs_are_large():
     """64 probe images up to 3 x 224 x 224 input values per sample, fewer above (a 640 x 640
     detector: 8), never fewer than 8; and as many values in the outputs they compare (a CTC
     recogniser's scores over 6 625 characters at 40 steps: 36 images; over 18 710 at 160: 8); and
-    the MACs of 64 ResNet-50 images where the outputs compared hold 64 000 values without them."""
+    the MACs of 64 ResNet-50 images where the outputs compared hold 64 000 values without them,
+    all of a run's probes together those of 64 such probes."""
     from onnxprune.sensitivity import probe_images
 
     model = tiny_vgg()
@@ -340,6 +341,11 @@ def test_output_probes_run_on_fewer_images_where_inputs_or_outputs_are_large():
     enhancer = {name: (1, 3, 240, 320), out: (1, 3, 240, 320)}
     assert [probe_images(model, enhancer, macs) for macs in (0, 4_100_000_000, 26_000_000_000)] == [41, 41, 10]
     assert probe_images(model, {name: (1, 3, 224, 224), out: (1, 1000)}, 15_500_000_000) == 64
+    # and all probes together by the cost of 64: an enhancer with over a hundred groups (AGLLNet at
+    # 256 x 256, 18.7 G MACs, 226 probes) runs the fewest, a classifier still all 64
+    agllnet = {name: (1, 3, 256, 256), out: (1, 256, 256, 10)}
+    assert [probe_images(model, agllnet, 18_700_000_000, probes) for probes in (1, 64, 226)] == [14, 14, 8]
+    assert probe_images(model, {name: (1, 3, 224, 224), out: (1, 1000)}, 15_500_000_000, 300) == 64
 
 
 def test_probability_maps_are_judged_by_the_regions_they_mark():
