@@ -127,7 +127,7 @@ PROBES = (0.3, 0.5)
 # compared still hold PROBE_MIN_OUTPUT_VALUES: a full-resolution image-to-image model (PairLIE,
 # 26 G MACs an image and every pixel an output) needs a few images, a classifier's 1 000 logits an
 # image need all 64 whatever its cost (VGG-16 at 224²). All of a run's probes together are held to
-# PROBE_RUNS such probes (ResNet-50's units at two widths) where the outputs allow: a full-resolution
+# PROBE_RUNS such probes (about ResNet-50's units at two widths) where the outputs allow: a full-resolution
 # enhancer with a hundred groups (AGLLNet: 113 at 18.7 G MACs an image) probes on the fewest images.
 PROBE_IMAGES = 64
 PROBE_INPUT_VALUES = PROBE_IMAGES * 3 * 224 * 224
