@@ -43,12 +43,9 @@ class LayerStats:
     fold: np.ndarray | None = field(init=False, default=None)  # [rows] 0 or 1
     filled: int = field(init=False, default=0)
     images: int = field(init=False, default=0)  # images the rows came from (rows per image given to add)
-    # inputs that are one value per image (a pooled map broadcast back, as DeepLab's image
-    # pooling): where an image's rows never differ while images do; None until rows per image are known
-    per_image_constant: np.ndarray | None = field(init=False, default=None)
-    _within: np.ndarray | None = field(init=False, default=None)
-    _across: np.ndarray | None = field(init=False, default=None)
-    _first: np.ndarray | None = field(init=False, default=None)
+    _within: np.ndarray | None = field(init=False, default=None)  # inputs differing inside some image
+    _across: np.ndarray | None = field(init=False, default=None)  # inputs differing between images
+    _first: np.ndarray | None = field(init=False, default=None)  # the first row seen
 
     def __post_init__(self):
         d = self.dim + 1
@@ -83,8 +80,8 @@ class LayerStats:
         w_other = weight[:, others].astype(np.float64).T  # [O, Cout]
         sub = LayerStats(len(columns), self.outputs, self.filled if self.samples_kept else None)
         sub.images = self.images
-        if self.per_image_constant is not None:
-            sub.per_image_constant = self.per_image_constant[columns]
+        if self._within is not None:
+            sub._within, sub._across, sub._first = self._within[columns], self._across[columns], self._first[columns]
         if self.samples_kept:
             x = self.x[:self.filled]
             y = self.y[:self.filled] - (x[:, others].astype(np.float64) @ w_other).astype(np.float32)
@@ -160,7 +157,12 @@ class LayerStats:
         # a broadcast value is equal at every position up to the rounding of the op that spread it
         self._within |= (high - low > SAME_VALUE * np.maximum(np.abs(high), np.abs(low))).any(0)
         self._across |= (images[:, 0] != self._first).any(0)
-        self.per_image_constant = ~self._within & self._across
+
+    @property
+    def per_image_constant(self) -> np.ndarray | None:
+        """Inputs that hold one value per image (a pooled map broadcast back, as DeepLab's image
+        pooling): an image's rows never differ while images do; None until rows per image are known."""
+        return None if self._within is None else ~self._within & self._across
 
     def samples_per_unknown(self, cols: np.ndarray, fit_bias: bool = True) -> float:
         """Samples per unknown of a refit on the input columns ``cols``: the rows over all its
