@@ -83,11 +83,17 @@ class ChannelGroup:
     # inputs of element-wise ops on several maps that hold fewer values than the op's output: one
     # value per channel spread over the map (a gate, a conditioning branch's scale or shift)
     broadcast: set[str] = field(default_factory=set)
+    # the zero channels a Pad adds on the channel axis (it holds no tensor: they sit in the group the
+    # Pad writes, made by the layers summed onto the Pad there)
+    padding: onnx.NodeProto | None = None
 
     @property
     def name(self) -> str:
-        names = [node_name(p) for p in self.producers]
-        return "+".join(names) if names else self.tensors[0]
+        names = "+".join(node_name(p) for p in self.producers)
+        if self.padding is not None:
+            return f"{names} (the channels {node_label(self.padding)} adds)" if names else \
+                f"the channels {node_label(self.padding)} adds"
+        return names or self.tensors[0]
 
     @property
     def granule(self) -> int:
@@ -96,7 +102,10 @@ class ChannelGroup:
 
     @property
     def coupled(self) -> bool:
-        """True when branches from several producers are summed (a residual join).
+        """True when branches from several producers are summed (a residual join), in the group
+        itself or where its channels flow on: a group a Concat or Pad makes that is also summed
+        with a layer's output joins what they bring in with that layer's (a residual join across
+        them). The zero channels a Pad adds are joined with nothing there.
 
         A gate multiplied onto its trunk (squeeze-excite) also ties producers together but is
         not a residual join, nor is a per-channel shift added over the map (a conditioning
@@ -104,7 +113,14 @@ class ChannelGroup:
         (``y·(1 + scale) + shift`` written as ``y·scale + shift + y``): such groups are pruned by
         default.
         """
-        if len(self.producers) < 2:
+        if self.padding is not None:
+            return any(site._sums_maps(derived=False) for site in self.sites)
+        return any(site._sums_maps(derived=site is not self) for site in self.sites or [self])
+
+    def _sums_maps(self, derived: bool) -> bool:
+        """Whether a join in this group sums maps of different producers; with ``derived`` (the
+        group is made by a Concat or Pad), the channels brought in count as one more map."""
+        if len(self.producers) < (1 if derived else 2):
             return False
         made_by = {o: n for n in [*self.producers, *self.throughs] for o in n.output if o}
         producers = {id(p) for p in self.producers}
@@ -274,6 +290,8 @@ def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[Bl
             covered |= {inp} | set(outs)
         for inp, out, _ in rule.selects:
             covered |= {inp, out}
+        for inp, out, _, _ in rule.pads:
+            covered |= {inp, out}
         for t in covered:
             spaces.add(t)
         for t in acts:
@@ -309,6 +327,7 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
                 grp.blocked.append(Blocked.graph(f"channel counts disagree at '{t}'"))
             grp.channels = ch
     derived: dict[int, tuple[onnx.NodeProto, list[tuple[ChannelGroup, np.ndarray]]]] = {}
+    paddings: list[tuple[ChannelGroup, ChannelGroup]] = []  # (a Pad's zero channels, the group it writes)
     for node, rule in rules:
         if rule is None:
             continue
@@ -348,6 +367,17 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
             group_of(inp).throughs.append(node)
             part = [(group_of(inp), np.asarray(indices, np.int64))]
             _define(derived, group_of(out), node, part, spaces, [inp, out])
+        for inp, out, before, after in rule.pads:
+            widened = group_of(out)
+            widened.throughs.append(node)  # it rewrites its amounts when the zero channels go
+            zeros = ChannelGroup(index=len(groups), channels=before + after, tensors=[], padding=node)
+            groups[f"{node_name(node)} adds"] = zeros  # not a tensor name: no tensor is its own
+            paddings.append((zeros, widened))
+            part = [(zeros, np.arange(before)), (group_of(inp), np.arange(g.channels(inp) or 0)),
+                    (zeros, np.arange(before, before + after))]
+            _define(derived, widened, node, part, spaces, [inp, out])
+    for zeros, widened in paddings:  # what a Pad adds is made by the layers summed onto it
+        zeros.producers = list(widened.producers)
     result = sorted(groups.values(), key=lambda grp: grp.index)
     _assign_atoms(result, derived)
     for grp in result:
@@ -398,9 +428,6 @@ def _assign_atoms(groups: list[ChannelGroup], derived) -> None:
             result = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
             if len(result) != grp.channels or not fits:
                 grp.blocked.append(Blocked.at(node, "has channel counts that do not add up"))
-            if grp.producers:
-                grp.blocked.append(Blocked.at(
-                    node, "output is joined elementwise with a layer's (a residual join across it is not followed)"))
         else:
             result = np.arange(counter[0], counter[0] + grp.channels, dtype=np.int64)
             counter[0] += grp.channels
@@ -416,5 +443,6 @@ def _assign_atoms(groups: list[ChannelGroup], derived) -> None:
         if grp.owner:
             owner_of[grp.atoms] = grp.index
     for grp in groups:
-        for owner in dict.fromkeys(owner_of[grp.atoms].tolist()):
-            groups[owner].sites.append(grp)
+        if grp.tensors:  # a Pad's zero channels sit only in the group it writes
+            for owner in dict.fromkeys(owner_of[grp.atoms].tolist()):
+                groups[owner].sites.append(grp)

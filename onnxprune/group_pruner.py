@@ -302,27 +302,33 @@ class GroupPruner:
         res = GroupResult(unit.name, unit.channels, len(keep),
                           [node_name(c.node) for c in unit.all_consumers])
         befores, afters = [], []
-        produced = {node_key(p) for p in unit.producers}
+        # every site is cut before any refit: a layer may read one site and write another (the
+        # conv summed onto a Concat or Pad of the unit's channels)
+        site_keeps, ks = [], []
         for site in sites:
             now = self.current[site.group.index]
-            site_keep = np.flatnonzero(~np.isin(now, removed))
-            ks = [handler_for(c.node).weight_matrix(c.node, g).shape[1] // site.width  # type: ignore[attr-defined]
-                  for c in site.sampled] if opts.reconstruct and site.stats else []
+            site_keeps.append(np.flatnonzero(~np.isin(now, removed)))
+            ks.append([handler_for(c.node).weight_matrix(c.node, g).shape[1] // site.width  # type: ignore[attr-defined]
+                       for c in site.sampled] if opts.reconstruct and site.stats else [])
+        written = {node_key(p): site_keep for site, site_keep in zip(sites, site_keeps) for p in site.group.producers}
+        for site, site_keep in zip(sites, site_keeps):
             prune_group(g, site.group, site_keep, site.width)
-            self.current[site.group.index] = now[site_keep]
-            for c, st, k in zip(site.sampled, site.stats or [], ks):
+            self.current[site.group.index] = self.current[site.group.index][site_keep]
+            for node in site.group.producers:  # the original channels each layer still writes
+                self.kept_outputs[node.output[0]] = np.flatnonzero(
+                    np.isin(site.group.atoms, self.current[site.group.index]))
+        for site, site_keep, site_ks in zip(sites, site_keeps, ks):
+            for c, st, k in zip(site.sampled, site.stats or [], site_ks):
                 if node_key(c.node) in later:
                     continue
-                if node_key(c.node) in produced:  # it reads and writes the group (a block inside a residual join)
-                    cols = handler_for(c.node).output_columns(c.node, g, keep)  # type: ignore[attr-defined]
+                if node_key(c.node) in written:  # it also writes a site (a block inside a residual join)
+                    cols = handler_for(c.node).output_columns(c.node, g, written[node_key(c.node)])  # type: ignore[attr-defined]
                     st = st.with_outputs(cols)
                 fit = self._refit(c, st, expand_channels(site_keep, k), res)
                 befores.append(fit.error_before)
                 afters.append(fit.error_after)
         if opts.refine and opts.reconstruct and self.sampler and befores and not later:
             res.refined_error = self._refine(unit, sites, runs)
-        for node in unit.producers:
-            self.kept_outputs[node.output[0]] = keep
         if befores:
             res.error_before_refit, res.error_after_refit = float(np.mean(befores)), float(np.mean(afters))
         if tidy:

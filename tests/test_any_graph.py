@@ -254,18 +254,28 @@ def test_grouped_conv_after_concat_blocks_the_parts():
     assert len(parts) == 2 and all("grouped Conv reads them after Concat" in grp.reason for grp in parts)
 
 
-def test_a_concat_added_to_a_layers_output_keeps_its_parts_and_says_why():
-    """M-LSD's decoder: ``Add(Relu(conv(cat)), cat)`` with ``cat = Concat(a, b)`` — a residual join
-    across a Concat, not followed: both parts keep their width, the reason naming it."""
-    b = Builder()
+def concat_residual(b: Builder) -> str:
+    """M-LSD's decoder: ``Add(Relu(conv(cat)), cat)`` with ``cat = Concat(a, b)``: a residual join
+    across a Concat."""
     xa = b.node("Relu", [b.conv("input", 3, 4)])
     xb = b.node("Relu", [b.conv("input", 3, 4)])
     cat = b.node("Concat", [xa, xb], axis=1)
-    joined = b.node("Add", [b.node("Relu", [b.conv(cat, 8, 8)]), cat])
-    g, groups = analyse(b.build(b.conv(joined, 8, 2, k=1, pad=0)))
+    return b.node("Add", [b.node("Relu", [b.conv(cat, 8, 8)]), cat])
+
+
+def test_a_concat_added_to_a_layers_output_is_a_residual_join_of_its_parts():
+    """The parts keep their width by default, as residual joins do, and are pruned with
+    ``prune_coupled``: the conv summed onto the Concat loses the same output channels."""
+    b = Builder()
+    model = b.build(b.conv(concat_residual(b), 8, 2, k=1, pad=0))
+    g, groups = analyse(model)
     parts = [grp for grp in groups if grp.owner and grp.channels == 4]
-    assert len(parts) == 2
-    assert all("output is joined elementwise with a layer's (a residual join across it" in grp.reason for grp in parts)
+    assert len(parts) == 2 and all(grp.prunable and grp.coupled for grp in parts)
+    x = calib_for(model, n=64)
+    result = onnxprune.prune(model, x, speedup=1.5, prune_coupled=True, measure_latency=False)
+    widths = {r.name: r.channels_after for r in result.report.groups}
+    assert min(widths.values()) < 4
+    check_pruned(result.model, model, x, 0.6)
 
 
 # ---------------------------------------------------------------- Slice

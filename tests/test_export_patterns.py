@@ -175,11 +175,26 @@ def test_pad_with_runtime_channel_pads_stays_a_barrier():
     assert not grp.prunable and "Pad" in grp.reason
 
 
-def test_constant_channel_pads_stay_a_barrier():
+def test_a_zero_channel_before_a_conv_leaves_the_channels_it_pads_prunable():
+    """The added channel is zeros no layer makes (not pruned); the conv's own channels are."""
     b = Builder()
     x = b.node("Relu", [b.conv("input", 3, 8)])
     model = b.build(b.conv(b.node("Pad", [x, b.const(i64(0, 1, 0, 0, 0, 0, 0, 0))]), 9, 4))
     g, groups = analyse_at(model, (1, 3, 8, 8))
+    grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
+    zero = next(grp for grp in groups if grp.padding is not None)
+    assert grp.prunable and not zero.prunable and "no layer produces" in zero.reason
+    x = calib_for(model, n=32)
+    result = onnxprune.prune(model, x, speedup=1.3, measure_latency=False)
+    assert [(r.channels_before, r.channels_after < 8) for r in result.report.groups] == [(8, True)]
+    check_pruned(result.model, model, x, 0.5)
+
+
+def test_a_non_zero_channel_pad_stays_a_barrier():
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    pad = b.node("Pad", [x, b.const(i64(0, 1, 0, 0, 0, 0, 0, 0)), b.const(np.float32(1.0))])
+    g, groups = analyse_at(b.build(b.conv(pad, 9, 4)), (1, 3, 8, 8))
     grp = next(grp for grp in groups if grp.owner and grp.channels == 8)
     assert not grp.prunable and "Pad" in grp.reason
 
@@ -1176,3 +1191,61 @@ def test_layout_ops_that_are_not_a_channel_shuffle_stay():
     constants_to_initializers(work)
     assert fold_channel_shuffles(work, analyse_at(work)[0].shapes) == 0
     assert [n.op_type for n in work.graph.node] == [n.op_type for n in model.graph.node]
+
+
+# ---------------------------------------------------------------- channel padding (MediaPipe)
+def blaze(pad_value: float = 0.0, mode: str = "constant") -> onnx.ModelProto:
+    """MediaPipe's BlazeFace blocks as tflite2onnx writes them: depthwise 3×3, pointwise conv to
+    more channels, and a shortcut widened by a ``Pad`` of zeros on the channel axis before the
+    residual ``Add`` (after a MaxPool where the block strides); two heads read the last blocks."""
+    b = Builder(in_shape=("N", 3, 16, 16))
+    x, c = b.node("Relu", [b.conv("input", 3, 8)]), 8
+    heads = []
+    for cout, stride in ((12, 1), (16, 2), (16, 1), (24, 2)):
+        y = b.conv(b.conv(x, c, c, group=c, stride=stride), c, cout, k=1, pad=0)
+        s = b.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2]) if stride == 2 else x
+        if cout != c:
+            pads = b.const(i64(0, 0, 0, 0, 0, cout - c, 0, 0), "pads")
+            s = b.node("Pad", [s, pads] + ([b.const(np.float32(pad_value), "v")] if pad_value else []), mode=mode)
+        x, c = b.node("Relu", [b.node("Add", [y, s])]), cout
+        if cout == 16 and stride == 1 or cout == 24:
+            heads.append(b.conv(x, c, 6, k=1, pad=0))
+    return b.build(*heads)
+
+
+def test_a_pad_of_zero_channels_joins_its_input_with_channels_of_its_own():
+    g, groups = analyse_at(blaze(), (1, 3, 16, 16))
+    added = sorted((grp for grp in groups if grp.padding is not None), key=lambda grp: grp.index)
+    assert [grp.channels for grp in added] == [4, 4, 8]
+    assert all(grp.prunable for grp in added)
+    # the widened channels are summed with the block's conv alone; the last block's are read by a
+    # head and nothing else, while the earlier ones flow on into later residual joins
+    assert [grp.coupled for grp in added] == [True, True, False]
+    assert "Pad 'pad" in added[0].name and added[0].producers
+    stem = next(grp for grp in groups if grp.owner and grp.channels == 8 and grp.padding is None)
+    assert stem.prunable and stem.coupled  # its channels are summed after each Pad
+
+
+@pytest.mark.parametrize("prune_coupled, speedup", [(False, 1.01), (True, 1.25)])
+def test_blocks_widened_by_channel_padding_are_pruned(prune_coupled, speedup):
+    """Without ``prune_coupled`` only the last block's added channels (joined with nothing) go."""
+    model = blaze()
+    x = calib_for(model, n=96)
+    result = onnxprune.prune(model, x, speedup=speedup, prune_coupled=prune_coupled, measure_latency=False)
+    cut = {r.name: (r.channels_before, r.channels_after) for r in result.report.groups}
+    assert any("adds" in name and after < before for name, (before, after) in cut.items())
+    assert prune_coupled or all("adds" in name for name in cut)
+    pads = [numpy_helper_pads(result.model, n) for n in result.model.graph.node if n.op_type == "Pad"]
+    assert len(pads) == 3 and min(p[5] for p in pads) < max((4, 4, 8))
+    check_pruned(result.model, model, x, 0.5)
+
+
+def numpy_helper_pads(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
+    return onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == node.input[1]))
+
+
+@pytest.mark.parametrize("pad_value, mode", [(1.0, "constant"), (0.0, "reflect"), (0.0, "edge")])
+def test_channel_padding_other_than_zeros_stays_a_barrier(pad_value, mode):
+    g, groups = analyse_at(blaze(pad_value, mode), (1, 3, 16, 16))
+    assert not any(grp.padding is not None for grp in groups)
+    assert any("Pad 'pad" in grp.reason for grp in groups if grp.owner)

@@ -52,7 +52,8 @@ def test_single_layer_keeps_everything_and_names_no_barrier():
 def test_pad_on_channels_is_a_barrier_locking_the_layer_before_it():
     b = Builder(in_shape=(1, 3, 8, 8))
     x = b.conv("input", 3, 8)
-    x = b.node("Pad", [x, b.const(np.array([0, 0, 0, 0, 0, 2, 0, 0], np.int64))])  # 2 more channels
+    # 2 more channels of ones (zeros would be followed: the channels they pad stay prunable)
+    x = b.node("Pad", [x, b.const(np.array([0, 0, 0, 0, 0, 2, 0, 0], np.int64)), b.const(np.float32(1.0))])
     pad = b.nodes[-1].name
     x = b.node("Relu", [b.conv(x, 10, 8)])
     s = summary_of(b.build(b.conv(x, 8, 4)))

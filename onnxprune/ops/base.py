@@ -38,6 +38,9 @@ class ChannelRule:
         input's channels, the first beginning at channel ``start`` (Split, Slice on the channel axis).
     selects: (input, output, indices) triples where the output's channels are the input's at
         ``indices``, each at most once (Gather on the channel axis: a channel shuffle's halves).
+    pads: (input, output, before, after) where the output's channels are ``before`` new zero
+        channels, the input's, then ``after`` new zero channels (Pad on the channel axis, as
+        MediaPipe's blocks widen their shortcut before a residual Add).
     segments: tensors whose channels fall into this many equal consecutive runs that must keep
         equally many channels each (the groups of a grouped Conv cut inside its groups).
     whole_groups: tensors whose channels go only in whole aligned runs of this many (the conv
@@ -53,6 +56,7 @@ class ChannelRule:
     joins: list[tuple[list[str], str]] = field(default_factory=list)
     slices: list[tuple[str, list[str], int]] = field(default_factory=list)
     selects: list[tuple[str, str, np.ndarray]] = field(default_factory=list)
+    pads: list[tuple[str, str, int, int]] = field(default_factory=list)
     segments: dict[str, int] = field(default_factory=dict)
     whole_groups: dict[str, int] = field(default_factory=dict)
     shape_only: list[str] = field(default_factory=list)

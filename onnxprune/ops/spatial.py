@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from ..graphview import attr
+from ..graphview import attr, set_attr
 from .base import ChannelRule, Handler, batch_one_constant, register
 from .layout import channel_entry_rule, rewrite_channel_entry
 from .shapes import ShapeValues, axes_of, constant_elements, reads_channels
@@ -80,11 +80,63 @@ class Pad(Handler):
         half = len(pads) // 2
         for i, axis in enumerate(axes):
             for entry in (pads[i], pads[i + half]):
-                if axis == 1 and not (entry.constant and entry.value == 0):
-                    return None
                 if reads_channels(g, entry):
                     return None
+        widened = self._channel_pads(node, g)
+        if widened is not None:
+            return ChannelRule(pads=[(node.input[0], node.output[0], *widened)])
+        if any(axis == 1 and not (entry.constant and entry.value == 0)
+               for i, axis in enumerate(axes) for entry in (pads[i], pads[i + half])):
+            return None
         return _tie(node)
+
+    def _constant_pads(self, node, g) -> np.ndarray | None:
+        """The pads as written in the node (every axis' begin, then every end), where they are an
+        attribute or a constant input and no ``axes`` input picks the axes."""
+        if len(node.input) > 3 and node.input[3]:
+            return None
+        if len(node.input) > 1 and node.input[1]:
+            value = g.input_const(node, 1)
+        else:
+            value = attr(node, "pads")
+        return None if value is None else np.asarray(value, dtype=np.int64).reshape(-1)
+
+    def _channel_pads(self, node, g) -> tuple[int, int] | None:
+        """(before, after): the zero channels a constant-mode Pad adds on the channel axis (axis 1),
+        where its amounts are constants; None where it pads no channels, pads a value other
+        than 0, or crops."""
+        pads, rank = self._constant_pads(node, g), len(g.shape(node.input[0]) or ())
+        if pads is None or rank < 2 or len(pads) != 2 * rank:
+            return None
+        before, after = int(pads[1]), int(pads[1 + rank])
+        if before < 0 or after < 0 or before + after == 0:
+            return None
+        mode = attr(node, "mode", b"constant")
+        if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+            return None
+        if len(node.input) > 2 and node.input[2]:
+            value = g.input_const(node, 2)
+            if value is None or np.any(value != 0):
+                return None
+        elif attr(node, "value", 0.0) != 0.0:
+            return None
+        return before, after
+
+    def prune_through(self, node, keep, g):
+        """A Pad that adds zero channels (a through of the group it writes): ``keep`` counts the
+        output's channels, of which those it adds are kept as many as ``keep`` keeps."""
+        widened = self._channel_pads(node, g)
+        if widened is None:
+            return
+        before, after = widened
+        width = g.channels(node.output[0])
+        pads = self._constant_pads(node, g).copy()
+        rank = len(pads) // 2
+        pads[1], pads[1 + rank] = int((keep < before).sum()), int((keep >= width - after).sum())
+        if len(node.input) > 1 and node.input[1]:
+            g.set_const(node, 1, pads)
+        else:
+            set_attr(node, "pads", [int(v) for v in pads])
 
 
 _FREED = "_onnxprune_batch"  # names of what Resize.free_batch adds for one node
