@@ -1249,3 +1249,19 @@ def test_channel_padding_other_than_zeros_stays_a_barrier(pad_value, mode):
     g, groups = analyse_at(blaze(pad_value, mode), (1, 3, 16, 16))
     assert not any(grp.padding is not None for grp in groups)
     assert any("Pad 'pad" in grp.reason for grp in groups if grp.owner)
+
+
+def test_zero_channels_padded_before_and_after_are_rewritten_on_both_sides():
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    widened = b.node("Pad", [x, b.const(i64(0, 2, 0, 0, 0, 1, 0, 0), "pads")])
+    y = b.node("Relu", [b.node("Add", [b.conv(x, 8, 11), widened])])
+    model = b.build(b.conv(y, 11, 4))
+    x_cal = calib_for(model, n=64)
+    result = onnxprune.prune(model, x_cal, speedup=1.3, prune_coupled=True, allocation="uniform",
+                             round_to=1, measure_latency=False)
+    pad = next(n for n in result.model.graph.node if n.op_type == "Pad")
+    before, after = numpy_helper_pads(result.model, pad)[[1, 5]]
+    cut = {r.channels_before: r.channels_after for r in result.report.groups}
+    assert cut[3] == before + after < 3 and cut[8] < 8
+    check_pruned(result.model, model, x_cal, 0.5)
