@@ -18,6 +18,9 @@ from .sensitivity import GRID
 log = logging.getLogger(__name__)
 
 FINER_ROUNDINGS = (8, 1)  # what a default --round-to gives way to, in order, when a target needs it
+# a rounded plan that cuts this many times the MACs speedup asked for is reported: the narrowest
+# groups' cuts at the rounding (a 24-channel stream 24 -> 16) can reach far past a mild target
+OVERSHOOT = 1.2
 # No group is cut to less than this fraction of the width one uniform keep ratio would give it:
 # sensitivity curves measured on few images can make one layer look nearly free to cut, and
 # a single layer cut 5-25x then breaks the whole model (the held-out check sees it, the curves do not).
@@ -83,7 +86,13 @@ class Allocator:
         reach, ``relax`` takes the first finer multiple that reaches them, with a warning;
         otherwise the error says which multiple would do."""
         try:
-            return Plan(self.widths(targets, round_to), round_to)
+            plan = Plan(self.widths(targets, round_to), round_to)
+            reached = self.cost.total / max(self.cost.macs(plan.widths), 1.0)
+            only_macs = targets.params is None and targets.size_mb is None and targets.latency is None
+            if round_to > 1 and only_macs and targets.speedup > 1 and reached > targets.speedup * OVERSHOOT:
+                log.warning("%s: with kept channels rounded to multiples of %d the plan cuts MACs %.2fx "
+                            "(--round-to 1 keeps closer to the target)", targets.asked(), round_to, reached)
+            return plan
         except TargetNotMetError as exc:
             for finer in (r for r in FINER_ROUNDINGS if r < round_to):
                 try:

@@ -272,6 +272,24 @@ def test_target_lost_to_rounding_says_so():
     check_pruned(result.model, model, x[:10], max_rel_err=2.0)
 
 
+def test_a_rounded_plan_far_past_a_mild_target_says_so(caplog):
+    """Rounding to 16 channels can only cut a narrow net in large steps: asked 1.05x, the plan
+    cuts far more, and a warning names the rounding and --round-to 1; unrounded, it keeps close."""
+    model = tiny_vgg()
+    x = calib_for(model, 64)
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        rounded = onnxprune.prune(model, x, speedup=1.05, round_to=16, allocation="uniform", measure_latency=False)
+    assert rounded.report.totals.macs_speedup > 1.05 * 1.2
+    assert any("rounded to multiples of 16 the plan cuts MACs" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        exact = onnxprune.prune(model, x, speedup=1.05, round_to=1, allocation="uniform", measure_latency=False)
+    assert exact.report.totals.macs_speedup < 1.05 * 1.2
+    assert not any("the plan cuts MACs" in r.getMessage() for r in caplog.records)
+    check_pruned(rounded.model, model, x[:10], max_rel_err=2.0)
+    check_pruned(exact.model, model, x[:10], max_rel_err=2.0)
+
+
 def test_no_group_is_cut_below_half_its_uniform_width():
     """A curve that makes one group look free (few calibration images) does not let the allocation
     cut it 10x: it keeps at least half the width one uniform ratio would give it."""
