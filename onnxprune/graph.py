@@ -309,7 +309,7 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
     assign_channel_axes(g)
     spaces = _Spaces()
     rules, blocked = _link_spaces(g, spaces)
-    groups: dict[str, ChannelGroup] = {}
+    groups: dict[str | tuple[str, int], ChannelGroup] = {}  # by root tensor name (a Pad's zero channels: a tuple)
 
     def group_of(t: str) -> ChannelGroup:
         root = spaces.find(t)
@@ -371,7 +371,7 @@ def find_groups(g: GraphView) -> list[ChannelGroup]:
             widened = group_of(out)
             widened.throughs.append(node)  # it rewrites its amounts when the zero channels go
             zeros = ChannelGroup(index=len(groups), channels=before + after, tensors=[], padding=node)
-            groups[f"{node_name(node)} adds"] = zeros  # not a tensor name: no tensor is its own
+            groups[("padding", len(groups))] = zeros  # no tensor is its own (a tuple is no tensor name)
             paddings.append((zeros, widened))
             part = [(zeros, np.arange(before)), (group_of(inp), np.arange(g.channels(inp) or 0)),
                     (zeros, np.arange(before, before + after))]
