@@ -208,7 +208,9 @@ def build_cost_model(g: GraphView, groups: list[ChannelGroup]) -> CostModel:
             continue
         rule = handler.rule(node, g)
         tensors = rule.cost_tensors() if rule else []
-        gis = tuple(dict.fromkeys(where[t] for t in tensors if t in where))
+        # one factor per tensor, not per group: a conv that reads and writes one group (the block
+        # inside a residual join, as MediaPipe's) keeps the square of its share
+        gis = tuple(where[t] for t in dict.fromkeys(tensors) if t in where)
         entries.append(CostEntry(node_name(node), node.op_type, macs, gis, *_weights(node, inits)))
     owner_of = {int(a): grp.index for grp in groups if grp.owner for a in grp.atoms}
     composition = {}

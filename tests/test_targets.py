@@ -637,3 +637,28 @@ def test_a_missed_macs_target_is_pruned_again_aiming_past_the_miss(monkeypatch):
     before, after = result.report.totals.macs
     assert len(prunings) == 2 and before / (after * miss) >= 1.5
     check_pruned(result.model, model, x, 0.5)
+
+
+def test_the_cost_model_predicts_a_conv_that_reads_and_writes_one_residual_group():
+    """MediaPipe's blocks: a depthwise conv and a pointwise conv inside a residual join read and
+    write the same channels, so the pointwise conv keeps the square of their share: the plan's
+    predicted MACs are those of the pruned model."""
+    from onnxprune.allocation import Plan
+    from onnxprune.options import PruneOptions
+    from onnxprune.pipeline import Pruner
+    from onnxprune.summary import model_macs
+
+    b = Builder(in_shape=("N", 3, 16, 16))
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    for _ in range(3):  # x + conv1x1(dw(x)): both convs read and write the stream
+        x = b.node("Relu", [b.node("Add", [b.conv(b.conv(x, 16, 16, group=16), 16, 16, k=1, pad=0), x])])
+    model = b.build(b.conv(x, 16, 4, k=1, pad=0))
+    x_cal = calib_for(model, 16)
+    pruner = Pruner(model, x_cal, PruneOptions(prune_coupled=True, reconstruct=False, method="l1",
+                                               measure_latency=False))
+    stream = next(u for u in pruner.candidates if u.channels == 16)
+    plan = Plan({stream.index: 8}, 1)
+    predicted = pruner.cost.macs(plan.widths)
+    pruned = pruner.prune(plan).model
+    assert model_macs(pruned, pruner.cal) == pytest.approx(predicted, rel=1e-6)
+    check_pruned(pruned, model, x_cal, 2.0)
