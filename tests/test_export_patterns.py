@@ -970,19 +970,19 @@ def _with_subnormal_weights(model: onnx.ModelProto, share: float = 0.5) -> tuple
 def test_subnormal_weights_are_counted_and_flushed_in_initializers_and_constants():
     b = Builder(in_shape=("N", 2))
     w = b.const(np.array([[1e-40, -1e-39, 0.0], [np.finfo(np.float32).tiny, 1.0, -2e-45]], np.float32), "w")
-    h = b.const(np.array([3e-8, 1e-3, 0.0], np.float16), "h")  # float16's smallest normal is 6.1e-5
+    h = b.const(np.array([3e-8, 1e-3, 0.0], np.float16), "h")  # below float16's smallest normal (6.1e-5), left
     k = b.const(np.array([0, 1], np.int64), "k")
     c = b.node("Constant", [], value=onnx.numpy_helper.from_array(np.array([1e-41, 5.0], np.float32), "cv"))
     y = b.node("Add", [b.node("MatMul", ["input", w]), b.node("Cast", [b.node("Mul", [h, h])], to=1)])
     model = b.build(y, b.node("Add", [c, b.node("Cast", [k], to=1)]))
     before = copy.deepcopy(model)
-    assert subnormal_weights(model) == {w: 3, h: 1, "cv": 1}
+    assert subnormal_weights(model) == {w: 3, "cv": 1}
     assert model == before  # counting leaves the model as it is
-    assert flush_subnormal_weights(model) == {w: 3, h: 1, "cv": 1}
+    assert flush_subnormal_weights(model) == {w: 3, "cv": 1}
     assert subnormal_weights(model) == {}
     values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     assert values[w].tolist() == [[0.0, 0.0, 0.0], [np.finfo(np.float32).tiny, 1.0, 0.0]]
-    assert values[h].tolist() == [0.0, np.float16(1e-3), 0.0] and values[k].tolist() == [0, 1]
+    assert values[h].tolist() == [np.float16(3e-8), np.float16(1e-3), 0.0] and values[k].tolist() == [0, 1]
     onnx.checker.check_model(model, full_check=True)
 
 
@@ -1001,6 +1001,25 @@ def test_subnormal_weights_are_zero_in_the_pruned_model_and_the_given_one_is_unt
     assert model == given
     assert summary.subnormal_weights == subnormal_weights(model)[name]
     assert f"subnormal weights: {summary.subnormal_weights} (" in summary.text()
+
+
+def test_a_half_precision_model_keeps_its_float16_weights_small_ones_included(caplog):
+    model = copy.deepcopy(tiny_vgg())
+    for init in model.graph.initializer:
+        w = onnx.numpy_helper.to_array(init).astype(np.float16)
+        w.flat[::7] = np.float16(3e-6)  # below float16's smallest normal: a value like any other here
+        init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    del model.graph.value_info[:]
+    x = calib_for(model).astype(np.float16)
+    with caplog.at_level("WARNING"):
+        result = onnxprune.prune(model, x, speedup=1.3, seed=0)
+    assert "subnormal" not in caplog.text
+    weights = [onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer]
+    assert {w.dtype for w in weights if w.dtype.kind == "f"} == {np.dtype(np.float16)}
+    assert sum(int((w == np.float16(3e-6)).sum()) for w in weights) > 0
+    check_pruned(result.model, model, x, 0.5)
 
 
 def mbconv_static_pad(pads: str, opset: int = 13, mode: str = "constant", value: float = 0.0,
