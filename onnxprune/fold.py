@@ -1,6 +1,7 @@
 """Graph clean-ups done before analysis: constants (nodes and what is computed from them alone)
 to initializers, subnormal weights to zero, BN folded into Conv, zero padding into the Conv
-that reads it, channel shuffles as channel Gathers."""
+that reads it, channel shuffles as channel Gathers, spelled-out group norms as one node (spelled
+out again before a model is handed back)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from .graphview import GraphView, attr, set_attr
-from .ops import handler_for
+from .ops import FOLDED_DOMAIN, handler_for
 from .ops.shapes import MOVE_OPS, ShapeValues, is_channel_dim, move
 from .rewrite import drop_dead_nodes
 
@@ -372,3 +373,111 @@ def _layout_params(node: onnx.NodeProto, g: GraphView, values: ShapeValues) -> t
     if rest:
         return (np.asarray(g.const(rest[0])),)
     return (attr(node, "axes") if node.op_type in ("Squeeze", "Unsqueeze") else None,)
+
+
+GROUP_NORM = "GroupNormalization"  # the folded node's op type, in FOLDED_DOMAIN
+
+
+def fold_group_norms(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Rewrite every group normalisation spelled out as ``Reshape`` to ``[N, G, -1]`` →
+    ``InstanceNormalization`` over the G rows → ``Reshape`` back to the input's shape (read with
+    ``Shape`` or written as a constant) — PyTorch's ``nn.GroupNorm`` before opset 21, from either
+    exporter, its affine ``Mul``/``Add`` following as per-channel constants — as one node,
+    ``GroupNormalization`` of onnxprune's domain, defined by a model-local function holding the
+    same three ops: ONNX Runtime runs it as it ran them, and the channel analysis reads one op that
+    passes whole groups of channels (the two ``Reshape``\\ s would stop it). :func:`unfold_group_norms`
+    spells it out again. ``shapes``: measured. Returns how many were folded."""
+    g = GraphView(model, shapes)
+    folds = []
+    for norm in g.nodes_by_type("InstanceNormalization"):
+        split = g.producer.get(norm.input[0])
+        readers = g.consumers.get(norm.output[0], [])
+        back = readers[0] if len(readers) == 1 else None
+        if split is None or back is None or split.op_type != "Reshape" or back.op_type != "Reshape" or \
+                any(n.domain not in ("", "ai.onnx") for n in (split, norm, back)) or attr(split, "allowzero", 0) or \
+                len(g.consumers.get(split.output[0], [])) != 1 or \
+                {split.output[0], norm.output[0]} & g.graph_outputs or back.input[0] != norm.output[0]:
+            continue
+        x, shape = split.input[0], g.shape(split.input[0])
+        target, scale = g.input_const(split, 1), g.input_const(norm, 1)
+        if shape is None or len(shape) < 3 or target is None or scale is None or target.shape != (3,) or \
+                shape[1] % scale.size or target[1] != scale.size or target[0] not in (0, shape[0]) or \
+                target[2] not in (-1, int(np.prod(shape[1:])) // scale.size) or not _reads_shape_of(back, x, shape, g):
+            continue
+        folds.append((split, norm, back))
+    if not folds:
+        return 0
+    drop = set()
+    for split, norm, back in folds:
+        name = norm.name or norm.output[0]
+        target = f"{name}/groups"
+        while target in g.initializers or target in g.producer:
+            target += "_"
+        groups = numpy_helper.from_array(np.array([0, g.input_const(split, 1)[1], -1], np.int64), target)
+        model.graph.initializer.append(groups)
+        folded = onnx.helper.make_node(GROUP_NORM, [split.input[0], norm.input[1], norm.input[2], groups.name],
+                                       [back.output[0]], name=name, domain=FOLDED_DOMAIN,
+                                       epsilon=float(attr(norm, "epsilon", 1e-5)))
+        back.CopyFrom(folded)
+        drop.update((id(split), id(norm)))
+    nodes = [n for n in model.graph.node if id(n) not in drop]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    version = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if not any(o.domain == FOLDED_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(FOLDED_DOMAIN, 1))
+    if not any(f.domain == FOLDED_DOMAIN and f.name == GROUP_NORM for f in model.functions):
+        epsilon = onnx.AttributeProto(name="epsilon", ref_attr_name="epsilon", type=onnx.AttributeProto.FLOAT)
+        model.functions.append(onnx.helper.make_function(
+            FOLDED_DOMAIN, GROUP_NORM, ["X", "scale", "bias", "target"], ["Y"],
+            _group_norm_nodes("X", "scale", "bias", "target", "Y", epsilon, ""),
+            [onnx.helper.make_opsetid("", version)], ["epsilon"]))
+    drop_dead_nodes(model)  # the Shape that read the input's shape, unless something else reads it
+    GraphView(model).drop_unused_initializers()
+    return len(folds)
+
+
+def unfold_group_norms(model: onnx.ModelProto) -> int:
+    """Spell every node :func:`fold_group_norms` made out again as ``Reshape → InstanceNormalization
+    → Reshape`` (the second reads the input's shape), in place, and drop onnxprune's function and
+    domain from the model. Returns how many were spelled out."""
+    nodes, count = [], 0
+    for node in model.graph.node:
+        if node.domain != FOLDED_DOMAIN or node.op_type != GROUP_NORM:
+            nodes.append(node)
+            continue
+        epsilon = onnx.helper.make_attribute("epsilon", float(attr(node, "epsilon", 1e-5)))
+        nodes += _group_norm_nodes(*node.input[:4], node.output[0], epsilon, f"{node.name or node.output[0]}/")
+        count += 1
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    kept = [f for f in model.functions if f.domain != FOLDED_DOMAIN]
+    del model.functions[:]
+    model.functions.extend(kept)
+    opsets = [o for o in model.opset_import if o.domain != FOLDED_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
+    return count
+
+
+def _group_norm_nodes(x: str, scale: str, bias: str, target: str, y: str, epsilon: onnx.AttributeProto,
+                      prefix: str) -> list[onnx.NodeProto]:
+    """The ops of a group normalisation of ``x`` into ``y`` (``target``: ``[0, G, -1]``; ``scale``
+    and ``bias``: per group); their own tensors and nodes named with ``prefix``."""
+    rows, normed, shape = f"{prefix}rows", f"{prefix}normalised", f"{prefix}shape"
+    norm = onnx.helper.make_node("InstanceNormalization", [rows, scale, bias], [normed], name=f"{prefix}InstanceNormalization")
+    norm.attribute.append(epsilon)
+    return [onnx.helper.make_node("Reshape", [x, target], [rows], name=f"{prefix}Reshape"), norm,
+            onnx.helper.make_node("Shape", [x], [shape], name=f"{prefix}Shape"),
+            onnx.helper.make_node("Reshape", [normed, shape], [y], name=f"{prefix}Reshape_back")]
+
+
+def _reads_shape_of(back: onnx.NodeProto, x: str, shape: tuple[int, ...], g: GraphView) -> bool:
+    """Whether the ``Reshape`` ``back`` restores ``x``'s shape: it reads ``Shape(x)`` whole, or a
+    constant equal to ``x``'s (measured) shape."""
+    source = g.producer.get(back.input[1])
+    if source is not None and source.op_type == "Shape" and source.domain in ("", "ai.onnx"):
+        return source.input[0] == x and attr(source, "start", 0) == 0 and attr(source, "end", None) is None
+    value = g.input_const(back, 1)
+    return value is not None and tuple(int(v) for v in value) == tuple(shape) and not attr(back, "allowzero", 0)

@@ -32,8 +32,8 @@ from .calib import (ImageOptions, check_varied, load_calibration, random_subset,
                     synthetic_calibration)
 from .candidates import analyse, downstream_layers, positions, sampleable
 from .errors import NothingToPrune, OptionError, TargetNotMetError
-from .fold import (constants_to_initializers, flush_subnormal_weights, fold_batchnorm, fold_channel_shuffles, fold_pads,
-                   subnormal_weights)
+from .fold import (constants_to_initializers, flush_subnormal_weights, fold_batchnorm, fold_channel_shuffles,
+                   fold_group_norms, fold_pads, subnormal_weights, unfold_group_norms)
 from .graph import ChannelGroup
 from .graphview import GraphView
 from .group_pruner import prune_to
@@ -153,6 +153,7 @@ class Pruner:
             self.original = with_batch_axis(self.original, self.cal.unbatched)
             self.work = with_batch_axis(self.work, self.cal.unbatched)
         self.shapes = tensor_shapes(self.work, self.cal)
+        fold_group_norms(self.work, self.shapes)  # spelled out again in every model handed back
         fold_channel_shuffles(self.work, self.shapes)  # at the measured shapes; the maps it makes keep theirs
         if self.opts.needs_data:
             check_batch_axis(self.work, self.shapes)
@@ -206,6 +207,7 @@ class Pruner:
 
             result = prune_stripes(self.original, self.work, self.shapes, self.cal, self.fit_idx, self.hold_idx,
                                    self.opts, self.folded, self.start)
+            unfold_group_norms(result.model)
         else:
             plan = self.allocate()
             if self._residual_instead(plan):
@@ -351,6 +353,7 @@ class Pruner:
             if tail is not None:
                 log.info("tail: %d layers tuned together, held-out error %.4f -> %.4f%s", tail.layers,
                          tail.error_before, tail.error_after, "" if tail.kept else " (not kept)")
+        unfold_group_norms(model)
         declare_batch_as(model, self.original, self.freed)  # the working model's batch may have been freed
         return Pruned(model, groups, tail)
 

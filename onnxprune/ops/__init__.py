@@ -2,6 +2,7 @@
 
 from . import concat, conv, elementwise, layout, linear, recurrent, shapes, spatial  # noqa: F401  (registration side effects)
 from .base import (
+           FOLDED_DOMAIN,
            Activation,
            ChannelRule,
            Handler,
@@ -13,5 +14,5 @@ from .base import (
 )
 from .elementwise import activation_chain
 
-__all__ = ["Activation", "ChannelRule", "activation_chain", "Handler", "LinearHandler", "handler_for", "register", "registered_ops",
+__all__ = ["FOLDED_DOMAIN", "Activation", "ChannelRule", "activation_chain", "Handler", "LinearHandler", "handler_for", "register", "registered_ops",
            "sample_outputs"]

@@ -21,6 +21,10 @@ Activation = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np
 
 _REGISTRY: dict[str, "Handler"] = {}
 
+# the domain of the ops onnxprune writes into its working copy of a model and spells out again
+# before handing a model back (fold.fold_group_norms); handled as the standard op of the same name
+FOLDED_DOMAIN = "onnxprune"
+
 
 @dataclass
 class ChannelRule:
@@ -162,6 +166,16 @@ class Handler:
         return []
 
 
+def whole_runs(keep: np.ndarray, per_run: int, what: str) -> np.ndarray:
+    """The runs ``keep`` holds (channel ``i`` is in run ``i // per_run``), checked to be whole
+    aligned runs of ``per_run`` channels (the groups of a grouped conv or of a group norm); an
+    error naming ``what`` otherwise."""
+    runs = np.asarray(keep).reshape(-1, per_run) if len(keep) % per_run == 0 else None
+    if runs is None or (runs[:, 0] % per_run).any() or (np.diff(runs, axis=1) != 1).any():
+        raise ValueError(f"{what} keeps whole groups of {per_run} channels (got {np.asarray(keep).tolist()})")
+    return runs[:, 0] // per_run
+
+
 def batch_one_constant(node: onnx.NodeProto, g: GraphView, index: int) -> np.ndarray | None:
     """The node's constant shape input ``index`` where it writes a batch of 1 first and the node's
     data input runs at batch 1 (``g.shapes``); None otherwise."""
@@ -261,7 +275,7 @@ _BARRIER = Handler()
 
 def handler_for(node: onnx.NodeProto) -> Handler:
     """The handler for a node's op type; the barrier handler for unknown ops and other domains."""
-    if node.domain not in ("", "ai.onnx"):
+    if node.domain not in ("", "ai.onnx", FOLDED_DOMAIN):
         return _BARRIER
     return _REGISTRY.get(node.op_type, _BARRIER)
 

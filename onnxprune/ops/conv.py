@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from ..graphview import attr, set_attr
-from .base import ChannelRule, Handler, LinearHandler, register
+from .base import ChannelRule, Handler, LinearHandler, register, whole_runs
 
 
 def conv_pads(node: onnx.NodeProto, in_hw: tuple[int, ...], kernel: tuple[int, ...]) -> list[int]:
@@ -129,7 +129,7 @@ class Conv(LinearHandler):
 
     def prune_through(self, node, keep, g):
         per_group = int(g.input_const(node, 1).shape[1])  # 1 for depthwise
-        _check_whole_groups(keep, per_group)
+        whole_runs(keep, per_group, "a grouped conv")
         self._keep_filters(node, keep, g)
         set_attr(node, "group", int(len(keep)) // per_group)
 
@@ -217,13 +217,6 @@ def _check_equal_groups(keep: np.ndarray, channels: int, group: int) -> np.ndarr
     if len(per_group) != group or (per_group != per_group[0]).any():
         raise ValueError(f"a grouped conv must keep equally many channels per group (got {per_group.tolist()})")
     return keep.reshape(group, -1)
-
-
-def _check_whole_groups(keep: np.ndarray, per_group: int) -> None:
-    """An error unless ``keep`` is whole aligned runs of ``per_group`` channels (conv groups)."""
-    runs = np.asarray(keep).reshape(-1, per_group) if len(keep) % per_group == 0 else None
-    if runs is None or (runs[:, 0] % per_group).any() or (np.diff(runs, axis=1) != 1).any():
-        raise ValueError(f"a grouped conv keeps whole groups of {per_group} channels (got {np.asarray(keep).tolist()})")
 
 
 @register("ConvTranspose")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graphview import attr
-from .base import Activation, ChannelRule, Handler, handler_for, register
+from ..graphview import attr, set_attr
+from .base import FOLDED_DOMAIN, Activation, ChannelRule, Handler, handler_for, register, whole_runs
 
 
 @register("Tanh", "Elu", "Selu",
@@ -300,9 +300,49 @@ class InstanceNorm(Handler):
             g.set_const(node, i, g.input_const(node, i)[keep])
 
 
-@register("LayerNormalization", "GroupNormalization", "LRN")
+@register("GroupNormalization")
+class GroupNorm(Handler):
+    """Normalisation over runs of consecutive channels, each run (group) by its own statistics:
+    whole groups can go and the others normalise as before. ONNX's op (``num_groups``; scale and
+    bias per group at opset 18, per channel from 21) and the same spelled out by an exporter,
+    which onnxprune folds into one node of its own domain (inputs ``X, scale, bias, target``:
+    scale and bias per group, the ``Reshape`` target ``[0, G, -1]``; fold.fold_group_norms). One
+    group over every channel (a LayerNorm of the map) is a barrier."""
+
+    def groups(self, node, g) -> int | None:
+        """How many groups the node normalises now; None where its parameters are not constants."""
+        scale, bias = g.input_const(node, 1), g.input_const(node, 2)
+        if scale is None or bias is None or scale.size != bias.size:
+            return None
+        if node.domain == FOLDED_DOMAIN:
+            target = g.input_const(node, 3)
+            return int(scale.size) if target is not None and target.shape == (3,) and target[1] == scale.size else None
+        return int(attr(node, "num_groups", 0)) or None
+
+    def rule(self, node, g):
+        groups, channels = self.groups(node, g), g.channels(node.input[0])
+        if groups is None or channels is None or groups < 2 or channels % groups or \
+                g.input_const(node, 1).size not in (groups, channels):
+            return None
+        return ChannelRule(ties=[(node.input[0], node.output[0])], whole_groups={node.output[0]: channels // groups})
+
+    def prune_through(self, node, keep, g):
+        groups = self.groups(node, g)
+        kept = whole_runs(keep, g.channels(node.input[0]) // groups, "a group normalisation")
+        per_group = g.input_const(node, 1).size == groups
+        for i in (1, 2):
+            g.set_const(node, i, g.input_const(node, i)[kept if per_group else keep])
+        if node.domain == FOLDED_DOMAIN:
+            target = g.input_const(node, 3).copy()
+            target[1] = len(kept)
+            g.set_const(node, 3, target)
+        else:
+            set_attr(node, "num_groups", len(kept))
+
+
+@register("LayerNormalization", "LRN")
 class ChannelNorm(Handler):
-    """Normalisation over the channels (LayerNorm of channels-last blocks, GroupNorm, the local
+    """Normalisation over the channels (LayerNorm of channels-last blocks, the local
     response normalisation of AlexNet-era nets over neighbouring channels): a barrier
     to the channels it normalises, whose axis it keeps (so a channels-last ``MatMul`` after it
     still knows where its channels are)."""
