@@ -10,7 +10,7 @@ from fnmatch import fnmatchcase
 import onnx
 
 from .errors import OptionError
-from .graph import ChannelGroup, Consumer, find_groups
+from .graph import ChannelGroup, Consumer, find_groups, shared_weight
 from .graphview import GraphView
 from .ops import LinearHandler, handler_for
 
@@ -133,7 +133,7 @@ def downstream_layers(g: GraphView, todo: list[ChannelGroup], topo: dict[str, in
         if topo[node_key(node)] <= first or id(node) in refit_anyway or not node.input:
             continue
         c = Consumer(node, node.input[0], 1)
-        if sampleable(c, g) and handler_for(node).rule(node, g) is not None:
+        if sampleable(c, g) and handler_for(node).rule(node, g) is not None and not shared_weight(node, g):
             layers.append(c)
     return layers
 

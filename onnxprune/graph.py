@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from .graphview import GraphView, node_name
-from .ops import ChannelRule, handler_for
+from .ops import ChannelRule, LinearHandler, handler_for
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,17 @@ def _rule(node: onnx.NodeProto, g: GraphView) -> ChannelRule | None:
         return None
 
 
+def shared_weight(node: onnx.NodeProto, g: GraphView) -> str:
+    """The name of a weight of the layer ``node`` (a constant input of two or more dims) that other
+    nodes read too ('' where none): a detector head run at every pyramid level with one set of
+    weights (torchvision's FCOS and RetinaNet, YOLO-FastestV2). Its channels stay: pruned level by
+    level, each level's layer would get weights of its own and the file would grow."""
+    if not isinstance(handler_for(node), LinearHandler):
+        return ""
+    return next((i for i in node.input if i and g.is_const(i) and len(g.shape(i) or ()) >= 2 and
+                 len(g.consumers.get(i, [])) > 1), "")
+
+
 def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[Blocked]]]:
     """Apply every node's rule: tie tensors, and record barriers."""
     blocked: dict[str, list[Blocked]] = {}
@@ -271,12 +282,15 @@ def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[Bl
         blocked.setdefault(t, []).append(why)
 
     for node in g.graph.node:
-        rule = _rule(node, g)
+        shared = shared_weight(node, g)
+        rule = None if shared else _rule(node, g)
         rules.append((node, rule))
         acts = [t for t in list(node.input) + list(node.output) if t and not g.is_const(t)]
         if rule is None:
+            why = f"shares its weight '{shared}' with {len(g.consumers[shared]) - 1} other node(s): pruned, each " \
+                "would get its own copy" if shared else "is a barrier"
             for t in acts:
-                block(t, Blocked.at(node, "is a barrier"))
+                block(t, Blocked.at(node, why))
             continue
         covered = set(rule.produces) | set(rule.consumes) | set(rule.shape_only)
         for a, b in rule.ties:

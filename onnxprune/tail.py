@@ -28,6 +28,7 @@ import onnx
 from .activations import run_batches, tensor_shapes
 from .adam import adam_step
 from .calib import Calibration
+from .graph import shared_weight
 from .graphview import GraphView, attr
 from .ops import handler_for
 from .ops.base import LinearHandler
@@ -248,6 +249,8 @@ def _layer(node: onnx.NodeProto, g: GraphView) -> _Layer | None:
     """The tail layer of ``node``, or None where the tail cannot pass it."""
     h = handler_for(node)
     if isinstance(h, LinearHandler):
+        if shared_weight(node, g):  # tuned here, it would part from the other nodes' weight
+            return None
         shape = g.shape(node.input[0])
         if node.op_type == "Conv":
             ok = attr(node, "group", 1) == 1 and shape is not None and len(shape) == 4 and h.reconstructable(node, g)

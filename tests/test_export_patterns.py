@@ -1003,6 +1003,34 @@ def test_subnormal_weights_are_zero_in_the_pruned_model_and_the_given_one_is_unt
     assert f"subnormal weights: {summary.subnormal_weights} (" in summary.text()
 
 
+def shared_head() -> onnx.ModelProto:
+    """Two pyramid levels (8×8 and 4×4 maps from their own convs) and one head conv run on both
+    with the same weights, as torchvision's FCOS and RetinaNet export their heads."""
+    b = Builder(in_shape=("N", 3, 8, 8))
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    levels = [b.node("Relu", [b.conv(x, 16, 16, stride=stride)]) for stride in (1, 2)]
+    w, bias = b.const(RNG.normal(0, 0.3, (8, 16, 3, 3)).astype(np.float32)), b.const(np.zeros(8, np.float32))
+    heads = [b.node("Relu", [b.node("Conv", [level, w, bias], kernel_shape=[3, 3], pads=[1] * 4)]) for level in levels]
+    return b.build(*[b.conv(h, 8, 2, k=1, pad=0) for h in heads])
+
+
+def test_a_layer_run_at_several_levels_with_one_weight_keeps_its_channels_and_its_weight_shared():
+    model = shared_head()
+    shared = [n for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and
+              sum(n.input[1] in m.input for m in model.graph.node) == 2]
+    assert len(shared) == 2
+    _, groups = analyse_at(model)
+    for conv in shared:  # what it reads and what it writes: kept, with the reason
+        for t in (conv.input[0], conv.output[0]):
+            assert any(f"shares its weight '{conv.input[1]}' with 1 other node(s)" in str(b) for b in
+                       next(grp.blocked for grp in groups if t in grp.tensors))
+    x = calib_for(model)
+    result = onnxprune.prune(model, x, speedup=1.2, seed=0, round_to=1)
+    pruned_heads = [n for n in result.model.graph.node if n.op_type == "Conv" and n.name in {c.name for c in shared}]
+    assert len({n.input[1] for n in pruned_heads}) == 1  # still one weight, read by both
+    check_pruned(result.model, model, x, 0.5)
+
+
 def test_a_half_precision_model_keeps_its_float16_weights_small_ones_included(caplog):
     model = copy.deepcopy(tiny_vgg())
     for init in model.graph.initializer:

@@ -14,6 +14,10 @@ This script produces the reference models used by onnxprune's examples and tests
 * ``shufflenet_fmnist.onnx`` (with ``--only shufflenet`` only; not shipped) - ShuffleNetV2-style
   network with torchvision's blocks and channel shuffle (``x.size()``, exported as run-time shape
   arithmetic), for measuring pruning through channel shuffles (docs/benchmarks.md).
+* ``vgg_gn_fmnist.onnx`` (with ``--only vgg_gn`` only; not shipped) - the VGG-style network with
+  GroupNorm (8 groups) in place of BatchNorm, which the exporter spells out as
+  ``Reshape → InstanceNormalization → Reshape → Mul → Add``, for measuring pruning through group
+  norms (docs/benchmarks.md).
 * ``fmnist_calib.npy``   - 512 normalised training images (seeded random choice),
   float32 ``[512, 1, 28, 28]``, for calibration / activation statistics.
 * ``fmnist_calib_2k.npz`` - 2048 normalised training images (another seeded choice),
@@ -38,6 +42,7 @@ Example::
     python tools/train_fashion_mnist.py --only resnet --epochs 12
     python tools/train_fashion_mnist.py --only mobilenet --epochs 15 --no-data-files
     python tools/train_fashion_mnist.py --only shufflenet --out-dir /tmp/shf --no-data-files
+    python tools/train_fashion_mnist.py --only vgg_gn --out-dir /tmp/gn --no-data-files
 """
 
 from __future__ import annotations
@@ -111,19 +116,22 @@ def augment(x: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray
 
 
 # --------------------------------------------------------------------------- models
-def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def conv_bn_relu(cin: int, cout: int, groups: int = 0) -> list[nn.Module]:
+    """3×3 conv, BatchNorm (or GroupNorm of ``groups`` groups), ReLU."""
+    norm = nn.GroupNorm(groups, cout) if groups else nn.BatchNorm2d(cout)
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), norm, nn.ReLU(inplace=True)]
 
 
 class VGGFMnist(nn.Module):
     """VGG-style: [32,32,M,64,64,M,128,128,128,M] -> FC 1152->256 -> FC 256->10."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES):
+    def __init__(self, num_classes: int = NUM_CLASSES, groups: int = 0):
         super().__init__()
         layers: list[nn.Module] = []
-        layers += conv_bn_relu(1, 32) + conv_bn_relu(32, 32) + [nn.MaxPool2d(2)]
-        layers += conv_bn_relu(32, 64) + conv_bn_relu(64, 64) + [nn.MaxPool2d(2)]
-        layers += conv_bn_relu(64, 128) + conv_bn_relu(128, 128) + conv_bn_relu(128, 128) + [nn.MaxPool2d(2)]
+        layers += conv_bn_relu(1, 32, groups) + conv_bn_relu(32, 32, groups) + [nn.MaxPool2d(2)]
+        layers += conv_bn_relu(32, 64, groups) + conv_bn_relu(64, 64, groups) + [nn.MaxPool2d(2)]
+        layers += conv_bn_relu(64, 128, groups) + conv_bn_relu(128, 128, groups) + conv_bn_relu(128, 128, groups) + \
+            [nn.MaxPool2d(2)]
         self.features = nn.Sequential(*layers)  # 28 -> 14 -> 7 -> 3
         self.classifier = nn.Sequential(
             nn.Flatten(),
@@ -314,7 +322,16 @@ class ShuffleNetFMnist(nn.Module):
 
 MODELS = {"vgg": ("vgg_fmnist", VGGFMnist), "resnet": ("resnet_fmnist", ResNetFMnist),
           "mobilenet": ("mobilenet_fmnist", MobileNetFMnist)}
-EXTRA_MODELS = {"shufflenet": ("shufflenet_fmnist", ShuffleNetFMnist)}  # --only trains these; not shipped
+class VGGGroupNormFMnist(VGGFMnist):
+    """The VGG-style network with GroupNorm of 8 groups after each conv. Trained on request only
+    (``--only vgg_gn``): not among the shipped models."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__(num_classes, groups=8)
+
+
+EXTRA_MODELS = {"shufflenet": ("shufflenet_fmnist", ShuffleNetFMnist),  # --only trains these; not shipped
+                "vgg_gn": ("vgg_gn_fmnist", VGGGroupNormFMnist)}
 
 
 # --------------------------------------------------------------------------- training
