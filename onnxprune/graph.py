@@ -264,12 +264,26 @@ def _rule(node: onnx.NodeProto, g: GraphView) -> ChannelRule | None:
 def shared_weight(node: onnx.NodeProto, g: GraphView) -> str:
     """The name of a weight of the layer ``node`` (a constant input of two or more dims) that other
     nodes read too ('' where none): a detector head run at every pyramid level with one set of
-    weights (torchvision's FCOS and RetinaNet, YOLO-FastestV2). Its channels stay: pruned level by
-    level, each level's layer would get weights of its own and the file would grow."""
+    weights (torchvision's FCOS and RetinaNet, YOLO-FastestV2)."""
     if not isinstance(handler_for(node), LinearHandler):
         return ""
     return next((i for i in node.input if i and g.is_const(i) and len(g.shape(i) or ()) >= 2 and
                  len(g.consumers.get(i, [])) > 1), "")
+
+
+def tied_layers(g: GraphView) -> dict[str, list[onnx.NodeProto]]:
+    """Layers that share one weight, by its name, where every node reading it is such a layer of
+    one op type reading it at the same input: their input channels are the same channels, and so
+    are their outputs', so they are pruned alike and refit together (one weight stays shared)."""
+    tied: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.graph.node:
+        name = shared_weight(node, g)
+        if name and name not in tied:
+            readers = g.consumers[name]
+            slots = {(r.op_type, r.domain, tuple(i for i, t in enumerate(r.input) if t == name)) for r in readers}
+            if len(slots) == 1 and all(isinstance(handler_for(r), LinearHandler) for r in readers):
+                tied[name] = list(readers)
+    return tied
 
 
 def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[Blocked]]]:
@@ -281,14 +295,15 @@ def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[Bl
         spaces.add(t)
         blocked.setdefault(t, []).append(why)
 
+    tied = tied_layers(g)
     for node in g.graph.node:
         shared = shared_weight(node, g)
-        rule = None if shared else _rule(node, g)
+        rule = None if shared and shared not in tied else _rule(node, g)
         rules.append((node, rule))
         acts = [t for t in list(node.input) + list(node.output) if t and not g.is_const(t)]
         if rule is None:
-            why = f"shares its weight '{shared}' with {len(g.consumers[shared]) - 1} other node(s): pruned, each " \
-                "would get its own copy" if shared else "is a barrier"
+            why = f"shares its weight '{shared}' with {len(g.consumers[shared]) - 1} other node(s) that read it " \
+                "otherwise" if shared else "is a barrier"
             for t in acts:
                 block(t, Blocked.at(node, why))
             continue
@@ -311,6 +326,11 @@ def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[Bl
         for t in acts:
             if t not in covered:
                 block(t, Blocked.at(node, f"mixes channels of '{t}'"))
+    for layers in tied.values():  # one weight reads and writes the same channels at every level
+        for tensors in ([_activations(n, g)[0] for n in layers if _activations(n, g)], [n.output[0] for n in layers]):
+            for t in tensors:
+                spaces.add(t)
+                spaces.union(tensors[0], t)
     for t in g.graph_inputs:
         block(t, Blocked.graph("model input"))
     for t in g.graph_outputs:

@@ -83,6 +83,20 @@ class GraphView:
         if old:
             self.consumers[old] = [n for n in self.consumers[old] if n is not node]
 
+    def share_consts(self, node: onnx.NodeProto, source: onnx.NodeProto, equal_only: bool = True) -> None:
+        """Let ``node`` read ``source``'s constant inputs (layers that share a weight: refit together
+        on ``source``), or with ``equal_only`` only where the two hold equal values at the same
+        input (each sliced alike)."""
+        for i, name in enumerate(source.input[:len(node.input)]):
+            old = node.input[i]
+            if old == name or not (name and old and self.is_const(name) and self.is_const(old)):
+                continue
+            a, b = self.const(name), self.const(old)
+            if not equal_only or a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b):
+                node.input[i] = name
+                self.consumers[name].append(node)
+                self.consumers[old] = [n for n in self.consumers[old] if n is not node]
+
     def drop_unused_initializers(self) -> None:
         """Remove initializers that no node reads any more."""
         used = {i for n in self.graph.node for i in inputs_of(n)} | self.graph_outputs

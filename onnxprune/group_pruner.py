@@ -20,7 +20,7 @@ from .activations import DEFAULT_BATCH
 from .candidates import analyse, first_edited, node_key, positions, pruning_steps, sampleable
 from .errors import OptionError
 from .frontier import Frontier
-from .graph import ChannelGroup, Consumer
+from .graph import ChannelGroup, Consumer, tied_layers
 from .graphview import GraphView, node_name
 from .liveness import read_problem
 from .ops import Activation, LinearHandler, activation_chain, handler_for
@@ -33,6 +33,7 @@ from .rewrite import finalize, prune_group
 from .sampling import Runs, Sampler, reads_grouped_conv
 from .select import (OBS_MAX_COLUMNS, Method, RefitProblem, add_unit_contribution, expand_channels, l1_select, lasso_select,
                      normalized_contribution, obs_order, per_segment, random_select, slim_select, thinet_select)
+from .stats import pooled
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,9 @@ class GroupPruner:
         # one array for every branch's samples (refined one at a time): fresh pages of tens of MB per
         # branch cost more time than filling them
         self.pair_buffer = np.empty(max(MAX_VALUES, WHOLE_MAX_VALUES), np.float32) if opts.refine else None
+        # layers sharing one weight (a head at every pyramid level): node -> the first of them, which
+        # the others follow (one refit on all their samples; their constants shared again after a cut)
+        self.tied_to = {node_key(n): nodes[0] for nodes in tied_layers(g).values() for n in nodes}
 
     def defer_shared_refits(self, steps: list[ChannelGroup | Consumer], topo: dict[str, int]) -> None:
         """Refit a layer that several units feed (after a Concat: a DenseNet layer reads every
@@ -317,17 +321,32 @@ class GroupPruner:
             for node in site.group.producers:  # the original channels each layer still writes
                 self.kept_outputs[node.output[0]] = np.flatnonzero(
                     np.isin(site.group.atoms, self.current[site.group.index]))
+            self._share_tied(site.group.producers + [c.node for c in site.group.consumers])
         for site, site_keep, site_ks in zip(sites, site_keeps, ks):
+            tied: dict[tuple, list] = {}  # the first of some tied layers -> each one's (consumer, problem)
             for c, st, k in zip(site.sampled, site.stats or [], site_ks):
                 if node_key(c.node) in later:
                     continue
                 if node_key(c.node) in written:  # it also writes a site (a block inside a residual join)
                     cols = handler_for(c.node).output_columns(c.node, g, written[node_key(c.node)])  # type: ignore[attr-defined]
                     st = st.with_outputs(cols)
+                first = self.tied_to.get(node_key(c.node))
+                if first is not None:
+                    tied.setdefault(node_key(first), []).append((c, st, k))
+                    continue
                 fit = self._refit(c, st, expand_channels(site_keep, k), res)
                 befores.append(fit.error_before)
                 afters.append(fit.error_after)
-        if opts.refine and opts.reconstruct and self.sampler and befores and not later:
+            for members in tied.values():  # one refit on every level's samples, one weight again
+                c, _, k = members[0]
+                fit = self._refit(c, pooled([st for _, st, _ in members]), expand_channels(site_keep, k), res)
+                for other, _, _ in members[1:]:
+                    g.share_consts(other.node, c.node, equal_only=False)
+                befores.append(fit.error_before)
+                afters.append(fit.error_after)
+        tied_unit = any(node_key(n) in self.tied_to for site in sites
+                        for n in site.group.producers + [c.node for c in site.group.consumers])
+        if opts.refine and opts.reconstruct and self.sampler and befores and not later and not tied_unit:
             res.refined_error = self._refine(unit, sites, runs)
         if befores:
             res.error_before_refit, res.error_after_refit = float(np.mean(befores)), float(np.mean(afters))
@@ -335,6 +354,14 @@ class GroupPruner:
             g.drop_unused_initializers()
         log.info("%s: %d -> %d channels", unit.name, unit.channels, len(keep))
         return res
+
+    def _share_tied(self, nodes: list[onnx.NodeProto]) -> None:
+        """Let each of ``nodes`` that is tied to other layers read the constants of the first of
+        them where their values are equal again (sliced alike, or refit together)."""
+        for node in nodes:
+            first = self.tied_to.get(node_key(node))
+            if first is not None and first is not node:
+                self.g.share_consts(node, first)
 
     def _branch(self, unit: ChannelGroup, sites: list[Site]) -> Branch | None:
         """The residual branch through the unit's channels that :mod:`onnxprune.refine` can tune

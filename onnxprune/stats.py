@@ -239,3 +239,28 @@ class LayerStats:
     def energy(self, fold: int | None = None) -> float:
         """Sum of squared targets (the error of predicting zero)."""
         return float(self.yy.sum() if fold is None else self.yy[fold].sum())
+
+
+def pooled(parts: list[LayerStats]) -> LayerStats:
+    """One problem from several with the same unknowns and targets: the samples of layers that
+    share one weight, each run on a map of its own (a detector head at every pyramid level), so
+    that one refit serves them all. Each sample keeps its fold."""
+    first = parts[0]
+    kept = sum(p.filled for p in parts) if all(p.samples_kept for p in parts) else None
+    out = LayerStats(first.dim, first.outputs, kept if kept is not None and kept <= first.dim + 1 else None)
+    for p in parts:
+        if p.samples_kept:
+            out.add(p.x[:p.filled, :-1], p.y[:p.filled], p.fold[:p.filled])
+        else:
+            out.xtx += p.xtx
+            out.xty += p.xty
+            out.yy += p.yy
+            out.n += p.n
+        out.images += p.images
+        if p._within is not None:
+            if out._within is None:
+                out._first, out._within, out._across = p._first.copy(), p._within.copy(), p._across.copy()
+            else:
+                out._within |= p._within
+                out._across |= p._across | (p._first != out._first)
+    return out

@@ -1003,31 +1003,51 @@ def test_subnormal_weights_are_zero_in_the_pruned_model_and_the_given_one_is_unt
     assert f"subnormal weights: {summary.subnormal_weights} (" in summary.text()
 
 
-def shared_head() -> onnx.ModelProto:
+def shared_head(decoder: bool = False) -> onnx.ModelProto:
     """Two pyramid levels (8×8 and 4×4 maps from their own convs) and one head conv run on both
-    with the same weights, as torchvision's FCOS and RetinaNet export their heads."""
+    with the same weights, as torchvision's FCOS and RetinaNet export their heads; with
+    ``decoder``, a ``ConvTranspose`` reads that weight too (tied encoder and decoder weights)."""
     b = Builder(in_shape=("N", 3, 8, 8))
     x = b.node("Relu", [b.conv("input", 3, 16)])
     levels = [b.node("Relu", [b.conv(x, 16, 16, stride=stride)]) for stride in (1, 2)]
     w, bias = b.const(RNG.normal(0, 0.3, (8, 16, 3, 3)).astype(np.float32)), b.const(np.zeros(8, np.float32))
     heads = [b.node("Relu", [b.node("Conv", [level, w, bias], kernel_shape=[3, 3], pads=[1] * 4)]) for level in levels]
-    return b.build(*[b.conv(h, 8, 2, k=1, pad=0) for h in heads])
+    outs = [b.conv(h, 8, 2, k=1, pad=0) for h in heads]
+    if decoder:
+        outs.append(b.node("ConvTranspose", [heads[0], w], kernel_shape=[3, 3], pads=[1] * 4))
+    return b.build(*outs)
 
 
-def test_a_layer_run_at_several_levels_with_one_weight_keeps_its_channels_and_its_weight_shared():
+def _weight_readers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == "Conv" and sum(n.input[1] in m.input for m in model.graph.node) > 1]
+
+
+def test_layers_sharing_a_weight_are_pruned_alike_refit_together_and_keep_one_weight():
     model = shared_head()
-    shared = [n for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and
-              sum(n.input[1] in m.input for m in model.graph.node) == 2]
+    shared = _weight_readers(model)
     assert len(shared) == 2
     _, groups = analyse_at(model)
-    for conv in shared:  # what it reads and what it writes: kept, with the reason
-        for t in (conv.input[0], conv.output[0]):
-            assert any(f"shares its weight '{conv.input[1]}' with 1 other node(s)" in str(b) for b in
-                       next(grp.blocked for grp in groups if t in grp.tensors))
+    for side in ([c.input[0] for c in shared], [c.output[0] for c in shared]):  # both levels: one group
+        group = next(grp for grp in groups if side[0] in grp.tensors)
+        assert side[1] in group.tensors and not group.blocked
     x = calib_for(model)
-    result = onnxprune.prune(model, x, speedup=1.2, seed=0, round_to=1)
-    pruned_heads = [n for n in result.model.graph.node if n.op_type == "Conv" and n.name in {c.name for c in shared}]
-    assert len({n.input[1] for n in pruned_heads}) == 1  # still one weight, read by both
+    result = onnxprune.prune(model, x, speedup=1.5, seed=0, round_to=1)
+    heads = [n for n in result.model.graph.node if n.name in {c.name for c in shared}]
+    g = GraphView(result.model)
+    assert len({n.input[1] for n in heads}) == 1 and len({n.input[2] for n in heads}) == 1  # one weight, one bias
+    assert g.const(heads[0].input[1]).shape[1] < 16 or g.const(heads[0].input[1]).shape[0] < 8  # and it was cut
+    check_pruned(result.model, model, x, 0.5)
+
+
+def test_a_weight_also_read_by_another_kind_of_layer_keeps_its_channels():
+    model = shared_head(decoder=True)
+    _, groups = analyse_at(model)
+    head = _weight_readers(model)[0]
+    assert any("shares its weight" in str(b) and "that read it otherwise" in str(b)
+               for b in next(grp.blocked for grp in groups if head.output[0] in grp.tensors))
+    x = calib_for(model)
+    result = onnxprune.prune(model, x, speedup=1.1, seed=0, round_to=1)
+    assert sum(head.input[1] in n.input[1:2] for n in result.model.graph.node) == 3  # untouched, still shared
     check_pruned(result.model, model, x, 0.5)
 
 
