@@ -10,7 +10,7 @@ from fnmatch import fnmatchcase
 import onnx
 
 from .errors import OptionError
-from .graph import ChannelGroup, Consumer, find_groups, shared_weight
+from .graph import ChannelGroup, Consumer, find_groups, shared_weight, tied_layers
 from .graphview import GraphView
 from .ops import LinearHandler, handler_for
 
@@ -128,12 +128,14 @@ def downstream_layers(g: GraphView, todo: list[ChannelGroup], topo: dict[str, in
     (the producers' kept filters, projection shortcuts, the classifier)."""
     refit_anyway = {id(c.node) for grp in todo for c in grp.all_consumers}
     first = min(topo[node_key(p)] for grp in todo for p in grp.producers)
+    tied = {node_key(n) for nodes in tied_layers(g).values() for n in nodes}  # refit together (pruning_steps)
     layers = []
     for node in g.graph.node:
         if topo[node_key(node)] <= first or id(node) in refit_anyway or not node.input:
             continue
         c = Consumer(node, node.input[0], 1)
-        if sampleable(c, g) and handler_for(node).rule(node, g) is not None and not shared_weight(node, g):
+        if sampleable(c, g) and handler_for(node).rule(node, g) is not None and \
+                (node_key(node) in tied or not shared_weight(node, g)):
             layers.append(c)
     return layers
 
@@ -157,6 +159,8 @@ def pruning_steps(analysis: Analysis, widths: dict[int, int], topo: dict[str, in
     steps: list[tuple[int, ChannelGroup | Consumer]] = [
         (min(topo[node_key(c.node)] for c in grp.all_consumers), grp) for grp in todo]
     if todo and refit_downstream:
-        steps += [(topo[node_key(c.node)], c) for c in downstream_layers(analysis.g, todo, topo)]
+        others = {node_key(n) for nodes in tied_layers(analysis.g).values() for n in nodes[1:]}  # refit with the first
+        steps += [(topo[node_key(c.node)], c) for c in downstream_layers(analysis.g, todo, topo)
+                  if node_key(c.node) not in others]
     steps.sort(key=lambda step: step[0])
     return [step for _, step in steps]

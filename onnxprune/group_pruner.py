@@ -272,6 +272,7 @@ class GroupPruner:
         # layers sharing one weight (a head at every pyramid level): node -> the first of them, which
         # the others follow (one refit on all their samples; their constants shared again after a cut)
         self.tied_to = {node_key(n): nodes[0] for nodes in tied_layers(g).values() for n in nodes}
+        self.ties = {node_key(nodes[0]): nodes for nodes in tied_layers(g).values()}  # the first -> all of them
 
     def defer_shared_refits(self, steps: list[ChannelGroup | Consumer], topo: dict[str, int]) -> None:
         """Refit a layer that several units feed (after a Concat: a DenseNet layer reads every
@@ -494,13 +495,17 @@ class GroupPruner:
             self.ridges.setdefault((c.node.output[0], unknowns), fit.ridge)
 
     def refit_layer(self, c: Consumer, runs: Runs | None = None) -> float:
-        """Refit a layer whose input channels were not pruned but whose inputs drifted."""
-        st = self.sampler.stats(self.g, [c], self.kept_outputs, runs)[0]
+        """Refit a layer whose input channels were not pruned but whose inputs drifted (and the
+        layers that share its weight, on all their samples: ``c`` is the first of them)."""
+        copies = [c] + [Consumer(n, n.input[0], 1) for n in self.ties.get(node_key(c.node), [])[1:]]
+        st = pooled(self.sampler.stats(self.g, copies, self.kept_outputs, runs))
         h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
         fit = refit(st, np.arange(st.dim), h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias,
                     self._ridge_for(c, st.dim))
         if fit.ridge is not None:
             h.set_linear(c.node, fit.weight, fit.bias, self.g)
+            for other in copies[1:]:
+                self.g.share_consts(other.node, c.node, equal_only=False)
         self._remember(c, st.dim, fit)
         self.g.drop_unused_initializers()
         return fit.error_after

@@ -1040,6 +1040,19 @@ def test_layers_sharing_a_weight_are_pruned_alike_refit_together_and_keep_one_we
     check_pruned(result.model, model, x, 0.5 if method == "auto" else 0.8)  # l1: sliced, not refit
 
 
+def test_layers_sharing_a_weight_are_refit_together_where_only_their_inputs_drift():
+    model = shared_head()
+    heads = _weight_readers(model)
+    x = calib_for(model)
+    result = onnxprune.prune(model, x, speedup=1.15, seed=0, round_to=1, exclude=[heads[0].input[0], heads[0].output[0]])
+    # only the stem is cut: the heads' inputs drift
+    g, pruned = GraphView(result.model), [n for n in result.model.graph.node if n.name in {h.name for h in heads}]
+    assert g.const(pruned[0].input[1]).shape == (8, 16, 3, 3)  # not cut
+    assert len({n.input[1] for n in pruned}) == 1 and len({n.input[2] for n in pruned}) == 1
+    assert not np.array_equal(g.const(pruned[0].input[1]), GraphView(model).const(heads[0].input[1]))  # refit
+    check_pruned(result.model, model, x, 0.5)
+
+
 def test_a_weight_also_read_by_another_kind_of_layer_keeps_its_channels():
     model = shared_head(decoder=True)
     _, groups = analyse_at(model)
