@@ -327,7 +327,8 @@ def _link_spaces(g: GraphView, spaces: _Spaces) -> tuple[list, dict[str, list[Bl
             if t not in covered:
                 block(t, Blocked.at(node, f"mixes channels of '{t}'"))
     for layers in tied.values():  # one weight reads and writes the same channels at every level
-        for tensors in ([_activations(n, g)[0] for n in layers if _activations(n, g)], [n.output[0] for n in layers]):
+        inputs = [acts[0] for acts in (_activations(n, g) for n in layers) if acts]
+        for tensors in (inputs, [n.output[0] for n in layers]):
             for t in tensors:
                 spaces.add(t)
                 spaces.union(tensors[0], t)

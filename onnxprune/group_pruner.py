@@ -271,8 +271,9 @@ class GroupPruner:
         self.pair_buffer = np.empty(max(MAX_VALUES, WHOLE_MAX_VALUES), np.float32) if opts.refine else None
         # layers sharing one weight (a head at every pyramid level): node -> the first of them, which
         # the others follow (one refit on all their samples; their constants shared again after a cut)
-        self.tied_to = {node_key(n): nodes[0] for nodes in tied_layers(g).values() for n in nodes}
-        self.ties = {node_key(nodes[0]): nodes for nodes in tied_layers(g).values()}  # the first -> all of them
+        ties = tied_layers(g).values()
+        self.tied_to = {node_key(n): nodes[0] for nodes in ties for n in nodes}
+        self.ties = {node_key(nodes[0]): nodes for nodes in ties}  # the first -> all of them
 
     def defer_shared_refits(self, steps: list[ChannelGroup | Consumer], topo: dict[str, int]) -> None:
         """Refit a layer that several units feed (after a Concat: a DenseNet layer reads every

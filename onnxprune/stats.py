@@ -244,7 +244,9 @@ class LayerStats:
 def pooled(parts: list[LayerStats]) -> LayerStats:
     """One problem from several with the same unknowns and targets: the samples of layers that
     share one weight, each run on a map of its own (a detector head at every pyramid level), so
-    that one refit serves them all. Each sample keeps its fold."""
+    that one refit serves them all. Each sample keeps its fold; one problem is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
     first = parts[0]
     kept = sum(p.filled for p in parts) if all(p.samples_kept for p in parts) else None
     out = LayerStats(first.dim, first.outputs, kept if kept is not None and kept <= first.dim + 1 else None)

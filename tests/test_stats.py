@@ -8,7 +8,7 @@ from onnxprune import reconstruct
 from onnxprune.reconstruct import held_out_error, refit
 from onnxprune.select import normalized_contribution, sampled_contribution_problem
 from onnxprune.sensitivity import error_curve
-from onnxprune.stats import LayerStats
+from onnxprune.stats import LayerStats, pooled
 
 
 def _both(n=60, channels=10, k=9, cout=7, seed=0):
@@ -176,3 +176,25 @@ def test_inputs_with_one_value_per_image_are_counted_by_images(monkeypatch):
     assert not searched
     refit(st, np.arange(25), np.zeros((3, 25)), np.zeros(3), True)
     assert searched
+
+
+def test_pooled_problems_are_the_problem_of_all_their_samples():
+    rng = np.random.default_rng(3)
+    x, y, fold = rng.normal(size=(80, 12)).astype(np.float32), rng.normal(size=(80, 3)).astype(np.float32), \
+        rng.integers(0, 2, 80)
+    whole = LayerStats(12, 3)
+    whole.add(x, y, fold)
+    halves = [LayerStats(12, 3), LayerStats(12, 3, rows=5)]  # one as XᵀX, one keeping its few samples
+    halves[0].add(x[:75], y[:75], fold[:75])
+    halves[1].add(x[75:], y[75:], fold[75:])
+    together = pooled(halves)
+    assert not together.samples_kept and pooled([whole]) is whole
+    for a, b in zip(together.total(), whole.total()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(together.n, whole.n)
+    parts = [LayerStats(12, 3, rows=4), LayerStats(12, 3, rows=4)]
+    for i, part in enumerate(parts):
+        part.add(x[4 * i:4 * i + 4], y[4 * i:4 * i + 4], fold[4 * i:4 * i + 4])
+    few = pooled(parts)  # 8 samples for 13 unknowns: kept, in order
+    assert few.samples_kept and few.filled == 8
+    np.testing.assert_array_equal(few.x[:, :-1], x[:8])
