@@ -43,7 +43,7 @@ from threadpoolctl import threadpool_limits
 from .activations import batch_size_for, fitting_batch
 from .budget import count_params, graph_macs
 from .errors import NothingToPrune, OptionError, TargetNotMetError
-from .graph import Consumer
+from .graph import Consumer, shared_weight
 from .graphview import GraphView, attr, node_name
 from .io import default_opset, model_bytes
 from .latency import measure
@@ -405,8 +405,10 @@ class StripeLayer:
 
 
 def eligible(node: onnx.NodeProto, g: GraphView) -> bool:
-    """A group-1 2-D Conv with constant weights and a kernel of more than one position."""
-    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or attr(node, "group", 1) != 1:
+    """A group-1 2-D Conv with constant weights of its own (not shared with other nodes: each would
+    lose other stripes) and a kernel of more than one position."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or attr(node, "group", 1) != 1 or \
+            shared_weight(node, g):
         return False
     w = g.input_const(node, 1)
     if w is None or w.ndim != 4 or w.shape[2] * w.shape[3] <= 1:
@@ -419,7 +421,7 @@ def eligible(node: onnx.NodeProto, g: GraphView) -> bool:
 def _sampleable(node: onnx.NodeProto, g: GraphView) -> bool:
     h = handler_for(node)
     return (isinstance(h, LinearHandler) and h.reconstructable(node, g) and bool(node.input)
-            and h.rule(node, g) is not None)
+            and h.rule(node, g) is not None and not shared_weight(node, g))
 
 
 def _check_options(opts) -> None:

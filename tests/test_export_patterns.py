@@ -1053,6 +1053,18 @@ def test_layers_sharing_a_weight_are_refit_together_where_only_their_inputs_drif
     check_pruned(result.model, model, x, 0.5)
 
 
+def test_stripe_pruning_leaves_a_shared_weight_whole_and_shared():
+    model = shared_head()
+    heads = _weight_readers(model)
+    x = calib_for(model)
+    result = onnxprune.prune(model, x, speedup=1.2, seed=0, method="stripe")
+    pruned = [n for n in result.model.graph.node if n.name in {h.name for h in heads}]
+    assert len({n.input[1] for n in pruned}) == 1
+    np.testing.assert_array_equal(GraphView(result.model).const(pruned[0].input[1]),
+                                  GraphView(model).const(heads[0].input[1]))
+    check_pruned(result.model, model, x, 0.5)
+
+
 def test_a_weight_also_read_by_another_kind_of_layer_keeps_its_channels():
     model = shared_head(decoder=True)
     _, groups = analyse_at(model)
