@@ -39,6 +39,7 @@ import onnx
 from .activations import DEFAULT_BATCH
 from .calib import Calibration
 from .frontier import Frontier
+from .graph import shared_weight
 from .graphview import GraphView, node_name
 from .ops import LinearHandler, handler_for
 
@@ -220,6 +221,8 @@ def _why_dense(node: onnx.NodeProto, handler: LinearHandler, g: GraphView) -> st
         return f"no 2:4 sparse kernels for {node.op_type}"
     if not handler.reconstructable(node, g):
         return "grouped or depthwise conv, or unknown shapes"
+    if shared_weight(node, g):  # masked and refit node by node, each would get a copy of its own
+        return "its weight is shared with other nodes"
     cin = handler.input_channels(node, g)
     if cin % 4:
         return f"{cin} input channels are not a multiple of 4"

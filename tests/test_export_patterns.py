@@ -1065,6 +1065,19 @@ def test_stripe_pruning_leaves_a_shared_weight_whole_and_shared():
     check_pruned(result.model, model, x, 0.5)
 
 
+def test_2_4_sparsity_leaves_a_shared_weight_dense_and_shared():
+    model = shared_head()
+    heads = _weight_readers(model)
+    x = calib_for(model, 128)
+    result = onnxprune.prune(model, x, speedup=1.1, seed=0, round_to=1, sparsity="2:4", measure_latency=False,
+                             exclude=[heads[0].input[0]])  # 16 input channels: wide enough to go sparse
+    pruned = [n for n in result.model.graph.node if n.name in {h.name for h in heads}]
+    assert len({n.input[1] for n in pruned}) == 1
+    assert {layer["skipped"] for layer in result.report.sparsity if layer["node"] in {h.name for h in heads}} == \
+        {"its weight is shared with other nodes"}
+    check_pruned(result.model, model, x, 0.5)
+
+
 def test_a_weight_also_read_by_another_kind_of_layer_keeps_its_channels():
     model = shared_head(decoder=True)
     _, groups = analyse_at(model)
