@@ -401,7 +401,7 @@ def fold_group_norms(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]])
         x, shape = split.input[0], g.shape(split.input[0])
         target, scale = g.input_const(split, 1), g.input_const(norm, 1)
         if shape is None or len(shape) < 3 or target is None or scale is None or target.shape != (3,) or \
-                shape[1] % scale.size or target[1] != scale.size or target[0] not in (0, shape[0]) or \
+                scale.size < 1 or shape[1] % scale.size or target[1] != scale.size or target[0] not in (0, shape[0]) or \
                 target[2] not in (-1, int(np.prod(shape[1:])) // scale.size) or not _reads_shape_of(back, x, shape, g):
             continue
         folds.append((split, norm, back))
