@@ -442,12 +442,16 @@ def unfold_group_norms(model: onnx.ModelProto) -> int:
     → Reshape`` (the second reads the input's shape), in place, and drop onnxprune's function and
     domain from the model. Returns how many were spelled out."""
     nodes, count = [], 0
+    taken = {t for n in model.graph.node for t in [*n.input, *n.output]} | {i.name for i in model.graph.initializer}
     for node in model.graph.node:
         if node.domain != FOLDED_DOMAIN or node.op_type != GROUP_NORM:
             nodes.append(node)
             continue
         epsilon = onnx.helper.make_attribute("epsilon", float(attr(node, "epsilon", 1e-5)))
-        nodes += _group_norm_nodes(*node.input[:4], node.output[0], epsilon, f"{node.name or node.output[0]}/")
+        prefix = f"{node.name or node.output[0]}/"
+        while any(f"{prefix}{t}" in taken for t in ("rows", "normalised", "shape")):  # a file's own names
+            prefix += "_"
+        nodes += _group_norm_nodes(*node.input[:4], node.output[0], epsilon, prefix)
         count += 1
     if count:
         del model.graph.node[:]
