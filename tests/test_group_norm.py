@@ -15,7 +15,7 @@ import onnxprune
 from onnxprune.fold import fold_group_norms, unfold_group_norms
 from onnxprune.graph import find_groups
 from onnxprune.graphview import GraphView
-from onnxprune.ops import FOLDED_DOMAIN
+from onnxprune.ops import FOLDED_DOMAIN, handler_for
 from onnxprune.activations import tensor_shapes
 from onnxprune.calib import Calibration
 from onnxprune.summary import calibration_or_zeros, summarize
@@ -126,3 +126,23 @@ def test_group_norms_that_are_not_whole_groups_stay_barriers(case):
     fold_group_norms(work, shapes)
     first = [grp for grp in find_groups(GraphView(work, shapes)) if grp.channels == CHANNELS][0]
     assert first.blocked
+
+
+def test_onnx_group_norm_at_opset_18_keeps_its_scale_and_bias_per_group():
+    """Opset 18's scale and bias are per group (21 made them per channel; onnx's checker now calls
+    18's deprecated, so the handler is tried on the node directly)."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, CHANNELS, 6, 6])
+    node = onnx.helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=GROUPS, epsilon=1e-5)
+    inits = [onnx.numpy_helper.from_array(RNG.uniform(0.5, 1.5, GROUPS).astype(np.float32), "s"),
+             onnx.numpy_helper.from_array(RNG.normal(0, 0.2, GROUPS).astype(np.float32), "b")]
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "gn18", [x], [x], inits),
+                                   opset_imports=[onnx.helper.make_opsetid("", 18)])
+    g = GraphView(model, {"x": (1, CHANNELS, 6, 6), "y": (1, CHANNELS, 6, 6)})
+    handler = handler_for(node)
+    assert handler.rule(node, g).whole_groups == {"y": CHANNELS // GROUPS}
+    with pytest.raises(ValueError, match="whole groups of 4 channels"):
+        handler.prune_through(node, np.r_[0:3], g)  # part of a group
+    scale = g.const("s").copy()
+    handler.prune_through(node, np.r_[4:8, 20:28], g)  # groups 1, 5 and 6
+    np.testing.assert_array_equal(g.const(node.input[1]), scale[[1, 5, 6]])
+    assert next(a.i for a in node.attribute if a.name == "num_groups") == 3
