@@ -269,11 +269,10 @@ class GroupPruner:
         # one array for every branch's samples (refined one at a time): fresh pages of tens of MB per
         # branch cost more time than filling them
         self.pair_buffer = np.empty(max(MAX_VALUES, WHOLE_MAX_VALUES), np.float32) if opts.refine else None
-        # layers sharing one weight (a head at every pyramid level): node -> the first of them, which
-        # the others follow (one refit on all their samples; their constants shared again after a cut)
-        ties = tied_layers(g).values()
-        self.tied_to = {node_key(n): nodes[0] for nodes in ties for n in nodes}
-        self.ties = {node_key(nodes[0]): nodes for nodes in ties}  # the first -> all of them
+        # layers sharing one weight (a head at every pyramid level): each of them -> all of them, the
+        # first first, whose constants the others read (one refit on all their samples; shared again
+        # after a cut)
+        self.ties = {node_key(n): nodes for nodes in tied_layers(g).values() for n in nodes}
 
     def defer_shared_refits(self, steps: list[ChannelGroup | Consumer], topo: dict[str, int]) -> None:
         """Refit a layer that several units feed (after a Concat: a DenseNet layer reads every
@@ -332,9 +331,8 @@ class GroupPruner:
                 if node_key(c.node) in written:  # it also writes a site (a block inside a residual join)
                     cols = handler_for(c.node).output_columns(c.node, g, written[node_key(c.node)])  # type: ignore[attr-defined]
                     st = st.with_outputs(cols)
-                first = self.tied_to.get(node_key(c.node))
-                if first is not None:
-                    tied.setdefault(node_key(first), []).append((c, st, k))
+                if node_key(c.node) in self.ties:
+                    tied.setdefault(node_key(self.ties[node_key(c.node)][0]), []).append((c, st, k))
                     continue
                 fit = self._refit(c, st, expand_channels(site_keep, k), res)
                 befores.append(fit.error_before)
@@ -346,7 +344,7 @@ class GroupPruner:
                     g.share_consts(other.node, c.node, equal_only=False)
                 befores.append(fit.error_before)
                 afters.append(fit.error_after)
-        tied_unit = any(node_key(n) in self.tied_to for site in sites
+        tied_unit = any(node_key(n) in self.ties for site in sites
                         for n in site.group.producers + [c.node for c in site.group.consumers])
         if opts.refine and opts.reconstruct and self.sampler and befores and not later and not tied_unit:
             res.refined_error = self._refine(unit, sites, runs)
@@ -361,8 +359,8 @@ class GroupPruner:
         """Let each of ``nodes`` that is tied to other layers read the constants of the first of
         them where their values are equal again (sliced alike, or refit together)."""
         for node in nodes:
-            first = self.tied_to.get(node_key(node))
-            if first is not None and first is not node:
+            first = self.ties.get(node_key(node), [node])[0]
+            if node_key(first) != node_key(node):
                 self.g.share_consts(node, first)
 
     def _branch(self, unit: ChannelGroup, sites: list[Site]) -> Branch | None:
@@ -498,7 +496,8 @@ class GroupPruner:
     def refit_layer(self, c: Consumer, runs: Runs | None = None) -> float:
         """Refit a layer whose input channels were not pruned but whose inputs drifted (and the
         layers that share its weight, on all their samples: ``c`` is the first of them)."""
-        copies = [c] + [Consumer(n, n.input[0], 1) for n in self.ties.get(node_key(c.node), [])[1:]]
+        copies = [c] + [Consumer(n, n.input[0], 1) for n in self.ties.get(node_key(c.node), [])
+                        if node_key(n) != node_key(c.node)]
         st = pooled(self.sampler.stats(self.g, copies, self.kept_outputs, runs))
         h: LinearHandler = handler_for(c.node)  # type: ignore[assignment]
         fit = refit(st, np.arange(st.dim), h.weight_matrix(c.node, self.g), h.bias(c.node, self.g), h.has_bias,
