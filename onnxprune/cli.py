@@ -206,6 +206,9 @@ def build_bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default 1 16)")
     p.add_argument("--repeats", type=int, default=30, help="timed runs per model and batch (default 30)")
+    p.add_argument("--by-op", action="store_true",
+                   help="also where the time goes: each op type's kernels per run (ONNX Runtime's profiler, "
+                        "after its fusions), and each one's speedup against the first model")
     _add_shape(p)
     _add_image_options(p)
     _add_verbosity(p)
@@ -295,7 +298,7 @@ def _gate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .summary import bench, load_checked
+    from .summary import bench, bench_ops, load_checked
 
     models = [load_checked(m) for m in args.models]
     cal = _inputs(args, models[0])
@@ -306,7 +309,29 @@ def _bench(args: argparse.Namespace) -> int:
         for path, lat in zip(args.models, results):
             print(f"{str(path)[-40:]:<40} {batch:>5} {lat.median_ms:>10.3f} {lat.p90_ms:>9.3f} "
                   f"{1e3 * batch / lat.median_ms:>10.1f} {results[0].median_ms / lat.median_ms:>7.2f}x")
+    if args.by_op:
+        for batch, times in bench_ops(models, cal, args.provider, args.batch).items():
+            print(f"\ntime by op type at batch {batch}, ms per run (ONNX Runtime's profiler; "
+                  f"speedup against {args.models[0].name})")
+            _print_op_times(args.models, times)
     return EXIT_OK
+
+
+def _print_op_times(paths: list[Path], times) -> None:
+    """One row per op type (the first model's costliest first), a column per model."""
+    ops = list(dict.fromkeys(op for t in times for op in t.by_op))
+    width = max(14, *(len(str(p.name)[-24:]) for p in paths))
+    print(f"{'op type':<24}" + "".join(f" {str(p.name)[-24:]:>{width}}" for p in paths) +
+          ("" if len(paths) < 2 else f" {'speedup':>8}" * (len(paths) - 1)))
+
+    def row(label: str, values: list[float]) -> None:
+        ratios = [f" {values[0] / v:>7.2f}x" if v > 0 and values[0] > 0 else f" {'-':>8}" for v in values[1:]]
+        print(f"{label[:24]:<24}" + "".join(f" {v:>{width}.3f}" for v in values) + "".join(ratios))
+
+    for op in ops:
+        row(op, [t.by_op.get(op, 0.0) for t in times])
+    row("(between kernels)", [t.between_ms for t in times])
+    row("whole run", [t.run_ms for t in times])
 
 
 def _run(args: argparse.Namespace) -> int:

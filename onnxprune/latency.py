@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import tempfile
 import time
 from functools import cache
 from collections.abc import Sequence
@@ -41,11 +43,16 @@ def require_provider(provider: str) -> str:
     return name
 
 
-def provider_session(model: onnx.ModelProto, provider: str = "cpu", threads: int = 0) -> ort.InferenceSession:
-    """An ORT session on ``provider`` (cpu, cuda or tensorrt), or a one-line error if unavailable."""
+def provider_session(model: onnx.ModelProto, provider: str = "cpu", threads: int = 0,
+                     profile_prefix: str = "") -> ort.InferenceSession:
+    """An ORT session on ``provider`` (cpu, cuda or tensorrt), or a one-line error if unavailable;
+    with ``profile_prefix``, ORT's profiler writes its events to a file named from it."""
     name = require_provider(provider)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     # an explicit thread count, as ORT's default picks (one per physical core): with the default
     # (0), ORT pins the workers of each session to cores, and two sessions in one process then
     # land in one of two timing regimes at random (on a 2-core VM: 1.35x or 1.67x for one pair)
@@ -120,3 +127,57 @@ def latency_ms(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], p
                repeats: int = 30, warmup: int = 5) -> list[float]:
     """Median latency (ms) of each model on ``feed``, runs alternating across models in blocks."""
     return [m.median_ms for m in measure(models, feed, provider, repeats, warmup)]
+
+
+# profiled runs of one model: at least this long in all, and at most this many node events
+# (each is about 1 kB of ORT's JSON, held in memory while it is read)
+PROFILE_SECONDS = 1.0
+MAX_PROFILED_EVENTS = 40_000
+
+
+@dataclass
+class OpTimes:
+    """Where a run's time goes (milliseconds per run, from ONNX Runtime's profiler): the kernels
+    of each op type as ORT runs them — after its graph optimisations, so a fused node counts
+    under its own type (a ``Conv`` with its activation, SiLU as ``QuickGelu``) and the layout
+    reorders ORT inserts around blocked convs under theirs — and the whole run."""
+
+    by_op: dict[str, float]
+    run_ms: float
+    runs: int
+
+    @property
+    def between_ms(self) -> float:
+        """The part of a run outside any kernel: scheduling, copies, the session's own work."""
+        return max(0.0, self.run_ms - sum(self.by_op.values()))
+
+
+def op_times(model: onnx.ModelProto, feed: dict[str, np.ndarray], provider: str = "cpu",
+             warmup: int = 5, threads: int = 0) -> OpTimes:
+    """:class:`OpTimes` of ``model`` on ``feed``: runs after ``warmup`` untimed ones, for about
+    :data:`PROFILE_SECONDS`. The profiler's file goes to a temporary folder, removed after."""
+    with tempfile.TemporaryDirectory(prefix="onnxprune-profile-") as folder:
+        session = provider_session(model, provider, threads, profile_prefix=os.path.join(folder, "run"))
+        start = time.perf_counter()
+        for _ in range(warmup):
+            session.run(None, feed)
+        once = max((time.perf_counter() - start) / max(warmup, 1), 1e-6)
+        nodes = max(1, len(model.graph.node))
+        runs = int(max(3, min(PROFILE_SECONDS / once, MAX_PROFILED_EVENTS / nodes)))
+        for _ in range(runs):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    timed_from = starts[-runs] if len(starts) >= runs else 0
+    by_op: dict[str, float] = {}
+    run_us = 0.0
+    for e in events:
+        if e.get("ts", -1) < timed_from:
+            continue
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / runs
+        elif e.get("cat") == "Session" and e.get("name") == "model_run":
+            run_us += e["dur"]
+    return OpTimes(dict(sorted(by_op.items(), key=lambda kv: -kv[1])), run_us / 1e3 / runs, runs)

@@ -23,7 +23,7 @@ from .errors import CalibrationError, ModelError, OptionError
 from .graph import find_groups
 from .graphview import GraphView, node_name
 from .io import load_model, model_bytes
-from .latency import Latency, latency_ms, measure
+from .latency import Latency, OpTimes, latency_ms, measure, op_times
 from .ops import handler_for
 from .prunable import Barrier, prunability
 from .quantize import dequantized
@@ -215,11 +215,21 @@ def bench(models: list[onnx.ModelProto], cal: Calibration, provider: str, batche
           repeats: int) -> dict[int, list[Latency]]:
     """Latency of each model at each batch size it runs (alternating across models in blocks),
     keyed by that size: a model with a static batch runs its own whatever size was asked."""
-    results: dict[int, list[Latency]] = {}
+    return {size: measure(runs, feed, provider, repeats) for size, runs, feed in _bench_feeds(models, cal, batches)}
+
+
+def bench_ops(models: list[onnx.ModelProto], cal: Calibration, provider: str,
+              batches: list[int]) -> dict[int, list[OpTimes]]:
+    """Where each model's run time goes, by op type (ORT's profiler), at each batch size it runs,
+    keyed as :func:`bench`'s results."""
+    return {size: [op_times(m, feed, provider) for m in runs] for size, runs, feed in _bench_feeds(models, cal, batches)}
+
+
+def _bench_feeds(models: list[onnx.ModelProto], cal: Calibration, batches: list[int]):
+    """(batch size, the models as they run it, its feed) for each batch size the models run."""
     models = [runnable(m, cal) for m in models]  # an input without a batch axis runs one sample
     for size in dict.fromkeys(batch_size_for(models[0], b) for b in batches):
-        results[size] = measure(models, cal.take([i % len(cal) for i in range(size)]), provider, repeats)
-    return results
+        yield size, models, cal.take([i % len(cal) for i in range(size)])
 
 
 def grouped_convs_cut_inside(layers: list[LayerRow]) -> list[str]:

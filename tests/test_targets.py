@@ -1,6 +1,7 @@
 """Targets (MACs, params, size, latency), the accuracy guard, and the inspect / gate / bench commands."""
 
 import json
+import tempfile
 
 import numpy as np
 import onnx
@@ -563,6 +564,31 @@ def test_bench_reports_every_model_and_batch(files, capsys, tmp_path):
     assert main(["bench", str(tmp_path / "fixed.onnx"), "--batch", "1", "4", "--repeats", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[1].split()[1] == "1"
+
+
+def test_bench_by_op_shows_where_each_model_spends_its_run(files, capsys, monkeypatch, tmp_path):
+    """--by-op: each op type's kernel time per run for every model, from ORT's profiler, with the
+    speedup against the first; the profiler's file goes to a temporary folder that is removed."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert main(["bench", str(files / "m.onnx"), str(files / "p.onnx"), "--batch", "1", "--repeats", "3",
+                 "--by-op"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(out) if line.startswith("time by op type at batch 1"))
+    rows = {line.split()[0]: line.split()[-3:] for line in out[start + 2:] if line.strip()}
+    assert "Conv" in rows and "whole" in rows
+    original, pruned, speedup = rows["Conv"]
+    assert float(original) > 0 and float(pruned) > 0 and speedup.endswith("x")
+    assert not list((tmp_path / "tmp").iterdir())  # nothing of the profiler left behind
+
+
+def test_op_times_add_up_to_the_run():
+    from onnxprune.latency import op_times
+
+    model = tiny_resnet()
+    times = op_times(model, {model.graph.input[0].name: calib_for(model, 2)})
+    assert times.runs >= 3 and "Conv" in times.by_op
+    assert 0 < sum(times.by_op.values()) <= times.run_ms and times.between_ms >= 0
 
 
 def test_sensitivity_curves_use_a_bounded_random_subset(monkeypatch):
