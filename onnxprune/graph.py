@@ -434,7 +434,12 @@ def _define(derived, grp: ChannelGroup, node: onnx.NodeProto, parts, spaces: _Sp
     if any(spaces.block.get(t, 1) != 1 for t in tensors):
         grp.blocked.append(Blocked.at(node, "joins flattened tensors"))
     if grp.index in derived:
-        grp.blocked.append(Blocked.at(node, f"redefines channels already defined by {node_label(derived[grp.index][0])}"))
+        # the channels stay as the first definition has them; those of the second definition's
+        # parts (a conv's channels a Slice adds onto a Concat's) must stay too, or the two differ
+        why = Blocked.at(node, f"redefines channels already defined by {node_label(derived[grp.index][0])}")
+        for part in {part.index: part for part, _ in parts if part is not grp}.values():
+            part.blocked.append(why)
+        grp.blocked.append(why)
         return
     derived[grp.index] = (node, parts)
 

@@ -1371,3 +1371,63 @@ def test_zero_channels_padded_before_and_after_are_rewritten_on_both_sides():
     cut = {r.channels_before: r.channels_after for r in result.report.groups}
     assert cut[3] == before + after < 3 and cut[8] < 8
     check_pruned(result.model, model, x_cal, 0.5)
+
+
+def partial_residual_chain() -> onnx.ModelProto:
+    """ReXNet's blocks: a conv's first channels get the block's input added, the rest are new
+    (``out[:, :c] += x``, exported as two ``Slice``s, an ``Add`` and a ``Concat``), block after
+    block, so one block's joined output is the next block's sum."""
+    b = Builder()
+    x, width = b.node("Relu", [b.conv("input", 3, 8)]), 8
+    for wider in (12, 16):
+        y = b.conv(b.node("Relu", [b.conv(x, width, 2 * width, k=1)]), 2 * width, wider, k=1)
+        head = b.node("Slice", [y, b.const(i64(0)), b.const(i64(width)), b.const(i64(1))])
+        rest = b.node("Slice", [y, b.const(i64(width)), b.const(i64(wider)), b.const(i64(1))])
+        x, width = b.node("Concat", [b.node("Add", [head, x]), rest], axis=1), wider
+    return b.build(b.conv(b.node("Relu", [x]), width, 4))
+
+
+def test_a_conv_whose_channels_are_added_to_a_joined_tensor_keeps_them():
+    """The second block's conv writes channels summed onto the first block's ``Concat``: one
+    tensor defined twice, by the ``Concat`` and by the ``Slice``, is a barrier for both sides —
+    cutting the conv alone left the ``Add``'s inputs of different widths."""
+    model = partial_residual_chain()
+    g, groups = analyse_at(model, (1, 3, 8, 8))
+    last_conv = [n for n in model.graph.node if n.op_type == "Slice"][-1].input[0]
+    sliced = next(grp for grp in groups if last_conv in grp.tensors)
+    assert not sliced.prunable and "redefines channels" in sliced.reason
+    x = calib_for(model, n=64)
+    result = onnxprune.prune(model, x, speedup=1.2, prune_coupled=True, round_to=1, measure_latency=False)
+    check_pruned(result.model, model, x, 0.5)
+
+
+
+def res2net_first_block(faint: float = 1e-3) -> onnx.ModelProto:
+    """Res2Net's first bottleneck of a stage: a 1x1 conv's output split in four, three parts
+    through 3x3 convs, the last one pooled, all joined again for a 1x1 conv. The conv's filters
+    that write the last part are ``faint``, so a selection by filter norm takes that part first."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 8)])
+    wide = b.conv(x, 8, 16, k=1)
+    weight = next(t for t in b.inits if t.name == b.nodes[-1].input[1])
+    w = onnx.numpy_helper.to_array(weight).copy()
+    w[12:] *= faint
+    weight.CopyFrom(onnx.numpy_helper.from_array(w, weight.name))
+    parts = b.node("Split", [b.node("Relu", [wide]), b.const(i64(4, 4, 4, 4))], n_out=4, axis=1)
+    outs = [b.node("Relu", [b.conv(part, 4, 4)]) for part in parts[:3]]
+    pooled = b.node("AveragePool", [parts[3]], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    joined = b.node("Concat", [*outs, pooled], axis=1)
+    return b.build(b.conv(b.node("Relu", [b.conv(joined, 16, 16, k=1)]), 16, 4))
+
+
+def test_a_split_part_keeps_a_channel_where_the_selection_would_take_them_all():
+    """Cutting the split conv to half by filter norm takes the faint last part whole: that part
+    keeps its best channel instead of the least of the others, and the model stays valid."""
+    model = res2net_first_block()
+    x = calib_for(model, n=64)
+    result = onnxprune.prune(model, x, speedup=1.6, method="l1", allocation="uniform", round_to=1,
+                             measure_latency=False)
+    split = next(n for n in result.model.graph.node if n.op_type == "Split")
+    sizes = onnx.numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == split.input[1]))
+    assert sizes.sum() < 16 and sizes.min() >= 1
+    check_pruned(result.model, model, x, 0.5)
