@@ -98,7 +98,11 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, si
     elif method is Method.OBS and _obs_fits(sites, g, size):
         choose = lambda run, n: _obs_keep(sites, g, items, size, run, n, orders)  # noqa: E731
     elif method is not Method.THINET and grp.segments == 1 and lasso_keeps and keep_n in lasso_keeps:
-        return lasso_keeps[keep_n]  # the same path was followed for this problem already
+        def lasso_choose(run: np.ndarray, n: int) -> np.ndarray:  # only where a site would be left empty
+            gram, corr = _contribution_problem(sites, g, grp.channels)
+            return lasso_select(gram[np.ix_(run, run)], corr[run], n)
+
+        return _no_empty_site(lasso_keeps[keep_n], sites, lasso_choose)  # the same path was followed already
     else:
         gram, corr = _contribution_problem(sites, g, grp.channels)
         if size > 1:
@@ -109,7 +113,26 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, si
             choose = lambda run, n: lasso_select(gram[np.ix_(run, run)], corr[run], n)  # noqa: E731
     if size > 1:  # whole conv groups, as many as come nearest keep_n channels
         return expand_channels(per_segment(choose, items, 1, max(1, int(round(keep_n / size)))), size)
-    return per_segment(choose, grp.channels, grp.segments, keep_n)  # equal per group of a grouped Conv
+    keep = per_segment(choose, grp.channels, grp.segments, keep_n)  # equal per group of a grouped Conv
+    return _no_empty_site(keep, sites, choose) if grp.segments == 1 else keep
+
+
+def _no_empty_site(keep: np.ndarray, sites: list["Site"], choose) -> np.ndarray:
+    """``keep`` where every site that holds only the unit's channels keeps one at least — a Split
+    part or a Concat input with no channels left is no tensor a layer can read or write (Res2Net's
+    parts) — each such site's best channel taking the place of the least of the others that no
+    site needs. ``choose(run, n)``: positions within ``run`` of its ``n`` best channels."""
+    kept = set(keep.tolist())
+    alone = [np.sort(site.unit_channels) for site in sites
+             if len(site.unit_channels) and not len(site.other_positions)]
+    forced = [int(run[choose(run, 1)[0]]) for run in alone if not kept.intersection(run.tolist())]
+    if not forced:
+        return keep
+    needed = set(forced) | {int(k[0]) for run in alone for k in [np.intersect1d(run, keep)] if len(k) == 1}
+    spare = np.array([k for k in keep.tolist() if k not in needed], dtype=np.int64)
+    drop = min(len(forced), len(spare))
+    spare = spare[np.sort(choose(spare, len(spare) - drop))] if drop else spare
+    return np.sort(np.concatenate([spare, [k for k in keep.tolist() if k in needed], forced]).astype(np.int64))
 
 
 def _obs_fits(sites: list["Site"], g: GraphView, size: int = 1) -> bool:
