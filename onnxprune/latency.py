@@ -152,32 +152,53 @@ class OpTimes:
         return max(0.0, self.run_ms - sum(self.by_op.values()))
 
 
-def op_times(model: onnx.ModelProto, feed: dict[str, np.ndarray], provider: str = "cpu",
-             warmup: int = 5, threads: int = 0) -> OpTimes:
-    """:class:`OpTimes` of ``model`` on ``feed``: runs after ``warmup`` untimed ones, for about
-    :data:`PROFILE_SECONDS`. The profiler's file goes to a temporary folder, removed after."""
+def op_times(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], provider: str = "cpu",
+             warmup: int = 5, threads: int = 0) -> list[OpTimes]:
+    """:class:`OpTimes` of each model on ``feed``, from about :data:`PROFILE_SECONDS` of runs
+    each after ``warmup`` untimed ones, the models taking turns in blocks as :func:`measure`'s
+    do (a block's first runs, while the other session's threads still spin, left out). The
+    profiler's files go to a temporary folder, removed after."""
     with tempfile.TemporaryDirectory(prefix="onnxprune-profile-") as folder:
-        session = provider_session(model, provider, threads, profile_prefix=os.path.join(folder, "run"))
+        sessions = [provider_session(m, provider, threads, profile_prefix=os.path.join(folder, f"model{i}"))
+                    for i, m in enumerate(models)]
+        for s in sessions:
+            for _ in range(warmup):
+                s.run(None, feed)
         start = time.perf_counter()
-        for _ in range(warmup):
-            session.run(None, feed)
-        once = max((time.perf_counter() - start) / max(warmup, 1), 1e-6)
-        nodes = max(1, len(model.graph.node))
+        sessions[0].run(None, feed)
+        once = max(time.perf_counter() - start, 1e-6)
+        nodes = max(len(m.graph.node) for m in models) or 1
         runs = int(max(3, min(PROFILE_SECONDS / once, MAX_PROFILED_EVENTS / nodes)))
-        for _ in range(runs):
-            session.run(None, feed)
-        with open(session.end_profiling()) as f:
-            events = json.load(f)
-    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    timed_from = starts[-runs] if len(starts) >= runs else 0
+        block = max(1, min(runs, int(BLOCK_SECONDS / once)))
+        untimed = max(1, math.ceil(SETTLE_SECONDS / once)) if block > 1 else 0
+        timed: list[list[bool]] = [[False] * (warmup + (i == 0)) for i in range(len(sessions))]
+        while sum(timed[0]) < runs:
+            for s, marks in zip(sessions, timed):
+                for i in range(untimed + block):
+                    s.run(None, feed)
+                    marks.append(i >= untimed)
+        files = [s.end_profiling() for s in sessions]
+        results = []
+        for path, marks in zip(files, timed):
+            with open(path) as f:
+                results.append(_op_times(json.load(f), marks))
+    return results
+
+
+def _op_times(events: list[dict], timed: list[bool]) -> OpTimes:
+    """Per-run op-type times over the runs marked ``timed`` (in the order they ran)."""
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    windows = [(e["ts"], e["ts"] + e["dur"]) for e, t in zip(runs, timed) if t]
+    starts = np.array([w[0] for w in windows])
     by_op: dict[str, float] = {}
-    run_us = 0.0
     for e in events:
-        if e.get("ts", -1) < timed_from:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+        k = int(np.searchsorted(starts, e["ts"], side="right")) - 1
+        if k >= 0 and e["ts"] <= windows[k][1]:
             op = e.get("args", {}).get("op_name", "?")
-            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / runs
-        elif e.get("cat") == "Session" and e.get("name") == "model_run":
-            run_us += e["dur"]
-    return OpTimes(dict(sorted(by_op.items(), key=lambda kv: -kv[1])), run_us / 1e3 / runs, runs)
+            by_op[op] = by_op.get(op, 0.0) + e["dur"]
+    n = max(len(windows), 1)
+    return OpTimes({op: us / 1e3 / n for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])},
+                   sum(b - a for a, b in windows) / 1e3 / n, len(windows))

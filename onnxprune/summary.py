@@ -220,9 +220,9 @@ def bench(models: list[onnx.ModelProto], cal: Calibration, provider: str, batche
 
 def bench_ops(models: list[onnx.ModelProto], cal: Calibration, provider: str,
               batches: list[int]) -> dict[int, list[OpTimes]]:
-    """Where each model's run time goes, by op type (ORT's profiler), at each batch size it runs,
-    keyed as :func:`bench`'s results."""
-    return {size: [op_times(m, feed, provider) for m in runs] for size, runs, feed in _bench_feeds(models, cal, batches)}
+    """Where each model's run time goes, by op type (ORT's profiler; the models taking turns), at
+    each batch size it runs, keyed as :func:`bench`'s results."""
+    return {size: op_times(runs, feed, provider) for size, runs, feed in _bench_feeds(models, cal, batches)}
 
 
 def _bench_feeds(models: list[onnx.ModelProto], cal: Calibration, batches: list[int]):

@@ -586,7 +586,7 @@ def test_op_times_add_up_to_the_run():
     from onnxprune.latency import op_times
 
     model = tiny_resnet()
-    times = op_times(model, {model.graph.input[0].name: calib_for(model, 2)})
+    [times] = op_times([model], {model.graph.input[0].name: calib_for(model, 2)})
     assert times.runs >= 3 and "Conv" in times.by_op
     assert 0 < sum(times.by_op.values()) <= times.run_ms and times.between_ms >= 0
 
