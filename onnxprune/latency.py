@@ -100,27 +100,42 @@ def measure(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], prov
     sessions = [provider_session(m, provider, threads) for m in models]
     # warm up for a while, not only a few runs: caches, allocators, and BLAS threads still
     # spinning from the work just before (pruning) settle first
-    for s in sessions:
+    runs = _in_turns(sessions, feed, repeats, warmup, seconds, 2000, min(WARMUP_SECONDS, seconds))
+    times = [[t for t in session_runs if t is not None] for session_runs in runs]
+    return [Latency(float(np.median(t)), float(np.percentile(t, 90)), len(t)) for t in times]
+
+
+def _in_turns(sessions: list, feed: dict[str, np.ndarray], repeats: int, warmup: int, seconds: float,
+              max_runs: int, warm_seconds: float) -> list[list[float | None]]:
+    """Run each session ``warmup`` times, then for ``warm_seconds`` more (untimed), then in turns
+    of blocks until the first has at least ``repeats`` timed runs and ``seconds`` of them (at most
+    ``max_runs``): every run of each session in order, its milliseconds, or None where untimed (the
+    warm-up, and the first runs of each block while the other session's threads still spin)."""
+    runs: list[list[float | None]] = [[] for _ in sessions]
+    for s, r in zip(sessions, runs):
         for _ in range(warmup):
             s.run(None, feed)
+            r.append(None)
     start = time.perf_counter()
     sessions[0].run(None, feed)
+    runs[0].append(None)
     once = max(time.perf_counter() - start, 1e-6)
-    for s in sessions:
-        for _ in range(int(min(1000, min(WARMUP_SECONDS, seconds) / once))):
+    for s, r in zip(sessions, runs):
+        for _ in range(int(min(1000, warm_seconds / once))):
             s.run(None, feed)
-    repeats = max(repeats, min(2000, int(seconds / once)))
+            r.append(None)
+    repeats = max(repeats, min(max_runs, int(seconds / once)))
     block = max(1, min(repeats, int(BLOCK_SECONDS / once)))
     untimed = max(1, math.ceil(SETTLE_SECONDS / once)) if block > 1 else 0
-    times: list[list[float]] = [[] for _ in sessions]
-    while len(times[0]) < repeats:
-        for s, t in zip(sessions, times):
+    timed = 0
+    while timed < repeats:
+        for s, r in zip(sessions, runs):
             for i in range(untimed + block):
                 start = time.perf_counter()
                 s.run(None, feed)
-                if i >= untimed:
-                    t.append((time.perf_counter() - start) * 1e3)
-    return [Latency(float(np.median(t)), float(np.percentile(t, 90)), len(t)) for t in times]
+                r.append((time.perf_counter() - start) * 1e3 if i >= untimed else None)
+        timed += block
+    return runs
 
 
 def latency_ms(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], provider: str = "cpu",
@@ -161,27 +176,12 @@ def op_times(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], pro
     with tempfile.TemporaryDirectory(prefix="onnxprune-profile-") as folder:
         sessions = [provider_session(m, provider, threads, profile_prefix=os.path.join(folder, f"model{i}"))
                     for i, m in enumerate(models)]
-        for s in sessions:
-            for _ in range(warmup):
-                s.run(None, feed)
-        start = time.perf_counter()
-        sessions[0].run(None, feed)
-        once = max(time.perf_counter() - start, 1e-6)
         nodes = max(len(m.graph.node) for m in models) or 1
-        runs = int(max(3, min(PROFILE_SECONDS / once, MAX_PROFILED_EVENTS / nodes)))
-        block = max(1, min(runs, int(BLOCK_SECONDS / once)))
-        untimed = max(1, math.ceil(SETTLE_SECONDS / once)) if block > 1 else 0
-        timed: list[list[bool]] = [[False] * (warmup + (i == 0)) for i in range(len(sessions))]
-        while sum(timed[0]) < runs:
-            for s, marks in zip(sessions, timed):
-                for i in range(untimed + block):
-                    s.run(None, feed)
-                    marks.append(i >= untimed)
-        files = [s.end_profiling() for s in sessions]
+        runs = _in_turns(sessions, feed, 3, warmup, PROFILE_SECONDS, max(3, MAX_PROFILED_EVENTS // nodes), 0.0)
         results = []
-        for path, marks in zip(files, timed):
-            with open(path) as f:
-                results.append(_op_times(json.load(f), marks))
+        for s, session_runs in zip(sessions, runs):
+            with open(s.end_profiling()) as f:
+                results.append(_op_times(json.load(f), [t is not None for t in session_runs]))
     return results
 
 
