@@ -120,19 +120,24 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, si
 def _no_empty_site(keep: np.ndarray, sites: list["Site"], choose) -> np.ndarray:
     """``keep`` where every site that holds only the unit's channels keeps one at least — a Split
     part or a Concat input with no channels left is no tensor a layer can read or write (Res2Net's
-    parts) — each such site's best channel taking the place of the least of the others that no
-    site needs. ``choose(run, n)``: positions within ``run`` of its ``n`` best channels."""
-    kept = set(keep.tolist())
+    parts) — each such site's best channel taking the place of the least of the kept channels
+    that are not the last of their site. ``choose(run, n)``: positions within ``run`` of its
+    ``n`` best channels."""
     alone = [np.sort(site.unit_channels) for site in sites
              if len(site.unit_channels) and not len(site.other_positions)]
-    forced = [int(run[choose(run, 1)[0]]) for run in alone if not kept.intersection(run.tolist())]
-    if not forced:
+    kept = set(keep.tolist())
+    empty = [run for run in alone if not kept.intersection(run.tolist())]
+    if not empty:
         return keep
-    needed = set(forced) | {int(k[0]) for run in alone for k in [np.intersect1d(run, keep)] if len(k) == 1}
-    spare = np.array([k for k in keep.tolist() if k not in needed], dtype=np.int64)
-    drop = min(len(forced), len(spare))
-    spare = spare[np.sort(choose(spare, len(spare) - drop))] if drop else spare
-    return np.sort(np.concatenate([spare, [k for k in keep.tolist() if k in needed], forced]).astype(np.int64))
+    for run in empty:
+        kept.add(int(run[choose(run, 1)[0]]))
+        counts = [len(kept.intersection(r.tolist())) for r in alone]
+        spare = np.array(sorted(k for k in kept if all(c > 1 for r, c in zip(alone, counts) if k in r)),
+                         dtype=np.int64)
+        if len(spare):
+            best = choose(spare, len(spare) - 1) if len(spare) > 1 else np.zeros(0, dtype=np.int64)
+            kept.discard(int(np.setdiff1d(spare, spare[best])[0]))
+    return np.array(sorted(kept), dtype=np.int64)
 
 
 def _obs_fits(sites: list["Site"], g: GraphView, size: int = 1) -> bool:
