@@ -98,8 +98,12 @@ def _select(grp: ChannelGroup, keep_n: int, opts: PruneOptions, g: GraphView, si
     elif method is Method.OBS and _obs_fits(sites, g, size):
         choose = lambda run, n: _obs_keep(sites, g, items, size, run, n, orders)  # noqa: E731
     elif method is not Method.THINET and grp.segments == 1 and lasso_keeps and keep_n in lasso_keeps:
-        def lasso_choose(run: np.ndarray, n: int) -> np.ndarray:  # only where a site would be left empty
-            gram, corr = _contribution_problem(sites, g, grp.channels)
+        problem: list = []  # built only where a site would be left empty, once
+
+        def lasso_choose(run: np.ndarray, n: int) -> np.ndarray:
+            if not problem:
+                problem.extend(_contribution_problem(sites, g, grp.channels))
+            gram, corr = problem
             return lasso_select(gram[np.ix_(run, run)], corr[run], n)
 
         return _no_empty_site(lasso_keeps[keep_n], sites, lasso_choose)  # the same path was followed already
@@ -134,9 +138,10 @@ def _no_empty_site(keep: np.ndarray, sites: list["Site"], choose) -> np.ndarray:
         counts = [len(kept.intersection(r.tolist())) for r in alone]
         spare = np.array(sorted(k for k in kept if all(c > 1 for r, c in zip(alone, counts) if k in r)),
                          dtype=np.int64)
-        if len(spare):
-            best = choose(spare, len(spare) - 1) if len(spare) > 1 else np.zeros(0, dtype=np.int64)
-            kept.discard(int(np.setdiff1d(spare, spare[best])[0]))
+        if len(spare) > 1:
+            kept.discard(int(np.setdiff1d(spare, spare[choose(spare, len(spare) - 1)])[0]))
+        elif len(spare):
+            kept.discard(int(spare[0]))
     return np.array(sorted(kept), dtype=np.int64)
 
 
