@@ -233,7 +233,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _gate(args: argparse.Namespace) -> int:
-    from .latency import latency_ms
+    from .latency import busy_note, is_busy, measure
     from .budget import count_params
     from .graphview import GraphView
     from .quantize import dequantized
@@ -283,9 +283,11 @@ def _gate(args: argparse.Namespace) -> int:
                 err = max(f.relative_error for f in fid)
                 checks.append(("relative error", err, args.max_error, err <= args.max_error))
         if args.min_speedup is not None:
-            before, after = latency_ms([runnable(reference, cal), runnable(model, cal)], cal.take([0]), args.provider)
-            checks.append((f"latency speedup ({args.provider})", before / after, args.min_speedup,
-                           before / after >= args.min_speedup))
+            before, after = measure([runnable(reference, cal), runnable(model, cal)], cal.take([0]), args.provider)
+            if is_busy(before.busy):
+                print(f"onnxprune: warning: latency speedup {busy_note(before.busy)}", file=sys.stderr)
+            checks.append((f"latency speedup ({args.provider})", before.median_ms / after.median_ms,
+                           args.min_speedup, before.median_ms / after.median_ms >= args.min_speedup))
     failed = [c for c in checks if not c[3]]
     if not args.quiet:
         for what, value, limit, ok in checks:
@@ -298,6 +300,7 @@ def _gate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from .latency import busy_note, is_busy
     from .summary import bench, bench_ops, load_checked
 
     models = [load_checked(m) for m in args.models]
@@ -309,6 +312,8 @@ def _bench(args: argparse.Namespace) -> int:
         for path, lat in zip(args.models, results):
             print(f"{str(path)[-40:]:<40} {batch:>5} {lat.median_ms:>10.3f} {lat.p90_ms:>9.3f} "
                   f"{1e3 * batch / lat.median_ms:>10.1f} {results[0].median_ms / lat.median_ms:>7.2f}x")
+        if is_busy(results[0].busy):
+            print(f"onnxprune: warning: batch {batch}: {busy_note(results[0].busy)}", file=sys.stderr)
     if args.by_op:
         for batch, times in bench_ops(models, cal, args.provider, args.batch).items():
             print(f"\ntime by op type at batch {batch}, ms per run (ONNX Runtime's profiler; "
@@ -336,6 +341,7 @@ def _print_op_times(paths: list[Path], times) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from .arch import architecture
+    from .latency import busy_note, is_busy
     from .pipeline import prune
     from .verify import poor_fidelity, too_few_to_vouch, uninformative
 
@@ -380,13 +386,16 @@ def _run(args: argparse.Namespace) -> int:
         if blind:
             print(f"onnxprune: warning: {blind}", file=sys.stderr)
     goal, measured = result.report.targets.get("latency"), result.report.totals.latency_speedup
+    loaded = is_busy(result.report.totals.latency_busy)
     if goal is None and measured is not None and measured < SLOWER and not args.quiet:
+        why = f"; {busy_note(result.report.totals.latency_busy)}" if loaded else _why_slower(result)
         print(f"onnxprune: warning: the written model measured {measured:.2f}x: slower than the original on "
-              f"ORT {result.report.provider}{_why_slower(result)}", file=sys.stderr)
+              f"ORT {result.report.provider}{why}", file=sys.stderr)
     if goal is not None and measured is not None and measured < goal:
+        why = busy_note(result.report.totals.latency_busy) if loaded else \
+            "latency varies between runs on a busy machine): re-measure with `onnxprune bench`, or ask a little more"
         print(f"onnxprune: warning: the written model measured {measured:.2f}x in the final check, below --latency "
-              f"{goal:g} (the search measured it above; latency varies between runs on a busy machine): re-measure "
-              f"with `onnxprune bench`, or ask a little more", file=sys.stderr)
+              f"{goal:g} (the search measured it above; {why}{')' if loaded else ''}", file=sys.stderr)
     if not result.report.targets_met:
         t = result.report.totals
         print(f"onnxprune: targets not met under --max-drop {args.max_drop:g}: the written model is the most "

@@ -38,7 +38,7 @@ from .graph import ChannelGroup
 from .graphview import GraphView
 from .group_pruner import prune_to
 from .io import check_not_quantized, load_model, model_bytes, upgraded
-from .latency import latency_ms
+from .latency import measure
 from .latency_search import LatencySearch
 from .ops import handler_for
 from .options import PruneOptions, PruneResult
@@ -475,11 +475,13 @@ class Pruner:
                 layers, totals = cost_table(self.original, self.work, pruned.float_model, self.cal, None,
                                             opts.provider, self.shapes)
                 # the three timed together, in alternating blocks, so that load affects them alike
-                ms = latency_ms([self.original, pruned.float_model, pruned.model], feed, opts.provider) \
-                    if feed is not None else [None] * 3
+                timed = measure([self.original, pruned.float_model, pruned.model], feed, opts.provider) \
+                    if feed is not None else None
+                ms = [t.median_ms for t in timed] if timed else [None] * 3
                 float_bytes = totals.size_bytes[1]
                 totals = replace(totals, size_bytes=(totals.size_bytes[0], model_bytes(pruned.model)),
-                                 latency_ms=(ms[0], ms[2]) if feed is not None else None)
+                                 latency_ms=(ms[0], ms[2]) if timed else None,
+                                 latency_busy=timed[0].busy if timed else None)
                 quantization = Quantization(
                     opts.quantize, scheme(opts.provider), opts.calibrate_method, int(len(self.fit_idx)),
                     ModelForm(float_bytes, ms[1], float_fidelity), ModelForm(totals.size_bytes[1], ms[2], fidelity))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from .latency import busy_note, is_busy
 from .tail import TailResult
 from .verify import OutputFidelity, label
 
@@ -45,6 +46,8 @@ class Totals:
     params: tuple[int, int]
     size_bytes: tuple[int, int]
     latency_ms: tuple[float, float] | None = None
+    # the share of the CPUs other processes took while the latency was measured (None: unknown)
+    latency_busy: float | None = None
 
     @property
     def macs_speedup(self) -> float:
@@ -152,7 +155,8 @@ class Report:
         lines.append(f"size    {t.size_bytes[0] / 1e6:>8.2f}M -> {t.size_bytes[1] / 1e6:>8.2f}M")
         if t.latency_ms:
             lines.append(f"latency {t.latency_ms[0]:>8.2f}ms -> {t.latency_ms[1]:>7.2f}ms  "
-                         f"({t.latency_speedup:.2f}x measured, ORT {self.provider}, batch {self.latency_batch})")
+                         f"({t.latency_speedup:.2f}x measured, ORT {self.provider}, batch {self.latency_batch}"
+                         + (f"; {busy_note(t.latency_busy)}" if is_busy(t.latency_busy) else "") + ")")
         if self.quantization:
             q = self.quantization
             lines.append(f"{q.dtype:<7} float {q.pruned_float.summary()} -> {q.dtype} {q.pruned_quantized.summary()} "

@@ -23,7 +23,7 @@ from .errors import CalibrationError, ModelError, OptionError
 from .graph import find_groups
 from .graphview import GraphView, node_name
 from .io import load_model, model_bytes
-from .latency import Latency, OpTimes, latency_ms, measure, op_times
+from .latency import Latency, OpTimes, measure, op_times
 from .ops import handler_for
 from .prunable import Barrier, prunability
 from .quantize import dequantized
@@ -197,10 +197,12 @@ def cost_table(original: onnx.ModelProto, reference: onnx.ModelProto, pruned: on
                              (_layer_channels(gb, node, node.output[0]), _layer_channels(ga, other, other.output[0])),
                              (macs, handler_for(other).macs(other, ga)),
                              (handler_for(node).conv_groups(node, gb), handler_for(other).conv_groups(other, ga))))
-    latency = tuple(latency_ms([original, pruned], latency_feed, provider)) if latency_feed is not None else None
+    timed = measure([original, pruned], latency_feed, provider) if latency_feed is not None else None
     totals = Totals(macs=(sum(r.macs[0] for r in rows), sum(r.macs[1] for r in rows)),
                     params=(count_params(GraphView(original)), count_params(GraphView(pruned))),
-                    size_bytes=(model_bytes(original), model_bytes(pruned)), latency_ms=latency)
+                    size_bytes=(model_bytes(original), model_bytes(pruned)),
+                    latency_ms=(timed[0].median_ms, timed[1].median_ms) if timed else None,
+                    latency_busy=timed[0].busy if timed else None)
     return rows, totals
 
 

@@ -1,7 +1,11 @@
 """Targets (MACs, params, size, latency), the accuracy guard, and the inspect / gate / bench commands."""
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
+import time
 
 import numpy as np
 import onnx
@@ -688,3 +692,79 @@ def test_the_cost_model_predicts_a_conv_that_reads_and_writes_one_residual_group
     pruned = pruner.prune(plan).model
     assert model_macs(pruned, pruner.cal) == pytest.approx(predicted, rel=1e-6)
     check_pruned(pruned, model, x_cal, 2.0)
+
+
+def test_cpu_seconds_read_the_cpus_this_process_may_run_on(tmp_path):
+    from onnxprune.latency import CpuSeconds, busy_share, cpu_seconds
+
+    mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    other = max(mine) + 1
+    tick = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal guest guest_nice, in ticks
+    lines = ["cpu  999 999 999 999 999 999 999 999 0 0"]
+    lines += [f"cpu{c} 100 0 20 300 50 5 5 20 7 0" for c in mine]
+    lines += [f"cpu{other} 9999 0 0 0 0 0 0 0 0 0", "intr 12345", "ctxt 678"]
+    (tmp_path / "stat").write_text("\n".join(lines) + "\n")
+    now = cpu_seconds(str(tmp_path / "stat"))
+    assert now.busy == pytest.approx(len(mine) * 150 / tick)  # idle and iowait are not busy; steal is
+    assert now.total == pytest.approx(len(mine) * 500 / tick)  # guest time is inside user already
+    assert cpu_seconds(str(tmp_path / "missing")) is None
+    # others' share: the busy time this process did not spend, of all the time the CPUs had
+    assert busy_share(CpuSeconds(10, 100, 2), CpuSeconds(16, 120, 5)) == pytest.approx(3 / 20)
+    assert busy_share(CpuSeconds(10, 100, 2), CpuSeconds(14, 120, 6)) == 0.0
+    assert busy_share(None, CpuSeconds(14, 120, 6)) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
+def test_latency_measured_beside_busy_processes_says_so(files):
+    """Other processes spinning on every CPU while two models are timed: the measurement reports
+    the share of the CPUs they took, above the line past which it is called unreliable."""
+    from onnxprune.latency import BUSY_SHARE, measure
+
+    model = onnx.load(files / "m.onnx")
+    feed = {model.graph.input[0].name: np.load(files / "x.npy")[:1]}
+    spin = "import time\nend = time.time() + 60\nwhile time.time() < end: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.3)
+        timed = measure([model, onnx.load(files / "p.onnx")], feed, seconds=0.3)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert timed[0].busy is not None and timed[0].busy > BUSY_SHARE
+    assert timed[0].busy == timed[1].busy
+
+
+def test_a_latency_measured_on_a_busy_machine_is_called_unreliable(files, capsys, monkeypatch, tmp_path):
+    """Where other processes took the CPUs while the models were timed, the report's latency line,
+    the slower-than-the-original warning, bench and gate's --min-speedup say the figure is
+    unreliable and how to re-measure, instead of blaming the model; the measurement was repeated."""
+    from onnxprune import latency, summary
+
+    calls = []
+    monkeypatch.setattr(latency, "busy_share", lambda before, after: calls.append(1) or 0.45)
+    monkeypatch.setattr(latency, "MIN_TIMED_SECONDS", 0.05)
+    out = tmp_path / "busy.onnx"
+    assert main([str(files / "m.onnx"), "--calib", str(files / "x.npy"), "-o", str(out), "--speedup", "1.5",
+                 "--round-to", "1", "--report", str(tmp_path / "r.json")]) == 0
+    check_pruned(onnx.load(out), onnx.load(files / "m.onnx"), np.load(files / "x.npy")[:16], max_rel_err=1.0)
+    captured = capsys.readouterr()
+    [line] = [ln for ln in captured.out.splitlines() if ln.startswith("latency")]
+    assert "unreliable: other processes took 45% of the CPUs meanwhile" in line and "onnxprune bench" in line
+    assert len(calls) == 2  # measured again, as busy
+    assert json.loads((tmp_path / "r.json").read_text())["totals"]["latency_busy"] == pytest.approx(0.45)
+    assert main(["bench", str(files / "m.onnx"), str(out), "--repeats", "3"]) == 0
+    assert "batch 1: unreliable: other processes took 45%" in capsys.readouterr().err
+    assert main(["gate", str(out), "--reference", str(files / "m.onnx"), "--calib", str(files / "x.npy"),
+                 "--min-speedup", "0.01"]) == 0
+    assert "latency speedup unreliable: other processes took 45%" in capsys.readouterr().err
+    # a busy machine's slow reading is not blamed on the model's widths
+    monkeypatch.setattr(summary, "measure", lambda models, feed, provider: [
+        latency.Latency(1.0, 1.0, 3, 0.45), latency.Latency(2.0, 2.0, 3, 0.45)])
+    assert main([str(files / "m.onnx"), "--calib", str(files / "x.npy"), "-o", str(out), "--speedup", "1.5",
+                 "--round-to", "1", "--force"]) == 0
+    check_pruned(onnx.load(out), onnx.load(files / "m.onnx"), np.load(files / "x.npy")[:16], max_rel_err=1.0)
+    [warning] = [ln for ln in capsys.readouterr().err.splitlines() if "slower than the original" in ln]
+    assert "measured 0.50x" in warning and "unreliable: other processes took 45%" in warning
+    assert "channel blocks" not in warning
