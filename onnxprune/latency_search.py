@@ -20,7 +20,7 @@ from .calib import Calibration
 from .candidates import Analysis
 from .errors import TargetNotMetError
 from .graphview import node_name
-from .latency import latency_ms
+from .latency import busy_note, is_busy, latency_ms, measure
 from .latency_cost import layer_latency
 from .options import PruneOptions
 from .progress import QUIET, Progress
@@ -41,6 +41,7 @@ class LatencySearch:
         self.original, self.cal, self.opts, self.cost = original, cal, opts, cost
         self.allocator, self.architecture, self.progress = allocator, architecture, progress
         self.feed = cal.take([0] * batch_size_for(original, opts.latency_batch))
+        self.warned_busy = False
 
     def time_layers(self, analysis: Analysis) -> None:
         """Time every prunable layer alone, so that widths can be allocated on predicted latency."""
@@ -52,9 +53,14 @@ class LatencySearch:
                                           self.opts.provider, whole)
 
     def measured_speedup(self, plan: Plan) -> float:
-        """Measured latency speedup of the architecture ``plan`` describes."""
-        before, after = latency_ms([self.original, self.architecture(plan)], self.feed, self.opts.provider)
-        return before / after
+        """Measured latency speedup of the architecture ``plan`` describes (a warning, the first
+        time one is measured on a busy machine: the search's choice then rests on it)."""
+        before, after = measure([self.original, self.architecture(plan)], self.feed, self.opts.provider)
+        if is_busy(before.busy) and not self.warned_busy:
+            self.warned_busy = True
+            log.warning("the latency search measured a trial %.2fx: %s; its choice of widths rests on such "
+                        "measurements", before.median_ms / after.median_ms, busy_note(before.busy))
+        return before.median_ms / after.median_ms
 
     def _targets(self, knob: float, timed: bool) -> Targets:
         """The targets for one step of the search: the user's, plus ``knob`` as a predicted-latency

@@ -768,3 +768,21 @@ def test_a_latency_measured_on_a_busy_machine_is_called_unreliable(files, capsys
     [warning] = [ln for ln in capsys.readouterr().err.splitlines() if "slower than the original" in ln]
     assert "measured 0.50x" in warning and "unreliable: other processes took 45%" in warning
     assert "channel blocks" not in warning
+
+
+def test_the_latency_search_warns_once_that_it_measured_on_a_busy_machine(vgg, monkeypatch, caplog):
+    """--latency decides on its measurements: measured beside busy processes, it says so once."""
+    from onnxprune import latency
+
+    monkeypatch.setattr(latency, "busy_share", lambda before, after: 0.45)
+    monkeypatch.setattr(latency, "MIN_TIMED_SECONDS", 0.05)
+    model, x = vgg
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        try:
+            result = onnxprune.prune(model, x, latency=1.2, latency_batch=32, allocation="uniform",
+                                     measure_latency=False)
+            check_pruned(result.model, model, x[:16], max_rel_err=1.0)
+        except TargetNotMetError:
+            pass  # timing on a busy machine: the warning is what is checked
+    busy = [r.getMessage() for r in caplog.records if "latency search measured a trial" in r.getMessage()]
+    assert len(busy) == 1 and "unreliable: other processes took 45% of the CPUs" in busy[0]
