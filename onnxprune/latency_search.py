@@ -20,7 +20,7 @@ from .calib import Calibration
 from .candidates import Analysis
 from .errors import TargetNotMetError
 from .graphview import node_name
-from .latency import busy_note, is_busy, latency_ms, measure
+from .latency import busy_note, is_busy, latency_ms, measure, speedup
 from .latency_cost import layer_latency
 from .options import PruneOptions
 from .progress import QUIET, Progress
@@ -59,8 +59,8 @@ class LatencySearch:
         if is_busy(before.busy) and not self.warned_busy:
             self.warned_busy = True
             log.warning("the latency search measured a trial %.2fx: %s; its choice of widths rests on such "
-                        "measurements", before.median_ms / after.median_ms, busy_note(before.busy))
-        return before.median_ms / after.median_ms
+                        "measurements", speedup(before, after), busy_note(before.busy))
+        return speedup(before, after)
 
     def _targets(self, knob: float, timed: bool) -> Targets:
         """The targets for one step of the search: the user's, plus ``knob`` as a predicted-latency

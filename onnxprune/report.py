@@ -45,7 +45,7 @@ class Totals:
     macs: tuple[int, int]
     params: tuple[int, int]
     size_bytes: tuple[int, int]
-    latency_ms: tuple[float, float] | None = None
+    latency_ms: tuple[float, float] | None = None  # each model's 10th-percentile run (latency.speedup)
     # the share of the CPUs other processes took while the latency was measured (None: unknown)
     latency_busy: float | None = None
 
@@ -155,7 +155,7 @@ class Report:
         lines.append(f"size    {t.size_bytes[0] / 1e6:>8.2f}M -> {t.size_bytes[1] / 1e6:>8.2f}M")
         if t.latency_ms:
             lines.append(f"latency {t.latency_ms[0]:>8.2f}ms -> {t.latency_ms[1]:>7.2f}ms  "
-                         f"({t.latency_speedup:.2f}x measured, ORT {self.provider}, batch {self.latency_batch}"
+                         f"({t.latency_speedup:.2f}x measured, 10th-percentile runs, ORT {self.provider}, batch {self.latency_batch}"
                          + (f"; {busy_note(t.latency_busy)}" if is_busy(t.latency_busy) else "") + ")")
         if self.quantization:
             q = self.quantization

@@ -377,7 +377,7 @@ def layer_latency(node: onnx.NodeProto, g: GraphView, kept: np.ndarray, geo: _Co
     sparse = layer_model(shape, nodes, s_inits, "x", "y", opset)
     feed = {"x": np.random.default_rng(0).normal(size=shape).astype(np.float32)}
     lat = measure([dense, sparse], feed, provider, repeats=30, warmup=5)
-    return lat[0].median_ms, lat[1].median_ms
+    return lat[0].p10_ms, lat[1].p10_ms
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,7 +553,7 @@ def _report(original, work, pruned, cal, fit_idx, hold_idx, opts, results: list[
     lat = None
     if opts.measure_latency:
         feed = cal.take([0] * batch_size_for(original, opts.latency_batch))
-        lat = tuple(m.median_ms for m in measure([original, pruned], feed, opts.provider))
+        lat = tuple(m.p10_ms for m in measure([original, pruned], feed, opts.provider))
     totals = Totals(macs=(macs_before, macs_after), params=(count_params(GraphView(original)),
                                                            count_params(GraphView(pruned))),
                     size_bytes=(model_bytes(original), model_bytes(pruned)), latency_ms=lat)

@@ -761,7 +761,7 @@ def test_a_latency_measured_on_a_busy_machine_is_called_unreliable(files, capsys
     assert "latency speedup unreliable: other processes took 45%" in capsys.readouterr().err
     # a busy machine's slow reading is not blamed on the model's widths
     monkeypatch.setattr(summary, "measure", lambda models, feed, provider: [
-        latency.Latency(1.0, 1.0, 3, 0.45), latency.Latency(2.0, 2.0, 3, 0.45)])
+        latency.Latency(1.0, 1.0, 1.0, 3, 0.45), latency.Latency(2.0, 2.0, 2.0, 3, 0.45)])
     assert main([str(files / "m.onnx"), "--calib", str(files / "x.npy"), "-o", str(out), "--speedup", "1.5",
                  "--round-to", "1", "--force"]) == 0
     check_pruned(onnx.load(out), onnx.load(files / "m.onnx"), np.load(files / "x.npy")[:16], max_rel_err=1.0)

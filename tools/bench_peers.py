@@ -11,7 +11,7 @@ MetaPruner (global_pruning=False, the final classifier ignored) then prunes them
 ONNX (legacy exporter, opset 13). onnxprune's lasso (what the default auto picks here), thinet and l1 without reconstruction
 run at the same targets on the same calibration file. Every model is scored the same way: test
 top-1 with ONNX Runtime, MACs by onnxprune's cost model (Conv/Gemm, BN folded), ORT CPU batch-1
-latency interleaved with the original (median). Prints one markdown table and writes a plot.
+latency interleaved with the original (10th percentiles, as onnxprune's report compares them). Prints one markdown table and writes a plot.
 
 onnxsim 0.8.1's structured pruning (``apply_structured_pruning``, L2 filter norms, and
 ``apply_structured_wanda_pruning``, weight norm × activation norm on the calibration images) runs
@@ -48,7 +48,7 @@ from train_fashion_mnist import ResNetFMnist, VGGFMnist  # noqa: E402
 
 import onnxprune  # noqa: E402
 from onnxprune.calib import Calibration  # noqa: E402
-from onnxprune.latency import measure  # noqa: E402
+from onnxprune.latency import measure, speedup  # noqa: E402
 from onnxprune.summary import summarize  # noqa: E402
 
 TP_METHODS = ("magnitude-l1", "bn-scale", "random")
@@ -202,10 +202,10 @@ def macs(model_bytes: bytes, sample: np.ndarray) -> int:
 
 
 def latency_speedup(original: bytes, pruned: bytes, sample: np.ndarray, repeats: int) -> float:
-    """Original / pruned median ORT CPU latency at batch 1, runs alternating in blocks."""
+    """Original / pruned ORT CPU latency at batch 1 (10th percentiles), runs alternating in blocks."""
     before, after = measure([onnx.load_from_string(original), onnx.load_from_string(pruned)],
                             {"input": sample[:1]}, "cpu", repeats=repeats, warmup=10)
-    return before.median_ms / after.median_ms
+    return speedup(before, after)
 
 
 @dataclass

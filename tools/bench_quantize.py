@@ -11,7 +11,7 @@ static QDQ quantization calibrated on the same fit part of that data, with the a
 tensorrt: int8 symmetric); ``--reduce-range`` adds ORT's 7-bit weights. The float pruned model and
 its int8 form are scored on the Fashion-MNIST test set (the 10 000 images when installed, see
 bench_fmnist.py), and timed on ONNX Runtime's CPU provider with onnxprune's latency helper
-(original, float pruned and int8 in alternating blocks, median). The header names the CPU's int8
+(original, float pruned and int8 in alternating blocks, 10th percentiles). The header names the CPU's int8
 instruction sets and the load average before and after the timings.
 
 Done-when of issue 18: the int8 model loses at most 0.3 points of top-1 more than the float
@@ -95,7 +95,7 @@ def main() -> None:
             holds &= -lost <= INT8_BUDGET
             print(f"| {name} | {acts} | {method} | {top1[0]:.2f} | {top1[1]:.2f} | {acc:.2f} | {lost:+.2f} | "
                   + " / ".join(f"{model_bytes(m) / 1e6:.3f}" for m in models) + " | "
-                  + " | ".join(" / ".join(f"{t.median_ms:.3f}" for t in ts) for ts in times)
+                  + " | ".join(" / ".join(f"{t.p10_ms:.3f}" for t in ts) for ts in times)
                   + f" | {before:.1f} → {os.getloadavg()[0]:.1f} | {'yes' if -lost <= INT8_BUDGET else 'NO'} |",
                   flush=True)
     print(f"\nint8 loses at most {INT8_BUDGET} points more than pruning alone on every row: "
