@@ -790,3 +790,16 @@ def test_the_latency_search_warns_once_that_it_measured_on_a_busy_machine(vgg, m
             pass  # timing on a busy machine: the warning is what is checked
     busy = [r.getMessage() for r in caplog.records if "latency search measured a trial" in r.getMessage()]
     assert len(busy) == 1 and "unreliable: other processes took 45% of the CPUs" in busy[0]
+
+
+def test_models_are_compared_on_their_runs_nothing_interrupted():
+    """The speedup is the ratio of the 10th percentiles: interruptions that raise one model's
+    median (and not its fastest runs) leave it where it is; measure() gives all three figures."""
+    from onnxprune.latency import Latency, measure, speedup
+
+    quiet = speedup(Latency(10.4, 11.0, 10.0, 40), Latency(5.2, 5.5, 5.0, 40))
+    interrupted = speedup(Latency(10.4, 11.0, 10.0, 40), Latency(9.8, 14.0, 5.0, 40))
+    assert quiet == interrupted == pytest.approx(2.0)
+    model = tiny_resnet()
+    [timed] = measure([model], {model.graph.input[0].name: calib_for(model, 1)}, seconds=0.05)
+    assert 0 < timed.p10_ms <= timed.median_ms <= timed.p90_ms and timed.runs >= 30
