@@ -395,9 +395,9 @@ def _run(args: argparse.Namespace) -> int:
               f"ORT {result.report.provider}{why}", file=sys.stderr)
     if goal is not None and measured is not None and measured < goal:
         why = busy_note(result.report.totals.latency_busy) if loaded else \
-            "latency varies between runs on a busy machine): re-measure with `onnxprune bench`, or ask a little more"
+            "latency varies between runs on a busy machine; re-measure with `onnxprune bench`, or ask a little more"
         print(f"onnxprune: warning: the written model measured {measured:.2f}x in the final check, below --latency "
-              f"{goal:g} (the search measured it above; {why}{')' if loaded else ''}", file=sys.stderr)
+              f"{goal:g} (the search measured it above): {why}", file=sys.stderr)
     if not result.report.targets_met:
         t = result.report.totals
         print(f"onnxprune: targets not met under --max-drop {args.max_drop:g}: the written model is the most "

@@ -23,8 +23,7 @@ ort = import_ort()
 
 @dataclass
 class Latency:
-    """Per-run latency of one model (milliseconds), and how busy the machine was meanwhile.
-    Models are compared on ``p10_ms`` (:func:`speedup`): the runs nothing interrupted."""
+    """Per-run latency of one model (milliseconds), and how busy the machine was meanwhile."""
 
     median_ms: float
     p90_ms: float
@@ -33,6 +32,14 @@ class Latency:
     # the share of the CPU time this process could run on that other processes (or the hypervisor)
     # took while the models were timed; None where the system does not tell (not Linux)
     busy: float | None = None
+
+    @property
+    def ms(self) -> float:
+        """The figure models are compared on (:func:`speedup`): the 10th-percentile run, one that
+        nothing else interrupted. On a VM whose host interrupts runs now and then, the ratio of
+        medians of one pair read 0.92x to 1.57x in twelve measurements while that of the 10th
+        percentiles read 1.45x to 1.51x (docs/latency.md)."""
+        return self.p10_ms
 
 
 def require_provider(provider: str) -> str:
@@ -220,15 +227,13 @@ def latency_ms(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], p
                repeats: int = 30, warmup: int = 5) -> list[float]:
     """Latency (ms) of each model on ``feed`` as models are compared (:func:`speedup`), runs
     alternating across models in blocks."""
-    return [m.p10_ms for m in measure(models, feed, provider, repeats, warmup)]
+    return [m.ms for m in measure(models, feed, provider, repeats, warmup)]
 
 
 def speedup(before: Latency, after: Latency) -> float:
-    """How many times faster ``after`` runs than ``before``, on their 10th-percentile runs: the
-    runs nothing else interrupted. On a VM whose host interrupts runs now and then, the ratio of
-    medians of one pair read 0.92x to 1.57x in twelve measurements while that of the 10th
-    percentiles read 1.45x to 1.51x (docs/latency.md)."""
-    return before.p10_ms / after.p10_ms
+    """How many times faster ``after`` runs than ``before``, on the figure models are compared on
+    (:attr:`Latency.ms`)."""
+    return before.ms / after.ms
 
 
 # profiled runs of one model: at least this long in all, and at most this many node events

@@ -107,7 +107,7 @@ def single_layer_model(node: onnx.NodeProto, weight: np.ndarray, in_shape: tuple
 
 
 def _timed(model: onnx.ModelProto, x: np.ndarray, provider: str) -> float:
-    return measure([model], {"x": x}, provider, repeats=5, seconds=LAYER_SECONDS)[0].p10_ms
+    return measure([model], {"x": x}, provider, repeats=5, seconds=LAYER_SECONDS)[0].ms
 
 
 def _overhead_ms(provider: str) -> float:

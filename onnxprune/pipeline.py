@@ -477,7 +477,7 @@ class Pruner:
                 # the three timed together, in alternating blocks, so that load affects them alike
                 timed = measure([self.original, pruned.float_model, pruned.model], feed, opts.provider) \
                     if feed is not None else None
-                ms = [t.p10_ms for t in timed] if timed else [None] * 3
+                ms = [t.ms for t in timed] if timed else [None] * 3
                 float_bytes = totals.size_bytes[1]
                 totals = replace(totals, size_bytes=(totals.size_bytes[0], model_bytes(pruned.model)),
                                  latency_ms=(ms[0], ms[2]) if timed else None,

@@ -45,7 +45,7 @@ class Totals:
     macs: tuple[int, int]
     params: tuple[int, int]
     size_bytes: tuple[int, int]
-    latency_ms: tuple[float, float] | None = None  # each model's 10th-percentile run (latency.speedup)
+    latency_ms: tuple[float, float] | None = None  # as models are compared (latency.Latency.ms)
     # the share of the CPUs other processes took while the latency was measured (None: unknown)
     latency_busy: float | None = None
 

@@ -377,7 +377,7 @@ def layer_latency(node: onnx.NodeProto, g: GraphView, kept: np.ndarray, geo: _Co
     sparse = layer_model(shape, nodes, s_inits, "x", "y", opset)
     feed = {"x": np.random.default_rng(0).normal(size=shape).astype(np.float32)}
     lat = measure([dense, sparse], feed, provider, repeats=30, warmup=5)
-    return lat[0].p10_ms, lat[1].p10_ms
+    return lat[0].ms, lat[1].ms
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,13 +550,15 @@ def _report(original, work, pruned, cal, fit_idx, hold_idx, opts, results: list[
         rows.append(LayerRow(node_name(node), node.op_type if r is None else
                              ("Conv/stripes" if r.emitted else "Conv/dense"), (ch_in, ch_in), (ch_out, ch_out),
                              (macs, after)))
-    lat = None
+    timed = None
     if opts.measure_latency:
         feed = cal.take([0] * batch_size_for(original, opts.latency_batch))
-        lat = tuple(m.p10_ms for m in measure([original, pruned], feed, opts.provider))
+        timed = measure([original, pruned], feed, opts.provider)
     totals = Totals(macs=(macs_before, macs_after), params=(count_params(GraphView(original)),
                                                            count_params(GraphView(pruned))),
-                    size_bytes=(model_bytes(original), model_bytes(pruned)), latency_ms=lat)
+                    size_bytes=(model_bytes(original), model_bytes(pruned)),
+                    latency_ms=(timed[0].ms, timed[1].ms) if timed else None,
+                    latency_busy=timed[0].busy if timed else None)
     check_idx = hold_idx if len(hold_idx) else fit_idx
     fidelity = compare(original, pruned, cal, check_idx, fitting_batch(shapes, opts.batch_size))
     groups = [GroupResult(r.node, r.stripes[0], r.stripes[1], [r.node], r.error_before_refit, r.error_after_refit)

@@ -201,7 +201,7 @@ def cost_table(original: onnx.ModelProto, reference: onnx.ModelProto, pruned: on
     totals = Totals(macs=(sum(r.macs[0] for r in rows), sum(r.macs[1] for r in rows)),
                     params=(count_params(GraphView(original)), count_params(GraphView(pruned))),
                     size_bytes=(model_bytes(original), model_bytes(pruned)),
-                    latency_ms=(timed[0].p10_ms, timed[1].p10_ms) if timed else None,
+                    latency_ms=(timed[0].ms, timed[1].ms) if timed else None,
                     latency_busy=timed[0].busy if timed else None)
     return rows, totals
 
