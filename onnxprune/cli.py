@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--speedup", type=float, help="MACs reduction to reach, original/pruned")
     tg.add_argument("--params", type=float, metavar="R", help="keep at most this fraction of the parameters")
     tg.add_argument("--size-mb", type=float, metavar="M", help="pruned model file at most M megabytes (10^6 B)")
-    tg.add_argument("--latency", type=float, metavar="S", help="measured latency speedup to reach on --provider")
+    tg.add_argument("--latency", type=float, metavar="S", help="measured latency speedup to reach on --provider (10th-percentile runs, as the report compares them)")
     tg.add_argument("--provider", choices=list(PROVIDERS), default="cpu",
                     help="ONNX Runtime execution provider for latency (default cpu)")
     tg.add_argument("--latency-batch", type=int, default=1, help="batch size of latency measurements (default 1)")
@@ -190,7 +190,7 @@ def build_gate_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-iou", type=float, metavar="U", help="on every probability map (a Sigmoid output, or a Softmax "
                    "over a map's classes), IoU of the regions above 0.5 in the model and in --reference at least U")
     p.add_argument("--max-error", type=float, metavar="E", help="relative output error vs --reference at most E")
-    p.add_argument("--min-speedup", type=float, metavar="S", help="measured latency speedup vs --reference")
+    p.add_argument("--min-speedup", type=float, metavar="S", help="measured latency speedup vs --reference (10th-percentile runs)")
     p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
     _add_shape(p)
     _add_image_options(p)
