@@ -318,8 +318,8 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"onnxprune: warning: batch {batch}: {busy_note(results[0].busy)}", file=sys.stderr)
     if args.by_op:
         for batch, times in bench_ops(models, cal, args.provider, args.batch).items():
-            print(f"\ntime by op type at batch {batch}, ms per run (ONNX Runtime's profiler; "
-                  f"speedup against {args.models[0].name})")
+            print(f"\ntime by op type at batch {batch}, ms in a run, 10th percentile over the profiled runs "
+                  f"(ONNX Runtime's profiler; speedup against {args.models[0].name})")
             _print_op_times(args.models, times)
     return EXIT_OK
 

@@ -21,6 +21,18 @@ from .runtime import PROVIDERS, default_round_to, import_ort  # noqa: F401  (def
 ort = import_ort()
 
 
+# models are compared on this percentile of their runs' times: the runs nothing else interrupted
+# (interruptions only add time). On a VM whose host interrupts runs now and then, the ratio of
+# medians of one pair read 0.92x to 1.57x in twelve measurements while that of the 10th
+# percentiles read 1.45x to 1.51x (docs/latency.md)
+COMPARED_PERCENTILE = 10
+
+
+def typical_ms(times) -> float:
+    """The figure models (and their op types) are compared on, of some runs' times."""
+    return float(np.percentile(times, COMPARED_PERCENTILE))
+
+
 @dataclass
 class Latency:
     """Per-run latency of one model (milliseconds), and how busy the machine was meanwhile."""
@@ -35,10 +47,7 @@ class Latency:
 
     @property
     def ms(self) -> float:
-        """The figure models are compared on (:func:`speedup`): the 10th-percentile run, one that
-        nothing else interrupted. On a VM whose host interrupts runs now and then, the ratio of
-        medians of one pair read 0.92x to 1.57x in twelve measurements while that of the 10th
-        percentiles read 1.45x to 1.51x (docs/latency.md)."""
+        """The figure models are compared on (:func:`speedup`, :func:`typical_ms`)."""
         return self.p10_ms
 
 
@@ -127,7 +136,7 @@ def measure(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], prov
         runs = _in_turns(sessions, feed, repeats, warmup, seconds, 2000, min(WARMUP_SECONDS, seconds))
         share = busy_share(before, cpu_seconds())
         times = [[t for t in session_runs if t is not None] for session_runs in runs]
-        result = [Latency(float(np.median(t)), float(np.percentile(t, 90)), float(np.percentile(t, 10)), len(t), share)
+        result = [Latency(float(np.median(t)), float(np.percentile(t, 90)), typical_ms(t), len(t), share)
                   for t in times]
         if not quietest or (share or 0.0) < (quietest[0].busy or 0.0):
             quietest = result
@@ -244,19 +253,17 @@ MAX_PROFILED_EVENTS = 40_000
 
 @dataclass
 class OpTimes:
-    """Where a run's time goes (milliseconds per run, from ONNX Runtime's profiler): the kernels
-    of each op type as ORT runs them — after its graph optimisations, so a fused node counts
-    under its own type (a ``Conv`` with its activation, SiLU as ``QuickGelu``) and the layout
-    reorders ORT inserts around blocked convs under theirs — and the whole run."""
+    """Where a run's time goes (milliseconds, from ONNX Runtime's profiler): the kernels of each
+    op type as ORT runs them — after its graph optimisations, so a fused node counts under its own
+    type (a ``Conv`` with its activation, SiLU as ``QuickGelu``) and the layout reorders ORT
+    inserts around blocked convs under theirs —, the part of a run outside any kernel
+    (scheduling, copies, the session's own work) and the whole run; each the figure runs are
+    compared on (:func:`typical_ms`) over the profiled runs, so they need not add up exactly."""
 
     by_op: dict[str, float]
     run_ms: float
     runs: int
-
-    @property
-    def between_ms(self) -> float:
-        """The part of a run outside any kernel: scheduling, copies, the session's own work."""
-        return max(0.0, self.run_ms - sum(self.by_op.values()))
+    between_ms: float
 
 
 def op_times(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], provider: str = "cpu",
@@ -278,19 +285,24 @@ def op_times(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], pro
 
 
 def _op_times(events: list[dict], timed: list[bool]) -> OpTimes:
-    """Per-run op-type times over the runs marked ``timed`` (in the order they ran)."""
+    """Op-type times of the runs marked ``timed`` (in the order they ran): each op type's kernel
+    time within a run, taken per run, then :func:`typical_ms` of them over the runs."""
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                   key=lambda e: e["ts"])
     windows = [(e["ts"], e["ts"] + e["dur"]) for e, t in zip(runs, timed) if t]
+    if not windows:
+        return OpTimes({}, 0.0, 0, 0.0)
     starts = np.array([w[0] for w in windows])
-    by_op: dict[str, float] = {}
+    by_op: dict[str, np.ndarray] = {}  # microseconds, per run
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
         k = int(np.searchsorted(starts, e["ts"], side="right")) - 1
         if k >= 0 and e["ts"] <= windows[k][1]:
             op = e.get("args", {}).get("op_name", "?")
-            by_op[op] = by_op.get(op, 0.0) + e["dur"]
-    n = max(len(windows), 1)
-    return OpTimes({op: us / 1e3 / n for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])},
-                   sum(b - a for a, b in windows) / 1e3 / n, len(windows))
+            by_op.setdefault(op, np.zeros(len(windows)))[k] += e["dur"]
+    whole = np.array([b - a for a, b in windows], np.float64)
+    between = whole - sum(by_op.values(), np.zeros(len(windows)))
+    ops = {op: typical_ms(us) / 1e3 for op, us in by_op.items()}
+    return OpTimes(dict(sorted(ops.items(), key=lambda kv: -kv[1])), typical_ms(whole) / 1e3, len(windows),
+                   max(0.0, typical_ms(between) / 1e3))

@@ -592,7 +592,27 @@ def test_op_times_add_up_to_the_run():
     model = tiny_resnet()
     [times] = op_times([model], {model.graph.input[0].name: calib_for(model, 2)})
     assert times.runs >= 3 and "Conv" in times.by_op
-    assert 0 < sum(times.by_op.values()) <= times.run_ms and times.between_ms >= 0
+    assert all(0 < ms <= times.run_ms for ms in times.by_op.values()) and times.between_ms >= 0
+
+
+def test_op_times_are_those_of_runs_nothing_interrupted():
+    """Each op type's time is taken per run, then the compared percentile over the runs: one
+    interrupted run (its Conv three times as long) moves neither the Conv row nor the run."""
+    from onnxprune.latency import _op_times
+
+    events, timed = [], []
+    for k in range(10):
+        start = 1000 * k
+        conv = 300 if k == 4 else 100
+        events.append({"cat": "Session", "name": "model_run", "ts": start, "dur": conv + 60})
+        events.append({"cat": "Node", "name": "c_kernel_time", "ts": start + 10, "dur": conv, "args": {"op_name": "Conv"}})
+        events.append({"cat": "Node", "name": "r_kernel_time", "ts": start + 20 + conv, "dur": 40,
+                       "args": {"op_name": "Relu"}})
+        timed.append(k > 0)  # the first run is a warm-up
+    times = _op_times(events, timed)
+    assert times.runs == 9
+    assert times.by_op == {"Conv": pytest.approx(0.1), "Relu": pytest.approx(0.04)}
+    assert times.run_ms == pytest.approx(0.16) and times.between_ms == pytest.approx(0.02)
 
 
 def test_sensitivity_curves_use_a_bounded_random_subset(monkeypatch):
