@@ -28,8 +28,8 @@ ort = import_ort()
 COMPARED_PERCENTILE = 10
 
 
-def typical_ms(times) -> float:
-    """The figure models (and their op types) are compared on, of some runs' times."""
+def typical_time(times) -> float:
+    """The figure models (and their op types) are compared on, of some runs' times (in their unit)."""
     return float(np.percentile(times, COMPARED_PERCENTILE))
 
 
@@ -47,7 +47,7 @@ class Latency:
 
     @property
     def ms(self) -> float:
-        """The figure models are compared on (:func:`speedup`, :func:`typical_ms`)."""
+        """The figure models are compared on (:func:`speedup`, :func:`typical_time`)."""
         return self.p10_ms
 
 
@@ -136,7 +136,7 @@ def measure(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], prov
         runs = _in_turns(sessions, feed, repeats, warmup, seconds, 2000, min(WARMUP_SECONDS, seconds))
         share = busy_share(before, cpu_seconds())
         times = [[t for t in session_runs if t is not None] for session_runs in runs]
-        result = [Latency(float(np.median(t)), float(np.percentile(t, 90)), typical_ms(t), len(t), share)
+        result = [Latency(float(np.median(t)), float(np.percentile(t, 90)), typical_time(t), len(t), share)
                   for t in times]
         if not quietest or (share or 0.0) < (quietest[0].busy or 0.0):
             quietest = result
@@ -258,7 +258,7 @@ class OpTimes:
     type (a ``Conv`` with its activation, SiLU as ``QuickGelu``) and the layout reorders ORT
     inserts around blocked convs under theirs —, the part of a run outside any kernel
     (scheduling, copies, the session's own work) and the whole run; each the figure runs are
-    compared on (:func:`typical_ms`) over the profiled runs, so they need not add up exactly."""
+    compared on (:func:`typical_time`) over the profiled runs, so they need not add up exactly."""
 
     by_op: dict[str, float]
     run_ms: float
@@ -286,7 +286,7 @@ def op_times(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], pro
 
 def _op_times(events: list[dict], timed: list[bool]) -> OpTimes:
     """Op-type times of the runs marked ``timed`` (in the order they ran): each op type's kernel
-    time within a run, taken per run, then :func:`typical_ms` of them over the runs."""
+    time within a run, taken per run, then :func:`typical_time` of them over the runs."""
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                   key=lambda e: e["ts"])
     windows = [(e["ts"], e["ts"] + e["dur"]) for e, t in zip(runs, timed) if t]
@@ -303,6 +303,6 @@ def _op_times(events: list[dict], timed: list[bool]) -> OpTimes:
             by_op.setdefault(op, np.zeros(len(windows)))[k] += e["dur"]
     whole = np.array([b - a for a, b in windows], np.float64)
     between = whole - sum(by_op.values(), np.zeros(len(windows)))
-    ops = {op: typical_ms(us) / 1e3 for op, us in by_op.items()}
-    return OpTimes(dict(sorted(ops.items(), key=lambda kv: -kv[1])), typical_ms(whole) / 1e3, len(windows),
-                   max(0.0, typical_ms(between) / 1e3))
+    ops = {op: typical_time(us) / 1e3 for op, us in by_op.items()}
+    return OpTimes(dict(sorted(ops.items(), key=lambda kv: -kv[1])), typical_time(whole) / 1e3, len(windows),
+                   max(0.0, typical_time(between) / 1e3))
