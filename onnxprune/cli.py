@@ -312,7 +312,7 @@ def _bench(args: argparse.Namespace) -> int:
           f"{'p10 speedup':>12}")
     for batch, results in bench(models, cal, args.provider, args.batch, args.repeats).items():
         for path, lat in zip(args.models, results):
-            print(f"{str(path)[-40:]:<40} {batch:>5} {lat.p10_ms:>9.3f} {lat.median_ms:>10.3f} {lat.p90_ms:>9.3f} "
+            print(f"{str(path)[-40:]:<40} {batch:>5} {lat.ms:>9.3f} {lat.median_ms:>10.3f} {lat.p90_ms:>9.3f} "
                   f"{1e3 * batch / lat.median_ms:>10.1f} {speedup(results[0], lat):>11.2f}x")
         if is_busy(results[0].busy):
             print(f"onnxprune: warning: batch {batch}: {busy_note(results[0].busy)}", file=sys.stderr)

@@ -39,16 +39,11 @@ class Latency:
 
     median_ms: float
     p90_ms: float
-    p10_ms: float
+    ms: float  # the figure models are compared on (:func:`typical_time`, :func:`speedup`)
     runs: int
     # the share of the CPU time this process could run on that other processes (or the hypervisor)
     # took while the models were timed; None where the system does not tell (not Linux)
     busy: float | None = None
-
-    @property
-    def ms(self) -> float:
-        """The figure models are compared on (:func:`speedup`, :func:`typical_time`)."""
-        return self.p10_ms
 
 
 def require_provider(provider: str) -> str:

@@ -95,7 +95,7 @@ def main() -> None:
             holds &= -lost <= INT8_BUDGET
             print(f"| {name} | {acts} | {method} | {top1[0]:.2f} | {top1[1]:.2f} | {acc:.2f} | {lost:+.2f} | "
                   + " / ".join(f"{model_bytes(m) / 1e6:.3f}" for m in models) + " | "
-                  + " | ".join(" / ".join(f"{t.p10_ms:.3f}" for t in ts) for ts in times)
+                  + " | ".join(" / ".join(f"{t.ms:.3f}" for t in ts) for ts in times)
                   + f" | {before:.1f} → {os.getloadavg()[0]:.1f} | {'yes' if -lost <= INT8_BUDGET else 'NO'} |",
                   flush=True)
     print(f"\nint8 loses at most {INT8_BUDGET} points more than pruning alone on every row: "
