@@ -48,6 +48,9 @@ MAX_CHECK = 8192  # held-out samples the checks read at most
 CHUNK = 512
 WHOLE_CHUNK = 2048  # on whole maps (their largest temporaries hold a sample's taps once, not its patches)
 MIN_GAIN = 0.01  # held-out relative error must fall by this fraction for the refined weights to be kept
+# values of one tap's view that the depthwise window loops cover at a time: a few images' maps, which
+# stay in cache over the taps (gathering every tap's patches instead wrote and read taps × the map)
+WINDOW_VALUES = 1 << 17
 
 
 @dataclass
@@ -79,6 +82,42 @@ def _group_filters(wm: np.ndarray, per_group: int, taps: int) -> np.ndarray:
         groups, taps * per_group, per_group)
 
 
+def _window_sum(maps: np.ndarray, weights: np.ndarray, views: list[tuple[slice, ...]],
+                out_shape: tuple[int, ...]) -> np.ndarray:
+    """A depthwise conv of padded channels-last ``maps`` ``[rows, *padded, k]`` by tap-major
+    ``weights`` ``[taps, k]``: the sum over taps of each tap's view times its weights, ``[rows, *out_shape, k]``."""
+    rows, k = maps.shape[0], maps.shape[-1]
+    out = np.zeros((rows, *out_shape, k), np.float32)
+    step = max(1, WINDOW_VALUES // max(out[0].size, 1))
+    scratch = np.empty((min(step, rows), *out_shape, k), np.float32)
+    for r in range(0, rows, step):
+        part, tmp = out[r:r + step], scratch[:min(step, rows - r)]
+        for view, w in zip(views, weights):
+            np.multiply(maps[(slice(r, r + step), *view)], w, out=tmp)
+            part += tmp
+    return out
+
+
+def _window_grads(maps: np.ndarray, d: np.ndarray, weights: np.ndarray,
+                  views: list[tuple[slice, ...]]) -> tuple[np.ndarray, np.ndarray]:
+    """For :func:`_window_sum`'s output gradient ``d``: its weights' gradient ``[k, taps]`` and
+    the gradient reaching the padded maps (like ``maps``)."""
+    rows, k = maps.shape[0], maps.shape[-1]
+    g_w = np.zeros((len(views), k), np.float32)
+    reached = np.zeros_like(maps)
+    step = max(1, WINDOW_VALUES // max(d[0].size, 1))
+    scratch = np.empty((min(step, rows), *d.shape[1:]), np.float32)
+    axes = "abcdefgh"[:d.ndim - 1]  # einsum sums only axes it names
+    for r in range(0, rows, step):
+        part, tmp = d[r:r + step], scratch[:min(step, rows - r)]
+        for t, (view, w) in enumerate(zip(views, weights)):
+            tapped = (slice(r, r + step), *view)
+            g_w[t] += np.einsum(f"{axes}k,{axes}k->k", maps[tapped], part)
+            np.multiply(part, w, out=tmp)
+            reached[tapped] += tmp
+    return g_w.T, reached
+
+
 @dataclass
 class Refined:
     """A branch's refined weights (``[k, D]``, ``[k]``, ``[Cout, k·taps]`` or ``[Cout, k]`` after a
@@ -107,9 +146,13 @@ class _Pair:
         self.x, self.y, self.offset = s.x[rows], s.y[rows], s.offset[rows]
         self.gate = None if s.gate is None else s.gate[rows]
         self.tap_index = s.tap_index
+        # a depthwise middle on whole maps reads its taps as shifted views of the padded maps
+        self.window = s.window if middle_act is not None and per_group == 1 else None
+        self.views = None if self.window is None or int(np.prod(self.window.in_shape)) != s.x.shape[1] \
+            else self.window.tap_views()
         if s.tap_index is None:
             self.inside = s.inside[rows].astype(np.float32)
-        else:
+        elif self.views is None:
             outputs, taps = s.tap_index.shape
             hidden = s.x.shape[1]
             # a tap in the padding reads a spare zero row past the map's positions (no mask to apply)
@@ -184,11 +227,15 @@ class _Pair:
             n = rows * outputs
             z1 = (self.x.reshape(rows * hidden, -1) @ w1.T).reshape(rows, hidden, -1)
             z1 += b1
-            a1 = np.empty((rows, hidden + 1, k), np.float32)
-            a1[:, :hidden] = self.act[0](z1)
-            a1[:, hidden] = 0
-            # np.take on flat rows: several times faster than fancy indexing along an inner axis
-            a1 = np.take(a1.reshape(-1, k), self._flat_indices(rows)[0], axis=0).reshape(n, taps, k)
+            if self.views is not None:
+                maps = np.zeros((rows, *self.window.padded, k), np.float32)
+                maps[(slice(None), *self.window.interior)] = self.act[0](z1).reshape(rows, *self.window.in_shape, k)
+            else:
+                a1 = np.empty((rows, hidden + 1, k), np.float32)
+                a1[:, :hidden] = self.act[0](z1)
+                a1[:, hidden] = 0
+                # np.take on flat rows: several times faster than fancy indexing along an inner axis
+                a1 = np.take(a1.reshape(-1, k), self._flat_indices(rows)[0], axis=0).reshape(n, taps, k)
             gate = None if self.gate is None else np.repeat(self.gate, outputs, axis=0)
         else:  # each sample holds its taps
             n, taps = rows, hidden
@@ -212,7 +259,10 @@ class _Pair:
             if self.per_group == 1:
                 # tap-major like a1's taps: contiguous over channels, einsum and broadcasting run several times faster
                 wm_taps = np.ascontiguousarray(wm.T)
-                zm = np.einsum("ntk,tk->nk", a1, wm_taps)
+                if self.views is not None:
+                    zm = _window_sum(maps, wm_taps, self.views, self.window.out_shape).reshape(n, k)
+                else:
+                    zm = np.einsum("ntk,tk->nk", a1, wm_taps)
             else:  # one product per conv group: [groups, n, taps · per_group] @ [groups, taps · per_group, per_group]
                 a1_groups, wm_groups = _by_group(a1, self.per_group), _group_filters(wm, self.per_group, taps)
                 zm = np.ascontiguousarray(np.matmul(a1_groups, wm_groups).transpose(1, 0, 2)).reshape(n, k)
@@ -240,7 +290,11 @@ class _Pair:
             extra = []
         else:
             dzm = (dr @ w2 if gate is None else (dr @ w2) * gate) * self.middle_act[1](zm)
-            if self.per_group == 1:
+            if self.views is not None:
+                g_wm, reached_maps = _window_grads(maps, dzm.reshape(rows, *self.window.out_shape, k), wm_taps,
+                                                   self.views)
+                extra = [g_wm, dzm.sum(axis=0)]
+            elif self.per_group == 1:
                 extra = [np.einsum("nk,ntk->kt", dzm, a1), dzm.sum(axis=0)]
             else:
                 groups, per = k // self.per_group, self.per_group
@@ -252,7 +306,9 @@ class _Pair:
                 reached_a1 = np.matmul(dzm_groups, wm_groups.transpose(0, 2, 1)).reshape(
                     groups, n, taps, per).transpose(1, 2, 0, 3).reshape(n, taps, k)
         dz1 = self.act[1](z1)  # a fresh array: the gradient reaching a1 is multiplied into it in place
-        if whole:  # each tap's gradient back to the map position it read, from a buffer with a spare zero
+        if self.views is not None:
+            dz1.reshape(rows, *self.window.in_shape, k)[...] *= reached_maps[(slice(None), *self.window.interior)]
+        elif whole:  # each tap's gradient back to the map position it read, from a buffer with a spare zero
             flat = np.empty((n * taps + 1, k), np.float32)
             flat[-1] = 0
             reached = flat[:-1].reshape(n, taps, k)

@@ -19,7 +19,7 @@ from .calib import Calibration
 from .errors import ModelError
 from .graph import Consumer
 from .graphview import GraphView, node_name
-from .ops import LinearHandler, activation_chain, handler_for
+from .ops import LinearHandler, Window, activation_chain, handler_for
 from .stats import LayerStats
 
 # computes tensors over the sampler's images, in batches: (sample indices, {name: array})
@@ -168,6 +168,8 @@ class PairSamples:
     image: np.ndarray  # [n] calibration row of each sample (whole maps: image), increasing (a held-out split by image)
     gate: np.ndarray | None = None  # [n, k] a per-image channel gate (squeeze-excite) before the consumer
     tap_index: np.ndarray | None = None  # whole maps: [P, taps] the position of x each tap reads
+    # whole maps through a middle conv: its sliding window (the same taps, read as shifted views of the maps)
+    window: Window | None = None
 
 
 class Sampler:
@@ -387,7 +389,7 @@ class Sampler:
             return None
         return PairSamples(x_all[:filled], tap_inside if whole else np.concatenate(insides), np.concatenate(ys),
                            np.concatenate(offsets), np.concatenate(rows), np.concatenate(gates) if gates else None,
-                           tap_index if whole else None)
+                           tap_index if whole else None, tapped.window(middle, pruned) if whole and middle else None)
 
     def stats(self, pruned: GraphView, consumers: list[Consumer],
               target_columns: dict[str, np.ndarray] | None = None, runs: Runs | None = None) -> list[LayerStats]:

@@ -11,7 +11,7 @@ from graphs import Builder, calib_for, resnext_block, tiny_csp, tiny_mobile, tin
 import onnxprune
 from onnxprune.graph import Consumer
 from onnxprune.graphview import node_name
-from onnxprune.ops import handler_for
+from onnxprune.ops import Window, handler_for
 from onnxprune.options import PruneOptions
 from onnxprune.pipeline import Pruner
 from onnxprune import sampling
@@ -225,6 +225,40 @@ def test_whole_maps_give_the_loss_and_gradients_of_every_position_sampled(blocks
     assert np.isclose(whole.loss(params)[0], sampled.loss(params)[0], rtol=1e-5)
     for a, b in zip(whole.loss(params, grad=True)[1], sampled.loss(params, grad=True)[1]):
         assert np.allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("in_shape, kernel, strides, dilations, pads", [
+    ((9, 11), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
+    ((12, 10), (5, 5), (2, 2), (1, 1), (2, 1, 2, 2)),  # TF "same" at stride 2: more padding after
+    ((10, 10), (3, 3), (1, 2), (2, 2), (2, 2, 2, 2)),
+    ((7, 6), (3, 5), (2, 1), (1, 1), (0, 2, 0, 2)),
+    ((13,), (5,), (2,), (1,), (2, 2)),  # a 1-D conv
+    ((4, 5, 6), (3, 3, 3), (1, 2, 1), (1, 1, 1), (1, 1, 1, 1, 1, 1)),  # 3-D
+])
+def test_a_depthwise_middle_read_as_shifted_views_gives_the_gathered_taps_loss_and_gradients(
+        in_shape, kernel, strides, dilations, pads):
+    """A depthwise middle on whole maps reads its taps as shifted views of the padded maps: loss
+    and gradients equal those of the taps gathered by index, at strides, dilations, uneven
+    padding and any number of spatial dims, with and without a squeeze-excite gate."""
+    n_ax = len(kernel)
+    out_shape = tuple((size + pads[a] + pads[a + n_ax] - dilations[a] * (kernel[a] - 1) - 1) // strides[a] + 1
+                      for a, size in enumerate(in_shape))
+    window = Window(in_shape, out_shape, kernel, strides, dilations, pads)
+    outputs, hidden = int(np.prod(out_shape)), int(np.prod(in_shape))
+    tap_index, inside = (a[0] for a in window.tap_positions(np.arange(outputs)[None]))
+    rng = np.random.default_rng(0)
+    rows, d, k, cout = 5, 4, 6, 3
+    relu = (lambda z: np.maximum(z, 0), lambda z: (z > 0).astype(np.float32))
+    for gate in (None, rng.uniform(0, 1, (rows, k)).astype(np.float32)):
+        common = (rng.normal(size=(rows, hidden, d)).astype(np.float32), inside,
+                  rng.normal(size=(rows, outputs, cout)).astype(np.float32), np.zeros((rows, outputs, cout), np.float32),
+                  np.arange(rows), gate, tap_index)
+        params = [rng.normal(size=s).astype(np.float32) for s in ((k, d), (k,), (cout, k), (cout,), (k, len(tap_index[0])), (k,))]
+        shifted, gathered = (_Pair(PairSamples(*common, window=w), slice(None), relu, None, relu) for w in (window, None))
+        assert shifted.views is not None and gathered.views is None
+        assert np.isclose(shifted.loss(params)[0], gathered.loss(params)[0], rtol=1e-5)
+        for a, b in zip(shifted.loss(params, grad=True)[1], gathered.loss(params, grad=True)[1]):
+            assert np.allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
 
 
 def test_whole_maps_of_an_image_subset_where_every_image_does_not_fit(monkeypatch):

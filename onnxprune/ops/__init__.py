@@ -7,6 +7,7 @@ from .base import (
            ChannelRule,
            Handler,
            LinearHandler,
+           Window,
            handler_for,
            register,
            registered_ops,
@@ -15,4 +16,4 @@ from .base import (
 from .elementwise import activation_chain
 
 __all__ = ["FOLDED_DOMAIN", "Activation", "ChannelRule", "activation_chain", "Handler", "LinearHandler", "handler_for", "register", "registered_ops",
-           "sample_outputs"]
+           "sample_outputs", "Window"]

@@ -186,6 +186,60 @@ def batch_one_constant(node: onnx.NodeProto, g: GraphView, index: int) -> np.nda
     return value
 
 
+@dataclass(frozen=True)
+class Window:
+    """A convolution's sliding window: the input and output map dims, and per axis the kernel,
+    stride, dilation and the padding before and after the map (ONNX's ``pads`` order: begins,
+    then ends)."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]
+
+    @property
+    def padded(self) -> tuple[int, ...]:
+        """The input map's dims with its padding."""
+        n = len(self.kernel)
+        return tuple(size + self.pads[a] + self.pads[a + n] for a, size in enumerate(self.in_shape))
+
+    @property
+    def interior(self) -> tuple[slice, ...]:
+        """Where the input map lies in the padded one."""
+        return tuple(slice(self.pads[a], self.pads[a] + size) for a, size in enumerate(self.in_shape))
+
+    def tap_views(self) -> list[tuple[slice, ...]] | None:
+        """Per kernel tap (row-major, the weight's order): the slices of the padded map it reads
+        at every output position, in the output's order; None where the outputs reach past the
+        padded map (pads that do not cover the last window)."""
+        reach = [(out - 1) * s for out, s in zip(self.out_shape, self.strides)]
+        spans = [(k - 1) * d for k, d in zip(self.kernel, self.dilations)]
+        if any(r + span >= size for r, span, size in zip(reach, spans, self.padded)):
+            return None
+        per_axis = [[slice(i * d, i * d + r + 1, s) for i in range(k)]
+                    for k, d, r, s in zip(self.kernel, self.dilations, reach, self.strides)]
+        views = [()]
+        for axis in per_axis:
+            views = [v + (sl,) for v in views for sl in axis]
+        return views
+
+    def tap_positions(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For output positions ``pos`` (flat over ``out_shape``): the flat input position each
+        kernel tap reads, clipped into the map, and whether it lies inside it (False: padding);
+        both ``[*pos.shape, taps]``, taps in the weight's (row-major) order."""
+        out_coords = np.unravel_index(pos, self.out_shape)
+        flat = np.zeros((*pos.shape, 1), np.int64)
+        inside = np.ones((*pos.shape, 1), bool)
+        for axis, size in enumerate(self.in_shape):
+            coord = (out_coords[axis] * self.strides[axis] - self.pads[axis])[..., None] + \
+                np.arange(self.kernel[axis]) * self.dilations[axis]
+            inside = (inside[..., :, None] & ((coord >= 0) & (coord < size))[..., None, :]).reshape(*pos.shape, -1)
+            flat = (flat[..., :, None] * size + np.clip(coord, 0, size - 1)[..., None, :]).reshape(*pos.shape, -1)
+        return flat, inside
+
+
 class LinearHandler(Handler):
     """A handler for a layer that is a linear map of input patches: Conv, Gemm, MatMul.
 
@@ -231,6 +285,10 @@ class LinearHandler(Handler):
         """For output positions ``pos`` ``[B, P]``: the flat input positions each kernel tap reads,
         ``[B, P, taps]`` (in the order of the patch columns), and whether each lies inside the input
         (False: padding). None where the op has no such map (not a 2-D conv)."""
+        return None
+
+    def window(self, node: onnx.NodeProto, g: GraphView) -> Window | None:
+        """The sliding window of :meth:`input_positions` (None where it has none)."""
         return None
 
     def sample_patches(self, node: onnx.NodeProto, g: GraphView, x: np.ndarray,

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from ..graphview import attr, set_attr
-from .base import ChannelRule, Handler, LinearHandler, register, whole_runs
+from .base import ChannelRule, Handler, LinearHandler, Window, register, whole_runs
 
 
 def conv_pads(node: onnx.NodeProto, in_hw: tuple[int, ...], kernel: tuple[int, ...]) -> list[int]:
@@ -170,17 +170,23 @@ class Conv(LinearHandler):
     def positions(self, node, g):
         return int(np.prod(g.shape(node.output[0])[2:]))
 
-    def input_positions(self, node, g, pos):
+    def window(self, node, g):
         w, in_shape, out_shape = self._weight(node, g), g.shape(node.input[0]), g.shape(node.output[0])
         if w is None or in_shape is None or out_shape is None or len(in_shape) < 3 or \
                 (self.is_grouped(node, g) and not self.loses_whole_groups(node, g)):
             return None
-        flat, inside = _tap_positions(node, pos, tuple(in_shape[2:]), tuple(out_shape[2:]), tuple(w.shape[2:]))
+        return _window(node, tuple(in_shape[2:]), tuple(out_shape[2:]), tuple(w.shape[2:]))
+
+    def input_positions(self, node, g, pos):
+        window = self.window(node, g)
+        if window is None:
+            return None
+        flat, inside = window.tap_positions(pos)
         return flat.reshape(*pos.shape, -1), inside.reshape(*pos.shape, -1)
 
     def sample_patches(self, node, g, x, pos):
         w = self._weight(node, g)
-        flat, inside = _tap_positions(node, pos, x.shape[2:], tuple(g.shape(node.output[0])[2:]), tuple(w.shape[2:]))
+        flat, inside = _window(node, x.shape[2:], tuple(g.shape(node.output[0])[2:]), tuple(w.shape[2:])).tap_positions(pos)
         rows = x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)  # channels last
         if flat.shape[1] * flat.shape[2] >= rows.shape[1]:
             # reading each position several times: one contiguous copy makes each read one row
@@ -192,22 +198,13 @@ class Conv(LinearHandler):
         return patches.transpose(0, 1, 3, 2).reshape(pos.shape[0] * pos.shape[1], -1)
 
 
-def _tap_positions(node: onnx.NodeProto, pos: np.ndarray, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
-                   kernel: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """For output positions ``pos`` (flat over ``out_shape``, any number of spatial dims): the flat
-    input position each kernel tap reads, clipped into the map, and whether it lies inside it
-    (False: padding); both ``[*pos.shape, taps]``, taps in the weight's (row-major) order."""
+def _window(node: onnx.NodeProto, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+            kernel: tuple[int, ...]) -> Window:
+    """The conv's sliding window over maps of ``in_shape`` (any number of spatial dims)."""
     n = len(kernel)
-    pads = conv_pads(node, in_shape, kernel)
-    strides, dil = attr(node, "strides", [1] * n), attr(node, "dilations", [1] * n)
-    out_coords = np.unravel_index(pos, out_shape)
-    flat = np.zeros((*pos.shape, 1), np.int64)
-    inside = np.ones((*pos.shape, 1), bool)
-    for axis in range(n):
-        coord = (out_coords[axis] * strides[axis] - pads[axis])[..., None] + np.arange(kernel[axis]) * dil[axis]
-        inside = (inside[..., :, None] & ((coord >= 0) & (coord < in_shape[axis]))[..., None, :]).reshape(*pos.shape, -1)
-        flat = (flat[..., :, None] * in_shape[axis] + np.clip(coord, 0, in_shape[axis] - 1)[..., None, :]).reshape(*pos.shape, -1)
-    return flat, inside
+    return Window(tuple(int(v) for v in in_shape), tuple(int(v) for v in out_shape), tuple(int(k) for k in kernel),
+                  tuple(attr(node, "strides", [1] * n)), tuple(attr(node, "dilations", [1] * n)),
+                  tuple(conv_pads(node, in_shape, kernel)))
 
 
 def _check_equal_groups(keep: np.ndarray, channels: int, group: int) -> np.ndarray:
