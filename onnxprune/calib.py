@@ -153,29 +153,49 @@ class _Mixed:
         return rows
 
 
+# decoded images kept in memory, as their 8-bit pixels after resizing: a pruning run reads each
+# calibration image a dozen times or more (passes, probes, blends of two), and decoding a large
+# photo can cost more than the model's pass over it (docs/scale.md)
+IMAGE_CACHE_BYTES = 1 << 29
+
+
 class _LazyImages:
-    """An array-like over image files: decoded and normalised only when indexed."""
+    """An array-like over image files: decoded and normalised only when indexed; the decoded
+    pixels of the first images read are kept (up to :data:`IMAGE_CACHE_BYTES`)."""
 
     def __init__(self, paths: list[Path], opts: ImageOptions, dtype):
         self.paths, self.opts, self.dtype = paths, opts, dtype
+        self._pixels: dict[int, np.ndarray] = {}
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, idx) -> np.ndarray:
-        return np.stack([self._load(self.paths[i]) for i in np.atleast_1d(idx)])
+        return np.stack([self._load(int(i)) for i in np.atleast_1d(idx)])
 
-    def _load(self, path: Path) -> np.ndarray:
+    def _decoded(self, i: int) -> np.ndarray:
+        """Image ``i``'s 8-bit pixels ``[H, W]`` or ``[H, W, C]`` at the model's size."""
+        pixels = self._pixels.get(i)
+        if pixels is not None:
+            return pixels
         from PIL import Image, UnidentifiedImageError
 
-        o = self.opts
+        o, path = self.opts, self.paths[i]
         try:
             with Image.open(path) as im:
                 im = im.convert({1: "L", 3: "RGB", 4: "RGBA"}[o.color.channels])
-                im = im.resize((o.size[1], o.size[0]), Image.BILINEAR)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+                pixels = np.asarray(im.resize((o.size[1], o.size[0]), Image.BILINEAR))
         except (UnidentifiedImageError, OSError) as exc:
             raise CalibrationError(f"cannot read image '{path}' ({exc}); remove it from the folder") from None
+        if self._cached_bytes + pixels.nbytes <= IMAGE_CACHE_BYTES:
+            self._pixels[i] = pixels
+            self._cached_bytes += pixels.nbytes
+        return pixels
+
+    def _load(self, i: int) -> np.ndarray:
+        o = self.opts
+        arr = self._decoded(i).astype(np.float32) / 255.0
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if o.color in (Color.BGR, Color.BGRA):

@@ -54,6 +54,35 @@ def test_image_folder(tmp_path):
     assert -2.01 <= batch.min() and batch.max() <= 2.01
 
 
+def test_image_folder_decodes_each_image_once_within_its_memory_budget(tmp_path, monkeypatch):
+    """Decoded pixels are kept, so repeated reads (passes, blends) decode each image once; past the
+    budget the other images are decoded at every read; the values are the same either way."""
+    from PIL import Image
+
+    from onnxprune import calib
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    opts = ImageOptions(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), color=Color.BGR)
+    cal = load_calibration(tmp_path, MODEL, opts)
+    first = cal.take([0, 1, 2, 3])["input"]
+    mixed, idx = cal.with_mixtures(np.arange(4), 6, seed=0)
+    for _ in range(3):
+        assert np.array_equal(cal.take([3, 1, 0, 2])["input"], first[[3, 1, 0, 2]])
+        mixed.take(idx)
+    assert len(opened) == 4
+    monkeypatch.setattr(calib, "IMAGE_CACHE_BYTES", 2 * 8 * 8 * 3)  # two images' pixels at 8×8
+    opened.clear()
+    cal = load_calibration(tmp_path, MODEL, opts)
+    for _ in range(3):
+        assert np.array_equal(cal.take([0, 1, 2, 3])["input"], first)
+    assert len(opened) == 2 + 3 * 2
+
+
 def _image_input_model(shape):
     """A graph that only declares an image input of ``shape`` (what the loaders read)."""
     from onnx import TensorProto, helper
