@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,10 +184,14 @@ class _LazyImages:
 
         o, path = self.opts, self.paths[i]
         try:
-            with Image.open(path) as im:
-                im = im.convert({1: "L", 3: "RGB", 4: "RGBA"}[o.color.channels])
-                pixels = np.asarray(im.resize((o.size[1], o.size[0]), Image.BILINEAR))
-        except (UnidentifiedImageError, OSError) as exc:
+            with warnings.catch_warnings():
+                # PIL warns of images past 89 M pixels and refuses them past 179 M (a "decompression
+                # bomb": a small file that decodes to gigabytes); the refusal is the error below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    im = im.convert({1: "L", 3: "RGB", 4: "RGBA"}[o.color.channels])
+                    pixels = np.asarray(im.resize((o.size[1], o.size[0]), Image.BILINEAR))
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise CalibrationError(f"cannot read image '{path}' ({exc}); remove it from the folder") from None
         if self._cached_bytes + pixels.nbytes <= IMAGE_CACHE_BYTES:
             self._pixels[i] = pixels

@@ -146,6 +146,17 @@ def _bad_image_folder(tmp: Path) -> Path:
     return tmp / "imgs"
 
 
+def _bomb_image_folder(tmp: Path) -> Path:
+    """A small PNG that decodes to 400 M pixels, beside good images."""
+    from PIL import Image
+
+    (tmp / "imgs").mkdir()
+    Image.new("1", (20000, 20000)).save(tmp / "imgs" / "0.png")
+    for i in range(1, 5):
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(tmp / "imgs" / f"{i}.png")
+    return tmp / "imgs"
+
+
 def _mixed_folder(tmp: Path) -> Path:
     (tmp / "cal").mkdir()
     np.save(tmp / "cal" / "a.npy", calib_for(VGG, 4))
@@ -247,6 +258,7 @@ CASES: list[tuple[str, Build, int, str]] = [
     ("calib_empty_folder", calib_case(_empty_folder), 2, "holds no .npy/.npz files or images"),
     ("calib_mixed_folder", calib_case(_mixed_folder), 2, "different shapes"),
     ("calib_broken_image", calib_case(_bad_image_folder), 2, "cannot read image"),
+    ("calib_decompression_bomb", calib_case(_bomb_image_folder), 2, "cannot read image .*decompression bomb"),
     # --- the output
     ("output_exists", _write_output, 2, "already exists; pass --force"),
     ("output_is_input", _output_is_input, 2, "refusing to overwrite the input model"),
