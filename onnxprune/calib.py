@@ -154,7 +154,7 @@ class _Mixed:
         return rows
 
 
-# decoded images kept in memory, as their 8-bit pixels after resizing: a pruning run reads each
+# decoded images kept in memory, as their 8- or 16-bit pixels after resizing: a pruning run reads each
 # calibration image a dozen times or more (passes, probes, blends of two), and decoding a large
 # photo can cost more than the model's pass over it (docs/scale.md)
 IMAGE_CACHE_BYTES = 1 << 29
@@ -176,21 +176,31 @@ class _LazyImages:
         return np.stack([self._load(int(i)) for i in np.atleast_1d(idx)])
 
     def _decoded(self, i: int) -> np.ndarray:
-        """Image ``i``'s 8-bit pixels ``[H, W]`` or ``[H, W, C]`` at the model's size."""
+        """Image ``i``'s pixels ``[H, W]`` or ``[H, W, C]`` at the model's size: 8-bit, or 16-bit
+        for 16-bit grey images (read to [0, 1] by their own maximum)."""
         pixels = self._pixels.get(i)
         if pixels is not None:
             return pixels
         from PIL import Image, UnidentifiedImageError
 
         o, path = self.opts, self.paths[i]
+        size = (o.size[1], o.size[0])
         try:
             with warnings.catch_warnings():
                 # PIL warns of images past 89 M pixels and refuses them past 179 M (a "decompression
                 # bomb": a small file that decodes to gigabytes); the refusal is the error below
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(path) as im:
-                    im = im.convert({1: "L", 3: "RGB", 4: "RGBA"}[o.color.channels])
-                    pixels = np.asarray(im.resize((o.size[1], o.size[0]), Image.BILINEAR))
+                    if im.mode in ("I", "F"):  # converting to 8 bits would clip them: saturated samples
+                        kind = "32-bit integer" if im.mode == "I" else "floating-point"
+                        raise CalibrationError(f"image '{path}' has {kind} pixels, whose scale an image folder "
+                                               "cannot know; save the samples as the model takes them in a .npy file")
+                    if im.mode.startswith("I;16"):  # 16-bit grey (depth, thermal, X-ray): kept at 16 bits
+                        grey = Image.fromarray(np.asarray(im).astype(np.uint16))
+                        pixels = _grey_as(np.asarray(grey.resize(size, Image.BILINEAR)), o.color.channels)
+                    else:
+                        im = im.convert({1: "L", 3: "RGB", 4: "RGBA"}[o.color.channels])
+                        pixels = np.asarray(im.resize(size, Image.BILINEAR))
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise CalibrationError(f"cannot read image '{path}' ({exc}); remove it from the folder") from None
         if self._cached_bytes + pixels.nbytes <= IMAGE_CACHE_BYTES:
@@ -200,7 +210,8 @@ class _LazyImages:
 
     def _load(self, i: int) -> np.ndarray:
         o = self.opts
-        arr = self._decoded(i).astype(np.float32) / 255.0
+        pixels = self._decoded(i)
+        arr = pixels.astype(np.float32) / float(np.iinfo(pixels.dtype).max)  # [0, 1] at 8 or 16 bits
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if o.color in (Color.BGR, Color.BGRA):
@@ -209,6 +220,15 @@ class _LazyImages:
         if o.layout is Layout.NCHW:
             arr = arr.transpose(2, 0, 1)
         return arr.astype(self.dtype)
+
+
+def _grey_as(grey: np.ndarray, channels: int) -> np.ndarray:
+    """Grey pixels ``[H, W]`` as an image of ``channels`` (1, 3, or 4 with an opaque alpha), as
+    PIL converts 8-bit grey."""
+    if channels == 1:
+        return grey
+    planes = [grey] * 3 + ([np.full_like(grey, np.iinfo(grey.dtype).max)] if channels == 4 else [])
+    return np.stack(planes, axis=-1)
 
 
 def _image_options(inp: ModelInput, opts: ImageOptions) -> ImageOptions:

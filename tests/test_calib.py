@@ -83,6 +83,28 @@ def test_image_folder_decodes_each_image_once_within_its_memory_budget(tmp_path,
     assert len(opened) == 2 + 3 * 2
 
 
+def test_sixteen_bit_grey_images_keep_their_depth_and_wider_pixels_are_refused(tmp_path):
+    """16-bit grey images (depth, thermal, X-ray) read to [0, 1] by 65535, as 8-bit ones by 255 —
+    converting them to 8 bits clipped every value above 255; 32-bit integer and floating-point
+    images, whose scale a folder cannot tell, are refused in one line."""
+    from PIL import Image
+
+    grey = np.random.default_rng(0).integers(0, 65536, (8, 8)).astype(np.uint16)
+    (tmp_path / "a").mkdir()
+    for i in range(3):
+        Image.fromarray(grey).save(tmp_path / "a" / f"{i}.png")
+    cal = load_calibration(tmp_path / "a", MODEL, ImageOptions(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    got = cal.take([0, 2])["input"]  # 8×8 to the model's 8×8: no resampling
+    want = (grey.astype(np.float32) / 65535 - 0.5) / 0.25
+    assert np.allclose(got, np.broadcast_to(want, got.shape), atol=1e-6)
+    for name, pixels in (("f", np.random.default_rng(1).random((8, 8), np.float32)),
+                         ("i", np.arange(64, dtype=np.int32).reshape(8, 8) * 100000)):
+        (tmp_path / name).mkdir()
+        Image.fromarray(pixels).save(tmp_path / name / "0.tif")
+        with pytest.raises(CalibrationError, match="pixels, whose scale an image folder cannot know; save the samples"):
+            load_calibration(tmp_path / name, MODEL).take([0])
+
+
 def _image_input_model(shape):
     """A graph that only declares an image input of ``shape`` (what the loaders read)."""
     from onnx import TensorProto, helper

@@ -157,6 +157,16 @@ def _bomb_image_folder(tmp: Path) -> Path:
     return tmp / "imgs"
 
 
+def _float_image_folder(tmp: Path) -> Path:
+    """Floating-point TIFFs: converting them to 8 bits would clip them to a few grey levels."""
+    from PIL import Image
+
+    (tmp / "imgs").mkdir()
+    for i in range(5):
+        Image.fromarray(np.random.default_rng(i).random((12, 12), np.float32)).save(tmp / "imgs" / f"{i}.tif")
+    return tmp / "imgs"
+
+
 def _mixed_folder(tmp: Path) -> Path:
     (tmp / "cal").mkdir()
     np.save(tmp / "cal" / "a.npy", calib_for(VGG, 4))
@@ -259,6 +269,7 @@ CASES: list[tuple[str, Build, int, str]] = [
     ("calib_mixed_folder", calib_case(_mixed_folder), 2, "different shapes"),
     ("calib_broken_image", calib_case(_bad_image_folder), 2, "cannot read image"),
     ("calib_decompression_bomb", calib_case(_bomb_image_folder), 2, "cannot read image .*decompression bomb"),
+    ("calib_float_images", calib_case(_float_image_folder), 2, "floating-point pixels, whose scale"),
     # --- the output
     ("output_exists", _write_output, 2, "already exists; pass --force"),
     ("output_is_input", _output_is_input, 2, "refusing to overwrite the input model"),
