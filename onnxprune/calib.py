@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -290,7 +291,7 @@ def _arrays_from_path(path: Path, inputs: list[ModelInput], opts: ImageOptions) 
         raise CalibrationError(f"'{path}' is not a .npy or .npz file or a folder of images")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     npys = [p for p in files if p.suffix in (".npy", ".npz")]
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES] or ([] if npys else _images_below(path))
     if npys:
         parts = [_arrays_from_path(p, inputs, opts) for p in npys]
         merged = {}
@@ -308,7 +309,17 @@ def _arrays_from_path(path: Path, inputs: list[ModelInput], opts: ImageOptions) 
                                    "array per input")
         filled = _image_options(inputs[0], opts)
         return {inputs[0].name: _LazyImages(images, filled, inputs[0].dtype)}
-    raise CalibrationError(f"calibration folder '{path}' holds no .npy/.npz files or images")
+    raise CalibrationError(f"calibration folder '{path}' holds no .npy/.npz files or images, nor do its subfolders hold images")
+
+
+def _images_below(path: Path) -> list[Path]:
+    """The images in ``path``'s subfolders (a data set's class folders), in path order; hidden
+    files and folders skipped, symbolic links to folders not followed."""
+    found = []
+    for folder, subfolders, names in os.walk(path):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        found += [Path(folder) / n for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found, key=lambda p: p.relative_to(path).parts)
 
 
 def _maybe_batch(arr: np.ndarray, inp: ModelInput) -> np.ndarray:

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "exit codes: 0 ok, 1 target not met, 2 bad input/options, 3 internal error")
     p.add_argument("model", type=Path, help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", type=Path, help="pruned model path (default: <model>.pruned.onnx)")
-    p.add_argument("--calib", type=Path, help=".npy/.npz file, a folder of them, or a folder of images")
+    p.add_argument("--calib", type=Path, help=".npy/.npz file, a folder of them, or a folder of images "
+                   "(or of subfolders of images: a data set's class folders)")
     tg = p.add_argument_group("targets (every one given must hold; default --speedup 2)")
     tg.add_argument("--speedup", type=float, help="MACs reduction to reach, original/pruned")
     tg.add_argument("--params", type=float, metavar="R", help="keep at most this fraction of the parameters")

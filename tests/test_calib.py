@@ -105,6 +105,23 @@ def test_sixteen_bit_grey_images_keep_their_depth_and_wider_pixels_are_refused(t
             load_calibration(tmp_path / name, MODEL).take([0])
 
 
+def test_an_image_folder_of_class_subfolders(tmp_path):
+    """A data set's class folders (``val/<class>/*.jpg``): their images, in path order, hidden
+    folders and files skipped; a folder whose own files are images keeps to them, as before."""
+    from PIL import Image
+
+    for folder, value in (("b_class", 10), ("a_class", 20), ("a_class/deeper", 30), (".thumbs", 40)):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / "data" / folder / "x.png")
+    (tmp_path / "data" / "__MACOSX" / "a_class").mkdir(parents=True)  # what a zip made on macOS holds
+    (tmp_path / "data" / "__MACOSX" / "a_class" / "._x.png").write_bytes(b"AppleDouble")
+    (tmp_path / "data" / "labels.txt").write_text("a_class\nb_class\n")
+    cal = load_calibration(tmp_path / "data", MODEL)
+    assert [round(float(v) * 255) for v in cal.take(np.arange(len(cal)))["input"][:, 0, 0, 0]] == [30, 20, 10]
+    Image.fromarray(np.full((8, 8, 3), 60, np.uint8)).save(tmp_path / "data" / "top.png")
+    assert len(load_calibration(tmp_path / "data", MODEL)) == 1
+
+
 def _image_input_model(shape):
     """A graph that only declares an image input of ``shape`` (what the loaders read)."""
     from onnx import TensorProto, helper
