@@ -211,13 +211,16 @@ class _LazyImages:
 
     def _load(self, i: int) -> np.ndarray:
         o = self.opts
-        pixels = self._decoded(i)
-        arr = pixels.astype(np.float32) / float(np.iinfo(pixels.dtype).max)  # [0, 1] at 8 or 16 bits
+        arr = self._decoded(i)
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if o.color in (Color.BGR, Color.BGRA):
-            arr[:, :, :3] = arr[:, :, 2::-1].copy()
-        arr = (arr - np.asarray(o.mean, np.float32)) / np.asarray(o.std, np.float32)
+            arr = np.concatenate([arr[:, :, 2::-1], arr[:, :, 3:]], axis=2)
+        if self.dtype == np.uint8:  # a model that takes the 8-bit pixels themselves (TF's image_tensor)
+            arr = arr if arr.dtype == np.uint8 else (arr // 257).astype(np.uint8)
+        else:  # [0, 1] at 8 or 16 bits, then the model's normalisation
+            arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+            arr = (arr - np.asarray(o.mean, np.float32)) / np.asarray(o.std, np.float32)
         if o.layout is Layout.NCHW:
             arr = arr.transpose(2, 0, 1)
         return arr.astype(self.dtype)
@@ -257,6 +260,13 @@ def _image_options(inp: ModelInput, opts: ImageOptions) -> ImageOptions:
         if len(values) not in (1, color.channels):
             raise CalibrationError(f"{name} has {len(values)} values for {color.channels}-channel images; "
                                    f"give one, or one per channel")
+    if np.issubdtype(inp.dtype, np.integer) or inp.dtype == np.bool_:
+        if inp.dtype != np.uint8:
+            raise CalibrationError(f"input '{inp.name}' takes {np.dtype(inp.dtype).name} values, which an image folder "
+                                   "does not give (it feeds float or uint8 inputs); give a .npy/.npz")
+        if tuple(opts.mean) != (0.0,) or tuple(opts.std) != (1.0,):
+            raise CalibrationError(f"input '{inp.name}' takes uint8 pixels as they are, so --mean and --std "
+                                   "(which scale float inputs) do not apply; leave them out")
     if not all(np.isfinite(opts.std)) or 0.0 in opts.std:
         raise CalibrationError(f"--std {' '.join(f'{v:g}' for v in opts.std)} has a zero or non-finite value; "
                                "give the scale the model was trained with")

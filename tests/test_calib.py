@@ -122,13 +122,36 @@ def test_an_image_folder_of_class_subfolders(tmp_path):
     assert len(load_calibration(tmp_path / "data", MODEL)) == 1
 
 
-def _image_input_model(shape):
+def test_an_image_folder_feeds_a_uint8_input_its_pixels(tmp_path):
+    """A model that takes 8-bit pixels (TF's ``image_tensor``, NHWC uint8) gets the decoded pixels
+    themselves — scaled to [0, 1] and cast back, they were all 0 — and refuses --mean/--std; an
+    image folder refuses other integer inputs."""
+    from onnx import TensorProto
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / "imgs" / f"{i}.png")
+    model = _image_input_model([1, 8, 8, 3], TensorProto.UINT8)
+    got = load_calibration(tmp_path / "imgs", model).take([0, 1])["image"]
+    assert got.dtype == np.uint8 and np.array_equal(got, pixels)
+    bgr = load_calibration(tmp_path / "imgs", model, ImageOptions(color=Color.BGR)).take([1])["image"]
+    assert np.array_equal(bgr[0], pixels[1][:, :, ::-1])
+    with pytest.raises(CalibrationError, match="takes uint8 pixels as they are, so --mean and --std"):
+        load_calibration(tmp_path / "imgs", model, ImageOptions(std=(0.5,)))
+    with pytest.raises(CalibrationError, match="takes int32 values, which an image folder does not give"):
+        load_calibration(tmp_path / "imgs", _image_input_model([1, 8, 8, 3], TensorProto.INT32))
+
+
+def _image_input_model(shape, dtype=None):
     """A graph that only declares an image input of ``shape`` (what the loaders read)."""
     from onnx import TensorProto, helper
 
+    dtype = TensorProto.FLOAT if dtype is None else dtype
     graph = helper.make_graph([helper.make_node("Identity", ["image"], ["out"])], "g",
-                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)])
+                              [helper.make_tensor_value_info("image", dtype, shape)],
+                              [helper.make_tensor_value_info("out", dtype, shape)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
