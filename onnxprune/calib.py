@@ -178,7 +178,7 @@ class _LazyImages:
 
     def _decoded(self, i: int) -> np.ndarray:
         """Image ``i``'s pixels ``[H, W]`` or ``[H, W, C]`` at the model's size: 8-bit, or 16-bit
-        for 16-bit grey images (read to [0, 1] by their own maximum)."""
+        for 16-bit grey images."""
         pixels = self._pixels.get(i)
         if pixels is not None:
             return pixels
