@@ -319,7 +319,10 @@ def _arrays_from_path(path: Path, inputs: list[ModelInput], opts: ImageOptions) 
                                    "array per input")
         filled = _image_options(inputs[0], opts)
         return {inputs[0].name: _LazyImages(images, filled, inputs[0].dtype)}
-    raise CalibrationError(f"calibration folder '{path}' holds no .npy/.npz files or images, nor do its subfolders hold images")
+    others = sorted({p.suffix.lower() for p in files if p.suffix})  # e.g. a phone's .heic photos
+    found = f" (it holds {', '.join(others[:5])}{' …' if len(others) > 5 else ''} files)" if others else ""
+    raise CalibrationError(f"calibration folder '{path}' holds no .npy/.npz files or images, nor do its subfolders hold "
+                           f"images{found}; images are read from {', '.join(sorted(IMAGE_SUFFIXES))}")
 
 
 def _images_below(path: Path) -> list[Path]:

@@ -107,7 +107,8 @@ def test_sixteen_bit_grey_images_keep_their_depth_and_wider_pixels_are_refused(t
 
 def test_an_image_folder_of_class_subfolders(tmp_path):
     """A data set's class folders (``val/<class>/*.jpg``): their images, in path order, hidden
-    folders and files skipped; a folder whose own files are images keeps to them, as before."""
+    folders and files skipped; a folder whose own files are images keeps to them, as before; a
+    folder of files no image reader takes (a phone's .heic photos) says what it holds."""
     from PIL import Image
 
     for folder, value in (("b_class", 10), ("a_class", 20), ("a_class/deeper", 30), (".thumbs", 40)):
@@ -120,6 +121,12 @@ def test_an_image_folder_of_class_subfolders(tmp_path):
     assert [round(float(v) * 255) for v in cal.take(np.arange(len(cal)))["input"][:, 0, 0, 0]] == [30, 20, 10]
     Image.fromarray(np.full((8, 8, 3), 60, np.uint8)).save(tmp_path / "data" / "top.png")
     assert len(load_calibration(tmp_path / "data", MODEL)) == 1
+    (tmp_path / "phone").mkdir()
+    (tmp_path / "phone" / "IMG_0001.HEIC").write_bytes(b"not read")
+    (tmp_path / "phone" / "notes.txt").write_text("")
+    with pytest.raises(CalibrationError, match=r"nor do its subfolders hold images \(it holds \.heic, \.txt files\); "
+                                               r"images are read from \.bmp, \.jpeg"):
+        load_calibration(tmp_path / "phone", MODEL)
 
 
 def test_an_image_folder_feeds_a_uint8_input_its_pixels(tmp_path):
