@@ -287,8 +287,8 @@ def _gate(args: argparse.Namespace) -> int:
             before, after = measure([runnable(reference, cal), runnable(model, cal)], cal.take([0]), args.provider)
             if is_busy(before.busy):
                 print(f"onnxprune: warning: latency speedup {busy_note(before.busy)}", file=sys.stderr)
-            checks.append((f"latency speedup ({args.provider})", speedup(before, after), args.min_speedup,
-                           speedup(before, after) >= args.min_speedup))
+            ratio = speedup(before, after)
+            checks.append((f"latency speedup ({args.provider})", ratio, args.min_speedup, ratio >= args.min_speedup))
     failed = [c for c in checks if not c[3]]
     if not args.quiet:
         for what, value, limit, ok in checks:
