@@ -88,9 +88,11 @@ class Calibration:
     """A fixed set of calibration samples, readable in batches by sample index."""
 
     def __init__(self, arrays: dict[str, np.ndarray], pairs: np.ndarray | None = None,
-                 unbatched: frozenset[str] = frozenset()):
+                 unbatched: frozenset[str] = frozenset(), available: int | None = None):
         self.arrays = arrays
         self.count = len(next(iter(arrays.values()))) if arrays else 0
+        # the samples the source held: more than count where a random subset of them was drawn
+        self.available = self.count if available is None else available
         self._pairs = pairs  # the two samples of each mixture, after the real samples (with_mixtures)
         # inputs the model takes one sample of without a batch axis (their samples are stacked on one)
         self.unbatched = unbatched
@@ -116,7 +118,7 @@ class Calibration:
         pairs = rng.choice(np.asarray(among), size=(count, 2))
         lam = rng.uniform(MIX_LOW, 1.0 - MIX_LOW, size=count)
         arrays = {k: _Mixed(v, pairs, lam) for k, v in self.arrays.items()}
-        return Calibration(arrays, pairs, self.unbatched), np.arange(self.count, self.count + count)
+        return Calibration(arrays, pairs, self.unbatched, self.available), np.arange(self.count, self.count + count)
 
     def sources(self, indices: Sequence[int]) -> np.ndarray:
         """``[len(indices), 2]``: the real samples each sample is made of (a real one: itself twice)."""
@@ -175,6 +177,10 @@ class _LazyImages:
 
     def __getitem__(self, idx) -> np.ndarray:
         return np.stack([self._load(int(i)) for i in np.atleast_1d(idx)])
+
+    def rows(self, idx: np.ndarray) -> "_LazyImages":
+        """The images at ``idx`` alone (none decoded yet)."""
+        return _LazyImages([self.paths[i] for i in idx], self.opts, self.dtype)
 
     def _decoded(self, i: int) -> np.ndarray:
         """Image ``i``'s pixels ``[H, W]`` or ``[H, W, C]`` at the model's size: 8-bit, or 16-bit
@@ -399,7 +405,7 @@ def _validate(arrays: dict[str, object], inputs: list[ModelInput]) -> dict[str, 
         if isinstance(arr, _LazyImages):
             out[inp.name] = arr
             continue
-        arr = np.asarray(arr) if not isinstance(arr, np.memmap) else arr
+        arr = arr if isinstance(arr, (np.memmap, _Rows)) else np.asarray(arr)
         if not unbatched(arr, inp):  # else: samples of an input without a batch axis, stacked on one
             if arr.ndim != len(inp.shape):
                 raise CalibrationError(f"calibration data for '{inp.name}' has shape {tuple(arr.shape)} (rank "
@@ -427,7 +433,7 @@ def check_varied(cal: Calibration) -> None:
     """Refuse calibration whose samples are all one sample repeated (in every input given as
     arrays): the refits learn from how the samples differ, and the held-out check would compare
     the one sample the model was fit on."""
-    arrays = [a for a in cal.arrays.values() if isinstance(a, np.ndarray)]
+    arrays = [a for a in cal.arrays.values() if isinstance(a, (np.ndarray, _Rows))]
     if len(cal) > 1 and arrays and len(arrays) == len(cal.arrays) and all(_all_alike(a) for a in arrays):
         raise CalibrationError(f"the {len(cal)} calibration samples are all the same sample; give varied images (the "
                                "refits learn from how the samples differ)")
@@ -473,6 +479,31 @@ def format_shape(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+class _Rows:
+    """Array-like: the rows ``idx`` of an array, read when indexed (a memory-mapped file stays on disk)."""
+
+    def __init__(self, arr, idx: np.ndarray):
+        self.arr, self.idx = arr, idx
+        self.shape, self.dtype, self.ndim = (len(idx), *arr.shape[1:]), arr.dtype, arr.ndim
+        self.size = int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return np.asarray(self.arr[self.idx[idx]])
+
+
+def _drawn(arrays: dict[str, object], limit: int | None, seed: int) -> dict[str, object]:
+    """At most ``limit`` samples of ``arrays`` (None: all), a random subset drawn with ``seed``:
+    a data set's 50 000 validation images would make a run of hours for little more accuracy."""
+    count = len(next(iter(arrays.values())))
+    if limit is None or count <= limit:
+        return arrays
+    idx = random_subset(np.arange(count), limit, seed)
+    return {k: v.rows(idx) if isinstance(v, _LazyImages) else _Rows(v, idx) for k, v in arrays.items()}
+
+
 class _Cast:
     """Array-like that casts rows of a float array to the model's float type when read."""
 
@@ -486,8 +517,10 @@ class _Cast:
         return np.asarray(self.arr[idx]).astype(self.dtype)
 
 
-def load_calibration(source, model: onnx.ModelProto, image_options: ImageOptions | None = None) -> Calibration:
-    """Build a :class:`Calibration` for ``model`` from a path, a dict of arrays, an array, or a reader."""
+def load_calibration(source, model: onnx.ModelProto, image_options: ImageOptions | None = None,
+                     limit: int | None = None, seed: int = 0) -> Calibration:
+    """Build a :class:`Calibration` for ``model`` from a path, a dict of arrays, an array, or a
+    reader: all its samples, or at most ``limit`` of them drawn at random with ``seed``."""
     inputs = model_inputs(model)
     opts = image_options or ImageOptions()
     if isinstance(source, Calibration):
@@ -502,6 +535,8 @@ def load_calibration(source, model: onnx.ModelProto, image_options: ImageOptions
         arrays = _match_npz({k: v for k, v in source.items() if k not in fixed}, fed, Path("<dict>"))
     else:
         arrays = _from_reader(source, fed)
+    available = len(next(iter(arrays.values())))
+    arrays = _drawn(arrays, limit, seed)
     count = len(next(iter(arrays.values())))
     arrays.update({name: np.broadcast_to(sample, (count, *sample.shape)) for name, sample in fixed.items()})
     arrays = _validate(arrays, inputs)
@@ -509,7 +544,7 @@ def load_calibration(source, model: onnx.ModelProto, image_options: ImageOptions
                                                     else unbatched(arrays[i.name], i)))
     arrays = {k: (_Cast(v, i.dtype) if not isinstance(v, _LazyImages) and v.dtype != i.dtype else v)
               for (k, v), i in zip(arrays.items(), inputs)}
-    return Calibration(arrays, unbatched=stacked)
+    return Calibration(arrays, unbatched=stacked, available=available)
 
 
 def _fixed_samples(fixed: Sequence[tuple[str, Sequence[float]]], inputs: list[ModelInput]) -> dict[str, np.ndarray]:

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="pruned model path (default: <model>.pruned.onnx)")
     p.add_argument("--calib", type=Path, help=".npy/.npz file, a folder of them, or a folder of images "
                    "(or of subfolders of images: a data set's class folders)")
+    p.add_argument("--calib-samples", type=int, default=2048, metavar="N",
+                   help="use at most N calibration samples, a random subset drawn with --seed where --calib holds "
+                        "more (default 2048, past which the README's calibration study found little gain and the "
+                        "run's time and memory grow with every sample; 0: all)")
     tg = p.add_argument_group("targets (every one given must hold; default --speedup 2)")
     tg.add_argument("--speedup", type=float, help="MACs reduction to reach, original/pruned")
     tg.add_argument("--params", type=float, metavar="R", help="keep at most this fraction of the parameters")
@@ -360,7 +364,8 @@ def _run(args: argparse.Namespace) -> int:
                    residual_target=args.residual_target, prune_coupled=args.prune_coupled,
                    refit_downstream=args.refit_downstream, refine=args.refine, refine_tail=args.refine_tail,
                    allocation=args.allocation,
-                   sensitivity_images=args.sensitivity_images, holdout=args.holdout,
+                   sensitivity_images=args.sensitivity_images, calib_samples=args.calib_samples or None,
+                   holdout=args.holdout,
                    samples_per_image=args.samples_per_image, mixtures=args.mixtures, seed=args.seed,
                    round_to=args.round_to if args.round_to is not None else default_round_to(args.provider),
                    relax_round_to=args.round_to is None,

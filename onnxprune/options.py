@@ -41,6 +41,7 @@ class PruneOptions:
     max_drop: float | None = None  # accuracy guard on held-out data (see :func:`onnxprune.verify.guard_loss`)
     method: Method = Method.AUTO  # resolved per model when the Pruner is built (Method.for_network)
     reconstruct: bool = True
+    calib_samples: int | None = 2048  # at most this many calibration samples, a random subset (None: all)
     holdout: float = 0.2
     samples_per_image: int = 10
     mixtures: float = 1.0  # mixtures of two fit samples added per fit sample (Calibration.with_mixtures)
@@ -102,6 +103,8 @@ class PruneOptions:
             (self.provider in PROVIDERS, f"--provider must be one of {', '.join(PROVIDERS)} (got {self.provider})"),
             (self.latency_batch >= 1, f"--latency-batch must be >= 1 (got {self.latency_batch})"),
             (self.max_drop is None or 0.0 <= self.max_drop < 1.0, f"--max-drop must be in [0, 1) (got {self.max_drop})"),
+            (self.calib_samples is None or self.calib_samples >= 2,
+             f"--calib-samples must be >= 2, or 0 for all (got {self.calib_samples})"),
             (0.0 <= self.holdout < 1.0, f"--holdout must be in [0, 1) (got {self.holdout})"),
             (self.mixtures >= 0, f"--mixtures must be >= 0 (got {self.mixtures})"),
             (self.samples_per_image >= 1, f"--samples-per-image must be >= 1 (got {self.samples_per_image})"),

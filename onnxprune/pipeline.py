@@ -261,7 +261,10 @@ class Pruner:
                                   "needs calibration data: pass --calib, or use --method l1 --no-reconstruct")
             return synthetic_calibration(self.original, inputs_without_batch_axis(self.original)), np.arange(1), \
                 np.arange(0), 0
-        cal = load_calibration(calib, self.original, image_options)
+        cal = load_calibration(calib, self.original, image_options, opts.calib_samples, opts.seed)
+        if cal.available > len(cal):
+            log.warning("calibration: %d of the %d samples given, drawn at random (--calib-samples N to change; "
+                        "0 uses all)", len(cal), cal.available)
         if opts.needs_data:
             check_varied(cal)
         self.calib_source = cal  # read once, also for a second session
@@ -490,6 +493,7 @@ class Pruner:
             groups=pruned.groups, layers=layers, skipped=self.analysis.skipped, fidelity=fidelity,
             calibration={"fit": int(len(self.fit_idx)), "mixtures": self.mixtures,  # fit: blends included
                          "holdout": int(len(self.hold_idx)), "given": not self.data_free,
+                         "available": int(self.cal.available),  # samples in --calib: more where a subset was drawn
                          "samples_per_image": opts.samples_per_image},
             bn_folded=self.folded, targets_met=reached, provider=opts.provider, latency_batch=opts.latency_batch,
             targets={k: v for k, v in opts.targets.__dict__.items() if v is not None}

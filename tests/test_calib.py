@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from graphs import calib_for, tiny_vgg
 
-from onnxprune.calib import Color, ImageOptions, load_calibration
+from onnxprune.calib import Color, ImageOptions, check_varied, load_calibration
 from onnxprune.errors import CalibrationError
 
 MODEL = tiny_vgg()
@@ -20,6 +20,36 @@ def test_npy_npz_and_folder_of_npy(tmp_path):
     assert len(load_calibration(tmp_path / "a.npy", MODEL)) == 10
     assert len(load_calibration(tmp_path / "b.npz", MODEL)) == 10
     assert len(load_calibration(tmp_path, MODEL)) == 20  # the folder: both files
+
+
+def test_at_most_limit_samples_drawn_at_random_from_files_and_image_folders(tmp_path):
+    """A source holding more than ``limit`` samples gives a random subset of that many, seeded,
+    read from the file when asked (a memory-mapped .npy stays on disk); under it, all."""
+    from PIL import Image
+
+    x = calib_for(MODEL, 40)
+    np.save(tmp_path / "a.npy", x)
+    cal = load_calibration(tmp_path / "a.npy", MODEL, limit=10, seed=3)
+    rows = cal.take(np.arange(len(cal)))["input"]
+    chosen = [int(np.flatnonzero((x == r).all(axis=(1, 2, 3)))[0]) for r in rows]
+    assert len(cal) == 10 and cal.available == 40 and chosen == sorted(set(chosen))  # distinct, in file order
+    assert np.array_equal(cal.take([4, 2])["input"], x[[chosen[4], chosen[2]]])
+    assert np.array_equal(load_calibration(tmp_path / "a.npy", MODEL, limit=10, seed=3).take([0, 9])["input"],
+                          rows[[0, 9]])  # the same seed draws the same subset
+    assert chosen != [int(np.flatnonzero((x == r).all(axis=(1, 2, 3)))[0]) for r in
+                      load_calibration(tmp_path / "a.npy", MODEL, limit=10, seed=4).take(np.arange(10))["input"]]
+    whole = load_calibration(tmp_path / "a.npy", MODEL, limit=40)
+    assert len(whole) == whole.available == 40 and np.array_equal(whole.take([39])["input"], x[[39]])
+    (tmp_path / "pics").mkdir()
+    for i in range(12):
+        Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(tmp_path / "pics" / f"{i:02d}.png")
+    cal = load_calibration(tmp_path / "pics", MODEL, limit=5, seed=0)
+    values = [round(float(v) * 255) // 10 for v in cal.take(np.arange(len(cal)))["input"][:, 0, 0, 0]]
+    assert len(cal) == 5 and cal.available == 12 and values == sorted(set(values)) and max(values) <= 11
+    x[:] = x[0]
+    np.save(tmp_path / "same.npy", x)
+    with pytest.raises(CalibrationError, match="all the same sample"):  # the drawn subset is checked as well
+        check_varied(load_calibration(tmp_path / "same.npy", MODEL, limit=10))
 
 
 def test_single_sample_files_get_a_batch_axis(tmp_path):
@@ -320,3 +350,33 @@ def test_fixed_inputs_fill_what_the_images_do_not_feed(tmp_path):
         assert "\n" not in str(info.value)
     with pytest.raises(OptionError, match="is not NAME=VALUE"):
         parse_fixed_inputs(["gain"])
+
+
+def test_the_cli_prunes_from_a_drawn_subset_and_says_so(tmp_path, capsys):
+    """--calib-samples N: a run on a file of more samples uses N of them, says so on stderr and in
+    the report; 0 uses all, without the note."""
+    import json
+
+    import onnx
+    from conftest import check_pruned
+
+    from onnxprune.cli import main
+
+    src, out, report = tmp_path / "m.onnx", tmp_path / "p.onnx", tmp_path / "r.json"
+    onnx.save(MODEL, src)
+    x = calib_for(MODEL, 90)
+    np.save(tmp_path / "x.npy", x)
+    args = [str(src), "--calib", str(tmp_path / "x.npy"), "-o", str(out), "--no-latency", "--report", str(report),
+            "--force", "--round-to", "1", "--speedup", "1.3", "--max-drop", "0.5"]
+    assert main([*args, "--calib-samples", "60"]) == 0
+    assert "calibration: 60 of the 90 samples given, drawn at random (--calib-samples N" in capsys.readouterr().err
+    cal = json.loads(report.read_text())["calibration"]
+    assert cal["available"] == 90 and cal["fit"] - cal["mixtures"] + cal["holdout"] == 60
+    check_pruned(onnx.load(out), MODEL, x[:16], max_rel_err=0.5)
+    assert main([*args, "--calib-samples", "0"]) == 0
+    assert "drawn at random" not in capsys.readouterr().err
+    cal = json.loads(report.read_text())["calibration"]
+    assert cal["available"] == 90 and cal["fit"] - cal["mixtures"] + cal["holdout"] == 90
+    check_pruned(onnx.load(out), MODEL, x[:16], max_rel_err=0.5)
+    assert main([*args, "--calib-samples", "1"]) == 2
+    assert "--calib-samples must be >= 2, or 0 for all" in capsys.readouterr().err
