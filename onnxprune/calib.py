@@ -45,6 +45,18 @@ class Color(str, enum.Enum):
         return {"gray": 1, "rgb": 3, "bgr": 3}.get(self.value, 4)
 
 
+class Fit(str, enum.Enum):
+    """How an image reaches the model's height and width."""
+
+    STRETCH = "stretch"  # resized to them, its aspect ratio lost
+    CROP = "crop"  # scaled to cover them at 1 / crop fraction, the centre taken (ImageNet classifiers' evaluation)
+    LETTERBOX = "letterbox"  # scaled to fit inside them, the rest grey (YOLO-style detectors' input)
+
+
+# the grey a letterboxed image is padded with, on 8 bits (Ultralytics' letterbox)
+LETTERBOX_GREY = 114
+
+
 #: the channel counts an image folder can feed, and the colour each one is read as by default
 _COLOR_OF_CHANNELS = {1: Color.GRAY, 3: Color.RGB, 4: Color.RGBA}
 
@@ -60,6 +72,8 @@ class ImageOptions:
     std: tuple[float, ...] = (1.0,)
     layout: Layout | None = None
     color: Color | None = None
+    fit: Fit = Fit.STRETCH
+    crop_fraction: float = 0.875  # Fit.CROP: the share of the scaled image's shorter side kept (224 of 256)
     fixed: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
 
@@ -191,7 +205,6 @@ class _LazyImages:
         from PIL import Image, UnidentifiedImageError
 
         o, path = self.opts, self.paths[i]
-        size = (o.size[1], o.size[0])
         try:
             with warnings.catch_warnings():
                 # PIL warns of images past 89 M pixels and refuses them past 179 M (a "decompression
@@ -204,10 +217,10 @@ class _LazyImages:
                                                "cannot know; save the samples as the model takes them in a .npy file")
                     if im.mode.startswith("I;16"):  # 16-bit grey (depth, thermal, X-ray): kept at 16 bits
                         grey = Image.fromarray(np.asarray(im).astype(np.uint16))
-                        pixels = _grey_as(np.asarray(grey.resize(size, Image.BILINEAR)), o.color.channels)
+                        pixels = _grey_as(np.asarray(_fitted(grey, o)), o.color.channels)
                     else:
                         im = im.convert({1: "L", 3: "RGB", 4: "RGBA"}[o.color.channels])
-                        pixels = np.asarray(im.resize(size, Image.BILINEAR))
+                        pixels = np.asarray(_fitted(im, o))
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise CalibrationError(f"cannot read image '{path}' ({exc}); remove it from the folder") from None
         if self._cached_bytes + pixels.nbytes <= IMAGE_CACHE_BYTES:
@@ -230,6 +243,27 @@ class _LazyImages:
         if o.layout is Layout.NCHW:
             arr = arr.transpose(2, 0, 1)
         return arr.astype(self.dtype)
+
+
+def _fitted(im, opts: ImageOptions):
+    """The PIL image ``im`` at ``opts.size``, as ``opts.fit`` says (bilinear resampling)."""
+    from PIL import Image
+
+    h, w = opts.size
+    if opts.fit is Fit.STRETCH:
+        return im.resize((w, h), Image.BILINEAR)
+    if opts.fit is Fit.CROP:  # as torchvision's Resize(256) then CenterCrop(224) for a 224 model
+        scale = max(h / im.height, w / im.width) / opts.crop_fraction
+        scaled = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BILINEAR)
+        left, top = (scaled.width - w) // 2, (scaled.height - h) // 2
+        return scaled.crop((left, top, left + w, top + h))
+    scale = min(h / im.height, w / im.width)
+    inner = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
+    grey = LETTERBOX_GREY * 257 if im.mode.startswith("I;16") else LETTERBOX_GREY
+    canvas = Image.new(im.mode, (w, h), grey if im.mode in ("L", "I;16") else
+                       (grey,) * 3 + ((255,) if im.mode == "RGBA" else ()))
+    canvas.paste(inner, ((w - inner.width) // 2, (h - inner.height) // 2))
+    return canvas
 
 
 def _grey_as(grey: np.ndarray, channels: int) -> np.ndarray:
@@ -276,7 +310,10 @@ def _image_options(inp: ModelInput, opts: ImageOptions) -> ImageOptions:
     if not all(np.isfinite(opts.std)) or 0.0 in opts.std:
         raise CalibrationError(f"--std {' '.join(f'{v:g}' for v in opts.std)} has a zero or non-finite value; "
                                "give the scale the model was trained with")
-    return ImageOptions(size=tuple(size), mean=opts.mean, std=opts.std, layout=layout, color=color)
+    if not 0.0 < opts.crop_fraction <= 1.0:
+        raise CalibrationError(f"--crop-fraction must be in (0, 1] (got {opts.crop_fraction:g})")
+    return ImageOptions(size=tuple(size), mean=opts.mean, std=opts.std, layout=layout, color=color, fit=Fit(opts.fit),
+                        crop_fraction=opts.crop_fraction)
 
 
 def _load_npy(path: Path) -> np.ndarray:

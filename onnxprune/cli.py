@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 # Only modules that load without ONNX Runtime here (the others are imported by the commands), so
 # that `onnxprune` can say in one line that none is installed.
-from .calib import Color, ImageOptions, Layout, parse_fixed_inputs
+from .calib import Color, Fit, ImageOptions, Layout, parse_fixed_inputs
 from .errors import NothingToPrune, PruneError
 from .io import check_folder, check_output, save_model_atomic, write_text_atomic
 from .runtime import (CALIBRATE_METHODS, PROVIDERS, QUANTIZE_FORMATS, MissingRuntimeError, default_round_to,
@@ -141,6 +141,13 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
     img.add_argument("--std", type=float, nargs="+", default=[1.0], help="per-channel std on the [0,1] scale")
     img.add_argument("--layout", choices=[v.value for v in Layout], help="input layout (default: from the model)")
     img.add_argument("--color", choices=[v.value for v in Color], help="channel order (default: from the model)")
+    img.add_argument("--fit", choices=[v.value for v in Fit], default=Fit.STRETCH.value,
+                     help="how an image reaches the model's size: stretch (default: resized to it), crop (the "
+                          "shorter side scaled to size / --crop-fraction, the centre taken: how ImageNet classifiers "
+                          "are evaluated), letterbox (scaled to fit, the rest grey 114: how YOLO detectors are fed); "
+                          "give the one your deployment uses")
+    img.add_argument("--crop-fraction", type=float, default=0.875, metavar="F",
+                     help="--fit crop: the share of the scaled shorter side kept (default 0.875: 224 of 256)")
     p.add_argument("--fixed-input", action="append", default=[], metavar="NAME=V[,V…]",
                    help="a value for a model input the calibration data does not feed (repeatable), the same in "
                         "every sample: one number, or one per element of a sample, e.g. exposure=0.5 or "
@@ -156,7 +163,8 @@ def _add_verbosity(p: argparse.ArgumentParser) -> None:
 def _image_options(args: argparse.Namespace) -> ImageOptions:
     return ImageOptions(size=tuple(args.size) if args.size else None, mean=tuple(args.mean), std=tuple(args.std),
                         layout=Layout(args.layout) if args.layout else None,
-                        color=Color(args.color) if args.color else None, fixed=parse_fixed_inputs(args.fixed_input))
+                        color=Color(args.color) if args.color else None, fit=Fit(args.fit),
+                        crop_fraction=args.crop_fraction, fixed=parse_fixed_inputs(args.fixed_input))
 
 
 def _add_shape(p: argparse.ArgumentParser) -> None:

@@ -84,6 +84,34 @@ def test_image_folder(tmp_path):
     assert -2.01 <= batch.min() and batch.max() <= 2.01
 
 
+def test_images_fit_the_model_stretched_centre_cropped_or_letterboxed(tmp_path):
+    """A 16 × 32 image of three vertical bands (10 | 100 | 250) at the model's 8 × 8: stretched, all
+    three bands; cropped (shorter side to 8 / 0.5 = 16, the centre 8), the middle band alone;
+    letterboxed (scaled to 4 × 8), grey rows above and below, the three bands between."""
+    from PIL import Image
+
+    from onnxprune.calib import Fit
+
+    img = np.zeros((16, 32, 3), np.uint8)
+    img[:, :8], img[:, 8:24], img[:, 24:] = 10, 100, 250
+    (tmp_path / "i").mkdir()
+    Image.fromarray(img).save(tmp_path / "i" / "a.png")
+
+    def pixels(fit, fraction=0.5):
+        cal = load_calibration(tmp_path / "i", MODEL, ImageOptions(fit=fit, crop_fraction=fraction))
+        return np.rint(cal.take([0])["input"][0, 0] * 255).astype(int)
+
+    stretched = pixels(Fit.STRETCH)
+    assert stretched[:, 0].tolist() == [10] * 8 and stretched[:, 3].tolist() == [100] * 8 and stretched[0, 7] == 250
+    cropped = pixels(Fit.CROP)
+    assert (cropped == 100).all()
+    boxed = pixels(Fit.LETTERBOX)
+    assert (boxed[[0, 1, 6, 7]] == 114).all() and boxed[2:6, 0].tolist() == [10] * 4 and boxed[3, 7] == 250
+    assert boxed[3, 3] == 100
+    with pytest.raises(CalibrationError, match=r"--crop-fraction must be in \(0, 1\] \(got 1.5\)"):
+        pixels(Fit.CROP, 1.5)
+
+
 def test_image_folder_decodes_each_image_once_within_its_memory_budget(tmp_path, monkeypatch):
     """Decoded pixels are kept, so repeated reads (passes, blends) decode each image once; past the
     budget the other images are decoded at every read; the values are the same either way."""

@@ -4,6 +4,7 @@
     git clone --depth 1 https://github.com/EliSchwartz/imagenet-sample-images /tmp/inet
     python tools/bench_imagenet.py --photos /tmp/inet [--speedups 1.2 1.5 2] [--calib 128 512]
                                    [--seeds 0 1 2] [--latency] [--prune-args k=v,...]
+                                   [--calib-files stretch|crop|letterbox]
 
 The model: EfficientNet-Lite0 (inverted residual blocks, depthwise 3×3 and 5×5, ReLU6, no
 squeeze-excite, BN folded by the exporter; 385 M MACs, 4.6 M parameters, 75 % top-1 on ImageNet
@@ -24,12 +25,15 @@ photos are shuffled: the first ``N`` (``--calib``) calibrate, the last 488 (neve
 relative error; also the report's held-out check (its own fifth of the calibration photos) and
 what the CLI's safety net makes of it. Pruned as the CLI prunes (its rounding of widths to the
 provider's channel blocks) with ``onnxprune.prune``; ``--prune-args`` adds or overrides keyword
-arguments.
+arguments. ``--calib-files FIT`` calibrates instead from the photo files themselves, as a folder
+given to the CLI (``--calib <folder> --fit FIT --mean 0.498 --std 0.502``): links to them in a
+temporary folder, read by onnxprune's image loader; the test photos stay centre crops.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 import onnxprune
+from onnxprune.calib import Fit, ImageOptions
 from onnxprune.runtime import default_round_to
 from onnxprune.verify import poor_fidelity
 from bench_ocr import add_prune_options, latency_cell, outputs_of, prune_kwargs
@@ -68,15 +73,26 @@ def export_model(cache: Path) -> Path:
     return path
 
 
-def photos(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The photos as model input ``[N, 3, 224, 224]`` and their class indices."""
+def photo_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.JPEG"))
     if len(files) < 512 + TEST_PHOTOS:
         raise SystemExit(f"{folder} holds {len(files)} .JPEG photos; a clone of imagenet-sample-images has 1000")
+    return files
+
+
+def photos(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """The photos as model input ``[N, 3, 224, 224]`` and their class indices."""
     wnids = sorted({f.name.split("_")[0] for f in files})
     labels = np.array([wnids.index(f.name.split("_")[0]) for f in files])
     x = np.stack([_centre_crop(f) for f in files])
     return ((x - 127.0) / 128.0).transpose(0, 3, 1, 2).astype(np.float32), labels
+
+
+def _linked(files: list[Path], folder: Path) -> Path:
+    """A folder of links to ``files`` (named in their order, so the loader reads them in it)."""
+    for i, f in enumerate(files):
+        (folder / f"{i:04d}_{f.name}").symlink_to(f.resolve())
+    return folder
 
 
 def _centre_crop(path: Path) -> np.ndarray:
@@ -101,13 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speedups", nargs="+", type=float, default=[1.2, 1.5, 2.0])
     ap.add_argument("--calib", type=int, nargs="+", default=[128], help="calibration photos (at most 512)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="photo shuffle and pruning seed")
+    ap.add_argument("--calib-files", choices=[f.value for f in Fit],
+                    help="calibrate from the photo files as an image folder, fitted to 224 this way (module docs)")
     add_prune_options(ap)
     args = ap.parse_args(argv)
     if max(args.calib) > 512:
         ap.error("--calib takes at most 512 photos (the rest are the test set)")
     extra = {"round_to": default_round_to("cpu"), "relax_round_to": True, **prune_kwargs(args)}
     path = str(args.model or export_model(args.cache))
-    x, labels = photos(args.photos)
+    files = photo_files(args.photos)
+    x, labels = photos(files)
+    images = ImageOptions(mean=(127 / 255,), std=(128 / 255,), fit=Fit(args.calib_files)) if args.calib_files else None
     print("| target | photos | seed | MACs speedup | top-1 agreement % | top-1 % (original → pruned) "
           "| test rel. error | held-out rel. error / agreement | safety net | prune s |"
           + (" latency ms (speedup) |" if args.latency else ""))
@@ -118,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         reference = outputs_of(path, x[test], batch=50)
         for n in args.calib:
             for speedup in args.speedups:
-                start = time.perf_counter()
-                result = onnxprune.prune(path, x[order[:n]], speedup=speedup, seed=seed, progress=False,
-                                         measure_latency=args.latency, **extra)
-                took = time.perf_counter() - start
+                with tempfile.TemporaryDirectory() as tmp:
+                    calib = _linked([files[i] for i in order[:n]], Path(tmp)) if images else x[order[:n]]
+                    start = time.perf_counter()
+                    result = onnxprune.prune(path, calib, image_options=images, speedup=speedup, seed=seed,
+                                             progress=False, measure_latency=args.latency, **extra)
+                    took = time.perf_counter() - start
                 out = outputs_of(result.model, x[test], batch=50)
                 held = result.report.fidelity[0]
                 print(f"| {speedup:g}x | {n} | {seed} | {result.report.totals.macs_speedup:.2f} | "
