@@ -569,7 +569,7 @@ def _report(original, work, pruned, cal, fit_idx, hold_idx, opts, results: list[
               "kept_dense": [{"node": r.node, "reason": r.kept_dense_reason} for r in results if not r.emitted]}
     return Report(method=opts.method.value, reconstruct=opts.reconstruct, target_speedup=opts.speedup,
                   totals=totals, groups=groups, layers=rows, skipped=[], fidelity=fidelity,
-                  calibration={"fit": int(len(fit_idx)), "holdout": int(len(hold_idx)),
+                  calibration={"fit": int(len(fit_idx)), "holdout": int(len(hold_idx)), "available": int(cal.available),
                                "samples_per_image": opts.samples_per_image},
                   bn_folded=folded, targets={"speedup": opts.speedup}, provider=opts.provider,
                   latency_batch=opts.latency_batch, stripe=stripe)

@@ -110,6 +110,14 @@ def test_images_fit_the_model_stretched_centre_cropped_or_letterboxed(tmp_path):
     assert boxed[3, 3] == 100
     with pytest.raises(CalibrationError, match=r"--crop-fraction must be in \(0, 1\] \(got 1.5\)"):
         pixels(Fit.CROP, 1.5)
+    import onnx
+
+    from onnxprune.cli import main
+
+    onnx.save(MODEL, tmp_path / "m.onnx")  # the CLI passes both on (to the same check)
+    assert main([str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "i"), "--fit", "crop", "--crop-fraction", "1.5",
+                 "-o", str(tmp_path / "p.onnx")]) == 2
+    assert not (tmp_path / "p.onnx").exists()
 
 
 def test_image_folder_decodes_each_image_once_within_its_memory_budget(tmp_path, monkeypatch):
