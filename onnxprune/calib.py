@@ -192,9 +192,9 @@ class _LazyImages:
     def __getitem__(self, idx) -> np.ndarray:
         return np.stack([self._load(int(i)) for i in np.atleast_1d(idx)])
 
-    def rows(self, idx: np.ndarray) -> "_LazyImages":
-        """The images at ``idx`` alone (none decoded yet)."""
-        return _LazyImages([self.paths[i] for i in idx], self.opts, self.dtype)
+    def rows(self, idx: np.ndarray | None) -> "_LazyImages":
+        """The images at ``idx`` alone (None: all; none decoded yet)."""
+        return self if idx is None else _LazyImages([self.paths[i] for i in idx], self.opts, self.dtype)
 
     def _decoded(self, i: int) -> np.ndarray:
         """Image ``i``'s pixels ``[H, W]`` or ``[H, W, C]`` at the model's size: 8-bit, or 16-bit
@@ -345,6 +345,8 @@ def _arrays_from_path(path: Path, inputs: list[ModelInput], opts: ImageOptions) 
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     npys = [p for p in files if p.suffix in (".npy", ".npz")]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES] or ([] if npys else _images_below(path))
+    if npys and len(inputs) == 1 and all(p.suffix == ".npy" for p in npys):
+        return {inputs[0].name: _NpyFiles(npys, inputs[0], path)}
     if npys:
         parts = [_arrays_from_path(p, inputs, opts) for p in npys]
         merged = {}
@@ -378,11 +380,15 @@ def _images_below(path: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(path).parts)
 
 
+def _one_sample(shape: tuple[int, ...], inp: ModelInput) -> bool:
+    """Whether an array of ``shape`` is one sample of ``inp`` stored without the batch axis (only
+    when its shape fits exactly)."""
+    return len(shape) == len(inp.shape) - 1 and all(w is None or h == w for h, w in zip(shape, inp.shape[1:]))
+
+
 def _maybe_batch(arr: np.ndarray, inp: ModelInput) -> np.ndarray:
-    """Add the batch axis to one sample stored without it (only when its shape fits exactly)."""
-    if arr.ndim == len(inp.shape) - 1 and all(w is None or h == w for h, w in zip(arr.shape, inp.shape[1:])):
-        return arr[None]
-    return arr
+    """Add the batch axis to one sample stored without it."""
+    return arr[None] if _one_sample(arr.shape, inp) else arr
 
 
 def _single(inputs: list[ModelInput], arr: np.ndarray, path: Path) -> dict[str, np.ndarray]:
@@ -531,14 +537,52 @@ class _Rows:
         return np.asarray(self.arr[self.idx[idx]])
 
 
+class _NpyFiles:
+    """The samples of a folder's ``.npy`` files, in file order (each file one sample without the
+    batch axis, or a batch of them): only their headers are read until :meth:`rows`, so that a
+    folder of one file per image holding a data set is read only as far as it is drawn."""
+
+    def __init__(self, paths: list[Path], inp: ModelInput, folder: Path):
+        self.paths, counts, samples, dtypes = paths, [], set(), set()
+        self.single = []  # per file: one sample stored without the batch axis
+        for path in paths:
+            arr = _load_npy(path)  # memory-mapped: its header alone is read
+            one = _one_sample(arr.shape, inp)
+            self.single.append(one)
+            counts.append(1 if one else (arr.shape[0] if arr.ndim else 0))
+            samples.add(arr.shape if one else arr.shape[1:])
+            dtypes.add(arr.dtype)
+            del arr
+        if len(samples) != 1:
+            raise CalibrationError(f"files in '{folder}' hold arrays of different shapes; make them equal")
+        sample, self.dtype = samples.pop(), np.result_type(*dtypes)
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.shape = (int(self.starts[-1]), *sample)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, idx: np.ndarray | None) -> np.ndarray:
+        """The samples at ``idx`` (None: all) in memory, each file opened once."""
+        idx = np.arange(len(self)) if idx is None else np.asarray(idx)
+        out = np.empty((len(idx), *self.shape[1:]), self.dtype)
+        files = np.searchsorted(self.starts, idx, side="right") - 1
+        for f in np.unique(files):
+            at = files == f
+            arr = _load_npy(self.paths[f])
+            out[at] = (arr[None] if self.single[f] else arr)[idx[at] - self.starts[f]]
+        return out
+
+
 def _drawn(arrays: dict[str, object], limit: int | None, seed: int) -> dict[str, object]:
     """At most ``limit`` samples of ``arrays`` (None: all), a random subset drawn with ``seed``:
-    a data set's 50 000 validation images would make a run of hours for little more accuracy."""
+    a data set's 50 000 validation images would make a run of hours for little more accuracy.
+    A folder of ``.npy`` files is read into memory here, once, as far as it is drawn; images and
+    other arrays are read when indexed."""
     count = len(next(iter(arrays.values())))
-    if limit is None or count <= limit:
-        return arrays
-    idx = random_subset(np.arange(count), limit, seed)
-    return {k: v.rows(idx) if isinstance(v, _LazyImages) else _Rows(v, idx) for k, v in arrays.items()}
+    idx = None if limit is None or count <= limit else random_subset(np.arange(count), limit, seed)
+    return {k: v.rows(idx) if isinstance(v, (_LazyImages, _NpyFiles)) else v if idx is None else _Rows(v, idx)
+            for k, v in arrays.items()}
 
 
 class _Cast:

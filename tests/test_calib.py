@@ -52,6 +52,55 @@ def test_at_most_limit_samples_drawn_at_random_from_files_and_image_folders(tmp_
         check_varied(load_calibration(tmp_path / "same.npy", MODEL, limit=10))
 
 
+def test_a_folder_of_npy_files_is_read_as_far_as_it_is_drawn(tmp_path, monkeypatch):
+    """A folder of one .npy per sample (and batches among them, of another float type): every file's
+    header is read, then only the files a drawn subset needs, each once; all of them without a limit."""
+    import onnxprune.calib as calib
+
+    x = calib_for(MODEL, 30)
+    for i in range(24):
+        np.save(tmp_path / f"s{i:02d}.npy", x[i])
+    np.save(tmp_path / "t_batch.npy", x[24:].astype(np.float64))
+    opened = []
+    load = calib._load_npy
+    monkeypatch.setattr(calib, "_load_npy", lambda path: opened.append(path.name) or load(path))
+    cal = load_calibration(tmp_path, MODEL, limit=8, seed=1)
+    assert len(cal) == 8 and cal.available == 30 and len(opened) == 25 + len(set(opened[25:])) <= 25 + 8
+    rows = cal.take(np.arange(8))["input"]
+    chosen = [int(np.flatnonzero(np.isclose(x, r).all(axis=(1, 2, 3)))[0]) for r in rows]
+    assert chosen == sorted(set(chosen)) and rows.dtype == np.float32
+    whole = load_calibration(tmp_path, MODEL)
+    assert len(whole) == 30 and np.allclose(whole.take(np.arange(30))["input"], x)
+    np.save(tmp_path / "u_other.npy", calib_for(MODEL, 2)[:, :, :4])
+    with pytest.raises(CalibrationError, match="hold arrays of different shapes"):
+        load_calibration(tmp_path, MODEL)
+
+
+def test_a_folder_of_more_npy_files_than_open_files_allowed(tmp_path):
+    """Each file is closed once read: 200 files load under a limit of 64 open files (every file
+    was held open, memory-mapped, until the run ended: 'Too many open files' past ~20 000)."""
+    import resource
+    import subprocess
+    import sys
+
+    import onnx
+
+    x = calib_for(MODEL, 200)
+    (tmp_path / "d").mkdir()
+    for i in range(200):
+        np.save(tmp_path / "d" / f"{i:03d}.npy", x[i])
+    onnx.save(MODEL, tmp_path / "m.onnx")
+    code = ("import sys, numpy as np, onnx; from onnxprune.calib import load_calibration; "
+            "cal = load_calibration(sys.argv[1], onnx.load(sys.argv[2])); "
+            "print(len(cal), float(np.abs(cal.take([199])['input'] - np.load(sys.argv[3])).max()))")
+    np.save(tmp_path / "last.npy", x[199:])
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d"), str(tmp_path / "m.onnx"),
+                          str(tmp_path / "last.npy")], capture_output=True, text=True,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["200", "0.0"]
+
+
 def test_single_sample_files_get_a_batch_axis(tmp_path):
     for i in range(3):
         np.save(tmp_path / f"{i}.npy", calib_for(MODEL, 1)[0])
