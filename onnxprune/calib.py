@@ -310,6 +310,8 @@ def _image_options(inp: ModelInput, opts: ImageOptions) -> ImageOptions:
     if not all(np.isfinite(opts.std)) or 0.0 in opts.std:
         raise CalibrationError(f"--std {' '.join(f'{v:g}' for v in opts.std)} has a zero or non-finite value; "
                                "give the scale the model was trained with")
+    if opts.fit not in {f.value for f in Fit}:
+        raise CalibrationError(f"unknown --fit '{opts.fit}'; choose one of {', '.join(f.value for f in Fit)}")
     if not 0.0 < opts.crop_fraction <= 1.0:
         raise CalibrationError(f"--crop-fraction must be in (0, 1] (got {opts.crop_fraction:g})")
     return ImageOptions(size=tuple(size), mean=opts.mean, std=opts.std, layout=layout, color=color, fit=Fit(opts.fit),

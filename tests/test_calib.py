@@ -159,6 +159,9 @@ def test_images_fit_the_model_stretched_centre_cropped_or_letterboxed(tmp_path):
     assert boxed[3, 3] == 100
     with pytest.raises(CalibrationError, match=r"--crop-fraction must be in \(0, 1\] \(got 1.5\)"):
         pixels(Fit.CROP, 1.5)
+    with pytest.raises(CalibrationError, match="unknown --fit 'squash'; choose one of stretch, crop, letterbox"):
+        pixels("squash")
+    assert (pixels("crop") == cropped).all()  # the API may name it
     import onnx
 
     from onnxprune.cli import main
