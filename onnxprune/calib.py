@@ -21,7 +21,10 @@ from .errors import CalibrationError, OptionError
 
 # Larger calibration values overflow float32 activations and the statistics built from them.
 MAX_ABS_VALUE = 1e6
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+# the image files a folder is read for (PIL decodes them; AVIF needs Pillow 11.2 or newer, a GIF
+# gives its first frame); other files beside them (labels, notes) are left alone
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".webp", ".avif", ".gif", ".tif", ".tiff",
+                  ".jp2", ".tga", ".ppm", ".pgm"}
 _ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                   onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
                   onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8,

@@ -172,6 +172,21 @@ def test_images_fit_the_model_stretched_centre_cropped_or_letterboxed(tmp_path):
     assert not (tmp_path / "p.onnx").exists()
 
 
+def test_image_folder_reads_the_formats_phones_and_browsers_save(tmp_path):
+    """.jfif / .jpe (JPEGs a browser saves), .gif (its first frame), .avif (phones; Pillow >= 11.2),
+    .jp2 and .tga are read, not passed over as 'holds no images'."""
+    from PIL import Image, features
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    formats = {"jfif": "JPEG", "jpe": "JPEG", "gif": "GIF", "jp2": "JPEG2000", "tga": "TGA"}
+    if features.check("avif"):
+        formats["avif"] = "AVIF"
+    for ext, fmt in formats.items():
+        img.save(tmp_path / f"a.{ext}", format=fmt)
+    cal = load_calibration(tmp_path, MODEL)
+    assert len(cal) == len(formats) and cal.take(np.arange(len(cal)))["input"].shape == (len(formats), 3, 8, 8)
+
+
 def test_image_folder_decodes_each_image_once_within_its_memory_budget(tmp_path, monkeypatch):
     """Decoded pixels are kept, so repeated reads (passes, blends) decode each image once; past the
     budget the other images are decoded at every read; the values are the same either way."""
@@ -243,7 +258,7 @@ def test_an_image_folder_of_class_subfolders(tmp_path):
     (tmp_path / "phone" / "IMG_0001.HEIC").write_bytes(b"not read")
     (tmp_path / "phone" / "notes.txt").write_text("")
     with pytest.raises(CalibrationError, match=r"nor do its subfolders hold images \(it holds \.heic, \.txt files\); "
-                                               r"images are read from \.bmp, \.jpeg"):
+                                               r"images are read from \.avif, \.bmp, \.gif"):
         load_calibration(tmp_path / "phone", MODEL)
 
 
