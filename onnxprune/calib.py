@@ -586,8 +586,13 @@ def _drawn(arrays: dict[str, object], limit: int | None, seed: int) -> dict[str,
     other arrays are read when indexed."""
     count = len(next(iter(arrays.values())))
     idx = None if limit is None or count <= limit else random_subset(np.arange(count), limit, seed)
-    return {k: v.rows(idx) if isinstance(v, (_LazyImages, _NpyFiles)) else v if idx is None else _Rows(v, idx)
-            for k, v in arrays.items()}
+
+    def drawn(arr):
+        if isinstance(arr, (_LazyImages, _NpyFiles)):
+            return arr.rows(idx)
+        return arr if idx is None else _Rows(arr, idx)
+
+    return {k: drawn(v) for k, v in arrays.items()}
 
 
 class _Cast:
