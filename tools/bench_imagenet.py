@@ -80,11 +80,11 @@ def photo_files(folder: Path) -> list[Path]:
     return files
 
 
-def photos(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """The photos as model input ``[N, 3, 224, 224]`` and their class indices."""
+def photos(files: list[Path], size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """The photos as model input ``[N, 3, size, size]`` and their class indices."""
     wnids = sorted({f.name.split("_")[0] for f in files})
     labels = np.array([wnids.index(f.name.split("_")[0]) for f in files])
-    x = np.stack([_centre_crop(f) for f in files])
+    x = np.stack([_centre_crop(f, size) for f in files])
     return ((x - 127.0) / 128.0).transpose(0, 3, 1, 2).astype(np.float32), labels
 
 
@@ -95,12 +95,13 @@ def _linked(files: list[Path], folder: Path) -> Path:
     return folder
 
 
-def _centre_crop(path: Path) -> np.ndarray:
+def _centre_crop(path: Path, size: int) -> np.ndarray:
+    """The centre ``size`` × ``size`` of the photo scaled to ``size`` / 0.875 on its shorter side (256 for 224)."""
     img = Image.open(path).convert("RGB")
-    scale = 256 / min(img.size)
-    img = img.resize((max(SIZE, round(img.width * scale)), max(SIZE, round(img.height * scale))), Image.BILINEAR)
-    left, top = (img.width - SIZE) // 2, (img.height - SIZE) // 2
-    return np.asarray(img.crop((left, top, left + SIZE, top + SIZE)), dtype=np.float32)
+    scale = size / 0.875 / min(img.size)
+    img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BILINEAR)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float32)
 
 
 def _verdict(report) -> str:
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speedups", nargs="+", type=float, default=[1.2, 1.5, 2.0])
     ap.add_argument("--calib", type=int, nargs="+", default=[128], help="calibration photos (at most 512)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="photo shuffle and pruning seed")
+    ap.add_argument("--size", type=int, default=SIZE, help="the model's input size (default 224; 260 for "
+                                                            "EfficientNet-Lite2 exported at its own size)")
     ap.add_argument("--calib-files", choices=[f.value for f in Fit],
                     help="calibrate from the photo files as an image folder, fitted to 224 this way (module docs)")
     add_prune_options(ap)
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"round_to": default_round_to("cpu"), "relax_round_to": True, **prune_kwargs(args)}
     path = str(args.model or export_model(args.cache))
     files = photo_files(args.photos)
-    x, labels = photos(files)
+    x, labels = photos(files, args.size)
     images = ImageOptions(mean=(127 / 255,), std=(128 / 255,), fit=Fit(args.calib_files)) if args.calib_files else None
     print("| target | photos | seed | MACs speedup | top-1 agreement % | top-1 % (original → pruned) "
           "| test rel. error | held-out rel. error / agreement | safety net | prune s |"
