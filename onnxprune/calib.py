@@ -346,7 +346,9 @@ def _arrays_from_path(path: Path, inputs: list[ModelInput], opts: ImageOptions) 
             return _single(inputs, _load_npy(path), path)
         if path.suffix == ".npz":
             return _match_npz(_load_npz(path), inputs, path)
-        raise CalibrationError(f"'{path}' is not a .npy or .npz file or a folder of images")
+        if path.suffix.lower() == ".txt":
+            return _image_arrays(_listed_images(path), inputs, opts)
+        raise CalibrationError(f"'{path}' is not a .npy or .npz file, a .txt list of images or a folder of images")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     npys = [p for p in files if p.suffix in (".npy", ".npz")]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES] or ([] if npys else _images_below(path))
@@ -362,17 +364,48 @@ def _arrays_from_path(path: Path, inputs: list[ModelInput], opts: ImageOptions) 
             merged[name] = np.concatenate(chunks)
         return merged
     if images:
-        if len(inputs) != 1:
-            others = ", ".join(f"{i.name} {format_shape(i.shape)}" for i in inputs)
-            raise CalibrationError(f"an image folder feeds one input, but the model takes {len(inputs)} ({others}); "
-                                   "give the others a value with --fixed-input NAME=VALUE, or use .npz with one "
-                                   "array per input")
-        filled = _image_options(inputs[0], opts)
-        return {inputs[0].name: _LazyImages(images, filled, inputs[0].dtype)}
+        return _image_arrays(images, inputs, opts)
     others = sorted({p.suffix.lower() for p in files if p.suffix})  # e.g. a phone's .heic photos
     found = f" (it holds {', '.join(others[:5])}{' …' if len(others) > 5 else ''} files)" if others else ""
     raise CalibrationError(f"calibration folder '{path}' holds no .npy/.npz files or images, nor do its subfolders hold "
                            f"images{found}; images are read from {', '.join(sorted(IMAGE_SUFFIXES))}")
+
+
+def _image_arrays(images: list[Path], inputs: list[ModelInput], opts: ImageOptions) -> dict[str, object]:
+    """The one input ``images`` feed, read lazily."""
+    if len(inputs) != 1:
+        others = ", ".join(f"{i.name} {format_shape(i.shape)}" for i in inputs)
+        raise CalibrationError(f"an image folder feeds one input, but the model takes {len(inputs)} ({others}); "
+                               "give the others a value with --fixed-input NAME=VALUE, or use .npz with one "
+                               "array per input")
+    return {inputs[0].name: _LazyImages(images, _image_options(inputs[0], opts), inputs[0].dtype)}
+
+
+def _listed_images(path: Path) -> list[Path]:
+    """The images a text file lists, one a line (a YOLO data set's ``val2017.txt``, an ImageNet
+    ``val.txt`` of "path label" lines): the line, or its first field, as a path; relative ones
+    from the list's folder, else from the working folder. Blank and ``#`` lines are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"cannot read the image list '{path}' ({exc}); give a UTF-8 text file of image "
+                               "paths, one a line") from None
+    images = []
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        named = line if Path(line).suffix.lower() in IMAGE_SUFFIXES else line.split()[0]
+        found = next((p for p in (path.parent / named, Path(named)) if p.is_file()), None)
+        what = "is not an image" if Path(named).suffix.lower() not in IMAGE_SUFFIXES else \
+            "does not exist" if found is None else ""
+        if what:
+            raise CalibrationError(f"line {number} of '{path}' names '{named}', which {what}; a .txt calibration file "
+                                   f"lists one image path a line ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        images.append(found)
+    if not images:
+        raise CalibrationError(f"the image list '{path}' names no images; list one image path a line")
+    return images
 
 
 def _images_below(path: Path) -> list[Path]:

@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "exit codes: 0 ok, 1 target not met, 2 bad input/options, 3 internal error")
     p.add_argument("model", type=Path, help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", type=Path, help="pruned model path (default: <model>.pruned.onnx)")
-    p.add_argument("--calib", type=Path, help=".npy/.npz file, a folder of them, or a folder of images "
-                   "(or of subfolders of images: a data set's class folders)")
+    p.add_argument("--calib", type=Path, help=".npy/.npz file, a folder of them, a folder of images (or of "
+                   "subfolders of images: a data set's class folders), or a .txt list of images, one path a line")
     p.add_argument("--calib-samples", type=int, default=2048, metavar="N",
                    help="use at most N calibration samples, a random subset drawn with --seed where --calib holds "
                         "more (default 2048, past which the README's calibration study found little gain and the "

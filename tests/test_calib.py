@@ -172,6 +172,32 @@ def test_images_fit_the_model_stretched_centre_cropped_or_letterboxed(tmp_path):
     assert not (tmp_path / "p.onnx").exists()
 
 
+def test_a_text_list_of_images(tmp_path, monkeypatch):
+    """A data set's list file: YOLO's ``./images/x.jpg`` lines (from the list's folder), ImageNet's
+    "path label" lines, a path with a space; others from the working folder; bad lines named."""
+    from PIL import Image
+
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for name, value in (("images/a.jpg", 10), ("images/b c.png", 20), ("images/d.png", 30)):
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / "data" / name)
+    Image.fromarray(np.full((8, 8, 3), 40, np.uint8)).save(tmp_path / "elsewhere" / "e.png")
+    listing = tmp_path / "data" / "val.txt"
+    listing.write_text("# calibration\n./images/a.jpg\nimages/b c.png\n\nimages/d.png 7\nelsewhere/e.png\n")
+    monkeypatch.chdir(tmp_path)
+    cal = load_calibration(listing, MODEL)
+    assert [round(float(v) * 255) for v in cal.take(np.arange(len(cal)))["input"][:, 0, 0, 0]] == [10, 20, 30, 40]
+    for text, msg in (("images/missing.png\n", r"line 1 of '.*val.txt' names 'images/missing.png', which does not exist"),
+                      ("images/a.jpg\nlabels.csv\n", r"line 2 .* names 'labels.csv', which is not an image"),
+                      ("# nothing\n", "names no images")):
+        listing.write_text(text)
+        with pytest.raises(CalibrationError, match=msg):
+            load_calibration(listing, MODEL)
+    listing.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(CalibrationError, match="cannot read the image list"):
+        load_calibration(listing, MODEL)
+
+
 def test_image_folder_reads_the_formats_phones_and_browsers_save(tmp_path):
     """.jfif / .jpe (JPEGs a browser saves), .gif (its first frame), .avif (phones; Pillow >= 11.2),
     .jp2 and .tga are read, not passed over as 'holds no images'."""
@@ -352,7 +378,8 @@ def test_image_folder_and_stacked_arrays_for_an_input_without_a_batch_axis(tmp_p
     (lambda p: np.save(p / "x.npy", np.array([{"a": 1}], dtype=object)), "cannot read"),
     (lambda p: (p / "x.npy").write_bytes(b"not a numpy file"), "cannot read"),
     (lambda p: np.savez(p / "x.npz", other=np.zeros((4, 3, 8, 8), np.float32), more=np.zeros(3)), "name them"),
-    (lambda p: (p / "x.txt").write_text("hello"), "not a .npy"),
+    (lambda p: (p / "x.txt").write_text("hello"), "names 'hello', which is not an image"),
+    (lambda p: (p / "x.csv").write_text("1,2"), "not a .npy or .npz file, a .txt list of images"),
 ])
 def test_bad_calibration_files(tmp_path, make, msg):
     make(tmp_path)

@@ -264,7 +264,7 @@ CASES: list[tuple[str, Build, int, str]] = [
     ("calib_pickle_npz", C({"input": np.array([{"a": 1}], dtype=object)}, "c.npz"), 2, "cannot read .* .npz"),
     ("calib_huge_header", calib_case(_huge_npy_header), 2, "cannot read"),
     ("calib_not_numpy", calib_case(_not_numpy), 2, "cannot read"),
-    ("calib_text_file", calib_case(_text), 2, "is not a .npy or .npz file"),
+    ("calib_text_file", calib_case(_text), 2, "names '1', which is not an image; a .txt calibration file lists"),
     ("calib_empty_folder", calib_case(_empty_folder), 2, "holds no .npy/.npz files or images"),
     ("calib_mixed_folder", calib_case(_mixed_folder), 2, "different shapes"),
     ("calib_broken_image", calib_case(_bad_image_folder), 2, "cannot read image"),
