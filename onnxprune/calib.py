@@ -257,9 +257,12 @@ def _fitted(im, opts: ImageOptions):
         return im.resize((w, h), Image.BILINEAR)
     if opts.fit is Fit.CROP:  # as torchvision's Resize(256) then CenterCrop(224) for a 224 model
         scale = max(h / im.height, w / im.width) / opts.crop_fraction
-        scaled = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BILINEAR)
-        left, top = (scaled.width - w) // 2, (scaled.height - h) // 2
-        return scaled.crop((left, top, left + w, top + h))
+        sw, sh = max(w, round(im.width * scale)), max(h, round(im.height * scale))  # the scaled image's size
+        left, top = (sw - w) // 2, (sh - h) // 2
+        # only the crop is resampled, from its box in the image: the same pixels to a grey level, without
+        # the whole scaled image (a strip or a small crop fraction would scale to hundreds of megabytes)
+        kx, ky = im.width / sw, im.height / sh
+        return im.resize((w, h), Image.BILINEAR, box=(left * kx, top * ky, (left + w) * kx, (top + h) * ky))
     scale = min(h / im.height, w / im.width)
     inner = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
     grey = LETTERBOX_GREY * 257 if im.mode.startswith("I;16") else LETTERBOX_GREY
