@@ -489,7 +489,7 @@ def _validate(arrays: dict[str, object], inputs: list[ModelInput]) -> dict[str, 
         if isinstance(arr, _LazyImages):
             out[inp.name] = arr
             continue
-        arr = arr if isinstance(arr, (np.memmap, _Rows)) else np.asarray(arr)
+        arr = arr if isinstance(arr, (np.memmap, _Rows, _NpyFiles)) else np.asarray(arr)
         if not unbatched(arr, inp):  # else: samples of an input without a batch axis, stacked on one
             if arr.ndim != len(inp.shape):
                 raise CalibrationError(f"calibration data for '{inp.name}' has shape {tuple(arr.shape)} (rank "
@@ -517,7 +517,7 @@ def check_varied(cal: Calibration) -> None:
     """Refuse calibration whose samples are all one sample repeated (in every input given as
     arrays): the refits learn from how the samples differ, and the held-out check would compare
     the one sample the model was fit on."""
-    arrays = [a for a in cal.arrays.values() if isinstance(a, (np.ndarray, _Rows))]
+    arrays = [a for a in cal.arrays.values() if isinstance(a, (np.ndarray, _Rows, _NpyFiles))]
     if len(cal) > 1 and arrays and len(arrays) == len(cal.arrays) and all(_all_alike(a) for a in arrays):
         raise CalibrationError(f"the {len(cal)} calibration samples are all the same sample; give varied images (the "
                                "refits learn from how the samples differ)")
@@ -579,9 +579,10 @@ class _Rows:
 
 
 class _NpyFiles:
-    """The samples of a folder's ``.npy`` files, in file order (each file one sample without the
-    batch axis, or a batch of them): only their headers are read until :meth:`rows`, so that a
-    folder of one file per image holding a data set is read only as far as it is drawn."""
+    """Array-like over the samples of a folder's ``.npy`` files, in file order (each file one sample
+    without the batch axis, or a batch of them): only their headers are read until samples are
+    asked for, so that a folder of one file per image holding a data set is read only as far as
+    it is drawn."""
 
     def __init__(self, paths: list[Path], inp: ModelInput, folder: Path):
         self.paths, counts, samples, dtypes = paths, [], set(), set()
@@ -599,9 +600,14 @@ class _NpyFiles:
         sample, self.dtype = samples.pop(), np.result_type(*dtypes)
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.shape = (int(self.starts[-1]), *sample)
+        self.ndim, self.size = len(self.shape), int(np.prod(self.shape))
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        rows = np.arange(len(self))[idx]
+        return self.rows(rows) if np.ndim(rows) else self.rows(rows[None])[0]
 
     def rows(self, idx: np.ndarray | None) -> np.ndarray:
         """The samples at ``idx`` (None: all) in memory, each file opened once."""
@@ -618,13 +624,13 @@ class _NpyFiles:
 def _drawn(arrays: dict[str, object], limit: int | None, seed: int) -> dict[str, object]:
     """At most ``limit`` samples of ``arrays`` (None: all), a random subset drawn with ``seed``:
     a data set's 50 000 validation images would make a run of hours for little more accuracy.
-    A folder of ``.npy`` files is read into memory here, once, as far as it is drawn; images and
-    other arrays are read when indexed."""
+    Under a limit, a folder of ``.npy`` files is read into memory here, once, as far as it is
+    drawn (a run reads its samples a dozen times); images and other arrays are read when indexed."""
     count = len(next(iter(arrays.values())))
     idx = None if limit is None or count <= limit else random_subset(np.arange(count), limit, seed)
 
     def drawn(arr):
-        if isinstance(arr, (_LazyImages, _NpyFiles)):
+        if isinstance(arr, _LazyImages) or (isinstance(arr, _NpyFiles) and limit is not None):
             return arr.rows(idx)
         return arr if idx is None else _Rows(arr, idx)
 
