@@ -245,7 +245,7 @@ class _LazyImages:
             arr = (arr - np.asarray(o.mean, np.float32)) / np.asarray(o.std, np.float32)
         if o.layout is Layout.NCHW:
             arr = arr.transpose(2, 0, 1)
-        return arr.astype(self.dtype)
+        return arr.astype(self.dtype, copy=False)  # np.stack in __getitem__ copies it once
 
 
 def _fitted(im, opts: ImageOptions):
@@ -398,11 +398,10 @@ def _listed_images(path: Path) -> list[Path]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        named = line if Path(line).suffix.lower() in IMAGE_SUFFIXES else line.split()[0]
-        found = next((p for p in (path.parent / named, Path(named)) if p.is_file()), None)
-        what = "is not an image" if Path(named).suffix.lower() not in IMAGE_SUFFIXES else \
-            "does not exist" if found is None else ""
-        if what:
+        named = Path(line) if Path(line).suffix.lower() in IMAGE_SUFFIXES else Path(line.split()[0])
+        found = next((p for p in (path.parent / named, named) if p.is_file()), None)
+        if named.suffix.lower() not in IMAGE_SUFFIXES or found is None:
+            what = "does not exist" if named.suffix.lower() in IMAGE_SUFFIXES else "is not an image"
             raise CalibrationError(f"line {number} of '{path}' names '{named}', which {what}; a .txt calibration file "
                                    f"lists one image path a line ({', '.join(sorted(IMAGE_SUFFIXES))})")
         images.append(found)
