@@ -110,22 +110,24 @@ def batches_like_singles(model: onnx.ModelProto, calib: Calibration, names: Sequ
 
 
 def check_batch_axis(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Raise :class:`ModelError` unless every conv runs one row of its batch axis (ONNX's N) per
+    """Raise :class:`ModelError` unless some conv runs one row of its batch axis (ONNX's N) per
     sample fed, given the :func:`tensor_shapes` of one feed: the passes take a layer's rows as the
     samples. An input without a batch axis (``[3, H, W]``: torchvision's detectors) feeds its
     first axis as samples while the convs run batch 1; a graph that folds frames into the batch
-    runs several rows per sample."""
+    runs several rows per sample in every conv. Convs that run windows folded into the batch
+    where others do not (EfficientViT's attention) are not sampled (``ops.batch_first``) and keep
+    their channels; the rest of the model is pruned."""
     fed = static_batch(model) or 1
-    for node in model.graph.node:
-        rows = (shapes.get(node.input[0]) or (fed,))[0] if _reads_patches(node) else fed  # axis 0 is ONNX's N
-        if rows != fed:
-            first = model_inputs(model)[0]
-            raise ModelError(
-                f"Conv '{node.name or node.output[0]}' runs {rows} rows on its batch axis for {fed} sample(s) fed "
-                f"along the first axis of input '{first.name}' {format_shape(first.shape)}: onnxprune feeds samples along "
-                "the batch axis the layers run on; for an input that takes one sample without a batch axis, give the "
-                f"samples stacked on a new first axis (e.g. [N, {', '.join(str(d) for d in first.shape)}]), else export "
-                "the model with a batch axis its convs keep")
+    convs = [node for node in model.graph.node if _reads_patches(node)]
+    rows = [(shapes.get(node.input[0]) or (fed,))[0] for node in convs]  # axis 0 is ONNX's N
+    if convs and fed not in rows:
+        node, first = convs[0], model_inputs(model)[0]
+        raise ModelError(
+            f"Conv '{node.name or node.output[0]}' runs {rows[0]} rows on its batch axis for {fed} sample(s) fed "
+            f"along the first axis of input '{first.name}' {format_shape(first.shape)}: onnxprune feeds samples along "
+            "the batch axis the layers run on; for an input that takes one sample without a batch axis, give the "
+            f"samples stacked on a new first axis (e.g. [N, {', '.join(str(d) for d in first.shape)}]), else export "
+            "the model with a batch axis its convs keep")
 
 
 def inputs_without_batch_axis(model: onnx.ModelProto) -> frozenset[str]:

@@ -896,6 +896,39 @@ def test_input_without_a_batch_axis_gets_one_while_pruned(tmp_path, capsys):
     check_pruned(onnx.load(out), unbatched_input_model(), x[0], max_rel_err=2.0)
 
 
+def windowed_conv_model() -> onnx.ModelProto:
+    """Convs on the batch-first map around one that runs on 2 × 2 windows folded into the batch axis
+    (``[N·4, 8, 4, 4]``, as EfficientViT's attention partitions its map), GAP, Gemm."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    x = b.node("Relu", [b.conv(x, 16, 8)])
+    x = b.node("Transpose", [b.node("Reshape", [x, b.const(i64(-1, 8, 2, 4, 2, 4))])], perm=[0, 2, 4, 1, 3, 5])
+    x = b.node("Relu", [b.conv(b.node("Reshape", [x, b.const(i64(-1, 8, 4, 4))]), 8, 8)])
+    x = b.node("Transpose", [b.node("Reshape", [x, b.const(i64(-1, 2, 2, 8, 4, 4))])], perm=[0, 3, 1, 4, 2, 5])
+    x = b.node("Relu", [b.conv(b.node("Reshape", [x, b.const(i64(-1, 8, 8, 8))]), 8, 16)])
+    return b.build(b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [x])]), 16, 4))
+
+
+def test_a_conv_over_windows_folded_into_the_batch_is_kept_and_the_rest_pruned(tmp_path):
+    """A conv that runs several rows of its batch axis per sample (windows of the map folded into
+    it) cannot be sampled as images: it keeps its channels and is not refit, its MACs count every
+    window, and the convs around it are pruned and refit. Before, the whole model was refused
+    ("runs 4 rows on its batch axis for 1 sample(s)"); a model whose every conv runs so still is."""
+    model = windowed_conv_model()
+    g, _ = analyse_at(model)
+    windowed = [n for n in g.graph.node if n.op_type == "Conv"][2]
+    assert g.shape(windowed.input[0])[0] == 4 and not handler_for(windowed).reconstructable(windowed, g)
+    assert handler_for(windowed).macs(windowed, g) == 8 * 8 * 9 * 16 * 4
+    x = RNG.normal(0, 1, (96, 3, 8, 8)).astype(np.float32)
+    result = onnxprune.prune(model, x, speedup=1.3, measure_latency=False)
+    weights = {t.name: t.dims for t in result.model.graph.initializer}
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    assert list(weights[convs[2].input[1]]) == [8, 8, 3, 3]
+    assert weights[convs[0].input[1]][0] < 16 or weights[convs[3].input[1]][0] < 16
+    assert result.report.totals.macs_speedup >= 1.3 * 0.97
+    check_pruned(result.model, model, x[:16], max_rel_err=1.0)
+
+
 def test_inspect_bench_and_gate_run_a_model_without_a_batch_axis(tmp_path, capsys):
     """``inspect``, ``bench`` and ``gate`` on a model whose input has no batch axis, with its samples
     stacked on a new axis or with no data (the axis read from the graph): the input is listed as

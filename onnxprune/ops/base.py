@@ -240,6 +240,15 @@ class Window:
         return flat, inside
 
 
+def batch_first(g: GraphView, shape: tuple[int, ...] | None) -> bool:
+    """Whether a tensor of ``shape`` (measured on one sample) holds the batch on axis 0: its axis 0
+    is the model inputs' batch. Rows of tokens or time steps (``[T·N, C]`` after an attention
+    reshape, ``[T, N, C]`` sequences) are not, nor are a conv's windows folded into its batch axis
+    (``[N·windows, C, h, w]``: EfficientViT's attention): sampling them as images would mix samples."""
+    batches = {s[0] for s in (g.shape(i) for i in g.graph_inputs) if s}
+    return shape is None or not batches or shape[0] in batches
+
+
 class LinearHandler(Handler):
     """A handler for a layer that is a linear map of input patches: Conv, Gemm, MatMul.
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from ..graphview import attr, set_attr
-from .base import ChannelRule, Handler, LinearHandler, Window, register, whole_runs
+from .base import ChannelRule, Handler, LinearHandler, Window, batch_first, register, whole_runs
 
 
 def conv_pads(node: onnx.NodeProto, in_hw: tuple[int, ...], kernel: tuple[int, ...]) -> list[int]:
@@ -143,12 +143,14 @@ class Conv(LinearHandler):
         spatial = [inp[2:], out[2:]] if inp is not None else []
         known = spatial and all(isinstance(v, int) and v > 0 for dims in spatial for v in dims)
         taps = live_taps(node, *spatial, kernel) if known else int(np.prod(kernel))
-        return int(w.shape[0] * w.shape[1]) * taps * int(np.prod(out[2:]))
+        maps = 1 if batch_first(g, out) else int(out[0])  # windows folded into the batch axis: each a map
+        return int(w.shape[0] * w.shape[1]) * taps * int(np.prod(out[2:])) * maps
 
     # ---- linear-layer view (group 1 only) ----
     def reconstructable(self, node, g):
         shape, out = g.shape(node.input[0]), g.shape(node.output[0])
-        return attr(node, "group", 1) == 1 and shape is not None and out is not None and len(shape) >= 3
+        return attr(node, "group", 1) == 1 and shape is not None and out is not None and len(shape) >= 3 and \
+            batch_first(g, shape)
 
     def weight_matrix(self, node, g):
         w = self._weight(node, g)
@@ -251,8 +253,9 @@ class ConvTranspose(LinearHandler):
         return int(kernel[0]), int(kernel[1])
 
     def reconstructable(self, node, g):
-        return (self._tile(node, g) is not None and g.shape(node.input[0]) is not None
-                and len(g.shape(node.input[0])) == 4 and g.shape(node.output[0]) is not None)
+        shape = g.shape(node.input[0])
+        return (self._tile(node, g) is not None and shape is not None and len(shape) == 4
+                and g.shape(node.output[0]) is not None and batch_first(g, shape))
 
     def weight_matrix(self, node, g):
         w = g.input_const(node, 1)  # [Cin, Cout, kh, kw] -> [(Cout, kh, kw), Cin]

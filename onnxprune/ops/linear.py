@@ -8,15 +8,7 @@ import numpy as np
 
 from ..graphview import attr, set_attr
 from ..select import expand_channels
-from .base import ChannelRule, LinearHandler, register
-
-
-def batch_first(g, shape: tuple[int, ...] | None) -> bool:
-    """Whether a tensor of ``shape`` (measured on one sample) holds the batch on axis 0: its axis 0
-    is the model inputs' batch. Rows of tokens or time steps (``[T·N, C]`` after an attention
-    reshape, ``[T, N, C]`` sequences) are not, and sampling them as images would mix samples."""
-    batches = {s[0] for s in (g.shape(i) for i in g.graph_inputs) if s}
-    return shape is None or not batches or shape[0] in batches
+from .base import ChannelRule, LinearHandler, batch_first, register
 
 
 class _FullyConnected(LinearHandler):
