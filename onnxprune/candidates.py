@@ -53,7 +53,8 @@ def choose_candidates(groups: list[ChannelGroup], g: GraphView, prune_coupled: b
         if not reason and grp.coupled and not prune_coupled:
             reason = "channels coupled across branches (residual join); block outputs keep their width"
         if not reason and needs_data and not any(sampleable(c, g) for c in grp.all_consumers):
-            reason = "none of its consumers can be sampled (e.g. only ConvTranspose or a grouped Conv)"
+            reason = ("none of its consumers can be sampled (e.g. only ConvTranspose, a grouped Conv, or a conv over "
+                      "windows folded into the batch axis)")
         if reason:
             if grp.owner and grp.channels > 1 and grp.producers:
                 skipped.append((grp.name, reason))
