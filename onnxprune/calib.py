@@ -399,9 +399,11 @@ def _listed_images(path: Path) -> list[Path]:
         if not line or line.startswith("#"):
             continue
         named = Path(line) if Path(line).suffix.lower() in IMAGE_SUFFIXES else Path(line.split()[0])
-        found = next((p for p in (path.parent / named, named) if p.is_file()), None)
-        if named.suffix.lower() not in IMAGE_SUFFIXES or found is None:
-            what = "does not exist" if named.suffix.lower() in IMAGE_SUFFIXES else "is not an image"
+        if named.suffix.lower() not in IMAGE_SUFFIXES:
+            found, what = None, "is not an image"
+        else:
+            found, what = next((p for p in (path.parent / named, named) if p.is_file()), None), "does not exist"
+        if found is None:
             raise CalibrationError(f"line {number} of '{path}' names '{named}', which {what}; a .txt calibration file "
                                    f"lists one image path a line ({', '.join(sorted(IMAGE_SUFFIXES))})")
         images.append(found)

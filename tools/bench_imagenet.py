@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=SIZE, help="the model's input size (default 224; 260 for "
                                                             "EfficientNet-Lite2 exported at its own size)")
     ap.add_argument("--calib-files", choices=[f.value for f in Fit],
-                    help="calibrate from the photo files as an image folder, fitted to 224 this way (module docs)")
+                    help="calibrate from the photo files as an image folder, fitted to --size this way (module docs)")
     add_prune_options(ap)
     args = ap.parse_args(argv)
     if max(args.calib) > 512:
