@@ -1,7 +1,8 @@
 """Graph clean-ups done before analysis: constants (nodes and what is computed from them alone)
 to initializers, subnormal weights to zero, BN folded into Conv, zero padding into the Conv
 that reads it, channel shuffles as channel Gathers, spelled-out group norms as one node (spelled
-out again before a model is handed back)."""
+out again before a model is handed back), means over channels of per-channel norms as a sum and
+a scale."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from onnx import numpy_helper
 
 from .graphview import GraphView, attr, set_attr
 from .ops import FOLDED_DOMAIN, handler_for
+from .ops.spatial import norms_channel_axis
 from .ops.shapes import MOVE_OPS, ShapeValues, is_channel_dim, move
 from .rewrite import drop_dead_nodes
 
@@ -476,6 +478,41 @@ def _group_norm_nodes(x: str, scale: str, bias: str, target: str, y: str, epsilo
     return [onnx.helper.make_node("Reshape", [x, target], [rows], name=f"{prefix}Reshape"), norm,
             onnx.helper.make_node("Shape", [x], [shape], name=f"{prefix}Shape"),
             onnx.helper.make_node("Reshape", [normed, shape], [y], name=f"{prefix}Reshape_back")]
+
+
+def fold_channel_means(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Write every mean over the channels of per-channel norms (:func:`norms_channel_axis`) as
+    their sum times 1/C (``ReduceSum`` → ``Mul``): a pruned channel then leaves the sum as a zero
+    channel would, and the pruner refits the scale so that the sum over the channels kept stands
+    in for the sum over all of them; a mean of the channels kept would need a factor no constant
+    holds. The same values to rounding. ``shapes``: measured (the new sum's is added). Returns how
+    many were rewritten."""
+    g = GraphView(model, shapes)
+    means = [(n, axis) for n in g.nodes_by_type("ReduceMean") if (axis := norms_channel_axis(n, g)) is not None]
+    if not means:
+        return 0
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    rewritten = {}
+    for node, axis in means:
+        name = node.name or node.output[0]
+        summed, scale, axes = f"{name}/sum", f"{name}/scale", f"{name}/axes"
+        while any(t in g.initializers or t in g.producer for t in (summed, scale, axes)):
+            summed, scale, axes = summed + "_", scale + "_", axes + "_"
+        channels = shapes[node.input[0]][axis]
+        model.graph.initializer.append(numpy_helper.from_array(np.array(1.0 / channels, np.float32), scale))
+        if opset >= 13:  # ReduceSum takes its axes as an input from opset 13
+            model.graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), axes))
+            reduce = onnx.helper.make_node("ReduceSum", [node.input[0], axes], [summed], name=f"{name}/ReduceSum")
+        else:
+            reduce = onnx.helper.make_node("ReduceSum", [node.input[0]], [summed], name=f"{name}/ReduceSum",
+                                           axes=[axis])
+        rewritten[id(node)] = [reduce, onnx.helper.make_node("Mul", [summed, scale], [node.output[0]], name=name)]
+        shapes[summed] = shapes[node.output[0]]
+    nodes = [m for n in model.graph.node for m in rewritten.get(id(n), [n])]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    GraphView(model).drop_unused_initializers()  # a ReduceMean's own axes input (opset 18)
+    return len(means)
 
 
 def _reads_shape_of(back: onnx.NodeProto, x: str, shape: tuple[int, ...], g: GraphView) -> bool:

@@ -223,6 +223,17 @@ class Site:
     stats: list | None = None
 
 
+def _rescale_statistic(c: Consumer, before: np.ndarray, keep: np.ndarray, g: GraphView) -> None:
+    """Rescale a sum over channels (a channel statistic ``c``) that now sums only the channels
+    ``keep`` of those it summed (``before``: its input then, one value per channel and image) by
+    the least-squares factor that brings it back to the sum over all of them on those images."""
+    per_image = before.reshape(len(before), -1).astype(np.float64)
+    whole, kept = per_image.sum(axis=1), per_image[:, keep].sum(axis=1)
+    energy = float(kept @ kept)
+    if energy > 0 and np.isfinite(energy):
+        handler_for(c.node).rescale(c.node, float(whole @ kept) / energy, g)
+
+
 def unit_sites(unit: ChannelGroup, current: dict[int, np.ndarray], g: GraphView) -> list[Site]:
     """Where ``unit``'s channels sit now: each group holding them (its own, and those after a
     Concat or Split), with ``current`` the atoms each group holds (group index -> atoms)."""
@@ -328,9 +339,15 @@ class GroupPruner:
         g, opts = self.g, self.opts
         sites = unit_sites(unit, self.current, g)
         later = self.deferred.get(unit.index, set())  # layers a unit still to be pruned refits
+        # sums over the channels without weights (a global response norm's), by site
+        statistics = [[c for c in site.group.consumers if handler_for(c.node).channel_statistic(c.node, g)]
+                      for site in sites]
         if self.sampler:
             for site in sites:
                 site.stats = self.sampler.stats(g, site.sampled, self.kept_outputs, runs) if site.sampled else []
+            # their inputs before the cut: what the sums over the channels kept are rescaled to
+            summed = self.sampler.values(g, [c.tensor for cs in statistics for c in cs], runs) \
+                if any(statistics) else {}
         if unit.index in self.keep:
             keep = _given_keep(unit, keep_n, self.keep[unit.index])
         else:
@@ -349,13 +366,15 @@ class GroupPruner:
             ks.append([handler_for(c.node).weight_matrix(c.node, g).shape[1] // site.width  # type: ignore[attr-defined]
                        for c in site.sampled] if opts.reconstruct and site.stats else [])
         written = {node_key(p): site_keep for site, site_keep in zip(sites, site_keeps) for p in site.group.producers}
-        for site, site_keep in zip(sites, site_keeps):
+        for site, site_keep, site_statistics in zip(sites, site_keeps, statistics):
             prune_group(g, site.group, site_keep, site.width)
             self.current[site.group.index] = self.current[site.group.index][site_keep]
             for node in site.group.producers:  # the original channels each layer still writes
                 self.kept_outputs[node.output[0]] = np.flatnonzero(
                     np.isin(site.group.atoms, self.current[site.group.index]))
             self._share_tied(site.group.producers + [c.node for c in site.group.consumers])
+            for c in site_statistics if self.sampler and opts.reconstruct else []:
+                _rescale_statistic(c, summed[c.tensor], site_keep, g)
         for site, site_keep, site_ks in zip(sites, site_keeps, ks):
             tied: dict[tuple, list] = {}  # the first of some tied layers -> each one's (consumer, problem)
             for c, st, k in zip(site.sampled, site.stats or [], site_ks):

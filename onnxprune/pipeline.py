@@ -32,8 +32,8 @@ from .calib import (ImageOptions, check_varied, load_calibration, random_subset,
                     synthetic_calibration)
 from .candidates import analyse, downstream_layers, positions, sampleable
 from .errors import NothingToPrune, OptionError, TargetNotMetError
-from .fold import (constants_to_initializers, flush_subnormal_weights, fold_batchnorm, fold_channel_shuffles,
-                   fold_group_norms, fold_pads, subnormal_weights, unfold_group_norms)
+from .fold import (constants_to_initializers, flush_subnormal_weights, fold_batchnorm, fold_channel_means,
+                   fold_channel_shuffles, fold_group_norms, fold_pads, subnormal_weights, unfold_group_norms)
 from .graph import ChannelGroup
 from .graphview import GraphView
 from .group_pruner import prune_to
@@ -154,6 +154,7 @@ class Pruner:
             self.work = with_batch_axis(self.work, self.cal.unbatched)
         self.shapes = tensor_shapes(self.work, self.cal)
         fold_group_norms(self.work, self.shapes)  # spelled out again in every model handed back
+        fold_channel_means(self.work, self.shapes)
         fold_channel_shuffles(self.work, self.shapes)  # at the measured shapes; the maps it makes keep theirs
         if self.opts.needs_data:
             check_batch_axis(self.work, self.shapes)

@@ -391,6 +391,15 @@ class Sampler:
                            np.concatenate(offsets), np.concatenate(rows), np.concatenate(gates) if gates else None,
                            tap_index if whole else None, tapped.window(middle, pruned) if whole and middle else None)
 
+    def values(self, pruned: GraphView, names: list[str], runs: Runs | None = None) -> dict[str, np.ndarray]:
+        """``names`` on the pruned model over this sampler's images, in its image order
+        (``runs`` as for :meth:`stats`)."""
+        batches = runs(names) if runs else run_batches(pruned.model, names, self.calib, self.indices, self.batch,
+                                                       self.provider)
+        parts = [(self.row[idx], values) for idx, values in batches]
+        order = np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable")
+        return {name: np.concatenate([values[name] for _, values in parts])[order] for name in names}
+
     def stats(self, pruned: GraphView, consumers: list[Consumer],
               target_columns: dict[str, np.ndarray] | None = None, runs: Runs | None = None) -> list[LayerStats]:
         """Sufficient statistics of each consumer's regression problem on the pruned model.

@@ -17,8 +17,8 @@ from .budget import count_params, graph_macs
 from .calib import (Calibration, ImageOptions, dynamic_inputs, load_calibration, model_inputs,
                     zeros_calibration)
 from .candidates import choose_candidates
-from .fold import (constants_to_initializers, fold_batchnorm, fold_channel_shuffles, fold_group_norms, fold_pads,
-                   subnormal_weights)
+from .fold import (constants_to_initializers, fold_batchnorm, fold_channel_means, fold_channel_shuffles, fold_group_norms,
+                   fold_pads, subnormal_weights)
 from .errors import CalibrationError, ModelError, OptionError
 from .graph import find_groups
 from .graphview import GraphView, node_name
@@ -152,6 +152,7 @@ def summarize(model: onnx.ModelProto, cal: Calibration) -> ModelSummary:
     fold_pads(work)
     shapes = tensor_shapes(work, cal)
     fold_group_norms(work, shapes)
+    fold_channel_means(work, shapes)
     fold_channel_shuffles(work, shapes)
     g = GraphView(work, shapes)
     groups = find_groups(g)

@@ -13,8 +13,10 @@ from test_any_graph import analyse_at
 
 import onnxprune
 from onnxprune.errors import TargetNotMetError
-from onnxprune.fold import (constants_to_initializers, flush_subnormal_weights, fold_channel_shuffles, fold_pads,
-                            subnormal_weights)
+from onnxprune.activations import tensor_shapes
+from onnxprune.calib import load_calibration
+from onnxprune.fold import (constants_to_initializers, flush_subnormal_weights, fold_channel_means, fold_channel_shuffles,
+                            fold_pads, subnormal_weights)
 from onnxprune.graph import find_groups
 from onnxprune.graphview import GraphView
 from onnxprune.ops import handler_for
@@ -487,12 +489,14 @@ def test_reachability_uses_the_floor_of_the_allocation_in_use():
 
 
 # ---------------------------------------------------------------- channels-last MLPs (ConvNeXt)
-def convnext_block_net(opset: int = 17, share_scale: bool = False) -> onnx.ModelProto:
+def convnext_block_net(opset: int = 17, share_scale: bool = False, grn: bool = False) -> onnx.ModelProto:
     """Stem conv, then a ConvNeXt block as torchvision exports it: depthwise 7×7 conv →
     Transpose(0,2,3,1) → LayerNormalization over C → MatMul (C→4C) + bias → GELU (Div/Erf/Add/Mul/Mul)
     → MatMul (4C→C) + bias → layer scale → Transpose back → residual Add; GAP and a Gemm head.
     ``share_scale``: the layer scale is an ``Identity`` of another initializer, as PyTorch's exporter
-    writes weights equal to another one."""
+    writes weights equal to another one. ``grn``: ConvNeXt V2's global response norm after the GELU
+    (as timm exports it: each channel's spatial ``ReduceL2`` divided by their ``ReduceMean`` over the
+    channels, ``x + γ·(x·n) + β``)."""
     b = Builder(in_shape=("N", 3, "H", "W"), opset=opset)
     f32 = lambda v: b.const(np.array(v, np.float32))
     c, hidden = 8, 32
@@ -504,6 +508,16 @@ def convnext_block_net(opset: int = 17, share_scale: bool = False) -> onnx.Model
     y = b.node("Add", [y, f32(RNG.normal(0, 0.1, hidden))])
     gelu = b.node("Add", [b.node("Erf", [b.node("Div", [y, f32(1.4142135)])]), f32(1.0)])
     y = b.node("Mul", [b.node("Mul", [y, gelu]), f32(0.5)])
+    if grn:
+        def reduce(op: str, t: str, axes: list[int]) -> str:  # axes an input from opset 18
+            if opset >= 18:
+                return b.node(op, [t, b.const(i64(*axes))], keepdims=1)
+            return b.node(op, [t], axes=axes, keepdims=1)
+        norms = reduce("ReduceL2", y, [1, 2])
+        mean = reduce("ReduceMean", norms, [-1])
+        scaled = b.node("Mul", [y, b.node("Div", [norms, b.node("Add", [mean, f32(1e-6)])])])
+        affine = b.node("Add", [b.node("Mul", [scaled, f32(RNG.normal(0, 0.5, hidden))]), f32(RNG.normal(0, 0.1, hidden))])
+        y = b.node("Add", [y, affine])
     y = b.node("MatMul", [y, f32(RNG.normal(0, hidden ** -0.5, (hidden, c)))])
     y = b.node("Add", [y, f32(RNG.normal(0, 0.1, c))])
     scale = f32(RNG.uniform(0.5, 1.5, c))
@@ -537,6 +551,37 @@ def test_channels_last_mlp_prunes_with_refit_and_counts_macs_per_position():
     assert refit.report.totals.macs_speedup >= 1.3 * 0.97
     err = check_pruned(refit.model, model, x[:16], max_rel_err=1.0)
     assert err < check_pruned(plain.model, model, x[:16], max_rel_err=10.0)
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_a_global_response_norm_leaves_the_mlp_prunable(opset):
+    model = convnext_block_net(opset, grn=True)
+    x = RNG.normal(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    work = copy.deepcopy(model)
+    shapes = tensor_shapes(work, load_calibration(x, work))
+    assert fold_channel_means(work, shapes) == 1  # the mean over the channels as a sum and a scale
+    assert not any(n.op_type == "ReduceMean" for n in work.graph.node)
+    onnx.checker.check_model(work, full_check=True)
+    np.testing.assert_allclose(run(work, x)[0], run(model, x)[0], rtol=1e-5, atol=1e-5)
+    groups = find_groups(GraphView(work, shapes))
+    assert sorted(grp.channels for grp in groups if grp.owner and grp.prunable) == [32], \
+        [(grp.channels, grp.reason) for grp in groups]
+    # before the fold the mean holds the MLP's width, as a LayerNorm would
+    assert not any(grp.prunable for grp in analyse_at(model, x.shape)[1] if grp.owner)
+
+
+def test_a_global_response_norm_is_rescaled_after_the_cut(monkeypatch):
+    model = convnext_block_net(grn=True)
+    x = RNG.normal(0, 1, (96, 3, 16, 16)).astype(np.float32)
+    rescaled = onnxprune.prune(model, x, speedup=1.3, measure_latency=False, allocation="uniform")
+    scale = [n for n in rescaled.model.graph.node if n.op_type == "Mul" and n.input[0].endswith("/sum")]
+    assert len(scale) == 1 and rescaled.report.totals.macs_speedup >= 1.3 * 0.97
+    value = onnx.numpy_helper.to_array(next(t for t in rescaled.model.graph.initializer if t.name == scale[0].input[1]))
+    assert value.size == 1 and value.item() > 1 / 32  # the sum over the channels kept, scaled up to the whole's
+    monkeypatch.setattr("onnxprune.group_pruner._rescale_statistic", lambda *args: None)
+    summed = onnxprune.prune(model, x, speedup=1.3, measure_latency=False, allocation="uniform")
+    err = check_pruned(rescaled.model, model, x[:32], max_rel_err=1.0)
+    assert err < check_pruned(summed.model, model, x[:32], max_rel_err=10.0)
 
 
 def test_layer_norm_is_a_barrier_that_says_why():

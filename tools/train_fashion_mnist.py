@@ -18,6 +18,11 @@ This script produces the reference models used by onnxprune's examples and tests
   GroupNorm (8 groups) in place of BatchNorm, which the exporter spells out as
   ``Reshape → InstanceNormalization → Reshape → Mul → Add``, for measuring pruning through group
   norms (docs/benchmarks.md).
+* ``convnextv2_fmnist.onnx`` (with ``--only convnextv2`` only; not shipped) - ConvNeXt V2-style
+  network (depthwise 7×7, LayerNorm, an MLP of channels-last ``Linear`` layers with GELU and a
+  global response norm, residual joins), exported at opset 17 as timm's ConvNeXt V2 is (its
+  LayerNorms as ``LayerNormalization``), for measuring pruning through the global response norm's
+  mean over channels (docs/benchmarks.md).
 * ``fmnist_calib.npy``   - 512 normalised training images (seeded random choice),
   float32 ``[512, 1, 28, 28]``, for calibration / activation statistics.
 * ``fmnist_calib_2k.npz`` - 2048 normalised training images (another seeded choice),
@@ -43,6 +48,7 @@ Example::
     python tools/train_fashion_mnist.py --only mobilenet --epochs 15 --no-data-files
     python tools/train_fashion_mnist.py --only shufflenet --out-dir /tmp/shf --no-data-files
     python tools/train_fashion_mnist.py --only vgg_gn --out-dir /tmp/gn --no-data-files
+    python tools/train_fashion_mnist.py --only convnextv2 --out-dir /tmp/cnx --no-data-files
 """
 
 from __future__ import annotations
@@ -330,8 +336,72 @@ class VGGGroupNormFMnist(VGGFMnist):
         super().__init__(num_classes, groups=8)
 
 
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt V2's GRN on channels-last maps, as timm writes it: each channel's spatial L2 norm
+    divided by the mean of those norms over the channels scales the channel (weight and bias
+    start at zero: the identity)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        gx = x.norm(p=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+        return x + torch.addcmul(self.bias, self.weight, x * nx)
+
+
+class ConvNeXtV2Block(nn.Module):
+    """Depthwise 7×7 → LayerNorm → Linear (4×) → GELU → GRN → Linear, added to the input."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.grn = GlobalResponseNorm(4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.fc2(self.grn(self.act(self.fc1(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map (through channels-last, as timm's)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtV2FMnist(nn.Module):
+    """ConvNeXt V2-style: a 2×2 stride-2 stem to 14², two blocks of 32 channels, a 2×2 stride-2
+    downsampling to 7², two blocks of 64, pooled, LayerNorm, classifier. Trained on request only
+    (``--only convnextv2``): not among the shipped models."""
+
+    OPSET = 17  # LayerNormalization, as timm's ConvNeXt V2 exports
+
+    def __init__(self, num_classes: int = NUM_CLASSES, dims=(32, 64), depths=(2, 2)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, dims[0], 2, stride=2), LayerNorm2d(dims[0], eps=1e-6))
+        self.stage1 = nn.Sequential(*[ConvNeXtV2Block(dims[0]) for _ in range(depths[0])])
+        self.down = nn.Sequential(LayerNorm2d(dims[0], eps=1e-6), nn.Conv2d(dims[0], dims[1], 2, stride=2))
+        self.stage2 = nn.Sequential(*[ConvNeXtV2Block(dims[1]) for _ in range(depths[1])])
+        self.norm = nn.LayerNorm(dims[1], eps=1e-6)
+        self.fc = nn.Linear(dims[1], num_classes)
+
+    def forward(self, x):
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.fc(self.norm(x.mean((2, 3))))
+
+
 EXTRA_MODELS = {"shufflenet": ("shufflenet_fmnist", ShuffleNetFMnist),  # --only trains these; not shipped
-                "vgg_gn": ("vgg_gn_fmnist", VGGGroupNormFMnist)}
+                "vgg_gn": ("vgg_gn_fmnist", VGGGroupNormFMnist),
+                "convnextv2": ("convnextv2_fmnist", ConvNeXtV2FMnist)}
 
 
 # --------------------------------------------------------------------------- training
@@ -416,7 +486,7 @@ def export_onnx(model: nn.Module, path: str, keep_bn: bool) -> None:
     kwargs = dict(
         input_names=["input"],
         output_names=["logits"],
-        opset_version=13,
+        opset_version=getattr(model, "OPSET", 13),
         dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
     )
     if keep_bn:

@@ -152,6 +152,20 @@ class Handler:
         """L1 norm of the weights producing each output channel (producers only)."""
         raise NotImplementedError(f"{node.op_type} does not produce channels")
 
+    def channel_statistic(self, node: onnx.NodeProto, g: GraphView) -> bool:
+        """Whether the node, a consumer of its input's channels, computes one value over them without
+        weights (a sum of per-channel norms), which the pruner rescales after a cut (:meth:`rescale`)."""
+        return False
+
+    def rescale(self, node: onnx.NodeProto, factor: float, g: GraphView) -> bool:
+        """Multiply the node's output by ``factor`` (:meth:`channel_statistic` nodes); False where it cannot."""
+        return False
+
+    def scale_constant(self, node: onnx.NodeProto, factor: float, g: GraphView) -> bool:
+        """Multiply the node's output by ``factor`` through its scalar constant (a ``Mul`` or ``Div``
+        by one); False where it has none."""
+        return False
+
     def free_batch(self, node: onnx.NodeProto, g: GraphView) -> list[onnx.NodeProto] | None:
         """Where a constant input of the node writes a batch of 1 (an export at batch 1 folds the
         batch into shapes: :func:`batch_one_constant`), make the node take the batch from its

@@ -181,6 +181,16 @@ class Binary(Handler):
             if name and g.is_const(name):
                 _slice_channel_const(node, i, keep, g)
 
+    def scale_constant(self, node, factor, g):
+        if self.op_type not in ("Mul", "Div") or len(node.input) != 2:
+            return False
+        index = next((i for i, name in enumerate(node.input) if g.is_const(name) and g.const(name).size == 1), None)
+        if index is None or (self.op_type == "Div" and index == 0):
+            return False
+        value = g.const(node.input[index])
+        g.set_const(node, index, value * factor if self.op_type == "Mul" else value / factor)
+        return True
+
     def activation_input(self, node, g) -> str:
         """The tensor :meth:`activation` is a function of: the non-constant operand of an affine
         op, ``z`` of a self-gating ``Mul``."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import helper
 
-from ..graphview import attr, set_attr
-from .base import ChannelRule, Handler, batch_one_constant, register
+from ..graphview import GraphView, attr, set_attr
+from .base import ChannelRule, Handler, batch_one_constant, handler_for, register
 from .layout import channel_entry_rule, rewrite_channel_entry
 from .shapes import ShapeValues, axes_of, constant_elements, reads_channels
 
@@ -219,11 +220,49 @@ class Resize(Handler):
         return [f"{base}_shape", f"{base}_gather", f"{base}_sizes"]
 
 
+CHANNEL_NORMS = ("ReduceL2", "ReduceL1")  # per-channel norms whose channel mean pruning may rescale
+
+
+def norms_channel_axis(node: onnx.NodeProto, g: GraphView) -> int | None:
+    """The axis a ``ReduceMean`` / ``ReduceSum`` ``node`` reduces where it reduces, keeping it, the
+    one axis besides the batch that a per-channel norm (``ReduceL2`` / ``ReduceL1`` keeping its
+    axes) leaves: a statistic over the channels of one value per channel and image, as ConvNeXt
+    V2's global response norm takes the mean of its channels' spatial norms; else None."""
+    if node.op_type not in ("ReduceMean", "ReduceSum") or node.domain not in ("", "ai.onnx") or \
+            not attr(node, "keepdims", 1) or not node.input or node.output[0] in g.graph_outputs:
+        return None
+    norm, shape, axes = g.producer.get(node.input[0]), g.shape(node.input[0]), axes_of(g, node)
+    if norm is None or norm.op_type not in CHANNEL_NORMS or norm.domain not in ("", "ai.onnx") or \
+            not attr(norm, "keepdims", 1) or shape is None or len(shape) < 2 or axes is None or len(axes) != 1:
+        return None
+    axis = axes[0] % len(shape)
+    if axis == 0 or shape[axis] < 2 or any(size != 1 for a, size in enumerate(shape) if a not in (0, axis)):
+        return None
+    return axis
+
+
 @register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceProd")
 class Reduce(Handler):
-    """A reduction over batch or spatial axes keeps channels (on a lower axis without keepdims)."""
+    """A reduction over batch or spatial axes keeps channels (on a lower axis without keepdims); a
+    sum over the channels of per-channel norms (:func:`norms_channel_axis`, as
+    :func:`onnxprune.fold.fold_channel_means` writes a global response norm's mean) reads them as a
+    layer would, without weights: a channel pruned leaves the sum as a zero would, and the pruner
+    rescales it (:meth:`rescale`)."""
 
     any_axis = True
+
+    def channel_statistic(self, node, g):
+        return node.op_type == "ReduceSum" and norms_channel_axis(node, g) == g.channel_axis(node.input[0])
+
+    def rescale(self, node, factor, g):
+        """Multiply the sum by ``factor`` through the scalar constant that alone reads it (the
+        ``Mul`` :func:`~onnxprune.fold.fold_channel_means` writes); False where none does."""
+        readers = g.consumers.get(node.output[0], [])
+        return len(readers) == 1 and node.output[0] not in g.graph_outputs and \
+            handler_for(readers[0]).scale_constant(readers[0], factor, g)
+
+    def prune_input(self, node, keep, block, g):
+        pass  # the sum runs over the channels kept
 
     def _axes(self, node, g) -> set[int] | None:
         shape, axes = g.shape(node.input[0]), axes_of(g, node)
@@ -232,6 +271,8 @@ class Reduce(Handler):
         return {a % len(shape) for a in axes}
 
     def rule(self, node, g):
+        if self.channel_statistic(node, g):
+            return ChannelRule(consumes=[node.input[0]], scales=[])
         axes = self._axes(node, g)
         if axes is None or g.channel_axis(node.input[0]) in axes:
             return None
@@ -239,6 +280,8 @@ class Reduce(Handler):
 
     def output_axis(self, node, g, axis):
         axes = self._axes(node, g)
+        if axes is not None and axes == {axis} and attr(node, "keepdims", 1):
+            return axis  # one value over the channels, where they were (broadcast onto them again)
         if axes is None or axis in axes:
             return None
         return axis if attr(node, "keepdims", 1) else axis - sum(1 for a in axes if a < axis)
