@@ -79,9 +79,44 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def share_equal_initializers(model: onnx.ModelProto) -> int:
+    """Let every node read one initializer of each set of byte-identical ones (the same type,
+    dims and data), in the graph and its subgraphs: the copies :func:`~onnxprune.fold.constants_to_initializers`
+    made of weights an exporter stored once (PyTorch shares equal tensors through ``Identity``)
+    and that pruning left equal are stored once again. Initializers that are also graph inputs
+    (overridable at run time) or hold their data elsewhere keep their own. Returns how many
+    initializers were dropped."""
+    graph = model.graph
+    fed = {i.name for i in graph.input}
+    first: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    for t in graph.initializer:
+        if t.name in fed or t.data_location == onnx.TensorProto.EXTERNAL or not t.raw_data:
+            continue
+        alias[t.name] = first.setdefault((t.data_type, tuple(t.dims), t.raw_data), t.name)
+    alias = {name: to for name, to in alias.items() if name != to}
+    if not alias:
+        return 0
+
+    def rename(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            for i, name in enumerate(node.input):
+                node.input[i] = alias.get(name, name)
+            for a in node.attribute:
+                for sub in [a.g] * a.HasField("g") + list(a.graphs):
+                    rename(sub)
+
+    rename(graph)
+    before = len(graph.initializer)
+    GraphView(model).drop_unused_initializers()
+    return before - len(graph.initializer)
+
+
 def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop dead nodes, unused weights and stale shape annotations, re-infer shapes."""
+    """Drop dead nodes, unused weights and stale shape annotations, store equal weights once,
+    re-infer shapes."""
     drop_dead_nodes(model)
     GraphView(model).drop_unused_initializers()
+    share_equal_initializers(model)
     del model.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(model)

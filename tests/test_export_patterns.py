@@ -9,7 +9,7 @@ import onnx
 import pytest
 from conftest import check_pruned, run
 from graphs import Builder, calib_for, tiny_vgg
-from test_any_graph import analyse_at
+from test_any_graph import analyse_at, head
 
 import onnxprune
 from onnxprune.errors import TargetNotMetError
@@ -24,7 +24,7 @@ from onnxprune.summary import calibration_or_zeros, summarize
 from onnxprune.group_pruner import GroupPruner
 from onnxprune.ops.shapes import ShapeValues
 from onnxprune.options import PruneOptions
-from onnxprune.rewrite import finalize
+from onnxprune.rewrite import finalize, share_equal_initializers
 
 RNG = np.random.default_rng(0)
 
@@ -315,6 +315,37 @@ def test_constant_folding_keeps_what_must_stay_computed():
     biased = b.build(b.node("Add", ["input", table]))
     constants_to_initializers(biased)
     assert [n.op_type for n in biased.graph.node] == ["Gather", "Add"]
+
+
+def test_weights_an_exporter_stored_once_are_stored_once_after_pruning():
+    """PyTorch's exporter stores equal tensors once and reads the copies through ``Identity``: at
+    load each copy becomes a weight of its own (to be cut for its own layer); copies that pruning
+    leaves equal are stored once again, so the pruned file holds no more than the original."""
+    b = Builder()
+    scale = b.const(RNG.uniform(0.5, 1.5, (1, 8, 1, 1)).astype(np.float32))
+    trunk = b.node("Mul", [b.node("Relu", [b.conv("input", 3, 8)]), scale])
+    hidden = b.node("Relu", [b.conv(trunk, 8, 16)])
+    branch = b.node("Mul", [b.conv(hidden, 16, 8), b.node("Identity", [scale])])
+    model = head(b, b.node("Add", [trunk, branch]), 8)
+    x = RNG.normal(0, 1, (64, 3, 8, 8)).astype(np.float32)
+    result = onnxprune.prune(model, x, speedup=1.3, measure_latency=False)
+    check_pruned(result.model, model, x[:8], max_rel_err=1.0)
+    muls = [n for n in result.model.graph.node if n.op_type == "Mul"]
+    assert len(muls) == 2 and muls[0].input[1] == muls[1].input[1]
+    inits = {t.name for t in result.model.graph.initializer}
+    assert len(inits) == len(result.model.graph.initializer) and muls[0].input[1] in inits
+    # a graph input of the same value may be fed another at run time: it keeps its own
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "a"], ["y"]), onnx.helper.make_node("Add", ["y", "b"], ["z"]),
+         onnx.helper.make_node("Add", ["z", "c"], ["out"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2]),
+         onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [2])],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [2])],
+        [onnx.numpy_helper.from_array(np.ones(2, np.float32), name) for name in "abc"])
+    shared = onnx.helper.make_model(graph)
+    assert share_equal_initializers(shared) == 1
+    assert [list(n.input) for n in shared.graph.node] == [["x", "a"], ["y", "a"], ["z", "c"]]
+    assert sorted(t.name for t in shared.graph.initializer) == ["a", "c"]
 
 
 # ---------------------------------------------------------------- Resize, Expand, Squeeze
