@@ -480,13 +480,20 @@ def _group_norm_nodes(x: str, scale: str, bias: str, target: str, y: str, epsilo
             onnx.helper.make_node("Reshape", [normed, shape], [y], name=f"{prefix}Reshape_back")]
 
 
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
 def fold_channel_means(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
     """Write every mean over the channels of per-channel norms (:func:`norms_channel_axis`) as
     their sum times 1/C (``ReduceSum`` → ``Mul``): a pruned channel then leaves the sum as a zero
     channel would, and the pruner refits the scale so that the sum over the channels kept stands
     in for the sum over all of them; a mean of the channels kept would need a factor no constant
-    holds. The same values to rounding. ``shapes``: measured (the new sum's is added). Returns how
+    holds. The same values to rounding. Models holding weights of another floating-point precision
+    than float32 are left as they are. ``shapes``: measured (the new sum's is added). Returns how
     many were rewritten."""
+    floats = {t.data_type for t in model.graph.initializer if t.data_type in _FLOAT_TYPES}
+    if floats - {onnx.TensorProto.FLOAT}:  # the scale is written as float32: not among other precisions
+        return 0
     g = GraphView(model, shapes)
     means = [(n, axis) for n in g.nodes_by_type("ReduceMean") if (axis := norms_channel_axis(n, g)) is not None]
     if not means:
