@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .adam import adam_step
-from .ops import Activation
+from .ops import Activation, Window
 from .sampling import PairSamples
 
 STEPS = 200  # held-out gains level off here (docs/benchmarks.md, "Prune time and refinement steps")
@@ -48,7 +48,7 @@ MAX_CHECK = 8192  # held-out samples the checks read at most
 CHUNK = 512
 WHOLE_CHUNK = 2048  # on whole maps (their largest temporaries hold a sample's taps once, not its patches)
 MIN_GAIN = 0.01  # held-out relative error must fall by this fraction for the refined weights to be kept
-# values of one tap's view that the depthwise window loops cover at a time: a few images' maps, which
+# values of one tap's view that the depthwise gradient loop covers at a time: a few images' maps, which
 # stay in cache over the taps (gathering every tap's patches instead wrote and read taps × the map)
 WINDOW_VALUES = 1 << 17
 
@@ -82,40 +82,48 @@ def _group_filters(wm: np.ndarray, per_group: int, taps: int) -> np.ndarray:
         groups, taps * per_group, per_group)
 
 
-def _window_sum(maps: np.ndarray, weights: np.ndarray, views: list[tuple[slice, ...]],
-                out_shape: tuple[int, ...]) -> np.ndarray:
+def _windows(maps: np.ndarray, window: Window) -> np.ndarray:
+    """Padded channels-last ``maps`` ``[rows, *padded, k]`` as a read-only view ``[rows, *out_shape,
+    *kernel, k]``: the window each output position reads (no copy; the window's taps must stay
+    inside the padded map, as :meth:`~onnxprune.ops.Window.tap_views` checks)."""
+    s, axes = maps.strides, len(window.kernel)
+    return np.lib.stride_tricks.as_strided(
+        maps, (maps.shape[0], *window.out_shape, *window.kernel, maps.shape[-1]),
+        (s[0], *(s[1 + a] * window.strides[a] for a in range(axes)),
+         *(s[1 + a] * window.dilations[a] for a in range(axes)), s[-1]), writeable=False)
+
+
+def _subscripts(window: Window) -> tuple[str, str]:
+    """einsum letters of a window view's output axes and kernel axes."""
+    axes = len(window.kernel)
+    return "abcdefgh"[:axes], "stuvwxyz"[:axes]
+
+
+def _window_sum(maps: np.ndarray, weights: np.ndarray, window: Window) -> np.ndarray:
     """A depthwise conv of padded channels-last ``maps`` ``[rows, *padded, k]`` by tap-major
-    ``weights`` ``[taps, k]``: the sum over taps of each tap's view times its weights, ``[rows, *out_shape, k]``."""
-    rows, k = maps.shape[0], maps.shape[-1]
-    out = np.zeros((rows, *out_shape, k), np.float32)
-    step = max(1, WINDOW_VALUES // max(out[0].size, 1))
-    scratch = np.empty((min(step, rows), *out_shape, k), np.float32)
-    for r in range(0, rows, step):
-        part, tmp = out[r:r + step], scratch[:min(step, rows - r)]
-        for view, w in zip(views, weights):
-            np.multiply(maps[(slice(r, r + step), *view)], w, out=tmp)
-            part += tmp
-    return out
+    ``weights`` ``[taps, k]``: ``[rows, *out_shape, k]``."""
+    out, taps = _subscripts(window)
+    return np.einsum(f"r{out}{taps}k,{taps}k->r{out}k", _windows(maps, window),
+                     weights.reshape(*window.kernel, -1))
 
 
-def _window_grads(maps: np.ndarray, d: np.ndarray, weights: np.ndarray,
-                  views: list[tuple[slice, ...]]) -> tuple[np.ndarray, np.ndarray]:
+def _window_grads(maps: np.ndarray, d: np.ndarray, weights: np.ndarray, views: list[tuple[slice, ...]],
+                  window: Window) -> tuple[np.ndarray, np.ndarray]:
     """For :func:`_window_sum`'s output gradient ``d``: its weights' gradient ``[k, taps]`` and
-    the gradient reaching the padded maps (like ``maps``)."""
-    rows, k = maps.shape[0], maps.shape[-1]
-    g_w = np.zeros((len(views), k), np.float32)
+    the gradient reaching the padded maps (like ``maps``), added back through each tap's view
+    a few images at a time, so that the map stays in cache over the taps."""
+    out, taps = _subscripts(window)
+    g_w = np.einsum(f"r{out}{taps}k,r{out}k->k{taps}", _windows(maps, window), d).reshape(d.shape[-1], -1)
+    rows = maps.shape[0]
     reached = np.zeros_like(maps)
     step = max(1, WINDOW_VALUES // max(d[0].size, 1))
     scratch = np.empty((min(step, rows), *d.shape[1:]), np.float32)
-    axes = "abcdefgh"[:d.ndim - 1]  # einsum sums only axes it names
     for r in range(0, rows, step):
         part, tmp = d[r:r + step], scratch[:min(step, rows - r)]
-        for t, (view, w) in enumerate(zip(views, weights)):
-            tapped = (slice(r, r + step), *view)
-            g_w[t] += np.einsum(f"{axes}k,{axes}k->k", maps[tapped], part)
+        for view, w in zip(views, weights):
             np.multiply(part, w, out=tmp)
-            reached[tapped] += tmp
-    return g_w.T, reached
+            reached[(slice(r, r + step), *view)] += tmp
+    return g_w, reached
 
 
 @dataclass
@@ -260,7 +268,7 @@ class _Pair:
                 # tap-major like a1's taps: contiguous over channels, einsum and broadcasting run several times faster
                 wm_taps = np.ascontiguousarray(wm.T)
                 if self.views is not None:
-                    zm = _window_sum(maps, wm_taps, self.views, self.window.out_shape).reshape(n, k)
+                    zm = _window_sum(maps, wm_taps, self.window).reshape(n, k)
                 else:
                     zm = np.einsum("ntk,tk->nk", a1, wm_taps)
             else:  # one product per conv group: [groups, n, taps · per_group] @ [groups, taps · per_group, per_group]
@@ -292,7 +300,7 @@ class _Pair:
             dzm = (dr @ w2 if gate is None else (dr @ w2) * gate) * self.middle_act[1](zm)
             if self.views is not None:
                 g_wm, reached_maps = _window_grads(maps, dzm.reshape(rows, *self.window.out_shape, k), wm_taps,
-                                                   self.views)
+                                                   self.views, self.window)
                 extra = [g_wm, dzm.sum(axis=0)]
             elif self.per_group == 1:
                 extra = [np.einsum("nk,ntk->kt", dzm, a1), dzm.sum(axis=0)]
