@@ -107,14 +107,13 @@ def _window_sum(maps: np.ndarray, weights: np.ndarray, window: Window) -> np.nda
                      weights.reshape(*window.kernel, -1))
 
 
-def _window_grads(maps: np.ndarray, d: np.ndarray, weights: np.ndarray, views: list[tuple[slice, ...]],
-                  window: Window) -> tuple[np.ndarray, np.ndarray]:
+def _window_grads(maps: np.ndarray, d: np.ndarray, weights: np.ndarray, window: Window) -> tuple[np.ndarray, np.ndarray]:
     """For :func:`_window_sum`'s output gradient ``d``: its weights' gradient ``[k, taps]`` and
     the gradient reaching the padded maps (like ``maps``), added back through each tap's view
     a few images at a time, so that the map stays in cache over the taps."""
     out, taps = _subscripts(window)
     g_w = np.einsum(f"r{out}{taps}k,r{out}k->k{taps}", _windows(maps, window), d).reshape(d.shape[-1], -1)
-    rows = maps.shape[0]
+    rows, views = maps.shape[0], window.tap_views()
     reached = np.zeros_like(maps)
     step = max(1, WINDOW_VALUES // max(d[0].size, 1))
     scratch = np.empty((min(step, rows), *d.shape[1:]), np.float32)
@@ -300,7 +299,7 @@ class _Pair:
             dzm = (dr @ w2 if gate is None else (dr @ w2) * gate) * self.middle_act[1](zm)
             if self.views is not None:
                 g_wm, reached_maps = _window_grads(maps, dzm.reshape(rows, *self.window.out_shape, k), wm_taps,
-                                                   self.views, self.window)
+                                                   self.window)
                 extra = [g_wm, dzm.sum(axis=0)]
             elif self.per_group == 1:
                 extra = [np.einsum("nk,ntk->kt", dzm, a1), dzm.sum(axis=0)]
