@@ -615,6 +615,43 @@ def test_a_global_response_norm_is_rescaled_after_the_cut(monkeypatch):
     assert err < check_pruned(summed.model, model, x[:32], max_rel_err=10.0)
 
 
+def grn_conv_net(opset: int, spelling: str) -> onnx.ModelProto:
+    """conv → ReLU → a global response norm on NCHW maps (the norms' mean over the channels as a
+    ``ReduceMean``, or as ``ReduceSum`` then ``Div`` by the channel count) → conv; GAP and a Gemm."""
+    b = Builder(opset=opset)
+    f32 = lambda v: b.const(np.array(v, np.float32))
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    norms = b.node("ReduceL2", [x], axes=[2, 3], keepdims=1)
+    if spelling == "mean":
+        mean = b.node("ReduceMean", [norms], axes=[1], keepdims=1)
+    else:
+        summed = b.node("ReduceSum", [norms, b.const(i64(1))] if opset >= 13 else [norms], keepdims=1,
+                        **({} if opset >= 13 else {"axes": [1]}))
+        mean = b.node("Div", [summed, f32(16.0)])
+    gamma = f32(RNG.normal(0, 0.5, (1, 16, 1, 1)))
+    y = b.node("Add", [x, b.node("Mul", [b.node("Mul", [x, b.node("Div", [norms, b.node("Add", [mean, f32(1e-6)])])]),
+                                         gamma])])
+    return head(b, b.node("Relu", [b.conv(y, 16, 8)]), 8)
+
+
+@pytest.mark.parametrize("opset,spelling", [(11, "mean"), (13, "mean"), (13, "sum")])
+def test_a_global_response_norm_on_nchw_maps_at_older_opsets(opset, spelling):
+    model = grn_conv_net(opset, spelling)
+    x = RNG.normal(0, 1, (96, 3, 8, 8)).astype(np.float32)
+    work = copy.deepcopy(model)
+    shapes = tensor_shapes(work, load_calibration(x[:2], work))
+    assert fold_channel_means(work, shapes) == (spelling == "mean")
+    onnx.checker.check_model(work, full_check=True)
+    np.testing.assert_allclose(run(work, x[:4])[0], run(model, x[:4])[0], rtol=1e-5, atol=1e-5)
+    result = onnxprune.prune(model, x, speedup=1.3, measure_latency=False, allocation="uniform")
+    check_pruned(result.model, model, x[:16], max_rel_err=1.0)
+    # the scale the sum is multiplied (or divided) by moved from 1/16 (16) towards the channels kept
+    sums = {n.output[0] for n in result.model.graph.node if n.op_type == "ReduceSum"}
+    scale = next(n for n in result.model.graph.node if n.input and n.input[0] in sums)
+    value = onnx.numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == scale.input[1])).item()
+    assert (value > 1 / 16) if scale.op_type == "Mul" else (value < 16)
+
+
 def test_layer_norm_is_a_barrier_that_says_why():
     g, groups = analyse_at(convnext_block_net(), (2, 3, 16, 16))
     residual = [grp for grp in groups if grp.owner and grp.channels == 8]
