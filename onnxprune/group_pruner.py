@@ -195,16 +195,22 @@ def _given_keep(grp: ChannelGroup, keep_n: int, channels) -> np.ndarray:
 
 
 class KnownStats:
-    """A sampler whose statistics for some consumers (by node) were measured already, on the
-    model as it is now; any other request goes to ``sampler``."""
+    """A sampler whose statistics for some consumers (by node), and the values of some tensors
+    (by name), were measured already, on the model as it is now; any other request goes to
+    ``sampler``."""
 
-    def __init__(self, sampler: Sampler, known: dict[int, object]):
-        self.sampler, self.known = sampler, known
+    def __init__(self, sampler: Sampler, known: dict[int, object], values: dict[str, np.ndarray] | None = None):
+        self.sampler, self.known, self.known_values = sampler, known, values or {}
 
     def stats(self, g: GraphView, consumers: list[Consumer], target_columns=None, runs: Runs | None = None) -> list:
         if all(id(c.node) in self.known for c in consumers):
             return [self.known[id(c.node)] for c in consumers]
         return self.sampler.stats(g, consumers, target_columns)
+
+    def values(self, g: GraphView, names: list[str], runs: Runs | None = None) -> dict[str, np.ndarray]:
+        if all(name in self.known_values for name in names):
+            return {name: self.known_values[name] for name in names}
+        return self.sampler.values(g, names, runs)
 
     def __getattr__(self, name: str):
         return getattr(self.sampler, name)
@@ -221,6 +227,12 @@ class Site:
     other_positions: np.ndarray
     sampled: list[Consumer]  # consumers whose regression problems are sampled and refit
     stats: list | None = None
+
+
+def channel_statistics(grp: ChannelGroup, g: GraphView) -> list[Consumer]:
+    """The group's consumers that sum its channels without weights (a global response norm's),
+    which :meth:`GroupPruner.prune_unit` rescales after a cut."""
+    return [c for c in grp.consumers if handler_for(c.node).channel_statistic(c.node, g)]
 
 
 def _rescale_statistic(c: Consumer, before: np.ndarray, keep: np.ndarray, g: GraphView) -> None:
@@ -340,8 +352,7 @@ class GroupPruner:
         sites = unit_sites(unit, self.current, g)
         later = self.deferred.get(unit.index, set())  # layers a unit still to be pruned refits
         # sums over the channels without weights (a global response norm's), by site
-        statistics = [[c for c in site.group.consumers if handler_for(c.node).channel_statistic(c.node, g)]
-                      for site in sites]
+        statistics = [channel_statistics(site.group, g) for site in sites]
         if self.sampler:
             for site in sites:
                 site.stats = self.sampler.stats(g, site.sampled, self.kept_outputs, runs) if site.sampled else []

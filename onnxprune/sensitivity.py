@@ -16,7 +16,7 @@ from .budget import graph_macs, round_width
 from .calib import random_subset
 from .candidates import Analysis, first_edited, node_key, positions, sampleable
 from .frontier import Frontier
-from .group_pruner import GroupPruner, KnownStats, Site, unit_sites
+from .group_pruner import GroupPruner, KnownStats, Site, channel_statistics, unit_sites
 from .options import PruneOptions
 from .progress import QUIET, Progress
 from .rewrite import trial_edit
@@ -288,6 +288,10 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
     unprobed = set(sampled)
     probe_idx = random_subset(sampler.indices, images or probe_images(model, shapes, graph_macs(g), len(sampled) * len(at)),
                               opts.seed)
+    # the inputs of sums over channels that a probe's cut rescales: the probes edit the model only
+    # for a moment, so one run before them serves them all
+    summed = [c.tensor for u in units for grp in u.sites or [u] for c in channel_statistics(grp, g)]
+    summed_values = sampler.values(g, summed) if summed else {}
     with Frontier(model, sampler.calib, sampler.indices, batch, provider=sampler.provider) as data, \
             Frontier(model, sampler.calib, probe_idx, batch, provider=sampler.provider) as outs:
         reference = list(outs.run(names))
@@ -303,7 +307,7 @@ def output_scaled_curves(analysis: Analysis, sampler: Sampler, shapes: dict[str,
             if unseen is not None:
                 stats = unseen
             fold = 1 if unseen is not None else None  # the probe images the output is measured on
-            held = KnownStats(sampler, {id(c.node): st for c, st in zip(consumers, stats)})
+            held = KnownStats(sampler, {id(c.node): st for c, st in zip(consumers, stats)}, summed_values)
             known_keeps = selections if unseen is None else None  # the curve's problem is the probes'
 
             orders: dict[tuple, np.ndarray] = {}  # the milder probe keeps what the deeper one removed last
