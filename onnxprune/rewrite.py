@@ -68,15 +68,18 @@ def drop_dead_nodes(model: onnx.ModelProto) -> None:
         graph.node.extend(live)
 
 
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name read by a node of ``graph`` or of its subgraphs (If/Loop bodies)."""
-    names = set()
+def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph`` and of its subgraphs (If/Loop bodies)."""
     for node in graph.node:
-        names.update(node.input)
+        yield node
         for a in node.attribute:
             for sub in [a.g] * a.HasField("g") + list(a.graphs):
-                names |= _names_read(sub)
-    return names
+                yield from _nodes(sub)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node of ``graph`` or of its subgraphs."""
+    return {name for node in _nodes(graph) for name in node.input}
 
 
 def share_equal_initializers(model: onnx.ModelProto) -> int:
@@ -98,15 +101,9 @@ def share_equal_initializers(model: onnx.ModelProto) -> int:
     if not alias:
         return 0
 
-    def rename(g: onnx.GraphProto) -> None:
-        for node in g.node:
-            for i, name in enumerate(node.input):
-                node.input[i] = alias.get(name, name)
-            for a in node.attribute:
-                for sub in [a.g] * a.HasField("g") + list(a.graphs):
-                    rename(sub)
-
-    rename(graph)
+    for node in _nodes(graph):
+        for i, name in enumerate(node.input):
+            node.input[i] = alias.get(name, name)
     before = len(graph.initializer)
     GraphView(model).drop_unused_initializers()
     return before - len(graph.initializer)

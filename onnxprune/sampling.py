@@ -352,8 +352,7 @@ class Sampler:
         shape = (int(picked.sum()) * (1 if whole else keep), hidden if whole else taps, width)
         fits = buffer is not None and buffer.dtype == np.float32 and buffer.size >= np.prod(shape)
         x_all, filled = buffer.ravel()[:np.prod(shape)].reshape(shape) if fits else np.empty(shape, np.float32), 0
-        batches = runs(needed) if runs else run_batches(pruned.model, needed, self.calib, self.indices, self.batch,
-                                                        self.provider)
+        batches = self._batches(pruned, needed, runs)
         for idx, values in batches:
             chosen = picked[self.row[idx]]
             if not chosen.any():
@@ -391,11 +390,16 @@ class Sampler:
                            np.concatenate(offsets), np.concatenate(rows), np.concatenate(gates) if gates else None,
                            tap_index if whole else None, tapped.window(middle, pruned) if whole and middle else None)
 
+    def _batches(self, pruned: GraphView, names: list[str], runs: Runs | None):
+        """``names`` on the pruned model over this sampler's images, batch by batch: from ``runs``
+        where given, else by running the model from its inputs."""
+        return runs(names) if runs else run_batches(pruned.model, names, self.calib, self.indices, self.batch,
+                                                    self.provider)
+
     def values(self, pruned: GraphView, names: list[str], runs: Runs | None = None) -> dict[str, np.ndarray]:
         """``names`` on the pruned model over this sampler's images, in its image order
         (``runs`` as for :meth:`stats`)."""
-        batches = runs(names) if runs else run_batches(pruned.model, names, self.calib, self.indices, self.batch,
-                                                       self.provider)
+        batches = self._batches(pruned, names, runs)
         parts = [(self.row[idx], values) for idx, values in batches]
         order = np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable")
         return {name: np.concatenate([values[name] for _, values in parts])[order] for name in names}
@@ -413,8 +417,7 @@ class Sampler:
         needed += [self.targets[c.node.output[0]].residual_other for c in consumers
                    if self.targets[c.node.output[0]].residual_other]
         result: list[LayerStats | None] = [None] * len(consumers)
-        batches = runs(needed) if runs else run_batches(pruned.model, needed, self.calib, self.indices, self.batch,
-                                                        self.provider)
+        batches = self._batches(pruned, needed, runs)
         for idx, values in batches:
             for i, c in enumerate(consumers):
                 name = c.node.output[0]
